@@ -1,0 +1,899 @@
+//! A channel: one MLS group (openmls) and its transcript.
+//!
+//! ```text
+//!           create ──► add (commit) ──► relay accepted? ──yes──► merge, then Welcome
+//!                          │                   └──no───► discard the commit
+//!   member: propose (update) ──► committer commits ──► everyone merges
+//! ```
+//!
+//! **One committer.** Each channel has one designated committer (its creator, until it
+//! hands the role over). Only the committer commits; other members send proposals, which
+//! the committer commits. Two commits can therefore never race for the same epoch, and
+//! the group cannot fork, even across relays that know nothing of each other. A commit
+//! from any other member is refused.
+//!
+//! **Commit only after the relay.** The committer merges its own commit only once the
+//! outside world accepted it ([`Channel::commit_accepted`]), and only then releases the
+//! Welcome, so that no invitee joins an epoch that may never exist.
+//!
+//! **Transactions.** openmls writes its key schedule into the provider's storage while
+//! it processes a message. A caller that persists state must run [`Channel::receive`]
+//! (or any other operation) inside one storage transaction together with the events it
+//! returns, and roll back on error.
+//!
+//! **Duplicates and epochs.** The same ciphertext arrives over several relays; a second
+//! copy would fail inside openmls (`SecretReuseError`), so duplicates are dropped by the
+//! SHA-256 of their bytes before anything else. Messages of a future epoch wait in a
+//! bounded buffer until their commit arrives; past epochs stay readable for
+//! [`MAX_PAST_EPOCHS`] epochs.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use openmls::prelude::{
+    BasicCredential, Credential, DeserializeBytes as _, GroupId, LeafNodeIndex, LeafNodeParameters,
+    MlsGroup, MlsGroupCreateConfig, MlsGroupJoinConfig, MlsMessageBodyIn, MlsMessageIn,
+    MlsMessageOut, OpenMlsProvider, PURE_PLAINTEXT_WIRE_FORMAT_POLICY, ProcessMessageError,
+    ProcessedMessageContent, ProtocolMessage, SenderRatchetConfiguration, StageCommitError,
+    StagedWelcome,
+};
+use openmls::prelude::{Sender, StagedCommit};
+use openmls_traits::random::OpenMlsRand;
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::CIPHERSUITE;
+use crate::card::VerifiedContact;
+use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, MembershipNote};
+use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
+use crate::transcript::{Inserted, Rejection, Transcript};
+
+/// Past epochs whose messages stay readable.
+pub const MAX_PAST_EPOCHS: usize = 5;
+/// How far a message may lag behind newer ones of its sender and still be read.
+pub const OUT_OF_ORDER_TOLERANCE: u32 = 1000;
+/// How far ahead of the last one read a message may be.
+pub const MAXIMUM_FORWARD_DISTANCE: u32 = 10_000;
+/// Most messages held for a future epoch.
+pub const MAX_BUFFERED: usize = 4096;
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_NAME_LEN: usize = 128;
+
+/// What to send after an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outgoing {
+    /// Post to the channel's relays. `id` names the envelope inside, if any.
+    Message {
+        id: Option<EnvelopeId>,
+        bytes: Vec<u8>,
+    },
+    /// A commit: post it, then report the relay's answer with
+    /// [`Channel::commit_accepted`] or [`Channel::commit_rejected`].
+    Commit(Vec<u8>),
+    /// An invitation, for these devices' inboxes.
+    Welcome { to: Vec<DeviceKey>, bytes: Vec<u8> },
+}
+
+/// What happened when a message was received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The same bytes were received before.
+    Duplicate,
+    /// From a future epoch: held until its commit arrives.
+    Buffered { epoch: u64 },
+    /// Envelopes entered the transcript (this one and any it unblocked).
+    Accepted(Vec<EnvelopeId>),
+    /// The envelope waits for these parents.
+    Waiting(Vec<EnvelopeId>),
+    /// The envelope forks its sender's chain: kept as evidence only.
+    Fork { kept: EnvelopeId },
+    /// The transcript refused the envelope.
+    Refused(Rejection),
+    /// A proposal arrived; the committer should commit it.
+    ProposalQueued,
+    /// A commit was merged.
+    EpochChanged {
+        epoch: u64,
+        added: Vec<DeviceInfo>,
+        removed: Vec<DeviceKey>,
+    },
+    /// Someone this device never verified was added by the committer.
+    UnverifiedMember(DeviceInfo),
+    /// This device was removed: nothing that follows can be read.
+    RemovedFromChannel,
+    /// The committer role moved.
+    CommitterChanged(DeviceKey),
+}
+
+/// Why a channel operation failed. On error, nothing changed.
+#[derive(Debug, Error)]
+pub enum ChannelError {
+    #[error("not an MLS message: {0}")]
+    Malformed(String),
+    #[error("the message belongs to another channel")]
+    WrongChannel,
+    #[error("only the channel's committer can do this")]
+    NotCommitter,
+    #[error("a commit from {0:?}, who is not the committer, was refused")]
+    CommitterViolation(DeviceKey),
+    #[error("a membership change is waiting for the committer's commit; try again after it")]
+    AwaitingCommit,
+    #[error("a commit of this device is waiting for the relay's answer")]
+    CommitPending,
+    #[error("this device is not a member of the channel (any more)")]
+    NotAMember,
+    #[error(
+        "refused to join: {party}/{device} (fingerprint {fingerprint}) is in the channel but was never verified; \
+         verify their card first"
+    )]
+    TrustRefused {
+        party: String,
+        device: String,
+        fingerprint: Fingerprint,
+    },
+    #[error("a member's credential does not match its key")]
+    CredentialMismatch,
+    #[error("envelope claims sender {claimed:?} but MLS authenticated {actual:?}")]
+    Forgery {
+        claimed: DeviceKey,
+        actual: DeviceKey,
+    },
+    #[error("malformed envelope: {0}")]
+    BadEnvelope(#[from] EnvelopeError),
+    #[error("no member with key {0:?}")]
+    UnknownDevice(DeviceKey),
+    #[error("too many messages wait for a future epoch")]
+    BufferFull,
+    #[error("invalid channel name")]
+    BadName,
+    #[error("MLS refused: {0}")]
+    Mls(String),
+}
+
+fn mls<E: std::fmt::Display>(error: E) -> ChannelError {
+    ChannelError::Mls(error.to_string())
+}
+
+/// Hash of a ciphertext, the key of duplicate detection.
+pub fn ciphertext_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[derive(Debug, Default)]
+struct PendingCommit {
+    welcome: Option<(Vec<DeviceKey>, Vec<u8>)>,
+    notes: Vec<MembershipNote>,
+    added: Vec<DeviceInfo>,
+}
+
+/// One device's view of one channel. See the module documentation.
+#[derive(Debug)]
+pub struct Channel {
+    id: ChannelId,
+    name: String,
+    group: MlsGroup,
+    me: DeviceKey,
+    committer: DeviceKey,
+    transcript: Transcript,
+    processed: HashSet<[u8; 32]>,
+    future: BTreeMap<u64, Vec<Vec<u8>>>,
+    /// Commits that reference a proposal not received yet.
+    stalled: Vec<Vec<u8>>,
+    buffered: HashSet<[u8; 32]>,
+    contacts: BTreeMap<DeviceKey, DeviceInfo>,
+    pending_commit: Option<PendingCommit>,
+}
+
+fn sender_ratchet() -> SenderRatchetConfiguration {
+    SenderRatchetConfiguration::new(OUT_OF_ORDER_TOLERANCE, MAXIMUM_FORWARD_DISTANCE)
+}
+
+fn join_config() -> MlsGroupJoinConfig {
+    MlsGroupJoinConfig::builder()
+        .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+        .use_ratchet_tree_extension(true)
+        .max_past_epochs(MAX_PAST_EPOCHS)
+        .sender_ratchet_configuration(sender_ratchet())
+        .build()
+}
+
+fn serialize(message: &MlsMessageOut) -> Result<Vec<u8>, ChannelError> {
+    message.to_bytes().map_err(mls)
+}
+
+/// The device a credential names, checked against the signature key beside it.
+fn device_of(credential: &Credential, signature_key: &[u8]) -> Result<DeviceInfo, ChannelError> {
+    let basic = BasicCredential::try_from(credential.clone())
+        .map_err(|_| ChannelError::CredentialMismatch)?;
+    let info = DeviceInfo::from_credential_bytes(basic.identity())
+        .map_err(|_| ChannelError::CredentialMismatch)?;
+    if info.key.0.as_slice() != signature_key {
+        return Err(ChannelError::CredentialMismatch);
+    }
+    Ok(info)
+}
+
+fn group_id_for(id: &ChannelId, name: &str) -> GroupId {
+    GroupId::from_slice(&[&id.0[..], name.as_bytes()].concat())
+}
+
+fn split_group_id(group_id: &GroupId) -> Result<(ChannelId, String), ChannelError> {
+    let bytes = group_id.as_slice();
+    if bytes.len() < 32 || bytes.len() > 32 + MAX_CHANNEL_NAME_LEN {
+        return Err(ChannelError::BadName);
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&bytes[..32]);
+    let name = std::str::from_utf8(&bytes[32..]).map_err(|_| ChannelError::BadName)?;
+    Ok((ChannelId(id), name.to_owned()))
+}
+
+impl Channel {
+    /// Creates a channel with this device as its only member and committer.
+    pub fn create(
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        name: &str,
+    ) -> Result<Self, ChannelError> {
+        if name.is_empty()
+            || name.len() > MAX_CHANNEL_NAME_LEN
+            || name.chars().any(char::is_control)
+        {
+            return Err(ChannelError::BadName);
+        }
+        let id = ChannelId(provider.rand().random_array().map_err(mls)?);
+        let config = MlsGroupCreateConfig::builder()
+            .ciphersuite(CIPHERSUITE)
+            .wire_format_policy(PURE_PLAINTEXT_WIRE_FORMAT_POLICY)
+            .use_ratchet_tree_extension(true)
+            .max_past_epochs(MAX_PAST_EPOCHS)
+            .sender_ratchet_configuration(sender_ratchet())
+            .build();
+        let group = MlsGroup::new_with_group_id(
+            provider,
+            identity,
+            &config,
+            group_id_for(&id, name),
+            identity.credential_with_key(),
+        )
+        .map_err(mls)?;
+        let mut transcript = Transcript::new(id);
+        transcript.admit(identity.info());
+        Ok(Self {
+            id,
+            name: name.to_owned(),
+            group,
+            me: identity.key(),
+            committer: identity.key(),
+            transcript,
+            processed: HashSet::new(),
+            future: BTreeMap::new(),
+            stalled: Vec::new(),
+            buffered: HashSet::new(),
+            contacts: BTreeMap::new(),
+            pending_commit: None,
+        })
+    }
+
+    /// Joins from a Welcome, after checking every member against `contacts`, the
+    /// devices this device verified. Refuses if any member is unknown.
+    pub fn join(
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        welcome: &[u8],
+        contacts: &[DeviceInfo],
+    ) -> Result<Self, ChannelError> {
+        let message = MlsMessageIn::tls_deserialize_exact_bytes(welcome)
+            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+        let MlsMessageBodyIn::Welcome(welcome) = message.extract() else {
+            return Err(ChannelError::Malformed("not a Welcome".into()));
+        };
+        let staged = StagedWelcome::new_from_welcome(provider, &join_config(), welcome, None)
+            .map_err(mls)?;
+        let known: BTreeMap<DeviceKey, &DeviceInfo> =
+            contacts.iter().map(|info| (info.key, info)).collect();
+        let mut members = Vec::new();
+        for member in staged.members() {
+            let info = device_of(&member.credential, &member.signature_key)?;
+            if info.key != identity.key() && known.get(&info.key) != Some(&&info) {
+                return Err(ChannelError::TrustRefused {
+                    fingerprint: info.fingerprint(),
+                    party: info.party,
+                    device: info.device,
+                });
+            }
+            members.push(info);
+        }
+        let sender = staged.welcome_sender().map_err(mls)?;
+        let committer = DeviceKey(
+            sender
+                .signature_key()
+                .as_slice()
+                .try_into()
+                .map_err(|_| ChannelError::CredentialMismatch)?,
+        );
+        let group = staged.into_group(provider).map_err(mls)?;
+        let (id, name) = split_group_id(group.group_id())?;
+        let mut transcript = Transcript::with_horizon(id, group.epoch().as_u64());
+        for member in &members {
+            transcript.admit(member);
+        }
+        Ok(Self {
+            id,
+            name,
+            group,
+            me: identity.key(),
+            committer,
+            transcript,
+            processed: HashSet::new(),
+            future: BTreeMap::new(),
+            stalled: Vec::new(),
+            buffered: HashSet::new(),
+            contacts: contacts
+                .iter()
+                .map(|info| (info.key, info.clone()))
+                .collect(),
+            pending_commit: None,
+        })
+    }
+
+    pub fn id(&self) -> ChannelId {
+        self.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.group.epoch().as_u64()
+    }
+
+    pub fn committer(&self) -> DeviceKey {
+        self.committer
+    }
+
+    pub fn is_committer(&self) -> bool {
+        self.committer == self.me
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.group.is_active()
+    }
+
+    pub fn transcript(&self) -> &Transcript {
+        &self.transcript
+    }
+
+    /// The current members.
+    pub fn members(&self) -> Vec<DeviceInfo> {
+        self.group
+            .members()
+            .filter_map(|member| device_of(&member.credential, &member.signature_key).ok())
+            .collect()
+    }
+
+    /// Whether proposals wait for a commit (the committer should call
+    /// [`Channel::commit_proposals`]).
+    pub fn has_pending_proposals(&self) -> bool {
+        self.group.pending_proposals().next().is_some()
+    }
+
+    /// Remembers verified contacts, to check members that the committer adds later.
+    pub fn remember_contacts(&mut self, contacts: impl IntoIterator<Item = DeviceInfo>) {
+        self.contacts
+            .extend(contacts.into_iter().map(|info| (info.key, info)));
+    }
+
+    /// Seals `body` in a new envelope and encrypts it for the channel.
+    pub fn send(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        body: Body,
+        now_ms: u64,
+        deadline_ms: Option<u64>,
+    ) -> Result<(EnvelopeId, Vec<u8>), ChannelError> {
+        if !self.group.is_active() {
+            return Err(ChannelError::NotAMember);
+        }
+        if self.has_pending_proposals() {
+            return Err(ChannelError::AwaitingCommit);
+        }
+        let (seq, prev, prev_epoch) = match self.transcript.head_of(&self.me) {
+            Some((seq, id, _)) => {
+                let epoch = self.transcript.get(&id).map_or(0, |e| e.epoch);
+                (seq + 1, id, epoch)
+            }
+            None => (1, EnvelopeId::NONE, 0),
+        };
+        let (seen, lamport) = self.transcript.next_references(&self.me);
+        let mut envelope = Envelope {
+            channel: self.id,
+            sender: self.me,
+            epoch: self.epoch(),
+            seq,
+            prev,
+            prev_epoch,
+            seen,
+            lamport,
+            claimed_time_ms: now_ms,
+            body,
+            deadline_ms,
+            signature: None,
+        };
+        if let Body::Checkpoint { .. } = envelope.body {
+            let (root, size) = self.transcript.root_for_next_checkpoint();
+            envelope.body = Body::Checkpoint {
+                root,
+                size,
+                horizon: self.transcript.horizon(),
+            };
+            envelope.sign(identity);
+        }
+        envelope.check_format()?;
+        let id = envelope.id();
+        let message = self
+            .group
+            .create_message(provider, identity, &envelope.encode())
+            .map_err(mls)?;
+        let bytes = serialize(&message)?;
+        self.processed.insert(ciphertext_hash(&bytes));
+        match self.transcript.insert(envelope, id) {
+            Ok(Inserted::Accepted(_)) => Ok((id, bytes)),
+            // Invariant: an envelope built from this transcript's own heads always fits.
+            other => Err(ChannelError::Mls(format!(
+                "internal: own envelope not accepted: {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends a signed checkpoint over everything this device holds.
+    pub fn checkpoint(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        now_ms: u64,
+    ) -> Result<(EnvelopeId, Vec<u8>), ChannelError> {
+        let body = Body::Checkpoint {
+            root: [0; 32],
+            size: 0,
+            horizon: 0,
+        };
+        self.send(provider, identity, body, now_ms, None)
+    }
+
+    fn start_commit(&self) -> Result<(), ChannelError> {
+        if !self.is_committer() {
+            return Err(ChannelError::NotCommitter);
+        }
+        if self.pending_commit.is_some() {
+            return Err(ChannelError::CommitPending);
+        }
+        Ok(())
+    }
+
+    fn stage(
+        &mut self,
+        commit: &MlsMessageOut,
+        pending: PendingCommit,
+    ) -> Result<Outgoing, ChannelError> {
+        let bytes = serialize(commit)?;
+        self.processed.insert(ciphertext_hash(&bytes));
+        self.pending_commit = Some(pending);
+        Ok(Outgoing::Commit(bytes))
+    }
+
+    /// Adds verified contacts (committer only). Returns the commit to post.
+    pub fn add(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        contacts: Vec<VerifiedContact>,
+    ) -> Result<Outgoing, ChannelError> {
+        self.start_commit()?;
+        let mut key_packages = Vec::new();
+        let mut added = Vec::new();
+        for mut contact in contacts {
+            key_packages.push(contact.take_key_package());
+            added.push(contact.info.clone());
+        }
+        let (commit, welcome, _) = self
+            .group
+            .add_members(provider, identity, &key_packages)
+            .map_err(mls)?;
+        let pending = PendingCommit {
+            welcome: Some((added.iter().map(|i| i.key).collect(), serialize(&welcome)?)),
+            notes: added
+                .iter()
+                .map(|info| MembershipNote::Added {
+                    party: info.party.clone(),
+                    device: info.key,
+                })
+                .collect(),
+            added,
+        };
+        self.remember_contacts(pending.added.iter().cloned());
+        self.stage(&commit, pending)
+    }
+
+    fn leaf_of(&self, device: &DeviceKey) -> Result<LeafNodeIndex, ChannelError> {
+        self.group
+            .members()
+            .find(|member| member.signature_key.as_slice() == device.0.as_slice())
+            .map(|member| member.index)
+            .ok_or(ChannelError::UnknownDevice(*device))
+    }
+
+    /// Removes devices (committer only). Returns the commit to post.
+    pub fn remove(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        devices: &[DeviceKey],
+    ) -> Result<Outgoing, ChannelError> {
+        self.start_commit()?;
+        let leaves = devices
+            .iter()
+            .map(|device| self.leaf_of(device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (commit, _, _) = self
+            .group
+            .remove_members(provider, identity, &leaves)
+            .map_err(mls)?;
+        let pending = PendingCommit {
+            notes: devices
+                .iter()
+                .map(|device| MembershipNote::Removed { device: *device })
+                .collect(),
+            ..PendingCommit::default()
+        };
+        self.stage(&commit, pending)
+    }
+
+    /// Refreshes this device's keys: a commit from the committer, a proposal from
+    /// anyone else (for the committer to commit).
+    pub fn update_keys(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+    ) -> Result<Outgoing, ChannelError> {
+        if self.is_committer() {
+            self.start_commit()?;
+            let bundle = self
+                .group
+                .self_update(provider, identity, LeafNodeParameters::default())
+                .map_err(mls)?;
+            let pending = PendingCommit {
+                notes: vec![MembershipNote::KeyUpdated {
+                    epoch: self.epoch() + 1,
+                }],
+                ..PendingCommit::default()
+            };
+            return self.stage(bundle.commit(), pending);
+        }
+        let (proposal, _) = self
+            .group
+            .propose_self_update(provider, identity, LeafNodeParameters::default())
+            .map_err(mls)?;
+        let bytes = serialize(&proposal)?;
+        self.processed.insert(ciphertext_hash(&bytes));
+        Ok(Outgoing::Message { id: None, bytes })
+    }
+
+    /// Commits the proposals that wait (committer only), if any.
+    pub fn commit_proposals(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+    ) -> Result<Option<Outgoing>, ChannelError> {
+        if !self.has_pending_proposals() {
+            return Ok(None);
+        }
+        self.start_commit()?;
+        let (commit, _, _) = self
+            .group
+            .commit_to_pending_proposals(provider, identity)
+            .map_err(mls)?;
+        let pending = PendingCommit {
+            notes: vec![MembershipNote::KeyUpdated {
+                epoch: self.epoch() + 1,
+            }],
+            ..PendingCommit::default()
+        };
+        self.stage(&commit, pending).map(Some)
+    }
+
+    /// The relay durably accepted our commit: merge it, then release the Welcome and
+    /// the membership notes for the record.
+    pub fn commit_accepted(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        now_ms: u64,
+    ) -> Result<Vec<Outgoing>, ChannelError> {
+        let Some(pending) = self.pending_commit.take() else {
+            return Ok(Vec::new());
+        };
+        if let Err(error) = self.group.merge_pending_commit(provider) {
+            self.pending_commit = Some(pending);
+            return Err(mls(error));
+        }
+        for info in &pending.added {
+            self.transcript.admit(info);
+        }
+        let mut out = Vec::new();
+        if let Some((to, bytes)) = pending.welcome {
+            out.push(Outgoing::Welcome { to, bytes });
+        }
+        for note in pending.notes {
+            let (id, bytes) =
+                self.send(provider, identity, Body::Membership(note), now_ms, None)?;
+            out.push(Outgoing::Message {
+                id: Some(id),
+                bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The relay refused our commit: forget it, as if it never happened.
+    pub fn commit_rejected(&mut self, provider: &impl OpenMlsProvider) -> Result<(), ChannelError> {
+        if self.pending_commit.take().is_some() {
+            self.group
+                .clear_pending_commit(provider.storage())
+                .map_err(mls)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the committer role to another member (committer only).
+    pub fn hand_over(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        to: DeviceKey,
+        now_ms: u64,
+    ) -> Result<(EnvelopeId, Vec<u8>), ChannelError> {
+        self.start_commit()?;
+        self.leaf_of(&to)?;
+        let note = Body::Membership(MembershipNote::CommitterHandover { to });
+        let sent = self.send(provider, identity, note, now_ms, None)?;
+        self.committer = to;
+        Ok(sent)
+    }
+
+    /// Processes bytes from a relay. Returns what happened; on error nothing changed.
+    pub fn receive(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        bytes: &[u8],
+    ) -> Result<Vec<Event>, ChannelError> {
+        let hash = ciphertext_hash(bytes);
+        if self.processed.contains(&hash) || self.buffered.contains(&hash) {
+            return Ok(vec![Event::Duplicate]);
+        }
+        let message = MlsMessageIn::tls_deserialize_exact_bytes(bytes)
+            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+        let protocol: ProtocolMessage = match message.extract() {
+            MlsMessageBodyIn::PrivateMessage(message) => message.into(),
+            MlsMessageBodyIn::PublicMessage(message) => message.into(),
+            _ => return Err(ChannelError::Malformed("not a channel message".into())),
+        };
+        if protocol.group_id() != self.group.group_id() {
+            return Err(ChannelError::WrongChannel);
+        }
+        if !self.group.is_active() {
+            return Err(ChannelError::NotAMember);
+        }
+        let epoch = protocol.epoch().as_u64();
+        if epoch > self.epoch() {
+            if self.buffered.len() >= MAX_BUFFERED {
+                return Err(ChannelError::BufferFull);
+            }
+            self.buffered.insert(hash);
+            self.future.entry(epoch).or_default().push(bytes.to_vec());
+            return Ok(vec![Event::Buffered { epoch }]);
+        }
+        let processed = match self.group.process_message(provider, protocol) {
+            Ok(processed) => processed,
+            Err(ProcessMessageError::InvalidCommit(StageCommitError::MissingProposal)) => {
+                // The proposal it commits was delayed or reordered behind it. Handshake
+                // messages are public (signed, not encrypted), so no key was spent:
+                // retry when the next proposal arrives.
+                if self.buffered.len() >= MAX_BUFFERED {
+                    return Err(ChannelError::BufferFull);
+                }
+                self.buffered.insert(hash);
+                self.stalled.push(bytes.to_vec());
+                return Ok(vec![Event::Buffered { epoch }]);
+            }
+            Err(error) => return Err(mls(error)),
+        };
+        let sender_leaf = match processed.sender() {
+            Sender::Member(index) => Some(*index),
+            _ => None,
+        };
+        let credential = processed.credential().clone();
+        let message_epoch = processed.epoch().as_u64();
+        let mut events = Vec::new();
+        match processed.into_content() {
+            ProcessedMessageContent::ApplicationMessage(application) => {
+                self.processed.insert(hash);
+                let basic = BasicCredential::try_from(credential)
+                    .map_err(|_| ChannelError::CredentialMismatch)?;
+                let actual = DeviceInfo::from_credential_bytes(basic.identity())
+                    .map_err(|_| ChannelError::CredentialMismatch)?
+                    .key;
+                let (envelope, id) = Envelope::decode(&application.into_bytes())?;
+                if envelope.sender != actual || envelope.epoch != message_epoch {
+                    return Err(ChannelError::Forgery {
+                        claimed: envelope.sender,
+                        actual,
+                    });
+                }
+                events.extend(self.insert_envelope(envelope, id));
+            }
+            ProcessedMessageContent::ProposalMessage(proposal) => {
+                self.group
+                    .store_pending_proposal(provider.storage(), *proposal)
+                    .map_err(mls)?;
+                self.processed.insert(hash);
+                events.push(Event::ProposalQueued);
+                for commit in std::mem::take(&mut self.stalled) {
+                    self.buffered.remove(&ciphertext_hash(&commit));
+                    // A commit that still cannot be staged is stalled again by `receive`;
+                    // one that fails otherwise would fail again, and is dropped.
+                    if let Ok(more) = self.receive(provider, &commit) {
+                        events.extend(more);
+                    }
+                }
+            }
+            ProcessedMessageContent::StagedCommitMessage(staged) => {
+                let leaf =
+                    sender_leaf.ok_or(ChannelError::CommitterViolation(DeviceKey([0; 32])))?;
+                events.extend(self.merge_commit(provider, leaf, *staged)?);
+                self.processed.insert(hash);
+                events.extend(self.drain_future(provider));
+            }
+            ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
+                return Err(ChannelError::Malformed(
+                    "external joins are not allowed".into(),
+                ));
+            }
+            _ => {
+                self.processed.insert(hash);
+                events.push(Event::Duplicate);
+            }
+        }
+        Ok(events)
+    }
+
+    fn insert_envelope(&mut self, envelope: Envelope, id: EnvelopeId) -> Vec<Event> {
+        let handover = match &envelope.body {
+            Body::Membership(MembershipNote::CommitterHandover { to })
+                if envelope.sender == self.committer =>
+            {
+                Some(*to)
+            }
+            _ => None,
+        };
+        let mut events = Vec::new();
+        match self.transcript.insert(envelope, id) {
+            Ok(Inserted::Accepted(ids)) => {
+                if let Some(to) = handover {
+                    self.committer = to;
+                    events.push(Event::CommitterChanged(to));
+                }
+                events.push(Event::Accepted(ids));
+            }
+            Ok(Inserted::Duplicate) => events.push(Event::Duplicate),
+            Ok(Inserted::Pending(missing)) => events.push(Event::Waiting(missing)),
+            Ok(Inserted::Fork(kept)) => events.push(Event::Fork { kept }),
+            Err(reason) => events.push(Event::Refused(reason)),
+        }
+        events
+    }
+
+    fn merge_commit(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        sender: LeafNodeIndex,
+        staged: StagedCommit,
+    ) -> Result<Vec<Event>, ChannelError> {
+        let author = self
+            .group
+            .member_at(sender)
+            .map(|member| member.signature_key)
+            .unwrap_or_default();
+        if author.as_slice() != self.committer.0.as_slice() {
+            let key = author
+                .as_slice()
+                .try_into()
+                .map(DeviceKey)
+                .unwrap_or(DeviceKey([0; 32]));
+            return Err(ChannelError::CommitterViolation(key));
+        }
+        let mut added = Vec::new();
+        for add in staged.add_proposals() {
+            let leaf = add.add_proposal().key_package().leaf_node();
+            added.push(device_of(
+                leaf.credential(),
+                leaf.signature_key().as_slice(),
+            )?);
+        }
+        for update in staged.update_proposals() {
+            let leaf = update.update_proposal().leaf_node();
+            device_of(leaf.credential(), leaf.signature_key().as_slice())?;
+        }
+        if let Some(leaf) = staged.update_path_leaf_node() {
+            device_of(leaf.credential(), leaf.signature_key().as_slice())?;
+        }
+        let mut removed = Vec::new();
+        for remove in staged.remove_proposals() {
+            if let Some(member) = self.group.member_at(remove.remove_proposal().removed())
+                && let Ok(key) = member.signature_key.as_slice().try_into()
+            {
+                removed.push(DeviceKey(key));
+            }
+        }
+        let self_removed = staged.self_removed();
+        self.group
+            .merge_staged_commit(provider, staged)
+            .map_err(mls)?;
+        let mut events = Vec::new();
+        for info in &added {
+            self.transcript.admit(info);
+            if info.key != self.me && self.contacts.get(&info.key) != Some(info) {
+                events.push(Event::UnverifiedMember(info.clone()));
+            }
+        }
+        events.push(Event::EpochChanged {
+            epoch: self.epoch(),
+            added,
+            removed,
+        });
+        if self_removed {
+            events.push(Event::RemovedFromChannel);
+        }
+        Ok(events)
+    }
+
+    /// Processes buffered messages whose epoch has come.
+    fn drain_future(&mut self, provider: &impl OpenMlsProvider) -> Vec<Event> {
+        let mut events = Vec::new();
+        loop {
+            let epoch = self.epoch();
+            let Some(ready) = self.future.keys().next().copied().filter(|e| *e <= epoch) else {
+                break;
+            };
+            if !self.group.is_active() {
+                break;
+            }
+            for bytes in self.future.remove(&ready).unwrap_or_default() {
+                self.buffered.remove(&ciphertext_hash(&bytes));
+                // A buffered message that fails now is dropped: it would fail again.
+                if let Ok(more) = self.receive(provider, &bytes) {
+                    events.extend(more);
+                }
+            }
+        }
+        events
+    }
+
+    /// Parties (by name) that hold `id`, judged from their latest envelopes.
+    pub fn delivered_to(&self, id: &EnvelopeId) -> BTreeSet<String> {
+        self.parties_of(self.transcript.delivered_to(id))
+    }
+
+    /// Parties that sent a read receipt for `id`.
+    pub fn read_by(&self, id: &EnvelopeId) -> BTreeSet<String> {
+        self.parties_of(self.transcript.read_by(id))
+    }
+
+    fn parties_of(&self, devices: BTreeSet<DeviceKey>) -> BTreeSet<String> {
+        devices
+            .iter()
+            .filter_map(|device| self.transcript.party_of(device).map(str::to_owned))
+            .collect()
+    }
+}

@@ -1,0 +1,552 @@
+//! The envelope: hotline's signed and chained unit of record, carried inside MLS
+//! application messages.
+//!
+//! ```text
+//!   sender A:  a1 ◄── a2 ◄── a3            prev: the sender's own chain
+//!                ▲       ╲
+//!   sender B:  b1 ◄────── b2               seen: latest envelope from each other sender
+//! ```
+//!
+//! Every envelope names the hash of its sender's previous envelope (`prev`) and the
+//! hash of the latest envelope it had accepted from every other sender (`seen`): the
+//! envelopes form a DAG, and `seen` doubles as an implicit delivery receipt. The
+//! envelope's id is the SHA-256 of its encoding without signature.
+//!
+//! **Epochs.** An envelope names the MLS epoch it was encrypted in, and each reference
+//! names the epoch of the envelope it points to. A device that joined at epoch E cannot
+//! decrypt anything from before E (by design); references to such envelopes are its
+//! *horizon*, not gaps, and its transcript starts there.
+//!
+//! **Signatures.** MLS already authenticates every message to the group, but an MLS
+//! signature cannot be shown to an outsider. hotline adds Ed25519 signatures by the
+//! device key on *checkpoint* envelopes only: a checkpoint's id covers its `prev`
+//! chain and its `seen` frontier, so one signature proves authorship of the sender's
+//! whole chain up to it and attests what the sender had received. A signature on
+//! every envelope would roughly double the cost of a message (see BENCHMARKS.md);
+//! checkpoints are sent every few messages, when idle and before an export.
+//!
+//! Format (version 1): `u8 version | [32] channel | [32] sender | u64 epoch | u64 seq |
+//! [32] prev | u64 prev epoch | u32 n, n × ([32] sender, [32] id, u64 epoch) | u64 lamport | u64 claimed time (ms since the
+//! Unix epoch) | u8 kind | bytes body | u8 has deadline [u64 deadline ms] | u8 signed
+//! [[64] signature]`. The id is `SHA-256("hotline-envelope-v1" || encoding up to and
+//! excluding the signed flag)`; a checkpoint signs `"hotline-checkpoint-v1" || id`.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::codec::{DecodeError, Reader, Writer};
+use crate::identity::{DeviceIdentity, DeviceKey, MAX_NAME_LEN};
+
+/// Largest envelope body: one MiB.
+pub const MAX_BODY_LEN: usize = 1 << 20;
+/// Most senders an envelope can name in `seen`.
+pub const MAX_SEEN: usize = 1024;
+/// Most messages one read receipt can name.
+pub const MAX_RECEIPT_IDS: usize = 4096;
+const ENVELOPE_VERSION: u8 = 1;
+const ID_CONTEXT: &[u8] = b"hotline-envelope-v1";
+const CHECKPOINT_CONTEXT: &[u8] = b"hotline-checkpoint-v1";
+
+/// A 32-byte SHA-256 hash naming an envelope.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct EnvelopeId(pub [u8; 32]);
+
+impl EnvelopeId {
+    /// The all-zero id, used as `prev` of a sender's first envelope.
+    pub const NONE: Self = Self([0; 32]);
+
+    /// Lower-case hexadecimal, as shown to users.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 hexadecimal digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(text.trim(), &mut out).ok()?;
+        Some(Self(out))
+    }
+}
+
+impl fmt::Debug for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EnvelopeId({})", hex::encode(&self.0[..6]))
+    }
+}
+
+impl fmt::Display for EnvelopeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// The channel an envelope belongs to: its MLS group id.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelId(pub [u8; 32]);
+
+impl fmt::Debug for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChannelId({})", hex::encode(&self.0[..6]))
+    }
+}
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// A reference from an envelope to an earlier one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reference {
+    pub sender: DeviceKey,
+    pub id: EnvelopeId,
+    /// The MLS epoch the referenced envelope was encrypted in.
+    pub epoch: u64,
+}
+
+/// What an envelope carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// A message written by a person.
+    Text(String),
+    /// A person read these messages.
+    ReadReceipt(Vec<EnvelopeId>),
+    /// An end-to-end link test; the bytes are the tester's own (a nonce, a path tag).
+    LinkTest(Vec<u8>),
+    /// A signed statement of the sender's chain and of the transcript root over the
+    /// checkpoint's ancestors from epoch `horizon` on (`size` envelopes). `horizon` is
+    /// the sender's own: 0, or the epoch it joined at.
+    Checkpoint {
+        root: [u8; 32],
+        size: u64,
+        horizon: u64,
+    },
+    /// A change to the channel's membership or roles, for the record.
+    Membership(MembershipNote),
+}
+
+/// Membership events recorded in the transcript by the committer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipNote {
+    Added { party: String, device: DeviceKey },
+    Removed { device: DeviceKey },
+    KeyUpdated { epoch: u64 },
+    CommitterHandover { to: DeviceKey },
+}
+
+/// The kind byte of each body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Text = 1,
+    ReadReceipt = 2,
+    LinkTest = 3,
+    Checkpoint = 4,
+    Membership = 5,
+}
+
+impl Body {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Body::Text(_) => Kind::Text,
+            Body::ReadReceipt(_) => Kind::ReadReceipt,
+            Body::LinkTest(_) => Kind::LinkTest,
+            Body::Checkpoint { .. } => Kind::Checkpoint,
+            Body::Membership(_) => Kind::Membership,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut writer = Writer::new();
+        match self {
+            Body::Text(text) => writer.fixed(text.as_bytes()),
+            Body::ReadReceipt(ids) => {
+                writer.u32(ids.len() as u32);
+                for id in ids {
+                    writer.fixed(&id.0);
+                }
+            }
+            Body::LinkTest(bytes) => writer.fixed(bytes),
+            Body::Checkpoint {
+                root,
+                size,
+                horizon,
+            } => {
+                writer.fixed(root);
+                writer.u64(*size);
+                writer.u64(*horizon);
+            }
+            Body::Membership(note) => match note {
+                MembershipNote::Added { party, device } => {
+                    writer.u8(1);
+                    writer.string(party);
+                    writer.fixed(&device.0);
+                }
+                MembershipNote::Removed { device } => {
+                    writer.u8(2);
+                    writer.fixed(&device.0);
+                }
+                MembershipNote::KeyUpdated { epoch } => {
+                    writer.u8(3);
+                    writer.u64(*epoch);
+                }
+                MembershipNote::CommitterHandover { to } => {
+                    writer.u8(4);
+                    writer.fixed(&to.0);
+                }
+            },
+        }
+        writer.into_bytes()
+    }
+
+    fn decode(kind: u8, bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let body = match kind {
+            1 => {
+                let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
+                    field: "text",
+                    reason: "not valid UTF-8",
+                })?;
+                return Ok(Body::Text(text.to_owned()));
+            }
+            2 => {
+                let count = reader.count("read receipt", MAX_RECEIPT_IDS, 32)?;
+                let mut ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ids.push(EnvelopeId(reader.array("read message id")?));
+                }
+                Body::ReadReceipt(ids)
+            }
+            3 => return Ok(Body::LinkTest(bytes.to_vec())),
+            4 => Body::Checkpoint {
+                root: reader.array("checkpoint root")?,
+                size: reader.u64("checkpoint size")?,
+                horizon: reader.u64("checkpoint horizon")?,
+            },
+            5 => Body::Membership(match reader.u8("membership note")? {
+                1 => MembershipNote::Added {
+                    party: reader.string("party name", MAX_NAME_LEN)?,
+                    device: DeviceKey(reader.array("device key")?),
+                },
+                2 => MembershipNote::Removed {
+                    device: DeviceKey(reader.array("device key")?),
+                },
+                3 => MembershipNote::KeyUpdated {
+                    epoch: reader.u64("epoch")?,
+                },
+                4 => MembershipNote::CommitterHandover {
+                    to: DeviceKey(reader.array("device key")?),
+                },
+                _ => {
+                    return Err(DecodeError::Invalid {
+                        field: "membership note",
+                        reason: "unknown note",
+                    });
+                }
+            }),
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "kind",
+                    reason: "unknown kind",
+                });
+            }
+        };
+        reader.finish()?;
+        Ok(body)
+    }
+}
+
+/// One envelope, decoded. Its fields are checked for format only: whether it fits the
+/// transcript is for [`crate::transcript::Transcript`] to decide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    pub channel: ChannelId,
+    pub sender: DeviceKey,
+    /// The MLS epoch this envelope was encrypted in.
+    pub epoch: u64,
+    pub seq: u64,
+    pub prev: EnvelopeId,
+    /// The MLS epoch `prev` was encrypted in.
+    pub prev_epoch: u64,
+    /// Latest envelope accepted from every other sender, sorted by sender.
+    pub seen: Vec<Reference>,
+    pub lamport: u64,
+    /// The sender's clock, as a claim only: nothing orders by it.
+    pub claimed_time_ms: u64,
+    pub body: Body,
+    /// When a person must have read this message by (ms since the Unix epoch).
+    pub deadline_ms: Option<u64>,
+    /// Present on checkpoints only.
+    pub signature: Option<[u8; 64]>,
+}
+
+/// Why an envelope is malformed beyond its byte format.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum EnvelopeError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("a checkpoint must be signed and nothing else may be")]
+    SignatureMisplaced,
+    #[error("seen entries must be sorted, unique and name other senders")]
+    SeenNotCanonical,
+    #[error("sequence numbers start at 1, and only the first envelope has no predecessor")]
+    BadSequence,
+    #[error("body of {0} bytes exceeds the limit of {MAX_BODY_LEN}")]
+    BodyTooLarge(usize),
+    #[error("an envelope cannot reference one from a later epoch")]
+    EpochFromFuture,
+    #[error("the checkpoint signature does not verify")]
+    BadSignature,
+}
+
+impl Envelope {
+    /// The id: SHA-256 over the unsigned encoding.
+    pub fn id(&self) -> EnvelopeId {
+        let mut writer = Writer::new();
+        self.encode_unsigned(&mut writer);
+        Self::id_of_unsigned(writer.as_bytes())
+    }
+
+    fn id_of_unsigned(unsigned: &[u8]) -> EnvelopeId {
+        EnvelopeId(
+            Sha256::new()
+                .chain_update(ID_CONTEXT)
+                .chain_update(unsigned)
+                .finalize()
+                .into(),
+        )
+    }
+
+    fn encode_unsigned(&self, writer: &mut Writer) {
+        writer.u8(ENVELOPE_VERSION);
+        writer.fixed(&self.channel.0);
+        writer.fixed(&self.sender.0);
+        writer.u64(self.epoch);
+        writer.u64(self.seq);
+        writer.fixed(&self.prev.0);
+        writer.u64(self.prev_epoch);
+        writer.u32(self.seen.len() as u32);
+        for seen in &self.seen {
+            writer.fixed(&seen.sender.0);
+            writer.fixed(&seen.id.0);
+            writer.u64(seen.epoch);
+        }
+        writer.u64(self.lamport);
+        writer.u64(self.claimed_time_ms);
+        writer.u8(self.body.kind() as u8);
+        writer.bytes(&self.body.encode());
+        match self.deadline_ms {
+            Some(deadline) => {
+                writer.u8(1);
+                writer.u64(deadline);
+            }
+            None => writer.u8(0),
+        }
+    }
+
+    /// The encoding, with signature when there is one.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut writer = Writer::new();
+        self.encode_unsigned(&mut writer);
+        match &self.signature {
+            Some(signature) => {
+                writer.u8(1);
+                writer.fixed(signature);
+            }
+            None => writer.u8(0),
+        }
+        writer.into_bytes()
+    }
+
+    /// Decodes and checks the format rules; returns the envelope and its id.
+    pub fn decode(bytes: &[u8]) -> Result<(Self, EnvelopeId), EnvelopeError> {
+        let mut reader = Reader::new(bytes);
+        let version = reader.u8("envelope version")?;
+        if version != ENVELOPE_VERSION {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "envelope",
+                version,
+            }
+            .into());
+        }
+        let channel = ChannelId(reader.array("channel")?);
+        let sender = DeviceKey(reader.array("sender")?);
+        let epoch = reader.u64("epoch")?;
+        let seq = reader.u64("sequence number")?;
+        let prev = EnvelopeId(reader.array("previous envelope")?);
+        let prev_epoch = reader.u64("previous epoch")?;
+        let count = reader.count("seen", MAX_SEEN, 72)?;
+        let mut seen = Vec::with_capacity(count);
+        for _ in 0..count {
+            seen.push(Reference {
+                sender: DeviceKey(reader.array("seen sender")?),
+                id: EnvelopeId(reader.array("seen envelope")?),
+                epoch: reader.u64("seen epoch")?,
+            });
+        }
+        let lamport = reader.u64("lamport time")?;
+        let claimed_time_ms = reader.u64("claimed time")?;
+        let kind = reader.u8("kind")?;
+        let body = Body::decode(kind, reader.bytes("body", MAX_BODY_LEN)?)?;
+        let deadline_ms = match reader.flag("deadline flag")? {
+            true => Some(reader.u64("deadline")?),
+            false => None,
+        };
+        let unsigned_len = reader.position();
+        let signature = match reader.flag("signature flag")? {
+            true => Some(reader.array::<64>("signature")?),
+            false => None,
+        };
+        reader.finish()?;
+        let envelope = Self {
+            channel,
+            sender,
+            epoch,
+            seq,
+            prev,
+            prev_epoch,
+            seen,
+            lamport,
+            claimed_time_ms,
+            body,
+            deadline_ms,
+            signature,
+        };
+        envelope.check_format()?;
+        Ok((envelope, Self::id_of_unsigned(&bytes[..unsigned_len])))
+    }
+
+    /// The rules that need no context: sequence, `seen` order, signature placement.
+    pub fn check_format(&self) -> Result<(), EnvelopeError> {
+        if self.seq == 0 || (self.seq == 1) != (self.prev == EnvelopeId::NONE) {
+            return Err(EnvelopeError::BadSequence);
+        }
+        let sorted = self
+            .seen
+            .windows(2)
+            .all(|pair| pair[0].sender < pair[1].sender);
+        let epochs_ordered =
+            self.prev_epoch <= self.epoch && self.seen.iter().all(|seen| seen.epoch <= self.epoch);
+        if !epochs_ordered {
+            return Err(EnvelopeError::EpochFromFuture);
+        }
+        if !sorted || self.seen.iter().any(|seen| seen.sender == self.sender) {
+            return Err(EnvelopeError::SeenNotCanonical);
+        }
+        if (self.body.kind() == Kind::Checkpoint) != self.signature.is_some() {
+            return Err(EnvelopeError::SignatureMisplaced);
+        }
+        Ok(())
+    }
+
+    /// Signs a checkpoint with the sender's identity.
+    pub fn sign(&mut self, identity: &DeviceIdentity) {
+        let id = self.id();
+        self.signature = Some(identity.sign(&checkpoint_message(&id)));
+    }
+
+    /// Verifies a checkpoint's signature against its sender's key.
+    pub fn verify_signature(&self, id: &EnvelopeId) -> Result<(), EnvelopeError> {
+        match &self.signature {
+            Some(signature) => self
+                .sender
+                .verify(&checkpoint_message(id), signature)
+                .map_err(|_| EnvelopeError::BadSignature),
+            None => Err(EnvelopeError::SignatureMisplaced),
+        }
+    }
+}
+
+fn checkpoint_message(id: &EnvelopeId) -> Vec<u8> {
+    [CHECKPOINT_CONTEXT, &id.0[..]].concat()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample(body: Body) -> Envelope {
+        Envelope {
+            channel: ChannelId([7; 32]),
+            sender: DeviceKey([1; 32]),
+            epoch: 3,
+            seq: 2,
+            prev: EnvelopeId([9; 32]),
+            prev_epoch: 2,
+            seen: vec![
+                Reference {
+                    sender: DeviceKey([0; 32]),
+                    id: EnvelopeId([3; 32]),
+                    epoch: 1,
+                },
+                Reference {
+                    sender: DeviceKey([2; 32]),
+                    id: EnvelopeId([4; 32]),
+                    epoch: 3,
+                },
+            ],
+            lamport: 5,
+            claimed_time_ms: 1_700_000_000_000,
+            body,
+            deadline_ms: Some(1_700_000_600_000),
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn every_body_round_trips() {
+        let bodies = [
+            Body::Text("de-escalate".into()),
+            Body::ReadReceipt(vec![EnvelopeId([5; 32])]),
+            Body::LinkTest(vec![1, 2, 3]),
+            Body::Membership(MembershipNote::Added {
+                party: "mediator".into(),
+                device: DeviceKey([6; 32]),
+            }),
+            Body::Membership(MembershipNote::Removed {
+                device: DeviceKey([6; 32]),
+            }),
+            Body::Membership(MembershipNote::KeyUpdated { epoch: 4 }),
+            Body::Membership(MembershipNote::CommitterHandover {
+                to: DeviceKey([6; 32]),
+            }),
+        ];
+        for body in bodies {
+            let envelope = sample(body);
+            let (decoded, id) = Envelope::decode(&envelope.encode()).unwrap();
+            assert_eq!(decoded, envelope);
+            assert_eq!(id, envelope.id());
+        }
+    }
+
+    #[test]
+    fn unsigned_checkpoint_and_signed_text_are_refused() {
+        let checkpoint = sample(Body::Checkpoint {
+            root: [1; 32],
+            size: 3,
+            horizon: 0,
+        });
+        assert_eq!(
+            Envelope::decode(&checkpoint.encode()).unwrap_err(),
+            EnvelopeError::SignatureMisplaced
+        );
+        let mut text = sample(Body::Text("x".into()));
+        text.signature = Some([0; 64]);
+        assert_eq!(
+            Envelope::decode(&text.encode()).unwrap_err(),
+            EnvelopeError::SignatureMisplaced
+        );
+    }
+
+    #[test]
+    fn unsorted_seen_is_refused() {
+        let mut envelope = sample(Body::Text("x".into()));
+        envelope.seen.reverse();
+        assert_eq!(
+            Envelope::decode(&envelope.encode()).unwrap_err(),
+            EnvelopeError::SeenNotCanonical
+        );
+    }
+}

@@ -1,0 +1,37 @@
+//! The channel core of hotline: identities, contact cards, MLS channels, the signed
+//! and chained envelope, the transcript and its offline verifier.
+//!
+//! This crate does no I/O. It opens no socket and no file, reads no clock and spawns
+//! nothing: bytes and the current time come in as arguments, bytes and events go out as
+//! return values. MLS state lives in the [`openmls_traits::OpenMlsProvider`] the caller
+//! passes, so that the caller can commit a processed message, its MLS state change and
+//! its transcript entry in one storage transaction.
+//!
+//! ```text
+//!   identity ─► card ─► (verified contact) ─► channel ─► envelope ─► transcript ─► export
+//!                                              │ MLS (openmls)                     │
+//!                                              ▼                                   ▼
+//!                                        ciphertext bytes                  verify (offline)
+//! ```
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod card;
+pub mod channel;
+pub mod codec;
+pub mod envelope;
+pub mod export;
+pub mod identity;
+pub mod transcript;
+
+use openmls::prelude::Ciphersuite;
+
+/// The one ciphersuite hotline speaks: X25519, AES-128-GCM, SHA-256, Ed25519.
+pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
+
+pub use card::{CardError, CardIn, VerifiedContact, create_card};
+pub use channel::{Channel, ChannelError, Event, Outgoing};
+pub use envelope::{Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote};
+pub use export::{Export, VerifyError, VerifyReport};
+pub use identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint, safety_number};
+pub use transcript::{Finding, Inserted, Transcript};
