@@ -1,0 +1,294 @@
+//! Property tests: transcript convergence under any delivery order, tamper evidence of
+//! exports, and decoders that round-trip and refuse garbage without panicking.
+
+use std::sync::OnceLock;
+
+use hotline_core::card::CardIn;
+use hotline_core::envelope::Reference;
+use hotline_core::{
+    Body, ChannelId, DeviceIdentity, DeviceInfo, DeviceKey, Envelope, EnvelopeId, Export,
+    MembershipNote, Transcript,
+};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+const CHANNEL: ChannelId = ChannelId([42; 32]);
+
+/// Senders that each keep their own transcript, as devices do, and build envelopes
+/// referencing what they have seen. `script` says who sends next and how many
+/// envelopes each sender has received from the shared pool before sending.
+fn history(script: &[(u8, u8, u8)]) -> (Vec<DeviceInfo>, Vec<(Envelope, EnvelopeId)>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let identities: Vec<_> = ["north", "south", "mediator"]
+        .iter()
+        .map(|party| DeviceIdentity::generate(party, "desk", &mut rng).unwrap())
+        .collect();
+    let roster: Vec<DeviceInfo> = identities.iter().map(|i| i.info().clone()).collect();
+    let mut views: Vec<Transcript> = (0..3)
+        .map(|_| {
+            let mut transcript = Transcript::new(CHANNEL);
+            for info in &roster {
+                transcript.admit(info);
+            }
+            transcript
+        })
+        .collect();
+    let mut pool: Vec<(Envelope, EnvelopeId)> = Vec::new();
+    let mut delivered = [0usize; 3];
+    for (step, (who, catch_up, kind)) in script.iter().enumerate() {
+        let who = usize::from(*who % 3);
+        // Catch up on part of the pool, in pool order (a sender's own view is causal).
+        let target = (delivered[who] + usize::from(*catch_up)).min(pool.len());
+        for (envelope, id) in &pool[delivered[who]..target] {
+            views[who].insert(envelope.clone(), *id).unwrap();
+        }
+        delivered[who] = target;
+        let me = identities[who].key();
+        let (seq, prev) = views[who].head_of(&me).map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
+        let (seen, lamport) = views[who].next_references(&me);
+        let body = match kind % 4 {
+            0 | 1 => Body::Text(format!("step {step}")),
+            2 => Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect()),
+            _ => {
+                let (root, size) = views[who].root_for_next_checkpoint();
+                Body::Checkpoint { root, size, horizon: 0 }
+            }
+        };
+        let mut envelope = Envelope {
+            channel: CHANNEL,
+            sender: me,
+            epoch: 1,
+            seq,
+            prev,
+            prev_epoch: if seq == 1 { 0 } else { 1 },
+            seen,
+            lamport,
+            claimed_time_ms: 1_000 + step as u64,
+            body,
+            deadline_ms: None,
+            signature: None,
+        };
+        if matches!(envelope.body, Body::Checkpoint { .. }) {
+            envelope.sign(&identities[who]);
+        }
+        let id = envelope.id();
+        views[who].insert(envelope.clone(), id).unwrap();
+        // A sender's own envelopes are in its view already: skip them on catch-up by
+        // appending to the pool after moving its cursor past the end if it was there.
+        if delivered[who] == pool.len() {
+            delivered[who] += 1;
+        }
+        pool.push((envelope, id));
+    }
+    (roster, pool)
+}
+
+fn fresh(roster: &[DeviceInfo]) -> Transcript {
+    let mut transcript = Transcript::new(CHANNEL);
+    for info in roster {
+        transcript.admit(info);
+    }
+    transcript
+}
+
+fn script() -> impl Strategy<Value = Vec<(u8, u8, u8)>> {
+    proptest::collection::vec((0u8..3, 0u8..6, 0u8..8), 1..40)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, .. ProptestConfig::default() })]
+
+    /// Whatever the order and duplication of delivery, every member ends with the same
+    /// canonical transcript and root.
+    #[test]
+    fn convergence_under_any_delivery_order(
+        script in script(),
+        order in proptest::collection::vec(any::<prop::sample::Index>(), 0..120),
+    ) {
+        let (roster, pool) = history(&script);
+        let mut reference = fresh(&roster);
+        for (envelope, id) in &pool {
+            reference.insert(envelope.clone(), *id).unwrap();
+        }
+        prop_assert!(reference.pending().is_empty());
+        prop_assert!(reference.findings().is_empty(), "{:?}", reference.findings());
+
+        // Deliver a random sequence (with repeats), then everything, in reverse.
+        let mut shuffled = fresh(&roster);
+        for index in &order {
+            let (envelope, id) = &pool[index.index(pool.len())];
+            shuffled.insert(envelope.clone(), *id).unwrap();
+        }
+        for (envelope, id) in pool.iter().rev() {
+            shuffled.insert(envelope.clone(), *id).unwrap();
+        }
+        let ids = |t: &Transcript| t.canonical().map(|(id, _)| id).collect::<Vec<_>>();
+        prop_assert_eq!(ids(&shuffled), ids(&reference));
+        prop_assert_eq!(shuffled.root(), reference.root());
+        prop_assert!(shuffled.pending().is_empty());
+        prop_assert!(shuffled.findings().is_empty());
+    }
+
+    /// Dropping one envelope shows as a gap or a wait, never as a silent success.
+    #[test]
+    fn a_dropped_envelope_is_noticed(script in script(), drop in any::<prop::sample::Index>()) {
+        let (roster, pool) = history(&script);
+        let dropped = drop.index(pool.len());
+        let mut transcript = fresh(&roster);
+        for (index, (envelope, id)) in pool.iter().enumerate() {
+            if index != dropped {
+                transcript.insert(envelope.clone(), *id).unwrap();
+            }
+        }
+        let referenced = pool.iter().any(|(envelope, _)| {
+            envelope.prev == pool[dropped].1 || envelope.seen.iter().any(|r| r.id == pool[dropped].1)
+        });
+        if referenced {
+            prop_assert!(!transcript.pending().is_empty());
+        }
+        prop_assert_eq!(transcript.len() + transcript.pending().len(), pool.len() - 1);
+    }
+}
+
+/// One export of a small history, shared by the tamper tests.
+fn sample_export() -> &'static Vec<u8> {
+    static EXPORT: OnceLock<Vec<u8>> = OnceLock::new();
+    EXPORT.get_or_init(|| {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let identity = DeviceIdentity::generate("north", "desk", &mut rng).unwrap();
+        let other = DeviceIdentity::generate("south", "desk", &mut rng).unwrap();
+        let mut transcript = fresh(&[identity.info().clone(), other.info().clone()]);
+        let mut last = EnvelopeId::NONE;
+        for seq in 1..=6u64 {
+            let (seen, lamport) = transcript.next_references(&identity.key());
+            let body = if seq == 6 {
+                let (root, size) = transcript.root_for_next_checkpoint();
+                Body::Checkpoint { root, size, horizon: 0 }
+            } else {
+                Body::Text(format!("line {seq}"))
+            };
+            let mut envelope = Envelope {
+                channel: CHANNEL,
+                sender: identity.key(),
+                epoch: 1,
+                seq,
+                prev: last,
+                prev_epoch: if seq == 1 { 0 } else { 1 },
+                seen,
+                lamport,
+                claimed_time_ms: seq,
+                body,
+                deadline_ms: Some(99),
+                signature: None,
+            };
+            if seq == 6 {
+                envelope.sign(&identity);
+            }
+            last = envelope.id();
+            transcript.insert(envelope, last).unwrap();
+        }
+        Export::write(&transcript, "crisis", &identity).unwrap()
+    })
+}
+
+#[test]
+fn sample_export_verifies() {
+    let report = Export::verify(sample_export()).unwrap();
+    assert_eq!(report.envelopes, 6);
+    assert_eq!(report.texts, 5);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    /// Changing any byte of an export makes verification fail.
+    #[test]
+    fn any_single_byte_change_fails_verification(index in any::<prop::sample::Index>(), mask in 1u8..=255) {
+        let mut bytes = sample_export().clone();
+        let position = index.index(bytes.len());
+        bytes[position] ^= mask;
+        prop_assert!(Export::verify(&bytes).is_err());
+    }
+
+    /// Truncating or extending an export makes verification fail.
+    #[test]
+    fn truncation_and_extension_fail(cut in any::<prop::sample::Index>(), extra in proptest::collection::vec(any::<u8>(), 1..16)) {
+        let bytes = sample_export();
+        prop_assert!(Export::verify(&bytes[..cut.index(bytes.len())]).is_err());
+        let mut longer = bytes.clone();
+        longer.extend(extra);
+        prop_assert!(Export::verify(&longer).is_err());
+    }
+
+    /// Garbage never panics any decoder, and gets a typed error.
+    #[test]
+    fn decoders_refuse_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = Envelope::decode(&bytes);
+        let _ = CardIn::decode(&bytes);
+        let _ = Export::verify(&bytes);
+        let _ = DeviceIdentity::from_secret_bytes(&bytes);
+        let _ = DeviceInfo::from_credential_bytes(&bytes);
+    }
+
+    /// Every envelope round-trips through its encoding, with the same id.
+    #[test]
+    fn envelope_round_trip(envelope in arbitrary_envelope()) {
+        let bytes = envelope.encode();
+        let (decoded, id) = Envelope::decode(&bytes).unwrap();
+        prop_assert_eq!(&decoded, &envelope);
+        prop_assert_eq!(id, envelope.id());
+        // And any strict prefix is refused.
+        for cut in [0, bytes.len() / 2, bytes.len() - 1] {
+            prop_assert!(Envelope::decode(&bytes[..cut]).is_err());
+        }
+    }
+}
+
+fn arbitrary_body() -> impl Strategy<Value = Body> {
+    prop_oneof![
+        ".{0,64}".prop_map(Body::Text),
+        proptest::collection::vec(any::<[u8; 32]>(), 0..4)
+            .prop_map(|ids| Body::ReadReceipt(ids.into_iter().map(EnvelopeId).collect())),
+        proptest::collection::vec(any::<u8>(), 0..32).prop_map(Body::LinkTest),
+        ("[a-z]{1,12}", any::<[u8; 32]>()).prop_map(|(party, key)| Body::Membership(
+            MembershipNote::Added { party, device: DeviceKey(key) }
+        )),
+        any::<u64>().prop_map(|epoch| Body::Membership(MembershipNote::KeyUpdated { epoch })),
+    ]
+}
+
+fn arbitrary_envelope() -> impl Strategy<Value = Envelope> {
+    (
+        any::<[u8; 32]>(),
+        1u64..1000,
+        any::<[u8; 32]>(),
+        proptest::collection::btree_map(any::<[u8; 32]>(), any::<[u8; 32]>(), 0..4),
+        any::<u64>(),
+        arbitrary_body(),
+        proptest::option::of(any::<u64>()),
+        0u64..10,
+    )
+        .prop_filter_map("sender must not be in seen", |(sender, seq, prev, seen, time, body, deadline, epoch)| {
+            if seen.contains_key(&sender) {
+                return None;
+            }
+            Some(Envelope {
+                channel: CHANNEL,
+                sender: DeviceKey(sender),
+                epoch,
+                seq,
+                prev: if seq == 1 { EnvelopeId::NONE } else { EnvelopeId(prev) },
+                prev_epoch: if seq == 1 { 0 } else { epoch },
+                seen: seen
+                    .into_iter()
+                    .map(|(s, id)| Reference { sender: DeviceKey(s), id: EnvelopeId(id), epoch })
+                    .collect(),
+                lamport: seq,
+                claimed_time_ms: time,
+                body,
+                deadline_ms: deadline,
+                signature: None,
+            })
+        })
+}
