@@ -431,10 +431,10 @@ impl Channel {
             envelope.sign(identity);
         }
         envelope.check_format()?;
-        let id = envelope.id();
+        let (plaintext, id) = envelope.encode_with_id();
         let message = self
             .group
-            .create_message(provider, identity, &envelope.encode())
+            .create_message(provider, identity, &plaintext)
             .map_err(mls)?;
         let bytes = serialize(&message)?;
         self.processed.insert(ciphertext_hash(&bytes));

@@ -348,8 +348,14 @@ impl Envelope {
 
     /// The encoding, with signature when there is one.
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_id().0
+    }
+
+    /// The encoding and the id, from one pass over the envelope.
+    pub fn encode_with_id(&self) -> (Vec<u8>, EnvelopeId) {
         let mut writer = Writer::new();
         self.encode_unsigned(&mut writer);
+        let id = Self::id_of_unsigned(writer.as_bytes());
         match &self.signature {
             Some(signature) => {
                 writer.u8(1);
@@ -357,7 +363,7 @@ impl Envelope {
             }
             None => writer.u8(0),
         }
-        writer.into_bytes()
+        (writer.into_bytes(), id)
     }
 
     /// Decodes and checks the format rules; returns the envelope and its id.

@@ -14,7 +14,10 @@
 //!                                        ciphertext bytes                  verify (offline)
 //! ```
 
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod card;
 pub mod channel;

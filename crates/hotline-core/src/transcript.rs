@@ -304,11 +304,12 @@ impl Transcript {
         if self.entries.contains_key(&id) || self.pending.contains_key(&id) {
             return Ok(Inserted::Duplicate);
         }
-        let result = self.insert_new(envelope.clone(), id);
+        let sender = envelope.sender;
+        let result = self.insert_new(envelope, id);
         if let Err(reason) = &result {
             self.findings.push(Finding::Refused {
                 id,
-                sender: envelope.sender,
+                sender,
                 reason: reason.clone(),
             });
         }

@@ -2,7 +2,8 @@
 
 use hotline_core::card::{CardError, CardIn};
 use hotline_core::{
-    Body, Channel, ChannelError, DeviceIdentity, DeviceInfo, Event, Fingerprint, Outgoing, create_card,
+    Body, Channel, ChannelError, DeviceIdentity, DeviceInfo, Event, Fingerprint, Outgoing,
+    create_card,
 };
 use openmls_rust_crypto::OpenMlsRustCrypto;
 use openmls_traits::OpenMlsProvider;
@@ -20,7 +21,11 @@ fn device(party: &str, seed: u64) -> Device {
     let identity = DeviceIdentity::generate(party, "desk", &mut rng).unwrap();
     let provider = OpenMlsRustCrypto::default();
     let card = create_card(&identity, &provider, 1, &[]).unwrap();
-    Device { identity, provider, card }
+    Device {
+        identity,
+        provider,
+        card,
+    }
 }
 
 /// North creates a channel with `others`; returns north's channel, the Welcome and the
@@ -29,12 +34,22 @@ fn channel_with(north: &Device, others: &[&Device]) -> (Channel, Vec<u8>, Vec<Ve
     let mut channel = Channel::create(&north.provider, &north.identity, "crisis").unwrap();
     let contacts = others
         .iter()
-        .map(|d| CardIn::decode(&d.card).unwrap().verify(&d.identity.fingerprint(), north.provider.crypto()).unwrap())
+        .map(|d| {
+            CardIn::decode(&d.card)
+                .unwrap()
+                .verify(&d.identity.fingerprint(), north.provider.crypto())
+                .unwrap()
+        })
         .collect();
-    let Outgoing::Commit(_) = channel.add(&north.provider, &north.identity, contacts).unwrap() else {
+    let Outgoing::Commit(_) = channel
+        .add(&north.provider, &north.identity, contacts)
+        .unwrap()
+    else {
         panic!()
     };
-    let released = channel.commit_accepted(&north.provider, &north.identity, 1).unwrap();
+    let released = channel
+        .commit_accepted(&north.provider, &north.identity, 1)
+        .unwrap();
     let mut welcome = None;
     let mut notes = Vec::new();
     for out in released {
@@ -52,8 +67,14 @@ fn a_card_with_the_wrong_fingerprint_is_refused_with_a_typed_error() {
     let north = device("north", 1);
     let south = device("south", 2);
     let wrong = Fingerprint::parse(&"0".repeat(30)).unwrap();
-    let error = CardIn::decode(&south.card).unwrap().verify(&wrong, north.provider.crypto()).unwrap_err();
-    assert!(matches!(error, CardError::FingerprintMismatch { .. }), "{error}");
+    let error = CardIn::decode(&south.card)
+        .unwrap()
+        .verify(&wrong, north.provider.crypto())
+        .unwrap_err();
+    assert!(
+        matches!(error, CardError::FingerprintMismatch { .. }),
+        "{error}"
+    );
     // Another device's fingerprint is just as wrong.
     let error = CardIn::decode(&south.card)
         .unwrap()
@@ -69,7 +90,8 @@ fn a_card_altered_in_any_byte_is_refused() {
     for position in (0..south.card.len()).step_by(7) {
         let mut card = south.card.clone();
         card[position] ^= 0x20;
-        let verified = CardIn::decode(&card).and_then(|c| c.verify(&south.identity.fingerprint(), north.provider.crypto()));
+        let verified = CardIn::decode(&card)
+            .and_then(|c| c.verify(&south.identity.fingerprint(), north.provider.crypto()));
         assert!(verified.is_err(), "byte {position} altered but accepted");
     }
 }
@@ -81,7 +103,13 @@ fn joining_is_refused_when_a_member_was_never_verified() {
     let mediator = device("mediator", 3);
     let (_, welcome, _) = channel_with(&north, &[&south, &mediator]);
     // South verified north but not the mediator.
-    let error = Channel::join(&south.provider, &south.identity, &welcome, &[north.identity.info().clone()]).unwrap_err();
+    let error = Channel::join(
+        &south.provider,
+        &south.identity,
+        &welcome,
+        &[north.identity.info().clone()],
+    )
+    .unwrap_err();
     match error {
         ChannelError::TrustRefused { party, .. } => assert_eq!(party, "mediator"),
         other => panic!("expected TrustRefused, got {other}"),
@@ -104,22 +132,49 @@ fn garbage_and_foreign_messages_change_nothing() {
     let north = device("north", 1);
     let south = device("south", 2);
     let (mut channel, welcome, notes) = channel_with(&north, &[&south]);
-    let mut joined =
-        Channel::join(&south.provider, &south.identity, &welcome, &[north.identity.info().clone()]).unwrap();
+    let mut joined = Channel::join(
+        &south.provider,
+        &south.identity,
+        &welcome,
+        &[north.identity.info().clone()],
+    )
+    .unwrap();
     for note in notes {
         joined.receive(&south.provider, &note).unwrap();
     }
     let before = (joined.epoch(), joined.transcript().len());
     for garbage in [&b""[..], b"\x00\x01", &[0xff; 300][..]] {
-        assert!(matches!(joined.receive(&south.provider, garbage), Err(ChannelError::Malformed(_))));
+        assert!(matches!(
+            joined.receive(&south.provider, garbage),
+            Err(ChannelError::Malformed(_))
+        ));
     }
     // A message of another channel.
     let other = device("other", 9);
     let mut foreign = Channel::create(&other.provider, &other.identity, "elsewhere").unwrap();
-    let (_, foreign_bytes) = foreign.send(&other.provider, &other.identity, Body::Text("x".into()), 1, None).unwrap();
-    assert!(matches!(joined.receive(&south.provider, &foreign_bytes), Err(ChannelError::WrongChannel)));
+    let (_, foreign_bytes) = foreign
+        .send(
+            &other.provider,
+            &other.identity,
+            Body::Text("x".into()),
+            1,
+            None,
+        )
+        .unwrap();
+    assert!(matches!(
+        joined.receive(&south.provider, &foreign_bytes),
+        Err(ChannelError::WrongChannel)
+    ));
     // A real message altered in one byte.
-    let (_, bytes) = channel.send(&north.provider, &north.identity, Body::Text("hello".into()), 2, None).unwrap();
+    let (_, bytes) = channel
+        .send(
+            &north.provider,
+            &north.identity,
+            Body::Text("hello".into()),
+            2,
+            None,
+        )
+        .unwrap();
     let mut altered = bytes.clone();
     let last = altered.len() - 3;
     altered[last] ^= 1;
@@ -128,7 +183,10 @@ fn garbage_and_foreign_messages_change_nothing() {
     // The genuine one still goes through, once.
     let events = joined.receive(&south.provider, &bytes).unwrap();
     assert!(matches!(events.as_slice(), [Event::Accepted(ids)] if ids.len() == 1));
-    assert_eq!(joined.receive(&south.provider, &bytes).unwrap(), vec![Event::Duplicate]);
+    assert_eq!(
+        joined.receive(&south.provider, &bytes).unwrap(),
+        vec![Event::Duplicate]
+    );
 }
 
 #[test]
@@ -136,8 +194,13 @@ fn only_the_committer_commits_and_hand_over_moves_the_role() {
     let north = device("north", 1);
     let south = device("south", 2);
     let (mut channel, welcome, notes) = channel_with(&north, &[&south]);
-    let mut joined =
-        Channel::join(&south.provider, &south.identity, &welcome, &[north.identity.info().clone()]).unwrap();
+    let mut joined = Channel::join(
+        &south.provider,
+        &south.identity,
+        &welcome,
+        &[north.identity.info().clone()],
+    )
+    .unwrap();
     for note in notes {
         joined.receive(&south.provider, &note).unwrap();
     }
@@ -146,16 +209,29 @@ fn only_the_committer_commits_and_hand_over_moves_the_role() {
         joined.remove(&south.provider, &south.identity, &[north.identity.key()]),
         Err(ChannelError::NotCommitter)
     ));
-    let (_, handover) = channel.hand_over(&north.provider, &north.identity, south.identity.key(), 5).unwrap();
+    let (_, handover) = channel
+        .hand_over(&north.provider, &north.identity, south.identity.key(), 5)
+        .unwrap();
     let events = joined.receive(&south.provider, &handover).unwrap();
     assert!(events.contains(&Event::CommitterChanged(south.identity.key())));
     assert!(joined.is_committer());
     assert!(!channel.is_committer());
     // South's commit is now the valid one, and north follows it.
-    let Outgoing::Commit(commit) = joined.update_keys(&south.provider, &south.identity).unwrap() else { panic!() };
-    joined.commit_accepted(&south.provider, &south.identity, 6).unwrap();
+    let Outgoing::Commit(commit) = joined
+        .update_keys(&south.provider, &south.identity)
+        .unwrap()
+    else {
+        panic!()
+    };
+    joined
+        .commit_accepted(&south.provider, &south.identity, 6)
+        .unwrap();
     let events = channel.receive(&north.provider, &commit).unwrap();
-    assert!(events.iter().any(|e| matches!(e, Event::EpochChanged { .. })));
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::EpochChanged { .. }))
+    );
     assert_eq!(channel.epoch(), joined.epoch());
 }
 
@@ -164,12 +240,28 @@ fn a_commit_rejected_by_the_relay_leaves_the_channel_as_it_was() {
     let north = device("north", 1);
     let south = device("south", 2);
     let mut channel = Channel::create(&north.provider, &north.identity, "crisis").unwrap();
-    let contact = CardIn::decode(&south.card).unwrap().verify(&south.identity.fingerprint(), north.provider.crypto()).unwrap();
-    channel.add(&north.provider, &north.identity, vec![contact]).unwrap();
-    assert!(matches!(channel.update_keys(&north.provider, &north.identity), Err(ChannelError::CommitPending)));
+    let contact = CardIn::decode(&south.card)
+        .unwrap()
+        .verify(&south.identity.fingerprint(), north.provider.crypto())
+        .unwrap();
+    channel
+        .add(&north.provider, &north.identity, vec![contact])
+        .unwrap();
+    assert!(matches!(
+        channel.update_keys(&north.provider, &north.identity),
+        Err(ChannelError::CommitPending)
+    ));
     channel.commit_rejected(&north.provider).unwrap();
     assert_eq!(channel.epoch(), 0);
     assert_eq!(channel.members().len(), 1);
     // And the channel works on.
-    channel.send(&north.provider, &north.identity, Body::Text("still here".into()), 3, None).unwrap();
+    channel
+        .send(
+            &north.provider,
+            &north.identity,
+            Body::Text("still here".into()),
+            3,
+            None,
+        )
+        .unwrap();
 }

@@ -45,14 +45,20 @@ fn history(script: &[(u8, u8, u8)]) -> (Vec<DeviceInfo>, Vec<(Envelope, Envelope
         }
         delivered[who] = target;
         let me = identities[who].key();
-        let (seq, prev) = views[who].head_of(&me).map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
+        let (seq, prev) = views[who]
+            .head_of(&me)
+            .map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
         let (seen, lamport) = views[who].next_references(&me);
         let body = match kind % 4 {
             0 | 1 => Body::Text(format!("step {step}")),
             2 => Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect()),
             _ => {
                 let (root, size) = views[who].root_for_next_checkpoint();
-                Body::Checkpoint { root, size, horizon: 0 }
+                Body::Checkpoint {
+                    root,
+                    size,
+                    horizon: 0,
+                }
             }
         };
         let mut envelope = Envelope {
@@ -164,7 +170,11 @@ fn sample_export() -> &'static Vec<u8> {
             let (seen, lamport) = transcript.next_references(&identity.key());
             let body = if seq == 6 {
                 let (root, size) = transcript.root_for_next_checkpoint();
-                Body::Checkpoint { root, size, horizon: 0 }
+                Body::Checkpoint {
+                    root,
+                    size,
+                    horizon: 0,
+                }
             } else {
                 Body::Text(format!("line {seq}"))
             };
@@ -252,7 +262,10 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
             .prop_map(|ids| Body::ReadReceipt(ids.into_iter().map(EnvelopeId).collect())),
         proptest::collection::vec(any::<u8>(), 0..32).prop_map(Body::LinkTest),
         ("[a-z]{1,12}", any::<[u8; 32]>()).prop_map(|(party, key)| Body::Membership(
-            MembershipNote::Added { party, device: DeviceKey(key) }
+            MembershipNote::Added {
+                party,
+                device: DeviceKey(key)
+            }
         )),
         any::<u64>().prop_map(|epoch| Body::Membership(MembershipNote::KeyUpdated { epoch })),
     ]
@@ -269,26 +282,37 @@ fn arbitrary_envelope() -> impl Strategy<Value = Envelope> {
         proptest::option::of(any::<u64>()),
         0u64..10,
     )
-        .prop_filter_map("sender must not be in seen", |(sender, seq, prev, seen, time, body, deadline, epoch)| {
-            if seen.contains_key(&sender) {
-                return None;
-            }
-            Some(Envelope {
-                channel: CHANNEL,
-                sender: DeviceKey(sender),
-                epoch,
-                seq,
-                prev: if seq == 1 { EnvelopeId::NONE } else { EnvelopeId(prev) },
-                prev_epoch: if seq == 1 { 0 } else { epoch },
-                seen: seen
-                    .into_iter()
-                    .map(|(s, id)| Reference { sender: DeviceKey(s), id: EnvelopeId(id), epoch })
-                    .collect(),
-                lamport: seq,
-                claimed_time_ms: time,
-                body,
-                deadline_ms: deadline,
-                signature: None,
-            })
-        })
+        .prop_filter_map(
+            "sender must not be in seen",
+            |(sender, seq, prev, seen, time, body, deadline, epoch)| {
+                if seen.contains_key(&sender) {
+                    return None;
+                }
+                Some(Envelope {
+                    channel: CHANNEL,
+                    sender: DeviceKey(sender),
+                    epoch,
+                    seq,
+                    prev: if seq == 1 {
+                        EnvelopeId::NONE
+                    } else {
+                        EnvelopeId(prev)
+                    },
+                    prev_epoch: if seq == 1 { 0 } else { epoch },
+                    seen: seen
+                        .into_iter()
+                        .map(|(s, id)| Reference {
+                            sender: DeviceKey(s),
+                            id: EnvelopeId(id),
+                            epoch,
+                        })
+                        .collect(),
+                    lamport: seq,
+                    claimed_time_ms: time,
+                    body,
+                    deadline_ms: deadline,
+                    signature: None,
+                })
+            },
+        )
 }

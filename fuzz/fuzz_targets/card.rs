@@ -1,0 +1,13 @@
+#![no_main]
+//! Contact card decoding and verification: never panics, never verifies garbage.
+use hotline_core::card::CardIn;
+use libfuzzer_sys::fuzz_target;
+use openmls_rust_crypto::OpenMlsRustCrypto;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(card) = CardIn::decode(data) {
+        let fingerprint = card.claimed().fingerprint();
+        let provider = OpenMlsRustCrypto::default();
+        let _ = card.verify(&fingerprint, provider.crypto());
+    }
+});
