@@ -102,6 +102,16 @@ pub enum Event {
     RemovedFromChannel,
     /// The committer role moved.
     CommitterChanged(DeviceKey),
+    /// A member sent an MLS message whose envelope is malformed.
+    BadEnvelope {
+        sender: DeviceKey,
+        error: EnvelopeError,
+    },
+    /// A member sent an envelope claiming another sender or epoch.
+    Forgery {
+        claimed: DeviceKey,
+        actual: DeviceKey,
+    },
 }
 
 /// Why a channel operation failed. On error, nothing changed.
@@ -132,11 +142,6 @@ pub enum ChannelError {
     },
     #[error("a member's credential does not match its key")]
     CredentialMismatch,
-    #[error("envelope claims sender {claimed:?} but MLS authenticated {actual:?}")]
-    Forgery {
-        claimed: DeviceKey,
-        actual: DeviceKey,
-    },
     #[error("malformed envelope: {0}")]
     BadEnvelope(#[from] EnvelopeError),
     #[error("no member with key {0:?}")]
@@ -625,13 +630,17 @@ impl Channel {
         if let Some((to, bytes)) = pending.welcome {
             out.push(Outgoing::Welcome { to, bytes });
         }
+        // The commit is merged: from here on nothing may fail, or the Welcome would be
+        // lost. A note that cannot be sent (it cannot, right after a merge) is skipped;
+        // notes are for the record, the MLS epoch is the truth.
         for note in pending.notes {
-            let (id, bytes) =
-                self.send(provider, identity, Body::Membership(note), now_ms, None)?;
-            out.push(Outgoing::Message {
-                id: Some(id),
-                bytes,
-            });
+            let sent = self.send(provider, identity, Body::Membership(note), now_ms, None);
+            if let Ok((id, bytes)) = sent {
+                out.push(Outgoing::Message {
+                    id: Some(id),
+                    bytes,
+                });
+            }
         }
         Ok(out)
     }
@@ -724,14 +733,24 @@ impl Channel {
                 let actual = DeviceInfo::from_credential_bytes(basic.identity())
                     .map_err(|_| ChannelError::CredentialMismatch)?
                     .key;
-                let (envelope, id) = Envelope::decode(&application.into_bytes())?;
-                if envelope.sender != actual || envelope.epoch != message_epoch {
-                    return Err(ChannelError::Forgery {
-                        claimed: envelope.sender,
-                        actual,
-                    });
+                // From here on, MLS has spent the message's key: a bad envelope is the
+                // sender's misbehaviour, reported as an event, and the message counts as
+                // processed.
+                match Envelope::decode(&application.into_bytes()) {
+                    Err(error) => events.push(Event::BadEnvelope {
+                        sender: actual,
+                        error,
+                    }),
+                    Ok((envelope, _))
+                        if envelope.sender != actual || envelope.epoch != message_epoch =>
+                    {
+                        events.push(Event::Forgery {
+                            claimed: envelope.sender,
+                            actual,
+                        })
+                    }
+                    Ok((envelope, id)) => events.extend(self.insert_envelope(envelope, id)),
                 }
-                events.extend(self.insert_envelope(envelope, id));
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
                 self.group

@@ -180,7 +180,11 @@ impl World {
                     assert!(
                         !matches!(
                             event,
-                            Event::Fork { .. } | Event::Refused(_) | Event::UnverifiedMember(_)
+                            Event::Fork { .. }
+                                | Event::Refused(_)
+                                | Event::UnverifiedMember(_)
+                                | Event::BadEnvelope { .. }
+                                | Event::Forgery { .. }
                         ),
                         "unexpected {event:?}"
                     );
