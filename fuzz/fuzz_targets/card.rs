@@ -3,6 +3,7 @@
 use hotline_core::card::CardIn;
 use libfuzzer_sys::fuzz_target;
 use openmls_rust_crypto::OpenMlsRustCrypto;
+use openmls_traits::OpenMlsProvider;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(card) = CardIn::decode(data) {
