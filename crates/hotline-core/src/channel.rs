@@ -36,7 +36,7 @@ use openmls::prelude::{
     ProcessedMessageContent, ProtocolMessage, SenderRatchetConfiguration, StageCommitError,
     StagedWelcome,
 };
-use openmls::prelude::{Sender, StagedCommit};
+use openmls::prelude::{Proposal, Sender, StagedCommit};
 use openmls_traits::random::OpenMlsRand;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -140,6 +140,8 @@ pub enum ChannelError {
         device: String,
         fingerprint: Fingerprint,
     },
+    #[error("only key-update proposals are accepted; membership changes are the committer's")]
+    ProposalRefused,
     #[error("a member's credential does not match its key")]
     CredentialMismatch,
     #[error("malformed envelope: {0}")]
@@ -753,6 +755,12 @@ impl Channel {
                 }
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {
+                // Members may only ask to refresh their own keys; membership is the
+                // committer's to change, through its own commits. Proposals are public
+                // messages, so refusing one spends no key and changes nothing.
+                if !matches!(proposal.proposal(), Proposal::Update(_)) {
+                    return Err(ChannelError::ProposalRefused);
+                }
                 self.group
                     .store_pending_proposal(provider.storage(), *proposal)
                     .map_err(mls)?;
