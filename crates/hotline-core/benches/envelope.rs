@@ -132,6 +132,21 @@ fn raw_pair(p: &Pair, hotline_settings: bool) -> (MlsGroup, MlsGroup) {
     (north, south)
 }
 
+/// One message through raw openmls: create, serialize, parse, process.
+fn raw_round_trip(p: &Pair, north: &mut MlsGroup, south: &mut MlsGroup, payload: &[u8]) {
+    let message = north
+        .create_message(&p.north_provider, &p.north, payload)
+        .unwrap();
+    let bytes = message.to_bytes().unwrap();
+    let message = MlsMessageIn::tls_deserialize_exact_bytes(&bytes).unwrap();
+    let protocol: ProtocolMessage = message.try_into_protocol_message().unwrap();
+    let processed = south.process_message(&p.south_provider, protocol).unwrap();
+    assert!(matches!(
+        processed.into_content(),
+        ProcessedMessageContent::ApplicationMessage(_)
+    ));
+}
+
 fn seal_and_open(c: &mut Criterion) {
     let mut group = c.benchmark_group("seal+open");
     group
@@ -151,17 +166,7 @@ fn seal_and_open(c: &mut Criterion) {
             let (mut north, mut south) = raw_pair(&p, hotline_settings);
             group.bench_with_input(BenchmarkId::new(name, size), &payload, |b, payload| {
                 b.iter(|| {
-                    let message = north
-                        .create_message(&p.north_provider, &p.north, payload)
-                        .unwrap();
-                    let bytes = message.to_bytes().unwrap();
-                    let message = MlsMessageIn::tls_deserialize_exact_bytes(&bytes).unwrap();
-                    let protocol: ProtocolMessage = message.try_into_protocol_message().unwrap();
-                    let processed = south.process_message(&p.south_provider, protocol).unwrap();
-                    assert!(matches!(
-                        processed.into_content(),
-                        ProcessedMessageContent::ApplicationMessage(_)
-                    ));
+                    raw_round_trip(&p, &mut north, &mut south, payload);
                 })
             });
         }
@@ -198,13 +203,7 @@ fn seal_and_open(c: &mut Criterion) {
             |b, payload| {
                 b.iter(|| {
                     let signature = p.north.sign(payload);
-                    let message = north
-                        .create_message(&p.north_provider, &p.north, payload)
-                        .unwrap();
-                    let bytes = message.to_bytes().unwrap();
-                    let message = MlsMessageIn::tls_deserialize_exact_bytes(&bytes).unwrap();
-                    let protocol: ProtocolMessage = message.try_into_protocol_message().unwrap();
-                    south.process_message(&p.south_provider, protocol).unwrap();
+                    raw_round_trip(&p, &mut north, &mut south, payload);
                     p.north.key().verify(payload, &signature).unwrap();
                 })
             },

@@ -62,6 +62,22 @@ fn channel_with(north: &Device, others: &[&Device]) -> (Channel, Vec<u8>, Vec<Ve
     (channel, welcome.unwrap(), notes)
 }
 
+/// A channel of north and south, south joined and caught up with north's notes.
+fn north_and_south(north: &Device, south: &Device) -> (Channel, Channel) {
+    let (channel, welcome, notes) = channel_with(north, &[south]);
+    let mut joined = Channel::join(
+        &south.provider,
+        &south.identity,
+        &welcome,
+        &[north.identity.info().clone()],
+    )
+    .unwrap();
+    for note in notes {
+        joined.receive(&south.provider, &note).unwrap();
+    }
+    (channel, joined)
+}
+
 #[test]
 fn a_card_with_the_wrong_fingerprint_is_refused_with_a_typed_error() {
     let north = device("north", 1);
@@ -131,17 +147,7 @@ fn joining_is_refused_when_a_verified_name_differs() {
 fn garbage_and_foreign_messages_change_nothing() {
     let north = device("north", 1);
     let south = device("south", 2);
-    let (mut channel, welcome, notes) = channel_with(&north, &[&south]);
-    let mut joined = Channel::join(
-        &south.provider,
-        &south.identity,
-        &welcome,
-        &[north.identity.info().clone()],
-    )
-    .unwrap();
-    for note in notes {
-        joined.receive(&south.provider, &note).unwrap();
-    }
+    let (mut channel, mut joined) = north_and_south(&north, &south);
     let before = (joined.epoch(), joined.transcript().len());
     for garbage in [&b""[..], b"\x00\x01", &[0xff; 300][..]] {
         assert!(matches!(
@@ -193,17 +199,7 @@ fn garbage_and_foreign_messages_change_nothing() {
 fn only_the_committer_commits_and_hand_over_moves_the_role() {
     let north = device("north", 1);
     let south = device("south", 2);
-    let (mut channel, welcome, notes) = channel_with(&north, &[&south]);
-    let mut joined = Channel::join(
-        &south.provider,
-        &south.identity,
-        &welcome,
-        &[north.identity.info().clone()],
-    )
-    .unwrap();
-    for note in notes {
-        joined.receive(&south.provider, &note).unwrap();
-    }
+    let (mut channel, mut joined) = north_and_south(&north, &south);
     assert_eq!(joined.committer(), north.identity.key());
     assert!(matches!(
         joined.remove(&south.provider, &south.identity, &[north.identity.key()]),
