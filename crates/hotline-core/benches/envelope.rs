@@ -78,8 +78,8 @@ fn hotline_pair(p: &Pair) -> (Channel, Channel) {
     (north, south)
 }
 
-/// Two raw openmls groups with the same ciphersuite; with hotline's tolerance of
-/// out-of-order messages (`tolerance` = hotline's) or openmls's default.
+/// Two raw openmls groups with the same ciphersuite; with hotline's MLS settings (past
+/// epochs kept readable, out-of-order tolerance, forward distance) or openmls's defaults.
 fn raw_pair(p: &Pair, hotline_settings: bool) -> (MlsGroup, MlsGroup) {
     let ratchet = if hotline_settings {
         SenderRatchetConfiguration::new(
@@ -89,9 +89,15 @@ fn raw_pair(p: &Pair, hotline_settings: bool) -> (MlsGroup, MlsGroup) {
     } else {
         SenderRatchetConfiguration::default()
     };
+    let past_epochs = if hotline_settings {
+        hotline_core::channel::MAX_PAST_EPOCHS
+    } else {
+        0
+    };
     let config = MlsGroupCreateConfig::builder()
         .ciphersuite(hotline_core::CIPHERSUITE)
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(past_epochs)
         .sender_ratchet_configuration(ratchet)
         .build();
     let mut north = MlsGroup::new(
@@ -123,6 +129,7 @@ fn raw_pair(p: &Pair, hotline_settings: bool) -> (MlsGroup, MlsGroup) {
     };
     let join = MlsGroupJoinConfig::builder()
         .use_ratchet_tree_extension(true)
+        .max_past_epochs(past_epochs)
         .sender_ratchet_configuration(ratchet)
         .build();
     let south = StagedWelcome::new_from_welcome(&p.south_provider, &join, welcome, None)
@@ -160,7 +167,7 @@ fn seal_and_open(c: &mut Criterion) {
 
         for (name, hotline_settings) in [
             ("raw openmls", false),
-            ("raw openmls, hotline's ratchet settings", true),
+            ("raw openmls, hotline's MLS settings", true),
         ] {
             let p = pair();
             let (mut north, mut south) = raw_pair(&p, hotline_settings);

@@ -57,6 +57,21 @@ impl Writer {
         Self::default()
     }
 
+    /// An empty writer with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            bytes: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Overwrites a `u32` written earlier at `position` (a length known only later).
+    /// Positions come from this writer's own past lengths, so they are in bounds.
+    pub fn patch_u32(&mut self, position: usize, value: u32) {
+        if let Some(slot) = self.bytes.get_mut(position..position + 4) {
+            slot.copy_from_slice(&value.to_be_bytes());
+        }
+    }
+
     /// The encoding so far.
     pub fn into_bytes(self) -> Vec<u8> {
         self.bytes

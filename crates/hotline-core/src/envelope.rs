@@ -158,8 +158,10 @@ impl Body {
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
-        let mut writer = Writer::new();
+    /// Writes the body with its 32-bit length prefix, in place.
+    fn encode_into(&self, writer: &mut Writer) {
+        let length_at = writer.as_bytes().len();
+        writer.u32(0);
         match self {
             Body::Text(text) => writer.fixed(text.as_bytes()),
             Body::ReadReceipt(ids) => {
@@ -198,7 +200,9 @@ impl Body {
                 }
             },
         }
-        writer.into_bytes()
+        let length = writer.as_bytes().len() - length_at - 4;
+        // Invariant: bodies are bounded by MAX_BODY_LEN, far below 4 GiB.
+        writer.patch_u32(length_at, length as u32);
     }
 
     fn decode(kind: u8, bytes: &[u8]) -> Result<Self, DecodeError> {
@@ -304,7 +308,7 @@ pub enum EnvelopeError {
 impl Envelope {
     /// The id: SHA-256 over the unsigned encoding.
     pub fn id(&self) -> EnvelopeId {
-        let mut writer = Writer::new();
+        let mut writer = Writer::with_capacity(self.encoded_len_estimate());
         self.encode_unsigned(&mut writer);
         Self::id_of_unsigned(writer.as_bytes())
     }
@@ -336,7 +340,7 @@ impl Envelope {
         writer.u64(self.lamport);
         writer.u64(self.claimed_time_ms);
         writer.u8(self.body.kind() as u8);
-        writer.bytes(&self.body.encode());
+        self.body.encode_into(writer);
         match self.deadline_ms {
             Some(deadline) => {
                 writer.u8(1);
@@ -346,6 +350,19 @@ impl Envelope {
         }
     }
 
+    /// An upper bound of the encoding's length for the common bodies, so that encoding
+    /// allocates once.
+    fn encoded_len_estimate(&self) -> usize {
+        let body = match &self.body {
+            Body::Text(text) => text.len(),
+            Body::ReadReceipt(ids) => 4 + 32 * ids.len(),
+            Body::LinkTest(bytes) => bytes.len(),
+            Body::Checkpoint { .. } => 48,
+            Body::Membership(_) => 128,
+        };
+        160 + 72 * self.seen.len() + body + 80
+    }
+
     /// The encoding, with signature when there is one.
     pub fn encode(&self) -> Vec<u8> {
         self.encode_with_id().0
@@ -353,7 +370,7 @@ impl Envelope {
 
     /// The encoding and the id, from one pass over the envelope.
     pub fn encode_with_id(&self) -> (Vec<u8>, EnvelopeId) {
-        let mut writer = Writer::new();
+        let mut writer = Writer::with_capacity(self.encoded_len_estimate());
         self.encode_unsigned(&mut writer);
         let id = Self::id_of_unsigned(writer.as_bytes());
         match &self.signature {
