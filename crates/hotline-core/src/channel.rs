@@ -38,6 +38,7 @@ use openmls::prelude::{
 };
 use openmls::prelude::{Proposal, Sender, StagedCommit};
 use openmls_traits::random::OpenMlsRand;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -165,7 +166,7 @@ pub fn ciphertext_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct PendingCommit {
     welcome: Option<(Vec<DeviceKey>, Vec<u8>)>,
     notes: Vec<MembershipNote>,
@@ -188,6 +189,34 @@ pub struct Channel {
     buffered: HashSet<[u8; 32]>,
     contacts: BTreeMap<DeviceKey, DeviceInfo>,
     pending_commit: Option<PendingCommit>,
+    /// Ciphertext hashes processed since the last [`Channel::take_fresh`].
+    fresh_processed: Vec<[u8; 32]>,
+}
+
+/// Everything of a [`Channel`] but its MLS group (which lives in the provider's
+/// storage), its envelopes and its processed-ciphertext hashes (which the caller stores
+/// as they come, see [`Channel::take_fresh`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChannelSnapshot {
+    id: ChannelId,
+    name: String,
+    me: DeviceKey,
+    committer: DeviceKey,
+    horizon: u64,
+    roster: Vec<DeviceInfo>,
+    contacts: Vec<DeviceInfo>,
+    future: BTreeMap<u64, Vec<Vec<u8>>>,
+    stalled: Vec<Vec<u8>>,
+    pending_commit: Option<PendingCommit>,
+}
+
+/// What changed in a channel since the last [`Channel::take_fresh`].
+#[derive(Debug, Default)]
+pub struct Fresh {
+    /// Envelopes accepted, with their encodings, in acceptance order.
+    pub envelopes: Vec<(EnvelopeId, Envelope)>,
+    /// Hashes of ciphertexts processed (or sent), never to be processed again.
+    pub processed: Vec<[u8; 32]>,
 }
 
 fn sender_ratchet() -> SenderRatchetConfiguration {
@@ -217,6 +246,19 @@ fn device_of(credential: &Credential, signature_key: &[u8]) -> Result<DeviceInfo
         return Err(ChannelError::CredentialMismatch);
     }
     Ok(info)
+}
+
+/// The channel a message from a relay belongs to, read from its MLS header (which is
+/// authenticated later, by [`Channel::receive`]). Welcomes name no channel.
+pub fn channel_of_message(bytes: &[u8]) -> Result<ChannelId, ChannelError> {
+    let message = MlsMessageIn::tls_deserialize_exact_bytes(bytes)
+        .map_err(|e| ChannelError::Malformed(e.to_string()))?;
+    let protocol: ProtocolMessage = match message.extract() {
+        MlsMessageBodyIn::PrivateMessage(message) => message.into(),
+        MlsMessageBodyIn::PublicMessage(message) => message.into(),
+        _ => return Err(ChannelError::Malformed("not a channel message".into())),
+    };
+    split_group_id(protocol.group_id()).map(|(id, _)| id)
 }
 
 fn group_id_for(id: &ChannelId, name: &str) -> GroupId {
@@ -278,6 +320,7 @@ impl Channel {
             buffered: HashSet::new(),
             contacts: BTreeMap::new(),
             pending_commit: None,
+            fresh_processed: Vec::new(),
         })
     }
 
@@ -340,7 +383,99 @@ impl Channel {
                 .map(|info| (info.key, info.clone()))
                 .collect(),
             pending_commit: None,
+            fresh_processed: Vec::new(),
         })
+    }
+
+    /// The channel's state besides MLS, envelopes and processed hashes.
+    pub fn snapshot(&self) -> ChannelSnapshot {
+        ChannelSnapshot {
+            id: self.id,
+            name: self.name.clone(),
+            me: self.me,
+            committer: self.committer,
+            horizon: self.transcript.horizon(),
+            roster: self.transcript.roster().values().cloned().collect(),
+            contacts: self.contacts.values().cloned().collect(),
+            future: self.future.clone(),
+            stalled: self.stalled.clone(),
+            pending_commit: self.pending_commit.clone(),
+        }
+    }
+
+    /// Rebuilds a channel from its snapshot, its MLS group in `provider`'s storage, its
+    /// envelopes (in any order) and the hashes of the ciphertexts it processed.
+    pub fn restore(
+        provider: &impl OpenMlsProvider,
+        snapshot: ChannelSnapshot,
+        envelopes: impl IntoIterator<Item = Envelope>,
+        processed: impl IntoIterator<Item = [u8; 32]>,
+    ) -> Result<Self, ChannelError> {
+        let group = MlsGroup::load(
+            provider.storage(),
+            &group_id_for(&snapshot.id, &snapshot.name),
+        )
+        .map_err(mls)?
+        .ok_or_else(|| {
+            ChannelError::Mls("the channel's MLS group is missing from storage".into())
+        })?;
+        let mut transcript = Transcript::with_horizon(snapshot.id, snapshot.horizon);
+        for info in &snapshot.roster {
+            transcript.admit(info);
+        }
+        let mut envelopes: Vec<_> = envelopes
+            .into_iter()
+            .map(|e| (e.lamport, e.id(), e))
+            .collect();
+        envelopes.sort_by_key(|(lamport, id, _)| (*lamport, *id));
+        for (_, id, envelope) in envelopes {
+            transcript.insert(envelope, id).map_err(|reason| {
+                ChannelError::Mls(format!("stored envelope refused: {reason}"))
+            })?;
+        }
+        transcript.take_fresh();
+        let buffered = snapshot
+            .future
+            .values()
+            .flatten()
+            .chain(&snapshot.stalled)
+            .map(|bytes| ciphertext_hash(bytes))
+            .collect();
+        Ok(Self {
+            id: snapshot.id,
+            name: snapshot.name,
+            group,
+            me: snapshot.me,
+            committer: snapshot.committer,
+            transcript,
+            processed: processed.into_iter().collect(),
+            future: snapshot.future,
+            stalled: snapshot.stalled,
+            buffered,
+            contacts: snapshot.contacts.into_iter().map(|i| (i.key, i)).collect(),
+            pending_commit: snapshot.pending_commit,
+            fresh_processed: Vec::new(),
+        })
+    }
+
+    /// What changed since the last call, for the caller to persist with the MLS state.
+    pub fn take_fresh(&mut self) -> Fresh {
+        let envelopes = self
+            .transcript
+            .take_fresh()
+            .into_iter()
+            .filter_map(|id| self.transcript.get(&id).map(|e| (id, e.clone())))
+            .collect();
+        Fresh {
+            envelopes,
+            processed: std::mem::take(&mut self.fresh_processed),
+        }
+    }
+
+    fn mark_processed(&mut self, hash: [u8; 32]) {
+        if self.processed.insert(hash) {
+            self.fresh_processed.push(hash);
+        }
     }
 
     pub fn id(&self) -> ChannelId {
@@ -444,7 +579,7 @@ impl Channel {
             .create_message(provider, identity, &plaintext)
             .map_err(mls)?;
         let bytes = serialize(&message)?;
-        self.processed.insert(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes));
         match self.transcript.insert(envelope, id) {
             Ok(Inserted::Accepted(_)) => Ok((id, bytes)),
             // Invariant: an envelope built from this transcript's own heads always fits.
@@ -485,7 +620,7 @@ impl Channel {
         pending: PendingCommit,
     ) -> Result<Outgoing, ChannelError> {
         let bytes = serialize(commit)?;
-        self.processed.insert(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes));
         self.pending_commit = Some(pending);
         Ok(Outgoing::Commit(bytes))
     }
@@ -583,7 +718,7 @@ impl Channel {
             .propose_self_update(provider, identity, LeafNodeParameters::default())
             .map_err(mls)?;
         let bytes = serialize(&proposal)?;
-        self.processed.insert(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes));
         Ok(Outgoing::Message { id: None, bytes })
     }
 
@@ -729,7 +864,7 @@ impl Channel {
         let mut events = Vec::new();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(application) => {
-                self.processed.insert(hash);
+                self.mark_processed(hash);
                 let basic = BasicCredential::try_from(credential)
                     .map_err(|_| ChannelError::CredentialMismatch)?;
                 let actual = DeviceInfo::from_credential_bytes(basic.identity())
@@ -764,7 +899,7 @@ impl Channel {
                 self.group
                     .store_pending_proposal(provider.storage(), *proposal)
                     .map_err(mls)?;
-                self.processed.insert(hash);
+                self.mark_processed(hash);
                 events.push(Event::ProposalQueued);
                 for commit in std::mem::take(&mut self.stalled) {
                     self.buffered.remove(&ciphertext_hash(&commit));
@@ -779,7 +914,7 @@ impl Channel {
                 let leaf =
                     sender_leaf.ok_or(ChannelError::CommitterViolation(DeviceKey([0; 32])))?;
                 events.extend(self.merge_commit(provider, leaf, *staged)?);
-                self.processed.insert(hash);
+                self.mark_processed(hash);
                 events.extend(self.drain_future(provider));
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
@@ -788,7 +923,7 @@ impl Channel {
                 ));
             }
             _ => {
-                self.processed.insert(hash);
+                self.mark_processed(hash);
                 events.push(Event::Duplicate);
             }
         }

@@ -33,6 +33,7 @@
 
 use std::fmt;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
@@ -83,7 +84,7 @@ impl fmt::Display for EnvelopeId {
 }
 
 /// The channel an envelope belongs to: its MLS group id.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ChannelId(pub [u8; 32]);
 
 impl fmt::Debug for ChannelId {
@@ -129,7 +130,7 @@ pub enum Body {
 }
 
 /// Membership events recorded in the transcript by the committer.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipNote {
     Added { party: String, device: DeviceKey },
     Removed { device: DeviceKey },

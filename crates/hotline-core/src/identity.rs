@@ -17,6 +17,7 @@ use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
 use openmls::prelude::{BasicCredential, CredentialWithKey, SignatureScheme};
 use openmls_traits::signatures::{Signer as MlsSigner, SignerError};
 use rand::{CryptoRng, RngCore};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -27,7 +28,7 @@ use crate::codec::{DecodeError, Reader, Writer};
 pub const MAX_NAME_LEN: usize = 64;
 
 /// The public key of a device: 32 bytes of Ed25519.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct DeviceKey(pub [u8; 32]);
 
 impl DeviceKey {
@@ -95,7 +96,7 @@ pub fn check_name(what: &'static str, name: &str) -> Result<(), NameError> {
 
 /// Who a device is: its party, its own name and its public key. This is what a
 /// contact card asserts and what the MLS credential carries.
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct DeviceInfo {
     pub party: String,
     pub device: String,

@@ -33,7 +33,7 @@ use openmls::prelude::Ciphersuite;
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
 pub use card::{CardError, CardIn, VerifiedContact, create_card};
-pub use channel::{Channel, ChannelError, Event, Outgoing};
+pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
 pub use envelope::{Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote};
 pub use export::{Export, VerifyError, VerifyReport};
 pub use identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint, safety_number};

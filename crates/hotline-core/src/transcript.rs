@@ -125,6 +125,8 @@ pub struct Transcript {
     waiting: HashMap<EnvelopeId, Vec<EnvelopeId>>,
     read: HashMap<EnvelopeId, BTreeSet<DeviceKey>>,
     findings: Vec<Finding>,
+    /// Accepted since the last [`Transcript::take_fresh`], in acceptance order.
+    fresh: Vec<EnvelopeId>,
 }
 
 impl Transcript {
@@ -148,6 +150,7 @@ impl Transcript {
             waiting: HashMap::new(),
             read: HashMap::new(),
             findings: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -237,6 +240,11 @@ impl Transcript {
             .unwrap_or(0)
             + 1;
         (seen, lamport)
+    }
+
+    /// Envelopes accepted since the last call, for the caller to persist.
+    pub fn take_fresh(&mut self) -> Vec<EnvelopeId> {
+        std::mem::take(&mut self.fresh)
     }
 
     /// Everything found wrong so far.
@@ -474,6 +482,7 @@ impl Transcript {
             self.heads.insert(envelope.sender, id);
         }
         self.order.insert((envelope.lamport, id));
+        self.fresh.push(id);
         self.entries.insert(
             id,
             Entry {

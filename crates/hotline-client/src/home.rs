@@ -1,0 +1,114 @@
+//! The device's home directory: created private, refused when others can read it.
+
+use std::fs::{self, DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// The database file inside a home.
+pub const DATABASE: &str = "device.db";
+/// The lock held by the one process that receives.
+pub const RECEIVE_LOCK: &str = "receive.lock";
+
+/// Why a home cannot be used.
+#[derive(Debug, Error)]
+pub enum HomeError {
+    #[error(
+        "{path} is readable by other users (mode {mode:o}); hotline keeps private keys there. \
+         Fix it with: chmod 700 {path}"
+    )]
+    TooOpen { path: PathBuf, mode: u32 },
+    #[error("{path} is not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("no hotline device in {path}; create one with: hotline init --party NAME")]
+    Missing { path: PathBuf },
+    #[error("a hotline device already exists in {path}")]
+    Exists { path: PathBuf },
+    #[error("cannot use {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A checked home directory.
+#[derive(Debug, Clone)]
+pub struct Home {
+    path: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HomeError + '_ {
+    move |source| HomeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl Home {
+    /// Creates a new home (mode 0700) with an empty database file (mode 0600).
+    pub fn create(path: &Path) -> Result<Self, HomeError> {
+        if path.join(DATABASE).exists() {
+            return Err(HomeError::Exists {
+                path: path.to_owned(),
+            });
+        }
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(io(path))?;
+        // An existing directory keeps its mode: tighten it, we are creating the device.
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+        let database = path.join(DATABASE);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&database)
+            .map_err(io(&database))?;
+        Self::open(path)
+    }
+
+    /// Opens an existing home, refusing one that other users can read.
+    pub fn open(path: &Path) -> Result<Self, HomeError> {
+        let metadata = fs::metadata(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::NotFound => HomeError::Missing {
+                path: path.to_owned(),
+            },
+            _ => HomeError::Io {
+                path: path.to_owned(),
+                source,
+            },
+        })?;
+        if !metadata.is_dir() {
+            return Err(HomeError::NotADirectory {
+                path: path.to_owned(),
+            });
+        }
+        let mode = metadata.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(HomeError::TooOpen {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        if !path.join(DATABASE).exists() {
+            return Err(HomeError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        Ok(Self {
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.path.join(DATABASE)
+    }
+}

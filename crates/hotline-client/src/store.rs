@@ -1,0 +1,753 @@
+//! The device store: one SQLite database, one transaction per operation.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use hotline_core::card::{CardError, CardIn};
+use hotline_core::channel::channel_of_message;
+use hotline_core::export::ExportError;
+use hotline_core::{
+    Body, Channel, ChannelError, ChannelId, ChannelSnapshot, DeviceIdentity, DeviceInfo, DeviceKey,
+    Envelope, EnvelopeId, Event, Export, Fingerprint, Outgoing, create_card,
+};
+use openmls_sqlite_storage::SqliteStorageProvider;
+use openmls_traits::OpenMlsProvider;
+use rusqlite::{Connection, OptionalExtension, params};
+use thiserror::Error;
+
+use crate::bundle::Entry;
+use crate::home::{Home, HomeError};
+use crate::provider::{JsonCodec, Provider};
+
+/// Schema version of hotline's own tables; migrations run forward from `user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
+/// One-time key packages on a new card.
+pub const KEY_PACKAGES_PER_CARD: usize = 16;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "CREATE TABLE device (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        identity BLOB NOT NULL,
+        card BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE contacts (
+        key BLOB PRIMARY KEY,
+        party TEXT NOT NULL,
+        device TEXT NOT NULL,
+        card BLOB NOT NULL,
+        imported_ms INTEGER NOT NULL
+    );
+    CREATE TABLE channels (
+        id BLOB PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        snapshot TEXT NOT NULL
+    );
+    CREATE TABLE envelopes (
+        channel BLOB NOT NULL REFERENCES channels(id),
+        id BLOB NOT NULL,
+        lamport INTEGER NOT NULL,
+        bytes BLOB NOT NULL,
+        PRIMARY KEY (channel, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE processed (
+        channel BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        PRIMARY KEY (channel, hash)
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel BLOB,
+        kind INTEGER NOT NULL,
+        recipients BLOB,
+        bytes BLOB NOT NULL,
+        envelope BLOB,
+        created_ms INTEGER NOT NULL,
+        exported INTEGER NOT NULL DEFAULT 0
+    );",
+];
+
+/// Why a store operation failed. Nothing was committed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error(
+        "the database was written by a newer hotline (schema {found}, this build knows {SCHEMA_VERSION}); upgrade hotline"
+    )]
+    SchemaTooNew { found: i64 },
+    #[error("openmls storage migration failed: {0}")]
+    Migration(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("no channel named {0:?}; see: hotline channel list")]
+    UnknownChannel(String),
+    #[error("a channel named {0:?} exists already")]
+    ChannelExists(String),
+    #[error(
+        "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
+    )]
+    UnknownParty(String),
+    #[error("no message {0} in this channel")]
+    UnknownMessage(String),
+    #[error("invalid name: {0}")]
+    Name(#[from] hotline_core::identity::NameError),
+}
+
+impl StoreError {
+    /// Whether the error is a refusal of trust (exit code 4).
+    pub fn is_trust_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Card(CardError::FingerprintMismatch { .. })
+                | StoreError::Channel(ChannelError::TrustRefused { .. })
+        )
+    }
+}
+
+/// One line of `hotline log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub id: EnvelopeId,
+    pub from: String,
+    pub time_ms: u64,
+    pub text: String,
+    pub deadline_ms: Option<u64>,
+    pub delivered_to: BTreeSet<String>,
+    pub read_by: BTreeSet<String>,
+}
+
+/// A channel as `hotline channel list` shows it.
+#[derive(Debug, Clone)]
+pub struct ChannelSummary {
+    pub id: ChannelId,
+    pub name: String,
+    pub members: Vec<DeviceInfo>,
+    pub epoch: u64,
+    pub envelopes: usize,
+    pub committer: bool,
+}
+
+/// An open device store.
+#[derive(Debug)]
+pub struct Store {
+    connection: Connection,
+    home: Home,
+    identity: DeviceIdentity,
+}
+
+fn open_connection(home: &Home) -> Result<Connection, StoreError> {
+    let mut connection = Connection::open(home.database())?;
+    connection.busy_timeout(Duration::from_secs(30))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&mut connection)?;
+    Ok(connection)
+}
+
+fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version });
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Another process may have migrated while we waited for the lock.
+    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    transaction.commit()?;
+    let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(connection);
+    storage
+        .run_migrations()
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl Store {
+    /// Creates a device: home, database, identity and contact card.
+    pub fn init(
+        path: &Path,
+        party: &str,
+        device: &str,
+        relays: &[String],
+    ) -> Result<Self, StoreError> {
+        hotline_core::identity::check_name("party", party)?;
+        hotline_core::identity::check_name("device", device)?;
+        let home = Home::create(path)?;
+        let connection = open_connection(&home)?;
+        let identity = DeviceIdentity::generate(party, device, &mut rand::rngs::OsRng)?;
+        let mut store = Self {
+            connection,
+            home,
+            identity,
+        };
+        store.transact(|connection, identity| {
+            let provider = Provider::new(connection);
+            let card = create_card(identity, &provider, KEY_PACKAGES_PER_CARD, relays)?;
+            connection.execute(
+                "INSERT INTO device (id, identity, card, created_ms) VALUES (1, ?1, ?2, ?3)",
+                params![&identity.to_secret_bytes()[..], card, now_ms() as i64],
+            )?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Opens an existing device.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let home = Home::open(path)?;
+        let connection = open_connection(&home)?;
+        let secret: Vec<u8> = connection
+            .query_row("SELECT identity FROM device WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| HomeError::Missing {
+                path: path.to_owned(),
+            })?;
+        let identity = DeviceIdentity::from_secret_bytes(&secret).map_err(corrupt)?;
+        Ok(Self {
+            connection,
+            home,
+            identity,
+        })
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// Runs `operation` in one immediate transaction; commits on success only.
+    fn transact<T>(
+        &mut self,
+        operation: impl FnOnce(&Connection, &DeviceIdentity) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.connection.execute_batch("BEGIN IMMEDIATE")?;
+        let result = operation(&self.connection, &self.identity).and_then(|value| {
+            self.connection
+                .execute_batch("COMMIT")
+                .map(|()| value)
+                .map_err(Into::into)
+        });
+        if result.is_err() {
+            // Rolling back can only fail if no transaction is open any more.
+            let _ = self.connection.execute_batch("ROLLBACK");
+        }
+        result
+    }
+
+    /// This device's contact card.
+    pub fn card(&self) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT card FROM device WHERE id = 1", [], |row| row.get(0))?)
+    }
+
+    /// Imports a card after checking it against the fingerprint read out of band.
+    pub fn import_card(
+        &mut self,
+        card: &[u8],
+        fingerprint: &Fingerprint,
+    ) -> Result<DeviceInfo, StoreError> {
+        let contact =
+            CardIn::decode(card)?.verify(fingerprint, Provider::new(&self.connection).crypto())?;
+        let info = contact.info.clone();
+        self.transact(|connection, _| {
+            connection.execute(
+                "INSERT INTO contacts (key, party, device, card, imported_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET party = ?2, device = ?3, card = ?4, imported_ms = ?5",
+                params![&info.key.0[..], info.party, info.device, card, now_ms() as i64],
+            )?;
+            Ok(())
+        })?;
+        Ok(info)
+    }
+
+    /// Verified contacts.
+    pub fn contacts(&self) -> Result<Vec<DeviceInfo>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT key, party, device FROM contacts ORDER BY party, device")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get(1)?, row.get(2)?))
+        })?;
+        rows.map(|row| {
+            let (key, party, device) = row?;
+            let key: [u8; 32] = key.try_into().map_err(|_| corrupt("contact key"))?;
+            Ok(DeviceInfo {
+                party,
+                device,
+                key: DeviceKey(key),
+            })
+        })
+        .collect()
+    }
+
+    /// Creates a channel with every verified device of `parties`. Until relays exist,
+    /// the commit is accepted locally; the Welcome goes to the outbox.
+    pub fn create_channel(
+        &mut self,
+        name: &str,
+        parties: &[String],
+    ) -> Result<ChannelId, StoreError> {
+        self.transact(|connection, identity| {
+            if channel_row(connection, name)?.is_some() {
+                return Err(StoreError::ChannelExists(name.to_owned()));
+            }
+            let provider = Provider::new(connection);
+            let mut contacts = Vec::new();
+            for party in parties {
+                let mut statement =
+                    connection.prepare("SELECT card, key FROM contacts WHERE party = ?1")?;
+                let cards: Vec<(Vec<u8>, Vec<u8>)> = statement
+                    .query_map([party], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                if cards.is_empty() {
+                    return Err(StoreError::UnknownParty(party.clone()));
+                }
+                for (card, _) in cards {
+                    let card = CardIn::decode(&card)?;
+                    let fingerprint = card.claimed().fingerprint();
+                    // The fingerprint was checked at import; this re-checks the signature
+                    // and the key packages of the stored card.
+                    contacts.push(card.verify(&fingerprint, provider.crypto())?);
+                }
+            }
+            let mut channel = Channel::create(&provider, identity, name)?;
+            channel.remember_contacts(contacts.iter().map(|c| c.info.clone()));
+            if !contacts.is_empty() {
+                let commit = channel.add(&provider, identity, contacts)?;
+                queue(connection, Some(channel.id()), commit, None)?;
+                for out in channel.commit_accepted(&provider, identity, now_ms())? {
+                    queue(connection, Some(channel.id()), out, None)?;
+                }
+            }
+            save_channel(connection, &mut channel, true)?;
+            Ok(channel.id())
+        })
+    }
+
+    /// Joins a channel from a Welcome, checking every member against verified contacts.
+    pub fn join(&mut self, welcome: &[u8]) -> Result<(ChannelId, String), StoreError> {
+        let contacts = self.contacts()?;
+        self.transact(|connection, identity| {
+            let provider = Provider::new(connection);
+            let mut channel = Channel::join(&provider, identity, welcome, &contacts)?;
+            if channel_row(connection, channel.name())?.is_some() {
+                return Err(StoreError::ChannelExists(channel.name().to_owned()));
+            }
+            save_channel(connection, &mut channel, true)?;
+            Ok((channel.id(), channel.name().to_owned()))
+        })
+    }
+
+    /// Processes one message from a relay (or a bundle) in one transaction.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
+        let channel_id = channel_of_message(bytes)?;
+        self.transact(|connection, identity| {
+            let provider = Provider::new(connection);
+            let mut channel = load_channel_by_id(connection, &provider, &channel_id)?;
+            let events = channel.receive(&provider, bytes)?;
+            if channel.is_committer()
+                && channel.has_pending_proposals()
+                && let Some(commit) = channel.commit_proposals(&provider, identity)?
+            {
+                {
+                    queue(connection, Some(channel.id()), commit, None)?;
+                    for out in channel.commit_accepted(&provider, identity, now_ms())? {
+                        queue(connection, Some(channel.id()), out, None)?;
+                    }
+                }
+            }
+            save_channel(connection, &mut channel, false)?;
+            Ok(events)
+        })
+    }
+
+    /// Imports a bundle: joins from Welcomes addressed to this device, receives the
+    /// rest. Returns how many messages were new.
+    pub fn import_bundle(&mut self, entries: Vec<Entry>) -> Result<usize, StoreError> {
+        let me = self.identity.key();
+        let mut new = 0;
+        for entry in entries {
+            match entry {
+                Entry::Welcome { to, bytes } if to.contains(&me) => match self.join(&bytes) {
+                    Ok(_) => new += 1,
+                    Err(StoreError::ChannelExists(_)) => {}
+                    Err(error) => return Err(error),
+                },
+                Entry::Welcome { .. } => {}
+                Entry::Message(bytes) => {
+                    let channel = channel_of_message(&bytes)?;
+                    if !self.has_channel(&channel)? {
+                        continue;
+                    }
+                    match self.receive(&bytes) {
+                        Ok(events) if events != [Event::Duplicate] => new += 1,
+                        Ok(_) => {}
+                        // Messages of an epoch this device cannot read (before it joined,
+                        // after it left) are not an error of the bundle.
+                        Err(StoreError::Channel(
+                            ChannelError::Mls(_) | ChannelError::NotAMember,
+                        )) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    fn has_channel(&self, id: &ChannelId) -> Result<bool, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT 1 FROM channels WHERE id = ?1", [&id.0[..]], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    /// Every outbox entry not exported yet, marking them exported.
+    pub fn export_outbox(&mut self) -> Result<Vec<Entry>, StoreError> {
+        self.transact(|connection, _| {
+            let mut statement = connection.prepare(
+                "SELECT kind, recipients, bytes FROM outbox WHERE exported = 0 ORDER BY seq",
+            )?;
+            let rows: Vec<(i64, Option<Vec<u8>>, Vec<u8>)> = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            connection.execute("UPDATE outbox SET exported = 1 WHERE exported = 0", [])?;
+            rows.into_iter()
+                .map(|(kind, recipients, bytes)| match kind {
+                    2 => {
+                        let to = recipients
+                            .unwrap_or_default()
+                            .chunks_exact(32)
+                            .map(|k| {
+                                let mut key = [0u8; 32];
+                                key.copy_from_slice(k);
+                                DeviceKey(key)
+                            })
+                            .collect();
+                        Ok(Entry::Welcome { to, bytes })
+                    }
+                    _ => Ok(Entry::Message(bytes)),
+                })
+                .collect()
+        })
+    }
+
+    /// Number of outbox entries not yet handed on.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        Ok(self.connection.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE exported = 0",
+            [],
+            |row| row.get::<_, i64>(0),
+        )? as u64)
+    }
+
+    /// Seals and queues a message; returns only after the transaction committed.
+    pub fn send(
+        &mut self,
+        channel: &str,
+        body: Body,
+        deadline_ms: Option<u64>,
+    ) -> Result<EnvelopeId, StoreError> {
+        self.transact(|connection, identity| {
+            let provider = Provider::new(connection);
+            let mut loaded = load_channel(connection, &provider, channel)?;
+            let (id, bytes) = loaded.send(&provider, identity, body, now_ms(), deadline_ms)?;
+            queue(
+                connection,
+                Some(loaded.id()),
+                Outgoing::Message {
+                    id: Some(id),
+                    bytes,
+                },
+                Some(id),
+            )?;
+            save_channel(connection, &mut loaded, false)?;
+            Ok(id)
+        })
+    }
+
+    /// Marks a message read: sends a read receipt.
+    pub fn ack(&mut self, channel: &str, message: &str) -> Result<EnvelopeId, StoreError> {
+        let id = self.resolve_message(channel, message)?;
+        self.send(channel, Body::ReadReceipt(vec![id]), None)
+    }
+
+    fn resolve_message(&mut self, channel: &str, message: &str) -> Result<EnvelopeId, StoreError> {
+        let provider = Provider::new(&self.connection);
+        let loaded = load_channel(&self.connection, &provider, channel)?;
+        let prefix = message.trim().to_ascii_lowercase();
+        let matches: Vec<EnvelopeId> = loaded
+            .transcript()
+            .canonical()
+            .filter(|(id, envelope)| {
+                matches!(envelope.body, Body::Text(_)) && id.to_hex().starts_with(&prefix)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        match matches.as_slice() {
+            [one] if prefix.len() >= 8 => Ok(*one),
+            _ => Err(StoreError::UnknownMessage(message.to_owned())),
+        }
+    }
+
+    /// The transcript's text messages with delivered and read state.
+    pub fn log(&mut self, channel: &str) -> Result<Vec<LogEntry>, StoreError> {
+        let provider = Provider::new(&self.connection);
+        let loaded = load_channel(&self.connection, &provider, channel)?;
+        Ok(loaded
+            .transcript()
+            .canonical()
+            .filter_map(|(id, envelope)| {
+                let Body::Text(text) = &envelope.body else {
+                    return None;
+                };
+                let from = loaded
+                    .transcript()
+                    .party_of(&envelope.sender)
+                    .unwrap_or("?")
+                    .to_owned();
+                let mut delivered_to = loaded.delivered_to(&id);
+                delivered_to.remove(&from);
+                Some(LogEntry {
+                    id,
+                    from,
+                    time_ms: envelope.claimed_time_ms,
+                    text: text.clone(),
+                    deadline_ms: envelope.deadline_ms,
+                    delivered_to,
+                    read_by: loaded.read_by(&id),
+                })
+            })
+            .collect())
+    }
+
+    /// Channels this device is in.
+    pub fn channels(&self) -> Result<Vec<ChannelSummary>, StoreError> {
+        let names: Vec<String> = self
+            .connection
+            .prepare("SELECT name FROM channels ORDER BY name")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let provider = Provider::new(&self.connection);
+        names
+            .iter()
+            .map(|name| {
+                let channel = load_channel(&self.connection, &provider, name)?;
+                Ok(ChannelSummary {
+                    id: channel.id(),
+                    name: channel.name().to_owned(),
+                    members: channel.members(),
+                    epoch: channel.epoch(),
+                    envelopes: channel.transcript().len(),
+                    committer: channel.is_committer(),
+                })
+            })
+            .collect()
+    }
+
+    /// Sends a checkpoint, then writes the export of the transcript.
+    pub fn export(&mut self, channel: &str) -> Result<Vec<u8>, StoreError> {
+        self.transact(|connection, identity| {
+            let provider = Provider::new(connection);
+            let mut loaded = load_channel(connection, &provider, channel)?;
+            let (id, bytes) = loaded.checkpoint(&provider, identity, now_ms())?;
+            queue(
+                connection,
+                Some(loaded.id()),
+                Outgoing::Message {
+                    id: Some(id),
+                    bytes,
+                },
+                Some(id),
+            )?;
+            let export = Export::write(loaded.transcript(), loaded.name(), identity)?;
+            save_channel(connection, &mut loaded, false)?;
+            Ok(export)
+        })
+    }
+
+    /// Checks the database's own integrity (SQLite `integrity_check`).
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .connection
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(corrupt(result))
+        }
+    }
+}
+
+fn channel_row(
+    connection: &Connection,
+    name: &str,
+) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    Ok(connection
+        .query_row(
+            "SELECT id, snapshot FROM channels WHERE name = ?1 OR lower(hex(id)) = lower(?1)",
+            [name],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?)
+}
+
+fn load_channel(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    name: &str,
+) -> Result<Channel, StoreError> {
+    let (id, snapshot) = channel_row(connection, name)?
+        .ok_or_else(|| StoreError::UnknownChannel(name.to_owned()))?;
+    restore(connection, provider, &id, &snapshot)
+}
+
+fn load_channel_by_id(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    id: &ChannelId,
+) -> Result<Channel, StoreError> {
+    let snapshot: String = connection
+        .query_row(
+            "SELECT snapshot FROM channels WHERE id = ?1",
+            [&id.0[..]],
+            |row| row.get(0),
+        )
+        .optional()?
+        .ok_or_else(|| StoreError::UnknownChannel(id.to_string()))?;
+    restore(connection, provider, &id.0, &snapshot)
+}
+
+fn restore(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    id: &[u8],
+    snapshot: &str,
+) -> Result<Channel, StoreError> {
+    let snapshot: ChannelSnapshot = serde_json::from_str(snapshot).map_err(corrupt)?;
+    let envelopes: Vec<Vec<u8>> = connection
+        .prepare("SELECT bytes FROM envelopes WHERE channel = ?1")?
+        .query_map([id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let envelopes = envelopes
+        .iter()
+        .map(|bytes| {
+            Envelope::decode(bytes)
+                .map(|(envelope, _)| envelope)
+                .map_err(corrupt)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let processed: Vec<Vec<u8>> = connection
+        .prepare("SELECT hash FROM processed WHERE channel = ?1")?
+        .query_map([id], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    let processed = processed
+        .into_iter()
+        .map(|hash| hash.try_into().map_err(|_| corrupt("processed hash")))
+        .collect::<Result<Vec<[u8; 32]>, _>>()?;
+    Ok(Channel::restore(provider, snapshot, envelopes, processed)?)
+}
+
+fn save_channel(
+    connection: &Connection,
+    channel: &mut Channel,
+    new: bool,
+) -> Result<(), StoreError> {
+    let snapshot = serde_json::to_string(&channel.snapshot()).map_err(corrupt)?;
+    let id = channel.id();
+    if new {
+        connection.execute(
+            "INSERT INTO channels (id, name, snapshot) VALUES (?1, ?2, ?3)",
+            params![&id.0[..], channel.name(), snapshot],
+        )?;
+    } else {
+        connection.execute(
+            "UPDATE channels SET snapshot = ?2 WHERE id = ?1",
+            params![&id.0[..], snapshot],
+        )?;
+    }
+    let fresh = channel.take_fresh();
+    let mut insert_envelope = connection.prepare_cached(
+        "INSERT OR IGNORE INTO envelopes (channel, id, lamport, bytes) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (envelope_id, envelope) in &fresh.envelopes {
+        insert_envelope.execute(params![
+            &id.0[..],
+            &envelope_id.0[..],
+            envelope.lamport as i64,
+            envelope.encode()
+        ])?;
+    }
+    let mut insert_hash = connection
+        .prepare_cached("INSERT OR IGNORE INTO processed (channel, hash) VALUES (?1, ?2)")?;
+    for hash in &fresh.processed {
+        insert_hash.execute(params![&id.0[..], &hash[..]])?;
+    }
+    Ok(())
+}
+
+fn queue(
+    connection: &Connection,
+    channel: Option<ChannelId>,
+    outgoing: Outgoing,
+    envelope: Option<EnvelopeId>,
+) -> Result<(), StoreError> {
+    let (kind, recipients, bytes) = match outgoing {
+        Outgoing::Message { bytes, .. } => (1, None, bytes),
+        Outgoing::Commit(bytes) => (3, None, bytes),
+        Outgoing::Welcome { to, bytes } => (
+            2,
+            Some(to.iter().flat_map(|k| k.0).collect::<Vec<u8>>()),
+            bytes,
+        ),
+    };
+    connection.execute(
+        "INSERT INTO outbox (channel, kind, recipients, bytes, envelope, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            channel.map(|c| c.0.to_vec()),
+            kind,
+            recipients,
+            bytes,
+            envelope.map(|e| e.0.to_vec()),
+            now_ms() as i64
+        ],
+    )?;
+    Ok(())
+}
