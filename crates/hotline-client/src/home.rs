@@ -25,6 +25,11 @@ pub enum HomeError {
     Missing { path: PathBuf },
     #[error("a hotline device already exists in {path}")]
     Exists { path: PathBuf },
+    #[error(
+        "another hotline process ({holder}) is receiving for this device; \
+         wait for it to finish or stop it (only one process receives at a time)"
+    )]
+    Busy { holder: String },
     #[error("cannot use {path}: {source}")]
     Io {
         path: PathBuf,
@@ -110,5 +115,38 @@ impl Home {
 
     pub fn database(&self) -> PathBuf {
         self.path.join(DATABASE)
+    }
+}
+
+/// The receive lock: one process at a time receives for a device.
+#[derive(Debug)]
+pub struct ReceiveLock {
+    _file: std::fs::File,
+}
+
+impl Home {
+    /// Takes the receive lock, or says which process holds it.
+    pub fn lock_receiving(&self) -> Result<ReceiveLock, HomeError> {
+        use std::io::{Read, Seek, Write};
+        let path = self.path.join(RECEIVE_LOCK);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        if file.try_lock().is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(HomeError::Busy {
+                holder: holder.trim().to_owned(),
+            });
+        }
+        file.set_len(0).map_err(io(&path))?;
+        file.rewind().map_err(io(&path))?;
+        write!(file, "pid {}", std::process::id()).map_err(io(&path))?;
+        Ok(ReceiveLock { _file: file })
     }
 }

@@ -383,11 +383,9 @@ impl Store {
                 && channel.has_pending_proposals()
                 && let Some(commit) = channel.commit_proposals(&provider, identity)?
             {
-                {
-                    queue(connection, Some(channel.id()), commit, None)?;
-                    for out in channel.commit_accepted(&provider, identity, now_ms())? {
-                        queue(connection, Some(channel.id()), out, None)?;
-                    }
+                queue(connection, Some(channel.id()), commit, None)?;
+                for out in channel.commit_accepted(&provider, identity, now_ms())? {
+                    queue(connection, Some(channel.id()), out, None)?;
                 }
             }
             save_channel(connection, &mut channel, false)?;
@@ -601,6 +599,15 @@ impl Store {
             save_channel(connection, &mut loaded, false)?;
             Ok(export)
         })
+    }
+
+    /// How many outbox rows carry envelope `id` (exactly one for every sent message).
+    pub fn outbox_rows_for(&self, id: &EnvelopeId) -> Result<u64, StoreError> {
+        Ok(self.connection.query_row(
+            "SELECT COUNT(*) FROM outbox WHERE envelope = ?1",
+            [&id.0[..]],
+            |row| row.get::<_, i64>(0),
+        )? as u64)
     }
 
     /// Checks the database's own integrity (SQLite `integrity_check`).

@@ -213,7 +213,9 @@ pub struct ChannelSnapshot {
 /// What changed in a channel since the last [`Channel::take_fresh`].
 #[derive(Debug, Default)]
 pub struct Fresh {
-    /// Envelopes accepted, with their encodings, in acceptance order.
+    /// Envelopes accepted, in acceptance order, then envelopes set waiting for a
+    /// parent. Store both: a waiting envelope's ciphertext is processed and will not
+    /// come back. [`Channel::restore`] sorts them out again.
     pub envelopes: Vec<(EnvelopeId, Envelope)>,
     /// Hashes of ciphertexts processed (or sent), never to be processed again.
     pub processed: Vec<[u8; 32]>,
@@ -434,6 +436,7 @@ impl Channel {
             })?;
         }
         transcript.take_fresh();
+        transcript.take_fresh_pending();
         let buffered = snapshot
             .future
             .values()
@@ -460,12 +463,13 @@ impl Channel {
 
     /// What changed since the last call, for the caller to persist with the MLS state.
     pub fn take_fresh(&mut self) -> Fresh {
-        let envelopes = self
+        let mut envelopes: Vec<_> = self
             .transcript
             .take_fresh()
             .into_iter()
             .filter_map(|id| self.transcript.get(&id).map(|e| (id, e.clone())))
             .collect();
+        envelopes.extend(self.transcript.take_fresh_pending());
         Fresh {
             envelopes,
             processed: std::mem::take(&mut self.fresh_processed),

@@ -127,6 +127,8 @@ pub struct Transcript {
     findings: Vec<Finding>,
     /// Accepted since the last [`Transcript::take_fresh`], in acceptance order.
     fresh: Vec<EnvelopeId>,
+    /// Set waiting since the last [`Transcript::take_fresh_pending`].
+    fresh_pending: Vec<EnvelopeId>,
 }
 
 impl Transcript {
@@ -151,6 +153,7 @@ impl Transcript {
             read: HashMap::new(),
             findings: Vec::new(),
             fresh: Vec::new(),
+            fresh_pending: Vec::new(),
         }
     }
 
@@ -245,6 +248,15 @@ impl Transcript {
     /// Envelopes accepted since the last call, for the caller to persist.
     pub fn take_fresh(&mut self) -> Vec<EnvelopeId> {
         std::mem::take(&mut self.fresh)
+    }
+
+    /// Envelopes set waiting since the last call (still waiting now), for the caller to
+    /// persist: they are as much received as accepted ones.
+    pub fn take_fresh_pending(&mut self) -> Vec<(EnvelopeId, Envelope)> {
+        std::mem::take(&mut self.fresh_pending)
+            .into_iter()
+            .filter_map(|id| self.pending.get(&id).map(|e| (id, e.clone())))
+            .collect()
     }
 
     /// Everything found wrong so far.
@@ -344,6 +356,7 @@ impl Transcript {
                 self.waiting.entry(*parent).or_default().push(id);
             }
             self.pending.insert(id, envelope);
+            self.fresh_pending.push(id);
             return Ok(Inserted::Pending(missing));
         }
         let outcome = self.accept(envelope, id)?;

@@ -45,7 +45,7 @@ fn now_ms() -> u64 {
 impl Story {
     fn say(&self, line: impl AsRef<str>) {
         if !self.json {
-            println!("{}", line.as_ref());
+            out!("{}", line.as_ref());
         }
     }
 
@@ -97,9 +97,9 @@ pub fn run(json_output: bool) -> ExitCode {
                 && summary["tampered_export_refused"] == true
                 && summary["wrong_fingerprint_refused"] == true;
             if json_output {
-                println!("{summary}");
+                out!("{summary}");
             } else {
-                println!("\nEvery check held.");
+                out!("\nEvery check held.");
             }
             if ok {
                 ExitCode::SUCCESS

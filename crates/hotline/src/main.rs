@@ -1,21 +1,39 @@
 //! `hotline`: the command line of hotline.
 //!
-//! This binary parses arguments and calls into the library code of its modules. What
-//! exists today works without a network: `verify` checks an exported transcript
-//! offline, and `demo` plays the whole story of a channel in memory. The device store
-//! and the relay bring the other commands of DESIGN.md.
+//! `main` parses arguments and dispatches to one module per command family; the work
+//! is done by `hotline-client` (the device store) and `hotline-core`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+
+/// `println!` that ends the process quietly when stdout is closed (`hotline log | head`)
+/// instead of panicking.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::emit(format_args!($($arg)*))
+    };
+}
 
 mod demo;
+mod device;
 mod verify;
+
+/// Writes one line to stdout; a closed pipe ends the process with success.
+pub fn emit(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if writeln!(stdout, "{line}").is_err() {
+        std::process::exit(0);
+    }
+}
 
 /// Exit codes of DESIGN.md.
 pub mod exit {
     pub const ERROR: u8 = 1;
+    pub const NETWORK: u8 = 3;
+    pub const TRUST: u8 = 4;
     pub const INTEGRITY: u8 = 5;
 }
 
@@ -24,37 +42,210 @@ pub mod exit {
     name = "hotline",
     version,
     about = "A direct, end-to-end encrypted line between parties who trust neither each other nor the network",
-    after_help = "Examples:\n  hotline demo\n  hotline demo --json\n  hotline verify transcript.hotline --json"
+    after_help = "Examples:
+  hotline demo
+  hotline init --party north --device duty-desk
+  hotline card export --out north.card
+  hotline card import south.card --fingerprint '12345 67890 12345 67890 12345 67890'
+  hotline channel create crisis --with south --with mediator
+  hotline bundle export --out to-others.bundle      # until relays exist, files carry messages
+  hotline send crisis 'Exercise ends at 18:00 UTC' --deadline 10m
+  hotline log crisis
+  hotline export crisis --out crisis.hotline && hotline verify crisis.hotline
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 network, 4 trust refused, 5 integrity failure."
 )]
 struct Cli {
+    /// The device's home directory [default: $HOTLINE_HOME, else $XDG_DATA_HOME/hotline]
+    #[arg(long, global = true, env = "HOTLINE_HOME")]
+    home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Args, Debug)]
+struct Json {
+    /// Print machine-readable JSON (one object; one per line for lists).
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Play the whole story in memory: three parties, fingerprints, a channel,
-    /// messages, receipts, export and offline verification.
-    Demo {
-        /// Print a JSON summary instead of the narration.
+    /// Create this device's identity and print its fingerprint.
+    Init {
+        /// Your party (organisation, government, mediator).
         #[arg(long)]
-        json: bool,
+        party: String,
+        /// This device's name.
+        #[arg(long, default_value = "main")]
+        device: String,
+        /// Relay addresses where this device receives invitations.
+        #[arg(long = "relay")]
+        relays: Vec<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show this device's party, device name and fingerprint.
+    Id {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Contact cards: export yours, import others' with their fingerprint.
+    #[command(subcommand)]
+    Card(CardCommand),
+    /// Channels: create, join, list.
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+    /// Send a message; prints its id once it is stored durably.
+    Send {
+        channel: String,
+        text: String,
+        /// Raise an alarm if someone has not read it within this time (30s, 10m, 2h, 1d).
+        #[arg(long)]
+        deadline: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// The transcript, with delivered and read state per party.
+    Log {
+        channel: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Mark a message read (sends a signed read receipt).
+    Ack {
+        channel: String,
+        /// The message id, or a unique prefix of at least 8 hex digits.
+        message: String,
+    },
+    /// Write the signed transcript of a channel to a file.
+    Export {
+        channel: String,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Verify an exported transcript offline, with nothing but the file.
     #[command(after_help = "Exit codes: 0 verified, 1 unreadable file, 5 integrity failure")]
     Verify {
-        /// The export file.
         file: PathBuf,
-        /// Print one JSON object.
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Carry messages between devices as files, until relays exist.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Play the whole story in memory: three parties, fingerprints, a channel,
+    /// messages, receipts, export and offline verification.
+    Demo {
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CardCommand {
+    /// Write this device's contact card (to stdout without --out).
+    Export {
         #[arg(long)]
-        json: bool,
+        out: Option<PathBuf>,
+    },
+    /// Import a contact card; refused unless FP is the card's fingerprint.
+    Import {
+        file: PathBuf,
+        /// The fingerprint the card's owner read to you out of band.
+        #[arg(long)]
+        fingerprint: String,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ChannelCommand {
+    /// Create a channel with every verified device of the named parties.
+    Create {
+        name: String,
+        /// A party to invite (repeat for several).
+        #[arg(long = "with", required = true)]
+        with: Vec<String>,
+        /// Relays of the channel (used once relays exist).
+        #[arg(long = "relay")]
+        relays: Vec<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Join from an invitation (a bundle holding a Welcome for this device).
+    Join { file: PathBuf },
+    /// The channels of this device.
+    List {
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BundleCommand {
+    /// Write every outgoing message not yet handed on into a file.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Receive the messages of a bundle file.
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        json: Json,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Demo { json } => demo::run(json),
-        Command::Verify { file, json } => verify::run(&file, json),
+    let home = cli.home.unwrap_or_else(device::default_home);
+    let result = match cli.command {
+        Command::Demo { json } => return demo::run(json.json),
+        Command::Verify { file, json } => return verify::run(&file, json.json),
+        Command::Init {
+            party,
+            device,
+            relays,
+            json,
+        } => device::init(&home, &party, &device, &relays, json.json),
+        Command::Id { json } => device::id(&home, json.json),
+        Command::Card(CardCommand::Export { out }) => device::card_export(&home, out.as_deref()),
+        Command::Card(CardCommand::Import {
+            file,
+            fingerprint,
+            json,
+        }) => device::card_import(&home, &file, &fingerprint, json.json),
+        Command::Channel(ChannelCommand::Create {
+            name, with, json, ..
+        }) => device::channel_create(&home, &name, &with, json.json),
+        Command::Channel(ChannelCommand::Join { file }) => device::channel_join(&home, &file),
+        Command::Channel(ChannelCommand::List { json }) => device::channel_list(&home, json.json),
+        Command::Send {
+            channel,
+            text,
+            deadline,
+            json,
+        } => device::send(&home, &channel, &text, deadline.as_deref(), json.json),
+        Command::Log { channel, json } => device::log(&home, &channel, json.json),
+        Command::Ack { channel, message } => device::ack(&home, &channel, &message),
+        Command::Export { channel, out } => device::export(&home, &channel, &out),
+        Command::Bundle(BundleCommand::Export { out, json }) => {
+            device::bundle_export(&home, &out, json.json)
+        }
+        Command::Bundle(BundleCommand::Import { file, json }) => {
+            device::bundle_import(&home, &file, json.json)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("hotline: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
     }
 }

@@ -23,7 +23,7 @@ pub fn run(file: &Path, json_output: bool) -> ExitCode {
     match Export::verify(&bytes) {
         Ok(report) => {
             if json_output {
-                println!("{}", report_json(&report));
+                out!("{}", report_json(&report));
             } else {
                 print_report(&report);
             }
@@ -31,7 +31,7 @@ pub fn run(file: &Path, json_output: bool) -> ExitCode {
         }
         Err(error) => {
             if json_output {
-                println!("{}", json!({"verified": false, "error": error.to_string()}));
+                out!("{}", json!({"verified": false, "error": error.to_string()}));
             }
             eprintln!(
                 "hotline: {} does NOT verify: {error}\n\
@@ -78,26 +78,30 @@ pub fn report_json(report: &VerifyReport) -> serde_json::Value {
 }
 
 fn print_report(report: &VerifyReport) {
-    println!(
+    out!(
         "VERIFIED  channel {:?} ({})",
-        report.channel_name, report.channel
+        report.channel_name,
+        report.channel
     );
-    println!("root      {}", hex::encode(report.root));
-    println!(
+    out!("root      {}", hex::encode(report.root));
+    out!(
         "content   {} envelopes: {} messages, {} read receipts, {} checkpoints",
-        report.envelopes, report.texts, report.read_receipts, report.checkpoints
+        report.envelopes,
+        report.texts,
+        report.read_receipts,
+        report.checkpoints
     );
-    println!("parties");
+    out!("parties");
     for info in &report.roster {
-        println!(
+        out!(
             "  {:<16} {:<12} {}",
             info.party,
             info.device,
             info.fingerprint()
         );
     }
-    println!("what this proves");
+    out!("what this proves");
     for statement in report.statements() {
-        println!("  - {statement}");
+        out!("  - {statement}");
     }
 }

@@ -1,0 +1,411 @@
+//! The commands that work on this device's store.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hotline_client::bundle;
+use hotline_client::store::StoreError;
+use hotline_client::{HomeError, Store};
+use hotline_core::{Body, Fingerprint};
+use serde_json::json;
+
+use crate::exit;
+
+/// A failed command: what to tell the user, and the exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub code: u8,
+}
+
+impl From<StoreError> for Failure {
+    fn from(error: StoreError) -> Self {
+        let code = if error.is_trust_refusal() {
+            exit::TRUST
+        } else {
+            exit::ERROR
+        };
+        Failure {
+            message: error.to_string(),
+            code,
+        }
+    }
+}
+
+impl From<HomeError> for Failure {
+    fn from(error: HomeError) -> Self {
+        StoreError::from(error).into()
+    }
+}
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: exit::ERROR,
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+/// `$XDG_DATA_HOME/hotline`, else `~/.local/share/hotline`.
+pub fn default_home() -> PathBuf {
+    if let Some(data) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(data).join("hotline");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
+    home.join(".local/share/hotline")
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
+    const LIMIT: u64 = 256 << 20;
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| failure(format!("cannot read {what} {}: {e}", path.display())))?;
+    if metadata.len() > LIMIT {
+        return Err(failure(format!(
+            "{what} {} is larger than 256 MiB",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| failure(format!("cannot read {what} {}: {e}", path.display())))
+}
+
+fn write_file(path: &Path, bytes: &[u8], what: &str) -> Outcome {
+    // Write beside the target, fsync, then rename: a crash never leaves half a file.
+    let temporary = path.with_extension("partial");
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temporary)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temporary, path)
+    })();
+    result.map_err(|e| failure(format!("cannot write {what} {}: {e}", path.display())))
+}
+
+pub fn init(
+    home: &Path,
+    party: &str,
+    device: &str,
+    relays: &[String],
+    json_output: bool,
+) -> Outcome {
+    let store = Store::init(home, party, device, relays)?;
+    let info = store.identity().info();
+    if json_output {
+        out!(
+            "{}",
+            json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "home": home})
+        );
+    } else {
+        out!(
+            "Created device {}/{} in {}",
+            info.party,
+            info.device,
+            home.display()
+        );
+        out!("fingerprint  {}", info.fingerprint());
+        out!(
+            "Read this fingerprint to the other parties over a trusted line; they need it to import your card."
+        );
+    }
+    Ok(())
+}
+
+pub fn id(home: &Path, json_output: bool) -> Outcome {
+    let store = Store::open(home)?;
+    let info = store.identity().info();
+    if json_output {
+        out!(
+            "{}",
+            json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "key": info.key.to_string()})
+        );
+    } else {
+        out!(
+            "party        {}\ndevice       {}\nfingerprint  {}",
+            info.party,
+            info.device,
+            info.fingerprint()
+        );
+    }
+    Ok(())
+}
+
+pub fn card_export(home: &Path, out: Option<&Path>) -> Outcome {
+    let store = Store::open(home)?;
+    let card = store.card()?;
+    match out {
+        Some(path) => write_file(path, &card, "card")?,
+        None => std::io::stdout()
+            .write_all(&card)
+            .map_err(|e| failure(format!("cannot write the card: {e}")))?,
+    }
+    Ok(())
+}
+
+pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: bool) -> Outcome {
+    let fingerprint = Fingerprint::parse(fingerprint).map_err(|e| Failure {
+        message: format!("{e}; type the 30 digits the card's owner read to you"),
+        code: exit::TRUST,
+    })?;
+    let card = read_file(file, "card")?;
+    let mut store = Store::open(home)?;
+    let info = store.import_card(&card, &fingerprint)?;
+    if json_output {
+        out!(
+            "{}",
+            json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "verified": true})
+        );
+    } else {
+        out!(
+            "Imported and verified {}/{} ({})",
+            info.party,
+            info.device,
+            info.fingerprint()
+        );
+    }
+    Ok(())
+}
+
+pub fn channel_create(home: &Path, name: &str, with: &[String], json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let id = store.create_channel(name, with)?;
+    if json_output {
+        out!(
+            "{}",
+            json!({"channel": name, "id": id.to_string(), "invited": with})
+        );
+    } else {
+        out!("Created channel {name} ({id}) with {}.", with.join(", "));
+        out!(
+            "The invitation is in the outbox: hotline bundle export --out FILE, and hand the file over."
+        );
+    }
+    Ok(())
+}
+
+pub fn channel_join(home: &Path, file: &Path) -> Outcome {
+    let entries = bundle::decode(&read_file(file, "invitation")?)
+        .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
+    let mut store = Store::open(home)?;
+    let _lock = store.home().lock_receiving()?;
+    let before = store.channels()?.len();
+    store.import_bundle(entries)?;
+    let channels = store.channels()?;
+    if channels.len() == before {
+        return Err(failure(format!(
+            "{} holds no invitation for this device ({}); ask the channel's committer to invite this device's card",
+            file.display(),
+            store.identity().fingerprint()
+        )));
+    }
+    for channel in channels {
+        out!(
+            "Member of {} ({} members)",
+            channel.name,
+            channel.members.len()
+        );
+    }
+    Ok(())
+}
+
+pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
+    let store = Store::open(home)?;
+    for channel in store.channels()? {
+        let parties: Vec<_> = channel.members.iter().map(|m| m.party.clone()).collect();
+        if json_output {
+            out!(
+                "{}",
+                json!({"name": channel.name, "id": channel.id.to_string(), "parties": parties,
+                       "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer})
+            );
+        } else {
+            out!(
+                "{:<20} {} envelopes, parties: {}{}",
+                channel.name,
+                channel.envelopes,
+                parties.join(", "),
+                if channel.committer {
+                    " (you commit)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parses `30s`, `10m`, `2h`, `1d` into milliseconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().ok()?;
+    let unit_ms = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    number.checked_mul(unit_ms).filter(|ms| *ms > 0)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn send(
+    home: &Path,
+    channel: &str,
+    text: &str,
+    deadline: Option<&str>,
+    json_output: bool,
+) -> Outcome {
+    let deadline_ms = deadline
+        .map(|d| {
+            parse_duration(d).map(|ms| now_ms() + ms).ok_or_else(|| {
+                failure(format!(
+                    "invalid deadline {d:?}: use a number and s, m, h or d, as in 10m"
+                ))
+            })
+        })
+        .transpose()?;
+    if text.is_empty() {
+        return Err(failure("refusing to send an empty message"));
+    }
+    let mut store = Store::open(home)?;
+    let id = store.send(channel, Body::Text(text.to_owned()), deadline_ms)?;
+    let queued = store.outbox_len()?;
+    if json_output {
+        out!(
+            "{}",
+            json!({"id": id.to_hex(), "channel": channel, "queued": queued})
+        );
+    } else {
+        out!("{}", id.to_hex());
+        eprintln!("stored; queued for delivery ({queued} outgoing, no relay reachable yet)");
+    }
+    Ok(())
+}
+
+pub fn log(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    for entry in store.log(channel)? {
+        if json_output {
+            out!(
+                "{}",
+                json!({"id": entry.id.to_hex(), "from": entry.from, "time_ms": entry.time_ms, "text": entry.text,
+                       "deadline_ms": entry.deadline_ms, "delivered_to": entry.delivered_to, "read_by": entry.read_by})
+            );
+        } else {
+            let others = |set: &std::collections::BTreeSet<String>| {
+                if set.is_empty() {
+                    "-".to_owned()
+                } else {
+                    set.iter().cloned().collect::<Vec<_>>().join(",")
+                }
+            };
+            out!(
+                "{} {:<10} {}  [delivered: {}; read: {}] {}",
+                &entry.id.to_hex()[..12],
+                entry.from,
+                format_time(entry.time_ms),
+                others(&entry.delivered_to),
+                others(&entry.read_by),
+                entry.text
+            );
+        }
+    }
+    Ok(())
+}
+
+fn format_time(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+pub fn ack(home: &Path, channel: &str, message: &str) -> Outcome {
+    let mut store = Store::open(home)?;
+    let receipt = store.ack(channel, message)?;
+    out!("{}", receipt.to_hex());
+    Ok(())
+}
+
+pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
+    let mut store = Store::open(home)?;
+    let bytes = store.export(channel)?;
+    write_file(out, &bytes, "export")?;
+    eprintln!(
+        "wrote {} bytes; check it anywhere with: hotline verify {}",
+        bytes.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+pub fn bundle_export(home: &Path, out: &Path, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let entries = store.export_outbox()?;
+    write_file(out, &bundle::encode(&entries), "bundle")?;
+    if json_output {
+        out!("{}", json!({"messages": entries.len(), "out": out}));
+    } else {
+        out!("{} messages written to {}", entries.len(), out.display());
+    }
+    Ok(())
+}
+
+pub fn bundle_import(home: &Path, file: &Path, json_output: bool) -> Outcome {
+    let entries = bundle::decode(&read_file(file, "bundle")?)
+        .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
+    let total = entries.len();
+    let mut store = Store::open(home)?;
+    let _lock = store.home().lock_receiving()?;
+    let new = store.import_bundle(entries)?;
+    if json_output {
+        out!("{}", json!({"messages": total, "new": new}));
+    } else {
+        out!("{new} new of {total} messages");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Some(600_000));
+        assert_eq!(parse_duration("1d"), Some(86_400_000));
+        assert_eq!(parse_duration("0s"), None);
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("m"), None);
+        assert_eq!(parse_duration("5y"), None);
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00Z");
+        assert_eq!(format_time(1_795_000_000_000), "2026-11-18 11:06:40Z");
+    }
+}
