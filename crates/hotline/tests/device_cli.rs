@@ -1,0 +1,277 @@
+//! Every device command through the real binary, with two homes exchanging files,
+//! and every error path with its exit code.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn hotline(home: &Path, args: &[&str]) -> Run {
+    let output = Command::cargo_bin("hotline")
+        .unwrap()
+        .env("HOTLINE_HOME", home)
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let run = hotline(home, args);
+    assert_eq!(run.code, 0, "hotline {args:?} failed: {}", run.stderr);
+    run.stdout
+}
+
+fn json(text: &str) -> Value {
+    serde_json::from_str(text.trim()).unwrap()
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("hotline-device-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// Two devices that verified each other, with a channel "crisis" joined by both.
+fn two_devices(dir: &Path) -> (PathBuf, PathBuf) {
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    let north_id = json(&ok(
+        &north,
+        &["init", "--party", "north", "--device", "desk", "--json"],
+    ));
+    let south_id = json(&ok(&south, &["init", "--party", "south", "--json"]));
+    assert_eq!(
+        json(&ok(&north, &["id", "--json"]))["fingerprint"],
+        north_id["fingerprint"]
+    );
+    ok(
+        &north,
+        &["card", "export", "--out", s(&dir.join("north.card"))],
+    );
+    ok(
+        &south,
+        &["card", "export", "--out", s(&dir.join("south.card"))],
+    );
+    let imported = json(&ok(
+        &north,
+        &[
+            "card",
+            "import",
+            s(&dir.join("south.card")),
+            "--fingerprint",
+            south_id["fingerprint"].as_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert_eq!(imported["verified"], true);
+    ok(
+        &south,
+        &[
+            "card",
+            "import",
+            s(&dir.join("north.card")),
+            "--fingerprint",
+            north_id["fingerprint"].as_str().unwrap(),
+        ],
+    );
+    ok(&north, &["channel", "create", "crisis", "--with", "south"]);
+    ok(
+        &north,
+        &["bundle", "export", "--out", s(&dir.join("invitation"))],
+    );
+    assert!(ok(&south, &["channel", "join", s(&dir.join("invitation"))]).contains("crisis"));
+    (north, south)
+}
+
+#[test]
+fn the_whole_story_between_two_homes() {
+    let dir = workdir("story");
+    let (north, south) = two_devices(&dir);
+    let sent = json(&ok(
+        &north,
+        &[
+            "send",
+            "crisis",
+            "The exercise ends at 18:00 UTC",
+            "--deadline",
+            "10m",
+            "--json",
+        ],
+    ));
+    let id = sent["id"].as_str().unwrap().to_owned();
+    assert_eq!(id.len(), 64);
+    ok(&north, &["bundle", "export", "--out", s(&dir.join("b1"))]);
+    assert_eq!(
+        json(&ok(
+            &south,
+            &["bundle", "import", s(&dir.join("b1")), "--json"]
+        ))["new"],
+        1
+    );
+    // Importing the same bundle again changes nothing.
+    assert_eq!(
+        json(&ok(
+            &south,
+            &["bundle", "import", s(&dir.join("b1")), "--json"]
+        ))["new"],
+        0
+    );
+    let log: Vec<Value> = ok(&south, &["log", "crisis", "--json"])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["from"], "north");
+    assert_eq!(log[0]["text"], "The exercise ends at 18:00 UTC");
+    ok(&south, &["ack", "crisis", &id[..12]]);
+    ok(&south, &["bundle", "export", "--out", s(&dir.join("b2"))]);
+    ok(&north, &["bundle", "import", s(&dir.join("b2"))]);
+    let log: Vec<Value> = ok(&north, &["log", "crisis", "--json"])
+        .lines()
+        .map(json)
+        .collect();
+    assert_eq!(log[0]["id"], id);
+    assert_eq!(log[0]["delivered_to"], serde_json::json!(["south"]));
+    assert_eq!(log[0]["read_by"], serde_json::json!(["south"]));
+    assert!(ok(&north, &["log", "crisis"]).contains("read: south"));
+    let list = json(
+        ok(&north, &["channel", "list", "--json"])
+            .lines()
+            .next()
+            .unwrap(),
+    );
+    assert_eq!(list["name"], "crisis");
+    assert_eq!(list["parties"], serde_json::json!(["north", "south"]));
+
+    let export = dir.join("crisis.hotline");
+    ok(&north, &["export", "crisis", "--out", s(&export)]);
+    let report = json(&ok(&north, &["verify", s(&export), "--json"]));
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["messages"], 1);
+    assert_eq!(report["read_receipts"], 1);
+    // A tampered export: exit 5.
+    let mut bytes = std::fs::read(&export).unwrap();
+    let middle = bytes.len() / 3;
+    bytes[middle] ^= 1;
+    std::fs::write(&export, bytes).unwrap();
+    assert_eq!(hotline(&north, &["verify", s(&export)]).code, 5);
+}
+
+#[test]
+fn a_wrong_fingerprint_is_refused_with_exit_4() {
+    let dir = workdir("trust");
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    ok(&north, &["init", "--party", "north"]);
+    let north_fp = json(&ok(&north, &["id", "--json"]))["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ok(&south, &["init", "--party", "south"]);
+    ok(
+        &south,
+        &["card", "export", "--out", s(&dir.join("south.card"))],
+    );
+    let run = hotline(
+        &north,
+        &[
+            "card",
+            "import",
+            s(&dir.join("south.card")),
+            "--fingerprint",
+            &north_fp,
+        ],
+    );
+    assert_eq!(run.code, 4);
+    assert!(
+        run.stderr.contains("fingerprint mismatch"),
+        "{}",
+        run.stderr
+    );
+    let run = hotline(
+        &north,
+        &[
+            "card",
+            "import",
+            s(&dir.join("south.card")),
+            "--fingerprint",
+            "12345",
+        ],
+    );
+    assert_eq!(run.code, 4);
+    assert!(run.stderr.contains("30 digits"));
+    // Nothing was imported: creating a channel with south fails.
+    let run = hotline(&north, &["channel", "create", "crisis", "--with", "south"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("import their card first"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn error_paths_say_what_to_do() {
+    let dir = workdir("errors");
+    let (north, _) = two_devices(&dir);
+    let run = hotline(&north, &["send", "no-such-channel", "hi"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stderr.contains("hotline channel list"),
+        "{}",
+        run.stderr
+    );
+    let run = hotline(&north, &["send", "crisis", "hi", "--deadline", "soon"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("invalid deadline"));
+    assert_eq!(hotline(&north, &["send", "crisis", ""]).code, 1);
+    assert_eq!(hotline(&north, &["ack", "crisis", "deadbeef00"]).code, 1);
+    assert_eq!(hotline(&north, &["init", "--party", "north"]).code, 1);
+    assert_eq!(hotline(&north, &["send"]).code, 2);
+    assert_eq!(hotline(&north, &["frobnicate"]).code, 2);
+    // A bundle that is not one, and one with nothing for this device.
+    std::fs::write(dir.join("garbage"), b"not a bundle").unwrap();
+    let run = hotline(&north, &["bundle", "import", s(&dir.join("garbage"))]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("not a hotline bundle"));
+    let run = hotline(&north, &["channel", "join", s(&dir.join("invitation"))]);
+    assert_eq!(run.code, 1, "{}", run.stdout);
+    // No device here.
+    let run = hotline(&dir.join("nobody"), &["id"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("hotline init"));
+    // A home others can read is refused, and the message says how to fix it.
+    std::fs::set_permissions(&north, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run = hotline(&north, &["id"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stderr.contains("chmod 700"), "{}", run.stderr);
+    std::fs::set_permissions(&north, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_eq!(hotline(&north, &["id"]).code, 0);
+}
+
+#[test]
+fn a_new_home_is_private() {
+    let dir = workdir("private");
+    let home = dir.join("device");
+    ok(&home, &["init", "--party", "north"]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&home), 0o700);
+    assert_eq!(mode(&home.join("device.db")), 0o600);
+}
