@@ -144,6 +144,16 @@ pub struct Store {
     connection: Connection,
     home: Home,
     identity: DeviceIdentity,
+    /// Channels loaded by earlier operations of this process, valid while no other
+    /// connection committed (SQLite's `data_version` says so).
+    cache: Cache,
+}
+
+/// Loaded channels, by id, and the `data_version` they were loaded at.
+#[derive(Debug, Default)]
+struct Cache {
+    channels: std::collections::HashMap<ChannelId, Channel>,
+    data_version: Option<i64>,
 }
 
 fn open_connection(home: &Home) -> Result<Connection, StoreError> {
@@ -207,8 +217,9 @@ impl Store {
             connection,
             home,
             identity,
+            cache: Cache::default(),
         };
-        store.transact(|connection, identity| {
+        store.transact(|connection, identity, _| {
             let provider = Provider::new(connection);
             let card = create_card(identity, &provider, KEY_PACKAGES_PER_CARD, relays)?;
             connection.execute(
@@ -237,6 +248,7 @@ impl Store {
             connection,
             home,
             identity,
+            cache: Cache::default(),
         })
     }
 
@@ -248,21 +260,39 @@ impl Store {
         &self.identity
     }
 
-    /// Runs `operation` in one immediate transaction; commits on success only.
+    /// Runs `operation` in one immediate transaction; commits on success only. Cached
+    /// channels are dropped when another process committed since, and on any error
+    /// (their in-memory MLS state may be ahead of the rolled-back storage).
     fn transact<T>(
         &mut self,
-        operation: impl FnOnce(&Connection, &DeviceIdentity) -> Result<T, StoreError>,
+        operation: impl FnOnce(&Connection, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.connection.execute_batch("BEGIN IMMEDIATE")?;
-        let result = operation(&self.connection, &self.identity).and_then(|value| {
-            self.connection
-                .execute_batch("COMMIT")
-                .map(|()| value)
-                .map_err(Into::into)
-        });
+        let version = self
+            .connection
+            .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0));
+        match version {
+            Ok(version) if self.cache.data_version == Some(version) => {}
+            Ok(version) => {
+                self.cache.channels.clear();
+                self.cache.data_version = Some(version);
+            }
+            Err(error) => {
+                let _ = self.connection.execute_batch("ROLLBACK");
+                return Err(error.into());
+            }
+        }
+        let result =
+            operation(&self.connection, &self.identity, &mut self.cache).and_then(|value| {
+                self.connection
+                    .execute_batch("COMMIT")
+                    .map(|()| value)
+                    .map_err(Into::into)
+            });
         if result.is_err() {
             // Rolling back can only fail if no transaction is open any more.
             let _ = self.connection.execute_batch("ROLLBACK");
+            self.cache.channels.clear();
         }
         result
     }
@@ -283,7 +313,7 @@ impl Store {
         let contact =
             CardIn::decode(card)?.verify(fingerprint, Provider::new(&self.connection).crypto())?;
         let info = contact.info.clone();
-        self.transact(|connection, _| {
+        self.transact(|connection, _, _| {
             connection.execute(
                 "INSERT INTO contacts (key, party, device, card, imported_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (key) DO UPDATE SET party = ?2, device = ?3, card = ?4, imported_ms = ?5",
@@ -321,7 +351,7 @@ impl Store {
         name: &str,
         parties: &[String],
     ) -> Result<ChannelId, StoreError> {
-        self.transact(|connection, identity| {
+        self.transact(|connection, identity, cache| {
             if channel_row(connection, name)?.is_some() {
                 return Err(StoreError::ChannelExists(name.to_owned()));
             }
@@ -354,31 +384,40 @@ impl Store {
                 }
             }
             save_channel(connection, &mut channel, true)?;
-            Ok(channel.id())
+            let id = channel.id();
+            cache.channels.insert(id, channel);
+            Ok(id)
         })
     }
 
     /// Joins a channel from a Welcome, checking every member against verified contacts.
     pub fn join(&mut self, welcome: &[u8]) -> Result<(ChannelId, String), StoreError> {
         let contacts = self.contacts()?;
-        self.transact(|connection, identity| {
+        self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let mut channel = Channel::join(&provider, identity, welcome, &contacts)?;
             if channel_row(connection, channel.name())?.is_some() {
                 return Err(StoreError::ChannelExists(channel.name().to_owned()));
             }
             save_channel(connection, &mut channel, true)?;
-            Ok((channel.id(), channel.name().to_owned()))
+            let joined = (channel.id(), channel.name().to_owned());
+            cache.channels.insert(joined.0, channel);
+            Ok(joined)
         })
     }
 
     /// Processes one message from a relay (or a bundle) in one transaction.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
         let channel_id = channel_of_message(bytes)?;
-        self.transact(|connection, identity| {
+        self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
-            let mut channel = load_channel_by_id(connection, &provider, &channel_id)?;
+            let mut channel = checkout(cache, connection, &provider, &channel_id)?;
             let events = channel.receive(&provider, bytes)?;
+            if events == [Event::Duplicate] {
+                // Nothing changed: keep the channel, write nothing.
+                cache.channels.insert(channel_id, channel);
+                return Ok(events);
+            }
             if channel.is_committer()
                 && channel.has_pending_proposals()
                 && let Some(commit) = channel.commit_proposals(&provider, identity)?
@@ -389,6 +428,7 @@ impl Store {
                 }
             }
             save_channel(connection, &mut channel, false)?;
+            cache.channels.insert(channel_id, channel);
             Ok(events)
         })
     }
@@ -439,7 +479,7 @@ impl Store {
 
     /// Every outbox entry not exported yet, marking them exported.
     pub fn export_outbox(&mut self) -> Result<Vec<Entry>, StoreError> {
-        self.transact(|connection, _| {
+        self.transact(|connection, _, _| {
             let mut statement = connection.prepare(
                 "SELECT kind, recipients, bytes FROM outbox WHERE exported = 0 ORDER BY seq",
             )?;
@@ -483,9 +523,10 @@ impl Store {
         body: Body,
         deadline_ms: Option<u64>,
     ) -> Result<EnvelopeId, StoreError> {
-        self.transact(|connection, identity| {
+        self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
-            let mut loaded = load_channel(connection, &provider, channel)?;
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
             let (id, bytes) = loaded.send(&provider, identity, body, now_ms(), deadline_ms)?;
             queue(
                 connection,
@@ -497,6 +538,7 @@ impl Store {
                 Some(id),
             )?;
             save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
             Ok(id)
         })
     }
@@ -582,9 +624,10 @@ impl Store {
 
     /// Sends a checkpoint, then writes the export of the transcript.
     pub fn export(&mut self, channel: &str) -> Result<Vec<u8>, StoreError> {
-        self.transact(|connection, identity| {
+        self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
-            let mut loaded = load_channel(connection, &provider, channel)?;
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
             let (id, bytes) = loaded.checkpoint(&provider, identity, now_ms())?;
             queue(
                 connection,
@@ -597,6 +640,7 @@ impl Store {
             )?;
             let export = Export::write(loaded.transcript(), loaded.name(), identity)?;
             save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
             Ok(export)
         })
     }
@@ -634,6 +678,26 @@ fn channel_row(
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()?)
+}
+
+fn channel_id_by_name(connection: &Connection, name: &str) -> Result<ChannelId, StoreError> {
+    let (id, _) = channel_row(connection, name)?
+        .ok_or_else(|| StoreError::UnknownChannel(name.to_owned()))?;
+    let id: [u8; 32] = id.try_into().map_err(|_| corrupt("channel id"))?;
+    Ok(ChannelId(id))
+}
+
+/// The channel from the cache, or restored from the database.
+fn checkout(
+    cache: &mut Cache,
+    connection: &Connection,
+    provider: &Provider<'_>,
+    id: &ChannelId,
+) -> Result<Channel, StoreError> {
+    match cache.channels.remove(id) {
+        Some(channel) => Ok(channel),
+        None => load_channel_by_id(connection, provider, id),
+    }
 }
 
 fn load_channel(
