@@ -282,8 +282,9 @@ impl Store {
                 return Err(error.into());
             }
         }
-        let result =
-            operation(&self.connection, &self.identity, &mut self.cache).and_then(|value| {
+        let result = operation(&self.connection, &self.identity, &mut self.cache)
+            .and_then(|value| failpoint("before-commit").map(|()| value))
+            .and_then(|value| {
                 self.connection
                     .execute_batch("COMMIT")
                     .map(|()| value)
@@ -412,7 +413,9 @@ impl Store {
         self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let mut channel = checkout(cache, connection, &provider, &channel_id)?;
+            failpoint("receive-loaded")?;
             let events = channel.receive(&provider, bytes)?;
+            failpoint("receive-processed")?;
             if events == [Event::Duplicate] {
                 // Nothing changed: keep the channel, write nothing.
                 cache.channels.insert(channel_id, channel);
@@ -427,7 +430,9 @@ impl Store {
                     queue(connection, Some(channel.id()), out, None)?;
                 }
             }
+            failpoint("receive-before-save")?;
             save_channel(connection, &mut channel, false)?;
+            failpoint("receive-saved")?;
             cache.channels.insert(channel_id, channel);
             Ok(events)
         })
@@ -680,6 +685,23 @@ fn channel_row(
         .optional()?)
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The failpoint armed by a unit test of this thread, if any.
+    static FAILPOINT: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// A step of a transaction where tests inject a failure (a crash that is reported
+/// rather than fatal); in other builds it does nothing.
+fn failpoint(name: &'static str) -> Result<(), StoreError> {
+    #[cfg(test)]
+    if FAILPOINT.with(|armed| armed.get()) == Some(name) {
+        return Err(StoreError::Corrupt(format!("failpoint {name}")));
+    }
+    let _ = name;
+    Ok(())
+}
+
 fn channel_id_by_name(connection: &Connection, name: &str) -> Result<ChannelId, StoreError> {
     let (id, _) = channel_row(connection, name)?
         .ok_or_else(|| StoreError::UnknownChannel(name.to_owned()))?;
@@ -821,4 +843,68 @@ fn queue(
         ],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_home(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("hotline-failpoints-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// A failure at any step of the receive transaction leaves nothing behind: the
+    /// transcript, the processed hashes and the MLS state are as before, so the very
+    /// same message is then received normally (a half-applied MLS state would refuse it
+    /// as a reused secret or an old generation).
+    #[test]
+    fn a_failure_at_any_step_of_receive_changes_nothing() {
+        let (north_home, south_home) = (temp_home("north"), temp_home("south"));
+        let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
+        let mut south = Store::init(&south_home, "south", "desk", &[]).unwrap();
+        north
+            .import_card(&south.card().unwrap(), &south.identity().fingerprint())
+            .unwrap();
+        south
+            .import_card(&north.card().unwrap(), &north.identity().fingerprint())
+            .unwrap();
+        north.create_channel("crisis", &["south".into()]).unwrap();
+        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        let steps = [
+            "receive-loaded",
+            "receive-processed",
+            "receive-before-save",
+            "receive-saved",
+            "before-commit",
+        ];
+        for step in steps {
+            north
+                .send("crisis", Body::Text(format!("through {step}")), None)
+                .unwrap();
+            let bytes = match north.export_outbox().unwrap().pop() {
+                Some(Entry::Message(bytes)) => bytes,
+                other => panic!("expected a message, got {other:?}"),
+            };
+            let before = south.log("crisis").unwrap().len();
+            FAILPOINT.with(|armed| armed.set(Some(step)));
+            let error = south.receive(&bytes).unwrap_err();
+            assert!(error.to_string().contains(step), "{error}");
+            FAILPOINT.with(|armed| armed.set(None));
+            assert_eq!(
+                south.log("crisis").unwrap().len(),
+                before,
+                "{step} left a message behind"
+            );
+            let events = south.receive(&bytes).unwrap();
+            assert!(
+                matches!(events.as_slice(), [Event::Accepted(_)]),
+                "after {step}: {events:?}"
+            );
+            assert_eq!(south.log("crisis").unwrap().len(), before + 1);
+        }
+        south.integrity_check().unwrap();
+    }
 }
