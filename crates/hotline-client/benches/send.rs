@@ -10,7 +10,6 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use hotline_client::Store;
 use hotline_core::Body;
 
 fn report(name: &str, samples: &mut [Duration]) {
@@ -71,12 +70,7 @@ fn main() {
 
     // 3. hotline send.
     let (north_home, south_home) = (dir.join("north"), dir.join("south"));
-    let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
-    let south = Store::init(&south_home, "south", "desk", &[]).unwrap();
-    north
-        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
-        .unwrap();
-    north.create_channel("crisis", &["south".into()]).unwrap();
+    let (mut north, _south) = hotline_client::testing::verified_pair(&north_home, &south_home);
     let text = String::from_utf8(payload).unwrap();
     let block = (sends / 4).max(1);
     for first in (0..sends).step_by(block) {

@@ -24,6 +24,8 @@ pub mod bundle;
 pub mod home;
 pub mod provider;
 pub mod store;
+#[doc(hidden)]
+pub mod testing;
 
 pub use home::{Home, HomeError};
 pub use store::{LogEntry, Store, StoreError};

@@ -532,15 +532,13 @@ impl Store {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
             let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
-            let (id, bytes) = loaded.send(&provider, identity, body, now_ms(), deadline_ms)?;
-            queue(
+            let id = seal(
                 connection,
-                Some(loaded.id()),
-                Outgoing::Message {
-                    id: Some(id),
-                    bytes,
-                },
-                Some(id),
+                &provider,
+                identity,
+                &mut loaded,
+                body,
+                deadline_ms,
             )?;
             save_channel(connection, &mut loaded, false)?;
             cache.channels.insert(channel_id, loaded);
@@ -633,15 +631,18 @@ impl Store {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
             let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
-            let (id, bytes) = loaded.checkpoint(&provider, identity, now_ms())?;
-            queue(
+            let checkpoint = Body::Checkpoint {
+                root: [0; 32],
+                size: 0,
+                horizon: 0,
+            };
+            seal(
                 connection,
-                Some(loaded.id()),
-                Outgoing::Message {
-                    id: Some(id),
-                    bytes,
-                },
-                Some(id),
+                &provider,
+                identity,
+                &mut loaded,
+                checkpoint,
+                None,
             )?;
             let export = Export::write(loaded.transcript(), loaded.name(), identity)?;
             save_channel(connection, &mut loaded, false)?;
@@ -816,6 +817,24 @@ fn save_channel(
     Ok(())
 }
 
+/// Seals `body` in the channel and queues the ciphertext with its envelope id.
+fn seal(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &DeviceIdentity,
+    channel: &mut Channel,
+    body: Body,
+    deadline_ms: Option<u64>,
+) -> Result<EnvelopeId, StoreError> {
+    let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
+    let outgoing = Outgoing::Message {
+        id: Some(id),
+        bytes,
+    };
+    queue(connection, Some(channel.id()), outgoing, Some(id))?;
+    Ok(id)
+}
+
 fn queue(
     connection: &Connection,
     channel: Option<ChannelId>,
@@ -848,6 +867,7 @@ fn queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::verified_pair;
 
     fn temp_home(name: &str) -> std::path::PathBuf {
         let dir =
@@ -862,17 +882,7 @@ mod tests {
     /// as a reused secret or an old generation).
     #[test]
     fn a_failure_at_any_step_of_receive_changes_nothing() {
-        let (north_home, south_home) = (temp_home("north"), temp_home("south"));
-        let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
-        let mut south = Store::init(&south_home, "south", "desk", &[]).unwrap();
-        north
-            .import_card(&south.card().unwrap(), &south.identity().fingerprint())
-            .unwrap();
-        south
-            .import_card(&north.card().unwrap(), &north.identity().fingerprint())
-            .unwrap();
-        north.create_channel("crisis", &["south".into()]).unwrap();
-        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        let (mut north, mut south) = verified_pair(&temp_home("north"), &temp_home("south"));
         let steps = [
             "receive-loaded",
             "receive-processed",

@@ -34,13 +34,10 @@ fn two_processes_send_a_thousand_messages_and_none_is_lost() {
         std::process::exit(0);
     }
     let (north_home, south_home) = (temp_home("north"), temp_home("south"));
-    let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
-    let south = Store::init(&south_home, "south", "desk", &[]).unwrap();
-    north
-        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
-        .unwrap();
-    north.create_channel("crisis", &["south".into()]).unwrap();
-    drop(north);
+    drop(hotline_client::testing::verified_pair(
+        &north_home,
+        &south_home,
+    ));
 
     let children: Vec<_> = ["first", "second"]
         .iter()

@@ -104,18 +104,10 @@ fn sigkill_at_random_moments_loses_nothing() {
     println!("crash test seed {seed}, {rounds} rounds");
 
     let (north_home, south_home) = (temp_home("north"), temp_home("south"));
-    let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
-    let mut south = Store::init(&south_home, "south", "desk", &[]).unwrap();
-    north
-        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
-        .unwrap();
-    south
-        .import_card(&north.card().unwrap(), &north.identity().fingerprint())
-        .unwrap();
-    north.create_channel("crisis", &["south".into()]).unwrap();
-    south.import_bundle(north.export_outbox().unwrap()).unwrap();
-    drop(north);
-    drop(south);
+    drop(hotline_client::testing::verified_pair(
+        &north_home,
+        &south_home,
+    ));
 
     let mut returned = BTreeSet::new();
     let mut bundles = Vec::new();

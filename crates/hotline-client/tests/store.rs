@@ -16,17 +16,8 @@ fn home(name: &str) -> std::path::PathBuf {
 
 fn pair() -> (Store, Store, std::path::PathBuf, std::path::PathBuf) {
     let (north_home, south_home) = (home("north"), home("south"));
-    let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
-    let mut south = Store::init(&south_home, "south", "desk", &[]).unwrap();
-    north
-        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
-        .unwrap();
-    south
-        .import_card(&north.card().unwrap(), &north.identity().fingerprint())
-        .unwrap();
-    north.create_channel("crisis", &["south".into()]).unwrap();
-    let bundle = north.export_outbox().unwrap();
-    assert!(south.import_bundle(bundle).unwrap() >= 1);
+    let (north, south) = hotline_client::testing::verified_pair(&north_home, &south_home);
+    assert_eq!(south.channels().unwrap().len(), 1);
     (north, south, north_home, south_home)
 }
 

@@ -253,14 +253,18 @@ fn device_of(credential: &Credential, signature_key: &[u8]) -> Result<DeviceInfo
 /// The channel a message from a relay belongs to, read from its MLS header (which is
 /// authenticated later, by [`Channel::receive`]). Welcomes name no channel.
 pub fn channel_of_message(bytes: &[u8]) -> Result<ChannelId, ChannelError> {
+    split_group_id(protocol_message(bytes)?.group_id()).map(|(id, _)| id)
+}
+
+/// Parses a channel message (commit, proposal or application message).
+fn protocol_message(bytes: &[u8]) -> Result<ProtocolMessage, ChannelError> {
     let message = MlsMessageIn::tls_deserialize_exact_bytes(bytes)
         .map_err(|e| ChannelError::Malformed(e.to_string()))?;
-    let protocol: ProtocolMessage = match message.extract() {
-        MlsMessageBodyIn::PrivateMessage(message) => message.into(),
-        MlsMessageBodyIn::PublicMessage(message) => message.into(),
-        _ => return Err(ChannelError::Malformed("not a channel message".into())),
-    };
-    split_group_id(protocol.group_id()).map(|(id, _)| id)
+    match message.extract() {
+        MlsMessageBodyIn::PrivateMessage(message) => Ok(message.into()),
+        MlsMessageBodyIn::PublicMessage(message) => Ok(message.into()),
+        _ => Err(ChannelError::Malformed("not a channel message".into())),
+    }
 }
 
 fn group_id_for(id: &ChannelId, name: &str) -> GroupId {
@@ -822,13 +826,7 @@ impl Channel {
         if self.processed.contains(&hash) || self.buffered.contains(&hash) {
             return Ok(vec![Event::Duplicate]);
         }
-        let message = MlsMessageIn::tls_deserialize_exact_bytes(bytes)
-            .map_err(|e| ChannelError::Malformed(e.to_string()))?;
-        let protocol: ProtocolMessage = match message.extract() {
-            MlsMessageBodyIn::PrivateMessage(message) => message.into(),
-            MlsMessageBodyIn::PublicMessage(message) => message.into(),
-            _ => return Err(ChannelError::Malformed("not a channel message".into())),
-        };
+        let protocol = protocol_message(bytes)?;
         if protocol.group_id() != self.group.group_id() {
             return Err(ChannelError::WrongChannel);
         }
