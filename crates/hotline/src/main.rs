@@ -18,6 +18,7 @@ macro_rules! out {
 
 mod demo;
 mod device;
+mod relay;
 mod verify;
 
 /// Writes one line to stdout; a closed pipe ends the process with success.
@@ -135,6 +136,9 @@ enum Command {
     /// Carry messages between devices as files, until relays exist.
     #[command(subcommand)]
     Bundle(BundleCommand),
+    /// Run a relay, or print its address.
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// Play the whole story in memory: three parties, fingerprints, a channel,
     /// messages, receipts, export and offline verification.
     Demo {
@@ -181,6 +185,24 @@ enum ChannelCommand {
     List {
         #[command(flatten)]
         json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RelayCommand {
+    /// Serve a relay over HTTPS; prints its address (with the certificate pin).
+    Serve {
+        /// Directory of the relay's certificate and database (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        /// Address to listen on, as HOST:PORT (port 0 picks a free one).
+        #[arg(long)]
+        listen: String,
+    },
+    /// Print the address of the relay whose data is in DIR.
+    Url {
+        #[arg(long)]
+        data: PathBuf,
     },
 }
 
@@ -234,6 +256,8 @@ fn main() -> ExitCode {
         Command::Log { channel, json } => device::log(&home, &channel, json.json),
         Command::Ack { channel, message } => device::ack(&home, &channel, &message),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
+        Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
+        Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
         Command::Bundle(BundleCommand::Export { out, json }) => {
             device::bundle_export(&home, &out, json.json)
         }

@@ -1,0 +1,224 @@
+//! The client side of the relay API: pinned TLS, signed requests.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hotline_core::DeviceIdentity;
+use hotline_core::codec::{DecodeError, Reader};
+use serde_json::json;
+use thiserror::Error;
+
+use crate::auth;
+use crate::storage::Membership;
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Address(#[from] TlsError),
+    #[error("relay {relay} unreachable: {detail}")]
+    Network { relay: String, detail: String },
+    #[error("relay {relay} refused ({status} {code}): {detail}")]
+    Refused {
+        relay: String,
+        status: u16,
+        code: String,
+        detail: String,
+    },
+    #[error("relay {relay} answered something malformed: {0}", relay = .1)]
+    Malformed(DecodeError, String),
+}
+
+/// A connection to one relay.
+#[derive(Debug, Clone)]
+pub struct RelayClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// An error with its causes, which hold the useful part (a TLS refusal, a refused
+/// connection).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Decodes `u32 n, n × (u64 seq, bytes)`.
+pub fn decode_messages(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    let count = reader.count("messages", 4096, 12)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let seq = reader.u64("seq")?;
+        out.push((seq, reader.bytes("message", 2 << 20)?.to_vec()));
+    }
+    reader.finish()?;
+    Ok(out)
+}
+
+impl RelayClient {
+    /// A client for the relay at `url` (`https://HOST:PORT/#sha256=PIN`).
+    pub fn new(url: &str) -> Result<Self, ClientError> {
+        let (base, pin) = tls::parse_url(url)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls::client_config(pin)?)
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| ClientError::Network {
+                relay: base.clone(),
+                detail: e.to_string(),
+            })?;
+        Ok(Self { base, http })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send(
+        &self,
+        identity: &DeviceIdentity,
+        method: reqwest::Method,
+        path: String,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, ClientError> {
+        let network = |e: reqwest::Error| ClientError::Network {
+            relay: self.base.clone(),
+            detail: error_chain(&e),
+        };
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
+        for (name, value) in auth::sign_request(identity, method.as_str(), &path, now_ms(), &body) {
+            request = request.header(name, value);
+        }
+        let response = request.body(body).send().await.map_err(network)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(network)?.to_vec();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let problem: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Err(ClientError::Refused {
+            relay: self.base.clone(),
+            status: status.as_u16(),
+            code: problem["code"].as_str().unwrap_or("unknown").to_owned(),
+            detail: problem["detail"].as_str().unwrap_or("").to_owned(),
+        })
+    }
+
+    /// Registers a channel's membership, signed by `committer` (this identity).
+    pub async fn register(
+        &self,
+        committer: &DeviceIdentity,
+        channel: &[u8; 32],
+        membership: &Membership,
+    ) -> Result<(), ClientError> {
+        let signature = committer.sign(&auth::membership_message(channel, membership));
+        let body = json!({
+            "committer": hex::encode(membership.committer),
+            "version": membership.version,
+            "members": membership.members.iter().map(hex::encode).collect::<Vec<_>>(),
+            "signature": hex::encode(signature),
+        });
+        self.send(
+            committer,
+            reqwest::Method::PUT,
+            format!("/v1/channels/{}/members", hex::encode(channel)),
+            body.to_string().into_bytes(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Posts a message; returns its sequence number once the relay stored it durably.
+    pub async fn post(
+        &self,
+        identity: &DeviceIdentity,
+        channel: &[u8; 32],
+        bytes: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let answer = self
+            .send(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/channels/{}/messages", hex::encode(channel)),
+                bytes,
+            )
+            .await?;
+        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// Messages after `after`, waiting up to `wait` for new ones.
+    pub async fn fetch(
+        &self,
+        identity: &DeviceIdentity,
+        channel: &[u8; 32],
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let path = format!(
+            "/v1/channels/{}/messages?after={after}&wait={}",
+            hex::encode(channel),
+            wait.as_millis()
+        );
+        let bytes = self
+            .send(identity, reqwest::Method::GET, path, Vec::new())
+            .await?;
+        decode_messages(&bytes).map_err(|e| ClientError::Malformed(e, self.base.clone()))
+    }
+
+    /// Leaves an invitation in a device's inbox.
+    pub async fn post_inbox(
+        &self,
+        identity: &DeviceIdentity,
+        device: &[u8; 32],
+        bytes: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let answer = self
+            .send(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/inbox/{}", hex::encode(device)),
+                bytes,
+            )
+            .await?;
+        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// This device's invitations after `after`.
+    pub async fn fetch_inbox(
+        &self,
+        identity: &DeviceIdentity,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let path = format!(
+            "/v1/inbox/{}?after={after}&wait={}",
+            identity.key(),
+            wait.as_millis()
+        );
+        let bytes = self
+            .send(identity, reqwest::Method::GET, path, Vec::new())
+            .await?;
+        decode_messages(&bytes).map_err(|e| ClientError::Malformed(e, self.base.clone()))
+    }
+}

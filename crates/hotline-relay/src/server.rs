@@ -1,0 +1,626 @@
+//! The relay server: axum over rustls, with bounds on everything.
+//!
+//! Routes (v1; errors are JSON problem documents with a stable `code`, see
+//! `docs/relay-api.md`):
+//! - `GET /healthz`
+//! - `GET /metrics` (Prometheus text)
+//! - `PUT /v1/channels/{channel}/members`: membership, signed by the committer
+//! - `POST /v1/channels/{channel}/messages`: append (members only), answered after fsync
+//! - `GET /v1/channels/{channel}/messages?after=N&wait=MS`: read (members only), long-poll
+//! - `POST /v1/inbox/{device}`: leave an invitation (any authenticated device)
+//! - `GET /v1/inbox/{device}?after=N&wait=MS`: read one's own inbox
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use hotline_core::DeviceKey;
+use hotline_core::codec::Writer;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{self, AuthError};
+use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+
+/// Limits, all configurable.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_message: usize,
+    pub max_connections: usize,
+    /// Time for a client to finish its TLS handshake and request headers.
+    pub header_timeout: Duration,
+    /// Time for a whole request body.
+    pub body_timeout: Duration,
+    /// Sustained requests per second per device, and burst.
+    pub rate_per_second: f64,
+    pub rate_burst: f64,
+    pub quota_per_log: u64,
+    pub max_wait: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message: 1 << 20,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            rate_per_second: 200.0,
+            rate_burst: 400.0,
+            quota_per_log: 1 << 30,
+            max_wait: Duration::from_secs(30),
+        }
+    }
+}
+
+struct AppState<S> {
+    storage: S,
+    limits: Limits,
+    appended: watch::Sender<u64>,
+    buckets: std::sync::Mutex<HashMap<DeviceKey, (f64, Instant)>>,
+    metrics: Metrics,
+}
+
+#[derive(Default)]
+struct Metrics {
+    stored: AtomicU64,
+    stored_bytes: AtomicU64,
+    duplicates: AtomicU64,
+    connections: AtomicU64,
+    rejected: std::sync::Mutex<HashMap<&'static str, u64>>,
+    commit_buckets: std::sync::Mutex<[u64; 8]>,
+    commit_sum: std::sync::Mutex<f64>,
+}
+
+const COMMIT_BOUNDS: [f64; 7] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25];
+
+/// A refusal, as a problem document.
+#[derive(Debug)]
+struct Problem {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl Problem {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "type": format!("https://hotline.invalid/problems/{}", self.code),
+            "title": self.status.canonical_reason().unwrap_or("error"),
+            "status": self.status.as_u16(),
+            "code": self.code,
+            "detail": self.detail,
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if let Ok(value) = "application/problem+json".parse() {
+            response.headers_mut().insert("content-type", value);
+        }
+        response
+    }
+}
+
+impl From<AuthError> for Problem {
+    fn from(error: AuthError) -> Self {
+        Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            error.to_string(),
+        )
+    }
+}
+
+impl From<StorageError> for Problem {
+    fn from(error: StorageError) -> Self {
+        match error {
+            StorageError::QuotaExceeded(_) => {
+                Problem::new(StatusCode::INSUFFICIENT_STORAGE, "quota", error.to_string())
+            }
+            _ => Problem::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                error.to_string(),
+            ),
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn parse_key(hex_key: &str) -> Result<[u8; 32], Problem> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(hex_key, &mut key).map_err(|_| {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "ids are 64 hexadecimal digits",
+        )
+    })?;
+    Ok(key)
+}
+
+impl<S: RelayStorage> AppState<S> {
+    fn reject(&self, problem: Problem) -> Problem {
+        if let Ok(mut rejected) = self.metrics.rejected.lock() {
+            *rejected.entry(problem.code).or_default() += 1;
+        }
+        problem
+    }
+
+    /// Authenticates, then charges the device's rate bucket.
+    fn authenticate(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Result<DeviceKey, Problem> {
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+        let device = auth::verify_request(
+            header(auth::DEVICE),
+            header(auth::TIME),
+            header(auth::SIGNATURE),
+            method.as_str(),
+            path,
+            body,
+            now_ms(),
+        )
+        .map_err(|e| self.reject(e.into()))?;
+        let mut buckets = self
+            .buckets
+            .lock()
+            .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "lock"))?;
+        let now = Instant::now();
+        let (tokens, last) = buckets
+            .entry(device)
+            .or_insert((self.limits.rate_burst, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.limits.rate_per_second)
+            .min(self.limits.rate_burst);
+        *last = now;
+        if *tokens < 1.0 {
+            return Err(self.reject(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow-down",
+                "too many requests from this device; retry later",
+            )));
+        }
+        *tokens -= 1.0;
+        Ok(device)
+    }
+
+    fn require_member(&self, channel: &[u8; 32], device: &DeviceKey) -> Result<(), Problem> {
+        match self.storage.membership(channel)? {
+            Some(membership) if membership.members.contains(&device.0) => Ok(()),
+            Some(_) => Err(self.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "not-a-member",
+                "this device is not a member of the channel",
+            ))),
+            None => Err(self.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "not-a-member",
+                "no membership is registered for this channel",
+            ))),
+        }
+    }
+
+    async fn append(&self, log: Log, bytes: Bytes) -> Result<Appended, Problem> {
+        if bytes.is_empty() {
+            return Err(self.reject(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                "empty message",
+            )));
+        }
+        let len = bytes.len() as u64;
+        let appended = self
+            .storage
+            .append(log, bytes.to_vec())
+            .await
+            .map_err(|e| self.reject(e.into()))?;
+        if appended.duplicate {
+            self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.metrics.stored.fetch_add(1, Ordering::Relaxed);
+            self.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
+            self.appended.send_modify(|n| *n += 1);
+        }
+        Ok(appended)
+    }
+
+    /// Reads after a cursor; waits up to `wait` for something new if nothing is there.
+    async fn read(
+        &self,
+        log: Log,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
+        let mut changes = self.appended.subscribe();
+        let deadline = Instant::now() + wait.min(self.limits.max_wait);
+        loop {
+            let messages = self.storage.read_after(&log, after, 256)?;
+            if !messages.is_empty() || Instant::now() >= deadline {
+                return Ok(messages);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if tokio::time::timeout(left, changes.changed()).await.is_err() {
+                return Ok(Vec::new());
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ReadQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default)]
+    wait: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct MembersBody {
+    committer: String,
+    version: u64,
+    members: Vec<String>,
+    signature: String,
+}
+
+/// Messages as `u32 n, n × (u64 seq, bytes)`.
+pub fn encode_messages(messages: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let mut writer = Writer::new();
+    writer.u32(messages.len() as u32);
+    for (seq, bytes) in messages {
+        writer.u64(*seq);
+        writer.bytes(bytes);
+    }
+    writer.into_bytes()
+}
+
+async fn put_members<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(channel): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    state.authenticate(&method, &uri, &headers, &body)?;
+    let channel = parse_key(&channel)?;
+    let request: MembersBody = serde_json::from_slice(&body).map_err(|e| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            e.to_string(),
+        ))
+    })?;
+    let membership = Membership {
+        committer: parse_key(&request.committer)?,
+        version: request.version,
+        members: request
+            .members
+            .iter()
+            .map(|m| parse_key(m))
+            .collect::<Result<_, _>>()?,
+    };
+    if membership.members.len() > 4096 {
+        return Err(state.reject(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            "at most 4096 members",
+        )));
+    }
+    let mut signature = [0u8; 64];
+    hex::decode_to_slice(&request.signature, &mut signature).map_err(|_| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "signature is 128 hexadecimal digits",
+        ))
+    })?;
+    let signer = match state.storage.membership(&channel)? {
+        None => membership.committer,
+        Some(current) if membership.version > current.version => current.committer,
+        Some(_) => {
+            return Err(state.reject(Problem::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "a membership of this version or newer is registered",
+            )));
+        }
+    };
+    DeviceKey(signer)
+        .verify(&auth::membership_message(&channel, &membership), &signature)
+        .map_err(|_| {
+            state.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "not-committer",
+                "the membership is not signed by the channel's committer",
+            ))
+        })?;
+    state.storage.set_membership(&channel, &membership)?;
+    Ok((StatusCode::OK, Json(json!({"version": membership.version}))).into_response())
+}
+
+async fn post_message<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(channel): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let device = state.authenticate(&method, &uri, &headers, &body)?;
+    let channel = parse_key(&channel)?;
+    state.require_member(&channel, &device)?;
+    let appended = state.append(Log::Channel(channel), body).await?;
+    Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+}
+
+async fn get_messages<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(channel): Path<String>,
+    Query(query): Query<ReadQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let device = state.authenticate(&method, &uri, &headers, b"")?;
+    let channel = parse_key(&channel)?;
+    state.require_member(&channel, &device)?;
+    let messages = state
+        .read(
+            Log::Channel(channel),
+            query.after,
+            Duration::from_millis(query.wait),
+        )
+        .await?;
+    Ok((
+        [("content-type", "application/octet-stream")],
+        encode_messages(&messages),
+    )
+        .into_response())
+}
+
+async fn post_inbox<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    state.authenticate(&method, &uri, &headers, &body)?;
+    let device = parse_key(&device)?;
+    let appended = state.append(Log::Inbox(device), body).await?;
+    Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+}
+
+async fn get_inbox<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    Query(query): Query<ReadQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let reader = state.authenticate(&method, &uri, &headers, b"")?;
+    let device = parse_key(&device)?;
+    if reader.0 != device {
+        return Err(state.reject(Problem::new(
+            StatusCode::FORBIDDEN,
+            "not-a-member",
+            "a device reads only its own inbox",
+        )));
+    }
+    let messages = state
+        .read(
+            Log::Inbox(device),
+            query.after,
+            Duration::from_millis(query.wait),
+        )
+        .await?;
+    Ok((
+        [("content-type", "application/octet-stream")],
+        encode_messages(&messages),
+    )
+        .into_response())
+}
+
+async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
+    let m = &state.metrics;
+    let durations = state.storage.take_commit_durations();
+    if let (Ok(mut buckets), Ok(mut sum)) = (m.commit_buckets.lock(), m.commit_sum.lock()) {
+        for d in durations {
+            *sum += d;
+            let index = COMMIT_BOUNDS
+                .iter()
+                .position(|b| d <= *b)
+                .unwrap_or(COMMIT_BOUNDS.len());
+            buckets[index] += 1;
+        }
+    }
+    let mut text = String::new();
+    text += &format!(
+        "# TYPE hotline_relay_messages_stored_total counter\nhotline_relay_messages_stored_total {}\n",
+        m.stored.load(Ordering::Relaxed)
+    );
+    text += &format!(
+        "# TYPE hotline_relay_bytes_stored_total counter\nhotline_relay_bytes_stored_total {}\n",
+        m.stored_bytes.load(Ordering::Relaxed)
+    );
+    text += &format!(
+        "# TYPE hotline_relay_duplicates_total counter\nhotline_relay_duplicates_total {}\n",
+        m.duplicates.load(Ordering::Relaxed)
+    );
+    text += &format!(
+        "# TYPE hotline_relay_connections gauge\nhotline_relay_connections {}\n",
+        m.connections.load(Ordering::Relaxed)
+    );
+    text += "# TYPE hotline_relay_rejected_total counter\n";
+    if let Ok(rejected) = m.rejected.lock() {
+        let mut reasons: Vec<_> = rejected.iter().collect();
+        reasons.sort();
+        for (reason, count) in reasons {
+            text += &format!("hotline_relay_rejected_total{{reason=\"{reason}\"}} {count}\n");
+        }
+    }
+    text += "# TYPE hotline_relay_commit_seconds histogram\n";
+    if let (Ok(buckets), Ok(sum)) = (m.commit_buckets.lock(), m.commit_sum.lock()) {
+        let mut cumulative = 0;
+        for (index, bound) in COMMIT_BOUNDS.iter().enumerate() {
+            cumulative += buckets[index];
+            text +=
+                &format!("hotline_relay_commit_seconds_bucket{{le=\"{bound}\"}} {cumulative}\n");
+        }
+        cumulative += buckets[COMMIT_BOUNDS.len()];
+        text += &format!(
+            "hotline_relay_commit_seconds_bucket{{le=\"+Inf\"}} {cumulative}\nhotline_relay_commit_seconds_sum {sum}\nhotline_relay_commit_seconds_count {cumulative}\n"
+        );
+    }
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
+    let limit = state.limits.max_message;
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics::<S>))
+        .route("/v1/channels/{channel}/members", put(put_members::<S>))
+        .route(
+            "/v1/channels/{channel}/messages",
+            post(post_message::<S>).get(get_messages::<S>),
+        )
+        .route(
+            "/v1/inbox/{device}",
+            post(post_inbox::<S>).get(get_inbox::<S>),
+        )
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// A running relay: its address, and how to stop it.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests (and their commits) finish, then returns.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Binds and serves. Connections beyond the limit wait in the kernel's backlog.
+pub async fn serve<S: RelayStorage>(
+    listen: SocketAddr,
+    tls: rustls::ServerConfig,
+    storage: S,
+    limits: Limits,
+) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(listen).await?;
+    let address = listener.local_addr()?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let state = Arc::new(AppState {
+        storage,
+        limits: limits.clone(),
+        appended: watch::channel(0).0,
+        buckets: std::sync::Mutex::new(HashMap::new()),
+        metrics: Metrics::default(),
+    });
+    let app = router(Arc::clone(&state));
+    let (shutdown, mut stop) = watch::channel(false);
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let task = tokio::spawn(async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let permit = tokio::select! {
+                _ = stop.changed() => break,
+                permit = Arc::clone(&connections).acquire_owned() => match permit { Ok(p) => p, Err(_) => break },
+            };
+            let accepted = tokio::select! {
+                _ = stop.changed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let (acceptor, app, state, limits) = (
+                acceptor.clone(),
+                app.clone(),
+                Arc::clone(&state),
+                limits.clone(),
+            );
+            let mut stop = stop.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                state.metrics.connections.fetch_add(1, Ordering::Relaxed);
+                // A client must finish its handshake within the header timeout.
+                if let Ok(Ok(tls)) =
+                    tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
+                {
+                    let io = hyper_util::rt::TokioIo::new(tls);
+                    let service = hyper_util::service::TowerToHyperService::new(app);
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(limits.header_timeout)
+                        .keep_alive(true);
+                    let connection = builder.serve_connection(io, service);
+                    tokio::pin!(connection);
+                    let body_deadline = tokio::time::sleep(limits.body_timeout + limits.max_wait);
+                    tokio::pin!(body_deadline);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        _ = stop.changed() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+                        }
+                        // Slow clients cannot hold a connection for ever.
+                        _ = &mut body_deadline => {}
+                    }
+                }
+                state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+            });
+            while tasks.try_join_next().is_some() {}
+        }
+        // In-flight requests finish (their commits are answered) before we return.
+        let _ = tokio::time::timeout(Duration::from_secs(15), async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+    });
+    Ok(Running {
+        address,
+        shutdown,
+        task,
+    })
+}

@@ -1,0 +1,310 @@
+//! The relay's durable storage, behind a trait so that PostgreSQL can follow; the
+//! embedded SQLite backend commits concurrent posts together (group commit).
+//!
+//! ```text
+//!   request tasks ──(append)──► channel ──► writer thread: drain all waiting, one
+//!        ▲                                  transaction, fsync (WAL, synchronous=FULL)
+//!        └──────────── answer (seq, duplicate) after COMMIT ──────┘
+//! ```
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Instant;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::oneshot;
+
+/// Where a message goes: a channel's log, or a device's inbox (invitations).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Log {
+    Channel([u8; 32]),
+    Inbox([u8; 32]),
+}
+
+impl Log {
+    fn key(&self) -> Vec<u8> {
+        match self {
+            Log::Channel(id) => [&[1u8][..], id].concat(),
+            Log::Inbox(id) => [&[2u8][..], id].concat(),
+        }
+    }
+}
+
+/// The membership of a channel as its committer signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub committer: [u8; 32],
+    pub version: u64,
+    pub members: Vec<[u8; 32]>,
+}
+
+/// The answer to an append, given only once the message is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("the log is over its quota of {0} bytes")]
+    QuotaExceeded(u64),
+    #[error("the storage writer stopped")]
+    WriterGone,
+}
+
+/// What every relay backend provides. Appends are durable when they return.
+pub trait RelayStorage: Send + Sync + 'static {
+    /// Appends a message (idempotent by the hash of its bytes).
+    fn append(
+        &self,
+        log: Log,
+        bytes: Vec<u8>,
+    ) -> impl Future<Output = Result<Appended, StorageError>> + Send;
+    /// Up to `limit` messages after `after`, in order.
+    fn read_after(
+        &self,
+        log: &Log,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
+    fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError>;
+    fn set_membership(
+        &self,
+        channel: &[u8; 32],
+        membership: &Membership,
+    ) -> Result<(), StorageError>;
+    /// Durations of recent group commits, in seconds, for metrics.
+    fn take_commit_durations(&self) -> Vec<f64>;
+}
+
+struct Job {
+    log: Log,
+    bytes: Vec<u8>,
+    answer: oneshot::Sender<Result<Appended, StorageError>>,
+}
+
+/// SQLite backend: WAL, `synchronous=FULL`, one writer thread doing group commits.
+pub struct SqliteStorage {
+    jobs: mpsc::Sender<Job>,
+    reader: Mutex<Connection>,
+    commit_durations: Arc<Mutex<Vec<f64>>>,
+}
+
+impl std::fmt::Debug for SqliteStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStorage").finish_non_exhaustive()
+    }
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS messages (
+    log BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    bytes BLOB NOT NULL,
+    PRIMARY KEY (log, seq),
+    UNIQUE (log, hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS memberships (
+    channel BLOB PRIMARY KEY,
+    committer BLOB NOT NULL,
+    version INTEGER NOT NULL,
+    members BLOB NOT NULL
+);";
+
+fn open(path: &Path) -> Result<Connection, rusqlite::Error> {
+    let connection = Connection::open(path)?;
+    connection.busy_timeout(std::time::Duration::from_secs(30))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    Ok(connection)
+}
+
+impl SqliteStorage {
+    /// Opens (or creates) the database; `quota` bounds the bytes of one log.
+    pub fn open(path: &Path, quota: u64) -> Result<Self, StorageError> {
+        let writer = open(path)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = open(path)?;
+        let (jobs, receiver) = mpsc::channel::<Job>();
+        let commit_durations = Arc::new(Mutex::new(Vec::new()));
+        let durations = Arc::clone(&commit_durations);
+        std::thread::Builder::new()
+            .name("relay-storage-writer".into())
+            .spawn(move || write_loop(writer, receiver, quota, durations))
+            .map_err(|_| StorageError::WriterGone)?;
+        Ok(Self {
+            jobs,
+            reader: Mutex::new(reader),
+            commit_durations,
+        })
+    }
+}
+
+/// Drains every waiting job into one transaction; answers after COMMIT.
+fn write_loop(
+    mut connection: Connection,
+    jobs: mpsc::Receiver<Job>,
+    quota: u64,
+    durations: Arc<Mutex<Vec<f64>>>,
+) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = jobs.try_recv() {
+            batch.push(more);
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        let start = Instant::now();
+        let results = match commit_batch(&mut connection, &batch, quota) {
+            Ok(results) => results,
+            Err(error) => {
+                let message = error.to_string();
+                batch
+                    .iter()
+                    .map(|_| {
+                        Err(StorageError::Database(
+                            rusqlite::Error::InvalidParameterName(message.clone()),
+                        ))
+                    })
+                    .collect()
+            }
+        };
+        if let Ok(mut durations) = durations.lock()
+            && durations.len() < 100_000
+        {
+            durations.push(start.elapsed().as_secs_f64());
+        }
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.answer.send(result);
+        }
+    }
+}
+
+fn commit_batch(
+    connection: &mut Connection,
+    batch: &[Job],
+    quota: u64,
+) -> Result<Vec<Result<Appended, StorageError>>, rusqlite::Error> {
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let key = job.log.key();
+        let hash: [u8; 32] = Sha256::digest(&job.bytes).into();
+        let existing: Option<i64> = transaction
+            .query_row(
+                "SELECT seq FROM messages WHERE log = ?1 AND hash = ?2",
+                params![key, &hash[..]],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(seq) = existing {
+            results.push(Ok(Appended {
+                seq: seq as u64,
+                duplicate: true,
+            }));
+            continue;
+        }
+        let (last, used): (i64, i64) = transaction.query_row(
+            "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
+            [&key],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        if used as u64 + job.bytes.len() as u64 > quota {
+            results.push(Err(StorageError::QuotaExceeded(quota)));
+            continue;
+        }
+        let seq = last + 1;
+        transaction.execute(
+            "INSERT INTO messages (log, seq, hash, bytes) VALUES (?1, ?2, ?3, ?4)",
+            params![key, seq, &hash[..], job.bytes],
+        )?;
+        results.push(Ok(Appended {
+            seq: seq as u64,
+            duplicate: false,
+        }));
+    }
+    transaction.commit()?;
+    Ok(results)
+}
+
+impl RelayStorage for SqliteStorage {
+    async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
+        let (answer, wait) = oneshot::channel();
+        self.jobs
+            .send(Job { log, bytes, answer })
+            .map_err(|_| StorageError::WriterGone)?;
+        wait.await.map_err(|_| StorageError::WriterGone)?
+    }
+
+    fn read_after(
+        &self,
+        log: &Log,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
+        let mut statement = reader.prepare_cached(
+            "SELECT seq, bytes FROM messages WHERE log = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = statement.query_map(params![log.key(), after as i64, limit as i64], |row| {
+            Ok((row.get::<_, i64>(0)? as u64, row.get(1)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {
+        let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
+        let row: Option<(Vec<u8>, i64, Vec<u8>)> = reader
+            .query_row(
+                "SELECT committer, version, members FROM memberships WHERE channel = ?1",
+                [&channel[..]],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        Ok(row.and_then(|(committer, version, members)| {
+            Some(Membership {
+                committer: committer.try_into().ok()?,
+                version: version as u64,
+                members: members
+                    .chunks_exact(32)
+                    .filter_map(|chunk| chunk.try_into().ok())
+                    .collect(),
+            })
+        }))
+    }
+
+    fn set_membership(
+        &self,
+        channel: &[u8; 32],
+        membership: &Membership,
+    ) -> Result<(), StorageError> {
+        let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
+        let members: Vec<u8> = membership.members.iter().flatten().copied().collect();
+        reader.execute(
+            "INSERT INTO memberships (channel, committer, version, members) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (channel) DO UPDATE SET committer = ?2, version = ?3, members = ?4",
+            params![
+                &channel[..],
+                &membership.committer[..],
+                membership.version as i64,
+                members
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn take_commit_durations(&self) -> Vec<f64> {
+        self.commit_durations
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,72 @@
+//! `hotline relay serve|url`: run a relay, and print its pinned address.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::SqliteStorage;
+use hotline_relay::tls;
+
+use crate::device::Failure;
+use crate::exit;
+
+const ADDRESS_FILE: &str = "relay-address";
+
+fn failure(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        code: exit::ERROR,
+    }
+}
+
+pub fn serve(data: &Path, listen: &str) -> Result<(), Failure> {
+    let listen: SocketAddr = listen.parse().map_err(|_| {
+        failure(format!(
+            "invalid --listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"
+        ))
+    })?;
+    tls::install_provider();
+    std::fs::create_dir_all(data)
+        .map_err(|e| failure(format!("cannot create {}: {e}", data.display())))?;
+    let (cert, key) = tls::load_or_create(data).map_err(|e| failure(e.to_string()))?;
+    let pin = tls::pin_of(&cert);
+    let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
+    let limits = Limits::default();
+    let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)
+        .map_err(|e| failure(e.to_string()))?;
+    let runtime =
+        tokio::runtime::Runtime::new().map_err(|e| failure(format!("cannot start: {e}")))?;
+    runtime.block_on(async {
+        let running = server::serve(listen, config, storage, limits)
+            .await
+            .map_err(|e| failure(format!("cannot listen on {listen}: {e}")))?;
+        let url = tls::relay_url(&running.address.to_string(), &pin);
+        std::fs::write(data.join(ADDRESS_FILE), &url).map_err(|e| failure(e.to_string()))?;
+        out!("{url}");
+        eprintln!(
+            "relay listening on {}; stop with SIGTERM or Ctrl-C",
+            running.address
+        );
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| failure(e.to_string()))?;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        eprintln!("relay stopping: finishing in-flight requests");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+pub fn url(data: &Path) -> Result<(), Failure> {
+    let url = std::fs::read_to_string(data.join(ADDRESS_FILE)).map_err(|_| {
+        failure(format!(
+            "no relay has run in {}; start one with: hotline relay serve --data DIR --listen ADDR",
+            data.display()
+        ))
+    })?;
+    out!("{}", url.trim());
+    Ok(())
+}

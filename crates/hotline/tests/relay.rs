@@ -1,0 +1,288 @@
+//! A real relay process on loopback (port 0), real TLS with the pinned certificate,
+//! clients of the relay API, and the documented refusals.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hotline_core::DeviceIdentity;
+use hotline_relay::client::{ClientError, RelayClient};
+use hotline_relay::storage::Membership;
+use rand::SeedableRng;
+
+struct Relay {
+    child: Child,
+    url: String,
+}
+
+impl Relay {
+    fn start(data: &Path) -> Relay {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+            .args(["relay", "serve", "--data"])
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("https://127.0.0.1:"),
+            "relay printed {line:?}"
+        );
+        Relay {
+            child,
+            url: line.trim().to_owned(),
+        }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn identity(party: &str, seed: u64) -> DeviceIdentity {
+    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
+}
+
+fn refused_code(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, String) {
+    match result {
+        Err(ClientError::Refused { status, code, .. }) => (status, code),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn data_dir(name: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("hotline-relay-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_forward_membership_and_refusals() {
+    hotline_relay::tls::install_provider();
+    let data = data_dir("main");
+    let relay = Relay::start(&data);
+    let (north, south, outsider) = (
+        identity("north", 1),
+        identity("south", 2),
+        identity("outsider", 3),
+    );
+    let client = RelayClient::new(&relay.url).unwrap();
+    let channel = [7u8; 32];
+
+    // Nothing registered: nobody may post.
+    assert_eq!(
+        refused_code(client.post(&north, &channel, b"x".to_vec()).await),
+        (403, "not-a-member".into())
+    );
+
+    // North registers the membership; replays and strangers are refused.
+    let membership = Membership {
+        committer: north.key().0,
+        version: 1,
+        members: vec![north.key().0, south.key().0],
+    };
+    client
+        .register(&north, &channel, &membership)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused_code(client.register(&north, &channel, &membership).await),
+        (409, "conflict".into())
+    );
+    let hijack = Membership {
+        committer: outsider.key().0,
+        version: 2,
+        members: vec![outsider.key().0],
+    };
+    assert_eq!(
+        refused_code(client.register(&outsider, &channel, &hijack).await),
+        (403, "not-committer".into())
+    );
+
+    // Store and forward, idempotent by content.
+    assert_eq!(
+        client
+            .post(&north, &channel, b"ciphertext one".to_vec())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        client
+            .post(&north, &channel, b"ciphertext one".to_vec())
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        client
+            .post(&south, &channel, b"ciphertext two".to_vec())
+            .await
+            .unwrap(),
+        2
+    );
+    let read = client
+        .fetch(&south, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        read,
+        vec![
+            (1, b"ciphertext one".to_vec()),
+            (2, b"ciphertext two".to_vec())
+        ]
+    );
+    assert_eq!(
+        client
+            .fetch(&south, &channel, 2, Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![]
+    );
+
+    // Non-members can neither read nor post.
+    assert_eq!(
+        refused_code(client.fetch(&outsider, &channel, 0, Duration::ZERO).await),
+        (403, "not-a-member".into())
+    );
+    assert_eq!(
+        refused_code(client.post(&outsider, &channel, b"spam".to_vec()).await),
+        (403, "not-a-member".into())
+    );
+
+    // Too large, empty, malformed ids.
+    assert_eq!(
+        refused_code(client.post(&north, &channel, vec![0; (1 << 20) + 1]).await).0,
+        413
+    );
+    assert_eq!(
+        refused_code(client.post(&north, &channel, Vec::new()).await),
+        (400, "malformed".into())
+    );
+
+    // Long poll: a waiting reader gets the next message as soon as it is stored.
+    let waiting = {
+        let (client, south) = (
+            client.clone(),
+            DeviceIdentity::from_secret_bytes(&south.to_secret_bytes()).unwrap(),
+        );
+        tokio::spawn(async move {
+            client
+                .fetch(&south, &channel, 2, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    client
+        .post(&north, &channel, b"three".to_vec())
+        .await
+        .unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(woke, vec![(3, b"three".to_vec())]);
+
+    // Inboxes: anyone authenticated may leave an invitation; only the owner reads it.
+    client
+        .post_inbox(&north, &south.key().0, b"welcome".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        client.fetch_inbox(&south, 0, Duration::ZERO).await.unwrap(),
+        vec![(1, b"welcome".to_vec())]
+    );
+
+    // Unauthenticated and wrongly signed requests: 401.
+    let (base, pin) = hotline_relay::tls::parse_url(&relay.url).unwrap();
+    let raw = reqwest::Client::builder()
+        .tls_backend_preconfigured(hotline_relay::tls::client_config(pin).unwrap())
+        .build()
+        .unwrap();
+    let response = raw
+        .get(format!(
+            "{base}/v1/channels/{}/messages",
+            hex::encode(channel)
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    let problem: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(problem["code"], "unauthenticated");
+    assert_eq!(
+        raw.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    let metrics = raw
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("hotline_relay_messages_stored_total 4"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"not-a-member\""));
+
+    // A wrong pin: the client refuses the relay's certificate.
+    let wrong = format!("{base}/#sha256={}", "00".repeat(32));
+    match RelayClient::new(&wrong)
+        .unwrap()
+        .fetch(&south, &channel, 0, Duration::ZERO)
+        .await
+    {
+        Err(ClientError::Network { detail, .. }) => assert!(
+            detail.contains("pin") || detail.contains("certificate"),
+            "{detail}"
+        ),
+        other => panic!("a wrong pin must fail the handshake, got {other:?}"),
+    }
+
+    // SIGTERM stops it cleanly; a restart on the same data keeps the pin and the messages.
+    assert!(relay.stop().success());
+    let restarted = Relay::start(&data);
+    let (_, new_pin) = hotline_relay::tls::parse_url(&restarted.url).unwrap();
+    assert_eq!(new_pin, pin);
+    let client = RelayClient::new(&restarted.url).unwrap();
+    assert_eq!(
+        client
+            .fetch(&south, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    let url = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(["relay", "url", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8(url.stdout).unwrap().trim(), restarted.url);
+    restarted.stop();
+}
