@@ -85,3 +85,45 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Entry>, DecodeError> {
     reader.finish()?;
     Ok(entries)
 }
+
+const INVITATION_MAGIC: &[u8; 15] = b"HOTLINE-INVITE\n";
+
+/// An invitation left in a device's relay inbox: the channel's relays and the Welcome.
+/// The relay list is not authenticated (relays are untrusted anyway); the Welcome is.
+pub fn encode_invitation(relays: &[String], welcome: &[u8]) -> Vec<u8> {
+    let mut writer = Writer::new();
+    writer.fixed(INVITATION_MAGIC);
+    writer.u8(VERSION);
+    writer.u32(relays.len() as u32);
+    for relay in relays {
+        writer.string(relay);
+    }
+    writer.bytes(welcome);
+    writer.into_bytes()
+}
+
+/// Reads an invitation back.
+pub fn decode_invitation(bytes: &[u8]) -> Result<(Vec<String>, Vec<u8>), DecodeError> {
+    let mut reader = Reader::new(bytes);
+    if reader.take(INVITATION_MAGIC.len(), "magic")? != INVITATION_MAGIC {
+        return Err(DecodeError::Invalid {
+            field: "magic",
+            reason: "not a hotline invitation",
+        });
+    }
+    let version = reader.u8("invitation version")?;
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            what: "invitation",
+            version,
+        });
+    }
+    let count = reader.count("relays", 16, 4)?;
+    let mut relays = Vec::with_capacity(count);
+    for _ in 0..count {
+        relays.push(reader.string("relay", 512)?);
+    }
+    let welcome = reader.bytes("welcome", MAX_MESSAGE)?.to_vec();
+    reader.finish()?;
+    Ok((relays, welcome))
+}

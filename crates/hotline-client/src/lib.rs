@@ -24,6 +24,7 @@ pub mod bundle;
 pub mod home;
 pub mod provider;
 pub mod store;
+pub mod sync;
 #[doc(hidden)]
 pub mod testing;
 

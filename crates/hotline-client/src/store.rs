@@ -21,7 +21,7 @@ use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
 
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -66,6 +66,24 @@ const MIGRATIONS: &[&str] = &[
         envelope BLOB,
         created_ms INTEGER NOT NULL,
         exported INTEGER NOT NULL DEFAULT 0
+    );",
+    // Version 2: relays.
+    "CREATE TABLE channel_relays (
+        channel BLOB NOT NULL REFERENCES channels(id),
+        url TEXT NOT NULL,
+        registered_version INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (channel, url)
+    );
+    CREATE TABLE cursors (
+        relay TEXT NOT NULL,
+        log TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (relay, log)
+    );
+    CREATE TABLE outbox_posted (
+        seq INTEGER NOT NULL REFERENCES outbox(seq),
+        relay TEXT NOT NULL,
+        PRIMARY KEY (seq, relay)
     );",
 ];
 
@@ -125,6 +143,28 @@ pub struct LogEntry {
     pub deadline_ms: Option<u64>,
     pub delivered_to: BTreeSet<String>,
     pub read_by: BTreeSet<String>,
+}
+
+/// A channel's relays and membership, for the sync engine.
+#[derive(Debug, Clone)]
+pub struct RelayPlan {
+    pub channel: ChannelId,
+    pub members: Vec<[u8; 32]>,
+    pub committer: bool,
+    pub epoch: u64,
+    /// Relay addresses with the membership version each holds.
+    pub relays: Vec<(String, u64)>,
+}
+
+/// One outgoing message and the relays that already hold it.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub channel: Option<ChannelId>,
+    pub welcome: bool,
+    pub recipients: Vec<DeviceKey>,
+    pub bytes: Vec<u8>,
+    pub posted: Vec<String>,
 }
 
 /// A channel as `hotline channel list` shows it.
@@ -351,6 +391,7 @@ impl Store {
         &mut self,
         name: &str,
         parties: &[String],
+        relays: &[String],
     ) -> Result<ChannelId, StoreError> {
         self.transact(|connection, identity, cache| {
             if channel_row(connection, name)?.is_some() {
@@ -386,6 +427,7 @@ impl Store {
             }
             save_channel(connection, &mut channel, true)?;
             let id = channel.id();
+            set_relays(connection, &id, relays)?;
             cache.channels.insert(id, channel);
             Ok(id)
         })
@@ -393,24 +435,52 @@ impl Store {
 
     /// Joins a channel from a Welcome, checking every member against verified contacts.
     pub fn join(&mut self, welcome: &[u8]) -> Result<(ChannelId, String), StoreError> {
+        self.join_at(welcome, &[], None)
+    }
+
+    /// Joins from a Welcome, records the channel's relays, and advances `cursor` in the
+    /// same transaction.
+    pub fn join_at(
+        &mut self,
+        welcome: &[u8],
+        relays: &[String],
+        cursor: Option<Cursor<'_>>,
+    ) -> Result<(ChannelId, String), StoreError> {
         let contacts = self.contacts()?;
         self.transact(|connection, identity, cache| {
+            if let Some(cursor) = cursor {
+                advance(connection, cursor)?;
+            }
             let provider = Provider::new(connection);
             let mut channel = Channel::join(&provider, identity, welcome, &contacts)?;
             if channel_row(connection, channel.name())?.is_some() {
                 return Err(StoreError::ChannelExists(channel.name().to_owned()));
             }
             save_channel(connection, &mut channel, true)?;
+            set_relays(connection, &channel.id(), relays)?;
             let joined = (channel.id(), channel.name().to_owned());
             cache.channels.insert(joined.0, channel);
             Ok(joined)
         })
     }
 
-    /// Processes one message from a relay (or a bundle) in one transaction.
+    /// Processes one message from a bundle in one transaction.
     pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
+        self.receive_at(bytes, None)
+    }
+
+    /// Processes one message and advances the relay cursor it came from, in one
+    /// transaction: a crash never skips a message or processes it twice.
+    pub fn receive_at(
+        &mut self,
+        bytes: &[u8],
+        cursor: Option<Cursor<'_>>,
+    ) -> Result<Vec<Event>, StoreError> {
         let channel_id = channel_of_message(bytes)?;
         self.transact(|connection, identity, cache| {
+            if let Some(cursor) = cursor {
+                advance(connection, cursor)?;
+            }
             let provider = Provider::new(connection);
             let mut channel = checkout(cache, connection, &provider, &channel_id)?;
             failpoint("receive-loaded")?;
@@ -651,6 +721,143 @@ impl Store {
         })
     }
 
+    /// Where a relay's log was read up to.
+    pub fn cursor(&self, relay: &str, log: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT seq FROM cursors WHERE relay = ?1 AND log = ?2",
+                params![relay, log],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0) as u64)
+    }
+
+    /// Moves a cursor past messages that could not be processed (and were reported).
+    pub fn skip_to(&mut self, cursor: Cursor<'_>) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| advance(connection, cursor))
+    }
+
+    /// What the sync engine needs to know of each channel.
+    pub fn relay_plan(&self) -> Result<Vec<RelayPlan>, StoreError> {
+        let mut plans = Vec::new();
+        for channel in self.channels()? {
+            let relays: Vec<(String, u64)> = self
+                .connection
+                .prepare("SELECT url, registered_version FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+                .query_map([&channel.id.0[..]], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+                .collect::<Result<_, _>>()?;
+            plans.push(RelayPlan {
+                channel: channel.id,
+                members: channel.members.iter().map(|m| m.key.0).collect(),
+                committer: channel.committer,
+                epoch: channel.epoch,
+                relays,
+            });
+        }
+        Ok(plans)
+    }
+
+    /// Records that a relay holds the membership of this version.
+    pub fn mark_registered(
+        &mut self,
+        channel: &ChannelId,
+        relay: &str,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "UPDATE channel_relays SET registered_version = ?3 WHERE channel = ?1 AND url = ?2",
+                params![&channel.0[..], relay, version as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Outbox rows, with the relays that already hold each.
+    pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
+        /// seq, channel, kind, recipients, bytes.
+        type Row = (i64, Option<Vec<u8>>, i64, Option<Vec<u8>>, Vec<u8>);
+        let rows: Vec<Row> = self
+            .connection
+            .prepare("SELECT seq, channel, kind, recipients, bytes FROM outbox ORDER BY seq")?
+            .query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut items = Vec::with_capacity(rows.len());
+        for (seq, channel, kind, recipients, bytes) in rows {
+            let posted: Vec<String> = self
+                .connection
+                .prepare_cached("SELECT relay FROM outbox_posted WHERE seq = ?1")?
+                .query_map([seq], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let channel = channel.and_then(|c| c.try_into().ok()).map(ChannelId);
+            let recipients = recipients
+                .unwrap_or_default()
+                .chunks_exact(32)
+                .filter_map(|k| k.try_into().ok().map(DeviceKey))
+                .collect();
+            items.push(OutboxItem {
+                seq: seq as u64,
+                channel,
+                welcome: kind == 2,
+                recipients,
+                bytes,
+                posted,
+            });
+        }
+        Ok(items)
+    }
+
+    /// Records that a relay durably holds an outbox row.
+    pub fn mark_posted(&mut self, seq: u64, relay: &str) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "INSERT OR IGNORE INTO outbox_posted (seq, relay) VALUES (?1, ?2)",
+                params![seq as i64, relay],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Relays named on a contact's card (where it receives invitations).
+    pub fn contact_relays(&self, device: &DeviceKey) -> Result<Vec<String>, StoreError> {
+        let card: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT card FROM contacts WHERE key = ?1",
+                [&device.0[..]],
+                |row| row.get(0),
+            )
+            .optional()?;
+        match card {
+            Some(card) => Ok(CardIn::decode(&card)?.relays().to_vec()),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Relays on this device's own card.
+    pub fn own_relays(&self) -> Result<Vec<String>, StoreError> {
+        Ok(CardIn::decode(&self.card()?)?.relays().to_vec())
+    }
+
+    /// The relays of a channel.
+    pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .connection
+            .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+            .query_map([&channel.0[..]], |row| row.get(0))?
+            .collect::<Result<_, _>>()?)
+    }
+
     /// How many outbox rows carry envelope `id` (exactly one for every sent message).
     pub fn outbox_rows_for(&self, id: &EnvelopeId) -> Result<u64, StoreError> {
         Ok(self.connection.query_row(
@@ -700,6 +907,37 @@ fn failpoint(name: &'static str) -> Result<(), StoreError> {
         return Err(StoreError::Corrupt(format!("failpoint {name}")));
     }
     let _ = name;
+    Ok(())
+}
+
+/// A position in a relay's log, advanced with what was read from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor<'a> {
+    pub relay: &'a str,
+    pub log: &'a str,
+    pub seq: u64,
+}
+
+fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO cursors (relay, log, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (relay, log) DO UPDATE SET seq = MAX(seq, ?3)",
+        params![cursor.relay, cursor.log, cursor.seq as i64],
+    )?;
+    Ok(())
+}
+
+fn set_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+    relays: &[String],
+) -> Result<(), StoreError> {
+    for relay in relays {
+        connection.execute(
+            "INSERT OR IGNORE INTO channel_relays (channel, url) VALUES (?1, ?2)",
+            params![&channel.0[..], relay],
+        )?;
+    }
     Ok(())
 }
 

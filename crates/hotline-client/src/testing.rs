@@ -22,7 +22,7 @@ fn try_verified_pair(north_home: &Path, south_home: &Path) -> Result<(Store, Sto
     let mut south = Store::init(south_home, "south", "desk", &[])?;
     north.import_card(&south.card()?, &south.identity().fingerprint())?;
     south.import_card(&north.card()?, &north.identity().fingerprint())?;
-    north.create_channel("crisis", &["south".into()])?;
+    north.create_channel("crisis", &["south".into()], &[])?;
     south.import_bundle(north.export_outbox()?)?;
     Ok((north, south))
 }

@@ -76,11 +76,11 @@ fn unknown_channel_and_party_are_clear_errors() {
         Err(StoreError::UnknownChannel(_))
     ));
     assert!(matches!(
-        north.create_channel("other", &["mars".into()]),
+        north.create_channel("other", &["mars".into()], &[]),
         Err(StoreError::UnknownParty(_))
     ));
     assert!(matches!(
-        north.create_channel("crisis", &[]),
+        north.create_channel("crisis", &[], &[]),
         Err(StoreError::ChannelExists(_))
     ));
 }

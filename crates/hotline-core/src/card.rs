@@ -203,6 +203,11 @@ impl CardIn {
         })
     }
 
+    /// The relays the card names (where its device receives invitations).
+    pub fn relays(&self) -> &[String] {
+        &self.relays
+    }
+
     /// Who the card claims to be. Untrusted until [`CardIn::verify`] succeeds.
     pub fn claimed(&self) -> &DeviceInfo {
         &self.info

@@ -166,9 +166,18 @@ pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: boo
     Ok(())
 }
 
-pub fn channel_create(home: &Path, name: &str, with: &[String], json_output: bool) -> Outcome {
+pub fn channel_create(
+    home: &Path,
+    name: &str,
+    with: &[String],
+    relays: &[String],
+    json_output: bool,
+) -> Outcome {
+    for relay in relays {
+        hotline_relay::tls::parse_url(relay).map_err(|e| failure(e.to_string()))?;
+    }
     let mut store = Store::open(home)?;
-    let id = store.create_channel(name, with)?;
+    let id = store.create_channel(name, with, relays)?;
     if json_output {
         out!(
             "{}",
@@ -176,9 +185,15 @@ pub fn channel_create(home: &Path, name: &str, with: &[String], json_output: boo
         );
     } else {
         out!("Created channel {name} ({id}) with {}.", with.join(", "));
-        out!(
-            "The invitation is in the outbox: hotline bundle export --out FILE, and hand the file over."
-        );
+        if relays.is_empty() {
+            out!(
+                "The invitation is in the outbox: hotline bundle export --out FILE, and hand the file over."
+            );
+        } else {
+            out!(
+                "The invitation is in the outbox: hotline sync delivers it to the invitees' relays."
+            );
+        }
     }
     Ok(())
 }
@@ -359,6 +374,50 @@ pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
         bytes.len(),
         out.display()
     );
+    Ok(())
+}
+
+pub fn sync(home: &Path, json_output: bool) -> Outcome {
+    hotline_relay::tls::install_provider();
+    let mut store = Store::open(home)?;
+    let _lock = store.home().lock_receiving()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failure(format!("cannot start: {e}")))?;
+    let report = runtime.block_on(hotline_client::sync::sync_once(&mut store))?;
+    let relays: Vec<_> = report
+        .relays
+        .iter()
+        .map(|(url, error)| json!({"url": url, "ok": error.is_none(), "error": error}))
+        .collect();
+    if json_output {
+        out!(
+            "{}",
+            json!({"pushed": report.pushed, "received": report.received, "joined": report.joined,
+                   "refused": report.refused, "relays": relays})
+        );
+    } else {
+        out!("pushed {}, received {}", report.pushed, report.received);
+        for name in &report.joined {
+            out!("joined channel {name}");
+        }
+        for (url, error) in &report.relays {
+            match error {
+                None => out!("relay {url}: ok"),
+                Some(error) => out!("relay {url}: {error}"),
+            }
+        }
+        for refused in &report.refused {
+            eprintln!("refused: {refused}");
+        }
+    }
+    if !report.any_relay_reachable() {
+        return Err(Failure {
+            message: "no relay reachable; messages stay queued. Check the relays' addresses and that they run".into(),
+            code: exit::NETWORK,
+        });
+    }
     Ok(())
 }
 

@@ -120,6 +120,11 @@ enum Command {
         /// The message id, or a unique prefix of at least 8 hex digits.
         message: String,
     },
+    /// Push the outbox to the relays, pick up invitations, pull every channel.
+    Sync {
+        #[command(flatten)]
+        json: Json,
+    },
     /// Write the signed transcript of a channel to a file.
     Export {
         channel: String,
@@ -173,7 +178,7 @@ enum ChannelCommand {
         /// A party to invite (repeat for several).
         #[arg(long = "with", required = true)]
         with: Vec<String>,
-        /// Relays of the channel (used once relays exist).
+        /// Relays of the channel (repeat for several), as printed by `hotline relay url`.
         #[arg(long = "relay")]
         relays: Vec<String>,
         #[command(flatten)]
@@ -243,8 +248,11 @@ fn main() -> ExitCode {
             json,
         }) => device::card_import(&home, &file, &fingerprint, json.json),
         Command::Channel(ChannelCommand::Create {
-            name, with, json, ..
-        }) => device::channel_create(&home, &name, &with, json.json),
+            name,
+            with,
+            relays,
+            json,
+        }) => device::channel_create(&home, &name, &with, &relays, json.json),
         Command::Channel(ChannelCommand::Join { file }) => device::channel_join(&home, &file),
         Command::Channel(ChannelCommand::List { json }) => device::channel_list(&home, json.json),
         Command::Send {
@@ -255,6 +263,7 @@ fn main() -> ExitCode {
         } => device::send(&home, &channel, &text, deadline.as_deref(), json.json),
         Command::Log { channel, json } => device::log(&home, &channel, json.json),
         Command::Ack { channel, message } => device::ack(&home, &channel, &message),
+        Command::Sync { json } => device::sync(&home, json.json),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
         Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),

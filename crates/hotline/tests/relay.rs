@@ -18,10 +18,14 @@ struct Relay {
 
 impl Relay {
     fn start(data: &Path) -> Relay {
+        Self::start_on(data, "127.0.0.1:0")
+    }
+
+    fn start_on(data: &Path, listen: &str) -> Relay {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
             .args(["relay", "serve", "--data"])
             .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -285,4 +289,125 @@ async fn store_forward_membership_and_refusals() {
         .unwrap();
     assert_eq!(String::from_utf8(url.stdout).unwrap().trim(), restarted.url);
     restarted.stop();
+}
+
+fn cli(home: &Path, args: &[&str]) -> (i32, String) {
+    let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .env("HOTLINE_HOME", home)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+fn ok(home: &Path, args: &[&str]) -> String {
+    let (code, stdout) = cli(home, args);
+    assert_eq!(code, 0, "hotline {args:?}");
+    stdout
+}
+
+fn field(text: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()[name].clone()
+}
+
+/// Two devices over a real relay process: invitation through the inbox, messages and
+/// receipts both ways; with the relay down, `sync` exits 3 and nothing is lost.
+#[test]
+fn two_devices_over_a_relay() {
+    let dir = data_dir("cli");
+    let relay = Relay::start(&dir.join("relay"));
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    ok(&north, &["init", "--party", "north", "--relay", &relay.url]);
+    ok(&south, &["init", "--party", "south", "--relay", &relay.url]);
+    let fp = |home: &Path| {
+        field(&ok(home, &["id", "--json"]), "fingerprint")
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (north_fp, south_fp) = (fp(&north), fp(&south));
+    let (north_card, south_card) = (dir.join("north.card"), dir.join("south.card"));
+    ok(
+        &north,
+        &["card", "export", "--out", north_card.to_str().unwrap()],
+    );
+    ok(
+        &south,
+        &["card", "export", "--out", south_card.to_str().unwrap()],
+    );
+    ok(
+        &north,
+        &[
+            "card",
+            "import",
+            south_card.to_str().unwrap(),
+            "--fingerprint",
+            &south_fp,
+        ],
+    );
+    ok(
+        &south,
+        &[
+            "card",
+            "import",
+            north_card.to_str().unwrap(),
+            "--fingerprint",
+            &north_fp,
+        ],
+    );
+    ok(
+        &north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+        ],
+    );
+    assert!(
+        field(&ok(&north, &["sync", "--json"]), "pushed")
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+    assert_eq!(
+        field(&ok(&south, &["sync", "--json"]), "joined"),
+        serde_json::json!(["crisis"])
+    );
+
+    let id = field(
+        &ok(&north, &["send", "crisis", "over the relay", "--json"]),
+        "id",
+    )
+    .as_str()
+    .unwrap()
+    .to_owned();
+    ok(&north, &["sync"]);
+    assert_eq!(field(&ok(&south, &["sync", "--json"]), "received"), 1);
+    let log = ok(&south, &["log", "crisis", "--json"]);
+    assert_eq!(field(&log, "text"), "over the relay");
+    ok(&south, &["ack", "crisis", &id[..12]]);
+    ok(&south, &["send", "crisis", "acknowledged"]);
+    ok(&south, &["sync"]);
+    ok(&north, &["sync"]);
+    let log = ok(&north, &["log", "crisis", "--json"]);
+    assert_eq!(field(&log, "read_by"), serde_json::json!(["south"]));
+    assert_eq!(log.lines().count(), 2);
+
+    // The relay stops: sync says so with exit 3, and the message waits in the outbox.
+    let address = relay
+        .url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    relay.stop();
+    ok(&north, &["send", "crisis", "while the relay is down"]);
+    assert_eq!(cli(&north, &["sync"]).0, 3);
+    let relay = Relay::start_on(&dir.join("relay"), &address);
+    ok(&north, &["sync"]);
+    ok(&south, &["sync"]);
+    assert_eq!(ok(&south, &["log", "crisis", "--json"]).lines().count(), 3);
+    relay.stop();
 }
