@@ -411,3 +411,105 @@ fn two_devices_over_a_relay() {
     assert_eq!(ok(&south, &["log", "crisis", "--json"]).lines().count(), 3);
     relay.stop();
 }
+
+/// A client streams messages while the relay is SIGKILLed at random moments and
+/// restarted on the same data, `HOTLINE_RELAY_KILLS` times (default 100): every message
+/// the relay acknowledged is there afterwards, exactly once, in order of acknowledgement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
+    use rand::Rng;
+    hotline_relay::tls::install_provider();
+    let kills: usize = std::env::var("HOTLINE_RELAY_KILLS")
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(100);
+    let seed: u64 = std::env::var("HOTLINE_RELAY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    println!("relay crash test: seed {seed}, {kills} kills");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let data = data_dir("crash");
+    let north = identity("north", 1);
+    let channel = [9u8; 32];
+    let mut relay = Relay::start(&data);
+    let address = relay
+        .url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let membership = Membership {
+        committer: north.key().0,
+        version: 1,
+        members: vec![north.key().0],
+    };
+    RelayClient::new(&relay.url)
+        .unwrap()
+        .register(&north, &channel, &membership)
+        .await
+        .unwrap();
+
+    let mut acknowledged: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut counter = 0u64;
+    for _ in 0..kills {
+        let client = RelayClient::new(&relay.url).unwrap();
+        let stream = {
+            let north = DeviceIdentity::from_secret_bytes(&north.to_secret_bytes()).unwrap();
+            let start = counter;
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for n in start.. {
+                    let payload = format!("message {n}").into_bytes();
+                    match client.post(&north, &channel, payload.clone()).await {
+                        Ok(seq) => acked.push((seq, payload)),
+                        Err(_) => break,
+                    }
+                }
+                acked
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(5..80))).await;
+        relay.child.kill().unwrap();
+        relay.child.wait().unwrap();
+        let acked = stream.await.unwrap();
+        counter += acked.len() as u64 + 1;
+        acknowledged.extend(acked);
+        relay = Relay::start_on(&data, &address);
+    }
+    let client = RelayClient::new(&relay.url).unwrap();
+    let mut stored = Vec::new();
+    loop {
+        let after = stored.last().map_or(0, |(seq, _): &(u64, Vec<u8>)| *seq);
+        let batch = client
+            .fetch(&north, &channel, after, Duration::ZERO)
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        stored.extend(batch);
+    }
+    assert!(
+        acknowledged.len() > kills,
+        "too few acknowledged messages ({}) to mean much",
+        acknowledged.len()
+    );
+    for (seq, payload) in &acknowledged {
+        let copies = stored.iter().filter(|(_, bytes)| bytes == payload).count();
+        assert_eq!(
+            copies, 1,
+            "acknowledged message {seq} stored {copies} times"
+        );
+        assert!(
+            stored.contains(&(*seq, payload.clone())),
+            "acknowledged message {seq} lost or moved"
+        );
+    }
+    println!(
+        "{} acknowledged messages survived {kills} kills",
+        acknowledged.len()
+    );
+    relay.stop();
+}

@@ -1,0 +1,249 @@
+//! A relay under abuse, on loopback with real TLS: a slow client is cut off while
+//! others are served, a flooding device is slowed down while another device's messages
+//! go through, garbage changes nothing.
+
+use std::time::{Duration, Instant};
+
+use hotline_core::DeviceIdentity;
+use hotline_relay::client::{ClientError, RelayClient};
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::tls;
+use rand::SeedableRng;
+use tokio::io::AsyncWriteExt;
+
+fn identity(party: &str, seed: u64) -> DeviceIdentity {
+    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
+}
+
+async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
+    tls::install_provider();
+    let dir = std::env::temp_dir().join(format!("hotline-abuse-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (cert, key) = tls::load_or_create(&dir).unwrap();
+    let pin = tls::pin_of(&cert);
+    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quota_per_log).unwrap();
+    let running = server::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        tls::server_config(cert, key).unwrap(),
+        storage,
+        limits,
+    )
+    .await
+    .unwrap();
+    let url = tls::relay_url(&running.address.to_string(), &pin);
+    (running, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_one_byte_a_second_is_cut_off_while_others_are_served() {
+    let limits = Limits {
+        header_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    };
+    let (running, url) = relay("slow", limits).await;
+    let north = identity("north", 1);
+    let channel = [1u8; 32];
+    let client = RelayClient::new(&url).unwrap();
+    client
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0],
+            },
+        )
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let slow = tokio::spawn({
+        let address = running.address;
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+            // The start of a TLS ClientHello, one byte a second.
+            for byte in [
+                0x16u8, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0, 0, 0, 0, 0,
+                0, 0, 0, 0,
+            ] {
+                if stream.write_all(&[byte]).await.is_err() {
+                    return Instant::now();
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Instant::now()
+        }
+    });
+    // Meanwhile the relay serves others.
+    for n in 0..5u8 {
+        client
+            .post(&north, &channel, vec![n + 1; 100])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cut_at = slow.await.unwrap();
+    let held = cut_at.duration_since(started);
+    assert!(
+        held < Duration::from_secs(15),
+        "the slow client held its connection for {held:?}"
+    );
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_device_is_slowed_down_and_others_still_get_through() {
+    let limits = Limits {
+        rate_per_second: 20.0,
+        rate_burst: 40.0,
+        ..Limits::default()
+    };
+    let (running, url) = relay("flood", limits).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = [2u8; 32];
+    let client = RelayClient::new(&url).unwrap();
+    client
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0, south.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    let mut slowed = 0;
+    for n in 0..200u32 {
+        match client
+            .post(&north, &channel, n.to_be_bytes().to_vec())
+            .await
+        {
+            Ok(_) => {}
+            Err(ClientError::Refused {
+                status: 429, code, ..
+            }) => {
+                assert_eq!(code, "slow-down");
+                slowed += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(
+        slowed > 100,
+        "only {slowed} of 200 flooding requests were slowed down"
+    );
+    // South is not affected by north's flood.
+    for n in 0..10u8 {
+        client.post(&south, &channel, vec![n; 10]).await.unwrap();
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_refused_with_its_code_and_changes_nothing() {
+    let (running, url) = relay("garbage", Limits::default()).await;
+    let north = identity("north", 1);
+    let channel = [3u8; 32];
+    let client = RelayClient::new(&url).unwrap();
+    client
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .post(&north, &channel, b"one".to_vec())
+        .await
+        .unwrap();
+
+    let (base, pin) = tls::parse_url(&url).unwrap();
+    let raw = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::client_config(pin).unwrap())
+        .build()
+        .unwrap();
+    let signed = |method: &str, path: &str, body: &[u8]| {
+        let mut request = raw.request(method.parse().unwrap(), format!("{base}{path}"));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        for (name, value) in hotline_relay::auth::sign_request(&north, method, path, now, body) {
+            request = request.header(name, value);
+        }
+        request.body(body.to_vec())
+    };
+    let members_path = format!("/v1/channels/{}/members", hex::encode(channel));
+    for (body, status) in [
+        (&b"{not json"[..], 400),
+        (
+            &br#"{"committer":"zz","version":2,"members":[],"signature":"00"}"#[..],
+            400,
+        ),
+    ] {
+        let response = signed("PUT", &members_path, body).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+    }
+    let bad_id = signed("GET", "/v1/channels/not-hex/messages", b"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_id.status().as_u16(), 400);
+    // A signature over another body: 401, nothing stored.
+    let messages_path = format!("/v1/channels/{}/messages", hex::encode(channel));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut forged = raw.post(format!("{base}{messages_path}"));
+    for (name, value) in
+        hotline_relay::auth::sign_request(&north, "POST", &messages_path, now, b"the signed body")
+    {
+        forged = forged.header(name, value);
+    }
+    assert_eq!(
+        forged
+            .body(b"another body".to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    // A request from an hour ago: 401.
+    let mut stale = raw.post(format!("{base}{messages_path}"));
+    for (name, value) in
+        hotline_relay::auth::sign_request(&north, "POST", &messages_path, now - 3_600_000, b"late")
+    {
+        stale = stale.header(name, value);
+    }
+    assert_eq!(
+        stale
+            .body(b"late".to_vec())
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    // State unchanged: one message, membership version 1 still in force.
+    assert_eq!(
+        client
+            .fetch(&north, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![(1, b"one".to_vec())]
+    );
+    running.shutdown().await;
+}
