@@ -7,6 +7,7 @@
 //!        └──────────── answer (seq, duplicate) after COMMIT ──────┘
 //! ```
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
@@ -153,6 +154,9 @@ fn write_loop(
     quota: u64,
     durations: Arc<Mutex<Vec<f64>>>,
 ) {
+    // Last sequence number and bytes used per log, known to this thread alone (the only
+    // writer); read from the database the first time a log is seen.
+    let mut heads: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(more) = jobs.try_recv() {
@@ -162,8 +166,12 @@ fn write_loop(
             }
         }
         let start = Instant::now();
-        let results = match commit_batch(&mut connection, &batch, quota) {
-            Ok(results) => results,
+        let mut staged = heads.clone();
+        let results = match commit_batch(&mut connection, &batch, quota, &mut staged) {
+            Ok(results) => {
+                heads = staged;
+                results
+            }
             Err(error) => {
                 let message = error.to_string();
                 batch
@@ -191,6 +199,7 @@ fn commit_batch(
     connection: &mut Connection,
     batch: &[Job],
     quota: u64,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
 ) -> Result<Vec<Result<Appended, StorageError>>, rusqlite::Error> {
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -212,16 +221,21 @@ fn commit_batch(
             }));
             continue;
         }
-        let (last, used): (i64, i64) = transaction.query_row(
-            "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
-            [&key],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
+        let (last, used) = match heads.get(&key) {
+            Some(head) => *head,
+            None => transaction.query_row(
+                "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
+                [&key],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )?,
+        };
         if used as u64 + job.bytes.len() as u64 > quota {
+            heads.insert(key, (last, used));
             results.push(Err(StorageError::QuotaExceeded(quota)));
             continue;
         }
         let seq = last + 1;
+        heads.insert(key.clone(), (seq, used + job.bytes.len() as i64));
         transaction.execute(
             "INSERT INTO messages (log, seq, hash, bytes) VALUES (?1, ?2, ?3, ?4)",
             params![key, seq, &hash[..], job.bytes],

@@ -1,0 +1,131 @@
+//! Relay durable ingest at 1 KiB with 1, 8 and 64 concurrent senders, beside the
+//! disk's group-commit fsync limit measured in the same run.
+//!
+//! `cargo bench -p hotline-relay --bench ingest` (`HOTLINE_BENCH_MESSAGES` per sender
+//! count, default 2000).
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hotline_core::DeviceIdentity;
+use hotline_relay::client::RelayClient;
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::tls;
+use rand::SeedableRng;
+
+/// 1 KiB records appended `batch` at a time, one fdatasync per batch.
+fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f64 {
+    let mut file = std::fs::File::create(dir.join(format!("group-{batch}.log"))).unwrap();
+    let record = vec![b'x'; 1024];
+    let start = Instant::now();
+    for _ in 0..records / batch {
+        for _ in 0..batch {
+            file.write_all(&record).unwrap();
+        }
+        file.sync_data().unwrap();
+    }
+    (records / batch * batch) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    tls::install_provider();
+    let total: usize = std::env::var("HOTLINE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(2000);
+    let dir = std::env::temp_dir().join(format!("hotline-bench-ingest-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+
+    for senders in [1usize, 8, 64] {
+        let limit = group_commit_limit(&dir, senders, total.max(senders));
+        let measured = runtime.block_on(async {
+            let data = dir.join(format!("relay-{senders}"));
+            let (cert, key) = tls::load_or_create(&data).unwrap();
+            let pin = tls::pin_of(&cert);
+            let limits = Limits {
+                rate_per_second: 1e9,
+                rate_burst: 1e9,
+                ..Limits::default()
+            };
+            let storage =
+                SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
+            let running = server::serve(
+                "127.0.0.1:0".parse().unwrap(),
+                tls::server_config(cert, key).unwrap(),
+                storage,
+                limits,
+            )
+            .await
+            .unwrap();
+            let url = tls::relay_url(&running.address.to_string(), &pin);
+            let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
+                .map(|n| {
+                    Arc::new(
+                        DeviceIdentity::generate(
+                            "party",
+                            "desk",
+                            &mut rand::rngs::StdRng::seed_from_u64(n as u64),
+                        )
+                        .unwrap(),
+                    )
+                })
+                .collect();
+            let channel = [senders as u8; 32];
+            let membership = Membership {
+                committer: identities[0].key().0,
+                version: 1,
+                members: identities.iter().map(|i| i.key().0).collect(),
+            };
+            RelayClient::new(&url)
+                .unwrap()
+                .register(&identities[0], &channel, &membership)
+                .await
+                .unwrap();
+            let per_sender = total / senders;
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for (n, identity) in identities.into_iter().enumerate() {
+                let client = RelayClient::new(&url).unwrap();
+                tasks.push(tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(per_sender);
+                    for m in 0..per_sender {
+                        let mut payload = vec![0u8; 1024];
+                        payload[..16].copy_from_slice(
+                            &[(n as u64).to_be_bytes(), (m as u64).to_be_bytes()].concat(),
+                        );
+                        let sent = Instant::now();
+                        client.post(&identity, &channel, payload).await.unwrap();
+                        latencies.push(sent.elapsed());
+                    }
+                    latencies
+                }));
+            }
+            let mut latencies: Vec<Duration> = Vec::new();
+            for task in tasks {
+                latencies.extend(task.await.unwrap());
+            }
+            let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+            latencies.sort();
+            let p50 = latencies[latencies.len() / 2];
+            let p99 = latencies[latencies.len() * 99 / 100];
+            running.shutdown().await;
+            (rate, p50, p99)
+        });
+        let (rate, p50, p99) = measured;
+        println!(
+            "{senders:>3} senders: relay {rate:>8.0} msg/s (p50 {:>6.2} ms, p99 {:>6.2} ms) | group-commit limit at batch {senders}: {limit:>8.0} rec/s | {:.0} % of it",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            100.0 * rate / limit
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
