@@ -671,6 +671,14 @@ impl Store {
             .collect())
     }
 
+    /// The transcript root of a channel: (RFC 6962 hash, number of envelopes).
+    pub fn transcript_root(&mut self, channel: &str) -> Result<([u8; 32], u64), StoreError> {
+        let provider = Provider::new(&self.connection);
+        Ok(load_channel(&self.connection, &provider, channel)?
+            .transcript()
+            .root())
+    }
+
     /// Channels this device is in.
     pub fn channels(&self) -> Result<Vec<ChannelSummary>, StoreError> {
         let names: Vec<String> = self

@@ -1,46 +1,32 @@
-//! `hotline demo`: the whole story of a channel, in memory.
+//! `hotline demo`: the whole story on loopback, with a real relay.
 //!
-//! Three parties (two sides and a mediator) create identities, compare fingerprints,
-//! open a channel, exchange messages and read receipts, and export and verify the
-//! transcript. The relay is, for now, an in-memory log that every device reads in
-//! order; the networked relay replaces it without changing the story.
+//! A relay (HTTPS, self-signed certificate pinned in its address, embedded SQLite) and
+//! three devices (two sides and a mediator), each with its own store in a temporary
+//! directory: they compare fingerprints, open a channel through the relay, exchange
+//! messages and read receipts, and export and verify the transcript.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, anyhow, bail};
-use hotline_core::card::CardIn;
-use hotline_core::{
-    Body, Channel, DeviceIdentity, DeviceInfo, EnvelopeId, Event, Export, Fingerprint, Outgoing,
-    create_card, safety_number,
-};
-use openmls_rust_crypto::OpenMlsRustCrypto;
-use openmls_traits::OpenMlsProvider;
+use anyhow::{Result, bail};
+use hotline_client::Store;
+use hotline_client::sync::sync_once;
+use hotline_core::{Body, EnvelopeId, Export, Fingerprint, safety_number};
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::SqliteStorage;
+use hotline_relay::tls;
 use serde_json::json;
 
 use crate::exit;
 
-struct Party {
-    identity: DeviceIdentity,
-    provider: OpenMlsRustCrypto,
-    card: Vec<u8>,
-    channel: Option<Channel>,
-    read_up_to: usize,
-    received: BTreeSet<EnvelopeId>,
-}
-
 struct Story {
-    parties: Vec<Party>,
-    relay_log: Vec<Vec<u8>>,
     json: bool,
+    runtime: tokio::runtime::Runtime,
+    devices: Vec<Store>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+const NAMES: [&str; 3] = ["north", "south", "mediator"];
 
 impl Story {
     fn say(&self, line: impl AsRef<str>) {
@@ -49,48 +35,52 @@ impl Story {
         }
     }
 
-    fn channel_of(
-        &mut self,
-        index: usize,
-    ) -> Result<(&mut Channel, &OpenMlsRustCrypto, &DeviceIdentity)> {
-        let party = &mut self.parties[index];
-        let channel = party.channel.as_mut().context("party has no channel")?;
-        Ok((channel, &party.provider, &party.identity))
-    }
-
-    fn send(&mut self, index: usize, body: Body) -> Result<EnvelopeId> {
-        let (channel, provider, identity) = self.channel_of(index)?;
-        let (id, bytes) = channel.send(provider, identity, body, now_ms(), None)?;
-        self.relay_log.push(bytes);
-        Ok(id)
-    }
-
-    /// Every device reads the relay log up to its end.
-    fn sync(&mut self) -> Result<()> {
-        for party in &mut self.parties {
-            let Some(channel) = party.channel.as_mut() else {
-                continue;
-            };
-            while party.read_up_to < self.relay_log.len() {
-                let bytes = &self.relay_log[party.read_up_to];
-                party.read_up_to += 1;
-                for event in channel.receive(&party.provider, bytes)? {
-                    match event {
-                        Event::Accepted(ids) => party.received.extend(ids),
-                        Event::Fork { .. } | Event::Refused(_) | Event::UnverifiedMember(_) => {
-                            bail!("{}: {event:?}", party.identity.info().party)
-                        }
-                        _ => {}
-                    }
+    /// Every device syncs, twice, so that what one sends on the first pass reaches the
+    /// others on the second.
+    fn sync_all(&mut self) -> Result<()> {
+        for _ in 0..2 {
+            for device in &mut self.devices {
+                let report = self.runtime.block_on(sync_once(device))?;
+                if let Some(refused) = report.refused.first() {
+                    bail!("a message was refused: {refused}");
+                }
+                if let Some((url, Some(error))) = report.relays.iter().find(|(_, e)| e.is_some()) {
+                    bail!("relay {url} failed: {error}");
                 }
             }
         }
         Ok(())
     }
+
+    fn send(&mut self, index: usize, text: &str) -> Result<EnvelopeId> {
+        let id = self.devices[index].send("crisis-line", Body::Text(text.into()), None)?;
+        self.say(format!("   {:<9} {text}", NAMES[index]));
+        Ok(id)
+    }
+}
+
+fn temporary_directory() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "hotline-demo-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    Ok(dir)
 }
 
 pub fn run(json_output: bool) -> ExitCode {
-    match story(json_output) {
+    let dir = match temporary_directory() {
+        Ok(dir) => dir,
+        Err(error) => {
+            eprintln!("hotline demo: cannot create a temporary directory: {error}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let result = story(&dir, json_output);
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
         Ok(summary) => {
             let ok = summary["transcripts_identical"] == true
                 && summary["transcript_verified"] == true
@@ -98,7 +88,7 @@ pub fn run(json_output: bool) -> ExitCode {
                 && summary["wrong_fingerprint_refused"] == true;
             if json_output {
                 out!("{summary}");
-            } else {
+            } else if ok {
                 out!("\nEvery check held.");
             }
             if ok {
@@ -114,110 +104,101 @@ pub fn run(json_output: bool) -> ExitCode {
     }
 }
 
-fn story(json_output: bool) -> Result<serde_json::Value> {
-    let mut rng = rand::rngs::OsRng;
-    let names = [
-        ("north", "duty-desk"),
-        ("south", "duty-desk"),
-        ("mediator", "office"),
-    ];
-    let mut parties = Vec::new();
-    for (party, device) in names {
-        let identity = DeviceIdentity::generate(party, device, &mut rng)?;
-        let provider = OpenMlsRustCrypto::default();
-        let card = create_card(&identity, &provider, 4, &[])?;
-        parties.push(Party {
-            identity,
-            provider,
-            card,
-            channel: None,
-            read_up_to: 0,
-            received: BTreeSet::new(),
-        });
+fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
+    tls::install_provider();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let relay_dir = dir.join("relay");
+    let (cert, key) = tls::load_or_create(&relay_dir)?;
+    let pin = tls::pin_of(&cert);
+    let limits = Limits::default();
+    let storage = SqliteStorage::open(&relay_dir.join("relay.db"), limits.quota_per_log)?;
+    let running = runtime.block_on(server::serve(
+        "127.0.0.1:0".parse()?,
+        tls::server_config(cert, key)?,
+        storage,
+        limits,
+    ))?;
+    let url = tls::relay_url(&running.address.to_string(), &pin);
+
+    let mut devices = Vec::new();
+    for name in NAMES {
+        devices.push(Store::init(
+            &dir.join(name),
+            name,
+            "duty-desk",
+            std::slice::from_ref(&url),
+        )?);
     }
     let mut story = Story {
-        parties,
-        relay_log: Vec::new(),
         json: json_output,
+        runtime,
+        devices,
     };
+    story.say(format!("0. A relay runs on loopback: {url}"));
+    story.say("   (its certificate is pinned by the hash in its address)");
 
     story.say("1. Three parties create their device identities.");
-    for party in &story.parties {
-        let info = party.identity.info();
+    for device in &story.devices {
+        let info = device.identity().info();
         story.say(format!(
             "   {:<9} fingerprint {}",
             info.party,
             info.fingerprint()
         ));
     }
-    let north_fp = story.parties[0].identity.fingerprint();
-    let south_fp = story.parties[1].identity.fingerprint();
+    let fingerprints: Vec<Fingerprint> = story
+        .devices
+        .iter()
+        .map(|d| d.identity().fingerprint())
+        .collect();
     story.say(format!(
         "   north and south read their safety number to each other:\n   {}",
-        safety_number(&north_fp, &south_fp)
+        safety_number(&fingerprints[0], &fingerprints[1])
     ));
 
     story
         .say("2. Each imports the others' contact cards with the fingerprint read over the phone.");
+    let cards: Vec<Vec<u8>> = story
+        .devices
+        .iter()
+        .map(Store::card)
+        .collect::<Result<_, _>>()?;
     let wrong = Fingerprint::parse(&"1".repeat(30))?;
-    let refused = CardIn::decode(&story.parties[1].card)?
-        .verify(&wrong, story.parties[0].provider.crypto())
-        .is_err();
+    let refused = story.devices[0]
+        .import_card(&cards[1], &wrong)
+        .is_err_and(|e| e.is_trust_refusal());
     story.say(format!(
         "   a card checked against a wrong fingerprint is refused: {}",
         if refused { "yes" } else { "NO" }
     ));
-    let mut verified = Vec::new();
-    for other in [1, 2] {
-        let card = CardIn::decode(&story.parties[other].card)?;
-        let fingerprint = story.parties[other].identity.fingerprint();
-        verified.push(card.verify(&fingerprint, story.parties[0].provider.crypto())?);
-    }
-
-    story.say("3. north creates the channel \"crisis-line\" and adds south and the mediator.");
-    let north = &story.parties[0];
-    let mut channel = Channel::create(&north.provider, &north.identity, "crisis-line")?;
-    let Outgoing::Commit(commit) = channel.add(&north.provider, &north.identity, verified)? else {
-        bail!("adding members did not produce a commit");
-    };
-    story.relay_log.push(commit);
-    let released = channel.commit_accepted(&north.provider, &north.identity, now_ms())?;
-    story.parties[0].channel = Some(channel);
-    story.parties[0].read_up_to = story.relay_log.len();
-    let mut welcome = None;
-    for out in released {
-        match out {
-            Outgoing::Welcome { bytes, .. } => welcome = Some(bytes),
-            Outgoing::Message { bytes, .. } => story.relay_log.push(bytes),
-            Outgoing::Commit(_) => bail!("unexpected commit"),
+    for reader in 0..3 {
+        for owner in 0..3 {
+            if reader != owner {
+                story.devices[reader].import_card(&cards[owner], &fingerprints[owner])?;
+            }
         }
     }
-    let welcome = welcome.ok_or_else(|| anyhow!("no Welcome was released"))?;
-    let infos: Vec<DeviceInfo> = story
-        .parties
-        .iter()
-        .map(|p| p.identity.info().clone())
-        .collect();
-    for index in [1, 2] {
-        let party = &mut story.parties[index];
-        let contacts: Vec<_> = infos
-            .iter()
-            .filter(|i| i.key != party.identity.key())
-            .cloned()
-            .collect();
-        party.channel = Some(Channel::join(
-            &party.provider,
-            &party.identity,
-            &welcome,
-            &contacts,
-        )?);
-        // The Welcome carries the epoch after the commit: the commit itself is not for them.
-        party.read_up_to = 1;
-    }
-    story.say("   south and the mediator join after checking every member against their verified contacts.");
-    story.sync()?;
 
-    story.say("4. Messages cross the line.");
+    story.say(
+        "3. north creates the channel \"crisis-line\" on the relay with south and the mediator.",
+    );
+    story.devices[0].create_channel(
+        "crisis-line",
+        &["south".into(), "mediator".into()],
+        std::slice::from_ref(&url),
+    )?;
+    story.sync_all()?;
+    for device in &story.devices[1..] {
+        if device.channels()?.is_empty() {
+            bail!("{} did not join", device.identity().info().party);
+        }
+    }
+    story.say("   south and the mediator found their invitations on the relay and joined after checking every member.");
+
+    story.say("4. Messages cross the line, through the relay.");
     let texts = [
         (
             0,
@@ -238,14 +219,9 @@ fn story(json_output: bool) -> Result<serde_json::Value> {
     ];
     let mut sent = Vec::new();
     for (index, text) in texts {
-        let id = story.send(index, Body::Text(text.into()))?;
-        story.say(format!(
-            "   {:<9} {}",
-            story.parties[index].identity.info().party,
-            text
-        ));
+        let id = story.send(index, text)?;
         sent.push((index, id));
-        story.sync()?;
+        story.sync_all()?;
     }
 
     story.say("5. People read and acknowledge; every device checkpoints its view of history.");
@@ -256,56 +232,41 @@ fn story(json_output: bool) -> Result<serde_json::Value> {
         (0, sent[2]),
         (1, sent[3]),
     ] {
-        story.send(reader, Body::ReadReceipt(vec![id]))?;
+        story.devices[reader].ack("crisis-line", &id.to_hex())?;
     }
-    story.sync()?;
+    story.sync_all()?;
     for index in 0..3 {
-        let (channel, provider, identity) = story.channel_of(index)?;
-        let (_, bytes) = channel.checkpoint(provider, identity, now_ms())?;
-        story.relay_log.push(bytes);
-        story.sync()?;
+        story.devices[index].export("crisis-line")?;
+        story.sync_all()?;
     }
-    let mut delivered_count = 0;
-    {
-        let north = story.parties[0]
-            .channel
-            .as_ref()
-            .context("north has no channel")?;
-        for (sender, id) in &sent {
-            let delivered = north.delivered_to(id);
-            let read = north.read_by(id);
-            story.say(format!(
-                "   message {} from {:<9} delivered to {:?}, read by {:?}",
-                &id.to_hex()[..12],
-                story.parties[*sender].identity.info().party,
-                delivered,
-                read
-            ));
-        }
-        for (sender, id) in &sent {
-            delivered_count += story
-                .parties
-                .iter()
-                .enumerate()
-                .filter(|(index, party)| index != sender && party.received.contains(id))
-                .count();
+    let log = story.devices[0].log("crisis-line")?;
+    for entry in &log {
+        story.say(format!(
+            "   message {} from {:<9} delivered to {:?}, read by {:?}",
+            &entry.id.to_hex()[..12],
+            entry.from,
+            entry.delivered_to,
+            entry.read_by
+        ));
+    }
+    let mut delivered = 0;
+    for (sender, id) in &sent {
+        for (index, device) in story.devices.iter_mut().enumerate() {
+            if index != *sender && device.log("crisis-line")?.iter().any(|e| e.id == *id) {
+                delivered += 1;
+            }
         }
     }
 
     story.say("6. north exports the transcript; anyone can verify it offline.");
-    let (channel, provider, identity) = story.channel_of(0)?;
-    let (_, bytes) = channel.checkpoint(provider, identity, now_ms())?;
-    let export = Export::write(channel.transcript(), channel.name(), identity)?;
-    story.relay_log.push(bytes);
-    story.sync()?;
+    let export = story.devices[0].export("crisis-line")?;
+    story.sync_all()?;
     let report = Export::verify(&export);
-    let verified_ok = report.is_ok();
     let roots: BTreeSet<_> = story
-        .parties
-        .iter()
-        .filter_map(|p| p.channel.as_ref())
-        .map(|c| c.transcript().root())
-        .collect();
+        .devices
+        .iter_mut()
+        .map(|d| d.transcript_root("crisis-line"))
+        .collect::<Result<_, _>>()?;
     let identical = roots.len() == 1;
     let mut tampered = export.clone();
     let middle = tampered.len() / 2;
@@ -327,15 +288,16 @@ fn story(json_output: bool) -> Result<serde_json::Value> {
         "   the export with one bit flipped is refused: {}",
         if tampered_refused { "yes" } else { "NO" }
     ));
-
+    let verified = report.is_ok();
+    story.runtime.block_on(running.shutdown());
     Ok(json!({
-        "parties": story.parties.iter().map(|p| p.identity.info().party.clone()).collect::<Vec<_>>(),
+        "parties": NAMES,
         "messages_sent": sent.len(),
-        "messages_delivered": delivered_count,
+        "messages_delivered": delivered,
         "transcripts_identical": identical,
-        "transcript_verified": verified_ok,
+        "transcript_verified": verified,
         "tampered_export_refused": tampered_refused,
         "wrong_fingerprint_refused": refused,
-        "relay": "in-memory (the networked relay is not built yet)",
+        "relays": [url],
     }))
 }
