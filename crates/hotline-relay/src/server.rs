@@ -1,7 +1,7 @@
 //! The relay server: axum over rustls, with bounds on everything.
 //!
 //! Routes (v1; errors are JSON problem documents with a stable `code`, see
-//! `docs/relay-api.md`):
+//! `docs/openapi.yaml`):
 //! - `GET /healthz`
 //! - `GET /metrics` (Prometheus text)
 //! - `PUT /v1/channels/{channel}/members`: membership, signed by the committer
