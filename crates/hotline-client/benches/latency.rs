@@ -1,0 +1,92 @@
+//! End-to-end latency on loopback: from `send` returning at one device to the message
+//! committed in the other device's store, through 1 and through 3 relays (HTTPS,
+//! pinned certificates, embedded SQLite, fsync on every commit on every side).
+//!
+//! Each message is followed at once by a sync of the sender (push) and a sync of the
+//! recipient (pull): this measures the work on the path, not a polling interval.
+//!
+//! `cargo bench -p hotline-client --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
+
+use std::time::{Duration, Instant};
+
+use hotline_client::Store;
+use hotline_client::sync::sync_once;
+use hotline_core::Body;
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::SqliteStorage;
+use hotline_relay::tls;
+
+fn main() {
+    tls::install_provider();
+    let messages: usize = std::env::var("HOTLINE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(200);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    for relay_count in [1usize, 3] {
+        let dir = std::env::temp_dir().join(format!(
+            "hotline-bench-latency-{}-{relay_count}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut urls = Vec::new();
+        let mut running = Vec::new();
+        for n in 0..relay_count {
+            let data = dir.join(format!("relay-{n}"));
+            let (cert, key) = tls::load_or_create(&data).unwrap();
+            let pin = tls::pin_of(&cert);
+            let storage = SqliteStorage::open(&data.join("relay.db"), 1 << 30).unwrap();
+            let relay = runtime
+                .block_on(server::serve(
+                    "127.0.0.1:0".parse().unwrap(),
+                    tls::server_config(cert, key).unwrap(),
+                    storage,
+                    Limits::default(),
+                ))
+                .unwrap();
+            urls.push(tls::relay_url(&relay.address.to_string(), &pin));
+            running.push(relay);
+        }
+        let mut north = Store::init(&dir.join("north"), "north", "desk", &urls).unwrap();
+        let mut south = Store::init(&dir.join("south"), "south", "desk", &urls).unwrap();
+        north
+            .import_card(&south.card().unwrap(), &south.identity().fingerprint())
+            .unwrap();
+        south
+            .import_card(&north.card().unwrap(), &north.identity().fingerprint())
+            .unwrap();
+        north
+            .create_channel("crisis", &["south".into()], &urls)
+            .unwrap();
+        runtime.block_on(sync_once(&mut north)).unwrap();
+        runtime.block_on(sync_once(&mut south)).unwrap();
+        assert_eq!(south.channels().unwrap().len(), 1);
+
+        let text = "x".repeat(1024);
+        let mut latencies: Vec<Duration> = Vec::with_capacity(messages);
+        for _ in 0..messages {
+            north
+                .send("crisis", Body::Text(text.clone()), None)
+                .unwrap();
+            let sent = Instant::now();
+            runtime.block_on(sync_once(&mut north)).unwrap();
+            let report = runtime.block_on(sync_once(&mut south)).unwrap();
+            latencies.push(sent.elapsed());
+            assert_eq!(report.received, 1, "the message did not arrive");
+        }
+        latencies.sort();
+        println!(
+            "{relay_count} relay(s): send returned → committed at the recipient, 1 KiB, {messages} messages: p50 {:.2} ms, p99 {:.2} ms",
+            latencies[messages / 2].as_secs_f64() * 1e3,
+            latencies[messages * 99 / 100].as_secs_f64() * 1e3
+        );
+        for relay in running {
+            runtime.block_on(relay.shutdown());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
