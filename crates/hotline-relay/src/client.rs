@@ -150,18 +150,12 @@ impl RelayClient {
         channel: &[u8; 32],
         bytes: Vec<u8>,
     ) -> Result<u64, ClientError> {
-        let answer = self
-            .send(
-                identity,
-                reqwest::Method::POST,
-                format!("/v1/channels/{}/messages", hex::encode(channel)),
-                bytes,
-            )
-            .await?;
-        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
-            .ok()
-            .and_then(|v| v["seq"].as_u64())
-            .unwrap_or(0))
+        self.append(
+            identity,
+            format!("/v1/channels/{}/messages", hex::encode(channel)),
+            bytes,
+        )
+        .await
     }
 
     /// Messages after `after`, waiting up to `wait` for new ones.
@@ -172,15 +166,13 @@ impl RelayClient {
         after: u64,
         wait: Duration,
     ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        let path = format!(
-            "/v1/channels/{}/messages?after={after}&wait={}",
-            hex::encode(channel),
-            wait.as_millis()
-        );
-        let bytes = self
-            .send(identity, reqwest::Method::GET, path, Vec::new())
-            .await?;
-        decode_messages(&bytes).map_err(|e| ClientError::Malformed(e, self.base.clone()))
+        self.read(
+            identity,
+            format!("/v1/channels/{}/messages", hex::encode(channel)),
+            after,
+            wait,
+        )
+        .await
     }
 
     /// Leaves an invitation in a device's inbox.
@@ -190,18 +182,12 @@ impl RelayClient {
         device: &[u8; 32],
         bytes: Vec<u8>,
     ) -> Result<u64, ClientError> {
-        let answer = self
-            .send(
-                identity,
-                reqwest::Method::POST,
-                format!("/v1/inbox/{}", hex::encode(device)),
-                bytes,
-            )
-            .await?;
-        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
-            .ok()
-            .and_then(|v| v["seq"].as_u64())
-            .unwrap_or(0))
+        self.append(
+            identity,
+            format!("/v1/inbox/{}", hex::encode(device)),
+            bytes,
+        )
+        .await
     }
 
     /// This device's invitations after `after`.
@@ -211,11 +197,40 @@ impl RelayClient {
         after: u64,
         wait: Duration,
     ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
-        let path = format!(
-            "/v1/inbox/{}?after={after}&wait={}",
-            identity.key(),
-            wait.as_millis()
-        );
+        self.read(
+            identity,
+            format!("/v1/inbox/{}", identity.key()),
+            after,
+            wait,
+        )
+        .await
+    }
+
+    /// POSTs to a log; the answer's sequence number.
+    async fn append(
+        &self,
+        identity: &DeviceIdentity,
+        path: String,
+        bytes: Vec<u8>,
+    ) -> Result<u64, ClientError> {
+        let answer = self
+            .send(identity, reqwest::Method::POST, path, bytes)
+            .await?;
+        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v["seq"].as_u64())
+            .unwrap_or(0))
+    }
+
+    /// GETs a log after a cursor.
+    async fn read(
+        &self,
+        identity: &DeviceIdentity,
+        path: String,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let path = format!("{path}?after={after}&wait={}", wait.as_millis());
         let bytes = self
             .send(identity, reqwest::Method::GET, path, Vec::new())
             .await?;

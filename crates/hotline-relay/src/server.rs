@@ -253,6 +253,24 @@ impl<S: RelayStorage> AppState<S> {
         Ok(appended)
     }
 
+    /// Appends and answers with the sequence number, as JSON.
+    async fn append_answer(&self, log: Log, bytes: Bytes) -> Result<Response, Problem> {
+        let appended = self.append(log, bytes).await?;
+        Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+    }
+
+    /// Reads and answers with the encoded messages.
+    async fn read_answer(&self, log: Log, query: &ReadQuery) -> Result<Response, Problem> {
+        let messages = self
+            .read(log, query.after, Duration::from_millis(query.wait))
+            .await?;
+        Ok((
+            [("content-type", "application/octet-stream")],
+            encode_messages(&messages),
+        )
+            .into_response())
+    }
+
     /// Reads after a cursor; waits up to `wait` for something new if nothing is there.
     async fn read(
         &self,
@@ -378,8 +396,7 @@ async fn post_message<S: RelayStorage>(
     let device = state.authenticate(&method, &uri, &headers, &body)?;
     let channel = parse_key(&channel)?;
     state.require_member(&channel, &device)?;
-    let appended = state.append(Log::Channel(channel), body).await?;
-    Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+    state.append_answer(Log::Channel(channel), body).await
 }
 
 async fn get_messages<S: RelayStorage>(
@@ -393,18 +410,7 @@ async fn get_messages<S: RelayStorage>(
     let device = state.authenticate(&method, &uri, &headers, b"")?;
     let channel = parse_key(&channel)?;
     state.require_member(&channel, &device)?;
-    let messages = state
-        .read(
-            Log::Channel(channel),
-            query.after,
-            Duration::from_millis(query.wait),
-        )
-        .await?;
-    Ok((
-        [("content-type", "application/octet-stream")],
-        encode_messages(&messages),
-    )
-        .into_response())
+    state.read_answer(Log::Channel(channel), &query).await
 }
 
 async fn post_inbox<S: RelayStorage>(
@@ -417,8 +423,7 @@ async fn post_inbox<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     state.authenticate(&method, &uri, &headers, &body)?;
     let device = parse_key(&device)?;
-    let appended = state.append(Log::Inbox(device), body).await?;
-    Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+    state.append_answer(Log::Inbox(device), body).await
 }
 
 async fn get_inbox<S: RelayStorage>(
@@ -438,18 +443,7 @@ async fn get_inbox<S: RelayStorage>(
             "a device reads only its own inbox",
         )));
     }
-    let messages = state
-        .read(
-            Log::Inbox(device),
-            query.after,
-            Duration::from_millis(query.wait),
-        )
-        .await?;
-    Ok((
-        [("content-type", "application/octet-stream")],
-        encode_messages(&messages),
-    )
-        .into_response())
+    state.read_answer(Log::Inbox(device), &query).await
 }
 
 async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
