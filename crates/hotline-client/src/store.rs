@@ -857,6 +857,11 @@ impl Store {
         Ok(CardIn::decode(&self.card()?)?.relays().to_vec())
     }
 
+    /// The id of a channel named `name` (or given by its hex id).
+    pub fn channel_id(&self, name: &str) -> Result<ChannelId, StoreError> {
+        channel_id_by_name(&self.connection, name)
+    }
+
     /// The relays of a channel.
     pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
         Ok(self

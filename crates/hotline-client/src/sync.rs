@@ -76,105 +76,7 @@ pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
         clients: HashMap::new(),
     };
     let mut report = SyncReport::default();
-
-    // 1. The committer registers each channel's membership where it is out of date.
-    for plan in store.relay_plan()? {
-        for (url, registered) in &plan.relays {
-            report.relays.entry(url.clone()).or_insert(None);
-            if !plan.committer || *registered >= plan.epoch {
-                continue;
-            }
-            let client = match relays.get(url) {
-                Ok(client) => client,
-                Err(error) => {
-                    report.relays.insert(url.clone(), Some(error));
-                    continue;
-                }
-            };
-            let membership = Membership {
-                committer: identity.key().0,
-                version: plan.epoch,
-                members: plan.members.clone(),
-            };
-            match client
-                .register(&identity, &plan.channel.0, &membership)
-                .await
-            {
-                Ok(()) | Err(ClientError::Refused { status: 409, .. }) => {
-                    store.mark_registered(&plan.channel, url, plan.epoch)?
-                }
-                Err(error) => {
-                    note(&mut report, url, Err(error));
-                }
-            }
-        }
-    }
-
-    // 2. Push every outbox row to every relay that does not hold it yet.
-    for item in store.outbox()? {
-        let targets: Vec<(String, String, Option<[u8; 32]>)> = if item.welcome {
-            let channel_relays = match item.channel {
-                Some(channel) => store.channel_relays(&channel)?,
-                None => Vec::new(),
-            };
-            let mut targets = Vec::new();
-            for recipient in &item.recipients {
-                for url in store.contact_relays(recipient)? {
-                    targets.push((format!("inbox:{recipient}@{url}"), url, Some(recipient.0)));
-                }
-            }
-            let invitation = bundle::encode_invitation(&channel_relays, &item.bytes);
-            for (mark, url, recipient) in targets {
-                if item.posted.contains(&mark) {
-                    continue;
-                }
-                let Some(recipient) = recipient else { continue };
-                let client = match relays.get(&url) {
-                    Ok(client) => client,
-                    Err(error) => {
-                        report.relays.insert(url, Some(error));
-                        continue;
-                    }
-                };
-                let posted = client
-                    .post_inbox(&identity, &recipient, invitation.clone())
-                    .await;
-                if note(&mut report, &url, posted.map(|_| ())) {
-                    store.mark_posted(item.seq, &mark)?;
-                    report.pushed += 1;
-                }
-            }
-            continue;
-        } else {
-            match item.channel {
-                Some(channel) => store
-                    .channel_relays(&channel)?
-                    .into_iter()
-                    .map(|url| (url.clone(), url, Some(channel.0)))
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
-        for (mark, url, channel) in targets {
-            let Some(channel) = channel else { continue };
-            if item.posted.contains(&mark) {
-                continue;
-            }
-            let client = match relays.get(&url) {
-                Ok(client) => client,
-                Err(error) => {
-                    report.relays.insert(url, Some(error));
-                    continue;
-                }
-            };
-            let posted = client.post(&identity, &channel, item.bytes.clone()).await;
-            if note(&mut report, &url, posted.map(|_| ())) {
-                store.mark_posted(item.seq, &mark)?;
-                report.pushed += 1;
-            }
-        }
-    }
-
+    push_with(store, &identity, &mut relays, &mut report).await?;
     // 3. Invitations in this device's inboxes.
     for url in store.own_relays()? {
         let Ok(client) = relays.get(&url) else {
@@ -270,4 +172,123 @@ pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
         }
     }
     Ok(report)
+}
+
+/// Registers memberships and pushes the outbox only: what `send` does at once.
+pub async fn push_once(store: &mut Store) -> Result<SyncReport, StoreError> {
+    let identity = DeviceIdentity::from_secret_bytes(&store.identity().to_secret_bytes())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut relays = Relays {
+        clients: HashMap::new(),
+    };
+    let mut report = SyncReport::default();
+    push_with(store, &identity, &mut relays, &mut report).await?;
+    Ok(report)
+}
+
+async fn push_with(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    // 1. The committer registers each channel's membership where it is out of date.
+    for plan in store.relay_plan()? {
+        for (url, registered) in &plan.relays {
+            report.relays.entry(url.clone()).or_insert(None);
+            if !plan.committer || *registered >= plan.epoch {
+                continue;
+            }
+            let client = match relays.get(url) {
+                Ok(client) => client,
+                Err(error) => {
+                    report.relays.insert(url.clone(), Some(error));
+                    continue;
+                }
+            };
+            let membership = Membership {
+                committer: identity.key().0,
+                version: plan.epoch,
+                members: plan.members.clone(),
+            };
+            match client
+                .register(identity, &plan.channel.0, &membership)
+                .await
+            {
+                Ok(()) | Err(ClientError::Refused { status: 409, .. }) => {
+                    store.mark_registered(&plan.channel, url, plan.epoch)?
+                }
+                Err(error) => {
+                    note(report, url, Err(error));
+                }
+            }
+        }
+    }
+
+    // 2. Push every outbox row to every relay that does not hold it yet.
+    for item in store.outbox()? {
+        let targets: Vec<(String, String, Option<[u8; 32]>)> = if item.welcome {
+            let channel_relays = match item.channel {
+                Some(channel) => store.channel_relays(&channel)?,
+                None => Vec::new(),
+            };
+            let mut targets = Vec::new();
+            for recipient in &item.recipients {
+                for url in store.contact_relays(recipient)? {
+                    targets.push((format!("inbox:{recipient}@{url}"), url, Some(recipient.0)));
+                }
+            }
+            let invitation = bundle::encode_invitation(&channel_relays, &item.bytes);
+            for (mark, url, recipient) in targets {
+                if item.posted.contains(&mark) {
+                    continue;
+                }
+                let Some(recipient) = recipient else { continue };
+                let client = match relays.get(&url) {
+                    Ok(client) => client,
+                    Err(error) => {
+                        report.relays.insert(url, Some(error));
+                        continue;
+                    }
+                };
+                let posted = client
+                    .post_inbox(identity, &recipient, invitation.clone())
+                    .await;
+                if note(report, &url, posted.map(|_| ())) {
+                    store.mark_posted(item.seq, &mark)?;
+                    report.pushed += 1;
+                }
+            }
+            continue;
+        } else {
+            match item.channel {
+                Some(channel) => store
+                    .channel_relays(&channel)?
+                    .into_iter()
+                    .map(|url| (url.clone(), url, Some(channel.0)))
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        for (mark, url, channel) in targets {
+            let Some(channel) = channel else { continue };
+            if item.posted.contains(&mark) {
+                continue;
+            }
+            let client = match relays.get(&url) {
+                Ok(client) => client,
+                Err(error) => {
+                    report.relays.insert(url, Some(error));
+                    continue;
+                }
+            };
+            let posted = client.post(identity, &channel, item.bytes.clone()).await;
+            if note(report, &url, posted.map(|_| ())) {
+                store.mark_posted(item.seq, &mark)?;
+                report.pushed += 1;
+            }
+        }
+    }
+
+    Ok(())
 }

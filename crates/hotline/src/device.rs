@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hotline_client::bundle;
 use hotline_client::store::StoreError;
@@ -293,15 +293,48 @@ pub fn send(
     }
     let mut store = Store::open(home)?;
     let id = store.send(channel, Body::Text(text.to_owned()), deadline_ms)?;
-    let queued = store.outbox_len()?;
+    // The message is durable now; try to hand it to the relays at once, briefly.
+    let relays = store.channel_relays(&store.channel_id(channel)?)?;
+    let relayed = if relays.is_empty() {
+        0
+    } else {
+        hotline_relay::tls::install_provider();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failure(format!("cannot start: {e}")))?;
+        let pushed = runtime.block_on(async {
+            tokio::time::timeout(
+                Duration::from_secs(5),
+                hotline_client::sync::push_once(&mut store),
+            )
+            .await
+        });
+        match pushed {
+            Ok(report) => {
+                let report = report?;
+                relays
+                    .iter()
+                    .filter(|url| report.relays.get(*url).is_some_and(Option::is_none))
+                    .count()
+            }
+            Err(_) => 0,
+        }
+    };
     if json_output {
         out!(
             "{}",
-            json!({"id": id.to_hex(), "channel": channel, "queued": queued})
+            json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
         );
     } else {
         out!("{}", id.to_hex());
-        eprintln!("stored; queued for delivery ({queued} outgoing, no relay reachable yet)");
+        if relayed > 0 {
+            eprintln!("stored; relayed by {relayed} of {} relays", relays.len());
+        } else if relays.is_empty() {
+            eprintln!("stored; the channel has no relay: hand it over with hotline bundle export");
+        } else {
+            eprintln!("stored and queued: no relay reachable now; hotline sync retries");
+        }
     }
     Ok(())
 }

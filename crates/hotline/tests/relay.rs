@@ -375,14 +375,10 @@ fn two_devices_over_a_relay() {
         serde_json::json!(["crisis"])
     );
 
-    let id = field(
-        &ok(&north, &["send", "crisis", "over the relay", "--json"]),
-        "id",
-    )
-    .as_str()
-    .unwrap()
-    .to_owned();
-    ok(&north, &["sync"]);
+    let sent = ok(&north, &["send", "crisis", "over the relay", "--json"]);
+    // `send` hands the message to the relay at once when it can.
+    assert_eq!(field(&sent, "relayed"), 1);
+    let id = field(&sent, "id").as_str().unwrap().to_owned();
     assert_eq!(field(&ok(&south, &["sync", "--json"]), "received"), 1);
     let log = ok(&south, &["log", "crisis", "--json"]);
     assert_eq!(field(&log, "text"), "over the relay");
@@ -403,7 +399,11 @@ fn two_devices_over_a_relay() {
         .unwrap()
         .to_owned();
     relay.stop();
-    ok(&north, &["send", "crisis", "while the relay is down"]);
+    let sent = ok(
+        &north,
+        &["send", "crisis", "while the relay is down", "--json"],
+    );
+    assert_eq!(field(&sent, "relayed"), 0);
     assert_eq!(cli(&north, &["sync"]).0, 3);
     let relay = Relay::start_on(&dir.join("relay"), &address);
     ok(&north, &["sync"]);
