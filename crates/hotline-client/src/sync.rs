@@ -128,6 +128,7 @@ pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
             let Ok(client) = relays.get(url) else {
                 continue;
             };
+            let start = store.cursor(url, &log)?;
             loop {
                 let after = store.cursor(url, &log)?;
                 let messages = match client
@@ -168,6 +169,12 @@ pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
                         }
                     }
                 }
+            }
+            // The relay may delete what every member committed.
+            let reached = store.cursor(url, &log)?;
+            if reached > start {
+                let acked = client.ack(&identity, &plan.channel.0, reached).await;
+                note(&mut report, url, acked);
             }
         }
     }

@@ -206,6 +206,37 @@ impl RelayClient {
         .await
     }
 
+    /// Tells the relay this device committed a channel's messages up to `seq`.
+    pub async fn ack(
+        &self,
+        identity: &DeviceIdentity,
+        channel: &[u8; 32],
+        seq: u64,
+    ) -> Result<(), ClientError> {
+        let path = format!("/v1/channels/{}/ack", hex::encode(channel));
+        self.send(
+            identity,
+            reqwest::Method::POST,
+            path,
+            json!({"seq": seq}).to_string().into_bytes(),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Tells the relay this device handled its invitations up to `seq`.
+    pub async fn ack_inbox(&self, identity: &DeviceIdentity, seq: u64) -> Result<(), ClientError> {
+        let path = format!("/v1/inbox/{}/ack", identity.key());
+        self.send(
+            identity,
+            reqwest::Method::POST,
+            path,
+            json!({"seq": seq}).to_string().into_bytes(),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// POSTs to a log; the answer's sequence number.
     async fn append(
         &self,

@@ -47,6 +47,10 @@ pub struct Limits {
     pub rate_burst: f64,
     pub quota_per_log: u64,
     pub max_wait: Duration,
+    /// Messages older than this are deleted even if not every member acknowledged them.
+    pub retention: Duration,
+    /// How often retention runs.
+    pub sweep_interval: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +64,8 @@ impl Default for Limits {
             rate_burst: 400.0,
             quota_per_log: 1 << 30,
             max_wait: Duration::from_secs(30),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            sweep_interval: Duration::from_secs(3600),
         }
     }
 }
@@ -399,6 +405,72 @@ async fn post_message<S: RelayStorage>(
     state.append_answer(Log::Channel(channel), body).await
 }
 
+#[derive(Debug, Deserialize)]
+struct AckBody {
+    seq: u64,
+}
+
+async fn post_ack<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(channel): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let device = state.authenticate(&method, &uri, &headers, &body)?;
+    let channel = parse_key(&channel)?;
+    state.require_member(&channel, &device)?;
+    let ack: AckBody = serde_json::from_slice(&body).map_err(|e| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            e.to_string(),
+        ))
+    })?;
+    let members = state
+        .storage
+        .membership(&channel)?
+        .map(|m| m.members)
+        .unwrap_or_default();
+    let deleted = state
+        .storage
+        .acknowledge(Log::Channel(channel), device.0, ack.seq, members)
+        .await?;
+    Ok(Json(json!({"deleted": deleted})).into_response())
+}
+
+async fn post_inbox_ack<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let reader = state.authenticate(&method, &uri, &headers, &body)?;
+    let device = parse_key(&device)?;
+    if reader.0 != device {
+        return Err(state.reject(Problem::new(
+            StatusCode::FORBIDDEN,
+            "not-a-member",
+            "a device acknowledges only its own inbox",
+        )));
+    }
+    let ack: AckBody = serde_json::from_slice(&body).map_err(|e| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            e.to_string(),
+        ))
+    })?;
+    let deleted = state
+        .storage
+        .acknowledge(Log::Inbox(device), device, ack.seq, vec![device])
+        .await?;
+    Ok(Json(json!({"deleted": deleted})).into_response())
+}
+
 async fn get_messages<S: RelayStorage>(
     State(state): State<Arc<AppState<S>>>,
     Path(channel): Path<String>,
@@ -510,10 +582,12 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
             "/v1/channels/{channel}/messages",
             post(post_message::<S>).get(get_messages::<S>),
         )
+        .route("/v1/channels/{channel}/ack", post(post_ack::<S>))
         .route(
             "/v1/inbox/{device}",
             post(post_inbox::<S>).get(get_inbox::<S>),
         )
+        .route("/v1/inbox/{device}/ack", post(post_inbox_ack::<S>))
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -554,6 +628,22 @@ pub async fn serve<S: RelayStorage>(
     });
     let app = router(Arc::clone(&state));
     let (shutdown, mut stop) = watch::channel(false);
+    // Retention: delete what is older than the retention period, now and then.
+    let sweeper = {
+        let (state, mut stop) = (Arc::clone(&state), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(state.limits.sweep_interval);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tick.tick() => {
+                        let before = now_ms().saturating_sub(state.limits.retention.as_millis() as u64);
+                        let _ = state.storage.expire(before).await;
+                    }
+                }
+            }
+        })
+    };
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let task = tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
@@ -606,6 +696,7 @@ pub async fn serve<S: RelayStorage>(
             });
             while tasks.try_join_next().is_some() {}
         }
+        sweeper.abort();
         // In-flight requests finish (their commits are answered) before we return.
         let _ = tokio::time::timeout(Duration::from_secs(15), async {
             while tasks.join_next().await.is_some() {}

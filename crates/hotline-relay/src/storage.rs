@@ -79,14 +79,70 @@ pub trait RelayStorage: Send + Sync + 'static {
         channel: &[u8; 32],
         membership: &Membership,
     ) -> Result<(), StorageError>;
+    /// Records that `device` committed everything up to `seq`, and deletes what every
+    /// one of `members` acknowledged. Returns how many messages were deleted.
+    fn acknowledge(
+        &self,
+        log: Log,
+        device: [u8; 32],
+        seq: u64,
+        members: Vec<[u8; 32]>,
+    ) -> impl Future<Output = Result<u64, StorageError>> + Send;
+    /// Deletes every message stored before `before_ms` (retention).
+    fn expire(&self, before_ms: u64) -> impl Future<Output = Result<u64, StorageError>> + Send;
     /// Durations of recent group commits, in seconds, for metrics.
     fn take_commit_durations(&self) -> Vec<f64>;
 }
 
-struct Job {
-    log: Log,
-    bytes: Vec<u8>,
-    answer: oneshot::Sender<Result<Appended, StorageError>>,
+enum Job {
+    Append {
+        log: Log,
+        bytes: Vec<u8>,
+        answer: oneshot::Sender<Result<Appended, StorageError>>,
+    },
+    /// Records a device's acknowledgement and deletes what every member acknowledged.
+    Acknowledge {
+        log: Log,
+        device: [u8; 32],
+        seq: u64,
+        members: Vec<[u8; 32]>,
+        answer: oneshot::Sender<Result<u64, StorageError>>,
+    },
+    /// Deletes every message stored before `before_ms`.
+    Expire {
+        before_ms: u64,
+        answer: oneshot::Sender<Result<u64, StorageError>>,
+    },
+}
+
+/// What a job gave, before it is sent back.
+enum Answer {
+    Appended(Result<Appended, StorageError>),
+    Deleted(Result<u64, StorageError>),
+}
+
+impl Job {
+    fn answer(self, result: Result<Answer, String>) {
+        let failed = |message: &String| {
+            StorageError::Database(rusqlite::Error::InvalidParameterName(message.clone()))
+        };
+        match self {
+            Job::Append { answer, .. } => {
+                let _ = answer.send(match result {
+                    Ok(Answer::Appended(result)) => result,
+                    Ok(Answer::Deleted(_)) => Err(StorageError::WriterGone),
+                    Err(message) => Err(failed(&message)),
+                });
+            }
+            Job::Acknowledge { answer, .. } | Job::Expire { answer, .. } => {
+                let _ = answer.send(match result {
+                    Ok(Answer::Deleted(result)) => result,
+                    Ok(Answer::Appended(_)) => Err(StorageError::WriterGone),
+                    Err(message) => Err(failed(&message)),
+                });
+            }
+        }
+    }
 }
 
 /// SQLite backend: WAL, `synchronous=FULL`, one writer thread doing group commits.
@@ -108,9 +164,21 @@ CREATE TABLE IF NOT EXISTS messages (
     seq INTEGER NOT NULL,
     hash BLOB NOT NULL,
     bytes BLOB NOT NULL,
+    stored_ms INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (log, seq),
     UNIQUE (log, hash)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS heads (
+    log BLOB PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    used INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS acks (
+    log BLOB NOT NULL,
+    device BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (log, device)
+);
 CREATE TABLE IF NOT EXISTS memberships (
     channel BLOB PRIMARY KEY,
     committer BLOB NOT NULL,
@@ -167,30 +235,21 @@ fn write_loop(
         }
         let start = Instant::now();
         let mut staged = heads.clone();
-        let results = match commit_batch(&mut connection, &batch, quota, &mut staged) {
-            Ok(results) => {
-                heads = staged;
-                results
-            }
-            Err(error) => {
-                let message = error.to_string();
-                batch
-                    .iter()
-                    .map(|_| {
-                        Err(StorageError::Database(
-                            rusqlite::Error::InvalidParameterName(message.clone()),
-                        ))
-                    })
-                    .collect()
-            }
-        };
+        let results: Vec<Result<Answer, String>> =
+            match commit_batch(&mut connection, &batch, quota, &mut staged) {
+                Ok(results) => {
+                    heads = staged;
+                    results.into_iter().map(Ok).collect()
+                }
+                Err(error) => batch.iter().map(|_| Err(error.to_string())).collect(),
+            };
         if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
         {
             durations.push(start.elapsed().as_secs_f64());
         }
         for (job, result) in batch.into_iter().zip(results) {
-            let _ = job.answer.send(result);
+            job.answer(result);
         }
     }
 }
@@ -200,13 +259,41 @@ fn commit_batch(
     batch: &[Job],
     quota: u64,
     heads: &mut HashMap<Vec<u8>, (i64, i64)>,
-) -> Result<Vec<Result<Appended, StorageError>>, rusqlite::Error> {
+) -> Result<Vec<Answer>, rusqlite::Error> {
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
-        let key = job.log.key();
-        let hash: [u8; 32] = Sha256::digest(&job.bytes).into();
+        let (log, bytes) = match job {
+            Job::Append { log, bytes, .. } => (log, bytes),
+            Job::Acknowledge {
+                log,
+                device,
+                seq,
+                members,
+                ..
+            } => {
+                results.push(Answer::Deleted(Ok(acknowledge(
+                    &transaction,
+                    heads,
+                    log,
+                    device,
+                    *seq,
+                    members,
+                )?)));
+                continue;
+            }
+            Job::Expire { before_ms, .. } => {
+                results.push(Answer::Deleted(Ok(expire(
+                    &transaction,
+                    heads,
+                    *before_ms,
+                )?)));
+                continue;
+            }
+        };
+        let key = log.key();
+        let hash: [u8; 32] = Sha256::digest(bytes).into();
         let existing: Option<i64> = transaction
             .query_row(
                 "SELECT seq FROM messages WHERE log = ?1 AND hash = ?2",
@@ -215,45 +302,188 @@ fn commit_batch(
             )
             .optional()?;
         if let Some(seq) = existing {
-            results.push(Ok(Appended {
+            results.push(Answer::Appended(Ok(Appended {
                 seq: seq as u64,
                 duplicate: true,
-            }));
+            })));
             continue;
         }
-        let (last, used) = match heads.get(&key) {
-            Some(head) => *head,
-            None => transaction.query_row(
-                "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
-                [&key],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )?,
-        };
-        if used as u64 + job.bytes.len() as u64 > quota {
-            heads.insert(key, (last, used));
-            results.push(Err(StorageError::QuotaExceeded(quota)));
+        let (last, used) = head(&transaction, heads, &key)?;
+        if used as u64 + bytes.len() as u64 > quota {
+            results.push(Answer::Appended(Err(StorageError::QuotaExceeded(quota))));
             continue;
         }
         let seq = last + 1;
-        heads.insert(key.clone(), (seq, used + job.bytes.len() as i64));
+        set_head(&transaction, heads, &key, seq, used + bytes.len() as i64)?;
         transaction.execute(
-            "INSERT INTO messages (log, seq, hash, bytes) VALUES (?1, ?2, ?3, ?4)",
-            params![key, seq, &hash[..], job.bytes],
+            "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![key, seq, &hash[..], bytes, now_ms() as i64],
         )?;
-        results.push(Ok(Appended {
+        results.push(Answer::Appended(Ok(Appended {
             seq: seq as u64,
             duplicate: false,
-        }));
+        })));
     }
     transaction.commit()?;
     Ok(results)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A log's last sequence number and bytes used. Sequence numbers never go back, even
+/// when every message was deleted: the head is stored, not derived from the messages.
+fn head(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    key: &[u8],
+) -> Result<(i64, i64), rusqlite::Error> {
+    if let Some(head) = heads.get(key) {
+        return Ok(*head);
+    }
+    let stored: Option<(i64, i64)> = transaction
+        .query_row(
+            "SELECT last_seq, used FROM heads WHERE log = ?1",
+            [key],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let head = match stored {
+        Some(head) => head,
+        None => transaction.query_row(
+            "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
+            [key],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?,
+    };
+    heads.insert(key.to_vec(), head);
+    Ok(head)
+}
+
+fn set_head(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    key: &[u8],
+    last_seq: i64,
+    used: i64,
+) -> Result<(), rusqlite::Error> {
+    transaction.execute(
+        "INSERT INTO heads (log, last_seq, used) VALUES (?1, ?2, ?3)
+         ON CONFLICT (log) DO UPDATE SET last_seq = ?2, used = ?3",
+        params![key, last_seq, used],
+    )?;
+    heads.insert(key.to_vec(), (last_seq, used));
+    Ok(())
+}
+
+/// Deletes messages of `key` up to `up_to`, keeping the head's byte count true.
+fn delete_up_to(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    key: &[u8],
+    up_to: i64,
+) -> Result<u64, rusqlite::Error> {
+    let (count, bytes): (i64, i64) = transaction.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1 AND seq <= ?2",
+        params![key, up_to],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    if count == 0 {
+        return Ok(0);
+    }
+    let (last, used) = head(transaction, heads, key)?;
+    transaction.execute(
+        "DELETE FROM messages WHERE log = ?1 AND seq <= ?2",
+        params![key, up_to],
+    )?;
+    set_head(transaction, heads, key, last, (used - bytes).max(0))?;
+    Ok(count as u64)
+}
+
+fn acknowledge(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    log: &Log,
+    device: &[u8; 32],
+    seq: u64,
+    members: &[[u8; 32]],
+) -> Result<u64, rusqlite::Error> {
+    let key = log.key();
+    transaction.execute(
+        "INSERT INTO acks (log, device, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (log, device) DO UPDATE SET seq = MAX(seq, ?3)",
+        params![key, &device[..], seq as i64],
+    )?;
+    // What every current member device acknowledged can go.
+    let mut lowest = i64::MAX;
+    for member in members {
+        let acked: Option<i64> = transaction
+            .query_row(
+                "SELECT seq FROM acks WHERE log = ?1 AND device = ?2",
+                params![key, &member[..]],
+                |row| row.get(0),
+            )
+            .optional()?;
+        lowest = lowest.min(acked.unwrap_or(0));
+    }
+    if members.is_empty() || lowest == 0 {
+        return Ok(0);
+    }
+    delete_up_to(transaction, heads, &key, lowest)
+}
+
+fn expire(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    before_ms: u64,
+) -> Result<u64, rusqlite::Error> {
+    let logs: Vec<(Vec<u8>, i64)> = transaction
+        .prepare("SELECT log, MAX(seq) FROM messages WHERE stored_ms < ?1 GROUP BY log")?
+        .query_map([before_ms as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    let mut deleted = 0;
+    for (key, up_to) in logs {
+        deleted += delete_up_to(transaction, heads, &key, up_to)?;
+    }
+    Ok(deleted)
 }
 
 impl RelayStorage for SqliteStorage {
     async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
         let (answer, wait) = oneshot::channel();
         self.jobs
-            .send(Job { log, bytes, answer })
+            .send(Job::Append { log, bytes, answer })
+            .map_err(|_| StorageError::WriterGone)?;
+        wait.await.map_err(|_| StorageError::WriterGone)?
+    }
+
+    async fn acknowledge(
+        &self,
+        log: Log,
+        device: [u8; 32],
+        seq: u64,
+        members: Vec<[u8; 32]>,
+    ) -> Result<u64, StorageError> {
+        let (answer, wait) = oneshot::channel();
+        self.jobs
+            .send(Job::Acknowledge {
+                log,
+                device,
+                seq,
+                members,
+                answer,
+            })
+            .map_err(|_| StorageError::WriterGone)?;
+        wait.await.map_err(|_| StorageError::WriterGone)?
+    }
+
+    async fn expire(&self, before_ms: u64) -> Result<u64, StorageError> {
+        let (answer, wait) = oneshot::channel();
+        self.jobs
+            .send(Job::Expire { before_ms, answer })
             .map_err(|_| StorageError::WriterGone)?;
         wait.await.map_err(|_| StorageError::WriterGone)?
     }

@@ -247,3 +247,94 @@ async fn garbage_is_refused_with_its_code_and_changes_nothing() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_every_member_acknowledged_is_deleted_and_old_messages_expire() {
+    let (running, url) = relay("ack", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = [4u8; 32];
+    let client = RelayClient::new(&url).unwrap();
+    client
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0, south.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    for n in 1..=3u8 {
+        client.post(&north, &channel, vec![n; 8]).await.unwrap();
+    }
+    // South alone acknowledging deletes nothing: north has not.
+    client.ack(&south, &channel, 2).await.unwrap();
+    assert_eq!(
+        client
+            .fetch(&south, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // Once both did, everything up to the lower acknowledgement goes.
+    client.ack(&north, &channel, 3).await.unwrap();
+    assert_eq!(
+        client
+            .fetch(&south, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![(3, vec![3; 8])]
+    );
+    // Sequence numbers never go back.
+    assert_eq!(client.post(&north, &channel, vec![4; 8]).await.unwrap(), 4);
+    running.shutdown().await;
+
+    // Retention: with a retention of zero, the sweep removes everything stored before it.
+    let limits = Limits {
+        retention: Duration::ZERO,
+        sweep_interval: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let (running, url) = relay("retention", limits).await;
+    let client = RelayClient::new(&url).unwrap();
+    client
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    client
+        .post(&north, &channel, b"old".to_vec())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !client
+        .fetch(&north, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "retention did not delete the message"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        client
+            .post(&north, &channel, b"new".to_vec())
+            .await
+            .unwrap(),
+        2
+    );
+    running.shutdown().await;
+}
