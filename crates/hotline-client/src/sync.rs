@@ -7,12 +7,15 @@
 //!   ─► inbox: join from invitations ─► pull channels after cursor ─► receive + cursor (1 txn)
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
-use hotline_core::{ChannelError, DeviceIdentity, Event};
+use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::Membership;
+use tokio::task::JoinSet;
 
 use crate::Store;
 use crate::bundle;
@@ -70,37 +73,149 @@ fn note(report: &mut SyncReport, url: &str, result: Result<(), ClientError>) -> 
 
 /// Runs one round of sync. Network trouble is reported per relay, not returned.
 pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
-    let identity = DeviceIdentity::from_secret_bytes(&store.identity().to_secret_bytes())
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let identity = identity_of(store)?;
     let mut relays = Relays {
         clients: HashMap::new(),
     };
+    sync_with(store, &identity, &mut relays).await
+}
+
+fn identity_of(store: &Store) -> Result<DeviceIdentity, StoreError> {
+    DeviceIdentity::from_secret_bytes(&store.identity().to_secret_bytes())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+async fn sync_with(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+) -> Result<SyncReport, StoreError> {
     let mut report = SyncReport::default();
-    push_with(store, &identity, &mut relays, &mut report).await?;
-    // 3. Invitations in this device's inboxes.
-    for url in store.own_relays()? {
-        let Ok(client) = relays.get(&url) else {
-            continue;
-        };
-        loop {
-            let after = store.cursor(&url, "inbox")?;
-            let fetched = client.fetch_inbox(&identity, after, Duration::ZERO).await;
-            let messages = match fetched {
-                Ok(messages) => messages,
-                Err(error) => {
-                    note(&mut report, &url, Err(error));
-                    break;
-                }
-            };
-            if messages.is_empty() {
+    push_with(store, identity, relays, &mut report).await?;
+    // 3. Invitations in this device's inboxes; 4. every channel (joined ones included)
+    // from every relay, in order, after its cursor.
+    let inboxes: Vec<Watch> = store
+        .own_relays()?
+        .into_iter()
+        .map(|url| Watch::Inbox { url })
+        .collect();
+    for watch in inboxes {
+        pull(store, identity, relays, &watch, &mut report).await?;
+    }
+    for watch in channel_watches(store)? {
+        pull(store, identity, relays, &watch, &mut report).await?;
+    }
+    Ok(report)
+}
+
+/// Pulls one log to its end and acknowledges what was committed.
+async fn pull(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    watch: &Watch,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let Ok(client) = relays.get(watch.url()) else {
+        return Ok(());
+    };
+    let start = store.cursor(watch.url(), &watch.log())?;
+    loop {
+        let after = store.cursor(watch.url(), &watch.log())?;
+        match watch.fetch(&client, identity, after, Duration::ZERO).await {
+            Ok(messages) if messages.is_empty() => break,
+            Ok(messages) => apply(store, watch, messages, report)?,
+            Err(error) => {
+                note(report, watch.url(), Err(error));
                 break;
             }
-            for (seq, bytes) in messages {
-                let cursor = Cursor {
-                    relay: &url,
-                    log: "inbox",
-                    seq,
-                };
+        }
+    }
+    acknowledge(store, watch, &client, identity, start, report).await
+}
+
+/// One log on one relay that this device reads: a channel, or its own inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Watch {
+    Inbox { url: String },
+    Channel { url: String, channel: ChannelId },
+}
+
+impl Watch {
+    fn url(&self) -> &str {
+        match self {
+            Watch::Inbox { url } | Watch::Channel { url, .. } => url,
+        }
+    }
+
+    /// The cursor's name in the store.
+    fn log(&self) -> String {
+        match self {
+            Watch::Inbox { .. } => "inbox".to_owned(),
+            Watch::Channel { channel, .. } => channel.to_string(),
+        }
+    }
+
+    async fn fetch(
+        &self,
+        client: &RelayClient,
+        identity: &DeviceIdentity,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        match self {
+            Watch::Inbox { .. } => client.fetch_inbox(identity, after, wait).await,
+            Watch::Channel { channel, .. } => client.fetch(identity, &channel.0, after, wait).await,
+        }
+    }
+}
+
+/// Every log this device reads: its inboxes first (a Welcome before its channel).
+fn watches(store: &Store) -> Result<Vec<Watch>, StoreError> {
+    let mut watches: Vec<Watch> = store
+        .own_relays()?
+        .into_iter()
+        .map(|url| Watch::Inbox { url })
+        .collect();
+    watches.extend(channel_watches(store)?);
+    Ok(watches)
+}
+
+fn channel_watches(store: &Store) -> Result<Vec<Watch>, StoreError> {
+    let mut watches = Vec::new();
+    for plan in store.relay_plan()? {
+        for (url, _) in plan.relays {
+            watches.push(Watch::Channel {
+                url,
+                channel: plan.channel,
+            });
+        }
+    }
+    Ok(watches)
+}
+
+/// Processes fetched messages in order, each in one transaction with its cursor.
+/// Messages at or behind the stored cursor (a stale long-poll) are passed over.
+fn apply(
+    store: &mut Store,
+    watch: &Watch,
+    messages: Vec<(u64, Vec<u8>)>,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let url = watch.url();
+    let log = watch.log();
+    let behind = store.cursor(url, &log)?;
+    for (seq, bytes) in messages {
+        if seq <= behind {
+            continue;
+        }
+        let cursor = Cursor {
+            relay: url,
+            log: &log,
+            seq,
+        };
+        match watch {
+            Watch::Inbox { .. } => {
                 let joined = match bundle::decode_invitation(&bytes) {
                     Ok((channel_relays, welcome)) => {
                         store.join_at(&welcome, &channel_relays, Some(cursor))
@@ -118,73 +233,203 @@ pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
                     }
                 }
             }
+            Watch::Channel { .. } => match store.receive_at(&bytes, Some(cursor)) {
+                // The cursor moved with the (empty) transaction.
+                Ok(events) if events == [Event::Duplicate] => {}
+                Ok(_) => report.received += 1,
+                Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
+                // Before this device joined, or refused: reported, and passed.
+                Err(StoreError::Channel(ChannelError::Mls(_) | ChannelError::NotAMember)) => {
+                    store.skip_to(cursor)?
+                }
+                Err(error) => {
+                    report
+                        .refused
+                        .push(format!("message {seq} from {url}: {error}"));
+                    store.skip_to(cursor)?;
+                }
+            },
         }
     }
+    Ok(())
+}
 
-    // 4. Pull every channel from every relay, in order, after its cursor.
-    for plan in store.relay_plan()? {
-        let log = plan.channel.to_string();
-        for (url, _) in &plan.relays {
-            let Ok(client) = relays.get(url) else {
-                continue;
-            };
-            let start = store.cursor(url, &log)?;
-            loop {
-                let after = store.cursor(url, &log)?;
-                let messages = match client
-                    .fetch(&identity, &plan.channel.0, after, Duration::ZERO)
-                    .await
-                {
-                    Ok(messages) => messages,
-                    Err(error) => {
-                        note(&mut report, url, Err(error));
-                        break;
-                    }
-                };
-                if messages.is_empty() {
-                    break;
-                }
-                for (seq, bytes) in messages {
-                    let cursor = Cursor {
-                        relay: url,
-                        log: &log,
-                        seq,
-                    };
-                    match store.receive_at(&bytes, Some(cursor)) {
-                        // The cursor moved with the (empty) transaction.
-                        Ok(events) if events == [Event::Duplicate] => {}
-                        Ok(_) => report.received += 1,
-                        Err(StoreError::Database(error)) => {
-                            return Err(StoreError::Database(error));
-                        }
-                        // Before this device joined, or refused: reported, and passed.
-                        Err(StoreError::Channel(
-                            ChannelError::Mls(_) | ChannelError::NotAMember,
-                        )) => store.skip_to(cursor)?,
-                        Err(error) => {
-                            report
-                                .refused
-                                .push(format!("message {seq} from {url}: {error}"));
-                            store.skip_to(cursor)?;
-                        }
-                    }
-                }
-            }
-            // The relay may delete what every member committed.
-            let reached = store.cursor(url, &log)?;
-            if reached > start {
-                let acked = client.ack(&identity, &plan.channel.0, reached).await;
-                note(&mut report, url, acked);
-            }
+/// Tells the relay what this device committed past `start`, so that it may delete what
+/// every member committed.
+async fn acknowledge(
+    store: &Store,
+    watch: &Watch,
+    client: &RelayClient,
+    identity: &DeviceIdentity,
+    start: u64,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let reached = store.cursor(watch.url(), &watch.log())?;
+    if reached > start {
+        let acked = match watch {
+            Watch::Inbox { .. } => client.ack_inbox(identity, reached).await,
+            Watch::Channel { channel, .. } => client.ack(identity, &channel.0, reached).await,
+        };
+        note(report, watch.url(), acked);
+    }
+    Ok(())
+}
+
+/// How `follow` paces itself.
+#[derive(Debug, Clone)]
+pub struct FollowConfig {
+    /// How long one long-poll waits at the relay for something new.
+    pub wait: Duration,
+    /// How often the outbox is pushed again and every log pulled in full.
+    pub round: Duration,
+    /// The longest pause after a relay failed (backoff doubles up to it, with jitter).
+    pub max_backoff: Duration,
+}
+
+impl Default for FollowConfig {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(25),
+            round: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(30),
         }
     }
-    Ok(report)
+}
+
+/// The pause before retrying after `failures` failures in a row: 250 ms doubling up to
+/// `max`, each drawn at random between half and all of it, so that many devices
+/// cut off together do not come back together.
+pub fn backoff(failures: u32, max: Duration) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let full = Duration::from_millis(250)
+        .saturating_mul(1u32 << failures.min(16).saturating_sub(1))
+        .min(max);
+    full.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
+}
+
+type Poll = (Watch, Result<Vec<(u64, Vec<u8>)>, ClientError>);
+
+/// Follows every log on every relay: one long-poll per log, each batch processed the
+/// moment it arrives, the outbox pushed and everything pulled every `round`. Calls
+/// `on_report` after every full round and after every batch that changed something;
+/// returns when it says `Break`, or with a local storage error. Network failures are
+/// retried, per log, with backoff and jitter; each log resumes from its cursor.
+pub async fn follow(
+    store: &mut Store,
+    config: &FollowConfig,
+    mut on_report: impl FnMut(&SyncReport) -> ControlFlow<()>,
+) -> Result<(), StoreError> {
+    let identity = Arc::new(identity_of(store)?);
+    let mut relays = Relays {
+        clients: HashMap::new(),
+    };
+    let mut polls: JoinSet<Poll> = JoinSet::new();
+    let mut active: HashSet<Watch> = HashSet::new();
+    let mut failures: HashMap<Watch, u32> = HashMap::new();
+    let mut next_round = tokio::time::Instant::now();
+    loop {
+        if tokio::time::Instant::now() >= next_round {
+            let report = sync_with(store, &identity, &mut relays).await?;
+            next_round = tokio::time::Instant::now() + config.round;
+            if on_report(&report).is_break() {
+                return Ok(());
+            }
+            for watch in watches(store)? {
+                if active.contains(&watch) {
+                    continue;
+                }
+                let Ok(client) = relays.get(watch.url()) else {
+                    continue;
+                };
+                let after = store.cursor(watch.url(), &watch.log())?;
+                active.insert(watch.clone());
+                spawn_poll(
+                    &mut polls,
+                    watch,
+                    client,
+                    &identity,
+                    after,
+                    config.wait,
+                    Duration::ZERO,
+                );
+            }
+        }
+        let joined = tokio::select! {
+            joined = polls.join_next(), if !polls.is_empty() => joined,
+            () = tokio::time::sleep_until(next_round) => continue,
+        };
+        let Some(Ok((watch, fetched))) = joined else {
+            // A poll task panicked (it cannot; it only awaits the client): start over.
+            active.clear();
+            next_round = tokio::time::Instant::now();
+            continue;
+        };
+        let mut report = SyncReport::default();
+        let client = relays.get(watch.url()).map_err(StoreError::Corrupt)?;
+        let start = store.cursor(watch.url(), &watch.log())?;
+        match fetched {
+            Ok(messages) => {
+                failures.remove(&watch);
+                if !messages.is_empty() {
+                    apply(store, &watch, messages, &mut report)?;
+                    acknowledge(store, &watch, &client, &identity, start, &mut report).await?;
+                }
+            }
+            Err(error) => {
+                note(&mut report, watch.url(), Err(error));
+                *failures.entry(watch.clone()).or_default() += 1;
+            }
+        }
+        let changed = report.received > 0
+            || !report.joined.is_empty()
+            || !report.refused.is_empty()
+            || report.relays.values().any(Option::is_some);
+        if changed && on_report(&report).is_break() {
+            return Ok(());
+        }
+        if !report.joined.is_empty() {
+            // A new channel to watch: pick it up now.
+            next_round = tokio::time::Instant::now();
+        }
+        let after = store.cursor(watch.url(), &watch.log())?;
+        let delay = backoff(
+            failures.get(&watch).copied().unwrap_or(0),
+            config.max_backoff,
+        );
+        spawn_poll(
+            &mut polls,
+            watch,
+            client,
+            &identity,
+            after,
+            config.wait,
+            delay,
+        );
+    }
+}
+
+fn spawn_poll(
+    polls: &mut JoinSet<Poll>,
+    watch: Watch,
+    client: RelayClient,
+    identity: &Arc<DeviceIdentity>,
+    after: u64,
+    wait: Duration,
+    delay: Duration,
+) {
+    let identity = Arc::clone(identity);
+    polls.spawn(async move {
+        tokio::time::sleep(delay).await;
+        let fetched = watch.fetch(&client, &identity, after, wait).await;
+        (watch, fetched)
+    });
 }
 
 /// Registers memberships and pushes the outbox only: what `send` does at once.
 pub async fn push_once(store: &mut Store) -> Result<SyncReport, StoreError> {
-    let identity = DeviceIdentity::from_secret_bytes(&store.identity().to_secret_bytes())
-        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let identity = identity_of(store)?;
     let mut relays = Relays {
         clients: HashMap::new(),
     };

@@ -1,11 +1,13 @@
 //! The commands that work on this device's store.
 
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hotline_client::bundle;
 use hotline_client::store::StoreError;
+use hotline_client::sync::SyncReport;
 use hotline_client::{HomeError, Store};
 use hotline_core::{Body, Fingerprint};
 use serde_json::json;
@@ -410,7 +412,9 @@ pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
     Ok(())
 }
 
-pub fn sync(home: &Path, json_output: bool) -> Outcome {
+/// One round of sync, or with `follow` (seconds between full rounds) a loop that runs
+/// until Ctrl-C or SIGTERM, printing one report per change.
+pub fn sync(home: &Path, follow: Option<u64>, json_output: bool) -> Outcome {
     hotline_relay::tls::install_provider();
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;
@@ -418,40 +422,76 @@ pub fn sync(home: &Path, json_output: bool) -> Outcome {
         .enable_all()
         .build()
         .map_err(|e| failure(format!("cannot start: {e}")))?;
-    let report = runtime.block_on(hotline_client::sync::sync_once(&mut store))?;
-    let relays: Vec<_> = report
-        .relays
-        .iter()
-        .map(|(url, error)| json!({"url": url, "ok": error.is_none(), "error": error}))
-        .collect();
+    let Some(round) = follow else {
+        let report = runtime.block_on(hotline_client::sync::sync_once(&mut store))?;
+        print_report(&report, json_output, true);
+        if !report.any_relay_reachable() {
+            return Err(Failure {
+                message: "no relay reachable; messages stay queued. Check the relays' addresses and that they run".into(),
+                code: exit::NETWORK,
+            });
+        }
+        return Ok(());
+    };
+    let config = hotline_client::sync::FollowConfig {
+        round: Duration::from_secs(round),
+        ..Default::default()
+    };
+    runtime.block_on(async {
+        let mut first = true;
+        let following = hotline_client::sync::follow(&mut store, &config, |report| {
+            print_report(report, json_output, first);
+            first = false;
+            ControlFlow::Continue(())
+        });
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .map_err(|e| failure(format!("cannot watch for SIGTERM: {e}")))?;
+        tokio::select! {
+            result = following => result.map_err(Failure::from),
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = terminate.recv() => Ok(()),
+        }
+    })
+}
+
+/// Prints one sync report; a round where nothing happened prints only when `always`.
+fn print_report(report: &SyncReport, json_output: bool, always: bool) {
+    let quiet = report.pushed == 0
+        && report.received == 0
+        && report.joined.is_empty()
+        && report.refused.is_empty()
+        && report.relays.values().all(Option::is_none);
+    if quiet && !always {
+        return;
+    }
     if json_output {
+        let relays: Vec<_> = report
+            .relays
+            .iter()
+            .map(|(url, error)| json!({"url": url, "ok": error.is_none(), "error": error}))
+            .collect();
         out!(
             "{}",
             json!({"pushed": report.pushed, "received": report.received, "joined": report.joined,
                    "refused": report.refused, "relays": relays})
         );
-    } else {
-        out!("pushed {}, received {}", report.pushed, report.received);
-        for name in &report.joined {
-            out!("joined channel {name}");
-        }
-        for (url, error) in &report.relays {
-            match error {
-                None => out!("relay {url}: ok"),
-                Some(error) => out!("relay {url}: {error}"),
-            }
-        }
-        for refused in &report.refused {
-            eprintln!("refused: {refused}");
+        return;
+    }
+    out!("pushed {}, received {}", report.pushed, report.received);
+    for name in &report.joined {
+        out!("joined channel {name}");
+    }
+    for (url, error) in &report.relays {
+        match error {
+            None if always => out!("relay {url}: ok"),
+            None => {}
+            Some(error) => out!("relay {url}: {error}"),
         }
     }
-    if !report.any_relay_reachable() {
-        return Err(Failure {
-            message: "no relay reachable; messages stay queued. Check the relays' addresses and that they run".into(),
-            code: exit::NETWORK,
-        });
+    for refused in &report.refused {
+        eprintln!("refused: {refused}");
     }
-    Ok(())
 }
 
 pub fn bundle_export(home: &Path, out: &Path, json_output: bool) -> Outcome {

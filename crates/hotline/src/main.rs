@@ -122,6 +122,13 @@ enum Command {
     },
     /// Push the outbox to the relays, pick up invitations, pull every channel.
     Sync {
+        /// Keep running: wait on every relay for new messages (long-poll), process each
+        /// at once, push the outbox every --round; stops on Ctrl-C or SIGTERM.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: seconds between full rounds (outbox pushed, all pulled).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        round: u64,
         #[command(flatten)]
         json: Json,
     },
@@ -263,7 +270,11 @@ fn main() -> ExitCode {
         } => device::send(&home, &channel, &text, deadline.as_deref(), json.json),
         Command::Log { channel, json } => device::log(&home, &channel, json.json),
         Command::Ack { channel, message } => device::ack(&home, &channel, &message),
-        Command::Sync { json } => device::sync(&home, json.json),
+        Command::Sync {
+            follow,
+            round,
+            json,
+        } => device::sync(&home, follow.then_some(round), json.json),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
         Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),

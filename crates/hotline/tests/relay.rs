@@ -409,7 +409,78 @@ fn two_devices_over_a_relay() {
     ok(&north, &["sync"]);
     ok(&south, &["sync"]);
     assert_eq!(ok(&south, &["log", "crisis", "--json"]).lines().count(), 3);
+
+    // `sync --follow`: a message arrives while it waits, without another command; the
+    // relay dies and comes back, and it resumes from its cursor.
+    let mut follower = Follower::start(&south);
+    ok(&north, &["send", "crisis", "to a follower"]);
+    follower.expect_received();
+    drop(relay);
+    let sent = ok(&north, &["send", "crisis", "relay dead again", "--json"]);
+    assert_eq!(field(&sent, "relayed"), 0);
+    let relay = Relay::start_on(&dir.join("relay"), &address);
+    ok(&north, &["sync"]);
+    follower.expect_received();
+    assert_eq!(follower.stop(), Some(0), "SIGTERM ends --follow cleanly");
+    let log = ok(&south, &["log", "crisis", "--json"]);
+    assert_eq!(log.lines().count(), 5);
+    assert!(log.contains("relay dead again"));
     relay.stop();
+}
+
+/// `hotline sync --follow --json` running in a home, its report lines read as they come.
+struct Follower {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(home: &Path) -> Follower {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+            .env("HOTLINE_HOME", home)
+            .args(["sync", "--follow", "--json", "--round", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// Waits (up to 30 s) for a report that received at least one message.
+    fn expect_received(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .expect("sync --follow received nothing within 30 s");
+            if field(&line, "received").as_u64().unwrap() > 0 {
+                return;
+            }
+        }
+    }
+
+    fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
 }
 
 /// A client streams messages while the relay is SIGKILLed at random moments and
