@@ -21,7 +21,7 @@ use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
 
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -85,6 +85,9 @@ const MIGRATIONS: &[&str] = &[
         relay TEXT NOT NULL,
         PRIMARY KEY (seq, relay)
     );",
+    // Version 3: rows every target holds are settled, and no longer scanned by the push.
+    "ALTER TABLE outbox ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX outbox_unsettled ON outbox (settled, seq);",
 ];
 
 /// Why a store operation failed. Nothing was committed.
@@ -783,13 +786,13 @@ impl Store {
         })
     }
 
-    /// Outbox rows, with the relays that already hold each.
+    /// Outbox rows that some relay does not hold yet, with the relays that hold each.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
         /// seq, channel, kind, recipients, bytes.
         type Row = (i64, Option<Vec<u8>>, i64, Option<Vec<u8>>, Vec<u8>);
         let rows: Vec<Row> = self
             .connection
-            .prepare("SELECT seq, channel, kind, recipients, bytes FROM outbox ORDER BY seq")?
+            .prepare("SELECT seq, channel, kind, recipients, bytes FROM outbox WHERE settled = 0 ORDER BY seq")?
             .query_map([], |row| {
                 Ok((
                     row.get(0)?,
@@ -825,13 +828,17 @@ impl Store {
         Ok(items)
     }
 
-    /// Records that a relay durably holds an outbox row.
-    pub fn mark_posted(&mut self, seq: u64, relay: &str) -> Result<(), StoreError> {
+    /// Records that a relay durably holds an outbox row; `settled` when every target
+    /// now holds it.
+    pub fn mark_posted(&mut self, seq: u64, relay: &str, settled: bool) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
             connection.execute(
                 "INSERT OR IGNORE INTO outbox_posted (seq, relay) VALUES (?1, ?2)",
                 params![seq as i64, relay],
             )?;
+            if settled {
+                connection.execute("UPDATE outbox SET settled = 1 WHERE seq = ?1", [seq as i64])?;
+            }
             Ok(())
         })
     }

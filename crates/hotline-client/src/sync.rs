@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_relay::client::{ClientError, RelayClient};
-use hotline_relay::storage::Membership;
+use hotline_relay::storage::{Log, Membership};
 use tokio::task::JoinSet;
 
 use crate::Store;
@@ -73,11 +73,51 @@ fn note(report: &mut SyncReport, url: &str, result: Result<(), ClientError>) -> 
 
 /// Runs one round of sync. Network trouble is reported per relay, not returned.
 pub async fn sync_once(store: &mut Store) -> Result<SyncReport, StoreError> {
-    let identity = identity_of(store)?;
-    let mut relays = Relays {
-        clients: HashMap::new(),
-    };
-    sync_with(store, &identity, &mut relays).await
+    Session::new(store)?.sync(store).await
+}
+
+/// Registers memberships and pushes the outbox only: what `send` does at once.
+pub async fn push_once(store: &mut Store) -> Result<SyncReport, StoreError> {
+    Session::new(store)?.push(store).await
+}
+
+/// A device's clients of its relays, kept between rounds so that their TLS connections
+/// are reused.
+pub struct Session {
+    identity: Arc<DeviceIdentity>,
+    relays: Relays,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("device", &self.identity.key())
+            .field("relays", &self.relays.clients.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Session {
+    pub fn new(store: &Store) -> Result<Self, StoreError> {
+        Ok(Self {
+            identity: Arc::new(identity_of(store)?),
+            relays: Relays {
+                clients: HashMap::new(),
+            },
+        })
+    }
+
+    /// One round: push, then pull everything.
+    pub async fn sync(&mut self, store: &mut Store) -> Result<SyncReport, StoreError> {
+        sync_with(store, &self.identity, &mut self.relays).await
+    }
+
+    /// Registers memberships and pushes the outbox.
+    pub async fn push(&mut self, store: &mut Store) -> Result<SyncReport, StoreError> {
+        let mut report = SyncReport::default();
+        push_with(store, &self.identity, &mut self.relays, &mut report).await?;
+        Ok(report)
+    }
 }
 
 fn identity_of(store: &Store) -> Result<DeviceIdentity, StoreError> {
@@ -321,10 +361,10 @@ pub async fn follow(
     config: &FollowConfig,
     mut on_report: impl FnMut(&SyncReport) -> ControlFlow<()>,
 ) -> Result<(), StoreError> {
-    let identity = Arc::new(identity_of(store)?);
-    let mut relays = Relays {
-        clients: HashMap::new(),
-    };
+    let Session {
+        identity,
+        mut relays,
+    } = Session::new(store)?;
     let mut polls: JoinSet<Poll> = JoinSet::new();
     let mut active: HashSet<Watch> = HashSet::new();
     let mut failures: HashMap<Watch, u32> = HashMap::new();
@@ -372,16 +412,28 @@ pub async fn follow(
         match fetched {
             Ok(messages) => {
                 failures.remove(&watch);
-                if !messages.is_empty() {
-                    apply(store, &watch, messages, &mut report)?;
-                    acknowledge(store, &watch, &client, &identity, start, &mut report).await?;
-                }
+                apply(store, &watch, messages, &mut report)?;
             }
             Err(error) => {
                 note(&mut report, watch.url(), Err(error));
                 *failures.entry(watch.clone()).or_default() += 1;
             }
         }
+        // Wait again at once; then tell the relay what was committed.
+        let after = store.cursor(watch.url(), &watch.log())?;
+        let delay = backoff(
+            failures.get(&watch).copied().unwrap_or(0),
+            config.max_backoff,
+        );
+        spawn_poll(
+            &mut polls,
+            watch.clone(),
+            client.clone(),
+            &identity,
+            after,
+            config.wait,
+            delay,
+        );
         let changed = report.received > 0
             || !report.joined.is_empty()
             || !report.refused.is_empty()
@@ -393,20 +445,11 @@ pub async fn follow(
             // A new channel to watch: pick it up now.
             next_round = tokio::time::Instant::now();
         }
-        let after = store.cursor(watch.url(), &watch.log())?;
-        let delay = backoff(
-            failures.get(&watch).copied().unwrap_or(0),
-            config.max_backoff,
-        );
-        spawn_poll(
-            &mut polls,
-            watch,
-            client,
-            &identity,
-            after,
-            config.wait,
-            delay,
-        );
+        let mut acked = SyncReport::default();
+        acknowledge(store, &watch, &client, &identity, start, &mut acked).await?;
+        if acked.relays.values().any(Option::is_some) && on_report(&acked).is_break() {
+            return Ok(());
+        }
     }
 }
 
@@ -425,17 +468,6 @@ fn spawn_poll(
         let fetched = watch.fetch(&client, &identity, after, wait).await;
         (watch, fetched)
     });
-}
-
-/// Registers memberships and pushes the outbox only: what `send` does at once.
-pub async fn push_once(store: &mut Store) -> Result<SyncReport, StoreError> {
-    let identity = identity_of(store)?;
-    let mut relays = Relays {
-        clients: HashMap::new(),
-    };
-    let mut report = SyncReport::default();
-    push_with(store, &identity, &mut relays, &mut report).await?;
-    Ok(report)
 }
 
 async fn push_with(
@@ -477,53 +509,32 @@ async fn push_with(
         }
     }
 
-    // 2. Push every outbox row to every relay that does not hold it yet.
+    // 2. Push every outbox row to every relay that does not hold it yet: messages to
+    // the channel's relays, Welcomes (as invitations) to each recipient's inbox relays.
     for item in store.outbox()? {
-        let targets: Vec<(String, String, Option<[u8; 32]>)> = if item.welcome {
-            let channel_relays = match item.channel {
-                Some(channel) => store.channel_relays(&channel)?,
-                None => Vec::new(),
-            };
-            let mut targets = Vec::new();
-            for recipient in &item.recipients {
-                for url in store.contact_relays(recipient)? {
-                    targets.push((format!("inbox:{recipient}@{url}"), url, Some(recipient.0)));
-                }
-            }
-            let invitation = bundle::encode_invitation(&channel_relays, &item.bytes);
-            for (mark, url, recipient) in targets {
-                if item.posted.contains(&mark) {
-                    continue;
-                }
-                let Some(recipient) = recipient else { continue };
-                let client = match relays.get(&url) {
-                    Ok(client) => client,
-                    Err(error) => {
-                        report.relays.insert(url, Some(error));
-                        continue;
+        let mut targets: Vec<(String, String, Log)> = Vec::new();
+        let mut body = item.bytes.clone();
+        if let Some(channel) = item.channel {
+            let channel_relays = store.channel_relays(&channel)?;
+            if item.welcome {
+                body = bundle::encode_invitation(&channel_relays, &item.bytes);
+                for recipient in &item.recipients {
+                    for url in store.contact_relays(recipient)? {
+                        let mark = format!("inbox:{recipient}@{url}");
+                        targets.push((mark, url, Log::Inbox(recipient.0)));
                     }
-                };
-                let posted = client
-                    .post_inbox(identity, &recipient, invitation.clone())
-                    .await;
-                if note(report, &url, posted.map(|_| ())) {
-                    store.mark_posted(item.seq, &mark)?;
-                    report.pushed += 1;
+                }
+            } else {
+                for url in channel_relays {
+                    targets.push((url.clone(), url, Log::Channel(channel.0)));
                 }
             }
-            continue;
-        } else {
-            match item.channel {
-                Some(channel) => store
-                    .channel_relays(&channel)?
-                    .into_iter()
-                    .map(|url| (url.clone(), url, Some(channel.0)))
-                    .collect(),
-                None => Vec::new(),
-            }
-        };
-        for (mark, url, channel) in targets {
-            let Some(channel) = channel else { continue };
+        }
+        let mut missing = targets
+            .iter()
+            .filter(|(mark, ..)| !item.posted.contains(mark))
+            .count();
+        for (mark, url, log) in targets {
             if item.posted.contains(&mark) {
                 continue;
             }
@@ -534,9 +545,13 @@ async fn push_with(
                     continue;
                 }
             };
-            let posted = client.post(identity, &channel, item.bytes.clone()).await;
+            let posted = match log {
+                Log::Inbox(device) => client.post_inbox(identity, &device, body.clone()).await,
+                Log::Channel(channel) => client.post(identity, &channel, body.clone()).await,
+            };
             if note(report, &url, posted.map(|_| ())) {
-                store.mark_posted(item.seq, &mark)?;
+                missing -= 1;
+                store.mark_posted(item.seq, &mark, missing == 0)?;
                 report.pushed += 1;
             }
         }

@@ -657,6 +657,8 @@ pub async fn serve<S: RelayStorage>(
                 accepted = listener.accept() => accepted,
             };
             let Ok((stream, _)) = accepted else { continue };
+            // Answers are small and latency matters: no Nagle delay.
+            let _ = stream.set_nodelay(true);
             let (acceptor, app, state, limits) = (
                 acceptor.clone(),
                 app.clone(),
