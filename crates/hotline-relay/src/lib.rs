@@ -18,6 +18,9 @@
 
 pub mod auth;
 pub mod client;
+// A test suite for backends: it asserts, so it may panic.
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub mod conformance;
 pub mod server;
 pub mod storage;
 pub mod tls;

@@ -219,8 +219,8 @@ impl<S: RelayStorage> AppState<S> {
         Ok(device)
     }
 
-    fn require_member(&self, channel: &[u8; 32], device: &DeviceKey) -> Result<(), Problem> {
-        match self.storage.membership(channel)? {
+    async fn require_member(&self, channel: &[u8; 32], device: &DeviceKey) -> Result<(), Problem> {
+        match self.storage.membership(channel).await? {
             Some(membership) if membership.members.contains(&device.0) => Ok(()),
             Some(_) => Err(self.reject(Problem::new(
                 StatusCode::FORBIDDEN,
@@ -287,7 +287,7 @@ impl<S: RelayStorage> AppState<S> {
         let mut changes = self.appended.subscribe();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
         loop {
-            let messages = self.storage.read_after(&log, after, 256)?;
+            let messages = self.storage.read_after(&log, after, 256).await?;
             if !messages.is_empty() || Instant::now() >= deadline {
                 return Ok(messages);
             }
@@ -367,7 +367,7 @@ async fn put_members<S: RelayStorage>(
             "signature is 128 hexadecimal digits",
         ))
     })?;
-    let signer = match state.storage.membership(&channel)? {
+    let signer = match state.storage.membership(&channel).await? {
         None => membership.committer,
         Some(current) if membership.version > current.version => current.committer,
         Some(_) => {
@@ -387,7 +387,13 @@ async fn put_members<S: RelayStorage>(
                 "the membership is not signed by the channel's committer",
             ))
         })?;
-    state.storage.set_membership(&channel, &membership)?;
+    if !state.storage.set_membership(&channel, &membership).await? {
+        return Err(state.reject(Problem::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "a membership of this version or newer is registered",
+        )));
+    }
     Ok((StatusCode::OK, Json(json!({"version": membership.version}))).into_response())
 }
 
@@ -401,7 +407,7 @@ async fn post_message<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     let device = state.authenticate(&method, &uri, &headers, &body)?;
     let channel = parse_key(&channel)?;
-    state.require_member(&channel, &device)?;
+    state.require_member(&channel, &device).await?;
     state.append_answer(Log::Channel(channel), body).await
 }
 
@@ -420,7 +426,7 @@ async fn post_ack<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     let device = state.authenticate(&method, &uri, &headers, &body)?;
     let channel = parse_key(&channel)?;
-    state.require_member(&channel, &device)?;
+    state.require_member(&channel, &device).await?;
     let ack: AckBody = serde_json::from_slice(&body).map_err(|e| {
         state.reject(Problem::new(
             StatusCode::BAD_REQUEST,
@@ -430,7 +436,8 @@ async fn post_ack<S: RelayStorage>(
     })?;
     let members = state
         .storage
-        .membership(&channel)?
+        .membership(&channel)
+        .await?
         .map(|m| m.members)
         .unwrap_or_default();
     let deleted = state
@@ -481,7 +488,7 @@ async fn get_messages<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     let device = state.authenticate(&method, &uri, &headers, b"")?;
     let channel = parse_key(&channel)?;
-    state.require_member(&channel, &device)?;
+    state.require_member(&channel, &device).await?;
     state.read_answer(Log::Channel(channel), &query).await
 }
 

@@ -72,13 +72,19 @@ pub trait RelayStorage: Send + Sync + 'static {
         log: &Log,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
-    fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError>;
+    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StorageError>> + Send;
+    fn membership(
+        &self,
+        channel: &[u8; 32],
+    ) -> impl Future<Output = Result<Option<Membership>, StorageError>> + Send;
+    /// Stores `membership` if it is newer than the stored one (or none is stored), as one
+    /// atomic step; returns whether it was stored. Several relay processes sharing one
+    /// database may race here: the version decides, never the order of arrival.
     fn set_membership(
         &self,
         channel: &[u8; 32],
         membership: &Membership,
-    ) -> Result<(), StorageError>;
+    ) -> impl Future<Output = Result<bool, StorageError>> + Send;
     /// Records that `device` committed everything up to `seq`, and deletes what every
     /// one of `members` acknowledged. Returns how many messages were deleted.
     fn acknowledge(
@@ -488,7 +494,7 @@ impl RelayStorage for SqliteStorage {
         wait.await.map_err(|_| StorageError::WriterGone)?
     }
 
-    fn read_after(
+    async fn read_after(
         &self,
         log: &Log,
         after: u64,
@@ -504,7 +510,7 @@ impl RelayStorage for SqliteStorage {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {
+    async fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
         let row: Option<(Vec<u8>, i64, Vec<u8>)> = reader
             .query_row(
@@ -525,16 +531,17 @@ impl RelayStorage for SqliteStorage {
         }))
     }
 
-    fn set_membership(
+    async fn set_membership(
         &self,
         channel: &[u8; 32],
         membership: &Membership,
-    ) -> Result<(), StorageError> {
+    ) -> Result<bool, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
         let members: Vec<u8> = membership.members.iter().flatten().copied().collect();
-        reader.execute(
+        let changed = reader.execute(
             "INSERT INTO memberships (channel, committer, version, members) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (channel) DO UPDATE SET committer = ?2, version = ?3, members = ?4",
+             ON CONFLICT (channel) DO UPDATE SET committer = ?2, version = ?3, members = ?4
+             WHERE excluded.version > memberships.version",
             params![
                 &channel[..],
                 &membership.committer[..],
@@ -542,7 +549,7 @@ impl RelayStorage for SqliteStorage {
                 members
             ],
         )?;
-        Ok(())
+        Ok(changed == 1)
     }
 
     fn take_commit_durations(&self) -> Vec<f64> {

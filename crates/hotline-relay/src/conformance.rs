@@ -1,0 +1,326 @@
+//! The conformance suite every [`RelayStorage`] backend must pass: the relay's promises
+//! (nothing acknowledged is lost, sequence numbers never go back, posting is idempotent,
+//! membership only moves forward) stated once, as checks, for any backend.
+//!
+//! A backend's test calls [`check`] with a function that opens its storage on the same
+//! data every time (the suite drops and reopens it to check durability), with a quota of
+//! [`QUOTA`] bytes per log. Each check uses logs of its own, so a database that is not
+//! empty (PostgreSQL shared by several test runs) does not disturb it.
+
+use std::future::Future;
+
+use crate::storage::{Log, Membership, RelayStorage, StorageError};
+
+/// The per-log quota `open` must give the storage.
+pub const QUOTA: u64 = 64 * 1024;
+
+/// Runs every check; panics, naming the check, at the first broken promise.
+pub async fn check<S, F, Fut>(open: F)
+where
+    S: RelayStorage,
+    F: Fn() -> Fut,
+    Fut: Future<Output = S>,
+{
+    let storage = open().await;
+    appends_in_order_per_log(&storage).await;
+    idempotent_by_bytes(&storage).await;
+    reads_after_a_cursor_with_a_limit(&storage).await;
+    membership_only_moves_forward(&storage).await;
+    acknowledged_by_every_member_is_deleted(&storage).await;
+    quota_refuses_and_changes_nothing(&storage).await;
+    expiry_deletes_old_and_keeps_the_sequence(&storage).await;
+    concurrent_appends_get_distinct_contiguous_numbers(&storage).await;
+    let (log, expected) = written_before_reopen(&storage).await;
+    drop(storage);
+    let storage = open().await;
+    survives_reopen(&storage, &log, &expected).await;
+}
+
+/// A log nobody else uses: random 32-byte id.
+fn fresh_channel() -> [u8; 32] {
+    rand::random()
+}
+
+fn message(tag: &str, n: usize) -> Vec<u8> {
+    format!("{tag}-{n}-{}", hex::encode(rand::random::<[u8; 8]>())).into_bytes()
+}
+
+async fn append(storage: &impl RelayStorage, log: &Log, bytes: Vec<u8>) -> (u64, bool) {
+    let appended = storage
+        .append(log.clone(), bytes)
+        .await
+        .expect("append failed");
+    (appended.seq, appended.duplicate)
+}
+
+async fn read_all(storage: &impl RelayStorage, log: &Log) -> Vec<(u64, Vec<u8>)> {
+    storage
+        .read_after(log, 0, 10_000)
+        .await
+        .expect("read failed")
+}
+
+async fn appends_in_order_per_log(storage: &impl RelayStorage) {
+    let id = fresh_channel();
+    let (channel, inbox) = (Log::Channel(id), Log::Inbox(id));
+    for n in 1..=5u64 {
+        assert_eq!(
+            append(storage, &channel, message("c", n as usize)).await,
+            (n, false)
+        );
+    }
+    // Same id, other kind of log: its own numbering.
+    assert_eq!(append(storage, &inbox, message("i", 1)).await, (1, false));
+    let read = read_all(storage, &channel).await;
+    assert_eq!(
+        read.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5],
+        "appends_in_order_per_log"
+    );
+    assert!(
+        read[0].1.starts_with(b"c-1-"),
+        "appends_in_order_per_log: bytes"
+    );
+    assert_eq!(read_all(storage, &inbox).await.len(), 1);
+}
+
+async fn idempotent_by_bytes(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    let bytes = message("same", 0);
+    assert_eq!(append(storage, &log, bytes.clone()).await, (1, false));
+    assert_eq!(append(storage, &log, message("other", 0)).await, (2, false));
+    assert_eq!(
+        append(storage, &log, bytes).await,
+        (1, true),
+        "idempotent_by_bytes: the same bytes get their first number back"
+    );
+    assert_eq!(
+        read_all(storage, &log).await.len(),
+        2,
+        "idempotent_by_bytes"
+    );
+}
+
+async fn reads_after_a_cursor_with_a_limit(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    for n in 0..10 {
+        append(storage, &log, message("r", n)).await;
+    }
+    let page = storage.read_after(&log, 3, 4).await.unwrap();
+    assert_eq!(
+        page.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        [4, 5, 6, 7],
+        "reads_after_a_cursor_with_a_limit"
+    );
+    assert!(storage.read_after(&log, 10, 4).await.unwrap().is_empty());
+    let unknown = Log::Channel(fresh_channel());
+    assert!(storage.read_after(&unknown, 0, 4).await.unwrap().is_empty());
+}
+
+async fn membership_only_moves_forward(storage: &impl RelayStorage) {
+    let channel = fresh_channel();
+    let version = |version: u64, members: Vec<[u8; 32]>| Membership {
+        committer: [7; 32],
+        version,
+        members,
+    };
+    assert_eq!(storage.membership(&channel).await.unwrap(), None);
+    assert!(
+        storage
+            .set_membership(&channel, &version(1, vec![[1; 32]]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !storage
+            .set_membership(&channel, &version(1, vec![[2; 32]]))
+            .await
+            .unwrap(),
+        "membership_only_moves_forward: the same version twice"
+    );
+    assert!(
+        storage
+            .set_membership(&channel, &version(3, vec![[1; 32], [3; 32]]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !storage
+            .set_membership(&channel, &version(2, vec![[9; 32]]))
+            .await
+            .unwrap(),
+        "membership_only_moves_forward: an older version"
+    );
+    assert_eq!(
+        storage.membership(&channel).await.unwrap(),
+        Some(version(3, vec![[1; 32], [3; 32]]))
+    );
+}
+
+async fn acknowledged_by_every_member_is_deleted(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    for n in 0..6 {
+        append(storage, &log, message("a", n)).await;
+    }
+    let (a, b) = ([1u8; 32], [2u8; 32]);
+    let members = vec![a, b];
+    let ack = |device, seq| storage.acknowledge(log.clone(), device, seq, members.clone());
+    assert_eq!(
+        ack(a, 4).await.unwrap(),
+        0,
+        "one member is not every member"
+    );
+    assert_eq!(ack(b, 2).await.unwrap(), 2, "both acknowledged 1..=2");
+    assert_eq!(ack(b, 6).await.unwrap(), 2, "both acknowledged 3..=4");
+    // An acknowledgement never goes back.
+    assert_eq!(ack(a, 1).await.unwrap(), 0);
+    let left: Vec<u64> = read_all(storage, &log)
+        .await
+        .iter()
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(left, [5, 6], "acknowledged_by_every_member_is_deleted");
+    assert_eq!(ack(a, 6).await.unwrap(), 2);
+    assert!(read_all(storage, &log).await.is_empty());
+    // Numbering goes on after everything was deleted.
+    assert_eq!(
+        append(storage, &log, message("a", 99)).await,
+        (7, false),
+        "sequence numbers never go back"
+    );
+}
+
+async fn quota_refuses_and_changes_nothing(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    let big = vec![b'q'; (QUOTA as usize) * 3 / 4];
+    assert_eq!(append(storage, &log, big).await, (1, false));
+    let refused = storage
+        .append(log.clone(), vec![b'r'; QUOTA as usize / 2])
+        .await;
+    assert!(
+        matches!(refused, Err(StorageError::QuotaExceeded(_))),
+        "quota_refuses_and_changes_nothing: got {refused:?}"
+    );
+    assert_eq!(read_all(storage, &log).await.len(), 1);
+    // Small enough still fits, with the next number.
+    assert_eq!(append(storage, &log, vec![b's'; 100]).await, (2, false));
+    // Deleting frees the quota.
+    storage
+        .acknowledge(log.clone(), [1; 32], 2, vec![[1; 32]])
+        .await
+        .unwrap();
+    assert_eq!(
+        append(storage, &log, vec![b't'; QUOTA as usize / 2]).await,
+        (3, false),
+        "quota_refuses_and_changes_nothing: deletion frees the quota"
+    );
+}
+
+async fn expiry_deletes_old_and_keeps_the_sequence(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    for n in 0..3 {
+        append(storage, &log, message("e", n)).await;
+    }
+    assert_eq!(
+        storage.expire(0).await.unwrap(),
+        0,
+        "nothing is older than 1970"
+    );
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1_000;
+    assert!(storage.expire(later).await.unwrap() >= 3);
+    assert!(read_all(storage, &log).await.is_empty());
+    assert_eq!(append(storage, &log, message("e", 9)).await, (4, false));
+}
+
+async fn concurrent_appends_get_distinct_contiguous_numbers(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    let appends = (0..64).map(|n| storage.append(log.clone(), message("p", n)));
+    let mut seqs: Vec<u64> = futures_join_all(appends)
+        .await
+        .into_iter()
+        .map(|appended| appended.expect("concurrent append").seq)
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=64).collect::<Vec<_>>(),
+        "concurrent_appends_get_distinct_contiguous_numbers"
+    );
+}
+
+/// Polls every future to completion, concurrently, on the current task.
+async fn futures_join_all<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for future in futures {
+        set.push(Box::pin(future));
+    }
+    let mut outputs: Vec<Option<F::Output>> = set.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in set.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs.into_iter().flatten().collect()
+}
+
+async fn written_before_reopen(storage: &impl RelayStorage) -> (Log, Vec<(u64, Vec<u8>)>) {
+    let id = fresh_channel();
+    let log = Log::Channel(id);
+    for n in 0..5 {
+        append(storage, &log, message("d", n)).await;
+    }
+    storage
+        .set_membership(
+            &id,
+            &Membership {
+                committer: [5; 32],
+                version: 2,
+                members: vec![[5; 32]],
+            },
+        )
+        .await
+        .unwrap();
+    // Delete the first two: the head must survive the reopen too.
+    storage
+        .acknowledge(log.clone(), [5; 32], 2, vec![[5; 32]])
+        .await
+        .unwrap();
+    (log.clone(), read_all(storage, &log).await)
+}
+
+async fn survives_reopen(storage: &impl RelayStorage, log: &Log, expected: &[(u64, Vec<u8>)]) {
+    assert_eq!(
+        read_all(storage, log).await,
+        expected,
+        "survives_reopen: every acknowledged append is there"
+    );
+    let Log::Channel(id) = log else {
+        unreachable!("written_before_reopen uses a channel")
+    };
+    assert_eq!(
+        storage.membership(id).await.unwrap().map(|m| m.version),
+        Some(2),
+        "survives_reopen: membership"
+    );
+    assert_eq!(
+        append(storage, log, message("d", 5)).await,
+        (6, false),
+        "survives_reopen: numbering goes on"
+    );
+}
