@@ -165,6 +165,8 @@ pub struct OutboxItem {
     pub seq: u64,
     pub channel: Option<ChannelId>,
     pub welcome: bool,
+    /// This device's commit: merged when the first relay holds it.
+    pub commit: bool,
     pub recipients: Vec<DeviceKey>,
     pub bytes: Vec<u8>,
     pub posted: Vec<String>,
@@ -423,10 +425,15 @@ impl Store {
             channel.remember_contacts(contacts.iter().map(|c| c.info.clone()));
             if !contacts.is_empty() {
                 let commit = channel.add(&provider, identity, contacts)?;
-                queue(connection, Some(channel.id()), commit, None)?;
-                for out in channel.commit_accepted(&provider, identity, now_ms())? {
-                    queue(connection, Some(channel.id()), out, None)?;
-                }
+                let merge_now = relays.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut channel,
+                    commit,
+                    merge_now,
+                )?;
             }
             save_channel(connection, &mut channel, true)?;
             let id = channel.id();
@@ -496,12 +503,18 @@ impl Store {
             }
             if channel.is_committer()
                 && channel.has_pending_proposals()
+                && !channel.has_pending_commit()
                 && let Some(commit) = channel.commit_proposals(&provider, identity)?
             {
-                queue(connection, Some(channel.id()), commit, None)?;
-                for out in channel.commit_accepted(&provider, identity, now_ms())? {
-                    queue(connection, Some(channel.id()), out, None)?;
-                }
+                let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut channel,
+                    commit,
+                    merge_now,
+                )?;
             }
             failpoint("receive-before-save")?;
             save_channel(connection, &mut channel, false)?;
@@ -820,12 +833,33 @@ impl Store {
                 seq: seq as u64,
                 channel,
                 welcome: kind == 2,
+                commit: kind == 3,
                 recipients,
                 bytes,
                 posted,
             });
         }
         Ok(items)
+    }
+
+    /// A relay durably accepted this device's pending commit of `channel`: merge it and
+    /// queue what it releases (the Welcome, membership notes), in one transaction.
+    /// Returns whether a commit was merged.
+    pub fn commit_relayed(&mut self, channel_id: &ChannelId) -> Result<bool, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let mut channel = checkout(cache, connection, &provider, channel_id)?;
+            if !channel.has_pending_commit() {
+                cache.channels.insert(*channel_id, channel);
+                return Ok(false);
+            }
+            for out in channel.commit_accepted(&provider, identity, now_ms())? {
+                queue(connection, Some(channel.id()), out, None)?;
+            }
+            save_channel(connection, &mut channel, false)?;
+            cache.channels.insert(*channel_id, channel);
+            Ok(true)
+        })
     }
 
     /// Records that a relay durably holds an outbox row; `settled` when every target
@@ -871,11 +905,7 @@ impl Store {
 
     /// The relays of a channel.
     pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .connection
-            .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
-            .query_map([&channel.0[..]], |row| row.get(0))?
-            .collect::<Result<_, _>>()?)
+        channel_relays(&self.connection, channel)
     }
 
     /// How many outbox rows carry envelope `id` (exactly one for every sent message).
@@ -945,6 +975,13 @@ fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError
         params![cursor.relay, cursor.log, cursor.seq as i64],
     )?;
     Ok(())
+}
+
+fn channel_relays(connection: &Connection, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
+    Ok(connection
+        .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+        .query_map([&channel.0[..]], |row| row.get(0))?
+        .collect::<Result<_, _>>()?)
 }
 
 fn set_relays(
@@ -1091,6 +1128,26 @@ fn seal(
     };
     queue(connection, Some(channel.id()), outgoing, Some(id))?;
     Ok(id)
+}
+
+/// Queues a commit. A channel with relays merges it when the first relay durably
+/// accepted it ([`Store::commit_relayed`]), so that no member ever follows a commit the
+/// others cannot get; a channel without relays (bundles) merges it at once.
+fn stage_commit(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &DeviceIdentity,
+    channel: &mut Channel,
+    commit: Outgoing,
+    merge_now: bool,
+) -> Result<(), StoreError> {
+    queue(connection, Some(channel.id()), commit, None)?;
+    if merge_now {
+        for out in channel.commit_accepted(provider, identity, now_ms())? {
+            queue(connection, Some(channel.id()), out, None)?;
+        }
+    }
+    Ok(())
 }
 
 fn queue(

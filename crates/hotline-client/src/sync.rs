@@ -476,11 +476,30 @@ async fn push_with(
     relays: &mut Relays,
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
+    // A commit merged in one pass releases a new membership and a Welcome for the next.
+    for _ in 0..4 {
+        if !push_pass(store, identity, relays, report).await? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Registers memberships and posts the outbox; returns whether a commit was merged.
+async fn push_pass(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<bool, StoreError> {
+    let mut merged = false;
     // 1. The committer registers each channel's membership where it is out of date.
     for plan in store.relay_plan()? {
         for (url, registered) in &plan.relays {
             report.relays.entry(url.clone()).or_insert(None);
-            if !plan.committer || *registered >= plan.epoch {
+            // Versions start at 1 for epoch 0: a relay has none until registered.
+            let version = plan.epoch + 1;
+            if !plan.committer || *registered >= version {
                 continue;
             }
             let client = match relays.get(url) {
@@ -492,7 +511,7 @@ async fn push_with(
             };
             let membership = Membership {
                 committer: identity.key().0,
-                version: plan.epoch,
+                version,
                 members: plan.members.clone(),
             };
             match client
@@ -500,7 +519,7 @@ async fn push_with(
                 .await
             {
                 Ok(()) | Err(ClientError::Refused { status: 409, .. }) => {
-                    store.mark_registered(&plan.channel, url, plan.epoch)?
+                    store.mark_registered(&plan.channel, url, version)?
                 }
                 Err(error) => {
                     note(report, url, Err(error));
@@ -553,9 +572,13 @@ async fn push_with(
                 missing -= 1;
                 store.mark_posted(item.seq, &mark, missing == 0)?;
                 report.pushed += 1;
+                if item.commit
+                    && let Some(channel) = item.channel
+                {
+                    merged |= store.commit_relayed(&channel)?;
+                }
             }
         }
     }
-
-    Ok(())
+    Ok(merged)
 }

@@ -84,3 +84,39 @@ fn unknown_channel_and_party_are_clear_errors() {
         Err(StoreError::ChannelExists(_))
     ));
 }
+
+/// A channel with relays merges its creating commit only once a relay holds it: until
+/// then the outbox holds the commit alone (no Welcome), and the epoch has not moved.
+#[test]
+fn a_commit_is_merged_only_after_a_relay_accepted_it() {
+    let (north_home, south_home) = (home("north-relayed"), home("south-relayed"));
+    let mut north = Store::init(&north_home, "north", "desk", &[]).unwrap();
+    let south = Store::init(&south_home, "south", "desk", &[]).unwrap();
+    north
+        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
+        .unwrap();
+    let nowhere = format!("https://127.0.0.1:9/#sha256={}", "00".repeat(32));
+    let id = north
+        .create_channel("crisis", &["south".into()], &[nowhere])
+        .unwrap();
+    let outbox = north.outbox().unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert!(outbox[0].commit && !outbox[0].welcome);
+    let summary = &north.channels().unwrap()[0];
+    assert_eq!((summary.epoch, summary.members.len()), (0, 1));
+    // Sending meanwhile is allowed: it belongs to the epoch before the add.
+    north
+        .send("crisis", Body::Text("before south".into()), None)
+        .unwrap();
+
+    assert!(north.commit_relayed(&id).unwrap());
+    assert!(!north.commit_relayed(&id).unwrap(), "merged once only");
+    let summary = &north.channels().unwrap()[0];
+    assert_eq!((summary.epoch, summary.members.len()), (1, 2));
+    let welcomes = north.outbox().unwrap().iter().filter(|i| i.welcome).count();
+    assert_eq!(welcomes, 1, "the Welcome is released by the merge");
+    drop(north);
+    // The merge is durable.
+    let north = Store::open(&north_home).unwrap();
+    assert_eq!(north.channels().unwrap()[0].epoch, 1);
+}

@@ -524,6 +524,11 @@ impl Channel {
 
     /// Whether proposals wait for a commit (the committer should call
     /// [`Channel::commit_proposals`]).
+    /// Whether this device staged a commit that no relay has accepted yet.
+    pub fn has_pending_commit(&self) -> bool {
+        self.pending_commit.is_some()
+    }
+
     pub fn has_pending_proposals(&self) -> bool {
         self.group.pending_proposals().next().is_some()
     }
