@@ -119,6 +119,8 @@ pub enum StoreError {
         "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
     )]
     UnknownParty(String),
+    #[error("party {0:?} has no device in this channel; see: hotline channel list")]
+    NotInChannel(String),
     #[error("no message {0} in this channel")]
     UnknownMessage(String),
     #[error("invalid name: {0}")]
@@ -840,6 +842,71 @@ impl Store {
             });
         }
         Ok(items)
+    }
+
+    /// Removes every device of `party` from the channel (committer only). With relays,
+    /// the removal takes effect when a relay accepted the commit.
+    pub fn remove_party(
+        &mut self,
+        channel: &str,
+        party: &str,
+    ) -> Result<Vec<DeviceKey>, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            let devices: Vec<DeviceKey> = loaded
+                .members()
+                .into_iter()
+                .filter(|member| member.party == party)
+                .map(|member| member.key)
+                .collect();
+            if devices.is_empty() {
+                return Err(StoreError::NotInChannel(party.to_owned()));
+            }
+            let commit = loaded.remove(&provider, identity, &devices)?;
+            let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+            stage_commit(
+                connection,
+                &provider,
+                identity,
+                &mut loaded,
+                commit,
+                merge_now,
+            )?;
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(devices)
+        })
+    }
+
+    /// Refreshes this device's keys in the channel: the committer commits at once, any
+    /// other device proposes it for the committer to commit. Returns whether it was a
+    /// commit.
+    pub fn update_keys(&mut self, channel: &str) -> Result<bool, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            let committer = loaded.is_committer();
+            let outgoing = loaded.update_keys(&provider, identity)?;
+            if committer {
+                let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut loaded,
+                    outgoing,
+                    merge_now,
+                )?;
+            } else {
+                queue(connection, Some(channel_id), outgoing, None)?;
+            }
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(committer)
+        })
     }
 
     /// A relay durably accepted this device's pending commit of `channel`: merge it and

@@ -274,6 +274,92 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Hands what is queued to the channel's relays at once (up to 5 s). Returns how many
+/// of the channel's relays answered, and the relays.
+fn push_now(store: &mut Store, channel: &str) -> Result<(usize, Vec<String>), Failure> {
+    let relays = store.channel_relays(&store.channel_id(channel)?)?;
+    if relays.is_empty() {
+        return Ok((0, relays));
+    }
+    hotline_relay::tls::install_provider();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failure(format!("cannot start: {e}")))?;
+    let pushed = runtime.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            hotline_client::sync::push_once(store),
+        )
+        .await
+    });
+    let relayed = match pushed {
+        Ok(report) => {
+            let report = report?;
+            relays
+                .iter()
+                .filter(|url| report.relays.get(*url).is_some_and(Option::is_none))
+                .count()
+        }
+        Err(_) => 0,
+    };
+    Ok((relayed, relays))
+}
+
+/// Says where a membership change stands after `push_now`.
+fn report_change(what: &str, relayed: usize, relays: usize) {
+    if relays == 0 {
+        eprintln!("{what}: done; hand the bundle over with hotline bundle export");
+    } else if relayed > 0 {
+        eprintln!("{what}: accepted by {relayed} of {relays} relays, in effect");
+    } else {
+        eprintln!(
+            "{what}: queued, takes effect once a relay accepts it (no relay reachable now; hotline sync retries)"
+        );
+    }
+}
+
+pub fn channel_remove(home: &Path, channel: &str, party: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let removed = store.remove_party(channel, party)?;
+    let (relayed, relays) = push_now(&mut store, channel)?;
+    if json_output {
+        out!(
+            "{}",
+            json!({"channel": channel, "removed": party, "devices": removed.len(),
+                   "relayed": relayed, "relays": relays.len()})
+        );
+    } else {
+        out!(
+            "Removed {party} ({} devices) from {channel}.",
+            removed.len()
+        );
+    }
+    report_change("the removal", relayed, relays.len());
+    Ok(())
+}
+
+pub fn channel_rekey(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let committed = store.update_keys(channel)?;
+    let (relayed, relays) = push_now(&mut store, channel)?;
+    let how = if committed { "commit" } else { "proposal" };
+    if json_output {
+        out!(
+            "{}",
+            json!({"channel": channel, "update": how, "relayed": relayed, "relays": relays.len()})
+        );
+    } else if committed {
+        out!("New keys for this device in {channel}.");
+    } else {
+        out!(
+            "New keys proposed in {channel}; the channel's committer commits them on its next sync."
+        );
+    }
+    report_change("the key update", relayed, relays.len());
+    Ok(())
+}
+
 pub fn send(
     home: &Path,
     channel: &str,
@@ -296,33 +382,7 @@ pub fn send(
     let mut store = Store::open(home)?;
     let id = store.send(channel, Body::Text(text.to_owned()), deadline_ms)?;
     // The message is durable now; try to hand it to the relays at once, briefly.
-    let relays = store.channel_relays(&store.channel_id(channel)?)?;
-    let relayed = if relays.is_empty() {
-        0
-    } else {
-        hotline_relay::tls::install_provider();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| failure(format!("cannot start: {e}")))?;
-        let pushed = runtime.block_on(async {
-            tokio::time::timeout(
-                Duration::from_secs(5),
-                hotline_client::sync::push_once(&mut store),
-            )
-            .await
-        });
-        match pushed {
-            Ok(report) => {
-                let report = report?;
-                relays
-                    .iter()
-                    .filter(|url| report.relays.get(*url).is_some_and(Option::is_none))
-                    .count()
-            }
-            Err(_) => 0,
-        }
-    };
+    let (relayed, relays) = push_now(&mut store, channel)?;
     if json_output {
         out!(
             "{}",

@@ -193,6 +193,21 @@ enum ChannelCommand {
     },
     /// Join from an invitation (a bundle holding a Welcome for this device).
     Join { file: PathBuf },
+    /// Remove every device of a party from a channel (the channel's committer only).
+    Remove {
+        name: String,
+        #[arg(long)]
+        party: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Refresh this device's keys in a channel (forward secrecy, post-compromise
+    /// security): a commit from the committer, a proposal from anyone else.
+    Rekey {
+        name: String,
+        #[command(flatten)]
+        json: Json,
+    },
     /// The channels of this device.
     List {
         #[command(flatten)]
@@ -261,6 +276,12 @@ fn main() -> ExitCode {
             json,
         }) => device::channel_create(&home, &name, &with, &relays, json.json),
         Command::Channel(ChannelCommand::Join { file }) => device::channel_join(&home, &file),
+        Command::Channel(ChannelCommand::Remove { name, party, json }) => {
+            device::channel_remove(&home, &name, &party, json.json)
+        }
+        Command::Channel(ChannelCommand::Rekey { name, json }) => {
+            device::channel_rekey(&home, &name, json.json)
+        }
         Command::Channel(ChannelCommand::List { json }) => device::channel_list(&home, json.json),
         Command::Send {
             channel,

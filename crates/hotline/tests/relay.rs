@@ -428,6 +428,110 @@ fn two_devices_over_a_relay() {
     relay.stop();
 }
 
+/// Three parties over a real relay process: invitation, a member's key update by
+/// proposal (committed by the committer), the committer's own key update, and the
+/// removal of the mediator, after which it reads nothing and the relay refuses it.
+#[test]
+fn three_parties_key_updates_and_removal_over_a_relay() {
+    let dir = data_dir("three");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes: Vec<(String, std::path::PathBuf)> = ["north", "south", "mediator"]
+        .iter()
+        .map(|party| (party.to_string(), dir.join(party)))
+        .collect();
+    for (party, home) in &homes {
+        ok(home, &["init", "--party", party, "--relay", &relay.url]);
+        let card = dir.join(format!("{party}.card"));
+        ok(home, &["card", "export", "--out", card.to_str().unwrap()]);
+    }
+    for (party, home) in &homes {
+        for (other, other_home) in &homes {
+            if other == party {
+                continue;
+            }
+            let fingerprint = field(&ok(other_home, &["id", "--json"]), "fingerprint");
+            let card = dir.join(format!("{other}.card"));
+            ok(
+                home,
+                &[
+                    "card",
+                    "import",
+                    card.to_str().unwrap(),
+                    "--fingerprint",
+                    fingerprint.as_str().unwrap(),
+                ],
+            );
+        }
+    }
+    let [(_, north), (_, south), (_, mediator)] = &homes[..] else {
+        unreachable!()
+    };
+    let sync_all = || {
+        for (_, home) in &homes {
+            cli(home, &["sync"]);
+        }
+    };
+    let epochs = || -> Vec<u64> {
+        homes
+            .iter()
+            .map(|(_, home)| {
+                field(&ok(home, &["channel", "list", "--json"]), "epoch")
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
+            &relay.url,
+        ],
+    );
+    sync_all();
+    assert_eq!(epochs(), [1, 1, 1], "everyone joined at the same epoch");
+
+    // South proposes new keys; north commits them on its next sync; all follow.
+    let rekey = ok(south, &["channel", "rekey", "crisis", "--json"]);
+    assert_eq!(field(&rekey, "update"), "proposal");
+    sync_all();
+    sync_all();
+    assert_eq!(epochs(), [2, 2, 2], "the member's key update was committed");
+    let rekey = ok(north, &["channel", "rekey", "crisis", "--json"]);
+    assert_eq!(field(&rekey, "update"), "commit");
+    assert_eq!(field(&rekey, "relayed"), 1);
+    sync_all();
+    assert_eq!(epochs(), [3, 3, 3], "the committer's key update");
+    ok(south, &["send", "crisis", "after the key updates"]);
+    sync_all();
+    for home in [north, mediator] {
+        assert!(ok(home, &["log", "crisis"]).contains("after the key updates"));
+    }
+
+    // The mediator is removed: it reads nothing sent afterwards.
+    let removed = ok(
+        north,
+        &["channel", "remove", "crisis", "--party", "mediator", "--json"],
+    );
+    assert_eq!(field(&removed, "devices"), 1);
+    ok(north, &["send", "crisis", "without the mediator"]);
+    sync_all();
+    let parties = field(&ok(north, &["channel", "list", "--json"]), "parties");
+    assert_eq!(parties, serde_json::json!(["north", "south"]));
+    assert!(ok(south, &["log", "crisis"]).contains("without the mediator"));
+    assert!(!ok(mediator, &["log", "crisis"]).contains("without the mediator"));
+    // The relay enforces the new membership: the mediator's device is refused.
+    let (_, report) = cli(mediator, &["sync", "--json"]);
+    let relays = field(&report, "relays");
+    assert!(
+        relays[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("403")),
+        "{report}"
+    );
+    relay.stop();
+}
+
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
 struct Follower {
     child: Child,
