@@ -698,27 +698,34 @@ impl Store {
     }
 
     /// Channels this device is in.
-    pub fn channels(&self) -> Result<Vec<ChannelSummary>, StoreError> {
-        let names: Vec<String> = self
-            .connection
-            .prepare("SELECT name FROM channels ORDER BY name")?
-            .query_map([], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        let provider = Provider::new(&self.connection);
-        names
-            .iter()
-            .map(|name| {
-                let channel = load_channel(&self.connection, &provider, name)?;
-                Ok(ChannelSummary {
+    pub fn channels(&mut self) -> Result<Vec<ChannelSummary>, StoreError> {
+        // Through the cache: a channel loaded once is not restored (with its whole
+        // transcript) again while no other process wrote.
+        self.transact(|connection, _, cache| {
+            let ids: Vec<Vec<u8>> = connection
+                .prepare("SELECT id FROM channels ORDER BY name")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let provider = Provider::new(connection);
+            let mut summaries = Vec::with_capacity(ids.len());
+            for id in ids {
+                let id = ChannelId(
+                    id.try_into()
+                        .map_err(|_| StoreError::Corrupt("channel id is not 32 bytes".into()))?,
+                );
+                let channel = checkout(cache, connection, &provider, &id)?;
+                summaries.push(ChannelSummary {
                     id: channel.id(),
                     name: channel.name().to_owned(),
                     members: channel.members(),
                     epoch: channel.epoch(),
                     envelopes: channel.transcript().len(),
                     committer: channel.is_committer(),
-                })
-            })
-            .collect()
+                });
+                cache.channels.insert(id, channel);
+            }
+            Ok(summaries)
+        })
     }
 
     /// Sends a checkpoint, then writes the export of the transcript.
@@ -766,7 +773,7 @@ impl Store {
     }
 
     /// What the sync engine needs to know of each channel.
-    pub fn relay_plan(&self) -> Result<Vec<RelayPlan>, StoreError> {
+    pub fn relay_plan(&mut self) -> Result<Vec<RelayPlan>, StoreError> {
         let mut plans = Vec::new();
         for channel in self.channels()? {
             let relays: Vec<(String, u64)> = self

@@ -211,7 +211,7 @@ impl Watch {
 }
 
 /// Every log this device reads: its inboxes first (a Welcome before its channel).
-fn watches(store: &Store) -> Result<Vec<Watch>, StoreError> {
+fn watches(store: &mut Store) -> Result<Vec<Watch>, StoreError> {
     let mut watches: Vec<Watch> = store
         .own_relays()?
         .into_iter()
@@ -221,7 +221,7 @@ fn watches(store: &Store) -> Result<Vec<Watch>, StoreError> {
     Ok(watches)
 }
 
-fn channel_watches(store: &Store) -> Result<Vec<Watch>, StoreError> {
+fn channel_watches(store: &mut Store) -> Result<Vec<Watch>, StoreError> {
     let mut watches = Vec::new();
     for plan in store.relay_plan()? {
         for (url, _) in plan.relays {

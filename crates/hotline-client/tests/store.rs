@@ -16,7 +16,7 @@ fn home(name: &str) -> std::path::PathBuf {
 
 fn pair() -> (Store, Store, std::path::PathBuf, std::path::PathBuf) {
     let (north_home, south_home) = (home("north"), home("south"));
-    let (north, south) = hotline_client::testing::verified_pair(&north_home, &south_home);
+    let (north, mut south) = hotline_client::testing::verified_pair(&north_home, &south_home);
     assert_eq!(south.channels().unwrap().len(), 1);
     (north, south, north_home, south_home)
 }
@@ -117,6 +117,6 @@ fn a_commit_is_merged_only_after_a_relay_accepted_it() {
     assert_eq!(welcomes, 1, "the Welcome is released by the merge");
     drop(north);
     // The merge is durable.
-    let north = Store::open(&north_home).unwrap();
+    let mut north = Store::open(&north_home).unwrap();
     assert_eq!(north.channels().unwrap()[0].epoch, 1);
 }

@@ -191,7 +191,7 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         std::slice::from_ref(&url),
     )?;
     story.sync_all()?;
-    for device in &story.devices[1..] {
+    for device in &mut story.devices[1..] {
         if device.channels()?.is_empty() {
             bail!("{} did not join", device.identity().info().party);
         }

@@ -226,7 +226,7 @@ pub fn channel_join(home: &Path, file: &Path) -> Outcome {
 }
 
 pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
-    let store = Store::open(home)?;
+    let mut store = Store::open(home)?;
     for channel in store.channels()? {
         let parties: Vec<_> = channel.members.iter().map(|m| m.party.clone()).collect();
         if json_output {

@@ -511,7 +511,9 @@ fn three_parties_key_updates_and_removal_over_a_relay() {
     // The mediator is removed: it reads nothing sent afterwards.
     let removed = ok(
         north,
-        &["channel", "remove", "crisis", "--party", "mediator", "--json"],
+        &[
+            "channel", "remove", "crisis", "--party", "mediator", "--json",
+        ],
     );
     assert_eq!(field(&removed, "devices"), 1);
     ok(north, &["send", "crisis", "without the mediator"]);
