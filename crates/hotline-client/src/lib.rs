@@ -22,6 +22,7 @@
 
 pub mod bundle;
 pub mod home;
+pub mod line;
 pub mod provider;
 pub mod store;
 pub mod sync;

@@ -14,14 +14,18 @@ use hotline_core::{
 use openmls_sqlite_storage::SqliteStorageProvider;
 use openmls_traits::OpenMlsProvider;
 use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::bundle::Entry;
 use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
 
+/// The `processed` table's channel for Welcomes already taken.
+const WELCOMES: [u8; 32] = [0; 32];
+
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -88,6 +92,8 @@ const MIGRATIONS: &[&str] = &[
     // Version 3: rows every target holds are settled, and no longer scanned by the push.
     "ALTER TABLE outbox ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX outbox_unsettled ON outbox (settled, seq);",
+    // Version 4: link tests, relay health, alarms (see `line`).
+    crate::line::SCHEMA,
 ];
 
 /// Why a store operation failed. Nothing was committed.
@@ -119,6 +125,8 @@ pub enum StoreError {
         "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
     )]
     UnknownParty(String),
+    #[error("this invitation was taken already (it came through another relay)")]
+    DuplicateWelcome,
     #[error("party {0:?} has no device in this channel; see: hotline channel list")]
     NotInChannel(String),
     #[error("no message {0} in this channel")]
@@ -198,8 +206,8 @@ pub struct Store {
 
 /// Loaded channels, by id, and the `data_version` they were loaded at.
 #[derive(Debug, Default)]
-struct Cache {
-    channels: std::collections::HashMap<ChannelId, Channel>,
+pub(crate) struct Cache {
+    pub(crate) channels: std::collections::HashMap<ChannelId, Channel>,
     data_version: Option<i64>,
 }
 
@@ -237,7 +245,7 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -310,7 +318,7 @@ impl Store {
     /// Runs `operation` in one immediate transaction; commits on success only. Cached
     /// channels are dropped when another process committed since, and on any error
     /// (their in-memory MLS state may be ahead of the rolled-back storage).
-    fn transact<T>(
+    pub(crate) fn transact<T>(
         &mut self,
         operation: impl FnOnce(&Connection, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -459,9 +467,18 @@ impl Store {
         cursor: Option<Cursor<'_>>,
     ) -> Result<(ChannelId, String), StoreError> {
         let contacts = self.contacts()?;
+        // The same Welcome arrives through every relay of the invitee's card.
+        let hash: [u8; 32] = Sha256::digest(welcome).into();
         self.transact(|connection, identity, cache| {
             if let Some(cursor) = cursor {
                 advance(connection, cursor)?;
+            }
+            let seen = connection.execute(
+                "INSERT OR IGNORE INTO processed (channel, hash) VALUES (?1, ?2)",
+                params![&WELCOMES[..], &hash[..]],
+            )?;
+            if seen == 0 {
+                return Err(StoreError::DuplicateWelcome);
             }
             let provider = Provider::new(connection);
             let mut channel = Channel::join(&provider, identity, welcome, &contacts)?;
@@ -498,8 +515,20 @@ impl Store {
             failpoint("receive-loaded")?;
             let events = channel.receive(&provider, bytes)?;
             failpoint("receive-processed")?;
+            let answered = crate::line::on_received(
+                connection,
+                &provider,
+                identity,
+                &mut channel,
+                &events,
+                &crate::line::copy_hash(bytes),
+                crate::line::relay_of(&cursor),
+            )?;
             if events == [Event::Duplicate] {
-                // Nothing changed: keep the channel, write nothing.
+                // Nothing else changed: keep the channel.
+                if answered {
+                    save_channel(connection, &mut channel, false)?;
+                }
                 cache.channels.insert(channel_id, channel);
                 return Ok(events);
             }
@@ -535,7 +564,7 @@ impl Store {
             match entry {
                 Entry::Welcome { to, bytes } if to.contains(&me) => match self.join(&bytes) {
                     Ok(_) => new += 1,
-                    Err(StoreError::ChannelExists(_)) => {}
+                    Err(StoreError::ChannelExists(_) | StoreError::DuplicateWelcome) => {}
                     Err(error) => return Err(error),
                 },
                 Entry::Welcome { .. } => {}
@@ -1051,7 +1080,10 @@ fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError
     Ok(())
 }
 
-fn channel_relays(connection: &Connection, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
+pub(crate) fn channel_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+) -> Result<Vec<String>, StoreError> {
     Ok(connection
         .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
         .query_map([&channel.0[..]], |row| row.get(0))?
@@ -1072,7 +1104,10 @@ fn set_relays(
     Ok(())
 }
 
-fn channel_id_by_name(connection: &Connection, name: &str) -> Result<ChannelId, StoreError> {
+pub(crate) fn channel_id_by_name(
+    connection: &Connection,
+    name: &str,
+) -> Result<ChannelId, StoreError> {
     let (id, _) = channel_row(connection, name)?
         .ok_or_else(|| StoreError::UnknownChannel(name.to_owned()))?;
     let id: [u8; 32] = id.try_into().map_err(|_| corrupt("channel id"))?;
@@ -1080,7 +1115,7 @@ fn channel_id_by_name(connection: &Connection, name: &str) -> Result<ChannelId, 
 }
 
 /// The channel from the cache, or restored from the database.
-fn checkout(
+pub(crate) fn checkout(
     cache: &mut Cache,
     connection: &Connection,
     provider: &Provider<'_>,
@@ -1148,7 +1183,7 @@ fn restore(
     Ok(Channel::restore(provider, snapshot, envelopes, processed)?)
 }
 
-fn save_channel(
+pub(crate) fn save_channel(
     connection: &Connection,
     channel: &mut Channel,
     new: bool,
@@ -1187,7 +1222,7 @@ fn save_channel(
 }
 
 /// Seals `body` in the channel and queues the ciphertext with its envelope id.
-fn seal(
+pub(crate) fn seal(
     connection: &Connection,
     provider: &Provider<'_>,
     identity: &DeviceIdentity,
@@ -1195,6 +1230,11 @@ fn seal(
     body: Body,
     deadline_ms: Option<u64>,
 ) -> Result<EnvelopeId, StoreError> {
+    // A message sealed now would belong to the epoch before the pending commit: members
+    // the commit adds could never read it, so the transcripts would differ for good.
+    if channel.has_pending_commit() {
+        return Err(StoreError::Channel(ChannelError::CommitPending));
+    }
     let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
     let outgoing = Outgoing::Message {
         id: Some(id),
@@ -1224,7 +1264,7 @@ fn stage_commit(
     Ok(())
 }
 
-fn queue(
+pub(crate) fn queue(
     connection: &Connection,
     channel: Option<ChannelId>,
     outgoing: Outgoing,

@@ -12,6 +12,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::{Log, Membership};
@@ -131,6 +132,8 @@ async fn sync_with(
     relays: &mut Relays,
 ) -> Result<SyncReport, StoreError> {
     let mut report = SyncReport::default();
+    // 0. Link tests that are due go out with this push.
+    store.send_due_probes()?;
     push_with(store, identity, relays, &mut report).await?;
     // 3. Invitations in this device's inboxes; 4. every channel (joined ones included)
     // from every relay, in order, after its cursor.
@@ -145,7 +148,16 @@ async fn sync_with(
     for watch in channel_watches(store)? {
         pull(store, identity, relays, &watch, &mut report).await?;
     }
+    note_health(store, &report)?;
     Ok(report)
+}
+
+/// Records, per relay, whether it answered in this round.
+fn note_health(store: &mut Store, report: &SyncReport) -> Result<(), StoreError> {
+    for (url, error) in &report.relays {
+        store.note_relay(url, error.as_deref())?;
+    }
+    Ok(())
 }
 
 /// Pulls one log to its end and acknowledges what was committed.
@@ -164,7 +176,14 @@ async fn pull(
         let after = store.cursor(watch.url(), &watch.log())?;
         match watch.fetch(&client, identity, after, Duration::ZERO).await {
             Ok(messages) if messages.is_empty() => break,
-            Ok(messages) => apply(store, watch, messages, report)?,
+            Ok(messages) => {
+                apply(store, watch, messages, report)?;
+                if store.cursor(watch.url(), &watch.log())? == after {
+                    // Nothing passed the cursor (a relay serving what it served before):
+                    // asking again would only get the same.
+                    break;
+                }
+            }
             Err(error) => {
                 note(report, watch.url(), Err(error));
                 break;
@@ -264,6 +283,8 @@ fn apply(
                 };
                 match joined {
                     Ok((_, name)) => report.joined.push(name),
+                    // The same invitation through another relay.
+                    Err(StoreError::DuplicateWelcome) => store.skip_to(cursor)?,
                     Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
                     Err(error) => {
                         report
@@ -273,25 +294,67 @@ fn apply(
                     }
                 }
             }
-            Watch::Channel { .. } => match store.receive_at(&bytes, Some(cursor)) {
-                // The cursor moved with the (empty) transaction.
-                Ok(events) if events == [Event::Duplicate] => {}
-                Ok(_) => report.received += 1,
-                Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
-                // Before this device joined, or refused: reported, and passed.
-                Err(StoreError::Channel(ChannelError::Mls(_) | ChannelError::NotAMember)) => {
-                    store.skip_to(cursor)?
-                }
-                Err(error) => {
-                    report
-                        .refused
-                        .push(format!("message {seq} from {url}: {error}"));
+            Watch::Channel { channel, .. } => {
+                // A message of another channel (or no channel message at all) in this
+                // channel's log: the relay mixed logs up or replays from elsewhere.
+                if channel_of_message(&bytes).ok() != Some(*channel) {
+                    let detail = format!(
+                        "message {seq} of the log of channel {channel} is not of that channel"
+                    );
+                    store.raise_alarm("foreign", url, None, &detail, &bytes)?;
+                    report.refused.push(format!("{url}: {detail}"));
                     store.skip_to(cursor)?;
+                    continue;
                 }
-            },
+                match store.receive_at(&bytes, Some(cursor)) {
+                    // The cursor moved with the (empty) transaction.
+                    Ok(events) if events == [Event::Duplicate] => {}
+                    Ok(events) => {
+                        report.received += 1;
+                        for event in &events {
+                            let found = match event {
+                                Event::Forgery { .. } | Event::BadEnvelope { .. } => "altered",
+                                Event::Fork { .. } => "fork",
+                                _ => continue,
+                            };
+                            let detail = format!("message {seq}: {event:?}");
+                            store.raise_alarm(found, url, None, &detail, &bytes)?;
+                        }
+                    }
+                    Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
+                    Err(StoreError::Channel(ChannelError::NotAMember)) => store.skip_to(cursor)?,
+                    Err(StoreError::Channel(ChannelError::Mls(error))) => {
+                        // From before this device joined: passed. Of this epoch or later
+                        // and still unreadable: altered on the way (MLS authenticates
+                        // every byte), or lost beyond MLS's out-of-order tolerance.
+                        let epoch = plan_epoch(store, channel)?;
+                        if epoch_of_message(&bytes).is_ok_and(|e| e >= epoch) {
+                            let detail = format!("message {seq} cannot be opened: {error}");
+                            store.raise_alarm("altered", url, None, &detail, &bytes)?;
+                            report.refused.push(format!("{url}: {detail}"));
+                        }
+                        store.skip_to(cursor)?;
+                    }
+                    Err(error) => {
+                        report
+                            .refused
+                            .push(format!("message {seq} from {url}: {error}"));
+                        store.skip_to(cursor)?;
+                    }
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// The epoch this device's copy of `channel` is at (0 if unknown).
+fn plan_epoch(store: &mut Store, channel: &ChannelId) -> Result<u64, StoreError> {
+    Ok(store
+        .channels()?
+        .iter()
+        .find(|summary| summary.id == *channel)
+        .map_or(0, |summary| summary.epoch))
 }
 
 /// Tells the relay what this device committed past `start`, so that it may delete what
@@ -434,6 +497,10 @@ pub async fn follow(
             config.wait,
             delay,
         );
+        if report.received > 0 {
+            // Answers to link tests (and commits of proposals) go out at once.
+            push_with(store, &identity, &mut relays, &mut report).await?;
+        }
         let changed = report.received > 0
             || !report.joined.is_empty()
             || !report.refused.is_empty()

@@ -104,10 +104,14 @@ fn a_commit_is_merged_only_after_a_relay_accepted_it() {
     assert!(outbox[0].commit && !outbox[0].welcome);
     let summary = &north.channels().unwrap()[0];
     assert_eq!((summary.epoch, summary.members.len()), (0, 1));
-    // Sending meanwhile is allowed: it belongs to the epoch before the add.
-    north
-        .send("crisis", Body::Text("before south".into()), None)
-        .unwrap();
+    // Sending meanwhile is refused: the message would belong to the epoch before the
+    // add, which south could never read.
+    assert!(matches!(
+        north.send("crisis", Body::Text("before south".into()), None),
+        Err(StoreError::Channel(
+            hotline_core::ChannelError::CommitPending
+        ))
+    ));
 
     assert!(north.commit_relayed(&id).unwrap());
     assert!(!north.commit_relayed(&id).unwrap(), "merged once only");

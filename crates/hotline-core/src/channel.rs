@@ -128,7 +128,9 @@ pub enum ChannelError {
     CommitterViolation(DeviceKey),
     #[error("a membership change is waiting for the committer's commit; try again after it")]
     AwaitingCommit,
-    #[error("a commit of this device is waiting for the relay's answer")]
+    #[error(
+        "a membership change of this device waits for a relay to accept it; run hotline sync (with a relay reachable) first"
+    )]
     CommitPending,
     #[error("this device is not a member of the channel (any more)")]
     NotAMember,
@@ -254,6 +256,11 @@ fn device_of(credential: &Credential, signature_key: &[u8]) -> Result<DeviceInfo
 /// authenticated later, by [`Channel::receive`]). Welcomes name no channel.
 pub fn channel_of_message(bytes: &[u8]) -> Result<ChannelId, ChannelError> {
     split_group_id(protocol_message(bytes)?.group_id()).map(|(id, _)| id)
+}
+
+/// The MLS epoch a channel message claims (as sent; unauthenticated until processed).
+pub fn epoch_of_message(bytes: &[u8]) -> Result<u64, ChannelError> {
+    Ok(protocol_message(bytes)?.epoch().as_u64())
 }
 
 /// Parses a channel message (commit, proposal or application message).

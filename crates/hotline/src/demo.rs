@@ -1,9 +1,12 @@
-//! `hotline demo`: the whole story on loopback, with a real relay.
+//! `hotline demo`: the whole story on loopback, with three real relays.
 //!
-//! A relay (HTTPS, self-signed certificate pinned in its address, embedded SQLite) and
-//! three devices (two sides and a mediator), each with its own store in a temporary
-//! directory: they compare fingerprints, open a channel through the relay, exchange
-//! messages and read receipts, and export and verify the transcript.
+//! Three relays (HTTPS, self-signed certificates pinned in their addresses, embedded
+//! SQLite; one run by each side and a neutral one) and three devices (two sides and a
+//! mediator), each with its own store in a temporary directory: they compare
+//! fingerprints, open a channel through all three relays, exchange messages, lose the
+//! neutral relay in the middle (the line stays up, `status` shows it down and alarms),
+//! get it back and converge, exchange read receipts, and export and verify the
+//! transcript.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -11,6 +14,7 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use hotline_client::Store;
+use hotline_client::line::{PathState, Status};
 use hotline_client::sync::sync_once;
 use hotline_core::{Body, EnvelopeId, Export, Fingerprint, safety_number};
 use hotline_relay::server::{self, Limits};
@@ -24,9 +28,70 @@ struct Story {
     json: bool,
     runtime: tokio::runtime::Runtime,
     devices: Vec<Store>,
+    /// The relay stopped on purpose: its failures are expected.
+    down: Option<String>,
+}
+
+/// One relay of the demo, which can be stopped and started again on the same data and
+/// address (so its pinned address stays the same).
+struct DemoRelay {
+    data: PathBuf,
+    address: std::net::SocketAddr,
+    url: String,
+    running: Option<server::Running>,
+}
+
+impl DemoRelay {
+    fn start(runtime: &tokio::runtime::Runtime, data: PathBuf) -> Result<DemoRelay> {
+        let running = Self::serve(runtime, &data, "127.0.0.1:0".parse()?)?;
+        let (cert, _) = tls::load_or_create(&data)?;
+        let url = tls::relay_url(&running.address.to_string(), &tls::pin_of(&cert));
+        Ok(DemoRelay {
+            data,
+            address: running.address,
+            url,
+            running: Some(running),
+        })
+    }
+
+    fn serve(
+        runtime: &tokio::runtime::Runtime,
+        data: &Path,
+        address: std::net::SocketAddr,
+    ) -> Result<server::Running> {
+        let (cert, key) = tls::load_or_create(data)?;
+        let limits = Limits::default();
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)?;
+        Ok(runtime.block_on(server::serve(
+            address,
+            tls::server_config(cert, key)?,
+            storage,
+            limits,
+        ))?)
+    }
+
+    fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(running) = self.running.take() {
+            runtime.block_on(running.shutdown());
+        }
+    }
+
+    fn restart(&mut self, runtime: &tokio::runtime::Runtime) -> Result<()> {
+        self.running = Some(Self::serve(runtime, &self.data, self.address)?);
+        Ok(())
+    }
 }
 
 const NAMES: [&str; 3] = ["north", "south", "mediator"];
+const RELAY_NAMES: [&str; 3] = ["north's", "south's", "neutral"];
+/// Link tests in the demo: every half second, so a dead relay shows within seconds.
+const DEMO_LINK_TEST_MS: u64 = 500;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 impl Story {
     fn say(&self, line: impl AsRef<str>) {
@@ -37,19 +102,65 @@ impl Story {
 
     /// Every device syncs, twice, so that what one sends on the first pass reaches the
     /// others on the second.
-    fn sync_all(&mut self) -> Result<()> {
+    fn sync_all(&mut self) -> Result<usize> {
+        let mut received = 0;
         for _ in 0..2 {
-            for device in &mut self.devices {
-                let report = self.runtime.block_on(sync_once(device))?;
-                if let Some(refused) = report.refused.first() {
-                    bail!("a message was refused: {refused}");
-                }
-                if let Some((url, Some(error))) = report.relays.iter().find(|(_, e)| e.is_some()) {
-                    bail!("relay {url} failed: {error}");
-                }
-            }
+            received += self.sync_pass()?;
         }
-        Ok(())
+        Ok(received)
+    }
+
+    /// Every device syncs once; returns how many messages moved (pushed or arrived).
+    fn sync_pass(&mut self) -> Result<usize> {
+        let mut received = 0;
+        for device in &mut self.devices {
+            let report = self.runtime.block_on(sync_once(device))?;
+            if let Some(refused) = report.refused.first() {
+                bail!("a message was refused: {refused}");
+            }
+            if let Some((url, Some(error))) = report
+                .relays
+                .iter()
+                .find(|(url, e)| e.is_some() && self.down.as_ref() != Some(*url))
+            {
+                bail!("relay {url} failed: {error}");
+            }
+            received += report.received + report.pushed;
+        }
+        Ok(received)
+    }
+
+    /// Syncs until `done` holds for north's status, for at most `limit`.
+    fn sync_until(
+        &mut self,
+        limit: std::time::Duration,
+        done: impl Fn(&Status) -> bool,
+    ) -> Result<Status> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            self.sync_pass()?;
+            let status = self.devices[0].status(now_ms())?;
+            if done(&status) || std::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    fn show_relays(&self, status: &Status, names: &[(String, &str)]) {
+        for relay in &status.relays {
+            let name = names
+                .iter()
+                .find(|(url, _)| *url == relay.url)
+                .map_or("?", |(_, name)| name);
+            self.say(format!(
+                "   relay {name:<8} {:<8} round trip {}",
+                relay.state.as_str(),
+                relay
+                    .rtt_ms
+                    .map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"))
+            ));
+        }
     }
 
     fn send(&mut self, index: usize, text: &str) -> Result<EnvelopeId> {
@@ -84,6 +195,10 @@ pub fn run(json_output: bool) -> ExitCode {
         Ok(summary) => {
             let ok = summary["transcripts_identical"] == true
                 && summary["transcript_verified"] == true
+                && summary["relay_shown_down"] == true
+                && summary["relay_down_alarm"] == true
+                && summary["relay_recovered"] == true
+                && summary["delivered_while_relay_down"] == 4
                 && summary["tampered_export_refused"] == true
                 && summary["wrong_fingerprint_refused"] == true;
             if json_output {
@@ -110,35 +225,30 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let relay_dir = dir.join("relay");
-    let (cert, key) = tls::load_or_create(&relay_dir)?;
-    let pin = tls::pin_of(&cert);
-    let limits = Limits::default();
-    let storage = SqliteStorage::open(&relay_dir.join("relay.db"), limits.quota_per_log)?;
-    let running = runtime.block_on(server::serve(
-        "127.0.0.1:0".parse()?,
-        tls::server_config(cert, key)?,
-        storage,
-        limits,
-    ))?;
-    let url = tls::relay_url(&running.address.to_string(), &pin);
+    let mut relays = Vec::new();
+    for name in ["relay-north", "relay-south", "relay-neutral"] {
+        relays.push(DemoRelay::start(&runtime, dir.join(name))?);
+    }
+    let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
+    let names: Vec<(String, &str)> = urls.iter().cloned().zip(RELAY_NAMES).collect();
 
     let mut devices = Vec::new();
     for name in NAMES {
-        devices.push(Store::init(
-            &dir.join(name),
-            name,
-            "duty-desk",
-            std::slice::from_ref(&url),
-        )?);
+        let mut device = Store::init(&dir.join(name), name, "duty-desk", &urls)?;
+        device.set_link_test_interval(DEMO_LINK_TEST_MS)?;
+        devices.push(device);
     }
     let mut story = Story {
         json: json_output,
         runtime,
         devices,
+        down: None,
     };
-    story.say(format!("0. A relay runs on loopback: {url}"));
-    story.say("   (its certificate is pinned by the hash in its address)");
+    story.say("0. Three relays run on loopback, one run by each side and a neutral one:");
+    for (url, name) in &names {
+        story.say(format!("   {name:<8} {url}"));
+    }
+    story.say("   (each certificate is pinned by the hash in its address)");
 
     story.say("1. Three parties create their device identities.");
     for device in &story.devices {
@@ -183,22 +293,21 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
     }
 
     story.say(
-        "3. north creates the channel \"crisis-line\" on the relay with south and the mediator.",
+        "3. north creates the channel \"crisis-line\" on all three relays with south and the mediator.",
     );
-    story.devices[0].create_channel(
-        "crisis-line",
-        &["south".into(), "mediator".into()],
-        std::slice::from_ref(&url),
-    )?;
+    story.devices[0].create_channel("crisis-line", &["south".into(), "mediator".into()], &urls)?;
     story.sync_all()?;
     for device in &mut story.devices[1..] {
         if device.channels()?.is_empty() {
             bail!("{} did not join", device.identity().info().party);
         }
     }
-    story.say("   south and the mediator found their invitations on the relay and joined after checking every member.");
+    story.say("   south and the mediator found their invitations on the relays and joined after checking every member.");
+    story.say(format!(
+        "   every device sends a link test every {DEMO_LINK_TEST_MS} ms; every other device answers it once per relay path."
+    ));
 
-    story.say("4. Messages cross the line, through the relay.");
+    story.say("4. Messages cross the line, through every relay.");
     let texts = [
         (
             0,
@@ -218,13 +327,66 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         ),
     ];
     let mut sent = Vec::new();
-    for (index, text) in texts {
-        let id = story.send(index, text)?;
-        sent.push((index, id));
+    for (index, text) in &texts[..2] {
+        let id = story.send(*index, text)?;
+        sent.push((*index, id));
         story.sync_all()?;
     }
+    let status = story.sync_until(std::time::Duration::from_secs(10), |status| {
+        status.relays.iter().all(|r| r.state == PathState::Up)
+    })?;
+    story.say("   north's status:");
+    story.show_relays(&status, &names);
 
-    story.say("5. People read and acknowledge; every device checkpoints its view of history.");
+    story.say("5. The neutral relay stops. The line stays up on the other two.");
+    let stopped = urls[2].clone();
+    relays[2].stop(&story.runtime);
+    story.down = Some(stopped.clone());
+    let mut sent_while_down = Vec::new();
+    for (index, text) in &texts[2..] {
+        let id = story.send(*index, text)?;
+        sent_while_down.push((*index, id));
+        story.sync_all()?;
+    }
+    let delivered_while_down = delivered_count(&mut story, &sent_while_down)?;
+    story.say(format!(
+        "   messages sent while it is down and delivered to every other party: {delivered_while_down} of {}",
+        sent_while_down.len() * 2
+    ));
+    let window = std::time::Duration::from_millis(DEMO_LINK_TEST_MS * 3 + 3_000);
+    let status = story.sync_until(window, |status| {
+        status
+            .relays
+            .iter()
+            .any(|r| r.url == stopped && r.state == PathState::Down)
+    })?;
+    let shown_down = status
+        .relays
+        .iter()
+        .any(|r| r.url == stopped && r.state == PathState::Down);
+    let alarmed = status
+        .alarms
+        .iter()
+        .any(|a| a.kind == "relay-down" && a.relay.as_deref() == Some(stopped.as_str()));
+    story.say("   north's status, three link-test intervals later:");
+    story.show_relays(&status, &names);
+    story.say(format!(
+        "   alarm raised naming the neutral relay: {}",
+        if alarmed { "yes" } else { "NO" }
+    ));
+    sent.extend(sent_while_down);
+
+    story
+        .say("6. The neutral relay comes back; what it missed is offered again and it catches up.");
+    relays[2].restart(&story.runtime)?;
+    story.down = None;
+    let status = story.sync_until(window, |status| {
+        status.relays.iter().all(|r| r.state == PathState::Up)
+    })?;
+    let recovered = status.relays.iter().all(|r| r.state == PathState::Up);
+    story.show_relays(&status, &names);
+
+    story.say("7. People read and acknowledge; every device checkpoints its view of history.");
     for (reader, (_, id)) in [
         (1, sent[0]),
         (2, sent[0]),
@@ -249,16 +411,19 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
             entry.read_by
         ));
     }
-    let mut delivered = 0;
-    for (sender, id) in &sent {
-        for (index, device) in story.devices.iter_mut().enumerate() {
-            if index != *sender && device.log("crisis-line")?.iter().any(|e| e.id == *id) {
-                delivered += 1;
-            }
+    let delivered = delivered_count(&mut story, &sent)?;
+
+    story.say("8. north exports the transcript; anyone can verify it offline.");
+    // Link tests pause so that the three transcripts can settle.
+    for device in &mut story.devices {
+        device.set_link_test_interval(3_600_000)?;
+    }
+    for _ in 0..20 {
+        let moved = story.sync_pass()?;
+        if moved == 0 {
+            break;
         }
     }
-
-    story.say("6. north exports the transcript; anyone can verify it offline.");
     let export = story.devices[0].export("crisis-line")?;
     story.sync_all()?;
     let report = Export::verify(&export);
@@ -289,7 +454,9 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         if tampered_refused { "yes" } else { "NO" }
     ));
     let verified = report.is_ok();
-    story.runtime.block_on(running.shutdown());
+    for relay in &mut relays {
+        relay.stop(&story.runtime);
+    }
     Ok(json!({
         "parties": NAMES,
         "messages_sent": sent.len(),
@@ -298,6 +465,24 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         "transcript_verified": verified,
         "tampered_export_refused": tampered_refused,
         "wrong_fingerprint_refused": refused,
-        "relays": [url],
+        "relays": urls,
+        "relay_stopped": stopped,
+        "relay_shown_down": shown_down,
+        "relay_down_alarm": alarmed,
+        "relay_recovered": recovered,
+        "delivered_while_relay_down": delivered_while_down,
     }))
+}
+
+/// How many (message, recipient) pairs hold: every other device has the message.
+fn delivered_count(story: &mut Story, sent: &[(usize, EnvelopeId)]) -> Result<usize> {
+    let mut delivered = 0;
+    for (sender, id) in sent {
+        for (index, device) in story.devices.iter_mut().enumerate() {
+            if index != *sender && device.log("crisis-line")?.iter().any(|e| e.id == *id) {
+                delivered += 1;
+            }
+        }
+    }
+    Ok(delivered)
 }

@@ -180,10 +180,12 @@ pub fn channel_create(
     }
     let mut store = Store::open(home)?;
     let id = store.create_channel(name, with, relays)?;
+    // The commit takes effect (and the invitation goes out) once a relay holds it.
+    let (relayed, _) = push_now(&mut store, name)?;
     if json_output {
         out!(
             "{}",
-            json!({"channel": name, "id": id.to_string(), "invited": with})
+            json!({"channel": name, "id": id.to_string(), "invited": with, "relayed": relayed})
         );
     } else {
         out!("Created channel {name} ({id}) with {}.", with.join(", "));
@@ -191,9 +193,11 @@ pub fn channel_create(
             out!(
                 "The invitation is in the outbox: hotline bundle export --out FILE, and hand the file over."
             );
+        } else if relayed > 0 {
+            out!("The invitation is on the invitees' relays; they join with hotline sync.");
         } else {
             out!(
-                "The invitation is in the outbox: hotline sync delivers it to the invitees' relays."
+                "No relay reachable now: the invitation waits in the outbox; hotline sync delivers it."
             );
         }
     }
@@ -474,10 +478,18 @@ pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
 
 /// One round of sync, or with `follow` (seconds between full rounds) a loop that runs
 /// until Ctrl-C or SIGTERM, printing one report per change.
-pub fn sync(home: &Path, follow: Option<u64>, json_output: bool) -> Outcome {
+pub fn sync(
+    home: &Path,
+    follow: Option<u64>,
+    link_test_interval: Option<u64>,
+    json_output: bool,
+) -> Outcome {
     hotline_relay::tls::install_provider();
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;
+    if let Some(seconds) = link_test_interval {
+        store.set_link_test_interval(seconds * 1000)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -513,6 +525,115 @@ pub fn sync(home: &Path, follow: Option<u64>, json_output: bool) -> Outcome {
             _ = terminate.recv() => Ok(()),
         }
     })
+}
+
+/// `hotline status`: one line per relay path and per party, the backlog, the alarms.
+pub fn status(home: &Path, undelivered_after: Option<&str>, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    if let Some(after) = undelivered_after {
+        let ms = parse_duration(after).ok_or_else(|| {
+            failure(format!(
+                "invalid duration {after:?}: use a number and s, m, h or d, as in 5m"
+            ))
+        })?;
+        store.set_undelivered_after(ms)?;
+    }
+    let now = now_ms();
+    let status = store.status(now)?;
+    let ago =
+        |ms: Option<u64>| ms.map(|ms| format!("{:.1} s ago", now.saturating_sub(ms) as f64 / 1e3));
+    if json_output {
+        let relays: Vec<_> = status
+            .relays
+            .iter()
+            .map(|r| {
+                json!({"url": r.url, "state": r.state.as_str(), "rtt_ms": r.rtt_ms,
+                       "last_ok": r.last_ok_ms, "error": r.error})
+            })
+            .collect();
+        let parties: Vec<_> = status
+            .parties
+            .iter()
+            .map(|p| json!({"party": p.party, "last_heard": p.last_heard_ms}))
+            .collect();
+        let alarms: Vec<_> = status
+            .alarms
+            .iter()
+            .map(|a| {
+                json!({"kind": a.kind, "relay": a.relay, "party": a.party, "message": a.message,
+                       "since": a.since_ms, "detail": a.detail})
+            })
+            .collect();
+        out!(
+            "{}",
+            json!({"line": if status.line_down() { "down" } else { "up" },
+                   "relays": relays, "parties": parties, "outbox": status.outbox,
+                   "unacknowledged": status.unacknowledged, "alarms": alarms,
+                   "link_test_interval_ms": status.interval_ms, "now": now})
+        );
+    } else {
+        out!(
+            "line: {}   outbox: {} queued   unacknowledged: {}   link tests every {} s",
+            if status.line_down() { "DOWN" } else { "up" },
+            status.outbox,
+            status.unacknowledged,
+            status.interval_ms / 1000
+        );
+        for relay in &status.relays {
+            out!("relay {}", relay.url);
+            out!("  state: {}", relay.state.as_str());
+            if let Some(rtt) = relay.rtt_ms {
+                out!("  round trip: {rtt} ms");
+            }
+            out!(
+                "  last ok: {}",
+                ago(relay.last_ok_ms).unwrap_or_else(|| "never".into())
+            );
+            if let Some(error) = &relay.error {
+                out!("  error: {error}");
+            }
+        }
+        for party in &status.parties {
+            out!("party {}", party.party);
+            out!(
+                "  last heard: {}",
+                ago(party.last_heard_ms).unwrap_or_else(|| "never".into())
+            );
+        }
+        for alarm in &status.alarms {
+            let about: Vec<String> = [
+                alarm.relay.as_ref().map(|r| format!("relay {r}")),
+                alarm.party.as_ref().map(|p| format!("party {p}")),
+                alarm
+                    .message
+                    .as_ref()
+                    .map(|m| format!("message {}", &m[..m.len().min(12)])),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            out!(
+                "ALARM {} ({}) since {}: {}",
+                alarm.kind,
+                about.join(", "),
+                ago(Some(alarm.since_ms)).unwrap_or_default(),
+                alarm.detail
+            );
+        }
+    }
+    if status.line_down() {
+        return Err(Failure {
+            message: "the line is down: no relay path answers; see the relays above".into(),
+            code: exit::NETWORK,
+        });
+    }
+    if !status.alarms.is_empty() {
+        return Err(Failure {
+            message: format!("{} alarm(s) open", status.alarms.len()),
+            code: exit::ALARM,
+        });
+    }
+    Ok(())
 }
 
 /// Prints one sync report; a round where nothing happened prints only when `always`.

@@ -36,6 +36,7 @@ pub mod exit {
     pub const NETWORK: u8 = 3;
     pub const TRUST: u8 = 4;
     pub const INTEGRITY: u8 = 5;
+    pub const ALARM: u8 = 6;
 }
 
 #[derive(Parser, Debug)]
@@ -129,6 +130,20 @@ enum Command {
         /// With --follow: seconds between full rounds (outbox pushed, all pulled).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         round: u64,
+        /// Seconds between end-to-end link tests on every relay path (kept for `status`).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        link_test_interval: Option<u64>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// The line at a glance: each relay path (state, round trip, last success), each
+    /// party (last heard), the backlog and the open alarms. Exits 3 while the line is
+    /// down, 6 while an alarm is open.
+    Status {
+        /// Age after which a message not delivered to every party raises an alarm
+        /// (kept), as in 5m.
+        #[arg(long)]
+        undelivered_after: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -294,8 +309,18 @@ fn main() -> ExitCode {
         Command::Sync {
             follow,
             round,
+            link_test_interval,
             json,
-        } => device::sync(&home, follow.then_some(round), json.json),
+        } => device::sync(
+            &home,
+            follow.then_some(round),
+            link_test_interval,
+            json.json,
+        ),
+        Command::Status {
+            undelivered_after,
+            json,
+        } => device::status(&home, undelivered_after.as_deref(), json.json),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
         Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),

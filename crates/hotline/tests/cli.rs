@@ -48,6 +48,15 @@ fn demo_json_reports_every_check() {
     assert_eq!(summary["messages_delivered"], 8);
     assert_eq!(summary["transcripts_identical"], true);
     assert_eq!(summary["transcript_verified"], true);
+    // Three relays; one stopped mid-story, shown down and alarmed; two messages sent
+    // meanwhile reached both other parties; it came back.
+    let relays = summary["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 3);
+    assert!(relays.contains(&summary["relay_stopped"]));
+    assert_eq!(summary["relay_shown_down"], true);
+    assert_eq!(summary["relay_down_alarm"], true);
+    assert_eq!(summary["delivered_while_relay_down"], 4);
+    assert_eq!(summary["relay_recovered"], true);
 }
 
 #[test]

@@ -358,18 +358,14 @@ fn two_devices_over_a_relay() {
             &north_fp,
         ],
     );
-    ok(
+    // The commit goes to the relay at once; the invitation follows the merge.
+    let created = ok(
         &north,
         &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url, "--json",
         ],
     );
-    assert!(
-        field(&ok(&north, &["sync", "--json"]), "pushed")
-            .as_u64()
-            .unwrap()
-            >= 2
-    );
+    assert_eq!(field(&created, "relayed"), 1);
     assert_eq!(
         field(&ok(&south, &["sync", "--json"]), "joined"),
         serde_json::json!(["crisis"])
@@ -534,6 +530,141 @@ fn three_parties_key_updates_and_removal_over_a_relay() {
     relay.stop();
 }
 
+/// Two devices following two relays with link tests every 2 s: `status` shows both paths
+/// up with a round trip; one relay stopped is shown down (and alarmed, naming it) within
+/// three intervals while messages still flow through the other; a message unread past
+/// its deadline raises its alarm; `status` exits 6 while an alarm is open.
+#[test]
+fn status_shows_a_stopped_relay_down_and_a_missed_deadline() {
+    let dir = data_dir("status");
+    let first = Relay::start(&dir.join("relay-1"));
+    let second = Relay::start(&dir.join("relay-2"));
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    ok(&north, &["init", "--party", "north", "--relay", &first.url]);
+    ok(&south, &["init", "--party", "south", "--relay", &first.url]);
+    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
+        let card = dir.join(format!("{party}.card"));
+        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
+        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
+        ok(
+            home,
+            &[
+                "card",
+                "import",
+                card.to_str().unwrap(),
+                "--fingerprint",
+                fingerprint.as_str().unwrap(),
+            ],
+        );
+    }
+    ok(
+        &north,
+        &[
+            "channel",
+            "create",
+            "crisis",
+            "--with",
+            "south",
+            "--relay",
+            &first.url,
+            "--relay",
+            &second.url,
+        ],
+    );
+    ok(&north, &["sync"]);
+    ok(&south, &["sync"]);
+    let interval = Duration::from_secs(2);
+    let follow =
+        |home: &Path| Follower::start_with(home, &["--round", "1", "--link-test-interval", "2"]);
+    let (_north_follows, _south_follows) = (follow(&north), follow(&south));
+    let status = |home: &Path| -> (i32, serde_json::Value) {
+        let (code, out) = cli(home, &["status", "--json"]);
+        (code, serde_json::from_str(out.trim()).unwrap())
+    };
+    let state_of = |status: &serde_json::Value, url: &str| -> String {
+        status["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["url"] == url)
+            .map(|r| r["state"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, limit: Duration, check: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + limit;
+        while !check() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("both paths up", Duration::from_secs(30), &|| {
+        let (_, s) = status(&north);
+        state_of(&s, &first.url) == "up" && state_of(&s, &second.url) == "up"
+    });
+    let (code, up) = status(&north);
+    assert_eq!(code, 0, "{up}");
+    assert_eq!(up["line"], "up");
+    assert!(up["relays"][0]["rtt_ms"].as_u64().is_some());
+    assert!(up["parties"][0]["last_heard"].as_u64().is_some());
+    assert_eq!(up["parties"][0]["party"], "south");
+
+    // The second relay stops: down within three intervals, alarmed by name.
+    let stopped = std::time::Instant::now();
+    let second_url = second.url.clone();
+    drop(second);
+    wait_for(
+        "the stopped relay shown down",
+        interval * 3 + Duration::from_secs(2),
+        &|| state_of(&status(&north).1, &second_url) == "down",
+    );
+    let took = stopped.elapsed();
+    let (code, down) = status(&north);
+    assert_eq!(code, 6, "an open alarm: {down}");
+    assert_eq!(down["line"], "up", "the other relay carries the line");
+    assert_eq!(state_of(&down, &first.url), "up");
+    let alarm = down["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "relay-down")
+        .cloned()
+        .unwrap_or_else(|| panic!("no relay-down alarm: {down}"));
+    assert_eq!(alarm["relay"], second_url.as_str());
+    eprintln!("relay shown down {took:?} after it stopped");
+
+    // Messages still flow; one with a deadline nobody reads raises its alarm.
+    let sent = ok(
+        &north,
+        &[
+            "send",
+            "crisis",
+            "read me in 2 s",
+            "--deadline",
+            "2s",
+            "--json",
+        ],
+    );
+    let id = field(&sent, "id").as_str().unwrap().to_owned();
+    wait_for(
+        "delivery through the live relay",
+        Duration::from_secs(15),
+        &|| ok(&south, &["log", "crisis"]).contains("read me in 2 s"),
+    );
+    wait_for("the deadline alarm", Duration::from_secs(15), &|| {
+        status(&north).1["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| {
+                a["kind"] == "deadline" && a["message"] == id.as_str() && a["party"] == "south"
+            })
+    });
+    first.stop();
+}
+
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
 struct Follower {
     child: Child,
@@ -542,9 +673,14 @@ struct Follower {
 
 impl Follower {
     fn start(home: &Path) -> Follower {
+        Self::start_with(home, &["--round", "1"])
+    }
+
+    fn start_with(home: &Path, options: &[&str]) -> Follower {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
             .env("HOTLINE_HOME", home)
-            .args(["sync", "--follow", "--json", "--round", "1"])
+            .args(["sync", "--follow", "--json"])
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,728 @@
+//! The line's health: end-to-end link tests per relay path, when each party was last
+//! heard, what each relay did wrong, and the alarms `hotline status` shows.
+//!
+//! A link test is an ordinary envelope (`Body::LinkTest`), sent to every relay like any
+//! other so that no sender's chain ever depends on one relay. What makes it per path is
+//! the answer: a device answers a probe once **for every relay it received a copy
+//! through** (duplicates included, recognised by the ciphertext's hash), naming that
+//! relay. The prober thus learns, per relay and per party, that the path prober → relay
+//! → party works, and how long the round trip took (probe posted → answer committed);
+//! the reverse direction is tested by the other party's own probes.
+//!
+//! ```text
+//!   A: probe P ──► relays R1, R2, R3 ──► B receives P via R1 (first), R2, R3 (copies)
+//!   B: answer(P, R1), answer(P, R2), answer(P, R3) ──► every relay ──► A
+//!   A: path R1 to B ok, rtt = now − sent(P); same for R2, R3; a dead R3 answers nothing
+//! ```
+//!
+//! Link tests are in the transcript (and the export) but not in `log`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hotline_core::{Body, Channel, ChannelId, EnvelopeId, Event};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+use crate::provider::Provider;
+use crate::store::{
+    self, Cursor, Store, StoreError, channel_relays, checkout, now_ms, save_channel,
+};
+
+/// Default time between link tests.
+pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
+/// Default age after which a message not yet delivered to every party raises an alarm.
+pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
+
+const PROBE: u8 = 1;
+const ANSWER: u8 = 2;
+
+/// The first 8 bytes of SHA-256 of a relay's address: how an answer names the path.
+pub fn relay_tag(url: &str) -> [u8; 8] {
+    let digest = Sha256::digest(url.as_bytes());
+    let mut tag = [0u8; 8];
+    tag.copy_from_slice(&digest[..8]);
+    tag
+}
+
+/// What a link-test body says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkTest {
+    Probe { nonce: [u8; 8] },
+    Answer { probe: EnvelopeId, relay: [u8; 8] },
+}
+
+impl LinkTest {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            LinkTest::Probe { nonce } => [&[PROBE][..], nonce].concat(),
+            LinkTest::Answer { probe, relay } => [&[ANSWER][..], &probe.0, relay].concat(),
+        }
+    }
+
+    /// `None` for anything else (link-test bytes are the sender's own; unknown ones are
+    /// kept in the transcript and otherwise ignored).
+    pub fn decode(bytes: &[u8]) -> Option<LinkTest> {
+        match bytes {
+            [PROBE, nonce @ ..] if nonce.len() == 8 => Some(LinkTest::Probe {
+                nonce: nonce.try_into().ok()?,
+            }),
+            [ANSWER, rest @ ..] if rest.len() == 40 => Some(LinkTest::Answer {
+                probe: EnvelopeId(rest[..32].try_into().ok()?),
+                relay: rest[32..].try_into().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) const SCHEMA: &str = "
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    CREATE TABLE probes (
+        id BLOB PRIMARY KEY,
+        channel BLOB NOT NULL,
+        sent_ms INTEGER NOT NULL
+    );
+    CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
+    CREATE TABLE probe_copies (
+        hash BLOB PRIMARY KEY,
+        probe BLOB NOT NULL
+    );
+    CREATE TABLE answered (
+        probe BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        PRIMARY KEY (probe, relay)
+    );
+    CREATE TABLE paths (
+        channel BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        party TEXT NOT NULL,
+        last_ok_ms INTEGER NOT NULL,
+        rtt_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, relay, party)
+    );
+    CREATE TABLE heard (
+        channel BLOB NOT NULL,
+        party TEXT NOT NULL,
+        last_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, party)
+    );
+    CREATE TABLE relay_health (
+        url TEXT PRIMARY KEY,
+        last_ok_ms INTEGER,
+        error TEXT,
+        error_since_ms INTEGER
+    );
+    CREATE TABLE alarms (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        relay TEXT,
+        party TEXT,
+        message TEXT,
+        detail TEXT NOT NULL,
+        evidence BLOB,
+        since_ms INTEGER NOT NULL,
+        UNIQUE (kind, relay, party, message)
+    );";
+
+fn setting(connection: &Connection, key: &str, default: u64) -> Result<u64, StoreError> {
+    let value: Option<i64> = connection
+        .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    Ok(value.map_or(default, |v| v as u64))
+}
+
+/// Called inside the receive transaction, after the core processed `bytes` (whose
+/// SHA-256 is `hash`) that came through `relay`: answers probes per path, records
+/// answers to this device's probes, and when each party was last heard. Returns
+/// whether the channel changed (an answer was sealed).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn on_received(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &hotline_core::DeviceIdentity,
+    channel: &mut Channel,
+    events: &[Event],
+    hash: &[u8; 32],
+    relay: Option<&str>,
+) -> Result<bool, StoreError> {
+    let now = now_ms();
+    let me = identity.key();
+    let mut changed = false;
+    if events == [Event::Duplicate] {
+        // A copy through another relay: answer for that path if it carried a probe.
+        let probe: Option<Vec<u8>> = connection
+            .query_row(
+                "SELECT probe FROM probe_copies WHERE hash = ?1",
+                [&hash[..]],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let (Some(probe), Some(relay)) = (probe, relay)
+            && let Ok(probe) = <[u8; 32]>::try_from(probe.as_slice())
+        {
+            changed |= answer(
+                connection,
+                provider,
+                identity,
+                channel,
+                EnvelopeId(probe),
+                relay,
+            )?;
+        }
+        return Ok(changed);
+    }
+    for event in events {
+        let Event::Accepted(ids) = event else {
+            continue;
+        };
+        for (index, id) in ids.iter().enumerate() {
+            let Some(envelope) = channel.transcript().get(id).cloned() else {
+                continue;
+            };
+            if envelope.sender == me {
+                continue;
+            }
+            let party = channel
+                .transcript()
+                .party_of(&envelope.sender)
+                .unwrap_or("?")
+                .to_owned();
+            connection.execute(
+                "INSERT INTO heard (channel, party, last_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (channel, party) DO UPDATE SET last_ms = MAX(last_ms, ?3)",
+                params![&channel.id().0[..], party, now as i64],
+            )?;
+            let Body::LinkTest(bytes) = &envelope.body else {
+                continue;
+            };
+            match LinkTest::decode(bytes) {
+                // The first id is the envelope these bytes carried; later ones were
+                // released by it and came through some earlier copy.
+                Some(LinkTest::Probe { .. }) if index == 0 => {
+                    connection.execute(
+                        "INSERT OR IGNORE INTO probe_copies (hash, probe) VALUES (?1, ?2)",
+                        params![&hash[..], &id.0[..]],
+                    )?;
+                    if let Some(relay) = relay {
+                        changed |= answer(connection, provider, identity, channel, *id, relay)?;
+                    }
+                }
+                Some(LinkTest::Answer { probe, relay: tag }) => {
+                    let sent: Option<i64> = connection
+                        .query_row(
+                            "SELECT sent_ms FROM probes WHERE id = ?1",
+                            [&probe.0[..]],
+                            |row| row.get(0),
+                        )
+                        .optional()?;
+                    let Some(sent) = sent else { continue };
+                    let relays = channel_relays(connection, &channel.id())?;
+                    let Some(url) = relays.iter().find(|url| relay_tag(url) == tag) else {
+                        continue;
+                    };
+                    connection.execute(
+                        "INSERT INTO paths (channel, relay, party, last_ok_ms, rtt_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (channel, relay, party) DO UPDATE SET
+                           last_ok_ms = ?4, rtt_ms = ?5 WHERE ?4 >= last_ok_ms",
+                        params![
+                            &channel.id().0[..],
+                            url,
+                            party,
+                            now as i64,
+                            (now as i64 - sent).max(0)
+                        ],
+                    )?;
+                }
+                Some(LinkTest::Probe { .. }) | None => {}
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// Answers `probe` for the path through `relay`, once. An answer that cannot be sealed
+/// now (a proposal waits for its commit) is skipped: the next probe asks again.
+fn answer(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &hotline_core::DeviceIdentity,
+    channel: &mut Channel,
+    probe: EnvelopeId,
+    relay: &str,
+) -> Result<bool, StoreError> {
+    let done: bool = connection.query_row(
+        "SELECT EXISTS (SELECT 1 FROM answered WHERE probe = ?1 AND relay = ?2)",
+        params![&probe.0[..], relay],
+        |row| row.get(0),
+    )?;
+    if done {
+        return Ok(false);
+    }
+    let body = Body::LinkTest(
+        LinkTest::Answer {
+            probe,
+            relay: relay_tag(relay),
+        }
+        .encode(),
+    );
+    match store::seal(connection, provider, identity, channel, body, None) {
+        Ok(_) => {}
+        Err(StoreError::Channel(_)) => return Ok(false),
+        Err(error) => return Err(error),
+    }
+    connection.execute(
+        "INSERT INTO answered (probe, relay) VALUES (?1, ?2)",
+        params![&probe.0[..], relay],
+    )?;
+    Ok(true)
+}
+
+/// Where one relay path stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// Every other party answered through it within three intervals.
+    Up,
+    /// Some did, or it answers link tests but refuses or fails requests.
+    Degraded,
+    /// No answer through it for three intervals.
+    Down,
+    /// Link tests started less than three intervals ago and none answered yet.
+    Unknown,
+}
+
+impl PathState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Up => "up",
+            PathState::Degraded => "degraded",
+            PathState::Down => "down",
+            PathState::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayStatus {
+    pub url: String,
+    pub state: PathState,
+    pub rtt_ms: Option<u64>,
+    /// The last answer through this relay.
+    pub last_ok_ms: Option<u64>,
+    /// The relay's last transport error, while it lasts.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PartyStatus {
+    pub party: String,
+    pub last_heard_ms: Option<u64>,
+}
+
+/// Something the duty officer must look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alarm {
+    pub kind: String,
+    pub relay: Option<String>,
+    pub party: Option<String>,
+    pub message: Option<String>,
+    pub since_ms: u64,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub relays: Vec<RelayStatus>,
+    pub parties: Vec<PartyStatus>,
+    /// Outbox rows some relay does not hold yet.
+    pub outbox: u64,
+    /// This party's messages not yet delivered to every party.
+    pub unacknowledged: u64,
+    pub alarms: Vec<Alarm>,
+    pub interval_ms: u64,
+}
+
+impl Status {
+    /// The line is down when it has relays and none is up or degraded.
+    pub fn line_down(&self) -> bool {
+        !self.relays.is_empty()
+            && self
+                .relays
+                .iter()
+                .all(|relay| relay.state == PathState::Down)
+    }
+}
+
+impl Store {
+    /// Sets how often link tests go out (and so what "three intervals" means).
+    pub fn set_link_test_interval(&mut self, interval_ms: u64) -> Result<(), StoreError> {
+        self.set_setting("link_test_interval_ms", interval_ms)
+    }
+
+    /// Sets after how long an undelivered message raises an alarm.
+    pub fn set_undelivered_after(&mut self, ms: u64) -> Result<(), StoreError> {
+        self.set_setting("undelivered_after_ms", ms)
+    }
+
+    fn set_setting(&mut self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, value as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Sends a probe in every channel with relays whose last probe is older than the
+    /// interval. Returns how many went out.
+    pub fn send_due_probes(&mut self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.transact(|connection, identity, cache| {
+            let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
+            let ids: Vec<Vec<u8>> = connection
+                .prepare("SELECT DISTINCT channel FROM channel_relays")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let provider = Provider::new(connection);
+            let mut sent = 0;
+            for id in ids {
+                let last: Option<i64> = connection.query_row(
+                    "SELECT MAX(sent_ms) FROM probes WHERE channel = ?1",
+                    [&id],
+                    |row| row.get(0),
+                )?;
+                if last.is_some_and(|last| now < last as u64 + interval) {
+                    continue;
+                }
+                let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) else {
+                    continue;
+                };
+                let id = ChannelId(id);
+                let mut channel = checkout(cache, connection, &provider, &id)?;
+                let nonce: [u8; 8] = rand::random();
+                let body = Body::LinkTest(LinkTest::Probe { nonce }.encode());
+                match store::seal(connection, &provider, identity, &mut channel, body, None) {
+                    Ok(probe) => {
+                        connection.execute(
+                            "INSERT INTO probes (id, channel, sent_ms) VALUES (?1, ?2, ?3)",
+                            params![&probe.0[..], &id.0[..], now as i64],
+                        )?;
+                        save_channel(connection, &mut channel, false)?;
+                        sent += 1;
+                    }
+                    // Removed, or a proposal waits: no probe this time.
+                    Err(StoreError::Channel(_)) => {}
+                    Err(error) => return Err(error),
+                }
+                cache.channels.insert(id, channel);
+            }
+            Ok(sent)
+        })
+    }
+
+    /// Records how a relay answered at the transport level (`None`: it did).
+    pub fn note_relay(&mut self, url: &str, error: Option<&str>) -> Result<(), StoreError> {
+        let now = now_ms() as i64;
+        self.transact(|connection, _, _| {
+            match error {
+                None => connection.execute(
+                    "INSERT INTO relay_health (url, last_ok_ms, error, error_since_ms)
+                     VALUES (?1, ?2, NULL, NULL)
+                     ON CONFLICT (url) DO UPDATE SET last_ok_ms = ?2, error = NULL,
+                       error_since_ms = NULL",
+                    params![url, now],
+                )?,
+                Some(error) => connection.execute(
+                    "INSERT INTO relay_health (url, last_ok_ms, error, error_since_ms)
+                     VALUES (?1, NULL, ?2, ?3)
+                     ON CONFLICT (url) DO UPDATE SET error = ?2,
+                       error_since_ms = COALESCE(error_since_ms, ?3)",
+                    params![url, error, now],
+                )?,
+            };
+            Ok(())
+        })
+    }
+
+    /// Records misbehaviour of a relay, with the bytes that prove it. Raised once per
+    /// kind, relay and message.
+    pub fn raise_alarm(
+        &mut self,
+        kind: &str,
+        relay: &str,
+        message: Option<&str>,
+        detail: &str,
+        evidence: &[u8],
+    ) -> Result<(), StoreError> {
+        let now = now_ms() as i64;
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
+                 VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
+                params![kind, relay, message, detail, evidence, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The line at `now_ms`: relay paths, parties, backlog and alarms.
+    pub fn status(&mut self, now_ms: u64) -> Result<Status, StoreError> {
+        let summaries = self.channels()?;
+        let own_party = self.identity().info().party.clone();
+        self.transact(|connection, _, cache| {
+            let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
+            let undelivered_after =
+                setting(connection, "undelivered_after_ms", DEFAULT_UNDELIVERED_MS)?;
+            let window = interval.saturating_mul(3);
+            let fresh = |ms: Option<u64>| ms.is_some_and(|ms| now_ms <= ms + window);
+            let mut alarms = Vec::new();
+
+            // Parties: everyone in a channel but this party.
+            let mut parties: BTreeMap<String, Option<u64>> = BTreeMap::new();
+            // Relays, with the other parties expected to answer through each.
+            let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            let mut first_probe: BTreeMap<String, u64> = BTreeMap::new();
+            for summary in &summaries {
+                let others: BTreeSet<String> = summary
+                    .members
+                    .iter()
+                    .filter(|m| m.party != own_party)
+                    .map(|m| m.party.clone())
+                    .collect();
+                for party in &others {
+                    let heard: Option<i64> = connection
+                        .query_row(
+                            "SELECT last_ms FROM heard WHERE channel = ?1 AND party = ?2",
+                            params![&summary.id.0[..], party],
+                            |row| row.get(0),
+                        )
+                        .optional()?;
+                    let entry = parties.entry(party.clone()).or_default();
+                    *entry = (*entry).max(heard.map(|h| h as u64));
+                }
+                let probed: Option<i64> = connection.query_row(
+                    "SELECT MIN(sent_ms) FROM probes WHERE channel = ?1",
+                    [&summary.id.0[..]],
+                    |row| row.get(0),
+                )?;
+                for url in channel_relays(connection, &summary.id)? {
+                    expected
+                        .entry(url.clone())
+                        .or_default()
+                        .extend(others.iter().cloned());
+                    if let Some(probed) = probed {
+                        let first = first_probe.entry(url).or_insert(probed as u64);
+                        *first = (*first).min(probed as u64);
+                    }
+                }
+            }
+
+            let mut relays = Vec::new();
+            for (url, others) in &expected {
+                let mut answered = BTreeSet::new();
+                let mut last_ok: Option<u64> = None;
+                let mut rtt: Option<u64> = None;
+                let mut statement = connection.prepare_cached(
+                    "SELECT party, last_ok_ms, rtt_ms FROM paths WHERE relay = ?1
+                     ORDER BY last_ok_ms",
+                )?;
+                let rows = statement.query_map([url], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, i64>(1)? as u64,
+                        row.get::<_, i64>(2)? as u64,
+                    ))
+                })?;
+                for row in rows {
+                    let (party, ok, ms) = row?;
+                    if fresh(Some(ok)) {
+                        answered.insert(party);
+                    }
+                    last_ok = Some(ok);
+                    rtt = Some(ms);
+                }
+                let (error, error_since): (Option<String>, Option<i64>) = connection
+                    .query_row(
+                        "SELECT error, error_since_ms FROM relay_health WHERE url = ?1",
+                        [url],
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )
+                    .optional()?
+                    .unwrap_or((None, None));
+                let probing_since = first_probe.get(url).copied();
+                let state = if others.is_empty() {
+                    // Nobody to answer: the transport is all there is to judge by.
+                    if error.is_some() {
+                        PathState::Down
+                    } else {
+                        PathState::Up
+                    }
+                } else if answered.len() == others.len() && error.is_none() {
+                    PathState::Up
+                } else if !answered.is_empty() {
+                    PathState::Degraded
+                } else if probing_since.is_none_or(|since| now_ms < since + window) {
+                    PathState::Unknown
+                } else {
+                    PathState::Down
+                };
+                if state == PathState::Down {
+                    let since = last_ok
+                        .or(error_since.map(|e| e as u64))
+                        .or(probing_since)
+                        .unwrap_or(now_ms);
+                    alarms.push(Alarm {
+                        kind: "relay-down".into(),
+                        relay: Some(url.clone()),
+                        party: None,
+                        message: None,
+                        since_ms: since,
+                        detail: match &error {
+                            Some(error) => format!("no link-test answer through it; {error}"),
+                            None => "no link-test answer through it for three intervals".into(),
+                        },
+                    });
+                }
+                relays.push(RelayStatus {
+                    url: url.clone(),
+                    state,
+                    rtt_ms: rtt,
+                    last_ok_ms: last_ok,
+                    error,
+                });
+            }
+
+            // Messages of this party: deadlines and delivery.
+            let provider = Provider::new(connection);
+            let mut unacknowledged = 0;
+            for summary in &summaries {
+                let channel = checkout(cache, connection, &provider, &summary.id)?;
+                let others: BTreeSet<String> = summary
+                    .members
+                    .iter()
+                    .filter(|m| m.party != own_party)
+                    .map(|m| m.party.clone())
+                    .collect();
+                for (id, envelope) in channel.transcript().canonical() {
+                    let Body::Text(_) = envelope.body else {
+                        continue;
+                    };
+                    if channel.transcript().party_of(&envelope.sender) != Some(own_party.as_str()) {
+                        continue;
+                    }
+                    let delivered = channel.delivered_to(&id);
+                    let missing: Vec<&String> =
+                        others.iter().filter(|p| !delivered.contains(*p)).collect();
+                    if !missing.is_empty() {
+                        unacknowledged += 1;
+                        if now_ms >= envelope.claimed_time_ms + undelivered_after {
+                            for party in &missing {
+                                alarms.push(Alarm {
+                                    kind: "undelivered".into(),
+                                    relay: None,
+                                    party: Some((*party).clone()),
+                                    message: Some(id.to_hex()),
+                                    since_ms: envelope.claimed_time_ms + undelivered_after,
+                                    detail: format!("not delivered to {party} yet"),
+                                });
+                            }
+                        }
+                    }
+                    if let Some(deadline) = envelope.deadline_ms
+                        && now_ms >= deadline
+                    {
+                        let read = channel.read_by(&id);
+                        for party in others.iter().filter(|p| !read.contains(*p)) {
+                            alarms.push(Alarm {
+                                kind: "deadline".into(),
+                                relay: None,
+                                party: Some(party.clone()),
+                                message: Some(id.to_hex()),
+                                since_ms: deadline,
+                                detail: format!("{party} has not read it by its deadline"),
+                            });
+                        }
+                    }
+                }
+                cache.channels.insert(summary.id, channel);
+            }
+
+            // What relays did wrong, recorded as it was found.
+            let mut statement = connection.prepare(
+                "SELECT kind, relay, party, message, detail, since_ms FROM alarms ORDER BY id",
+            )?;
+            let stored = statement.query_map([], |row| {
+                Ok(Alarm {
+                    kind: row.get(0)?,
+                    relay: row.get(1)?,
+                    party: row.get(2)?,
+                    message: row.get(3)?,
+                    detail: row.get(4)?,
+                    since_ms: row.get::<_, i64>(5)? as u64,
+                })
+            })?;
+            for alarm in stored {
+                alarms.push(alarm?);
+            }
+
+            let outbox: i64 = connection.query_row(
+                "SELECT COUNT(*) FROM outbox WHERE settled = 0 AND exported = 0",
+                [],
+                |row| row.get(0),
+            )?;
+            Ok(Status {
+                relays,
+                parties: parties
+                    .into_iter()
+                    .map(|(party, last_heard_ms)| PartyStatus {
+                        party,
+                        last_heard_ms,
+                    })
+                    .collect(),
+                outbox: outbox as u64,
+                unacknowledged,
+                alarms,
+                interval_ms: interval,
+            })
+        })
+    }
+}
+
+/// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
+pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// The relay a cursor names, if any.
+pub(crate) fn relay_of<'a>(cursor: &Option<Cursor<'a>>) -> Option<&'a str> {
+    cursor.as_ref().map(|cursor| cursor.relay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_test_bodies_round_trip_and_refuse_garbage() {
+        let probe = LinkTest::Probe { nonce: [7; 8] };
+        assert_eq!(LinkTest::decode(&probe.encode()), Some(probe));
+        let answer = LinkTest::Answer {
+            probe: EnvelopeId([3; 32]),
+            relay: relay_tag("https://127.0.0.1:1/#sha256=00"),
+        };
+        assert_eq!(LinkTest::decode(&answer.encode()), Some(answer.clone()));
+        let mut long = answer.encode();
+        long.push(0);
+        for bad in [&[][..], &[1, 2, 3][..], &[9; 9][..], &long[..]] {
+            assert_eq!(LinkTest::decode(bad), None);
+        }
+        assert_ne!(relay_tag("a"), relay_tag("b"));
+    }
+}
