@@ -115,6 +115,19 @@ pub(crate) const SCHEMA: &str = "
         error TEXT,
         error_since_ms INTEGER
     );
+    CREATE TABLE copies (
+        hash BLOB PRIMARY KEY,
+        channel BLOB NOT NULL,
+        sender BLOB NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    CREATE TABLE relay_heads (
+        relay TEXT NOT NULL,
+        channel BLOB NOT NULL,
+        sender BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (relay, channel, sender)
+    );
     CREATE TABLE alarms (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         kind TEXT NOT NULL,
@@ -153,6 +166,20 @@ pub(crate) fn on_received(
     let now = now_ms();
     let me = identity.key();
     let mut changed = false;
+    if let Some(Event::Accepted(ids)) = events.iter().find(|e| matches!(e, Event::Accepted(_)))
+        && let Some(envelope) = ids.first().and_then(|id| channel.transcript().get(id))
+    {
+        record_copy(
+            connection,
+            &channel.id(),
+            hash,
+            &envelope.sender,
+            envelope.seq,
+        )?;
+    }
+    if let Some(relay) = relay {
+        check_order(connection, relay, hash)?;
+    }
     if events == [Event::Duplicate] {
         // A copy through another relay: answer for that path if it carried a probe.
         let probe: Option<Vec<u8>> = connection
@@ -244,6 +271,84 @@ pub(crate) fn on_received(
         }
     }
     Ok(changed)
+}
+
+/// Remembers which sender and sequence number the bytes with `hash` carry, so that
+/// copies through other relays (dropped as duplicates before any processing) can be
+/// placed in their sender's chain.
+pub(crate) fn record_copy(
+    connection: &Connection,
+    channel: &ChannelId,
+    hash: &[u8; 32],
+    sender: &hotline_core::DeviceKey,
+    seq: u64,
+) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT OR IGNORE INTO copies (hash, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)",
+        params![&hash[..], &channel.0[..], &sender.0[..], seq as i64],
+    )?;
+    Ok(())
+}
+
+/// Each relay must hand over each sender's envelopes in the order of their chain (the
+/// sync engine posts to each relay in order). A relay that skips some (while another
+/// relay had them, or they arrive later) dropped them; one that hands an envelope over
+/// again, or an older one after a newer, replays or reorders. Both raise an alarm that
+/// names the relay and keeps the bytes.
+fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<(), StoreError> {
+    let copy: Option<(Vec<u8>, Vec<u8>, i64)> = connection
+        .query_row(
+            "SELECT channel, sender, seq FROM copies WHERE hash = ?1",
+            [&hash[..]],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+        )
+        .optional()?;
+    let Some((channel, sender, seq)) = copy else {
+        return Ok(());
+    };
+    let last: Option<i64> = connection
+        .query_row(
+            "SELECT seq FROM relay_heads WHERE relay = ?1 AND channel = ?2 AND sender = ?3",
+            params![relay, &channel, &sender],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let sender_hex = hex::encode(&sender[..8]);
+    let found = match last {
+        Some(last) if seq > last + 1 => Some((
+            "dropped",
+            format!(
+                "skipped messages {}..={} of sender {sender_hex}… (served {seq} after {last})",
+                last + 1,
+                seq - 1
+            ),
+        )),
+        Some(last) if seq <= last => Some((
+            "replayed",
+            format!("served message {seq} of sender {sender_hex}… again or late, after {last}"),
+        )),
+        _ => None,
+    };
+    if let Some((kind, detail)) = found {
+        connection.execute(
+            "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
+             VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
+            params![
+                kind,
+                relay,
+                hex::encode(hash),
+                detail,
+                &hash[..],
+                now_ms() as i64
+            ],
+        )?;
+    }
+    connection.execute(
+        "INSERT INTO relay_heads (relay, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (relay, channel, sender) DO UPDATE SET seq = MAX(seq, ?4)",
+        params![relay, &channel, &sender, seq],
+    )?;
+    Ok(())
 }
 
 /// Answers `probe` for the path through `relay`, once. An answer that cannot be sealed

@@ -1236,6 +1236,17 @@ pub(crate) fn seal(
         return Err(StoreError::Channel(ChannelError::CommitPending));
     }
     let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
+    // Its echo through each relay is placed in this device's own chain.
+    if let Some(envelope) = channel.transcript().get(&id) {
+        let hash = crate::line::copy_hash(&bytes);
+        crate::line::record_copy(
+            connection,
+            &channel.id(),
+            &hash,
+            &envelope.sender,
+            envelope.seq,
+        )?;
+    }
     let outgoing = Outgoing::Message {
         id: Some(id),
         bytes,

@@ -560,6 +560,7 @@ async fn push_pass(
     report: &mut SyncReport,
 ) -> Result<bool, StoreError> {
     let mut merged = false;
+    let mut failed: HashSet<String> = HashSet::new();
     // 1. The committer registers each channel's membership where it is out of date.
     for plan in store.relay_plan()? {
         for (url, registered) in &plan.relays {
@@ -620,30 +621,42 @@ async fn push_pass(
             .iter()
             .filter(|(mark, ..)| !item.posted.contains(mark))
             .count();
+        // Every relay at once: a slow one delays nothing. A relay that failed in this
+        // pass gets nothing more in it, so each relay receives the outbox in order.
+        let mut posts = Vec::new();
         for (mark, url, log) in targets {
-            if item.posted.contains(&mark) {
+            if item.posted.contains(&mark) || failed.contains(&url) {
                 continue;
             }
             let client = match relays.get(&url) {
                 Ok(client) => client,
                 Err(error) => {
-                    report.relays.insert(url, Some(error));
+                    report.relays.insert(url.clone(), Some(error));
+                    failed.insert(url);
                     continue;
                 }
             };
-            let posted = match log {
-                Log::Inbox(device) => client.post_inbox(identity, &device, body.clone()).await,
-                Log::Channel(channel) => client.post(identity, &channel, body.clone()).await,
-            };
-            if note(report, &url, posted.map(|_| ())) {
-                missing -= 1;
-                store.mark_posted(item.seq, &mark, missing == 0)?;
-                report.pushed += 1;
-                if item.commit
-                    && let Some(channel) = item.channel
-                {
-                    merged |= store.commit_relayed(&channel)?;
-                }
+            let body = body.clone();
+            posts.push(async move {
+                let posted = match log {
+                    Log::Inbox(device) => client.post_inbox(identity, &device, body).await,
+                    Log::Channel(channel) => client.post(identity, &channel, body).await,
+                };
+                (mark, url, posted)
+            });
+        }
+        for (mark, url, posted) in futures_util::future::join_all(posts).await {
+            if !note(report, &url, posted.map(|_| ())) {
+                failed.insert(url);
+                continue;
+            }
+            missing -= 1;
+            store.mark_posted(item.seq, &mark, missing == 0)?;
+            report.pushed += 1;
+            if item.commit
+                && let Some(channel) = item.channel
+            {
+                merged |= store.commit_relayed(&channel)?;
             }
         }
     }

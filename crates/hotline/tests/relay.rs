@@ -665,6 +665,194 @@ fn status_shows_a_stopped_relay_down_and_a_missed_deadline() {
     first.stop();
 }
 
+/// A hostile relay, with a second relay carrying the truth: while it is stopped its
+/// stored messages are tampered with (one dropped, one altered, one served again, one
+/// replayed from another channel). The recipient's transcript stays correct, each case
+/// raises an alarm naming the hostile relay (and none names the honest one), and
+/// `status` exits 6.
+#[test]
+fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() {
+    let dir = data_dir("hostile");
+    let honest = Relay::start(&dir.join("honest"));
+    let hostile = Relay::start(&dir.join("hostile"));
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    ok(
+        &north,
+        &["init", "--party", "north", "--relay", &honest.url],
+    );
+    ok(
+        &south,
+        &["init", "--party", "south", "--relay", &honest.url],
+    );
+    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
+        let card = dir.join(format!("{party}.card"));
+        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
+        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
+        ok(
+            home,
+            &[
+                "card",
+                "import",
+                card.to_str().unwrap(),
+                "--fingerprint",
+                fingerprint.as_str().unwrap(),
+            ],
+        );
+    }
+    for name in ["crisis", "other"] {
+        ok(
+            &north,
+            &[
+                "channel",
+                "create",
+                name,
+                "--with",
+                "south",
+                "--relay",
+                &honest.url,
+                "--relay",
+                &hostile.url,
+            ],
+        );
+    }
+    for _ in 0..2 {
+        ok(&north, &["sync"]);
+        ok(&south, &["sync"]);
+    }
+    let channel_id = |name: &str| -> Vec<u8> {
+        let list = ok(&north, &["channel", "list", "--json"]);
+        let line = list
+            .lines()
+            .find(|l| l.contains(&format!("\"name\":\"{name}\"")))
+            .unwrap();
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        hex::decode(value["id"].as_str().unwrap()).unwrap()
+    };
+    let (crisis, other) = (channel_id("crisis"), channel_id("other"));
+    for n in 1..=4 {
+        let sent = ok(
+            &north,
+            &["send", "crisis", &format!("message {n}"), "--json"],
+        );
+        assert_eq!(field(&sent, "relayed"), 2);
+    }
+    let sent = ok(&north, &["send", "other", "elsewhere", "--json"]);
+    assert_eq!(field(&sent, "relayed"), 2);
+
+    // Tamper with the hostile relay's store while it is down.
+    let address = hostile
+        .url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let hostile_url = hostile.url.clone();
+    hostile.stop();
+    {
+        let db = rusqlite::Connection::open(dir.join("hostile").join("relay.db")).unwrap();
+        let log = |id: &[u8]| [&[1u8][..], id].concat();
+        let rows: Vec<(i64, Vec<u8>)> = db
+            .prepare("SELECT seq, bytes FROM messages WHERE log = ?1 ORDER BY seq DESC LIMIT 4")
+            .unwrap()
+            .query_map([log(&crisis)], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let [(_, _), (third, third_bytes), (second, _), (_, first_bytes)] = &rows[..] else {
+            panic!(
+                "expected four messages on the hostile relay, got {}",
+                rows.len()
+            )
+        };
+        let (foreign_bytes,): (Vec<u8>,) = db
+            .query_row(
+                "SELECT bytes FROM messages WHERE log = ?1 ORDER BY seq DESC LIMIT 1",
+                [log(&other)],
+                |row| Ok((row.get(0)?,)),
+            )
+            .unwrap();
+        let last: i64 = db
+            .query_row(
+                "SELECT MAX(seq) FROM messages WHERE log = ?1",
+                [log(&crisis)],
+                |row| row.get(0),
+            )
+            .unwrap();
+        // Dropped: message 2. Altered: one byte of message 3.
+        db.execute(
+            "DELETE FROM messages WHERE log = ?1 AND seq = ?2",
+            rusqlite::params![log(&crisis), second],
+        )
+        .unwrap();
+        let mut altered = third_bytes.clone();
+        let middle = altered.len() - 20;
+        altered[middle] ^= 0x01;
+        db.execute(
+            "UPDATE messages SET bytes = ?3 WHERE log = ?1 AND seq = ?2",
+            rusqlite::params![log(&crisis), third, altered],
+        )
+        .unwrap();
+        // Served again: message 1 at the end. Replayed from elsewhere: "other"'s message.
+        for (offset, bytes) in [(1, first_bytes), (2, &foreign_bytes)] {
+            db.execute(
+                "INSERT INTO messages (log, seq, hash, bytes, stored_ms)
+                 SELECT ?1, ?2, ?3, ?4, stored_ms FROM messages WHERE log = ?1 AND seq = ?5",
+                rusqlite::params![
+                    log(&crisis),
+                    last + offset,
+                    vec![offset as u8; 32],
+                    bytes,
+                    last
+                ],
+            )
+            .unwrap();
+        }
+        db.execute(
+            "UPDATE heads SET last_seq = ?2 WHERE log = ?1",
+            rusqlite::params![log(&crisis), last + 2],
+        )
+        .unwrap();
+    }
+    let hostile = Relay::start_on(&dir.join("hostile"), &address);
+    assert_eq!(hostile.url, hostile_url);
+
+    ok(&south, &["sync"]);
+    let log = ok(&south, &["log", "crisis", "--json"]);
+    let texts: Vec<String> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        texts,
+        ["message 1", "message 2", "message 3", "message 4"],
+        "the truth, once each"
+    );
+    let (code, status) = cli(&south, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(code, 6, "{status}");
+    let alarms = status["alarms"].as_array().unwrap();
+    for kind in ["dropped", "altered", "replayed", "foreign"] {
+        assert!(
+            alarms
+                .iter()
+                .any(|a| a["kind"] == kind && a["relay"] == hostile_url.as_str()),
+            "no {kind} alarm naming the hostile relay: {status}"
+        );
+    }
+    assert!(
+        alarms.iter().all(|a| a["relay"] != honest.url.as_str()),
+        "an alarm names the honest relay: {status}"
+    );
+    hostile.stop();
+    honest.stop();
+}
+
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
 struct Follower {
     child: Child,
