@@ -166,16 +166,27 @@ pub(crate) fn on_received(
     let now = now_ms();
     let me = identity.key();
     let mut changed = false;
-    if let Some(Event::Accepted(ids)) = events.iter().find(|e| matches!(e, Event::Accepted(_)))
-        && let Some(envelope) = ids.first().and_then(|id| channel.transcript().get(id))
-    {
-        record_copy(
-            connection,
-            &channel.id(),
-            hash,
-            &envelope.sender,
-            envelope.seq,
-        )?;
+    // Place these bytes in their sender's chain, accepted or still waiting for parents.
+    for event in events {
+        match event {
+            Event::Accepted(ids) => {
+                if let Some(envelope) = ids.first().and_then(|id| channel.transcript().get(id)) {
+                    record_copy(
+                        connection,
+                        &channel.id(),
+                        hash,
+                        &envelope.sender,
+                        envelope.seq,
+                    )?;
+                }
+                break;
+            }
+            Event::Waiting { sender, seq, .. } => {
+                record_copy(connection, &channel.id(), hash, sender, *seq)?;
+                break;
+            }
+            _ => {}
+        }
     }
     if let Some(relay) = relay {
         check_order(connection, relay, hash)?;

@@ -189,6 +189,8 @@ pub struct ChannelSummary {
     pub name: String,
     pub members: Vec<DeviceInfo>,
     pub epoch: u64,
+    /// The epoch this device joined at (0 for the creator): older messages are not for it.
+    pub horizon: u64,
     pub envelopes: usize,
     pub committer: bool,
 }
@@ -748,6 +750,7 @@ impl Store {
                     name: channel.name().to_owned(),
                     members: channel.members(),
                     epoch: channel.epoch(),
+                    horizon: channel.transcript().horizon(),
                     envelopes: channel.transcript().len(),
                     committer: channel.is_committer(),
                 });

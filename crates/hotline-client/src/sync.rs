@@ -324,13 +324,29 @@ fn apply(
                     Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
                     Err(StoreError::Channel(ChannelError::NotAMember)) => store.skip_to(cursor)?,
                     Err(StoreError::Channel(ChannelError::Mls(error))) => {
-                        // From before this device joined: passed. Of this epoch or later
-                        // and still unreadable: altered on the way (MLS authenticates
-                        // every byte), or lost beyond MLS's out-of-order tolerance.
-                        let epoch = plan_epoch(store, channel)?;
-                        if epoch_of_message(&bytes).is_ok_and(|e| e >= epoch) {
-                            let detail = format!("message {seq} cannot be opened: {error}");
-                            store.raise_alarm("altered", url, None, &detail, &bytes)?;
+                        // From before this device joined: not for it, passed. Of the
+                        // current epoch or later and unreadable: altered on the way (MLS
+                        // authenticates every byte). Of an older epoch since joining: too
+                        // late for MLS (five past epochs, 1,000 generations), lost.
+                        let (epoch, horizon) = plan_epochs(store, channel)?;
+                        let claimed = epoch_of_message(&bytes).unwrap_or(0);
+                        let found = if claimed < horizon {
+                            None
+                        } else if claimed >= epoch {
+                            Some((
+                                "altered",
+                                format!("message {seq} cannot be opened: {error}"),
+                            ))
+                        } else {
+                            Some((
+                                "lost",
+                                format!(
+                                    "message {seq} of epoch {claimed} came too late to open (now epoch {epoch}): {error}"
+                                ),
+                            ))
+                        };
+                        if let Some((kind, detail)) = found {
+                            store.raise_alarm(kind, url, None, &detail, &bytes)?;
                             report.refused.push(format!("{url}: {detail}"));
                         }
                         store.skip_to(cursor)?;
@@ -348,13 +364,13 @@ fn apply(
     Ok(())
 }
 
-/// The epoch this device's copy of `channel` is at (0 if unknown).
-fn plan_epoch(store: &mut Store, channel: &ChannelId) -> Result<u64, StoreError> {
+/// The epoch this device's copy of `channel` is at, and the epoch it joined at.
+fn plan_epochs(store: &mut Store, channel: &ChannelId) -> Result<(u64, u64), StoreError> {
     Ok(store
         .channels()?
         .iter()
         .find(|summary| summary.id == *channel)
-        .map_or(0, |summary| summary.epoch))
+        .map_or((0, 0), |summary| (summary.epoch, summary.horizon)))
 }
 
 /// Tells the relay what this device committed past `start`, so that it may delete what

@@ -83,8 +83,13 @@ pub enum Event {
     Buffered { epoch: u64 },
     /// Envelopes entered the transcript (this one and any it unblocked).
     Accepted(Vec<EnvelopeId>),
-    /// The envelope waits for these parents.
-    Waiting(Vec<EnvelopeId>),
+    /// The envelope (`seq` of `sender`'s chain) waits for these parents.
+    Waiting {
+        id: EnvelopeId,
+        sender: DeviceKey,
+        seq: u64,
+        missing: Vec<EnvelopeId>,
+    },
     /// The envelope forks its sender's chain: kept as evidence only.
     Fork { kept: EnvelopeId },
     /// The transcript refused the envelope.
@@ -954,6 +959,7 @@ impl Channel {
             _ => None,
         };
         let mut events = Vec::new();
+        let (sender, seq) = (envelope.sender, envelope.seq);
         match self.transcript.insert(envelope, id) {
             Ok(Inserted::Accepted(ids)) => {
                 if let Some(to) = handover {
@@ -963,7 +969,12 @@ impl Channel {
                 events.push(Event::Accepted(ids));
             }
             Ok(Inserted::Duplicate) => events.push(Event::Duplicate),
-            Ok(Inserted::Pending(missing)) => events.push(Event::Waiting(missing)),
+            Ok(Inserted::Pending(missing)) => events.push(Event::Waiting {
+                id,
+                sender,
+                seq,
+                missing,
+            }),
             Ok(Inserted::Fork(kept)) => events.push(Event::Fork { kept }),
             Err(reason) => events.push(Event::Refused(reason)),
         }
