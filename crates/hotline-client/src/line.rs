@@ -75,6 +75,21 @@ impl LinkTest {
     }
 }
 
+/// How `log --link-tests` shows a link-test body.
+pub(crate) fn describe_link_test(bytes: &[u8], relays: &[String]) -> String {
+    match LinkTest::decode(bytes) {
+        Some(LinkTest::Probe { .. }) => "[link test]".to_owned(),
+        Some(LinkTest::Answer { probe, relay }) => {
+            let path = relays
+                .iter()
+                .find(|url| relay_tag(url) == relay)
+                .map_or_else(|| hex::encode(relay), Clone::clone);
+            format!("[link test answer to {} via {path}]", &probe.to_hex()[..12])
+        }
+        None => "[link test, unknown form]".to_owned(),
+    }
+}
+
 pub(crate) const SCHEMA: &str = "
     CREATE TABLE settings (
         key TEXT PRIMARY KEY,
@@ -588,6 +603,19 @@ impl Store {
         })
     }
 
+    /// Clears the stored alarms (relay misbehaviour) once the operator has seen them;
+    /// their evidence stays in the database. Returns how many were cleared. Alarms of
+    /// the moment (relay down, deadline, undelivered) clear when their cause does.
+    pub fn clear_alarms(&mut self) -> Result<usize, StoreError> {
+        let now = now_ms() as i64;
+        self.transact(|connection, _, _| {
+            Ok(connection.execute(
+                "UPDATE alarms SET cleared_ms = ?1 WHERE cleared_ms IS NULL",
+                [now],
+            )?)
+        })
+    }
+
     /// The line at `now_ms`: relay paths, parties, backlog and alarms.
     pub fn status(&mut self, now_ms: u64) -> Result<Status, StoreError> {
         let summaries = self.channels()?;
@@ -772,7 +800,8 @@ impl Store {
 
             // What relays did wrong, recorded as it was found.
             let mut statement = connection.prepare(
-                "SELECT kind, relay, party, message, detail, since_ms FROM alarms ORDER BY id",
+                "SELECT kind, relay, party, message, detail, since_ms FROM alarms
+                 WHERE cleared_ms IS NULL ORDER BY id",
             )?;
             let stored = statement.query_map([], |row| {
                 Ok(Alarm {

@@ -9,7 +9,7 @@ use hotline_core::channel::channel_of_message;
 use hotline_core::export::ExportError;
 use hotline_core::{
     Body, Channel, ChannelError, ChannelId, ChannelSnapshot, DeviceIdentity, DeviceInfo, DeviceKey,
-    Envelope, EnvelopeId, Event, Export, Fingerprint, Outgoing, create_card,
+    Envelope, EnvelopeId, Event, Export, Fingerprint, MembershipNote, Outgoing, create_card,
 };
 use openmls_sqlite_storage::SqliteStorageProvider;
 use openmls_traits::OpenMlsProvider;
@@ -25,7 +25,7 @@ use crate::provider::{JsonCodec, Provider};
 const WELCOMES: [u8; 32] = [0; 32];
 
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -94,6 +94,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX outbox_unsettled ON outbox (settled, seq);",
     // Version 4: link tests, relay health, alarms (see `line`).
     crate::line::SCHEMA,
+    // Version 5: stored alarms can be cleared by the operator (evidence kept); an outbox
+    // row can name its own relays (a relay change goes to the old and the new ones).
+    "ALTER TABLE alarms ADD COLUMN cleared_ms INTEGER;
+    ALTER TABLE outbox ADD COLUMN only_relays TEXT;",
 ];
 
 /// Why a store operation failed. Nothing was committed.
@@ -125,6 +129,8 @@ pub enum StoreError {
         "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
     )]
     UnknownParty(String),
+    #[error("{0}")]
+    BadRelays(String),
     #[error("this invitation was taken already (it came through another relay)")]
     DuplicateWelcome,
     #[error("party {0:?} has no device in this channel; see: hotline channel list")]
@@ -177,6 +183,8 @@ pub struct OutboxItem {
     pub welcome: bool,
     /// This device's commit: merged when the first relay holds it.
     pub commit: bool,
+    /// Relays this row goes to instead of the channel's (a relay change).
+    pub only_relays: Option<Vec<String>>,
     pub recipients: Vec<DeviceKey>,
     pub bytes: Vec<u8>,
     pub posted: Vec<String>,
@@ -549,6 +557,7 @@ impl Store {
                     merge_now,
                 )?;
             }
+            follow_relay_changes(connection, &channel, &events)?;
             failpoint("receive-before-save")?;
             save_channel(connection, &mut channel, false)?;
             failpoint("receive-saved")?;
@@ -691,14 +700,28 @@ impl Store {
 
     /// The transcript's text messages with delivered and read state.
     pub fn log(&mut self, channel: &str) -> Result<Vec<LogEntry>, StoreError> {
+        self.log_with(channel, false)
+    }
+
+    /// The messages of a channel, with the link tests among them if `link_tests`.
+    pub fn log_with(
+        &mut self,
+        channel: &str,
+        link_tests: bool,
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
+        let relays = channel_relays(&self.connection, &loaded.id())?;
         Ok(loaded
             .transcript()
             .canonical()
             .filter_map(|(id, envelope)| {
-                let Body::Text(text) = &envelope.body else {
-                    return None;
+                let text = match &envelope.body {
+                    Body::Text(text) => text,
+                    Body::LinkTest(bytes) if link_tests => {
+                        &crate::line::describe_link_test(bytes, &relays)
+                    }
+                    _ => return None,
                 };
                 let from = loaded
                     .transcript()
@@ -842,11 +865,18 @@ impl Store {
 
     /// Outbox rows that some relay does not hold yet, with the relays that hold each.
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
-        /// seq, channel, kind, recipients, bytes.
-        type Row = (i64, Option<Vec<u8>>, i64, Option<Vec<u8>>, Vec<u8>);
+        /// seq, channel, kind, recipients, bytes, only_relays.
+        type Row = (
+            i64,
+            Option<Vec<u8>>,
+            i64,
+            Option<Vec<u8>>,
+            Vec<u8>,
+            Option<String>,
+        );
         let rows: Vec<Row> = self
             .connection
-            .prepare("SELECT seq, channel, kind, recipients, bytes FROM outbox WHERE settled = 0 ORDER BY seq")?
+            .prepare("SELECT seq, channel, kind, recipients, bytes, only_relays FROM outbox WHERE settled = 0 ORDER BY seq")?
             .query_map([], |row| {
                 Ok((
                     row.get(0)?,
@@ -854,11 +884,16 @@ impl Store {
                     row.get(2)?,
                     row.get(3)?,
                     row.get(4)?,
+                    row.get(5)?,
                 ))
             })?
             .collect::<Result<_, _>>()?;
         let mut items = Vec::with_capacity(rows.len());
-        for (seq, channel, kind, recipients, bytes) in rows {
+        for (seq, channel, kind, recipients, bytes, only_relays) in rows {
+            let only_relays = match only_relays {
+                Some(json) => Some(serde_json::from_str(&json).map_err(corrupt)?),
+                None => None,
+            };
             let posted: Vec<String> = self
                 .connection
                 .prepare_cached("SELECT relay FROM outbox_posted WHERE seq = ?1")?
@@ -875,6 +910,7 @@ impl Store {
                 channel,
                 welcome: kind == 2,
                 commit: kind == 3,
+                only_relays,
                 recipients,
                 bytes,
                 posted,
@@ -945,6 +981,45 @@ impl Store {
             save_channel(connection, &mut loaded, false)?;
             cache.channels.insert(channel_id, loaded);
             Ok(committer)
+        })
+    }
+
+    /// Changes the channel's relays (committer only): a signed note for the record that
+    /// every member follows, sent through the old relays and the new ones. Keep at least
+    /// one relay across a change, or messages in flight may be stranded on a relay
+    /// nobody reads any more.
+    pub fn change_relays(&mut self, channel: &str, relays: &[String]) -> Result<(), StoreError> {
+        if relays.is_empty() || relays.len() > hotline_core::envelope::MAX_RELAYS {
+            return Err(StoreError::BadRelays(format!(
+                "a channel needs between 1 and {} relays",
+                hotline_core::envelope::MAX_RELAYS
+            )));
+        }
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            if !loaded.is_committer() {
+                return Err(StoreError::Channel(ChannelError::NotCommitter));
+            }
+            let old = channel_relays(connection, &channel_id)?;
+            let note = Body::Membership(MembershipNote::RelaysChanged {
+                relays: relays.to_vec(),
+            });
+            seal(connection, &provider, identity, &mut loaded, note, None)?;
+            let mut targets = old.clone();
+            targets.extend(relays.iter().filter(|r| !old.contains(r)).cloned());
+            connection.execute(
+                "UPDATE outbox SET only_relays = ?1 WHERE seq = ?2",
+                params![
+                    serde_json::to_string(&targets).map_err(corrupt)?,
+                    connection.last_insert_rowid()
+                ],
+            )?;
+            replace_relays(connection, &channel_id, relays)?;
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(())
         })
     }
 
@@ -1081,6 +1156,57 @@ fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError
         params![cursor.relay, cursor.log, cursor.seq as i64],
     )?;
     Ok(())
+}
+
+/// Makes `relays` the channel's relays, keeping what is known of the ones that stay.
+fn replace_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+    relays: &[String],
+) -> Result<(), StoreError> {
+    for old in channel_relays(connection, channel)? {
+        if !relays.contains(&old) {
+            connection.execute(
+                "DELETE FROM channel_relays WHERE channel = ?1 AND url = ?2",
+                params![&channel.0[..], old],
+            )?;
+        }
+    }
+    set_relays(connection, channel, relays)
+}
+
+/// Follows relay changes that the channel's committer announced in `events`.
+fn follow_relay_changes(
+    connection: &Connection,
+    channel: &Channel,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    for event in events {
+        let Event::Accepted(ids) = event else {
+            continue;
+        };
+        for id in ids {
+            let Some(envelope) = channel.transcript().get(id) else {
+                continue;
+            };
+            if let Body::Membership(MembershipNote::RelaysChanged { relays }) = &envelope.body
+                && envelope.sender == channel.committer()
+                && !relays.is_empty()
+                && relays.iter().all(|r| hotline_relay_url_ok(r))
+            {
+                replace_relays(connection, &channel.id(), relays)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an announced relay address has the form `https://HOST:PORT/#sha256=HEX`.
+fn hotline_relay_url_ok(url: &str) -> bool {
+    url.starts_with("https://")
+        && url
+            .rsplit_once("#sha256=")
+            .is_some_and(|(_, pin)| pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 pub(crate) fn channel_relays(

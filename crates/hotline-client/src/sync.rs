@@ -628,7 +628,7 @@ async fn push_pass(
                     }
                 }
             } else {
-                for url in channel_relays {
+                for url in item.only_relays.clone().unwrap_or(channel_relays) {
                     targets.push((url.clone(), url, Log::Channel(channel.0)));
                 }
             }

@@ -132,11 +132,28 @@ pub enum Body {
 /// Membership events recorded in the transcript by the committer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MembershipNote {
-    Added { party: String, device: DeviceKey },
-    Removed { device: DeviceKey },
-    KeyUpdated { epoch: u64 },
-    CommitterHandover { to: DeviceKey },
+    Added {
+        party: String,
+        device: DeviceKey,
+    },
+    Removed {
+        device: DeviceKey,
+    },
+    KeyUpdated {
+        epoch: u64,
+    },
+    CommitterHandover {
+        to: DeviceKey,
+    },
+    /// The channel's relays from now on (the committer's word; every member follows it).
+    RelaysChanged {
+        relays: Vec<String>,
+    },
 }
+
+/// At most this many relays per channel, each address at most `MAX_RELAY_URL_LEN` bytes.
+pub const MAX_RELAYS: usize = 16;
+pub const MAX_RELAY_URL_LEN: usize = 512;
 
 /// The kind byte of each body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -199,6 +216,13 @@ impl Body {
                     writer.u8(4);
                     writer.fixed(&to.0);
                 }
+                MembershipNote::RelaysChanged { relays } => {
+                    writer.u8(5);
+                    writer.u32(relays.len() as u32);
+                    for relay in relays {
+                        writer.string(relay);
+                    }
+                }
             },
         }
         let length = writer.as_bytes().len() - length_at - 4;
@@ -244,6 +268,14 @@ impl Body {
                 4 => MembershipNote::CommitterHandover {
                     to: DeviceKey(reader.array("device key")?),
                 },
+                5 => {
+                    let count = reader.count("relays", MAX_RELAYS, 4)?;
+                    let mut relays = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        relays.push(reader.string("relay address", MAX_RELAY_URL_LEN)?);
+                    }
+                    MembershipNote::RelaysChanged { relays }
+                }
                 _ => {
                     return Err(DecodeError::Invalid {
                         field: "membership note",
@@ -359,6 +391,9 @@ impl Envelope {
             Body::ReadReceipt(ids) => 4 + 32 * ids.len(),
             Body::LinkTest(bytes) => bytes.len(),
             Body::Checkpoint { .. } => 48,
+            Body::Membership(MembershipNote::RelaysChanged { relays }) => {
+                4 + relays.iter().map(|r| 4 + r.len()).sum::<usize>()
+            }
             Body::Membership(_) => 128,
         };
         160 + 72 * self.seen.len() + body + 80
@@ -533,6 +568,9 @@ mod tests {
                 device: DeviceKey([6; 32]),
             }),
             Body::Membership(MembershipNote::KeyUpdated { epoch: 4 }),
+            Body::Membership(MembershipNote::RelaysChanged {
+                relays: vec!["https://127.0.0.1:1/#sha256=00".into(), String::new()],
+            }),
             Body::Membership(MembershipNote::CommitterHandover {
                 to: DeviceKey([6; 32]),
             }),

@@ -343,6 +343,28 @@ pub fn channel_remove(home: &Path, channel: &str, party: &str, json_output: bool
     Ok(())
 }
 
+pub fn channel_relays(home: &Path, channel: &str, relays: &[String], json_output: bool) -> Outcome {
+    for relay in relays {
+        hotline_relay::tls::parse_url(relay).map_err(|e| failure(e.to_string()))?;
+    }
+    let mut store = Store::open(home)?;
+    store.change_relays(channel, relays)?;
+    let (relayed, _) = push_now(&mut store, channel)?;
+    if json_output {
+        out!(
+            "{}",
+            json!({"channel": channel, "relays": relays, "relayed": relayed})
+        );
+    } else {
+        out!(
+            "{channel} now runs on {} relay(s); every member follows when the change reaches it.",
+            relays.len()
+        );
+    }
+    report_change("the relay change", relayed, relays.len());
+    Ok(())
+}
+
 pub fn channel_rekey(home: &Path, channel: &str, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
     let committed = store.update_keys(channel)?;
@@ -405,9 +427,9 @@ pub fn send(
     Ok(())
 }
 
-pub fn log(home: &Path, channel: &str, json_output: bool) -> Outcome {
+pub fn log(home: &Path, channel: &str, link_tests: bool, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
-    for entry in store.log(channel)? {
+    for entry in store.log_with(channel, link_tests)? {
         if json_output {
             out!(
                 "{}",
@@ -528,7 +550,12 @@ pub fn sync(
 }
 
 /// `hotline status`: one line per relay path and per party, the backlog, the alarms.
-pub fn status(home: &Path, undelivered_after: Option<&str>, json_output: bool) -> Outcome {
+pub fn status(
+    home: &Path,
+    undelivered_after: Option<&str>,
+    clear: bool,
+    json_output: bool,
+) -> Outcome {
     let mut store = Store::open(home)?;
     if let Some(after) = undelivered_after {
         let ms = parse_duration(after).ok_or_else(|| {
@@ -620,6 +647,10 @@ pub fn status(home: &Path, undelivered_after: Option<&str>, json_output: bool) -
                 alarm.detail
             );
         }
+    }
+    if clear {
+        let cleared = store.clear_alarms()?;
+        eprintln!("{cleared} stored alarm(s) cleared; their evidence stays in the database");
     }
     if status.line_down() {
         return Err(Failure {

@@ -112,6 +112,9 @@ enum Command {
     /// The transcript, with delivered and read state per party.
     Log {
         channel: String,
+        /// Show the link tests too (hidden by default).
+        #[arg(long)]
+        link_tests: bool,
         #[command(flatten)]
         json: Json,
     },
@@ -144,6 +147,10 @@ enum Command {
         /// (kept), as in 5m.
         #[arg(long)]
         undelivered_after: Option<String>,
+        /// Clear the stored alarms (relay misbehaviour) after reading them; their
+        /// evidence stays in the database.
+        #[arg(long)]
+        clear: bool,
         #[command(flatten)]
         json: Json,
     },
@@ -213,6 +220,16 @@ enum ChannelCommand {
         name: String,
         #[arg(long)]
         party: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Set a channel's relays (the channel's committer only); every member follows.
+    /// Keep at least one relay across a change.
+    Relays {
+        name: String,
+        /// A relay of the channel from now on (repeat for several).
+        #[arg(long = "relay", required = true)]
+        relays: Vec<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -294,6 +311,9 @@ fn main() -> ExitCode {
         Command::Channel(ChannelCommand::Remove { name, party, json }) => {
             device::channel_remove(&home, &name, &party, json.json)
         }
+        Command::Channel(ChannelCommand::Relays { name, relays, json }) => {
+            device::channel_relays(&home, &name, &relays, json.json)
+        }
         Command::Channel(ChannelCommand::Rekey { name, json }) => {
             device::channel_rekey(&home, &name, json.json)
         }
@@ -304,7 +324,11 @@ fn main() -> ExitCode {
             deadline,
             json,
         } => device::send(&home, &channel, &text, deadline.as_deref(), json.json),
-        Command::Log { channel, json } => device::log(&home, &channel, json.json),
+        Command::Log {
+            channel,
+            link_tests,
+            json,
+        } => device::log(&home, &channel, link_tests, json.json),
         Command::Ack { channel, message } => device::ack(&home, &channel, &message),
         Command::Sync {
             follow,
@@ -319,8 +343,9 @@ fn main() -> ExitCode {
         ),
         Command::Status {
             undelivered_after,
+            clear,
             json,
-        } => device::status(&home, undelivered_after.as_deref(), json.json),
+        } => device::status(&home, undelivered_after.as_deref(), clear, json.json),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
         Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),

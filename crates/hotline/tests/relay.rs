@@ -610,6 +610,9 @@ fn status_shows_a_stopped_relay_down_and_a_missed_deadline() {
     assert!(up["relays"][0]["rtt_ms"].as_u64().is_some());
     assert!(up["parties"][0]["last_heard"].as_u64().is_some());
     assert_eq!(up["parties"][0]["party"], "south");
+    // Link tests are in the transcript, shown only when asked for.
+    assert!(!ok(&north, &["log", "crisis"]).contains("[link test"));
+    assert!(ok(&north, &["log", "crisis", "--link-tests"]).contains("[link test answer to"));
 
     // The second relay stops: down within three intervals, alarmed by name.
     let stopped = std::time::Instant::now();
@@ -849,8 +852,102 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
         alarms.iter().all(|a| a["relay"] != honest.url.as_str()),
         "an alarm names the honest relay: {status}"
     );
+    // The operator has read them: cleared, the line is quiet again.
+    assert_eq!(cli(&south, &["status", "--clear"]).0, 6);
+    assert_eq!(cli(&south, &["status"]).0, 0);
     hostile.stop();
     honest.stop();
+}
+
+/// The committer moves the channel from one relay to another in two signed steps (add
+/// the new one, then drop the old one); the other member follows each step, and after the
+/// old relay is gone messages still arrive. A member that is not the committer cannot
+/// change the relays.
+#[test]
+fn the_committer_moves_the_channel_to_another_relay_and_members_follow() {
+    let dir = data_dir("move");
+    let old = Relay::start(&dir.join("old"));
+    let new = Relay::start(&dir.join("new"));
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    ok(&north, &["init", "--party", "north", "--relay", &old.url]);
+    ok(&south, &["init", "--party", "south", "--relay", &old.url]);
+    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
+        let card = dir.join(format!("{party}.card"));
+        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
+        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
+        ok(
+            home,
+            &[
+                "card",
+                "import",
+                card.to_str().unwrap(),
+                "--fingerprint",
+                fingerprint.as_str().unwrap(),
+            ],
+        );
+    }
+    ok(
+        &north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &old.url,
+        ],
+    );
+    ok(&south, &["sync"]);
+    let relays_of = |home: &Path| -> Vec<String> {
+        let (_, out) = cli(home, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let mut urls: Vec<String> = status["relays"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["url"].as_str().unwrap().to_owned())
+            .collect();
+        urls.sort();
+        urls
+    };
+    let mut both = vec![old.url.clone(), new.url.clone()];
+    both.sort();
+
+    // Only the committer decides.
+    assert_eq!(
+        cli(
+            &south,
+            &["channel", "relays", "crisis", "--relay", &new.url]
+        )
+        .0,
+        1
+    );
+    ok(
+        &north,
+        &[
+            "channel", "relays", "crisis", "--relay", &old.url, "--relay", &new.url,
+        ],
+    );
+    ok(&north, &["sync"]);
+    ok(&south, &["sync"]);
+    assert_eq!(relays_of(&north), both);
+    assert_eq!(
+        relays_of(&south),
+        both,
+        "south follows the committer's note"
+    );
+
+    ok(
+        &north,
+        &["channel", "relays", "crisis", "--relay", &new.url],
+    );
+    ok(&north, &["sync"]);
+    ok(&south, &["sync"]);
+    assert_eq!(relays_of(&south), std::slice::from_ref(&new.url));
+    old.stop();
+    let sent = ok(
+        &north,
+        &["send", "crisis", "through the new relay", "--json"],
+    );
+    assert_eq!(field(&sent, "relayed"), 1);
+    ok(&south, &["sync"]);
+    assert!(ok(&south, &["log", "crisis"]).contains("through the new relay"));
+    new.stop();
 }
 
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
