@@ -1,6 +1,7 @@
 //! A real relay process on loopback (port 0), real TLS with the pinned certificate,
 //! clients of the relay API, and the documented refusals.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -668,11 +669,12 @@ fn status_shows_a_stopped_relay_down_and_a_missed_deadline() {
     first.stop();
 }
 
-/// A hostile relay, with a second relay carrying the truth: while it is stopped its
+/// A hostile relay, with a second relay carrying the truth: after north read it, its
 /// stored messages are tampered with (one dropped, one altered, one served again, one
-/// replayed from another channel). The recipient's transcript stays correct, each case
-/// raises an alarm naming the hostile relay (and none names the honest one), and
-/// `status` exits 6.
+/// replayed from another channel), so that it shows south a different history than it
+/// showed north. South's transcript stays correct, each case raises an alarm naming the
+/// hostile relay (none names the honest one), and `status` exits 6; north, shown the
+/// intact history, is alarmed only by what the relay added afterwards.
 #[test]
 fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() {
     let dir = data_dir("hostile");
@@ -742,7 +744,13 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
     let sent = ok(&north, &["send", "other", "elsewhere", "--json"]);
     assert_eq!(field(&sent, "relayed"), 2);
 
-    // Tamper with the hostile relay's store while it is down.
+    // North reads the relays now: it is shown the untampered history.
+    ok(&north, &["sync"]);
+
+    // Tamper with the hostile relay's store while it is down (among the last four
+    // messages of the channel: one dropped, one altered, one served again, and one of
+    // the other channel added): from now on it shows south a different history than the
+    // one it showed north.
     let address = hostile
         .url
         .trim_start_matches("https://")
@@ -782,7 +790,7 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
                 |row| row.get(0),
             )
             .unwrap();
-        // Dropped: message 2. Altered: one byte of message 3.
+        // Dropped: the third-last. Altered: one byte of the second-last.
         db.execute(
             "DELETE FROM messages WHERE log = ?1 AND seq = ?2",
             rusqlite::params![log(&crisis), second],
@@ -796,7 +804,7 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
             rusqlite::params![log(&crisis), third, altered],
         )
         .unwrap();
-        // Served again: message 1 at the end. Replayed from elsewhere: "other"'s message.
+        // Served again: the fourth-last, at the end. Replayed from elsewhere: "other"'s.
         for (offset, bytes) in [(1, first_bytes), (2, &foreign_bytes)] {
             db.execute(
                 "INSERT INTO messages (log, seq, hash, bytes, stored_ms)
@@ -855,6 +863,20 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
     // The operator has read them: cleared, the line is quiet again.
     assert_eq!(cli(&south, &["status", "--clear"]).0, 6);
     assert_eq!(cli(&south, &["status"]).0, 0);
+
+    // North was shown the other history: it sees only what the relay added since.
+    ok(&north, &["sync"]);
+    let (code, status) = cli(&north, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(status.trim()).unwrap();
+    assert_eq!(code, 6, "{status}");
+    let kinds: BTreeSet<&str> = status["alarms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .inspect(|a| assert_eq!(a["relay"], hostile_url.as_str(), "{status}"))
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["foreign", "replayed"]), "{status}");
     hostile.stop();
     honest.stop();
 }
