@@ -2,7 +2,8 @@
 //! disk's group-commit fsync limit measured in the same run.
 //!
 //! `cargo bench -p hotline-relay --bench ingest` (`HOTLINE_BENCH_MESSAGES` per sender
-//! count, default 2000).
+//! count, default 2000). With `HOTLINE_BENCH_POSTGRES=<connection string>`, the same
+//! load also runs against the PostgreSQL backend (a schema of its own per run).
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use hotline_core::DeviceIdentity;
 use hotline_relay::client::RelayClient;
+use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::storage::{Membership, RelayStorage, SqliteStorage};
 use hotline_relay::tls;
 use rand::SeedableRng;
 
@@ -29,6 +31,80 @@ fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f6
     (records / batch * batch) as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Runs a relay on `storage` and has `senders` devices post `total` messages of 1 KiB
+/// between them; returns messages/s and the post latency p50 and p99.
+async fn measure<S: RelayStorage>(
+    data: &std::path::Path,
+    storage: S,
+    limits: Limits,
+    senders: usize,
+    total: usize,
+) -> (f64, Duration, Duration) {
+    let (cert, key) = tls::load_or_create(data).unwrap();
+    let pin = tls::pin_of(&cert);
+    let running = server::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        tls::server_config(cert, key).unwrap(),
+        storage,
+        limits,
+    )
+    .await
+    .unwrap();
+    let url = tls::relay_url(&running.address.to_string(), &pin);
+    let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
+        .map(|n| {
+            Arc::new(
+                DeviceIdentity::generate(
+                    "party",
+                    "desk",
+                    &mut rand::rngs::StdRng::seed_from_u64(n as u64),
+                )
+                .unwrap(),
+            )
+        })
+        .collect();
+    let channel: [u8; 32] = rand::random();
+    let membership = Membership {
+        committer: identities[0].key().0,
+        version: 1,
+        members: identities.iter().map(|i| i.key().0).collect(),
+    };
+    RelayClient::new(&url)
+        .unwrap()
+        .register(&identities[0], &channel, &membership)
+        .await
+        .unwrap();
+    let per_sender = total / senders;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, identity) in identities.into_iter().enumerate() {
+        let client = RelayClient::new(&url).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_sender);
+            for m in 0..per_sender {
+                let mut payload = vec![0u8; 1024];
+                payload[..16].copy_from_slice(
+                    &[(n as u64).to_be_bytes(), (m as u64).to_be_bytes()].concat(),
+                );
+                let sent = Instant::now();
+                client.post(&identity, &channel, payload).await.unwrap();
+                latencies.push(sent.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut latencies: Vec<Duration> = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    running.shutdown().await;
+    (rate, p50, p99)
+}
+
 fn main() {
     tls::install_provider();
     let total: usize = std::env::var("HOTLINE_BENCH_MESSAGES")
@@ -44,88 +120,47 @@ fn main() {
         .build()
         .unwrap();
 
+    let postgres = std::env::var("HOTLINE_BENCH_POSTGRES").ok();
     for senders in [1usize, 8, 64] {
         let limit = group_commit_limit(&dir, senders, total.max(senders));
-        let measured = runtime.block_on(async {
-            let data = dir.join(format!("relay-{senders}"));
-            let (cert, key) = tls::load_or_create(&data).unwrap();
-            let pin = tls::pin_of(&cert);
-            let limits = Limits {
-                rate_per_second: 1e9,
-                rate_burst: 1e9,
-                ..Limits::default()
-            };
-            let storage =
-                SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
-            let running = server::serve(
-                "127.0.0.1:0".parse().unwrap(),
-                tls::server_config(cert, key).unwrap(),
-                storage,
-                limits,
-            )
-            .await
-            .unwrap();
-            let url = tls::relay_url(&running.address.to_string(), &pin);
-            let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
-                .map(|n| {
-                    Arc::new(
-                        DeviceIdentity::generate(
-                            "party",
-                            "desk",
-                            &mut rand::rngs::StdRng::seed_from_u64(n as u64),
-                        )
-                        .unwrap(),
-                    )
-                })
-                .collect();
-            let channel = [senders as u8; 32];
-            let membership = Membership {
-                committer: identities[0].key().0,
-                version: 1,
-                members: identities.iter().map(|i| i.key().0).collect(),
-            };
-            RelayClient::new(&url)
-                .unwrap()
-                .register(&identities[0], &channel, &membership)
-                .await
-                .unwrap();
-            let per_sender = total / senders;
-            let start = Instant::now();
-            let mut tasks = Vec::new();
-            for (n, identity) in identities.into_iter().enumerate() {
-                let client = RelayClient::new(&url).unwrap();
-                tasks.push(tokio::spawn(async move {
-                    let mut latencies = Vec::with_capacity(per_sender);
-                    for m in 0..per_sender {
-                        let mut payload = vec![0u8; 1024];
-                        payload[..16].copy_from_slice(
-                            &[(n as u64).to_be_bytes(), (m as u64).to_be_bytes()].concat(),
-                        );
-                        let sent = Instant::now();
-                        client.post(&identity, &channel, payload).await.unwrap();
-                        latencies.push(sent.elapsed());
-                    }
-                    latencies
-                }));
-            }
-            let mut latencies: Vec<Duration> = Vec::new();
-            for task in tasks {
-                latencies.extend(task.await.unwrap());
-            }
-            let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
-            latencies.sort();
-            let p50 = latencies[latencies.len() / 2];
-            let p99 = latencies[latencies.len() * 99 / 100];
-            running.shutdown().await;
-            (rate, p50, p99)
-        });
-        let (rate, p50, p99) = measured;
+        let limits = Limits {
+            rate_per_second: 1e9,
+            rate_burst: 1e9,
+            ..Limits::default()
+        };
+        let data = dir.join(format!("relay-{senders}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
+        let (rate, p50, p99) =
+            runtime.block_on(measure(&data, storage, limits.clone(), senders, total));
         println!(
             "{senders:>3} senders: relay {rate:>8.0} msg/s (p50 {:>6.2} ms, p99 {:>6.2} ms) | group-commit limit at batch {senders}: {limit:>8.0} rec/s | {:.0} % of it",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
             100.0 * rate / limit
         );
+        if let Some(url) = &postgres {
+            let schema = format!("hotline_bench_{}_{senders}", std::process::id());
+            let storage = runtime
+                .block_on(PostgresStorage::connect(
+                    url,
+                    &schema,
+                    limits.quota_per_log,
+                    16,
+                ))
+                .unwrap();
+            let data = dir.join(format!("relay-pg-{senders}"));
+            let (rate, p50, p99) =
+                runtime.block_on(measure(&data, storage, limits, senders, total));
+            let _ = std::process::Command::new("psql")
+                .args([url.as_str(), "-qc", &format!("DROP SCHEMA {schema} CASCADE")])
+                .output();
+            println!(
+                "{senders:>3} senders: relay on PostgreSQL {rate:>8.0} msg/s (p50 {:>6.2} ms, p99 {:>6.2} ms)",
+                p50.as_secs_f64() * 1e3,
+                p99.as_secs_f64() * 1e3,
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

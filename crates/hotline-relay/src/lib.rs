@@ -21,6 +21,7 @@ pub mod client;
 // A test suite for backends: it asserts, so it may panic.
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod conformance;
+pub mod postgres;
 pub mod server;
 pub mod storage;
 pub mod tls;

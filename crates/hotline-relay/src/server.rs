@@ -285,6 +285,8 @@ impl<S: RelayStorage> AppState<S> {
         wait: Duration,
     ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
         let mut changes = self.appended.subscribe();
+        // Appends by other relay processes sharing the storage, if any.
+        let mut elsewhere = self.storage.changes();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
         loop {
             let messages = self.storage.read_after(&log, after, 256).await?;
@@ -292,8 +294,20 @@ impl<S: RelayStorage> AppState<S> {
                 return Ok(messages);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if tokio::time::timeout(left, changes.changed()).await.is_err() {
-                return Ok(Vec::new());
+            let external = async {
+                match elsewhere.as_mut() {
+                    Some(receiver) => receiver.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            let listening = tokio::select! {
+                _ = changes.changed() => true,
+                alive = external => alive,
+                () = tokio::time::sleep(left) => return Ok(Vec::new()),
+            };
+            if !listening {
+                // The listener is gone: this process's own appends still wake the poll.
+                elsewhere = None;
             }
         }
     }

@@ -56,6 +56,8 @@ pub enum StorageError {
     QuotaExceeded(u64),
     #[error("the storage writer stopped")]
     WriterGone,
+    #[error("postgres: {0}")]
+    Postgres(String),
 }
 
 /// What every relay backend provides. Appends are durable when they return.
@@ -98,6 +100,11 @@ pub trait RelayStorage: Send + Sync + 'static {
     fn expire(&self, before_ms: u64) -> impl Future<Output = Result<u64, StorageError>> + Send;
     /// Durations of recent group commits, in seconds, for metrics.
     fn take_commit_durations(&self) -> Vec<f64>;
+    /// Appends made by other processes sharing this storage, as a counter that moves;
+    /// `None` when this process is the only writer (its own appends wake its polls).
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 enum Job {

@@ -109,6 +109,9 @@ pub fn parse_url(url: &str) -> Result<(String, [u8; 32]), TlsError> {
 }
 
 /// Server configuration: TLS 1.3 with the relay's certificate.
+/// The relay's TLS configuration, as `server_config` builds it.
+pub use rustls::ServerConfig;
+
 pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,

@@ -257,6 +257,14 @@ enum RelayCommand {
         /// Address to listen on, as HOST:PORT (port 0 picks a free one).
         #[arg(long)]
         listen: String,
+        /// Keep messages in PostgreSQL (a connection string, as in
+        /// 'host=127.0.0.1 user=postgres dbname=hotline') instead of DIR/relay.db;
+        /// several relay processes may share one database.
+        #[arg(long)]
+        postgres: Option<String>,
+        /// The PostgreSQL schema of the relay's tables.
+        #[arg(long, default_value = "hotline", requires = "postgres")]
+        postgres_schema: String,
     },
     /// Print the address of the relay whose data is in DIR.
     Url {
@@ -347,7 +355,21 @@ fn main() -> ExitCode {
             json,
         } => device::status(&home, undelivered_after.as_deref(), clear, json.json),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
-        Command::Relay(RelayCommand::Serve { data, listen }) => relay::serve(&data, &listen),
+        Command::Relay(RelayCommand::Serve {
+            data,
+            listen,
+            postgres,
+            postgres_schema,
+        }) => {
+            let backend = match postgres.as_deref() {
+                Some(url) => relay::Backend::Postgres {
+                    url,
+                    schema: &postgres_schema,
+                },
+                None => relay::Backend::Sqlite,
+            };
+            relay::serve(&data, &listen, backend)
+        }
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
         Command::Bundle(BundleCommand::Export { out, json }) => {
             device::bundle_export(&home, &out, json.json)

@@ -3,8 +3,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::SqliteStorage;
+use hotline_relay::storage::{RelayStorage, SqliteStorage};
 use hotline_relay::tls;
 
 use crate::device::Failure;
@@ -19,7 +20,16 @@ fn failure(message: impl Into<String>) -> Failure {
     }
 }
 
-pub fn serve(data: &Path, listen: &str) -> Result<(), Failure> {
+/// Where the relay keeps its messages.
+pub enum Backend<'a> {
+    /// `relay.db` in the data directory.
+    Sqlite,
+    /// A PostgreSQL database (connection string) and schema, which several relay
+    /// processes may share.
+    Postgres { url: &'a str, schema: &'a str },
+}
+
+pub fn serve(data: &Path, listen: &str, backend: Backend<'_>) -> Result<(), Failure> {
     let listen: SocketAddr = listen.parse().map_err(|_| {
         failure(format!(
             "invalid --listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"
@@ -32,32 +42,56 @@ pub fn serve(data: &Path, listen: &str) -> Result<(), Failure> {
     let pin = tls::pin_of(&cert);
     let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
     let limits = Limits::default();
-    let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)
-        .map_err(|e| failure(e.to_string()))?;
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| failure(format!("cannot start: {e}")))?;
     runtime.block_on(async {
-        let running = server::serve(listen, config, storage, limits)
-            .await
-            .map_err(|e| failure(format!("cannot listen on {listen}: {e}")))?;
-        let url = tls::relay_url(&running.address.to_string(), &pin);
-        std::fs::write(data.join(ADDRESS_FILE), &url).map_err(|e| failure(e.to_string()))?;
-        out!("{url}");
-        eprintln!(
-            "relay listening on {}; stop with SIGTERM or Ctrl-C",
-            running.address
-        );
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .map_err(|e| failure(e.to_string()))?;
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+        match backend {
+            Backend::Sqlite => {
+                let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)
+                    .map_err(|e| failure(e.to_string()))?;
+                run(data, listen, config, storage, limits, &pin).await
+            }
+            Backend::Postgres { url, schema } => {
+                let storage = PostgresStorage::connect(url, schema, limits.quota_per_log, 8)
+                    .await
+                    .map_err(|e| {
+                        failure(format!(
+                            "cannot use PostgreSQL: {e}; check --postgres (a connection string such as 'host=127.0.0.1 user=postgres dbname=hotline')"
+                        ))
+                    })?;
+                run(data, listen, config, storage, limits, &pin).await
+            }
         }
-        eprintln!("relay stopping: finishing in-flight requests");
-        running.shutdown().await;
-        Ok(())
     })
+}
+
+async fn run<S: RelayStorage>(
+    data: &Path,
+    listen: SocketAddr,
+    config: hotline_relay::tls::ServerConfig,
+    storage: S,
+    limits: Limits,
+    pin: &[u8; 32],
+) -> Result<(), Failure> {
+    let running = server::serve(listen, config, storage, limits)
+        .await
+        .map_err(|e| failure(format!("cannot listen on {listen}: {e}")))?;
+    let url = tls::relay_url(&running.address.to_string(), pin);
+    std::fs::write(data.join(ADDRESS_FILE), &url).map_err(|e| failure(e.to_string()))?;
+    out!("{url}");
+    eprintln!(
+        "relay listening on {}; stop with SIGTERM or Ctrl-C",
+        running.address
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| failure(e.to_string()))?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    eprintln!("relay stopping: finishing in-flight requests");
+    running.shutdown().await;
+    Ok(())
 }
 
 pub fn url(data: &Path) -> Result<(), Failure> {

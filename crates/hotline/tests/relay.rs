@@ -23,10 +23,15 @@ impl Relay {
     }
 
     fn start_on(data: &Path, listen: &str) -> Relay {
+        Self::start_with(data, listen, &[])
+    }
+
+    fn start_with(data: &Path, listen: &str, options: &[&str]) -> Relay {
         let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
             .args(["relay", "serve", "--data"])
             .arg(data)
             .args(["--listen", listen])
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -970,6 +975,107 @@ fn the_committer_moves_the_channel_to_another_relay_and_members_follow() {
     ok(&south, &["sync"]);
     assert!(ok(&south, &["log", "crisis"]).contains("through the new relay"));
     new.stop();
+}
+
+/// Two relay processes sharing one PostgreSQL schema are one relay with two doors: a
+/// membership registered and a message posted through one are served by the other, and
+/// a long poll waiting on the other wakes when the message lands (LISTEN/NOTIFY across
+/// processes). Skipped without a reachable PostgreSQL, except under CI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_relay_processes_share_one_postgres() {
+    hotline_relay::tls::install_provider();
+    let url = std::env::var("HOTLINE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
+    let schema = format!("hotline_relays_{}", std::process::id());
+    if let Err(error) =
+        hotline_relay::postgres::PostgresStorage::connect(&url, &schema, 1 << 20, 1).await
+    {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL unreachable under CI: {error}"
+        );
+        eprintln!("skipped: PostgreSQL unreachable at {url}: {error}");
+        return;
+    }
+    let dir = data_dir("postgres");
+    let options = [
+        "--postgres",
+        url.as_str(),
+        "--postgres-schema",
+        schema.as_str(),
+    ];
+    let first = Relay::start_with(&dir.join("first"), "127.0.0.1:0", &options);
+    let second = Relay::start_with(&dir.join("second"), "127.0.0.1:0", &options);
+    let (north, south) = (identity("north", 11), identity("south", 12));
+    let (through_first, through_second) = (
+        RelayClient::new(&first.url).unwrap(),
+        RelayClient::new(&second.url).unwrap(),
+    );
+    let channel = [9u8; 32];
+    let membership = Membership {
+        committer: north.key().0,
+        version: 1,
+        members: vec![north.key().0, south.key().0],
+    };
+    through_first
+        .register(&north, &channel, &membership)
+        .await
+        .unwrap();
+    // The other door knows the membership: a replay there is a conflict.
+    assert_eq!(
+        refused_code(through_second.register(&north, &channel, &membership).await),
+        (409, "conflict".into())
+    );
+    assert_eq!(
+        through_first
+            .post(&north, &channel, b"first".to_vec())
+            .await
+            .unwrap(),
+        1
+    );
+    let read = through_second
+        .fetch(&south, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(read, [(1, b"first".to_vec())]);
+
+    // A long poll on the second door wakes for a post through the first.
+    let waiting = {
+        let (client, south) = (through_second.clone(), identity("south", 12));
+        tokio::spawn(async move {
+            client
+                .fetch(&south, &channel, 1, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        through_first
+            .post(&north, &channel, b"second".to_vec())
+            .await
+            .unwrap(),
+        2
+    );
+    let woken = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        woken,
+        [(2, b"second".to_vec())],
+        "the long poll woke with it"
+    );
+    // Numbering is shared: a post through the second door comes next.
+    assert_eq!(
+        through_second
+            .post(&south, &channel, b"third".to_vec())
+            .await
+            .unwrap(),
+        3
+    );
+    first.stop();
+    second.stop();
+    let drop_schema = std::process::Command::new("psql")
+        .args([url.as_str(), "-c", &format!("DROP SCHEMA {schema} CASCADE")])
+        .output();
+    let _ = drop_schema;
 }
 
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.

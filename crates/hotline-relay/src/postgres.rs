@@ -1,0 +1,431 @@
+//! PostgreSQL backend: several relay processes share one database.
+//!
+//! ```text
+//!   relay process A ──┐  append: one transaction, the log's head row locked
+//!   relay process B ──┼─► (FOR UPDATE), so processes never hand out one number twice;
+//!   relay process C ──┘  pg_notify on commit ──► every process's LISTEN wakes its long polls
+//! ```
+//!
+//! Durability is PostgreSQL's: an append is answered after COMMIT with
+//! `synchronous_commit` on (the server default), and concurrent commits share WAL
+//! flushes (PostgreSQL's own group commit). Connections are plain TCP (`NoTls`): run the
+//! database on the relay's host or a trusted network.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Transaction};
+
+use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+
+const CHANNEL: &str = "hotline_appended";
+
+/// A pool of connections to one PostgreSQL schema, and a listener for other processes'
+/// appends.
+pub struct PostgresStorage {
+    pool: Vec<tokio::sync::Mutex<Client>>,
+    next: AtomicUsize,
+    quota: u64,
+    changes: watch::Receiver<u64>,
+    commit_durations: Arc<Mutex<Vec<f64>>>,
+}
+
+impl std::fmt::Debug for PostgresStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStorage")
+            .field("connections", &self.pool.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn database(error: tokio_postgres::Error) -> StorageError {
+    StorageError::Postgres(error.to_string())
+}
+
+fn schema_sql(schema: &str) -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema};
+         SET search_path TO {schema};
+         CREATE TABLE IF NOT EXISTS messages (
+             log BYTEA NOT NULL,
+             seq BIGINT NOT NULL,
+             hash BYTEA NOT NULL,
+             bytes BYTEA NOT NULL,
+             stored_ms BIGINT NOT NULL,
+             PRIMARY KEY (log, seq),
+             UNIQUE (log, hash)
+         );
+         CREATE TABLE IF NOT EXISTS heads (
+             log BYTEA PRIMARY KEY,
+             last_seq BIGINT NOT NULL,
+             used BIGINT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS acks (
+             log BYTEA NOT NULL,
+             device BYTEA NOT NULL,
+             seq BIGINT NOT NULL,
+             PRIMARY KEY (log, device)
+         );
+         CREATE TABLE IF NOT EXISTS memberships (
+             channel BYTEA PRIMARY KEY,
+             committer BYTEA NOT NULL,
+             version BIGINT NOT NULL,
+             members BYTEA NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS messages_by_age ON messages (stored_ms);"
+    )
+}
+
+async fn open(url: &str, schema: &str) -> Result<Client, StorageError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(database)?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .map_err(database)?;
+    Ok(client)
+}
+
+impl PostgresStorage {
+    /// Connects `connections` clients to `url`, creating the tables in `schema` if they
+    /// are not there (`schema`: letters, digits and `_`). `quota` bounds one log's bytes.
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        quota: u64,
+        connections: usize,
+    ) -> Result<Self, StorageError> {
+        if schema.is_empty()
+            || !schema
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(StorageError::Postgres(format!(
+                "schema name {schema:?}: use letters, digits and _"
+            )));
+        }
+        let setup = open(url, "public").await?;
+        // Several processes may start at once: one creates, the others wait.
+        setup
+            .batch_execute(&format!(
+                "SELECT pg_advisory_lock(72616164); {} SELECT pg_advisory_unlock(72616164);",
+                schema_sql(schema)
+            ))
+            .await
+            .map_err(database)?;
+        drop(setup);
+
+        let mut pool = Vec::with_capacity(connections.max(1));
+        for _ in 0..connections.max(1) {
+            pool.push(tokio::sync::Mutex::new(open(url, schema).await?));
+        }
+
+        // One more connection LISTENs; every notification wakes this process's polls.
+        let (listener, mut connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(database)?;
+        let (notify, changes) = watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(AsyncMessage::Notification(_))) => notify.send_modify(|n| *n += 1),
+                    Some(Ok(_)) => {}
+                    // The connection ended: polls fall back to their own timeouts.
+                    Some(Err(_)) | None => break,
+                }
+            }
+        });
+        listener
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(database)?;
+        // The listener must live as long as its connection task is useful.
+        tokio::spawn(async move {
+            let _keep = listener;
+            std::future::pending::<()>().await;
+        });
+
+        Ok(Self {
+            pool,
+            next: AtomicUsize::new(0),
+            quota,
+            changes,
+            commit_durations: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    async fn client(&self) -> tokio::sync::MutexGuard<'_, Client> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.pool.len();
+        self.pool[index].lock().await
+    }
+}
+
+fn key(log: &Log) -> Vec<u8> {
+    match log {
+        Log::Channel(id) => [&[1u8][..], id].concat(),
+        Log::Inbox(id) => [&[2u8][..], id].concat(),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Locks a log's head (creating it), returning (last sequence number, bytes used).
+async fn lock_head(transaction: &Transaction<'_>, key: &[u8]) -> Result<(i64, i64), StorageError> {
+    transaction
+        .execute(
+            "INSERT INTO heads (log, last_seq, used) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+            &[&key],
+        )
+        .await
+        .map_err(database)?;
+    let row = transaction
+        .query_one(
+            "SELECT last_seq, used FROM heads WHERE log = $1 FOR UPDATE",
+            &[&key],
+        )
+        .await
+        .map_err(database)?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Deletes a log's messages up to `up_to`, keeping the head's byte count true. The
+/// head must be locked by the caller's transaction.
+async fn delete_up_to(
+    transaction: &Transaction<'_>,
+    key: &[u8],
+    up_to: i64,
+) -> Result<u64, StorageError> {
+    let row = transaction
+        .query_one(
+            "WITH gone AS (DELETE FROM messages WHERE log = $1 AND seq <= $2 RETURNING bytes)
+             SELECT COUNT(*), COALESCE(SUM(LENGTH(bytes)), 0)::BIGINT FROM gone",
+            &[&key, &up_to],
+        )
+        .await
+        .map_err(database)?;
+    let (count, bytes): (i64, i64) = (row.get(0), row.get(1));
+    if count > 0 {
+        transaction
+            .execute(
+                "UPDATE heads SET used = GREATEST(used - $2, 0) WHERE log = $1",
+                &[&key, &bytes],
+            )
+            .await
+            .map_err(database)?;
+    }
+    Ok(count as u64)
+}
+
+impl RelayStorage for PostgresStorage {
+    async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
+        let key = key(&log);
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+        let start = Instant::now();
+        let mut client = self.client().await;
+        let transaction = client.transaction().await.map_err(database)?;
+        let (last, used) = lock_head(&transaction, &key).await?;
+        if let Some(row) = transaction
+            .query_opt(
+                "SELECT seq FROM messages WHERE log = $1 AND hash = $2",
+                &[&key, &&hash[..]],
+            )
+            .await
+            .map_err(database)?
+        {
+            transaction.commit().await.map_err(database)?;
+            let seq: i64 = row.get(0);
+            return Ok(Appended {
+                seq: seq as u64,
+                duplicate: true,
+            });
+        }
+        if used as u64 + bytes.len() as u64 > self.quota {
+            return Err(StorageError::QuotaExceeded(self.quota));
+        }
+        let seq = last + 1;
+        transaction
+            .execute(
+                "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES ($1, $2, $3, $4, $5)",
+                &[&key, &seq, &&hash[..], &bytes, &now_ms()],
+            )
+            .await
+            .map_err(database)?;
+        transaction
+            .execute(
+                "UPDATE heads SET last_seq = $2, used = used + $3 WHERE log = $1",
+                &[&key, &seq, &(bytes.len() as i64)],
+            )
+            .await
+            .map_err(database)?;
+        transaction
+            .execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
+            .await
+            .map_err(database)?;
+        transaction.commit().await.map_err(database)?;
+        if let Ok(mut durations) = self.commit_durations.lock()
+            && durations.len() < 100_000
+        {
+            durations.push(start.elapsed().as_secs_f64());
+        }
+        Ok(Appended {
+            seq: seq as u64,
+            duplicate: false,
+        })
+    }
+
+    async fn read_after(
+        &self,
+        log: &Log,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let client = self.client().await;
+        let rows = client
+            .query(
+                "SELECT seq, bytes FROM messages WHERE log = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                &[&key(log), &(after as i64), &(limit as i64)],
+            )
+            .await
+            .map_err(database)?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get::<_, i64>(0) as u64, row.get(1)))
+            .collect())
+    }
+
+    async fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {
+        let client = self.client().await;
+        let row = client
+            .query_opt(
+                "SELECT committer, version, members FROM memberships WHERE channel = $1",
+                &[&&channel[..]],
+            )
+            .await
+            .map_err(database)?;
+        Ok(row.and_then(|row| {
+            let committer: Vec<u8> = row.get(0);
+            let members: Vec<u8> = row.get(2);
+            Some(Membership {
+                committer: committer.try_into().ok()?,
+                version: row.get::<_, i64>(1) as u64,
+                members: members
+                    .chunks_exact(32)
+                    .filter_map(|chunk| chunk.try_into().ok())
+                    .collect(),
+            })
+        }))
+    }
+
+    async fn set_membership(
+        &self,
+        channel: &[u8; 32],
+        membership: &Membership,
+    ) -> Result<bool, StorageError> {
+        let members: Vec<u8> = membership.members.iter().flatten().copied().collect();
+        let client = self.client().await;
+        let changed = client
+            .execute(
+                "INSERT INTO memberships (channel, committer, version, members)
+                 VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (channel) DO UPDATE SET committer = EXCLUDED.committer,
+                   version = EXCLUDED.version, members = EXCLUDED.members
+                 WHERE memberships.version < EXCLUDED.version",
+                &[
+                    &&channel[..],
+                    &&membership.committer[..],
+                    &(membership.version as i64),
+                    &members,
+                ],
+            )
+            .await
+            .map_err(database)?;
+        Ok(changed == 1)
+    }
+
+    async fn acknowledge(
+        &self,
+        log: Log,
+        device: [u8; 32],
+        seq: u64,
+        members: Vec<[u8; 32]>,
+    ) -> Result<u64, StorageError> {
+        let key = key(&log);
+        let mut client = self.client().await;
+        let transaction = client.transaction().await.map_err(database)?;
+        lock_head(&transaction, &key).await?;
+        transaction
+            .execute(
+                "INSERT INTO acks (log, device, seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (log, device) DO UPDATE SET seq = GREATEST(acks.seq, EXCLUDED.seq)",
+                &[&key, &&device[..], &(seq as i64)],
+            )
+            .await
+            .map_err(database)?;
+        let mut lowest = i64::MAX;
+        for member in &members {
+            let acked = transaction
+                .query_opt(
+                    "SELECT seq FROM acks WHERE log = $1 AND device = $2",
+                    &[&key, &&member[..]],
+                )
+                .await
+                .map_err(database)?
+                .map_or(0, |row| row.get::<_, i64>(0));
+            lowest = lowest.min(acked);
+        }
+        let deleted = if members.is_empty() || lowest == 0 {
+            0
+        } else {
+            delete_up_to(&transaction, &key, lowest).await?
+        };
+        transaction.commit().await.map_err(database)?;
+        Ok(deleted)
+    }
+
+    async fn expire(&self, before_ms: u64) -> Result<u64, StorageError> {
+        let logs: Vec<(Vec<u8>, i64)> = {
+            let client = self.client().await;
+            client
+                .query(
+                    "SELECT log, MAX(seq) FROM messages WHERE stored_ms < $1 GROUP BY log",
+                    &[&(before_ms as i64)],
+                )
+                .await
+                .map_err(database)?
+                .iter()
+                .map(|row| (row.get(0), row.get(1)))
+                .collect()
+        };
+        let mut deleted = 0;
+        for (key, up_to) in logs {
+            let mut client = self.client().await;
+            let transaction = client.transaction().await.map_err(database)?;
+            lock_head(&transaction, &key).await?;
+            deleted += delete_up_to(&transaction, &key, up_to).await?;
+            transaction.commit().await.map_err(database)?;
+        }
+        Ok(deleted)
+    }
+
+    fn take_commit_durations(&self) -> Vec<f64> {
+        self.commit_durations
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.changes.clone())
+    }
+}
