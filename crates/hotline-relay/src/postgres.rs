@@ -7,8 +7,9 @@
 //! ```
 //!
 //! Durability is PostgreSQL's: an append is answered after COMMIT with
-//! `synchronous_commit` on (the server default), and concurrent commits share WAL
-//! flushes (PostgreSQL's own group commit). Connections are plain TCP (`NoTls`): run the
+//! `synchronous_commit` on (the server default). Each process has one writer that
+//! commits every append waiting at that moment in one transaction (group commit: one
+//! head lock and one WAL flush per log and batch, one INSERT per log). Connections are plain TCP (`NoTls`): run the
 //! database on the relay's host or a trusted network.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,9 +27,9 @@ const CHANNEL: &str = "hotline_appended";
 /// A pool of connections to one PostgreSQL schema, and a listener for other processes'
 /// appends.
 pub struct PostgresStorage {
+    appends: tokio::sync::mpsc::UnboundedSender<AppendJob>,
     pool: Vec<tokio::sync::Mutex<Client>>,
     next: AtomicUsize,
-    quota: u64,
     changes: watch::Receiver<u64>,
     commit_durations: Arc<Mutex<Vec<f64>>>,
 }
@@ -152,12 +153,19 @@ impl PostgresStorage {
             std::future::pending::<()>().await;
         });
 
+        // Appends go through one writer per process, which commits every append waiting
+        // at that moment in one transaction (group commit).
+        let commit_durations = Arc::new(Mutex::new(Vec::new()));
+        let (appends, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let writer = open(url, schema).await?;
+        tokio::spawn(write_loop(writer, jobs, quota, Arc::clone(&commit_durations)));
+
         Ok(Self {
+            appends,
             pool,
             next: AtomicUsize::new(0),
-            quota,
             changes,
-            commit_durations: Arc::new(Mutex::new(Vec::new())),
+            commit_durations,
         })
     }
 
@@ -227,61 +235,166 @@ async fn delete_up_to(
     Ok(count as u64)
 }
 
-impl RelayStorage for PostgresStorage {
-    async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
-        let key = key(&log);
-        let hash: [u8; 32] = Sha256::digest(&bytes).into();
+struct AppendJob {
+    key: Vec<u8>,
+    bytes: Vec<u8>,
+    answer: tokio::sync::oneshot::Sender<Result<Appended, StorageError>>,
+}
+
+/// Takes every append waiting, commits them in one transaction, answers after COMMIT.
+async fn write_loop(
+    mut client: Client,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<AppendJob>,
+    quota: u64,
+    durations: Arc<Mutex<Vec<f64>>>,
+) {
+    while let Some(first) = jobs.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
         let start = Instant::now();
-        let mut client = self.client().await;
-        let transaction = client.transaction().await.map_err(database)?;
-        let (last, used) = lock_head(&transaction, &key).await?;
-        if let Some(row) = transaction
-            .query_opt(
-                "SELECT seq FROM messages WHERE log = $1 AND hash = $2",
-                &[&key, &&hash[..]],
-            )
-            .await
-            .map_err(database)?
-        {
-            transaction.commit().await.map_err(database)?;
-            let seq: i64 = row.get(0);
-            return Ok(Appended {
-                seq: seq as u64,
-                duplicate: true,
-            });
-        }
-        if used as u64 + bytes.len() as u64 > self.quota {
-            return Err(StorageError::QuotaExceeded(self.quota));
-        }
-        let seq = last + 1;
-        transaction
-            .execute(
-                "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES ($1, $2, $3, $4, $5)",
-                &[&key, &seq, &&hash[..], &bytes, &now_ms()],
-            )
-            .await
-            .map_err(database)?;
-        transaction
-            .execute(
-                "UPDATE heads SET last_seq = $2, used = used + $3 WHERE log = $1",
-                &[&key, &seq, &(bytes.len() as i64)],
-            )
-            .await
-            .map_err(database)?;
-        transaction
-            .execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
-            .await
-            .map_err(database)?;
-        transaction.commit().await.map_err(database)?;
-        if let Ok(mut durations) = self.commit_durations.lock()
+        let requests: Vec<(Vec<u8>, Vec<u8>)> = batch
+            .iter()
+            .map(|job| (job.key.clone(), job.bytes.clone()))
+            .collect();
+        let results = commit_appends(&mut client, &requests, quota).await;
+        if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
         {
             durations.push(start.elapsed().as_secs_f64());
         }
-        Ok(Appended {
-            seq: seq as u64,
-            duplicate: false,
-        })
+        match results {
+            Ok(results) => {
+                for (job, result) in batch.into_iter().zip(results) {
+                    let _ = job.answer.send(result);
+                }
+            }
+            Err(error) => {
+                for job in batch {
+                    let _ = job.answer.send(Err(StorageError::Postgres(error.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// One transaction for a batch of appends: each log's head locked once (in key order,
+/// so that relay processes never deadlock), duplicates looked up at once, every new
+/// message inserted by one statement per log, one notification.
+async fn commit_appends(
+    client: &mut Client,
+    requests: &[(Vec<u8>, Vec<u8>)],
+    quota: u64,
+) -> Result<Vec<Result<Appended, StorageError>>, tokio_postgres::Error> {
+    let mut logs: Vec<&Vec<u8>> = requests.iter().map(|(key, _)| key).collect();
+    logs.sort();
+    logs.dedup();
+    let transaction = client.transaction().await?;
+    let mut results: Vec<Option<Result<Appended, StorageError>>> =
+        (0..requests.len()).map(|_| None).collect();
+    let mut inserted = false;
+    for key in logs {
+        transaction
+            .execute(
+                "INSERT INTO heads (log, last_seq, used) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+                &[key],
+            )
+            .await?;
+        let head = transaction
+            .query_one(
+                "SELECT last_seq, used FROM heads WHERE log = $1 FOR UPDATE",
+                &[key],
+            )
+            .await?;
+        let (mut last, mut used): (i64, i64) = (head.get(0), head.get(1));
+        let mine: Vec<usize> = (0..requests.len())
+            .filter(|i| &requests[*i].0 == key)
+            .collect();
+        let hashes: Vec<Vec<u8>> = mine
+            .iter()
+            .map(|i| Sha256::digest(&requests[*i].1).to_vec())
+            .collect();
+        let mut known: std::collections::HashMap<Vec<u8>, i64> = transaction
+            .query(
+                "SELECT hash, seq FROM messages WHERE log = $1 AND hash = ANY($2)",
+                &[key, &hashes],
+            )
+            .await?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        let (mut seqs, mut new_hashes, mut bodies, mut times) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (index, hash) in mine.into_iter().zip(hashes) {
+            let bytes = &requests[index].1;
+            if let Some(seq) = known.get(&hash) {
+                results[index] = Some(Ok(Appended {
+                    seq: *seq as u64,
+                    duplicate: true,
+                }));
+                continue;
+            }
+            if used as u64 + bytes.len() as u64 > quota {
+                results[index] = Some(Err(StorageError::QuotaExceeded(quota)));
+                continue;
+            }
+            last += 1;
+            used += bytes.len() as i64;
+            known.insert(hash.clone(), last);
+            seqs.push(last);
+            new_hashes.push(hash);
+            bodies.push(bytes.clone());
+            times.push(now_ms());
+            results[index] = Some(Ok(Appended {
+                seq: last as u64,
+                duplicate: false,
+            }));
+        }
+        if seqs.is_empty() {
+            continue;
+        }
+        transaction
+            .execute(
+                "INSERT INTO messages (log, seq, hash, bytes, stored_ms)
+                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[])",
+                &[key, &seqs, &new_hashes, &bodies, &times],
+            )
+            .await?;
+        transaction
+            .execute(
+                "UPDATE heads SET last_seq = $2, used = $3 WHERE log = $1",
+                &[key, &last, &used],
+            )
+            .await?;
+        inserted = true;
+    }
+    if inserted {
+        transaction
+            .execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
+            .await?;
+    }
+    transaction.commit().await?;
+    Ok(results
+        .into_iter()
+        .map(|result| result.unwrap_or_else(|| Err(StorageError::WriterGone)))
+        .collect())
+}
+
+impl RelayStorage for PostgresStorage {
+    async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
+        let (answer, wait) = tokio::sync::oneshot::channel();
+        self.appends
+            .send(AppendJob {
+                key: key(&log),
+                bytes,
+                answer,
+            })
+            .map_err(|_| StorageError::WriterGone)?;
+        wait.await.map_err(|_| StorageError::WriterGone)?
     }
 
     async fn read_after(
