@@ -153,7 +153,11 @@ fn main() {
             let (rate, p50, p99) =
                 runtime.block_on(measure(&data, storage, limits, senders, total));
             let _ = std::process::Command::new("psql")
-                .args([url.as_str(), "-qc", &format!("DROP SCHEMA {schema} CASCADE")])
+                .args([
+                    url.as_str(),
+                    "-qc",
+                    &format!("DROP SCHEMA {schema} CASCADE"),
+                ])
                 .output();
             println!(
                 "{senders:>3} senders: relay on PostgreSQL {rate:>8.0} msg/s (p50 {:>6.2} ms, p99 {:>6.2} ms)",

@@ -158,7 +158,12 @@ impl PostgresStorage {
         let commit_durations = Arc::new(Mutex::new(Vec::new()));
         let (appends, jobs) = tokio::sync::mpsc::unbounded_channel();
         let writer = open(url, schema).await?;
-        tokio::spawn(write_loop(writer, jobs, quota, Arc::clone(&commit_durations)));
+        tokio::spawn(write_loop(
+            writer,
+            jobs,
+            quota,
+            Arc::clone(&commit_durations),
+        ));
 
         Ok(Self {
             appends,
@@ -275,7 +280,9 @@ async fn write_loop(
             }
             Err(error) => {
                 for job in batch {
-                    let _ = job.answer.send(Err(StorageError::Postgres(error.to_string())));
+                    let _ = job
+                        .answer
+                        .send(Err(StorageError::Postgres(error.to_string())));
                 }
             }
         }
