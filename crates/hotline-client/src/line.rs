@@ -495,6 +495,13 @@ impl Store {
         self.set_setting("link_test_interval_ms", interval_ms)
     }
 
+    /// After how long an undelivered message raises an alarm (and is offered again).
+    pub fn undelivered_after(&mut self) -> Result<u64, StoreError> {
+        self.transact(|connection, _, _| {
+            setting(connection, "undelivered_after_ms", DEFAULT_UNDELIVERED_MS)
+        })
+    }
+
     /// Sets after how long an undelivered message raises an alarm.
     pub fn set_undelivered_after(&mut self, ms: u64) -> Result<(), StoreError> {
         self.set_setting("undelivered_after_ms", ms)

@@ -97,7 +97,8 @@ const MIGRATIONS: &[&str] = &[
     // Version 5: stored alarms can be cleared by the operator (evidence kept); an outbox
     // row can name its own relays (a relay change goes to the old and the new ones).
     "ALTER TABLE alarms ADD COLUMN cleared_ms INTEGER;
-    ALTER TABLE outbox ADD COLUMN only_relays TEXT;",
+    ALTER TABLE outbox ADD COLUMN only_relays TEXT;
+    ALTER TABLE outbox ADD COLUMN offered_ms INTEGER;",
 ];
 
 /// Why a store operation failed. Nothing was committed.
@@ -1087,6 +1088,70 @@ impl Store {
     /// The relays of a channel.
     pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
         channel_relays(&self.connection, channel)
+    }
+
+    /// This device's messages that some party has still not received `after_ms` after
+    /// they were sent (and not offered again within `after_ms`): the push offers them to
+    /// every relay again, in case one lost them. Marks them offered now.
+    pub fn reoffer_due(
+        &mut self,
+        now_ms: u64,
+        after_ms: u64,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        let summaries = self.channels()?;
+        let me = self.identity.key();
+        let own_party = self.identity.info().party.clone();
+        self.transact(|connection, _, cache| {
+            let provider = Provider::new(connection);
+            let mut due = Vec::new();
+            for summary in &summaries {
+                let others: BTreeSet<&str> = summary
+                    .members
+                    .iter()
+                    .filter(|m| m.party != own_party)
+                    .map(|m| m.party.as_str())
+                    .collect();
+                let channel = checkout(cache, connection, &provider, &summary.id)?;
+                for (id, envelope) in channel.transcript().canonical() {
+                    if envelope.sender != me
+                        || envelope.claimed_time_ms + after_ms > now_ms
+                        || !matches!(envelope.body, Body::Text(_))
+                    {
+                        continue;
+                    }
+                    let delivered = channel.delivered_to(&id);
+                    if others.iter().all(|p| delivered.contains(*p)) {
+                        continue;
+                    }
+                    let row: Option<(i64, Vec<u8>)> = connection
+                        .query_row(
+                            "SELECT seq, bytes FROM outbox WHERE envelope = ?1 AND kind = 1
+                             AND settled = 1 AND COALESCE(offered_ms, 0) + ?2 <= ?3",
+                            params![&id.0[..], after_ms as i64, now_ms as i64],
+                            |row| Ok((row.get(0)?, row.get(1)?)),
+                        )
+                        .optional()?;
+                    if let Some((seq, bytes)) = row {
+                        connection.execute(
+                            "UPDATE outbox SET offered_ms = ?2 WHERE seq = ?1",
+                            params![seq, now_ms as i64],
+                        )?;
+                        due.push(OutboxItem {
+                            seq: seq as u64,
+                            channel: Some(summary.id),
+                            welcome: false,
+                            commit: false,
+                            only_relays: None,
+                            recipients: Vec::new(),
+                            bytes,
+                            posted: Vec::new(),
+                        });
+                    }
+                }
+                cache.channels.insert(summary.id, channel);
+            }
+            Ok(due)
+        })
     }
 
     /// How many outbox rows carry envelope `id` (exactly one for every sent message).

@@ -35,6 +35,8 @@ pub struct SyncReport {
     pub relays: BTreeMap<String, Option<String>>,
     /// Messages or invitations refused, with why.
     pub refused: Vec<String>,
+    /// Undelivered messages offered to the relays again.
+    pub reoffered: usize,
 }
 
 impl SyncReport {
@@ -135,6 +137,7 @@ async fn sync_with(
     // 0. Link tests that are due go out with this push.
     store.send_due_probes()?;
     push_with(store, identity, relays, &mut report).await?;
+    reoffer(store, identity, relays, &mut report).await?;
     // 3. Invitations in this device's inboxes; 4. every channel (joined ones included)
     // from every relay, in order, after its cursor.
     let inboxes: Vec<Watch> = store
@@ -150,6 +153,42 @@ async fn sync_with(
     }
     note_health(store, &report)?;
     Ok(report)
+}
+
+/// Offers again, to every relay of its channel, each message of this device that some
+/// party has still not received after the undelivered threshold: a relay that lost it
+/// gets it back (one that holds it answers "duplicate" and changes nothing).
+async fn reoffer(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let after = store.undelivered_after()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut failed: HashSet<String> = HashSet::new();
+    for item in store.reoffer_due(now, after)? {
+        let Some(channel) = item.channel else {
+            continue;
+        };
+        for url in store.channel_relays(&channel)? {
+            if failed.contains(&url) {
+                continue;
+            }
+            let Ok(client) = relays.get(&url) else {
+                continue;
+            };
+            let posted = client.post(identity, &channel.0, item.bytes.clone()).await;
+            if note(report, &url, posted.map(|_| ())) {
+                report.reoffered += 1;
+            } else {
+                failed.insert(url);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Records, per relay, whether it answered in this round.

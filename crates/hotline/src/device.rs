@@ -671,6 +671,7 @@ pub fn status(
 fn print_report(report: &SyncReport, json_output: bool, always: bool) {
     let quiet = report.pushed == 0
         && report.received == 0
+        && report.reoffered == 0
         && report.joined.is_empty()
         && report.refused.is_empty()
         && report.relays.values().all(Option::is_none);
@@ -686,7 +687,7 @@ fn print_report(report: &SyncReport, json_output: bool, always: bool) {
         out!(
             "{}",
             json!({"pushed": report.pushed, "received": report.received, "joined": report.joined,
-                   "refused": report.refused, "relays": relays})
+                   "refused": report.refused, "reoffered": report.reoffered, "relays": relays})
         );
         return;
     }

@@ -427,6 +427,22 @@ fn two_devices_over_a_relay() {
     let log = ok(&south, &["log", "crisis", "--json"]);
     assert_eq!(log.lines().count(), 5);
     assert!(log.contains("relay dead again"));
+
+    // A message some party has not received after the threshold (here 1 s) is offered
+    // to the relays again; once delivered, it is not.
+    ok(&south, &["send", "crisis", "caught up"]);
+    ok(&north, &["sync"]);
+    cli(&north, &["status", "--undelivered-after", "1s"]);
+    ok(&north, &["send", "crisis", "offered again"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(field(&ok(&north, &["sync", "--json"]), "reoffered"), 1);
+    ok(&south, &["sync"]);
+    ok(&south, &["send", "crisis", "got it"]);
+    ok(&north, &["sync"]);
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(field(&ok(&north, &["sync", "--json"]), "reoffered"), 0);
+    let log = ok(&south, &["log", "crisis"]);
+    assert_eq!(log.matches("offered again").count(), 1);
     relay.stop();
 }
 
