@@ -181,27 +181,24 @@ pub(crate) fn on_received(
     let now = now_ms();
     let me = identity.key();
     let mut changed = false;
-    // Place these bytes in their sender's chain, accepted or still waiting for parents.
-    for event in events {
-        match event {
-            Event::Accepted(ids) => {
-                if let Some(envelope) = ids.first().and_then(|id| channel.transcript().get(id)) {
-                    record_copy(
-                        connection,
-                        &channel.id(),
-                        hash,
-                        &envelope.sender,
-                        envelope.seq,
-                    )?;
-                }
-                break;
-            }
-            Event::Waiting { sender, seq, .. } => {
-                record_copy(connection, &channel.id(), hash, sender, *seq)?;
-                break;
-            }
-            _ => {}
-        }
+    // The envelope these very bytes carried, if any: an application message's events
+    // start with it (accepted, or waiting for parents); a commit's events start with the
+    // epoch change, and envelopes it releases came in other bytes.
+    let carried = events
+        .iter()
+        .find(|event| !matches!(event, Event::CommitterChanged(_)))
+        .and_then(|event| match event {
+            Event::Accepted(ids) => ids.first().and_then(|id| {
+                let envelope = channel.transcript().get(id)?;
+                Some((*id, envelope.sender, envelope.seq))
+            }),
+            Event::Waiting {
+                id, sender, seq, ..
+            } => Some((*id, *sender, *seq)),
+            _ => None,
+        });
+    if let Some((_, sender, seq)) = &carried {
+        record_copy(connection, &channel.id(), hash, sender, *seq)?;
     }
     if let Some(relay) = relay {
         check_order(connection, relay, hash)?;
@@ -233,7 +230,7 @@ pub(crate) fn on_received(
         let Event::Accepted(ids) = event else {
             continue;
         };
-        for (index, id) in ids.iter().enumerate() {
+        for id in ids {
             let Some(envelope) = channel.transcript().get(id).cloned() else {
                 continue;
             };
@@ -254,9 +251,9 @@ pub(crate) fn on_received(
                 continue;
             };
             match LinkTest::decode(bytes) {
-                // The first id is the envelope these bytes carried; later ones were
-                // released by it and came through some earlier copy.
-                Some(LinkTest::Probe { .. }) if index == 0 => {
+                // Answered for the path of these bytes only if they carried the probe;
+                // envelopes they released came through some earlier copy.
+                Some(LinkTest::Probe { .. }) if carried.is_some_and(|(c, ..)| c == *id) => {
                     connection.execute(
                         "INSERT OR IGNORE INTO probe_copies (hash, probe) VALUES (?1, ?2)",
                         params![&hash[..], &id.0[..]],
