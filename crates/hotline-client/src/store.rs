@@ -1036,7 +1036,7 @@ impl Store {
                 return Ok(false);
             }
             for out in channel.commit_accepted(&provider, identity, now_ms())? {
-                queue(connection, Some(channel.id()), out, None)?;
+                queue_released(connection, &channel, out)?;
             }
             save_channel(connection, &mut channel, false)?;
             cache.channels.insert(*channel_id, channel);
@@ -1463,10 +1463,39 @@ fn stage_commit(
     queue(connection, Some(channel.id()), commit, None)?;
     if merge_now {
         for out in channel.commit_accepted(provider, identity, now_ms())? {
-            queue(connection, Some(channel.id()), out, None)?;
+            queue_released(connection, channel, out)?;
         }
     }
     Ok(())
+}
+
+/// Queues what a merged commit released (the Welcome, membership notes), placing the
+/// notes in this device's chain for the per-relay order check, as `seal` does.
+fn queue_released(
+    connection: &Connection,
+    channel: &Channel,
+    out: Outgoing,
+) -> Result<(), StoreError> {
+    if let Outgoing::Message {
+        id: Some(id),
+        bytes,
+    } = &out
+        && let Some(envelope) = channel.transcript().get(id)
+    {
+        let hash = crate::line::copy_hash(bytes);
+        crate::line::record_copy(
+            connection,
+            &channel.id(),
+            &hash,
+            &envelope.sender,
+            envelope.seq,
+        )?;
+    }
+    let envelope = match &out {
+        Outgoing::Message { id, .. } => *id,
+        _ => None,
+    };
+    queue(connection, Some(channel.id()), out, envelope)
 }
 
 pub(crate) fn queue(
