@@ -434,16 +434,8 @@ impl RelayStorage for PostgresStorage {
             .await
             .map_err(database)?;
         Ok(row.and_then(|row| {
-            let committer: Vec<u8> = row.get(0);
-            let members: Vec<u8> = row.get(2);
-            Some(Membership {
-                committer: committer.try_into().ok()?,
-                version: row.get::<_, i64>(1) as u64,
-                members: members
-                    .chunks_exact(32)
-                    .filter_map(|chunk| chunk.try_into().ok())
-                    .collect(),
-            })
+            let (committer, members): (Vec<u8>, Vec<u8>) = (row.get(0), row.get(2));
+            Membership::from_stored(&committer, row.get(1), &members)
         }))
     }
 
@@ -452,7 +444,7 @@ impl RelayStorage for PostgresStorage {
         channel: &[u8; 32],
         membership: &Membership,
     ) -> Result<bool, StorageError> {
-        let members: Vec<u8> = membership.members.iter().flatten().copied().collect();
+        let members = membership.stored_members();
         let client = self.client().await;
         let changed = client
             .execute(

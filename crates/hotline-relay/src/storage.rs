@@ -41,6 +41,25 @@ pub struct Membership {
     pub members: Vec<[u8; 32]>,
 }
 
+impl Membership {
+    /// From its stored columns (members concatenated); `None` if they are not keys.
+    pub fn from_stored(committer: &[u8], version: i64, members: &[u8]) -> Option<Self> {
+        Some(Self {
+            committer: committer.try_into().ok()?,
+            version: version as u64,
+            members: members
+                .chunks_exact(32)
+                .filter_map(|chunk| chunk.try_into().ok())
+                .collect(),
+        })
+    }
+
+    /// The members concatenated, as stored.
+    pub fn stored_members(&self) -> Vec<u8> {
+        self.members.iter().flatten().copied().collect()
+    }
+}
+
 /// The answer to an append, given only once the message is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
@@ -527,14 +546,7 @@ impl RelayStorage for SqliteStorage {
             )
             .optional()?;
         Ok(row.and_then(|(committer, version, members)| {
-            Some(Membership {
-                committer: committer.try_into().ok()?,
-                version: version as u64,
-                members: members
-                    .chunks_exact(32)
-                    .filter_map(|chunk| chunk.try_into().ok())
-                    .collect(),
-            })
+            Membership::from_stored(&committer, version, &members)
         }))
     }
 
@@ -544,7 +556,7 @@ impl RelayStorage for SqliteStorage {
         membership: &Membership,
     ) -> Result<bool, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
-        let members: Vec<u8> = membership.members.iter().flatten().copied().collect();
+        let members = membership.stored_members();
         let changed = reader.execute(
             "INSERT INTO memberships (channel, committer, version, members) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (channel) DO UPDATE SET committer = ?2, version = ?3, members = ?4

@@ -319,6 +319,37 @@ fn field(text: &str, name: &str) -> serde_json::Value {
     serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()[name].clone()
 }
 
+/// New homes under `dir`, one per party, each receiving invitations on `relay`, that
+/// imported every other party's card with the fingerprint read out of band.
+fn verified_homes(dir: &Path, parties: &[&str], relay: &str) -> Vec<std::path::PathBuf> {
+    let homes: Vec<std::path::PathBuf> = parties.iter().map(|party| dir.join(party)).collect();
+    for (party, home) in parties.iter().zip(&homes) {
+        ok(home, &["init", "--party", party, "--relay", relay]);
+        let card = dir.join(format!("{party}.card"));
+        ok(home, &["card", "export", "--out", card.to_str().unwrap()]);
+    }
+    for home in &homes {
+        for (other, other_home) in parties.iter().zip(&homes) {
+            if other_home == home {
+                continue;
+            }
+            let fingerprint = field(&ok(other_home, &["id", "--json"]), "fingerprint");
+            let card = dir.join(format!("{other}.card"));
+            ok(
+                home,
+                &[
+                    "card",
+                    "import",
+                    card.to_str().unwrap(),
+                    "--fingerprint",
+                    fingerprint.as_str().unwrap(),
+                ],
+            );
+        }
+    }
+    homes
+}
+
 /// Two devices over a real relay process: invitation through the inbox, messages and
 /// receipts both ways; with the relay down, `sync` exits 3 and nothing is lost.
 #[test]
@@ -456,46 +487,19 @@ fn three_parties_key_updates_and_removal_over_a_relay() {
     // A second relay carries every commit and message too: copies through it must
     // raise no alarm.
     let second = Relay::start(&dir.join("second"));
-    let homes: Vec<(String, std::path::PathBuf)> = ["north", "south", "mediator"]
-        .iter()
-        .map(|party| (party.to_string(), dir.join(party)))
-        .collect();
-    for (party, home) in &homes {
-        ok(home, &["init", "--party", party, "--relay", &relay.url]);
-        let card = dir.join(format!("{party}.card"));
-        ok(home, &["card", "export", "--out", card.to_str().unwrap()]);
-    }
-    for (party, home) in &homes {
-        for (other, other_home) in &homes {
-            if other == party {
-                continue;
-            }
-            let fingerprint = field(&ok(other_home, &["id", "--json"]), "fingerprint");
-            let card = dir.join(format!("{other}.card"));
-            ok(
-                home,
-                &[
-                    "card",
-                    "import",
-                    card.to_str().unwrap(),
-                    "--fingerprint",
-                    fingerprint.as_str().unwrap(),
-                ],
-            );
-        }
-    }
-    let [(_, north), (_, south), (_, mediator)] = &homes[..] else {
+    let homes = verified_homes(&dir, &["north", "south", "mediator"], &relay.url);
+    let [north, south, mediator] = &homes[..] else {
         unreachable!()
     };
     let sync_all = || {
-        for (_, home) in &homes {
+        for home in &homes {
             cli(home, &["sync"]);
         }
     };
     let epochs = || -> Vec<u64> {
         homes
             .iter()
-            .map(|(_, home)| {
+            .map(|home| {
                 field(&ok(home, &["channel", "list", "--json"]), "epoch")
                     .as_u64()
                     .unwrap()
@@ -581,24 +585,8 @@ fn status_shows_a_stopped_relay_down_and_a_missed_deadline() {
     let dir = data_dir("status");
     let first = Relay::start(&dir.join("relay-1"));
     let second = Relay::start(&dir.join("relay-2"));
-    let (north, south) = (dir.join("north"), dir.join("south"));
-    ok(&north, &["init", "--party", "north", "--relay", &first.url]);
-    ok(&south, &["init", "--party", "south", "--relay", &first.url]);
-    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
-        let card = dir.join(format!("{party}.card"));
-        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
-        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
-        ok(
-            home,
-            &[
-                "card",
-                "import",
-                card.to_str().unwrap(),
-                "--fingerprint",
-                fingerprint.as_str().unwrap(),
-            ],
-        );
-    }
+    let homes = verified_homes(&dir, &["north", "south"], &first.url);
+    let (north, south) = (homes[0].clone(), homes[1].clone());
     ok(
         &north,
         &[
@@ -721,30 +709,8 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
     let dir = data_dir("hostile");
     let honest = Relay::start(&dir.join("honest"));
     let hostile = Relay::start(&dir.join("hostile"));
-    let (north, south) = (dir.join("north"), dir.join("south"));
-    ok(
-        &north,
-        &["init", "--party", "north", "--relay", &honest.url],
-    );
-    ok(
-        &south,
-        &["init", "--party", "south", "--relay", &honest.url],
-    );
-    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
-        let card = dir.join(format!("{party}.card"));
-        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
-        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
-        ok(
-            home,
-            &[
-                "card",
-                "import",
-                card.to_str().unwrap(),
-                "--fingerprint",
-                fingerprint.as_str().unwrap(),
-            ],
-        );
-    }
+    let homes = verified_homes(&dir, &["north", "south"], &honest.url);
+    let (north, south) = (homes[0].clone(), homes[1].clone());
     for name in ["crisis", "other"] {
         ok(
             &north,
@@ -931,24 +897,8 @@ fn the_committer_moves_the_channel_to_another_relay_and_members_follow() {
     let dir = data_dir("move");
     let old = Relay::start(&dir.join("old"));
     let new = Relay::start(&dir.join("new"));
-    let (north, south) = (dir.join("north"), dir.join("south"));
-    ok(&north, &["init", "--party", "north", "--relay", &old.url]);
-    ok(&south, &["init", "--party", "south", "--relay", &old.url]);
-    for (home, other, party) in [(&north, &south, "south"), (&south, &north, "north")] {
-        let card = dir.join(format!("{party}.card"));
-        ok(other, &["card", "export", "--out", card.to_str().unwrap()]);
-        let fingerprint = field(&ok(other, &["id", "--json"]), "fingerprint");
-        ok(
-            home,
-            &[
-                "card",
-                "import",
-                card.to_str().unwrap(),
-                "--fingerprint",
-                fingerprint.as_str().unwrap(),
-            ],
-        );
-    }
+    let homes = verified_homes(&dir, &["north", "south"], &old.url);
+    let (north, south) = (homes[0].clone(), homes[1].clone());
     ok(
         &north,
         &[
