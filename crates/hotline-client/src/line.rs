@@ -197,10 +197,16 @@ pub(crate) fn on_received(
             } => Some((*id, *sender, *seq)),
             _ => None,
         });
-    if let Some((_, sender, seq)) = &carried {
+    // A resend comes when its sender decides, out of its chain's order: not placed.
+    let resent = events.contains(&Event::Resent);
+    if let Some((_, sender, seq)) = &carried
+        && !resent
+    {
         record_copy(connection, &channel.id(), hash, sender, *seq)?;
     }
-    if let Some(relay) = relay {
+    if let Some(relay) = relay
+        && !resent
+    {
         check_order(connection, relay, hash)?;
     }
     if events == [Event::Duplicate] {

@@ -1,6 +1,6 @@
 //! The device store: one SQLite database, one transaction per operation.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,7 +25,7 @@ use crate::provider::{JsonCodec, Provider};
 const WELCOMES: [u8; 32] = [0; 32];
 
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -100,6 +100,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE outbox ADD COLUMN only_relays TEXT;
     ALTER TABLE outbox ADD COLUMN offered_ms INTEGER;",
 ];
+
+/// Most envelopes offered again per round (see [`Store::reoffer_due`]).
+pub const MAX_REOFFER: usize = 64;
 
 /// Why a store operation failed. Nothing was committed.
 #[derive(Debug, Error)]
@@ -1090,9 +1093,17 @@ impl Store {
         channel_relays(&self.connection, channel)
     }
 
-    /// This device's messages that some party has still not received `after_ms` after
-    /// they were sent (and not offered again within `after_ms`): the push offers them to
-    /// every relay again, in case one lost them. Marks them offered now.
+    /// This device's envelopes that some party evidently missed: that party sent
+    /// something more than `after_ms` later and still does not acknowledge them (a
+    /// relay lost them, or the party could no longer open them). A party that is merely
+    /// silent is no evidence: the relays hold what they accepted. Each is sealed again
+    /// in the current epoch ([`Channel::resend`]: a member more than five epochs behind
+    /// cannot open the original, and relays delete what every member read, so the same
+    /// bytes would be stored again and look replayed) and offered to every relay. An
+    /// envelope is offered again after `after_ms`, then after half its age each time
+    /// (5 min, 10, 20, 40, …), at most [`MAX_REOFFER`] per call, oldest first (a party
+    /// missing one waits for it before any later one of this sender). Marks what it
+    /// returns offered now; the outbox row keeps the newest bytes.
     pub fn reoffer_due(
         &mut self,
         now_ms: u64,
@@ -1101,52 +1112,77 @@ impl Store {
         let summaries = self.channels()?;
         let me = self.identity.key();
         let own_party = self.identity.info().party.clone();
-        self.transact(|connection, _, cache| {
+        self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let mut due = Vec::new();
             for summary in &summaries {
-                let others: BTreeSet<&str> = summary
-                    .members
-                    .iter()
-                    .filter(|m| m.party != own_party)
-                    .map(|m| m.party.as_str())
+                let mut channel = checkout(cache, connection, &provider, &summary.id)?;
+                // When each other party last sealed something.
+                let mut last_sealed: BTreeMap<&str, u64> = BTreeMap::new();
+                for member in summary.members.iter().filter(|m| m.party != own_party) {
+                    let time = channel
+                        .transcript()
+                        .head_of(&member.key)
+                        .and_then(|(_, id, _)| channel.transcript().get(&id))
+                        .map_or(0, |envelope| envelope.claimed_time_ms);
+                    let entry = last_sealed.entry(member.party.as_str()).or_default();
+                    *entry = (*entry).max(time);
+                }
+                let missed: Vec<EnvelopeId> = channel
+                    .transcript()
+                    .canonical()
+                    .filter(|(_, envelope)| envelope.sender == me)
+                    .filter(|(id, envelope)| {
+                        let delivered = channel.delivered_to(id);
+                        last_sealed.iter().any(|(party, last)| {
+                            *last > envelope.claimed_time_ms.saturating_add(after_ms)
+                                && !delivered.contains(*party)
+                        })
+                    })
+                    .map(|(id, _)| id)
                     .collect();
-                let channel = checkout(cache, connection, &provider, &summary.id)?;
-                for (id, envelope) in channel.transcript().canonical() {
-                    if envelope.sender != me
-                        || envelope.claimed_time_ms + after_ms > now_ms
-                        || !matches!(envelope.body, Body::Text(_))
-                    {
-                        continue;
+                let mut resealed = false;
+                for id in missed {
+                    if due.len() >= MAX_REOFFER {
+                        break;
                     }
-                    let delivered = channel.delivered_to(&id);
-                    if others.iter().all(|p| delivered.contains(*p)) {
-                        continue;
-                    }
-                    let row: Option<(i64, Vec<u8>)> = connection
+                    let row: Option<i64> = connection
                         .query_row(
-                            "SELECT seq, bytes FROM outbox WHERE envelope = ?1 AND kind = 1
-                             AND settled = 1 AND COALESCE(offered_ms, 0) + ?2 <= ?3",
+                            "SELECT seq FROM outbox
+                             WHERE envelope = ?1 AND kind = 1 AND settled = 1
+                               AND COALESCE(offered_ms, created_ms)
+                                   + MAX(?2, (?3 - created_ms) / 2) <= ?3",
                             params![&id.0[..], after_ms as i64, now_ms as i64],
-                            |row| Ok((row.get(0)?, row.get(1)?)),
+                            |row| row.get(0),
                         )
                         .optional()?;
-                    if let Some((seq, bytes)) = row {
-                        connection.execute(
-                            "UPDATE outbox SET offered_ms = ?2 WHERE seq = ?1",
-                            params![seq, now_ms as i64],
-                        )?;
-                        due.push(OutboxItem {
-                            seq: seq as u64,
-                            channel: Some(summary.id),
-                            welcome: false,
-                            commit: false,
-                            only_relays: None,
-                            recipients: Vec::new(),
-                            bytes,
-                            posted: Vec::new(),
-                        });
-                    }
+                    let Some(seq) = row else {
+                        continue;
+                    };
+                    let bytes = match channel.resend(&provider, identity, &id) {
+                        Ok(bytes) => bytes,
+                        // A commit or proposal waits: a later round seals it.
+                        Err(ChannelError::AwaitingCommit | ChannelError::CommitPending) => break,
+                        Err(error) => return Err(error.into()),
+                    };
+                    resealed = true;
+                    connection.execute(
+                        "UPDATE outbox SET bytes = ?2, offered_ms = ?3 WHERE seq = ?1",
+                        params![seq, &bytes, now_ms as i64],
+                    )?;
+                    due.push(OutboxItem {
+                        seq: seq as u64,
+                        channel: Some(summary.id),
+                        welcome: false,
+                        commit: false,
+                        only_relays: None,
+                        recipients: Vec::new(),
+                        bytes,
+                        posted: Vec::new(),
+                    });
+                }
+                if resealed {
+                    save_channel(connection, &mut channel, false)?;
                 }
                 cache.channels.insert(summary.id, channel);
             }

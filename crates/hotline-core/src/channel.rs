@@ -26,6 +26,14 @@
 //! SHA-256 of their bytes before anything else. Messages of a future epoch wait in a
 //! bounded buffer until their commit arrives; past epochs stay readable for
 //! [`MAX_PAST_EPOCHS`] epochs.
+//!
+//! **Resending.** A member cut off while the group moved more than [`MAX_PAST_EPOCHS`]
+//! epochs on can no longer open what was sealed before, and a relay may have expired or
+//! lost a message some party never read. [`Channel::resend`] seals one of this device's
+//! own envelopes again, byte for byte, in the current epoch, framed as a resend (the
+//! plaintext starts with [`RESENT`]): receivers take it like the original (a duplicate
+//! if they hold it), accept that its epoch field is older than the MLS epoch it came in,
+//! and report [`Event::Resent`] so that a sync engine does not take it for a replay.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -47,6 +55,9 @@ use crate::card::VerifiedContact;
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, MembershipNote};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
 use crate::transcript::{Inserted, Rejection, Transcript};
+
+/// First byte of a resent envelope's plaintext (an envelope starts with its version, 1).
+pub const RESENT: u8 = 0x81;
 
 /// Past epochs whose messages stay readable.
 pub const MAX_PAST_EPOCHS: usize = 5;
@@ -118,6 +129,9 @@ pub enum Event {
         claimed: DeviceKey,
         actual: DeviceKey,
     },
+    /// These bytes were its sender's resend of an envelope sealed before (see
+    /// [`Channel::resend`]); the other events say what became of the envelope.
+    Resent,
 }
 
 /// Why a channel operation failed. On error, nothing changed.
@@ -158,6 +172,8 @@ pub enum ChannelError {
     UnknownDevice(DeviceKey),
     #[error("too many messages wait for a future epoch")]
     BufferFull,
+    #[error("no envelope {0} of this device in the channel")]
+    UnknownEnvelope(EnvelopeId),
     #[error("invalid channel name")]
     BadName,
     #[error("MLS refused: {0}")]
@@ -614,6 +630,40 @@ impl Channel {
         }
     }
 
+    /// Seals this device's own envelope `id` again in the current epoch (see the module
+    /// documentation), for members who never got it. Its id, and so its place in every
+    /// transcript, stays the same.
+    pub fn resend(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        id: &EnvelopeId,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if !self.group.is_active() {
+            return Err(ChannelError::NotAMember);
+        }
+        if self.has_pending_proposals() {
+            return Err(ChannelError::AwaitingCommit);
+        }
+        if self.pending_commit.is_some() {
+            return Err(ChannelError::CommitPending);
+        }
+        let envelope = self
+            .transcript
+            .get(id)
+            .filter(|envelope| envelope.sender == self.me)
+            .ok_or(ChannelError::UnknownEnvelope(*id))?;
+        let mut plaintext = vec![RESENT];
+        plaintext.extend_from_slice(&envelope.encode());
+        let message = self
+            .group
+            .create_message(provider, identity, &plaintext)
+            .map_err(mls)?;
+        let bytes = serialize(&message)?;
+        self.mark_processed(ciphertext_hash(&bytes));
+        Ok(bytes)
+    }
+
     /// Sends a signed checkpoint over everything this device holds.
     pub fn checkpoint(
         &mut self,
@@ -892,20 +942,35 @@ impl Channel {
                 // From here on, MLS has spent the message's key: a bad envelope is the
                 // sender's misbehaviour, reported as an event, and the message counts as
                 // processed.
-                match Envelope::decode(&application.into_bytes()) {
+                let plaintext = application.into_bytes();
+                let (resent, plaintext) = match plaintext.split_first() {
+                    Some((&RESENT, rest)) => (true, rest),
+                    _ => (false, &plaintext[..]),
+                };
+                match Envelope::decode(plaintext) {
                     Err(error) => events.push(Event::BadEnvelope {
                         sender: actual,
                         error,
                     }),
+                    // The original is sealed in its own epoch; a resend in a later one.
                     Ok((envelope, _))
-                        if envelope.sender != actual || envelope.epoch != message_epoch =>
+                        if envelope.sender != actual
+                            || envelope.epoch > message_epoch
+                            || (!resent && envelope.epoch != message_epoch) =>
                     {
                         events.push(Event::Forgery {
                             claimed: envelope.sender,
                             actual,
                         })
                     }
+                    // Sealed before this device joined: never part of its transcript.
+                    Ok((envelope, _)) if envelope.epoch < self.transcript.horizon() => {
+                        events.push(Event::Duplicate);
+                    }
                     Ok((envelope, id)) => events.extend(self.insert_envelope(envelope, id)),
+                }
+                if resent {
+                    events.push(Event::Resent);
                 }
             }
             ProcessedMessageContent::ProposalMessage(proposal) => {

@@ -234,10 +234,14 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
     for channel in store.channels()? {
         let parties: Vec<_> = channel.members.iter().map(|m| m.party.clone()).collect();
         if json_output {
+            // The transcript's root: equal on every member's device once they hold the
+            // same envelopes (compare it over the out-of-band line).
+            let (root, _) = store.transcript_root(&channel.name)?;
             out!(
                 "{}",
                 json!({"name": channel.name, "id": channel.id.to_string(), "parties": parties,
-                       "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer})
+                       "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer,
+                       "root": hex::encode(root)})
             );
         } else {
             out!(

@@ -50,6 +50,16 @@ impl Relay {
         }
     }
 
+    /// The address it listens on, to start it again there.
+    fn address(&self) -> String {
+        self.url
+            .trim_start_matches("https://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
     fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -424,13 +434,7 @@ fn two_devices_over_a_relay() {
     assert_eq!(log.lines().count(), 2);
 
     // The relay stops: sync says so with exit 3, and the message waits in the outbox.
-    let address = relay
-        .url
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let address = relay.address();
     relay.stop();
     let sent = ok(
         &north,
@@ -459,13 +463,48 @@ fn two_devices_over_a_relay() {
     assert_eq!(log.lines().count(), 5);
     assert!(log.contains("relay dead again"));
 
-    // A message some party has not received after the threshold (here 1 s) is offered
-    // to the relays again; once delivered, it is not.
+    // A message the relay lost after accepting it is offered again, sealed anew, once
+    // south has sent something more than the threshold (here 1 s) later that does not
+    // acknowledge it; a party that is merely silent is no reason to offer anything.
     ok(&south, &["send", "crisis", "caught up"]);
     ok(&north, &["sync"]);
     cli(&north, &["status", "--undelivered-after", "1s"]);
+    let relay_db = || rusqlite::Connection::open(dir.join("relay").join("relay.db")).unwrap();
+    let last_seq = |db: &rusqlite::Connection| -> i64 {
+        db.query_row(
+            "SELECT MAX(seq) FROM messages WHERE substr(log, 1, 1) = x'01'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    let before = last_seq(&relay_db());
     ok(&north, &["send", "crisis", "offered again"]);
     std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(field(&ok(&north, &["sync", "--json"]), "reoffered"), 0);
+    let address = relay.address();
+    relay.stop();
+    // The relay loses the message it accepted.
+    let db = relay_db();
+    assert_eq!(
+        last_seq(&db),
+        before + 1,
+        "the message is the channel's newest"
+    );
+    let lost = db
+        .execute(
+            "DELETE FROM messages WHERE substr(log, 1, 1) = x'01' AND seq = ?1",
+            [before + 1],
+        )
+        .unwrap();
+    assert_eq!(lost, 1);
+    drop(db);
+    let relay = Relay::start_on(&dir.join("relay"), &address);
+    ok(&south, &["sync"]);
+    assert!(!ok(&south, &["log", "crisis"]).contains("offered again"));
+    std::thread::sleep(Duration::from_millis(1200));
+    ok(&south, &["send", "crisis", "still here"]);
+    ok(&north, &["sync"]);
     assert_eq!(field(&ok(&north, &["sync", "--json"]), "reoffered"), 1);
     ok(&south, &["sync"]);
     ok(&south, &["send", "crisis", "got it"]);
@@ -574,6 +613,135 @@ fn three_parties_key_updates_and_removal_over_a_relay() {
     }
     relay.stop();
     second.stop();
+}
+
+/// A member cut off while the committer moves more than five epochs on can no longer
+/// open what another member sealed before (MLS keeps five past epochs): the mediator's
+/// message reaches relay A only, north's six key updates reach relay B only, so south and
+/// north meet the message only after the commits. Both raise a `lost` alarm naming the
+/// relay; the mediator, seeing that neither acknowledged it, seals it again in the
+/// current epoch when it offers it again; everyone then holds it exactly once and no
+/// relay is accused of a replay.
+#[test]
+fn a_message_too_many_epochs_late_is_sealed_again_and_arrives_once() {
+    let dir = data_dir("epochs");
+    let a = Relay::start(&dir.join("relay-a"));
+    let b = Relay::start(&dir.join("relay-b"));
+    let homes = verified_homes(&dir, &["north", "south", "mediator"], &a.url);
+    let [north, south, mediator] = &homes[..] else {
+        unreachable!()
+    };
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
+            &a.url, "--relay", &b.url,
+        ],
+    );
+    for home in &homes {
+        ok(home, &["sync"]);
+    }
+    let epoch = |home: &Path| {
+        field(&ok(home, &["channel", "list", "--json"]), "epoch")
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        homes.iter().map(|h| epoch(h)).collect::<Vec<_>>(),
+        [1, 1, 1]
+    );
+
+    // The mediator's message reaches A only.
+    let (b_address, b_data) = (b.address(), dir.join("relay-b"));
+    b.stop();
+    let sent = ok(
+        mediator,
+        &["send", "crisis", "sealed at epoch one", "--json"],
+    );
+    assert_eq!(field(&sent, "relayed"), 1);
+    // North's six key updates reach B only.
+    let (a_address, a_data) = (a.address(), dir.join("relay-a"));
+    a.stop();
+    let b = Relay::start_on(&b_data, &b_address);
+    for _ in 0..6 {
+        let rekey = ok(north, &["channel", "rekey", "crisis", "--json"]);
+        assert_eq!(field(&rekey, "relayed"), 1, "{rekey}");
+    }
+    assert_eq!(epoch(north), 7);
+    cli(south, &["sync"]);
+    assert_eq!(epoch(south), 7);
+    // A returns: its copy of the message is too old to open for south and north.
+    let a = Relay::start_on(&a_data, &a_address);
+    ok(south, &["sync"]);
+    ok(north, &["sync"]);
+    for home in [north, south] {
+        assert!(!ok(home, &["log", "crisis"]).contains("sealed at epoch one"));
+        let (code, status) = cli(home, &["status", "--json"]);
+        assert_eq!(code, 6, "{status}");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        let alarms = status["alarms"].as_array().unwrap();
+        assert!(
+            alarms
+                .iter()
+                .any(|alarm| alarm["kind"] == "lost" && alarm["relay"] == a.url.as_str()),
+            "{status}"
+        );
+    }
+
+    // The mediator catches up to epoch 7, then offers what is unacknowledged again:
+    // sealed anew, in epoch 7.
+    ok(mediator, &["sync"]);
+    assert_eq!(epoch(mediator), 7);
+    for home in &homes {
+        cli(home, &["status", "--undelivered-after", "1s"]);
+    }
+    std::thread::sleep(Duration::from_millis(1100));
+    // North and south write again without acknowledging it: evidence they missed it.
+    ok(north, &["send", "crisis", "north again"]);
+    ok(south, &["send", "crisis", "south again"]);
+    ok(mediator, &["sync"]);
+    let report = ok(mediator, &["sync", "--json"]);
+    assert!(
+        field(&report, "reoffered").as_u64().unwrap() >= 2,
+        "offered to both relays: {report}"
+    );
+    for home in [north, south] {
+        ok(home, &["sync"]);
+        let log = ok(home, &["log", "crisis"]);
+        assert_eq!(log.matches("sealed at epoch one").count(), 1, "{log}");
+        let status: serde_json::Value =
+            serde_json::from_str(&cli(home, &["status", "--json"]).1).unwrap();
+        let kinds: BTreeSet<&str> = status["alarms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|alarm| alarm["kind"].as_str())
+            .collect();
+        assert_eq!(kinds, BTreeSet::from(["lost"]), "{status}");
+    }
+    // The link tests of the first round were sealed at epoch 1 too: each device offers
+    // what is unacknowledged again, until every transcript holds the same envelopes.
+    let roots = || -> BTreeSet<String> {
+        homes
+            .iter()
+            .map(|home| field(&ok(home, &["channel", "list", "--json"]), "root").to_string())
+            .collect()
+    };
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(1100));
+        for _ in 0..2 {
+            for home in &homes {
+                ok(home, &["sync"]);
+            }
+        }
+        if roots().len() == 1 {
+            break;
+        }
+    }
+    let roots = roots();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+    a.stop();
+    b.stop();
 }
 
 /// Two devices following two relays with link tests every 2 s: `status` shows both paths
@@ -1145,13 +1313,7 @@ async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
     let north = identity("north", 1);
     let channel = [9u8; 32];
     let mut relay = Relay::start(&data);
-    let address = relay
-        .url
-        .trim_start_matches("https://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let address = relay.address();
     let membership = Membership {
         committer: north.key().0,
         version: 1,
