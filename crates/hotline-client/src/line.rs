@@ -744,6 +744,31 @@ impl Store {
                         },
                     });
                 }
+                // A party that answers through other relays but not through this one,
+                // although this relay answers requests: it withholds what passes between
+                // this device and that party (to them, or to everyone: a split view).
+                let long_enough = probing_since.is_some_and(|since| now_ms >= since + window);
+                for party in others.iter().filter(|p| !answered.contains(*p)) {
+                    let elsewhere: Option<i64> = connection.query_row(
+                        "SELECT MAX(last_ok_ms) FROM paths WHERE party = ?1 AND relay != ?2",
+                        params![party, url],
+                        |row| row.get(0),
+                    )?;
+                    if long_enough && error.is_none() && fresh(elsewhere.map(|ms| ms as u64)) {
+                        let last = last_ok_by_party(connection, url, party)?;
+                        alarms.push(Alarm {
+                            kind: "path-down".into(),
+                            relay: Some(url.clone()),
+                            party: Some(party.clone()),
+                            message: None,
+                            since_ms: last.or(probing_since).unwrap_or(now_ms),
+                            detail: format!(
+                                "{party} answers link tests through other relays but not through this one, \
+                                 which answers requests: it withholds what passes between you"
+                            ),
+                        });
+                    }
+                }
                 relays.push(RelayStatus {
                     url: url.clone(),
                     state,
@@ -851,6 +876,20 @@ impl Store {
 }
 
 /// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
+/// When `party` last answered a link test through `relay`.
+fn last_ok_by_party(
+    connection: &Connection,
+    relay: &str,
+    party: &str,
+) -> Result<Option<u64>, StoreError> {
+    let last: Option<i64> = connection.query_row(
+        "SELECT MAX(last_ok_ms) FROM paths WHERE relay = ?1 AND party = ?2",
+        params![relay, party],
+        |row| row.get(0),
+    )?;
+    Ok(last.map(|ms| ms as u64))
+}
+
 pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }

@@ -615,6 +615,164 @@ fn three_parties_key_updates_and_removal_over_a_relay() {
     second.stop();
 }
 
+/// A relay in front of two stores: every new connection goes to the backend chosen at
+/// that moment. Backends sharing one TLS identity (a copied data directory) make one
+/// relay, as its URL pins it, that shows each member whatever the test decides.
+struct SplitRelay {
+    url: String,
+    backend: std::sync::Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl SplitRelay {
+    /// Listens on a port of its own, serving `relay`'s identity, first from `relay`.
+    fn start(relay: &Relay) -> SplitRelay {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let backend_port: u16 = relay.address().rsplit(':').next().unwrap().parse().unwrap();
+        let backend = std::sync::Arc::new(AtomicU16::new(backend_port));
+        let chosen = std::sync::Arc::clone(&backend);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let port = chosen.load(Ordering::SeqCst);
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        let pin = &relay.url[relay.url.find('#').unwrap()..];
+        SplitRelay {
+            url: format!("https://127.0.0.1:{port}/{pin}"),
+            backend,
+        }
+    }
+
+    fn route_to(&self, relay: &Relay) {
+        let port: u16 = relay.address().rsplit(':').next().unwrap().parse().unwrap();
+        self.backend
+            .store(port, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A relay that shows members different histories, for as long as it likes: from some
+/// moment on, north and the mediator are served one copy of its store and south
+/// another, so what south sends through it never reaches the others and the reverse.
+/// The honest relay carries the truth: every message arrives, transcripts agree. Link
+/// tests find the split: each side sees the other's answers through the honest relay
+/// but not through this one, which answers every request, and raises `path-down`
+/// alarms naming it and the party cut off; no alarm names the honest relay.
+#[test]
+fn a_relay_showing_members_different_histories_is_caught_and_named() {
+    let dir = data_dir("split");
+    let honest = Relay::start(&dir.join("honest"));
+    let first = Relay::start(&dir.join("split-1"));
+    let split = SplitRelay::start(&first);
+    let homes = verified_homes(&dir, &["north", "south", "mediator"], &honest.url);
+    let [north, south, mediator] = &homes[..] else {
+        unreachable!()
+    };
+    ok(
+        north,
+        &[
+            "channel",
+            "create",
+            "crisis",
+            "--with",
+            "south",
+            "--with",
+            "mediator",
+            "--relay",
+            &honest.url,
+            "--relay",
+            &split.url,
+        ],
+    );
+    let round = |routes: &[(&Path, &Relay)]| {
+        for (home, backend) in routes {
+            split.route_to(backend);
+            ok(home, &["sync", "--link-test-interval", "1"]);
+        }
+    };
+    for _ in 0..2 {
+        round(&[(north, &first), (south, &first), (mediator, &first)]);
+    }
+
+    // The split: a second store, a copy of the first, for south alone.
+    let first_address = first.address();
+    first.stop();
+    copy_dir(&dir.join("split-1"), &dir.join("split-2"));
+    let first = Relay::start_on(&dir.join("split-1"), &first_address);
+    let second = Relay::start(&dir.join("split-2"));
+    let views: [(&Path, &Relay); 3] = [(north, &first), (south, &second), (mediator, &first)];
+    split.route_to(&first);
+    ok(north, &["send", "crisis", "north during the split"]);
+    split.route_to(&second);
+    ok(south, &["send", "crisis", "south during the split"]);
+    let started = std::time::Instant::now();
+    let alarms = |home: &Path| -> Vec<serde_json::Value> {
+        let (_, status) = cli(home, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status["alarms"].as_array().unwrap().clone()
+    };
+    let cut_off = |home: &Path, party: &str| {
+        alarms(home).iter().any(|alarm| {
+            alarm["kind"] == "path-down"
+                && alarm["relay"] == split.url.as_str()
+                && alarm["party"] == party
+        })
+    };
+    loop {
+        round(&views);
+        if cut_off(north, "south") && cut_off(south, "north") && cut_off(south, "mediator") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no split found: north {:?}, south {:?}",
+            alarms(north),
+            alarms(south)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    eprintln!("split found {:?} after it began", started.elapsed());
+    // Between north and the mediator, the relay is honest: no alarm says otherwise.
+    assert!(!cut_off(north, "mediator"));
+    assert!(!cut_off(mediator, "north"));
+    for home in &homes {
+        assert!(
+            alarms(home)
+                .iter()
+                .all(|alarm| alarm["relay"] != honest.url.as_str()),
+            "an alarm names the honest relay: {:?}",
+            alarms(home)
+        );
+        let log = ok(home, &["log", "crisis"]);
+        assert!(log.contains("north during the split"), "{log}");
+        assert!(log.contains("south during the split"), "{log}");
+    }
+    honest.stop();
+    first.stop();
+    second.stop();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
 /// A member cut off while the committer moves more than five epochs on can no longer
 /// open what another member sealed before (MLS keeps five past epochs): the mediator's
 /// message reaches relay A only, north's six key updates reach relay B only, so south and
