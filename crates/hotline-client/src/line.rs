@@ -181,22 +181,8 @@ pub(crate) fn on_received(
     let now = now_ms();
     let me = identity.key();
     let mut changed = false;
-    // The envelope these very bytes carried, if any: an application message's events
-    // start with it (accepted, or waiting for parents); a commit's events start with the
-    // epoch change, and envelopes it releases came in other bytes.
-    let carried = events
-        .iter()
-        .find(|event| !matches!(event, Event::CommitterChanged(_)))
-        .and_then(|event| match event {
-            Event::Accepted(ids) => ids.first().and_then(|id| {
-                let envelope = channel.transcript().get(id)?;
-                Some((*id, envelope.sender, envelope.seq))
-            }),
-            Event::Waiting {
-                id, sender, seq, ..
-            } => Some((*id, *sender, *seq)),
-            _ => None,
-        });
+    // The envelope these very bytes carried, if any.
+    let carried = channel.carried(events);
     // A resend comes when its sender decides, out of its chain's order: not placed.
     let resent = events.contains(&Event::Resent);
     if let Some((_, sender, seq)) = &carried
@@ -207,7 +193,35 @@ pub(crate) fn on_received(
     if let Some(relay) = relay
         && !resent
     {
-        check_order(connection, relay, hash)?;
+        if channel.holds_buffered(hash) {
+            // Not opened yet (its commit has not come): placed when it is.
+            connection.execute(
+                "INSERT OR IGNORE INTO unplaced (hash, relay) VALUES (?1, ?2)",
+                params![&hash[..], relay],
+            )?;
+        } else {
+            check_order(connection, relay, hash)?;
+        }
+    }
+    // Messages held for their commit and opened now, through the relays they came by.
+    for event in events {
+        let Event::Unbuffered {
+            hash: opened,
+            envelope,
+        } = event
+        else {
+            continue;
+        };
+        if let Some((_, sender, seq)) = envelope {
+            record_copy(connection, &channel.id(), opened, sender, *seq)?;
+        }
+        let relays: Vec<String> = connection
+            .prepare_cached("DELETE FROM unplaced WHERE hash = ?1 RETURNING relay")?
+            .query_map([&opened[..]], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for relay in relays {
+            check_order(connection, &relay, opened)?;
+        }
     }
     if events == [Event::Duplicate] {
         // A copy through another relay: answer for that path if it carried a probe.

@@ -99,6 +99,13 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE alarms ADD COLUMN cleared_ms INTEGER;
     ALTER TABLE outbox ADD COLUMN only_relays TEXT;
     ALTER TABLE outbox ADD COLUMN offered_ms INTEGER;",
+    // Version 6: copies of messages held for their commit, by relay, to place in their
+    // sender's chain once opened (see `line::on_received`).
+    "CREATE TABLE unplaced (
+        hash BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        PRIMARY KEY (hash, relay)
+    ) WITHOUT ROWID;",
 ];
 
 /// Most envelopes offered again per round (see [`Store::reoffer_due`]).

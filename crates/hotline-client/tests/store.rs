@@ -124,3 +124,80 @@ fn a_commit_is_merged_only_after_a_relay_accepted_it() {
     let mut north = Store::open(&north_home).unwrap();
     assert_eq!(north.channels().unwrap()[0].epoch, 1);
 }
+
+/// Messages of an epoch whose commit has not arrived yet wait in the core; once the
+/// commit comes (through another relay), they are placed in their sender's chain for the
+/// relay they came through, so the next message through that relay is not taken for a
+/// drop (a false `dropped` alarm found in review).
+#[test]
+fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
+    use hotline_client::bundle::Entry;
+    use hotline_client::store::Cursor;
+    let (mut north, mut south, _, _) = pair();
+    let (r, q) = ("https://r.test/#sha256=00", "https://q.test/#sha256=11");
+    let messages = |store: &mut Store| -> Vec<Vec<u8>> {
+        store
+            .export_outbox()
+            .unwrap()
+            .into_iter()
+            .filter_map(|entry| match entry {
+                Entry::Message(bytes) => Some(bytes),
+                Entry::Welcome { .. } => None,
+            })
+            .collect()
+    };
+    let mut seq = 0;
+    let mut through = |store: &mut Store, relay: &str, bytes: &[u8]| {
+        seq += 1;
+        store
+            .receive_at(
+                bytes,
+                Some(Cursor {
+                    relay,
+                    log: "channel",
+                    seq,
+                }),
+            )
+            .unwrap()
+    };
+    north
+        .send("crisis", Body::Text("before".into()), None)
+        .unwrap();
+    for bytes in messages(&mut north) {
+        through(&mut south, r, &bytes);
+    }
+    assert!(north.update_keys("crisis").unwrap());
+    north
+        .send("crisis", Body::Text("first after".into()), None)
+        .unwrap();
+    north
+        .send("crisis", Body::Text("second after".into()), None)
+        .unwrap();
+    // [commit, key-update note, first after, second after]
+    let after = messages(&mut north);
+    assert_eq!(after.len(), 4);
+    // Relay r lacks the commit: the note and the first message wait for it.
+    for bytes in &after[1..3] {
+        let events = through(&mut south, r, bytes);
+        assert!(
+            matches!(events[..], [hotline_core::Event::Buffered { .. }]),
+            "{events:?}"
+        );
+    }
+    through(&mut south, q, &after[0]);
+    through(&mut south, r, &after[3]);
+    let texts: Vec<String> = south
+        .log("crisis")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, ["before", "first after", "second after"]);
+    let status = south.status(u64::MAX / 2).unwrap();
+    let stored: Vec<_> = status
+        .alarms
+        .iter()
+        .filter(|alarm| alarm.relay.is_some())
+        .collect();
+    assert!(stored.is_empty(), "{stored:?}");
+}

@@ -132,6 +132,14 @@ pub enum Event {
     /// These bytes were its sender's resend of an envelope sealed before (see
     /// [`Channel::resend`]); the other events say what became of the envelope.
     Resent,
+    /// A message held for its epoch (reported [`Event::Buffered`] when it came) was
+    /// processed now: the SHA-256 of its bytes and the envelope they carried, if any
+    /// (`None` for a resend, or bytes that carried no new envelope). Its own events come
+    /// just before.
+    Unbuffered {
+        hash: [u8; 32],
+        envelope: Option<(EnvelopeId, DeviceKey, u64)>,
+    },
 }
 
 /// Why a channel operation failed. On error, nothing changed.
@@ -1122,14 +1130,48 @@ impl Channel {
                 break;
             }
             for bytes in self.future.remove(&ready).unwrap_or_default() {
-                self.buffered.remove(&ciphertext_hash(&bytes));
+                let hash = ciphertext_hash(&bytes);
+                self.buffered.remove(&hash);
                 // A buffered message that fails now is dropped: it would fail again.
                 if let Ok(more) = self.receive(provider, &bytes) {
+                    let envelope = if more.contains(&Event::Resent) {
+                        None
+                    } else {
+                        self.carried(&more)
+                    };
                     events.extend(more);
+                    events.push(Event::Unbuffered { hash, envelope });
                 }
             }
         }
         events
+    }
+
+    /// The envelope (id, sender, sequence number) that the bytes whose processing gave
+    /// `events` carried: an application message's events start with it (accepted, or
+    /// waiting for parents); a commit's start with the epoch change, and the envelopes it
+    /// releases came in other bytes.
+    pub fn carried(&self, events: &[Event]) -> Option<(EnvelopeId, DeviceKey, u64)> {
+        match events
+            .iter()
+            .find(|event| !matches!(event, Event::CommitterChanged(_)))?
+        {
+            Event::Accepted(ids) => {
+                let id = ids.first()?;
+                let envelope = self.transcript.get(id)?;
+                Some((*id, envelope.sender, envelope.seq))
+            }
+            Event::Waiting {
+                id, sender, seq, ..
+            } => Some((*id, *sender, *seq)),
+            _ => None,
+        }
+    }
+
+    /// Whether the bytes with SHA-256 `hash` wait in this channel for their epoch (or
+    /// for a proposal their commit needs).
+    pub fn holds_buffered(&self, hash: &[u8; 32]) -> bool {
+        self.buffered.contains(hash)
     }
 
     /// Parties (by name) that hold `id`, judged from their latest envelopes.
