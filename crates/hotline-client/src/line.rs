@@ -475,6 +475,10 @@ pub struct PartyStatus {
 /// Something the duty officer must look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Alarm {
+    /// Stored alarms (what a relay did wrong, with its evidence) have an id, to clear
+    /// them by; live ones (a relay or path down, a deadline, undelivered messages) end
+    /// when their cause does.
+    pub id: Option<u64>,
     pub kind: String,
     pub relay: Option<String>,
     pub party: Option<String>,
@@ -640,6 +644,17 @@ impl Store {
         })
     }
 
+    /// Clears the open stored alarm `id` (its evidence stays); false if there is none.
+    pub fn clear_alarm(&mut self, id: u64) -> Result<bool, StoreError> {
+        let now = now_ms() as i64;
+        self.transact(|connection, _, _| {
+            Ok(connection.execute(
+                "UPDATE alarms SET cleared_ms = ?1 WHERE id = ?2 AND cleared_ms IS NULL",
+                params![now, id as i64],
+            )? == 1)
+        })
+    }
+
     /// The line at `now_ms`: relay paths, parties, backlog and alarms.
     pub fn status(&mut self, now_ms: u64) -> Result<Status, StoreError> {
         let summaries = self.channels()?;
@@ -747,6 +762,7 @@ impl Store {
                         .or(probing_since)
                         .unwrap_or(now_ms);
                     alarms.push(Alarm {
+id: None,
                         kind: "relay-down".into(),
                         relay: Some(url.clone()),
                         party: None,
@@ -771,6 +787,7 @@ impl Store {
                     if long_enough && error.is_none() && fresh(elsewhere.map(|ms| ms as u64)) {
                         let last = last_ok_by_party(connection, url, party)?;
                         alarms.push(Alarm {
+id: None,
                             kind: "path-down".into(),
                             relay: Some(url.clone()),
                             party: Some(party.clone()),
@@ -818,6 +835,7 @@ impl Store {
                         if now_ms >= envelope.claimed_time_ms + undelivered_after {
                             for party in &missing {
                                 alarms.push(Alarm {
+id: None,
                                     kind: "undelivered".into(),
                                     relay: None,
                                     party: Some((*party).clone()),
@@ -834,6 +852,7 @@ impl Store {
                         let read = channel.read_by(&id);
                         for party in others.iter().filter(|p| !read.contains(*p)) {
                             alarms.push(Alarm {
+id: None,
                                 kind: "deadline".into(),
                                 relay: None,
                                 party: Some(party.clone()),
@@ -849,11 +868,12 @@ impl Store {
 
             // What relays did wrong, recorded as it was found.
             let mut statement = connection.prepare(
-                "SELECT kind, relay, party, message, detail, since_ms FROM alarms
+                "SELECT kind, relay, party, message, detail, since_ms, id FROM alarms
                  WHERE cleared_ms IS NULL ORDER BY id",
             )?;
             let stored = statement.query_map([], |row| {
                 Ok(Alarm {
+                    id: Some(row.get::<_, i64>(6)? as u64),
                     kind: row.get(0)?,
                     relay: row.get(1)?,
                     party: row.get(2)?,

@@ -558,6 +558,7 @@ pub fn status(
     home: &Path,
     undelivered_after: Option<&str>,
     clear: bool,
+    clear_ids: &[u64],
     json_output: bool,
 ) -> Outcome {
     let mut store = Store::open(home)?;
@@ -591,8 +592,8 @@ pub fn status(
             .alarms
             .iter()
             .map(|a| {
-                json!({"kind": a.kind, "relay": a.relay, "party": a.party, "message": a.message,
-                       "since": a.since_ms, "detail": a.detail})
+                json!({"id": a.id, "kind": a.kind, "relay": a.relay, "party": a.party,
+                       "message": a.message, "since": a.since_ms, "detail": a.detail})
             })
             .collect();
         out!(
@@ -644,7 +645,8 @@ pub fn status(
             .flatten()
             .collect();
             out!(
-                "ALARM {} ({}) since {}: {}",
+                "ALARM {}{} ({}) since {}: {}",
+                alarm.id.map(|id| format!("#{id} ")).unwrap_or_default(),
                 alarm.kind,
                 about.join(", "),
                 ago(Some(alarm.since_ms)).unwrap_or_default(),
@@ -655,6 +657,15 @@ pub fn status(
     if clear {
         let cleared = store.clear_alarms()?;
         eprintln!("{cleared} stored alarm(s) cleared; their evidence stays in the database");
+    }
+    for id in clear_ids {
+        if !store.clear_alarm(*id)? {
+            return Err(failure(format!(
+                "no open stored alarm #{id}: see the ids in hotline status --json (alarms[].id); \
+                 live alarms (relay-down, path-down, deadline, undelivered) end with their cause"
+            )));
+        }
+        eprintln!("alarm #{id} cleared; its evidence stays in the database");
     }
     if status.line_down() {
         return Err(Failure {

@@ -151,6 +151,10 @@ enum Command {
         /// evidence stays in the database.
         #[arg(long)]
         clear: bool,
+        /// Clear one stored alarm by its id (`status --json`: alarms[].id), after
+        /// reading it; repeatable.
+        #[arg(long = "clear-id", value_name = "ID")]
+        clear_ids: Vec<u64>,
         #[command(flatten)]
         json: Json,
     },
@@ -352,8 +356,15 @@ fn main() -> ExitCode {
         Command::Status {
             undelivered_after,
             clear,
+            clear_ids,
             json,
-        } => device::status(&home, undelivered_after.as_deref(), clear, json.json),
+        } => device::status(
+            &home,
+            undelivered_after.as_deref(),
+            clear,
+            &clear_ids,
+            json.json,
+        ),
         Command::Export { channel, out } => device::export(&home, &channel, &out),
         Command::Relay(RelayCommand::Serve {
             data,

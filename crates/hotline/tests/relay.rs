@@ -1193,7 +1193,23 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
         alarms.iter().all(|a| a["relay"] != honest.url.as_str()),
         "an alarm names the honest relay: {status}"
     );
-    // The operator has read them: cleared, the line is quiet again.
+    // The operator clears one after reading it: the others stay open.
+    let first = alarms[0]["id"].as_u64().expect("stored alarms have ids");
+    assert_eq!(
+        cli(&south, &["status", "--clear-id", &first.to_string()]).0,
+        6
+    );
+    let (_, after) = cli(&south, &["status", "--json"]);
+    let after: serde_json::Value = serde_json::from_str(after.trim()).unwrap();
+    let left = after["alarms"].as_array().unwrap();
+    assert_eq!(left.len(), alarms.len() - 1, "{after}");
+    assert!(left.iter().all(|a| a["id"].as_u64() != Some(first)));
+    // Not twice, and not one that does not exist.
+    assert_eq!(
+        cli(&south, &["status", "--clear-id", &first.to_string()]).0,
+        1
+    );
+    // The rest, all at once: the line is quiet again.
     assert_eq!(cli(&south, &["status", "--clear"]).0, 6);
     assert_eq!(cli(&south, &["status"]).0, 0);
 
