@@ -30,6 +30,9 @@ use crate::store::{
 
 /// Default time between link tests.
 pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
+
+/// One probe in this many (the first included) comes with a signed checkpoint.
+pub const CHECKPOINT_EVERY: i64 = 10;
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
 
@@ -573,6 +576,32 @@ impl Store {
                             "INSERT INTO probes (id, channel, sent_ms) VALUES (?1, ?2, ?3)",
                             params![&probe.0[..], &id.0[..], now as i64],
                         )?;
+                        // Every tenth probe comes with a signed checkpoint: the root over
+                        // everything this device holds, which every member checks
+                        // against its own (a `checkpoint` alarm when they differ).
+                        let probes: i64 = connection.query_row(
+                            "SELECT COUNT(*) FROM probes WHERE channel = ?1",
+                            [&id.0[..]],
+                            |row| row.get(0),
+                        )?;
+                        if probes % CHECKPOINT_EVERY == 1 {
+                            let body = Body::Checkpoint {
+                                root: [0; 32],
+                                size: 0,
+                                horizon: 0,
+                            };
+                            match store::seal(
+                                connection,
+                                &provider,
+                                identity,
+                                &mut channel,
+                                body,
+                                None,
+                            ) {
+                                Ok(_) | Err(StoreError::Channel(_)) => {}
+                                Err(error) => return Err(error),
+                            }
+                        }
                         save_channel(connection, &mut channel, false)?;
                         sent += 1;
                     }

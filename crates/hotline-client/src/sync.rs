@@ -354,6 +354,7 @@ fn apply(
                             let found = match event {
                                 Event::Forgery { .. } | Event::BadEnvelope { .. } => "altered",
                                 Event::Fork { .. } => "fork",
+                                Event::CheckpointMismatch { .. } => "checkpoint",
                                 _ => continue,
                             };
                             let detail = format!("message {seq}: {event:?}");

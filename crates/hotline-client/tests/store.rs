@@ -201,3 +201,54 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
         .collect();
     assert!(stored.is_empty(), "{stored:?}");
 }
+
+/// A relay that hands a sender's messages over out of order is named: the one served
+/// early shows a gap (`dropped`), the one served late comes after a later one
+/// (`replayed`). The transcript still holds all three, in their order.
+#[test]
+fn a_relay_reordering_a_senders_messages_is_named() {
+    use hotline_client::bundle::Entry;
+    use hotline_client::store::Cursor;
+    let (mut north, mut south, _, _) = pair();
+    for text in ["one", "two", "three"] {
+        north.send("crisis", Body::Text(text.into()), None).unwrap();
+    }
+    let bytes: Vec<Vec<u8>> = north
+        .export_outbox()
+        .unwrap()
+        .into_iter()
+        .filter_map(|entry| match entry {
+            Entry::Message(bytes) => Some(bytes),
+            Entry::Welcome { .. } => None,
+        })
+        .collect();
+    assert_eq!(bytes.len(), 3);
+    let relay = "https://r.test/#sha256=00";
+    for (seq, index) in [0, 2, 1].into_iter().enumerate() {
+        south
+            .receive_at(
+                &bytes[index],
+                Some(Cursor {
+                    relay,
+                    log: "channel",
+                    seq: seq as u64 + 1,
+                }),
+            )
+            .unwrap();
+    }
+    let texts: Vec<String> = south
+        .log("crisis")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(texts, ["one", "two", "three"]);
+    let status = south.status(u64::MAX / 2).unwrap();
+    let named: Vec<&str> = status
+        .alarms
+        .iter()
+        .filter(|alarm| alarm.relay.as_deref() == Some(relay))
+        .map(|alarm| alarm.kind.as_str())
+        .collect();
+    assert_eq!(named, ["dropped", "replayed"], "{:?}", status.alarms);
+}

@@ -54,7 +54,7 @@ use crate::CIPHERSUITE;
 use crate::card::VerifiedContact;
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, MembershipNote};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
-use crate::transcript::{Inserted, Rejection, Transcript};
+use crate::transcript::{Finding, Inserted, Rejection, Transcript};
 
 /// First byte of a resent envelope's plaintext (an envelope starts with its version, 1).
 pub const RESENT: u8 = 0x81;
@@ -132,6 +132,13 @@ pub enum Event {
     /// These bytes were its sender's resend of an envelope sealed before (see
     /// [`Channel::resend`]); the other events say what became of the envelope.
     Resent,
+    /// A member's checkpoint claims a root over its history that differs from the one
+    /// this device computes over the same envelopes: the two hold different histories,
+    /// or the member lies about its own.
+    CheckpointMismatch {
+        checkpoint: EnvelopeId,
+        sender: DeviceKey,
+    },
     /// A message held for its epoch (reported [`Event::Buffered`] when it came) was
     /// processed now: the SHA-256 of its bytes and the envelope they carried, if any
     /// (`None` for a resend, or bytes that carried no new envelope). Its own events come
@@ -1033,7 +1040,21 @@ impl Channel {
         };
         let mut events = Vec::new();
         let (sender, seq) = (envelope.sender, envelope.seq);
-        match self.transcript.insert(envelope, id) {
+        let findings = self.transcript.findings().len();
+        let inserted = self.transcript.insert(envelope, id);
+        // Checkpoints are checked as they enter the transcript, released ones included.
+        for finding in &self.transcript.findings()[findings..] {
+            if let Finding::CheckpointMismatch {
+                checkpoint, sender, ..
+            } = finding
+            {
+                events.push(Event::CheckpointMismatch {
+                    checkpoint: *checkpoint,
+                    sender: *sender,
+                });
+            }
+        }
+        match inserted {
             Ok(Inserted::Accepted(ids)) => {
                 if let Some(to) = handover {
                     self.committer = to;

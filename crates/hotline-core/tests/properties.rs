@@ -316,3 +316,77 @@ fn arbitrary_envelope() -> impl Strategy<Value = Envelope> {
             },
         )
 }
+
+/// A checkpoint whose root is not the one this member computes over the same envelopes
+/// is recorded as a `CheckpointMismatch` naming its sender (the sync engine raises a
+/// `checkpoint` alarm); an honest one is not.
+#[test]
+fn a_lying_checkpoint_is_found_and_an_honest_one_is_not() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let north = DeviceIdentity::generate("north", "desk", &mut rng).unwrap();
+    let south = DeviceIdentity::generate("south", "desk", &mut rng).unwrap();
+    let roster = [north.info().clone(), south.info().clone()];
+    let mut transcript = fresh(&roster);
+    let envelope = |identity: &DeviceIdentity, transcript: &Transcript, body: Body| {
+        let me = identity.key();
+        let (seq, prev) = transcript
+            .head_of(&me)
+            .map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
+        let (seen, lamport) = transcript.next_references(&me);
+        let mut envelope = Envelope {
+            channel: CHANNEL,
+            sender: me,
+            epoch: 1,
+            seq,
+            prev,
+            prev_epoch: if seq == 1 { 0 } else { 1 },
+            seen,
+            lamport,
+            claimed_time_ms: 1_000,
+            body,
+            deadline_ms: None,
+            signature: None,
+        };
+        if matches!(envelope.body, Body::Checkpoint { .. }) {
+            envelope.sign(identity);
+        }
+        let id = envelope.id();
+        (envelope, id)
+    };
+    let (text, id) = envelope(&north, &transcript, Body::Text("hello".into()));
+    transcript.insert(text, id).unwrap();
+    let (root, size) = transcript.root_for_next_checkpoint();
+    let honest = Body::Checkpoint {
+        root,
+        size,
+        horizon: 0,
+    };
+    let (checkpoint, id) = envelope(&south, &transcript, honest);
+    transcript.insert(checkpoint, id).unwrap();
+    assert!(
+        transcript.findings().is_empty(),
+        "{:?}",
+        transcript.findings()
+    );
+
+    let (root, size) = transcript.root_for_next_checkpoint();
+    let mut wrong = root;
+    wrong[0] ^= 1;
+    let lying = Body::Checkpoint {
+        root: wrong,
+        size,
+        horizon: 0,
+    };
+    let (checkpoint, id) = envelope(&south, &transcript, lying);
+    transcript.insert(checkpoint, id).unwrap();
+    assert!(
+        matches!(
+            transcript.findings(),
+            [hotline_core::Finding::CheckpointMismatch { checkpoint, sender, claimed, computed }]
+                if *checkpoint == id && *sender == south.key() && claimed.0 == wrong
+                    && computed.0 == root
+        ),
+        "{:?}",
+        transcript.findings()
+    );
+}
