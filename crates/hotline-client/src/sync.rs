@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 
 use crate::Store;
 use crate::bundle;
+use crate::store::OutboxItem;
 use crate::store::{Cursor, StoreError};
 
 /// What one sync did.
@@ -654,7 +655,25 @@ async fn push_pass(
 
     // 2. Push every outbox row to every relay that does not hold it yet: messages to
     // the channel's relays, Welcomes (as invitations) to each recipient's inbox relays.
-    for item in store.outbox()? {
+    // Consecutive plain messages of one channel go in batches, one request per relay.
+    let outbox = store.outbox()?;
+    let mut next = 0;
+    while let Some(item) = outbox.get(next) {
+        let run = plain_run(&outbox[next..]);
+        if run >= 2 {
+            push_run(
+                store,
+                identity,
+                relays,
+                report,
+                &mut failed,
+                &outbox[next..next + run],
+            )
+            .await?;
+            next += run;
+            continue;
+        }
+        next += 1;
         let mut targets: Vec<(String, String, Log)> = Vec::new();
         let mut body = item.bytes.clone();
         if let Some(channel) = item.channel {
@@ -717,4 +736,106 @@ async fn push_pass(
         }
     }
     Ok(merged)
+}
+
+/// Most messages in one batch post, and most bytes.
+const BATCH_MESSAGES: usize = 64;
+const BATCH_BYTES: usize = 512 * 1024;
+
+/// How many outbox rows from the first are plain messages of one channel (no Welcome,
+/// no commit, no relays of their own) that fit in one batch.
+fn plain_run(items: &[OutboxItem]) -> usize {
+    let plain = |item: &OutboxItem| {
+        item.channel.is_some() && !item.welcome && !item.commit && item.only_relays.is_none()
+    };
+    let Some(first) = items.first().filter(|item| plain(item)) else {
+        return 0;
+    };
+    let mut bytes = 0;
+    items
+        .iter()
+        .take(BATCH_MESSAGES)
+        .take_while(|item| {
+            bytes += item.bytes.len();
+            plain(item) && item.channel == first.channel && bytes <= BATCH_BYTES
+        })
+        .count()
+}
+
+/// Posts a run of plain messages of one channel to each of its relays in one request
+/// per relay (`post_batch`), all relays at once; a relay without the batch endpoint
+/// (404) gets them one by one. Marks each message posted where the relay stored it.
+async fn push_run(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+    failed: &mut HashSet<String>,
+    run: &[OutboxItem],
+) -> Result<(), StoreError> {
+    let Some(channel) = run.first().and_then(|item| item.channel) else {
+        return Ok(());
+    };
+    let urls = store.channel_relays(&channel)?;
+    let mut missing: Vec<usize> = run
+        .iter()
+        .map(|item| urls.iter().filter(|url| !item.posted.contains(url)).count())
+        .collect();
+    let mut posts = Vec::new();
+    for url in urls {
+        let wanted: Vec<usize> = (0..run.len())
+            .filter(|index| !run[*index].posted.contains(&url))
+            .collect();
+        if wanted.is_empty() || failed.contains(&url) {
+            continue;
+        }
+        let client = match relays.get(&url) {
+            Ok(client) => client,
+            Err(error) => {
+                report.relays.insert(url.clone(), Some(error));
+                failed.insert(url);
+                continue;
+            }
+        };
+        let messages: Vec<Vec<u8>> = wanted.iter().map(|i| run[*i].bytes.clone()).collect();
+        posts.push(async move {
+            let answers = match client.post_batch(identity, &channel.0, &messages).await {
+                Err(ClientError::Refused { status: 404, .. }) => {
+                    let mut answers = Vec::with_capacity(messages.len());
+                    for message in messages {
+                        let answer = client.post(identity, &channel.0, message).await;
+                        let stop = answer.is_err();
+                        answers.push(answer);
+                        if stop {
+                            break;
+                        }
+                    }
+                    Ok(answers)
+                }
+                other => other,
+            };
+            (url, wanted, answers)
+        });
+    }
+    for (url, wanted, answers) in futures_util::future::join_all(posts).await {
+        let answers = match answers {
+            Ok(answers) => answers,
+            Err(error) => {
+                note(report, &url, Err(error));
+                failed.insert(url);
+                continue;
+            }
+        };
+        for (index, answer) in wanted.into_iter().zip(answers) {
+            if !note(report, &url, answer.map(|_| ())) {
+                // The rest would reach this relay out of order: next pass.
+                failed.insert(url);
+                break;
+            }
+            missing[index] -= 1;
+            store.mark_posted(run[index].seq, &url, missing[index] == 0)?;
+            report.pushed += 1;
+        }
+    }
+    Ok(())
 }

@@ -17,6 +17,9 @@ use hotline_relay::storage::{Membership, RelayStorage, SqliteStorage};
 use hotline_relay::tls;
 use rand::SeedableRng;
 
+/// Messages per request in the batched runs.
+const BATCH: usize = 32;
+
 /// 1 KiB records appended `batch` at a time, one fdatasync per batch.
 fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f64 {
     let mut file = std::fs::File::create(dir.join(format!("group-{batch}.log"))).unwrap();
@@ -32,13 +35,15 @@ fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f6
 }
 
 /// Runs a relay on `storage` and has `senders` devices post `total` messages of 1 KiB
-/// between them; returns messages/s and the post latency p50 and p99.
+/// between them, `batch` per request (1: one `post` each; more: `post_batch`); returns
+/// messages/s and the request latency p50 and p99.
 async fn measure<S: RelayStorage>(
     data: &std::path::Path,
     storage: S,
     limits: Limits,
     senders: usize,
     total: usize,
+    batch: usize,
 ) -> (f64, Duration, Duration) {
     let (cert, key) = tls::load_or_create(data).unwrap();
     let pin = tls::pin_of(&cert);
@@ -81,23 +86,47 @@ async fn measure<S: RelayStorage>(
         let client = RelayClient::new(&url).unwrap();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
-            for m in 0..per_sender {
+            let payload = |m: usize| {
                 let mut payload = vec![0u8; 1024];
                 payload[..16].copy_from_slice(
                     &[(n as u64).to_be_bytes(), (m as u64).to_be_bytes()].concat(),
                 );
+                payload
+            };
+            let mut sent_count = 0;
+            for first in (0..per_sender).step_by(batch) {
+                let messages: Vec<Vec<u8>> = (first..(first + batch).min(per_sender))
+                    .map(payload)
+                    .collect();
                 let sent = Instant::now();
-                client.post(&identity, &channel, payload).await.unwrap();
+                if batch == 1 {
+                    client
+                        .post(&identity, &channel, messages[0].clone())
+                        .await
+                        .unwrap();
+                } else {
+                    for answer in client
+                        .post_batch(&identity, &channel, &messages)
+                        .await
+                        .unwrap()
+                    {
+                        answer.unwrap();
+                    }
+                }
                 latencies.push(sent.elapsed());
+                sent_count += messages.len();
             }
-            latencies
+            (sent_count, latencies)
         }));
     }
     let mut latencies: Vec<Duration> = Vec::new();
+    let mut messages = 0;
     for task in tasks {
-        latencies.extend(task.await.unwrap());
+        let (sent, taken) = task.await.unwrap();
+        messages += sent;
+        latencies.extend(taken);
     }
-    let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    let rate = messages as f64 / start.elapsed().as_secs_f64();
     latencies.sort();
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
@@ -132,11 +161,39 @@ fn main() {
         std::fs::create_dir_all(&data).unwrap();
         let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
         let (rate, p50, p99) =
-            runtime.block_on(measure(&data, storage, limits.clone(), senders, total));
+            runtime.block_on(measure(&data, storage, limits.clone(), senders, total, 1));
         println!(
             "{senders:>3} senders: relay {rate:>8.0} msg/s (p50 {:>6.2} ms, p99 {:>6.2} ms) | group-commit limit at batch {senders}: {limit:>8.0} rec/s | {:.0} % of it",
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
+            100.0 * rate / limit
+        );
+        // The same senders posting BATCH messages per signed request (`post_batch`), as
+        // the sync engine's push does with a backlog; beside the limit at the batch
+        // size the writer then sees.
+        let data = dir.join(format!("relay-batch-{senders}"));
+        std::fs::create_dir_all(&data).unwrap();
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
+        let batched_total = total.max(senders * BATCH * 4);
+        let (rate, p50, p99) = runtime.block_on(measure(
+            &data,
+            storage,
+            limits.clone(),
+            senders,
+            batched_total,
+            BATCH,
+        ));
+        let batch_limit = group_commit_limit(
+            &dir,
+            (senders * BATCH).min(4096),
+            batched_total.max(senders * BATCH),
+        );
+        println!(
+            "{senders:>3} senders, {BATCH} per request: relay {rate:>8.0} msg/s (request p50 {:>6.2} ms, p99 {:>6.2} ms) | group-commit limit at batch {}: {batch_limit:>8.0} rec/s | {:.0} % of it | {:.0} % of the limit at batch {senders}",
+            p50.as_secs_f64() * 1e3,
+            p99.as_secs_f64() * 1e3,
+            (senders * BATCH).min(4096),
+            100.0 * rate / batch_limit,
             100.0 * rate / limit
         );
         if let Some(url) = &postgres {
@@ -151,7 +208,7 @@ fn main() {
                 .unwrap();
             let data = dir.join(format!("relay-pg-{senders}"));
             let (rate, p50, p99) =
-                runtime.block_on(measure(&data, storage, limits, senders, total));
+                runtime.block_on(measure(&data, storage, limits, senders, total, 1));
             let _ = std::process::Command::new("psql")
                 .args([
                     url.as_str(),

@@ -158,6 +158,57 @@ impl RelayClient {
         .await
     }
 
+    /// Posts several messages to a channel in one signed request (at most
+    /// [`MAX_BATCH`](crate::server::MAX_BATCH)); they are appended in order. One answer
+    /// per message, in order: its sequence number once stored durably, or why the relay
+    /// refused that one.
+    pub async fn post_batch(
+        &self,
+        identity: &DeviceIdentity,
+        channel: &[u8; 32],
+        messages: &[Vec<u8>],
+    ) -> Result<Vec<Result<u64, ClientError>>, ClientError> {
+        let answer = self
+            .send(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/channels/{}/batch", hex::encode(channel)),
+                crate::server::encode_batch(messages),
+            )
+            .await?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| {
+            ClientError::Malformed(
+                hotline_core::codec::DecodeError::Invalid {
+                    field: "batch answer",
+                    reason: "not one result per message",
+                },
+                self.base.clone(),
+            )
+        })?;
+        let results = answer["results"].as_array().cloned().unwrap_or_default();
+        if results.len() != messages.len() {
+            return Err(ClientError::Malformed(
+                hotline_core::codec::DecodeError::Invalid {
+                    field: "batch answer",
+                    reason: "not one result per message",
+                },
+                self.base.clone(),
+            ));
+        }
+        Ok(results
+            .iter()
+            .map(|result| match result["seq"].as_u64() {
+                Some(seq) => Ok(seq),
+                None => Err(ClientError::Refused {
+                    relay: self.base.clone(),
+                    status: 200,
+                    code: result["error"].as_str().unwrap_or("unknown").to_owned(),
+                    detail: result["detail"].as_str().unwrap_or("").to_owned(),
+                }),
+            })
+            .collect())
+    }
+
     /// Messages after `after`, waiting up to `wait` for new ones.
     pub async fn fetch(
         &self,

@@ -30,6 +30,7 @@ where
     quota_refuses_and_changes_nothing(&storage).await;
     expiry_deletes_old_and_keeps_the_sequence(&storage).await;
     concurrent_appends_get_distinct_contiguous_numbers(&storage).await;
+    a_batch_appends_in_order_each_as_alone(&storage).await;
     let (log, expected) = written_before_reopen(&storage).await;
     drop(storage);
     let storage = open().await;
@@ -58,6 +59,65 @@ async fn read_all(storage: &impl RelayStorage, log: &Log) -> Vec<(u64, Vec<u8>)>
         .read_after(log, 0, 10_000)
         .await
         .expect("read failed")
+}
+
+/// `append_all`: in order, consecutive numbers, a duplicate answered with its first
+/// number, and a message over the quota refused alone, while concurrent batches on
+/// other logs keep their own order.
+async fn a_batch_appends_in_order_each_as_alone(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    let first = message("b", 0);
+    assert_eq!(append(storage, &log, first.clone()).await, (1, false));
+    let mut batch: Vec<Vec<u8>> = (1..=40).map(|n| message("b", n)).collect();
+    batch.insert(10, first.clone());
+    batch.push(vec![0u8; QUOTA as usize]);
+    batch.push(message("b", 41));
+    let other = Log::Channel(fresh_channel());
+    let others: Vec<Vec<u8>> = (1..=40).map(|n| message("o", n)).collect();
+    let (answers, other_answers) = tokio::join!(
+        storage.append_all(log.clone(), batch.clone()),
+        storage.append_all(other.clone(), others.clone()),
+    );
+    assert_eq!(answers.len(), batch.len(), "one answer per message");
+    let mut expected = 2;
+    for (index, answer) in answers.iter().enumerate() {
+        match (index, answer) {
+            (10, Ok(appended)) => assert_eq!(
+                (appended.seq, appended.duplicate),
+                (1, true),
+                "a batch's duplicate keeps its number"
+            ),
+            (41, Err(StorageError::QuotaExceeded(_))) => {}
+            (_, Ok(appended)) => {
+                assert_eq!(
+                    (appended.seq, appended.duplicate),
+                    (expected, false),
+                    "a batch is numbered in order (message {index})"
+                );
+                expected += 1;
+            }
+            (_, Err(error)) => panic!("a batch's message {index} failed: {error}"),
+        }
+    }
+    let stored: Vec<Vec<u8>> = read_all(storage, &log)
+        .await
+        .into_iter()
+        .map(|(_, bytes)| bytes)
+        .collect();
+    let mut wanted = vec![first];
+    wanted.extend(
+        batch
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| *index != 10 && *index != 41)
+            .map(|(_, bytes)| bytes.clone()),
+    );
+    assert_eq!(stored, wanted, "a batch is stored in order");
+    let other_seqs: Vec<u64> = other_answers
+        .into_iter()
+        .map(|answer| answer.expect("other batch").seq)
+        .collect();
+    assert_eq!(other_seqs, (1..=40).collect::<Vec<u64>>());
 }
 
 async fn appends_in_order_per_log(storage: &impl RelayStorage) {

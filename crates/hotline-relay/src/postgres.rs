@@ -404,6 +404,33 @@ impl RelayStorage for PostgresStorage {
         wait.await.map_err(|_| StorageError::WriterGone)?
     }
 
+    /// Queues every message before waiting for any: the writer commits them in order,
+    /// in as few transactions as it drains.
+    async fn append_all(
+        &self,
+        log: Log,
+        messages: Vec<Vec<u8>>,
+    ) -> Vec<Result<Appended, StorageError>> {
+        let mut waits = Vec::with_capacity(messages.len());
+        for bytes in messages {
+            let (answer, wait) = tokio::sync::oneshot::channel();
+            let job = AppendJob {
+                key: key(&log),
+                bytes,
+                answer,
+            };
+            waits.push(self.appends.send(job).map(|()| wait));
+        }
+        let mut answers = Vec::with_capacity(waits.len());
+        for wait in waits {
+            answers.push(match wait {
+                Ok(wait) => wait.await.unwrap_or(Err(StorageError::WriterGone)),
+                Err(_) => Err(StorageError::WriterGone),
+            });
+        }
+        answers
+    }
+
     async fn read_after(
         &self,
         log: &Log,

@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hotline_core::DeviceKey;
-use hotline_core::codec::Writer;
+use hotline_core::codec::{Reader, Writer};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -177,13 +177,26 @@ impl<S: RelayStorage> AppState<S> {
         problem
     }
 
-    /// Authenticates, then charges the device's rate bucket.
+    /// Authenticates, then charges the device's rate bucket one request.
     fn authenticate(
         &self,
         method: &Method,
         uri: &Uri,
         headers: &HeaderMap,
         body: &[u8],
+    ) -> Result<DeviceKey, Problem> {
+        self.authenticate_costing(method, uri, headers, body, 1.0)
+    }
+
+    /// Authenticates, then charges the device's rate bucket `cost` requests (a batch
+    /// costs one per message); refuses, charging nothing, if the bucket lacks them.
+    fn authenticate_costing(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+        cost: f64,
     ) -> Result<DeviceKey, Problem> {
         let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
         let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
@@ -208,14 +221,14 @@ impl<S: RelayStorage> AppState<S> {
         *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.limits.rate_per_second)
             .min(self.limits.rate_burst);
         *last = now;
-        if *tokens < 1.0 {
+        if *tokens < cost {
             return Err(self.reject(Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "slow-down",
                 "too many requests from this device; retry later",
             )));
         }
-        *tokens -= 1.0;
+        *tokens -= cost;
         Ok(device)
     }
 
@@ -425,6 +438,96 @@ async fn post_message<S: RelayStorage>(
     state.append_answer(Log::Channel(channel), body).await
 }
 
+/// Most messages in one batch post.
+pub const MAX_BATCH: usize = 256;
+
+/// Decodes a batch body: `u32 n, n × (u32 length, bytes)`, each message non-empty.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut reader = Reader::new(body);
+    let count = reader
+        .count("messages", MAX_BATCH, 5)
+        .map_err(|e| e.to_string())?;
+    let mut messages = Vec::with_capacity(count);
+    for _ in 0..count {
+        let bytes = reader
+            .bytes("message", body.len())
+            .map_err(|e| e.to_string())?;
+        if bytes.is_empty() {
+            return Err("empty message".into());
+        }
+        messages.push(bytes.to_vec());
+    }
+    reader.finish().map_err(|e| e.to_string())?;
+    if messages.is_empty() {
+        return Err("empty batch".into());
+    }
+    Ok(messages)
+}
+
+/// Encodes messages for [`decode_batch`].
+pub fn encode_batch(messages: &[Vec<u8>]) -> Vec<u8> {
+    let mut writer = Writer::new();
+    writer.u32(messages.len() as u32);
+    for message in messages {
+        writer.bytes(message);
+    }
+    writer.into_bytes()
+}
+
+/// Several messages for one channel in one signed request, appended in order (committed
+/// together where the backend can). Answers one result per message, in order: its
+/// sequence number, or why it was refused (a message refused leaves the others as they
+/// are: each is an append of its own).
+async fn post_batch<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(channel): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let messages = decode_batch(&body).map_err(|detail| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("malformed batch: {detail}"),
+        ))
+    })?;
+    let cost = messages.len() as f64;
+    let device = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
+    let channel = parse_key(&channel)?;
+    state.require_member(&channel, &device).await?;
+    let lengths: Vec<u64> = messages.iter().map(|m| m.len() as u64).collect();
+    let answers = state
+        .storage
+        .append_all(Log::Channel(channel), messages)
+        .await;
+    let mut results = Vec::with_capacity(answers.len());
+    let mut stored = 0;
+    for (answer, len) in answers.into_iter().zip(lengths) {
+        match answer {
+            Ok(appended) => {
+                if appended.duplicate {
+                    state.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stored += 1;
+                    state.metrics.stored.fetch_add(1, Ordering::Relaxed);
+                    state.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                results.push(json!({"seq": appended.seq, "duplicate": appended.duplicate}));
+            }
+            Err(error) => {
+                let problem = state.reject(error.into());
+                results.push(json!({"error": problem.code, "detail": problem.detail}));
+            }
+        }
+    }
+    if stored > 0 {
+        state.appended.send_modify(|n| *n += stored);
+    }
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
 #[derive(Debug, Deserialize)]
 struct AckBody {
     seq: u64,
@@ -603,6 +706,7 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
             "/v1/channels/{channel}/messages",
             post(post_message::<S>).get(get_messages::<S>),
         )
+        .route("/v1/channels/{channel}/batch", post(post_batch::<S>))
         .route("/v1/channels/{channel}/ack", post(post_ack::<S>))
         .route(
             "/v1/inbox/{device}",

@@ -87,6 +87,24 @@ pub trait RelayStorage: Send + Sync + 'static {
         log: Log,
         bytes: Vec<u8>,
     ) -> impl Future<Output = Result<Appended, StorageError>> + Send;
+    /// Appends several messages to one log, in order, each as [`append`] would; one
+    /// answer per message. Backends may commit them together (fewer flushes); this
+    /// default appends them one after the other.
+    ///
+    /// [`append`]: RelayStorage::append
+    fn append_all(
+        &self,
+        log: Log,
+        messages: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Vec<Result<Appended, StorageError>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(messages.len());
+            for bytes in messages {
+                answers.push(self.append(log.clone(), bytes).await);
+            }
+            answers
+        }
+    }
     /// Up to `limit` messages after `after`, in order.
     fn read_after(
         &self,
@@ -490,6 +508,33 @@ impl RelayStorage for SqliteStorage {
             .send(Job::Append { log, bytes, answer })
             .map_err(|_| StorageError::WriterGone)?;
         wait.await.map_err(|_| StorageError::WriterGone)?
+    }
+
+    /// Queues every message before waiting for any: the writer commits them in order,
+    /// in as few transactions as it drains.
+    async fn append_all(
+        &self,
+        log: Log,
+        messages: Vec<Vec<u8>>,
+    ) -> Vec<Result<Appended, StorageError>> {
+        let mut waits = Vec::with_capacity(messages.len());
+        for bytes in messages {
+            let (answer, wait) = oneshot::channel();
+            let log = log.clone();
+            waits.push(
+                self.jobs
+                    .send(Job::Append { log, bytes, answer })
+                    .map(|()| wait),
+            );
+        }
+        let mut answers = Vec::with_capacity(waits.len());
+        for wait in waits {
+            answers.push(match wait {
+                Ok(wait) => wait.await.unwrap_or(Err(StorageError::WriterGone)),
+                Err(_) => Err(StorageError::WriterGone),
+            });
+        }
+        answers
     }
 
     async fn acknowledge(

@@ -220,6 +220,32 @@ async fn garbage_is_refused_with_its_code_and_changes_nothing() {
             .as_u16(),
         401
     );
+    // Malformed batches: 400, nothing stored.
+    let batch_path = format!("/v1/channels/{}/batch", hex::encode(channel));
+    let too_many: Vec<Vec<u8>> = (0..=hotline_relay::server::MAX_BATCH)
+        .map(|n| n.to_be_bytes().to_vec())
+        .collect();
+    let mut truncated = hotline_relay::server::encode_batch(&[b"whole".to_vec()]);
+    truncated.pop();
+    for body in [
+        b"garbage".to_vec(),
+        hotline_relay::server::encode_batch(&[]),
+        hotline_relay::server::encode_batch(&[b"x".to_vec(), Vec::new()]),
+        hotline_relay::server::encode_batch(&too_many),
+        truncated,
+    ] {
+        let response = signed("POST", &batch_path, &body).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+    }
+    // A batch from a device that is not a member: 403.
+    let stranger = identity("stranger", 9);
+    let refused = client
+        .post_batch(&stranger, &channel, &[b"intruder".to_vec()])
+        .await;
+    assert!(
+        matches!(refused, Err(ClientError::Refused { status: 403, .. })),
+        "{refused:?}"
+    );
     // A request from an hour ago: 401.
     let mut stale = raw.post(format!("{base}{messages_path}"));
     for (name, value) in
@@ -244,6 +270,24 @@ async fn garbage_is_refused_with_its_code_and_changes_nothing() {
             .await
             .unwrap(),
         vec![(1, b"one".to_vec())]
+    );
+    // A well-formed batch: appended in order, its duplicate answered with its number.
+    let answers = client
+        .post_batch(
+            &north,
+            &channel,
+            &[b"two".to_vec(), b"one".to_vec(), b"three".to_vec()],
+        )
+        .await
+        .unwrap();
+    let seqs: Vec<u64> = answers.into_iter().map(Result::unwrap).collect();
+    assert_eq!(seqs, [2, 1, 3]);
+    assert_eq!(
+        client
+            .fetch(&north, &channel, 1, Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![(2, b"two".to_vec()), (3, b"three".to_vec())]
     );
     running.shutdown().await;
 }

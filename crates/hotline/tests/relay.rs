@@ -441,11 +441,20 @@ fn two_devices_over_a_relay() {
         &["send", "crisis", "while the relay is down", "--json"],
     );
     assert_eq!(field(&sent, "relayed"), 0);
+    for text in ["queued second", "queued third"] {
+        ok(&north, &["send", "crisis", text]);
+    }
     assert_eq!(cli(&north, &["sync"]).0, 3);
+    // Back: the three queued messages go in one batch, in order.
     let relay = Relay::start_on(&dir.join("relay"), &address);
     ok(&north, &["sync"]);
     ok(&south, &["sync"]);
-    assert_eq!(ok(&south, &["log", "crisis", "--json"]).lines().count(), 3);
+    let log = ok(&south, &["log", "crisis", "--json"]);
+    assert_eq!(log.lines().count(), 5, "{log}");
+    let down = log.find("while the relay is down").unwrap();
+    let second = log.find("queued second").unwrap();
+    let third = log.find("queued third").unwrap();
+    assert!(down < second && second < third, "{log}");
 
     // `sync --follow`: a message arrives while it waits, without another command; the
     // relay dies and comes back, and it resumes from its cursor.
@@ -460,7 +469,7 @@ fn two_devices_over_a_relay() {
     follower.expect_received();
     assert_eq!(follower.stop(), Some(0), "SIGTERM ends --follow cleanly");
     let log = ok(&south, &["log", "crisis", "--json"]);
-    assert_eq!(log.lines().count(), 5);
+    assert_eq!(log.lines().count(), 7);
     assert!(log.contains("relay dead again"));
 
     // A message the relay lost after accepting it is offered again, sealed anew, once
