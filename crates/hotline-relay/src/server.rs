@@ -75,6 +75,7 @@ struct AppState<S> {
     limits: Limits,
     appended: watch::Sender<u64>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, (f64, Instant)>>,
+    keys: auth::KeyCache,
     metrics: Metrics,
 }
 
@@ -201,6 +202,7 @@ impl<S: RelayStorage> AppState<S> {
         let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
         let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
         let device = auth::verify_request(
+            &self.keys,
             header(auth::DEVICE),
             header(auth::TIME),
             header(auth::SIGNATURE),
@@ -749,6 +751,7 @@ pub async fn serve<S: RelayStorage>(
         limits: limits.clone(),
         appended: watch::channel(0).0,
         buckets: std::sync::Mutex::new(HashMap::new()),
+        keys: auth::KeyCache::default(),
         metrics: Metrics::default(),
     });
     let app = router(Arc::clone(&state));
