@@ -41,14 +41,14 @@ impl From<HomeError> for Failure {
     }
 }
 
-fn failure(message: impl Into<String>) -> Failure {
+pub(crate) fn failure(message: impl Into<String>) -> Failure {
     Failure {
         message: message.into(),
         code: exit::ERROR,
     }
 }
 
-type Outcome = Result<(), Failure>;
+pub(crate) type Outcome = Result<(), Failure>;
 
 /// `$XDG_DATA_HOME/hotline`, else `~/.local/share/hotline`.
 pub fn default_home() -> PathBuf {

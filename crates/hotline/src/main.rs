@@ -16,6 +16,7 @@ macro_rules! out {
     };
 }
 
+mod console;
 mod demo;
 mod device;
 mod relay;
@@ -33,6 +34,7 @@ pub fn emit(line: std::fmt::Arguments<'_>) {
 /// Exit codes of DESIGN.md.
 pub mod exit {
     pub const ERROR: u8 = 1;
+    pub const USAGE: u8 = 2;
     pub const NETWORK: u8 = 3;
     pub const TRUST: u8 = 4;
     pub const INTEGRITY: u8 = 5;
@@ -177,6 +179,14 @@ enum Command {
     /// Run a relay, or print its address.
     #[command(subcommand)]
     Relay(RelayCommand),
+    /// The duty officer's screen: the line (relays, parties, alarms) and a channel's
+    /// messages, live, receiving as `sync --follow` does; type to send. Needs a
+    /// terminal.
+    Console {
+        /// The channel shown first (Tab moves to the next).
+        #[arg(long)]
+        channel: Option<String>,
+    },
     /// Play the whole story in memory: three parties, fingerprints, a channel,
     /// messages, receipts, export and offline verification.
     Demo {
@@ -299,6 +309,7 @@ fn main() -> ExitCode {
     let home = cli.home.unwrap_or_else(device::default_home);
     let result = match cli.command {
         Command::Demo { json } => return demo::run(json.json),
+        Command::Console { channel } => console::run(&home, channel.as_deref()),
         Command::Verify { file, json } => return verify::run(&file, json.json),
         Command::Init {
             party,

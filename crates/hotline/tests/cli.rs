@@ -153,3 +153,96 @@ fn tempdir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Two homes with a channel between them (no relay: bundles), north's home returned.
+fn home_with_a_channel(dir: &std::path::Path) -> std::path::PathBuf {
+    let (north, south) = (dir.join("north"), dir.join("south"));
+    let _ = std::fs::remove_dir_all(&north);
+    let _ = std::fs::remove_dir_all(&south);
+    let run = |home: &std::path::Path, args: &[&str]| -> String {
+        let output = hotline()
+            .env("HOTLINE_HOME", home)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "hotline {args:?}: {output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    run(&north, &["init", "--party", "north"]);
+    run(&south, &["init", "--party", "south"]);
+    let card = dir.join("south.card");
+    run(&south, &["card", "export", "--out", card.to_str().unwrap()]);
+    let id: serde_json::Value = serde_json::from_str(&run(&south, &["id", "--json"])).unwrap();
+    run(
+        &north,
+        &[
+            "card",
+            "import",
+            card.to_str().unwrap(),
+            "--fingerprint",
+            id["fingerprint"].as_str().unwrap(),
+        ],
+    );
+    run(&north, &["channel", "create", "crisis", "--with", "south"]);
+    north
+}
+
+#[test]
+fn the_console_refuses_to_run_without_a_terminal() {
+    let home = home_with_a_channel(&tempdir());
+    let output = hotline()
+        .env("HOTLINE_HOME", &home)
+        .arg("console")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("needs a terminal"), "{stderr}");
+    assert!(stderr.contains("status --json"), "{stderr}");
+}
+
+/// The console in a pseudo-terminal (util-linux `script`): a line typed and Enter
+/// stores the message; Ctrl-D ends the console and gives the terminal back.
+#[test]
+fn the_console_sends_what_is_typed() {
+    use std::io::Write;
+    let home = home_with_a_channel(&tempdir());
+    let binary = assert_cmd::cargo::cargo_bin("hotline");
+    let mut child = std::process::Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("{} console --channel crisis", binary.display()))
+        .arg("/dev/null")
+        .env("HOTLINE_HOME", &home)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("util-linux script runs the console in a pseudo-terminal");
+    let mut keys = child.stdin.take().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    keys.write_all(b"typed in the console\r").unwrap();
+    keys.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    keys.write_all(b"\x04").unwrap();
+    keys.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console did not end on Ctrl-D"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(status.success(), "{status:?}");
+    let log = hotline()
+        .env("HOTLINE_HOME", &home)
+        .args(["log", "crisis", "--json"])
+        .output()
+        .unwrap();
+    let log = String::from_utf8(log.stdout).unwrap();
+    assert_eq!(log.lines().count(), 1, "{log}");
+    assert!(log.contains("typed in the console"), "{log}");
+}
