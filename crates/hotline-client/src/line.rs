@@ -275,8 +275,12 @@ pub(crate) fn on_received(
             };
             match LinkTest::decode(bytes) {
                 // Answered for the path of these bytes only if they carried the probe;
-                // envelopes they released came through some earlier copy.
-                Some(LinkTest::Probe { .. }) if carried.is_some_and(|(c, ..)| c == *id) => {
+                // envelopes they released came through some earlier copy. A resent
+                // probe is stale (its round trip would count the time it was missing):
+                // the next probe asks again.
+                Some(LinkTest::Probe { .. })
+                    if !resent && carried.is_some_and(|(c, ..)| c == *id) =>
+                {
                     connection.execute(
                         "INSERT OR IGNORE INTO probe_copies (hash, probe) VALUES (?1, ?2)",
                         params![&hash[..], &id.0[..]],
@@ -285,7 +289,8 @@ pub(crate) fn on_received(
                         changed |= answer(connection, provider, identity, channel, *id, relay)?;
                     }
                 }
-                Some(LinkTest::Answer { probe, relay: tag }) => {
+                // A resent answer says the path worked when it was first sent, not now.
+                Some(LinkTest::Answer { probe, relay: tag }) if !resent => {
                     let sent: Option<i64> = connection
                         .query_row(
                             "SELECT sent_ms FROM probes WHERE id = ?1",
@@ -312,7 +317,7 @@ pub(crate) fn on_received(
                         ],
                     )?;
                 }
-                Some(LinkTest::Probe { .. }) | None => {}
+                Some(LinkTest::Probe { .. } | LinkTest::Answer { .. }) | None => {}
             }
         }
     }
@@ -719,16 +724,20 @@ impl Store {
                     let entry = parties.entry(party.clone()).or_default();
                     *entry = (*entry).max(heard.map(|h| h as u64));
                 }
-                let probed: Option<i64> = connection.query_row(
-                    "SELECT MIN(sent_ms) FROM probes WHERE channel = ?1",
-                    [&summary.id.0[..]],
-                    |row| row.get(0),
-                )?;
                 for url in channel_relays(connection, &summary.id)? {
                     expected
                         .entry(url.clone())
                         .or_default()
                         .extend(others.iter().cloned());
+                    // Paths through a relay are judged from the first probe sent after
+                    // it joined the channel.
+                    let probed: Option<i64> = connection.query_row(
+                        "SELECT MIN(sent_ms) FROM probes WHERE channel = ?1 AND sent_ms >=
+                           COALESCE((SELECT added_ms FROM channel_relays
+                                     WHERE channel = ?1 AND url = ?2), 0)",
+                        params![&summary.id.0[..], &url],
+                        |row| row.get(0),
+                    )?;
                     if let Some(probed) = probed {
                         let first = first_probe.entry(url).or_insert(probed as u64);
                         *first = (*first).min(probed as u64);

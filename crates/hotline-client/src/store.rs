@@ -106,6 +106,8 @@ const MIGRATIONS: &[&str] = &[
         relay TEXT NOT NULL,
         PRIMARY KEY (hash, relay)
     ) WITHOUT ROWID;",
+    // Version 7: when a relay joined a channel (its paths are judged from then on).
+    "ALTER TABLE channel_relays ADD COLUMN added_ms INTEGER;",
 ];
 
 /// Most envelopes offered again per round (see [`Store::reoffer_due`]).
@@ -1334,8 +1336,8 @@ fn set_relays(
 ) -> Result<(), StoreError> {
     for relay in relays {
         connection.execute(
-            "INSERT OR IGNORE INTO channel_relays (channel, url) VALUES (?1, ?2)",
-            params![&channel.0[..], relay],
+            "INSERT OR IGNORE INTO channel_relays (channel, url, added_ms) VALUES (?1, ?2, ?3)",
+            params![&channel.0[..], relay, now_ms() as i64],
         )?;
     }
     Ok(())
