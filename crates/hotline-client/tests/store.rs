@@ -125,27 +125,28 @@ fn a_commit_is_merged_only_after_a_relay_accepted_it() {
     assert_eq!(north.channels().unwrap()[0].epoch, 1);
 }
 
+/// The channel messages in a store's outbox (its invitations left out), handed over.
+fn outbox_messages(store: &mut Store) -> Vec<Vec<u8>> {
+    store
+        .export_outbox()
+        .unwrap()
+        .into_iter()
+        .filter_map(|entry| match entry {
+            hotline_client::bundle::Entry::Message(bytes) => Some(bytes),
+            hotline_client::bundle::Entry::Welcome { .. } => None,
+        })
+        .collect()
+}
+
 /// Messages of an epoch whose commit has not arrived yet wait in the core; once the
 /// commit comes (through another relay), they are placed in their sender's chain for the
 /// relay they came through, so the next message through that relay is not taken for a
 /// drop (a false `dropped` alarm found in review).
 #[test]
 fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
-    use hotline_client::bundle::Entry;
     use hotline_client::store::Cursor;
     let (mut north, mut south, _, _) = pair();
     let (r, q) = ("https://r.test/#sha256=00", "https://q.test/#sha256=11");
-    let messages = |store: &mut Store| -> Vec<Vec<u8>> {
-        store
-            .export_outbox()
-            .unwrap()
-            .into_iter()
-            .filter_map(|entry| match entry {
-                Entry::Message(bytes) => Some(bytes),
-                Entry::Welcome { .. } => None,
-            })
-            .collect()
-    };
     let mut seq = 0;
     let mut through = |store: &mut Store, relay: &str, bytes: &[u8]| {
         seq += 1;
@@ -163,7 +164,7 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
     north
         .send("crisis", Body::Text("before".into()), None)
         .unwrap();
-    for bytes in messages(&mut north) {
+    for bytes in outbox_messages(&mut north) {
         through(&mut south, r, &bytes);
     }
     assert!(north.update_keys("crisis").unwrap());
@@ -174,7 +175,7 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
         .send("crisis", Body::Text("second after".into()), None)
         .unwrap();
     // [commit, key-update note, first after, second after]
-    let after = messages(&mut north);
+    let after = outbox_messages(&mut north);
     assert_eq!(after.len(), 4);
     // Relay r lacks the commit: the note and the first message wait for it.
     for bytes in &after[1..3] {
@@ -207,21 +208,12 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
 /// (`replayed`). The transcript still holds all three, in their order.
 #[test]
 fn a_relay_reordering_a_senders_messages_is_named() {
-    use hotline_client::bundle::Entry;
     use hotline_client::store::Cursor;
     let (mut north, mut south, _, _) = pair();
     for text in ["one", "two", "three"] {
         north.send("crisis", Body::Text(text.into()), None).unwrap();
     }
-    let bytes: Vec<Vec<u8>> = north
-        .export_outbox()
-        .unwrap()
-        .into_iter()
-        .filter_map(|entry| match entry {
-            Entry::Message(bytes) => Some(bytes),
-            Entry::Welcome { .. } => None,
-        })
-        .collect();
+    let bytes = outbox_messages(&mut north);
     assert_eq!(bytes.len(), 3);
     let relay = "https://r.test/#sha256=00";
     for (seq, index) in [0, 2, 1].into_iter().enumerate() {

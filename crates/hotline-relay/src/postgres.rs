@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Transaction};
 
-use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError, answers_in_order};
 
 const CHANNEL: &str = "hotline_appended";
 
@@ -421,14 +421,7 @@ impl RelayStorage for PostgresStorage {
             };
             waits.push(self.appends.send(job).map(|()| wait));
         }
-        let mut answers = Vec::with_capacity(waits.len());
-        for wait in waits {
-            answers.push(match wait {
-                Ok(wait) => wait.await.unwrap_or(Err(StorageError::WriterGone)),
-                Err(_) => Err(StorageError::WriterGone),
-            });
-        }
-        answers
+        answers_in_order(waits).await
     }
 
     async fn read_after(

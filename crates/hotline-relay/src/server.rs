@@ -264,14 +264,22 @@ impl<S: RelayStorage> AppState<S> {
             .append(log, bytes.to_vec())
             .await
             .map_err(|e| self.reject(e.into()))?;
-        if appended.duplicate {
-            self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.metrics.stored.fetch_add(1, Ordering::Relaxed);
-            self.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
+        if self.count_appended(&appended, len) {
             self.appended.send_modify(|n| *n += 1);
         }
         Ok(appended)
+    }
+
+    /// Counts an answered append in the metrics; returns whether it stored a new
+    /// message (the caller then wakes the long polls).
+    fn count_appended(&self, appended: &Appended, len: u64) -> bool {
+        if appended.duplicate {
+            self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.metrics.stored.fetch_add(1, Ordering::Relaxed);
+        self.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
+        true
     }
 
     /// Appends and answers with the sequence number, as JSON.
@@ -509,12 +517,8 @@ async fn post_batch<S: RelayStorage>(
     for (answer, len) in answers.into_iter().zip(lengths) {
         match answer {
             Ok(appended) => {
-                if appended.duplicate {
-                    state.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
-                } else {
+                if state.count_appended(&appended, len) {
                     stored += 1;
-                    state.metrics.stored.fetch_add(1, Ordering::Relaxed);
-                    state.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
                 }
                 results.push(json!({"seq": appended.seq, "duplicate": appended.duplicate}));
             }

@@ -265,6 +265,21 @@ impl SqliteStorage {
     }
 }
 
+/// Waits for the writer's answer to each queued append, in order (one whose queueing
+/// failed, or whose writer stopped, is `WriterGone`).
+pub(crate) async fn answers_in_order<E>(
+    waits: Vec<Result<oneshot::Receiver<Result<Appended, StorageError>>, E>>,
+) -> Vec<Result<Appended, StorageError>> {
+    let mut answers = Vec::with_capacity(waits.len());
+    for wait in waits {
+        answers.push(match wait {
+            Ok(wait) => wait.await.unwrap_or(Err(StorageError::WriterGone)),
+            Err(_) => Err(StorageError::WriterGone),
+        });
+    }
+    answers
+}
+
 /// Drains every waiting job into one transaction; answers after COMMIT.
 fn write_loop(
     mut connection: Connection,
@@ -527,14 +542,7 @@ impl RelayStorage for SqliteStorage {
                     .map(|()| wait),
             );
         }
-        let mut answers = Vec::with_capacity(waits.len());
-        for wait in waits {
-            answers.push(match wait {
-                Ok(wait) => wait.await.unwrap_or(Err(StorageError::WriterGone)),
-                Err(_) => Err(StorageError::WriterGone),
-            });
-        }
-        answers
+        answers_in_order(waits).await
     }
 
     async fn acknowledge(
