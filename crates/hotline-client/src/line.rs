@@ -524,6 +524,13 @@ impl Store {
         self.set_setting("link_test_interval_ms", interval_ms)
     }
 
+    /// How often link tests go out, in milliseconds.
+    pub fn link_test_interval(&mut self) -> Result<u64, StoreError> {
+        self.transact(|connection, _, _| {
+            setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)
+        })
+    }
+
     /// After how long an undelivered message raises an alarm (and is offered again).
     pub fn undelivered_after(&mut self) -> Result<u64, StoreError> {
         self.transact(|connection, _, _| {

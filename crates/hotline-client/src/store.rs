@@ -722,12 +722,22 @@ impl Store {
         channel: &str,
         link_tests: bool,
     ) -> Result<Vec<LogEntry>, StoreError> {
+        self.log_last(channel, link_tests, None)
+    }
+
+    /// The newest `last` messages of a channel (all with `None`), oldest first.
+    pub fn log_last(
+        &mut self,
+        channel: &str,
+        link_tests: bool,
+        last: Option<usize>,
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
         let relays = channel_relays(&self.connection, &loaded.id())?;
-        Ok(loaded
+        let mut entries: Vec<LogEntry> = loaded
             .transcript()
-            .canonical()
+            .canonical_rev()
             .filter_map(|(id, envelope)| {
                 let text = match &envelope.body {
                     Body::Text(text) => text,
@@ -753,7 +763,10 @@ impl Store {
                     read_by: loaded.read_by(&id),
                 })
             })
-            .collect())
+            .take(last.unwrap_or(usize::MAX))
+            .collect();
+        entries.reverse();
+        Ok(entries)
     }
 
     /// The transcript root of a channel: (RFC 6962 hash, number of envelopes).

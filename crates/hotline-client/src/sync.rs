@@ -489,6 +489,9 @@ pub async fn follow(
     let mut active: HashSet<Watch> = HashSet::new();
     let mut failures: HashMap<Watch, u32> = HashMap::new();
     let mut next_round = tokio::time::Instant::now();
+    // Link tests go out on their own timer, at the configured interval, not only with
+    // the full rounds: a path's state and round trip are then the path's own.
+    let mut next_probe = tokio::time::Instant::now() + probe_interval(store)?;
     loop {
         if tokio::time::Instant::now() >= next_round {
             let report = sync_with(store, &identity, &mut relays).await?;
@@ -519,6 +522,19 @@ pub async fn follow(
         let joined = tokio::select! {
             joined = polls.join_next(), if !polls.is_empty() => joined,
             () = tokio::time::sleep_until(next_round) => continue,
+            () = tokio::time::sleep_until(next_probe) => {
+                next_probe = tokio::time::Instant::now() + probe_interval(store)?;
+                if store.send_due_probes()? > 0 {
+                    let mut report = SyncReport::default();
+                    push_with(store, &identity, &mut relays, &mut report).await?;
+                    if report.relays.values().any(Option::is_some)
+                        && on_report(&report).is_break()
+                    {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
         };
         let Some(Ok((watch, fetched))) = joined else {
             // A poll task panicked (it cannot; it only awaits the client): start over.
@@ -575,6 +591,11 @@ pub async fn follow(
             return Ok(());
         }
     }
+}
+
+/// The link-test interval, never below 100 ms.
+fn probe_interval(store: &mut Store) -> Result<Duration, StoreError> {
+    Ok(Duration::from_millis(store.link_test_interval()?.max(100)))
 }
 
 fn spawn_poll(

@@ -163,6 +163,11 @@ pub enum ChannelError {
     #[error("a membership change is waiting for the committer's commit; try again after it")]
     AwaitingCommit,
     #[error(
+        "this device joined a running channel and holds nothing from the others yet; \
+         run hotline sync until their messages arrive, then try again"
+    )]
+    AwaitingHistory,
+    #[error(
         "a membership change of this device waits for a relay to accept it; run hotline sync (with a relay reachable) first"
     )]
     CommitPending,
@@ -227,6 +232,8 @@ pub struct Channel {
     buffered: HashSet<[u8; 32]>,
     contacts: BTreeMap<DeviceKey, DeviceInfo>,
     pending_commit: Option<PendingCommit>,
+    /// Devices no longer in the group, with the epoch this device saw them gone at.
+    departed: Vec<(DeviceKey, u64)>,
     /// Ciphertext hashes processed since the last [`Channel::take_fresh`].
     fresh_processed: Vec<[u8; 32]>,
 }
@@ -246,6 +253,10 @@ pub struct ChannelSnapshot {
     future: BTreeMap<u64, Vec<Vec<u8>>>,
     stalled: Vec<Vec<u8>>,
     pending_commit: Option<PendingCommit>,
+    /// Devices no longer in the group and the epoch they were seen gone at (absent in
+    /// snapshots of earlier versions: then counted from the epoch of the first restore).
+    #[serde(default)]
+    departed: Vec<(DeviceKey, u64)>,
 }
 
 /// What changed in a channel since the last [`Channel::take_fresh`].
@@ -369,6 +380,7 @@ impl Channel {
             buffered: HashSet::new(),
             contacts: BTreeMap::new(),
             pending_commit: None,
+            departed: Vec::new(),
             fresh_processed: Vec::new(),
         })
     }
@@ -432,6 +444,7 @@ impl Channel {
                 .map(|info| (info.key, info.clone()))
                 .collect(),
             pending_commit: None,
+            departed: Vec::new(),
             fresh_processed: Vec::new(),
         })
     }
@@ -449,6 +462,7 @@ impl Channel {
             future: self.future.clone(),
             stalled: self.stalled.clone(),
             pending_commit: self.pending_commit.clone(),
+            departed: self.departed.clone(),
         }
     }
 
@@ -484,7 +498,7 @@ impl Channel {
         }
         transcript.take_fresh();
         transcript.take_fresh_pending();
-        let buffered = snapshot
+        let buffered: HashSet<[u8; 32]> = snapshot
             .future
             .values()
             .flatten()
@@ -504,8 +518,17 @@ impl Channel {
             buffered,
             contacts: snapshot.contacts.into_iter().map(|i| (i.key, i)).collect(),
             pending_commit: snapshot.pending_commit,
+            departed: snapshot.departed,
             fresh_processed: Vec::new(),
-        })
+        }
+        .with_departed_retired())
+    }
+
+    fn with_departed_retired(mut self) -> Self {
+        // Retired after the envelopes are back: in canonical order, no stored envelope
+        // can fall inside the prefix settled so far (see `Transcript::settle`).
+        self.retire_departed();
+        self
     }
 
     /// What changed since the last call, for the caller to persist with the MLS state.
@@ -596,6 +619,9 @@ impl Channel {
         }
         if self.has_pending_proposals() {
             return Err(ChannelError::AwaitingCommit);
+        }
+        if !self.transcript.may_seal(&self.me) {
+            return Err(ChannelError::AwaitingHistory);
         }
         let (seq, prev, prev_epoch) = match self.transcript.head_of(&self.me) {
             Some((seq, id, _)) => {
@@ -853,6 +879,7 @@ impl Channel {
         for info in &pending.added {
             self.transcript.admit(info);
         }
+        self.retire_departed();
         let mut out = Vec::new();
         if let Some((to, bytes)) = pending.welcome {
             out.push(Outgoing::Welcome { to, bytes });
@@ -1121,6 +1148,7 @@ impl Channel {
         self.group
             .merge_staged_commit(provider, staged)
             .map_err(mls)?;
+        self.retire_departed();
         let mut events = Vec::new();
         for info in &added {
             self.transcript.admit(info);
@@ -1137,6 +1165,34 @@ impl Channel {
             events.push(Event::RemovedFromChannel);
         }
         Ok(events)
+    }
+
+    /// Notes every device no longer in the group, and retires from the transcript's
+    /// settling those gone for [`MAX_PAST_EPOCHS`] epochs: until then MLS may still open
+    /// what they sealed before their removal, and such a late envelope must not find the
+    /// prefix settled past it.
+    fn retire_departed(&mut self) {
+        let current: BTreeSet<DeviceKey> = self
+            .group
+            .members()
+            .filter_map(|member| member.signature_key.as_slice().try_into().ok())
+            .map(DeviceKey)
+            .collect();
+        let epoch = self.epoch();
+        for device in self.transcript.roster().keys() {
+            if !current.contains(device) && !self.departed.iter().any(|(d, _)| d == device) {
+                self.departed.push((*device, epoch));
+            }
+        }
+        let due: Vec<DeviceKey> = self
+            .departed
+            .iter()
+            .filter(|(_, since)| epoch >= since + MAX_PAST_EPOCHS as u64)
+            .map(|(device, _)| *device)
+            .collect();
+        for device in due {
+            self.transcript.retire(&device);
+        }
     }
 
     /// Processes buffered messages whose epoch has come.

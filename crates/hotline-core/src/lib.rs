@@ -25,6 +25,7 @@ pub mod codec;
 pub mod envelope;
 pub mod export;
 pub mod identity;
+pub mod merkle;
 pub mod transcript;
 
 use openmls::prelude::Ciphersuite;

@@ -16,6 +16,18 @@
 //! behind them (the Lamport time's exact value, the roots of checkpoints that reach
 //! behind the horizon) are skipped for that device only.
 //!
+//! **Settled prefix.** An envelope is *settled* once its Lamport time is at most the
+//! smallest Lamport time among the latest envelopes of every current member (a removed
+//! device is retired and no longer counts). Every member's later envelopes carry a larger
+//! Lamport time than its latest, so nothing can ever be ordered before a settled
+//! envelope: the settled envelopes are a prefix of the canonical order that only grows.
+//! They are appended, in order, to an incremental Merkle log ([`crate::merkle`]), so its
+//! roots are final and any two are linked by an RFC 6962 consistency proof. The root over
+//! the whole transcript is that log plus the unsettled tail, in O(log n + tail). An
+//! envelope that would land inside the settled prefix (only a removed member's late
+//! envelope, or a member breaking the sealing rule of [`Transcript::may_seal`]) is
+//! refused.
+//!
 //! **Detection.** An envelope whose parents are missing waits (a gap in a sender's
 //! sequence, or an unknown parent). Two envelopes with the same sender and sequence
 //! number are a fork: the first stays, the second is kept as evidence. A broken
@@ -24,12 +36,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use ct_merkle::mem_backed_tree::MemoryBackedTree;
+use ct_merkle::ConsistencyProof;
 use sha2::Sha256;
 use thiserror::Error;
 
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, Reference};
 use crate::identity::{DeviceInfo, DeviceKey};
+use crate::merkle::{MemoryNodes, MerkleLog, ProofError, StorageError};
 
 /// Most envelopes waiting for a parent; beyond it, new orphans are refused so that a
 /// hostile peer cannot grow memory without bound.
@@ -75,6 +88,11 @@ pub enum Rejection {
     WrongLamport { found: u64, expected: u64 },
     #[error("too many envelopes are waiting for missing parents")]
     TooManyPending,
+    #[error(
+        "lamport time {lamport} lies inside the settled part of the transcript (up to {settled}): \
+         it would rewrite history every member holds as final"
+    )]
+    BehindSettled { lamport: u64, settled: u64 },
 }
 
 /// Something wrong that a member must be told about, with its evidence.
@@ -124,6 +142,12 @@ pub struct Transcript {
     pending: HashMap<EnvelopeId, Envelope>,
     waiting: HashMap<EnvelopeId, Vec<EnvelopeId>>,
     read: HashMap<EnvelopeId, BTreeSet<DeviceKey>>,
+    /// Devices removed from the channel: they no longer hold the settled prefix back.
+    retired: BTreeSet<DeviceKey>,
+    /// The settled prefix of the canonical order, as a Merkle log.
+    settled: MerkleLog<MemoryNodes>,
+    /// Every envelope with a Lamport time up to this one is settled.
+    settled_lamport: u64,
     findings: Vec<Finding>,
     /// Accepted since the last [`Transcript::take_fresh`], in acceptance order.
     fresh: Vec<EnvelopeId>,
@@ -151,6 +175,9 @@ impl Transcript {
             pending: HashMap::new(),
             waiting: HashMap::new(),
             read: HashMap::new(),
+            retired: BTreeSet::new(),
+            settled: MerkleLog::default(),
+            settled_lamport: 0,
             findings: Vec::new(),
             fresh: Vec::new(),
             fresh_pending: Vec::new(),
@@ -177,6 +204,23 @@ impl Transcript {
         self.roster.insert(device.key, device.clone());
     }
 
+    /// Marks a device as removed from the channel: settling no longer waits for it.
+    pub fn retire(&mut self, device: &DeviceKey) {
+        if self.retired.insert(*device) {
+            self.settle();
+        }
+    }
+
+    /// Whether `sender` may seal an envelope now without breaking the settled prefix:
+    /// a device that joined a running channel (horizon above 0) must first hold an
+    /// envelope of someone else, so that its Lamport time lands after what the others
+    /// settled while it was being added (see ARCHITECTURE.md, "Settled prefix").
+    pub fn may_seal(&self, sender: &DeviceKey) -> bool {
+        self.horizon == 0
+            || self.heads.contains_key(sender)
+            || self.heads.keys().any(|device| device != sender)
+    }
+
     /// Every device that ever was a member.
     pub fn roster(&self) -> &BTreeMap<DeviceKey, DeviceInfo> {
         &self.roster
@@ -200,6 +244,14 @@ impl Transcript {
     pub fn canonical(&self) -> impl Iterator<Item = (EnvelopeId, &Envelope)> + '_ {
         self.order
             .iter()
+            .filter_map(|(_, id)| self.entries.get(id).map(|entry| (*id, &entry.envelope)))
+    }
+
+    /// Accepted envelopes in reverse canonical order: the newest first.
+    pub fn canonical_rev(&self) -> impl Iterator<Item = (EnvelopeId, &Envelope)> + '_ {
+        self.order
+            .iter()
+            .rev()
             .filter_map(|(_, id)| self.entries.get(id).map(|entry| (*id, &entry.envelope)))
     }
 
@@ -362,9 +414,40 @@ impl Transcript {
         let outcome = self.accept(envelope, id)?;
         if let Inserted::Accepted(mut accepted) = outcome {
             self.release_waiting(&mut accepted);
+            self.settle();
             return Ok(Inserted::Accepted(accepted));
         }
         Ok(outcome)
+    }
+
+    /// Appends to the settled log every envelope that no current member can precede any
+    /// more: Lamport time at most the smallest among the current members' latest
+    /// envelopes (a current member that wrote nothing yet holds everything back).
+    fn settle(&mut self) {
+        let boundary = self
+            .roster
+            .keys()
+            .filter(|device| !self.retired.contains(device))
+            .map(|device| self.head_of(device).map_or(0, |(_, _, lamport)| lamport))
+            .min()
+            .unwrap_or(0);
+        if boundary <= self.settled_lamport {
+            return;
+        }
+        let newly: Vec<EnvelopeId> = self
+            .order
+            .range((self.settled_lamport + 1, EnvelopeId([0; 32]))..)
+            .take_while(|(lamport, _)| *lamport <= boundary)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in newly {
+            // In memory the log cannot fail; a failure would leave the log behind
+            // `settled_lamport`, which `root` would then report.
+            if self.settled.push(&id.0).is_err() {
+                return;
+            }
+        }
+        self.settled_lamport = boundary;
     }
 
     /// Accepts, one after the other, the envelopes that waited on the ones just accepted.
@@ -409,6 +492,12 @@ impl Transcript {
             id: envelope.prev,
             epoch: envelope.prev_epoch,
         };
+        if envelope.lamport <= self.settled_lamport {
+            return Err(Rejection::BehindSettled {
+                lamport: envelope.lamport,
+                settled: self.settled_lamport,
+            });
+        }
         if envelope.seq > 1 && !self.behind_horizon(&prev_reference) {
             let prev = self
                 .entries
@@ -507,9 +596,46 @@ impl Transcript {
         Ok(Inserted::Accepted(vec![id]))
     }
 
-    /// The root over the whole transcript: (Merkle tree hash, number of envelopes).
+    /// The root over the whole transcript: (Merkle tree hash, number of envelopes):
+    /// the settled log plus the unsettled tail, O(log n + tail).
     pub fn root(&self) -> ([u8; 32], u64) {
-        merkle_root(self.order.iter().map(|(_, id)| id))
+        let tail: Vec<[u8; 32]> = self.unsettled().map(|id| id.0).collect();
+        self.settled
+            .root_with(&tail)
+            .unwrap_or_else(|_| merkle_root(self.order.iter().map(|(_, id)| id)))
+    }
+
+    /// Accepted envelopes not settled yet, in canonical order.
+    fn unsettled(&self) -> impl Iterator<Item = &EnvelopeId> + '_ {
+        self.order
+            .range((self.settled_lamport + 1, EnvelopeId([0; 32]))..)
+            .map(|(_, id)| id)
+    }
+
+    /// Number of settled envelopes: the first this many of the canonical order are
+    /// final.
+    pub fn settled_len(&self) -> u64 {
+        self.settled.len()
+    }
+
+    /// The Lamport time up to which the transcript is settled.
+    pub fn settled_lamport(&self) -> u64 {
+        self.settled_lamport
+    }
+
+    /// The root over the first `size` settled envelopes (final once returned).
+    pub fn settled_root(&self, size: u64) -> Result<([u8; 32], u64), StorageError> {
+        self.settled.root_at(size)
+    }
+
+    /// An RFC 6962 consistency proof that the settled root of `old` envelopes is a
+    /// prefix of the settled root of `new` envelopes.
+    pub fn consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<ConsistencyProof<Sha256>, ProofError> {
+        self.settled.consistency_proof(old, new)
     }
 
     /// The root over the envelopes that a frontier covers: what a checkpoint with
@@ -589,12 +715,10 @@ fn merge_frontier(into: &mut BTreeMap<DeviceKey, u64>, from: &BTreeMap<DeviceKey
 
 /// RFC 6962 Merkle tree hash over envelope ids, with the number of leaves.
 pub fn merkle_root<'a>(ids: impl Iterator<Item = &'a EnvelopeId>) -> ([u8; 32], u64) {
-    let mut tree = MemoryBackedTree::<Sha256, [u8; 32]>::new();
+    let mut log = MerkleLog::<MemoryNodes>::default();
     for id in ids {
-        tree.push(id.0);
+        // In memory, pushing cannot fail.
+        let _ = log.push(&id.0);
     }
-    let root = tree.root();
-    let mut out = [0u8; 32];
-    out.copy_from_slice(root.as_bytes());
-    (out, root.num_leaves())
+    log.root().unwrap_or((crate::merkle::empty_root(), 0))
 }

@@ -136,6 +136,60 @@ proptest! {
         prop_assert!(shuffled.findings().is_empty());
     }
 
+    /// The settled prefix never changes once settled: whatever the delivery order, every
+    /// settled root a member reported on the way is the root of the same prefix of the
+    /// final canonical order, and an RFC 6962 consistency proof links it to the final
+    /// settled root.
+    #[test]
+    fn the_settled_prefix_never_changes_whatever_the_delivery_order(
+        script in script(),
+        order in proptest::collection::vec(any::<prop::sample::Index>(), 0..120),
+    ) {
+        let (roster, pool) = history(&script);
+        let mut reference = fresh(&roster);
+        for (envelope, id) in &pool {
+            reference.insert(envelope.clone(), *id).unwrap();
+        }
+        let canonical: Vec<EnvelopeId> = reference.canonical().map(|(id, _)| id).collect();
+
+        let mut member = fresh(&roster);
+        let mut reported = Vec::new();
+        let deliveries = order
+            .iter()
+            .map(|index| index.index(pool.len()))
+            .chain((0..pool.len()).rev());
+        for index in deliveries {
+            let (envelope, id) = &pool[index];
+            member.insert(envelope.clone(), *id).unwrap();
+            let size = member.settled_len();
+            if let Some((last, _)) = reported.last() {
+                prop_assert!(size >= *last, "the settled prefix shrank");
+            }
+            if size > 0 {
+                reported.push((size, member.settled_root(size).unwrap()));
+            }
+        }
+        prop_assert_eq!(member.root(), reference.root());
+        let final_size = member.settled_len();
+        prop_assert_eq!(final_size, reference.settled_len());
+        let final_root = hotline_core::merkle::ct_root(member.settled_root(final_size).unwrap());
+        for (size, root) in reported {
+            let expected = hotline_core::transcript::merkle_root(canonical[..size as usize].iter());
+            prop_assert_eq!(root, expected, "settled root at {} changed", size);
+            let proof = member.consistency_proof(size, final_size).unwrap();
+            prop_assert!(
+                final_root
+                    .verify_consistency(&hotline_core::merkle::ct_root(root), &proof)
+                    .is_ok()
+            );
+        }
+        // Every sender wrote at least once in most scripts: then something settled.
+        let senders: std::collections::BTreeSet<_> = pool.iter().map(|(e, _)| e.sender).collect();
+        if senders.len() == roster.len() {
+            prop_assert!(final_size > 0);
+        }
+    }
+
     /// Dropping one envelope shows as a gap or a wait, never as a silent success.
     #[test]
     fn a_dropped_envelope_is_noticed(script in script(), drop in any::<prop::sample::Index>()) {
@@ -389,4 +443,90 @@ fn a_lying_checkpoint_is_found_and_an_honest_one_is_not() {
         "{:?}",
         transcript.findings()
     );
+}
+
+/// Seals a text envelope by `identity` over what `view` holds, and inserts it there.
+fn write(view: &mut Transcript, identity: &DeviceIdentity, epoch: u64) -> (Envelope, EnvelopeId) {
+    let me = identity.key();
+    let (seq, prev) = view
+        .head_of(&me)
+        .map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
+    let (seen, lamport) = view.next_references(&me);
+    let envelope = Envelope {
+        channel: CHANNEL,
+        sender: me,
+        epoch,
+        seq,
+        prev,
+        prev_epoch: if seq == 1 { 0 } else { epoch },
+        seen,
+        lamport,
+        claimed_time_ms: lamport,
+        body: Body::Text(format!("{seq}")),
+        deadline_ms: None,
+        signature: None,
+    };
+    let id = envelope.id();
+    view.insert(envelope.clone(), id).unwrap();
+    (envelope, id)
+}
+
+#[test]
+fn a_removed_members_late_envelope_cannot_rewrite_the_settled_prefix() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let [north, south, gone] = ["north", "south", "gone"]
+        .map(|party| DeviceIdentity::generate(party, "desk", &mut rng).unwrap());
+    let roster = [
+        north.info().clone(),
+        south.info().clone(),
+        gone.info().clone(),
+    ];
+    let (mut at_north, mut at_south, mut at_gone) =
+        (fresh(&roster), fresh(&roster), fresh(&roster));
+    // Sealed before its removal, still in flight.
+    let (late, late_id) = write(&mut at_gone, &gone, 1);
+    at_north.retire(&gone.key());
+    at_south.retire(&gone.key());
+    let (n1, n1_id) = write(&mut at_north, &north, 1);
+    at_south.insert(n1, n1_id).unwrap();
+    let (s1, s1_id) = write(&mut at_south, &south, 1);
+    at_north.insert(s1, s1_id).unwrap();
+    write(&mut at_north, &north, 1);
+    assert_eq!(
+        at_north.settled_len(),
+        2,
+        "north's and south's first envelopes are final"
+    );
+    let before = at_north.root();
+    let settled = at_north.settled_root(2).unwrap();
+    assert!(matches!(
+        at_north.insert(late, late_id),
+        Err(hotline_core::transcript::Rejection::BehindSettled {
+            lamport: 1,
+            settled: 2
+        })
+    ));
+    assert_eq!(at_north.root(), before);
+    assert_eq!(at_north.settled_root(2).unwrap(), settled);
+    assert_eq!(at_north.len(), 3);
+}
+
+#[test]
+fn a_device_that_joined_a_running_channel_seals_only_after_hearing_from_the_others() {
+    let mut rng = ChaCha8Rng::seed_from_u64(12);
+    let [north, south] =
+        ["north", "south"].map(|party| DeviceIdentity::generate(party, "desk", &mut rng).unwrap());
+    let roster = [north.info().clone(), south.info().clone()];
+    let mut joined = Transcript::with_horizon(CHANNEL, 3);
+    let mut at_north = Transcript::with_horizon(CHANNEL, 3);
+    for info in &roster {
+        joined.admit(info);
+        at_north.admit(info);
+    }
+    assert!(!joined.may_seal(&south.key()));
+    let (note, note_id) = write(&mut at_north, &north, 3);
+    joined.insert(note, note_id).unwrap();
+    assert!(joined.may_seal(&south.key()));
+    // The channel's creator (horizon 0) may always seal.
+    assert!(fresh(&roster).may_seal(&north.key()));
 }

@@ -221,7 +221,7 @@ impl World {
                 });
                 Some(id)
             }
-            Err(ChannelError::AwaitingCommit) => None,
+            Err(ChannelError::AwaitingCommit | ChannelError::AwaitingHistory) => None,
             Err(other) => panic!("seed {}: send failed: {other}", self.seed),
         }
     }

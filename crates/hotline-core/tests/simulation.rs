@@ -226,7 +226,9 @@ impl World {
                 self.post(index, bytes);
                 Some(id)
             }
-            Err(ChannelError::AwaitingCommit) | Err(ChannelError::NotAMember) => None,
+            Err(ChannelError::AwaitingCommit)
+            | Err(ChannelError::AwaitingHistory)
+            | Err(ChannelError::NotAMember) => None,
             Err(other) => panic!("send failed: {other}"),
         }
     }
@@ -400,6 +402,16 @@ fn run(seed: u64, messages: usize) {
         north.transcript().root(),
         south.transcript().root(),
         "seed {seed}"
+    );
+    // What both settled is the same final prefix, with the same root.
+    let settled = north
+        .transcript()
+        .settled_len()
+        .min(south.transcript().settled_len());
+    assert_eq!(
+        north.transcript().settled_root(settled).unwrap(),
+        south.transcript().settled_root(settled).unwrap(),
+        "seed {seed}: settled roots differ"
     );
     for channel in [north, south, late] {
         assert!(

@@ -13,6 +13,7 @@ use hotline_core::{Body, Fingerprint};
 use serde_json::json;
 
 use crate::exit;
+use crate::input::{self, InputError};
 
 /// A failed command: what to tell the user, and the exit code.
 #[derive(Debug)]
@@ -32,6 +33,12 @@ impl From<StoreError> for Failure {
             message: error.to_string(),
             code,
         }
+    }
+}
+
+impl From<InputError> for Failure {
+    fn from(error: InputError) -> Self {
+        failure(error.to_string())
     }
 }
 
@@ -57,19 +64,6 @@ pub fn default_home() -> PathBuf {
     }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
     home.join(".local/share/hotline")
-}
-
-fn read_file(path: &Path, what: &str) -> Result<Vec<u8>, Failure> {
-    const LIMIT: u64 = 256 << 20;
-    let metadata = std::fs::metadata(path)
-        .map_err(|e| failure(format!("cannot read {what} {}: {e}", path.display())))?;
-    if metadata.len() > LIMIT {
-        return Err(failure(format!(
-            "{what} {} is larger than 256 MiB",
-            path.display()
-        )));
-    }
-    std::fs::read(path).map_err(|e| failure(format!("cannot read {what} {}: {e}", path.display())))
 }
 
 fn write_file(path: &Path, bytes: &[u8], what: &str) -> Outcome {
@@ -149,7 +143,7 @@ pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: boo
         message: format!("{e}; type the 30 digits the card's owner read to you"),
         code: exit::TRUST,
     })?;
-    let card = read_file(file, "card")?;
+    let card = input::read_limited(file, input::MAX_CARD_FILE, "a contact card")?;
     let mut store = Store::open(home)?;
     let info = store.import_card(&card, &fingerprint)?;
     if json_output {
@@ -205,8 +199,12 @@ pub fn channel_create(
 }
 
 pub fn channel_join(home: &Path, file: &Path) -> Outcome {
-    let entries = bundle::decode(&read_file(file, "invitation")?)
-        .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
+    let entries = bundle::decode(&input::read_limited(
+        file,
+        input::MAX_INVITATION_FILE,
+        "an invitation",
+    )?)
+    .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;
     let before = store.channels()?.len();
@@ -431,9 +429,15 @@ pub fn send(
     Ok(())
 }
 
-pub fn log(home: &Path, channel: &str, link_tests: bool, json_output: bool) -> Outcome {
+pub fn log(
+    home: &Path,
+    channel: &str,
+    link_tests: bool,
+    last: Option<usize>,
+    json_output: bool,
+) -> Outcome {
     let mut store = Store::open(home)?;
-    for entry in store.log_with(channel, link_tests)? {
+    for entry in store.log_last(channel, link_tests, last)? {
         if json_output {
             out!(
                 "{}",
@@ -735,8 +739,12 @@ pub fn bundle_export(home: &Path, out: &Path, json_output: bool) -> Outcome {
 }
 
 pub fn bundle_import(home: &Path, file: &Path, json_output: bool) -> Outcome {
-    let entries = bundle::decode(&read_file(file, "bundle")?)
-        .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
+    let entries = bundle::decode(&input::read_limited(
+        file,
+        input::MAX_BUNDLE_FILE,
+        "a bundle",
+    )?)
+    .map_err(|e| failure(format!("{} is not a hotline bundle: {e}", file.display())))?;
     let total = entries.len();
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;

@@ -19,6 +19,7 @@ macro_rules! out {
 mod console;
 mod demo;
 mod device;
+mod input;
 mod relay;
 mod verify;
 
@@ -117,6 +118,9 @@ enum Command {
         /// Show the link tests too (hidden by default).
         #[arg(long)]
         link_tests: bool,
+        /// Show only the newest N messages.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
         #[command(flatten)]
         json: Json,
     },
@@ -350,8 +354,9 @@ fn main() -> ExitCode {
         Command::Log {
             channel,
             link_tests,
+            last,
             json,
-        } => device::log(&home, &channel, link_tests, json.json),
+        } => device::log(&home, &channel, link_tests, last, json.json),
         Command::Ack { channel, message } => device::ack(&home, &channel, &message),
         Command::Sync {
             follow,

@@ -10,6 +10,7 @@ use hotline_relay::tls;
 
 use crate::device::Failure;
 use crate::exit;
+use crate::input;
 
 const ADDRESS_FILE: &str = "relay-address";
 
@@ -95,12 +96,20 @@ async fn run<S: RelayStorage>(
 }
 
 pub fn url(data: &Path) -> Result<(), Failure> {
-    let url = std::fs::read_to_string(data.join(ADDRESS_FILE)).map_err(|_| {
-        failure(format!(
-            "no relay has run in {}; start one with: hotline relay serve --data DIR --listen ADDR",
-            data.display()
-        ))
-    })?;
+    let path = data.join(ADDRESS_FILE);
+    let bytes = input::read_limited(&path, input::MAX_ADDRESS_FILE, "a relay address file")
+        .map_err(|error| {
+            if error.is_not_found() {
+                failure(format!(
+                    "no relay has run in {}; start one with: hotline relay serve --data DIR --listen ADDR",
+                    data.display()
+                ))
+            } else {
+                failure(error.to_string())
+            }
+        })?;
+    let url = String::from_utf8(bytes)
+        .map_err(|_| failure(format!("{} is not a relay address", path.display())))?;
     out!("{}", url.trim());
     Ok(())
 }

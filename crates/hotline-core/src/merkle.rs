@@ -1,0 +1,385 @@
+//! An append-only RFC 6962 Merkle tree over envelope ids, kept as its complete subtrees.
+//!
+//! Every subtree whose leaves are all present (`2^level` leaves starting at a multiple of
+//! `2^level`) is final once its last leaf arrives, so it is stored once, under
+//! `(level, index)`, and never rewritten. Any tree hash `MTH(D[a:b])` that RFC 6962 needs
+//! is built from O(log n) of them:
+//!
+//! ```text
+//!   level 2                 [0..4)
+//!   level 1         [0..2)          [2..4)        [4..6)
+//!   level 0      id0     id1     id2     id3    id4    id5    id6
+//!                                                              └ not yet paired
+//!   root(7) = H(0x01 ‖ [0..4) ‖ H(0x01 ‖ [4..6) ‖ id6-leaf))
+//! ```
+//!
+//! So appending a leaf writes at most `log2 n` nodes, the root over any prefix costs
+//! O(log n) reads, and a consistency proof between two prefixes (RFC 6962 §2.1.2) costs
+//! O(log² n) reads, whatever the history. The node storage is a trait ([`MerkleNodes`]),
+//! so the device keeps the nodes in its database and the simulations in memory. Proofs
+//! come out as `ct_merkle` types and are verified by `ct_merkle`, the maintained
+//! implementation; the tests check every root against `ct_merkle`'s own tree.
+
+use ct_merkle::{ConsistencyProof, RootHash};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// Leaf and node hashes are SHA-256 digests.
+pub type Hash = [u8; 32];
+
+/// Where the complete subtrees live failed to answer.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("transcript storage failed: {0}")]
+pub struct StorageError(pub String);
+
+/// Storage of complete subtree hashes, by `(level, index)`.
+pub trait MerkleNodes: std::fmt::Debug {
+    /// The hash of the complete subtree `index` at `level`, if stored.
+    fn node(&self, level: u32, index: u64) -> Result<Option<Hash>, StorageError>;
+    /// Stores a complete subtree's hash. It never changes once stored.
+    fn put_node(&mut self, level: u32, index: u64, hash: Hash) -> Result<(), StorageError>;
+}
+
+/// Complete subtrees in memory: one vector per level.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryNodes {
+    levels: Vec<Vec<Hash>>,
+}
+
+impl MerkleNodes for MemoryNodes {
+    fn node(&self, level: u32, index: u64) -> Result<Option<Hash>, StorageError> {
+        Ok(self
+            .levels
+            .get(level as usize)
+            .and_then(|nodes| nodes.get(usize::try_from(index).ok()?))
+            .copied())
+    }
+
+    fn put_node(&mut self, level: u32, index: u64, hash: Hash) -> Result<(), StorageError> {
+        let level = level as usize;
+        if self.levels.len() <= level {
+            self.levels.resize_with(level + 1, Vec::new);
+        }
+        let nodes = &mut self.levels[level];
+        match usize::try_from(index) {
+            Ok(index) if index == nodes.len() => nodes.push(hash),
+            Ok(index) if index < nodes.len() => nodes[index] = hash,
+            _ => {
+                return Err(StorageError(format!(
+                    "merkle node {index} at level {level} written out of order"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// RFC 6962 leaf hash: `SHA-256(0x00 ‖ leaf)`.
+pub fn leaf_hash(leaf: &[u8]) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update([0x00]);
+    hasher.update(leaf);
+    hasher.finalize().into()
+}
+
+/// RFC 6962 interior node hash: `SHA-256(0x01 ‖ left ‖ right)`.
+pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
+    let mut hasher = Sha256::new();
+    hasher.update([0x01]);
+    hasher.update(left);
+    hasher.update(right);
+    hasher.finalize().into()
+}
+
+/// The RFC 6962 hash of the empty tree: `SHA-256()`.
+pub fn empty_root() -> Hash {
+    Sha256::digest([]).into()
+}
+
+/// Why a consistency proof could not be made.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ProofError {
+    #[error("a consistency proof needs a non-empty older tree no larger than the newer one")]
+    BadSizes,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// An append-only Merkle log of `len` leaves over node storage `N`.
+#[derive(Clone, Debug, Default)]
+pub struct MerkleLog<N> {
+    nodes: N,
+    len: u64,
+}
+
+impl<N: MerkleNodes> MerkleLog<N> {
+    /// A log over `nodes` that already hold the complete subtrees of `len` leaves.
+    pub fn open(nodes: N, len: u64) -> Self {
+        Self { nodes, len }
+    }
+
+    /// Number of leaves.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn nodes(&self) -> &N {
+        &self.nodes
+    }
+
+    /// Appends one leaf; writes the leaf and every subtree it completes.
+    pub fn push(&mut self, leaf: &[u8]) -> Result<(), StorageError> {
+        let mut hash = leaf_hash(leaf);
+        let mut index = self.len;
+        let mut level = 0;
+        self.nodes.put_node(level, index, hash)?;
+        while index % 2 == 1 {
+            let left = self.stored(level, index - 1)?;
+            hash = node_hash(&left, &hash);
+            index /= 2;
+            level += 1;
+            self.nodes.put_node(level, index, hash)?;
+        }
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The root over the first `size` leaves (`size` ≤ [`Self::len`]), as
+    /// `(hash, size)`.
+    pub fn root_at(&self, size: u64) -> Result<(Hash, u64), StorageError> {
+        if size > self.len {
+            return Err(StorageError(format!(
+                "root of {size} leaves asked of a log of {}",
+                self.len
+            )));
+        }
+        if size == 0 {
+            return Ok((empty_root(), 0));
+        }
+        Ok((self.range(0, size)?, size))
+    }
+
+    /// The root over all leaves.
+    pub fn root(&self) -> Result<(Hash, u64), StorageError> {
+        self.root_at(self.len)
+    }
+
+    /// The root over all leaves followed by `tail` (leaves not appended): what the root
+    /// would be after pushing them, in O(log n + tail).
+    pub fn root_with(&self, tail: &[Hash]) -> Result<(Hash, u64), StorageError> {
+        if tail.is_empty() {
+            return self.root();
+        }
+        // Split as RFC 6962 does: complete subtrees of the stored part from the left,
+        // then the mixed remainder computed from the stored right edge and the tail.
+        let total = self.len + tail.len() as u64;
+        let leaf = |index: u64| -> Result<Hash, StorageError> {
+            if index < self.len {
+                self.stored(0, index)
+            } else {
+                Ok(leaf_hash(&tail[(index - self.len) as usize]))
+            }
+        };
+        let hash = self.mixed_range(0, total, &leaf)?;
+        Ok((hash, total))
+    }
+
+    /// `MTH(D[start:end])` over leaves that may lie past the stored ones.
+    fn mixed_range(
+        &self,
+        start: u64,
+        end: u64,
+        leaf: &dyn Fn(u64) -> Result<Hash, StorageError>,
+    ) -> Result<Hash, StorageError> {
+        if end <= self.len {
+            return self.range(start, end);
+        }
+        let count = end - start;
+        if count == 1 {
+            return leaf(start);
+        }
+        let split = largest_power_of_two_below(count);
+        let left = self.mixed_range(start, start + split, leaf)?;
+        let right = self.mixed_range(start + split, end, leaf)?;
+        Ok(node_hash(&left, &right))
+    }
+
+    /// A consistency proof that the tree of `old` leaves is a prefix of the tree of
+    /// `new` leaves (RFC 6962 §2.1.2), for `ct_merkle` to verify.
+    pub fn consistency_proof(
+        &self,
+        old: u64,
+        new: u64,
+    ) -> Result<ConsistencyProof<Sha256>, ProofError> {
+        if old == 0 || old > new || new > self.len {
+            return Err(ProofError::BadSizes);
+        }
+        let mut path = Vec::new();
+        self.subproof(old, 0, new, true, &mut path)?;
+        let digests: Vec<_> = path.iter().map(|hash| (*hash).into()).collect();
+        Ok(ConsistencyProof::from_digests(digests.iter()))
+    }
+
+    /// RFC 6962's SUBPROOF(m, D[start:end], complete).
+    fn subproof(
+        &self,
+        m: u64,
+        start: u64,
+        end: u64,
+        complete: bool,
+        path: &mut Vec<Hash>,
+    ) -> Result<(), StorageError> {
+        let n = end - start;
+        if m == n {
+            if !complete {
+                path.push(self.range(start, end)?);
+            }
+            return Ok(());
+        }
+        let k = largest_power_of_two_below(n);
+        if m <= k {
+            self.subproof(m, start, start + k, complete, path)?;
+            path.push(self.range(start + k, end)?);
+        } else {
+            self.subproof(m - k, start + k, end, false, path)?;
+            path.push(self.range(start, start + k)?);
+        }
+        Ok(())
+    }
+
+    /// `MTH(D[start:end])` over stored leaves, from complete subtrees.
+    fn range(&self, start: u64, end: u64) -> Result<Hash, StorageError> {
+        let count = end - start;
+        if count.is_power_of_two() && start.is_multiple_of(count) {
+            return self.stored(count.trailing_zeros(), start / count);
+        }
+        let split = largest_power_of_two_below(count);
+        let left = self.range(start, start + split)?;
+        let right = self.range(start + split, end)?;
+        Ok(node_hash(&left, &right))
+    }
+
+    fn stored(&self, level: u32, index: u64) -> Result<Hash, StorageError> {
+        self.nodes.node(level, index)?.ok_or_else(|| {
+            StorageError(format!(
+                "merkle node {index} at level {level} is missing ({} leaves)",
+                self.len
+            ))
+        })
+    }
+}
+
+/// A `ct_merkle` root, for verifying proofs.
+pub fn ct_root((hash, size): (Hash, u64)) -> RootHash<Sha256> {
+    RootHash::new(hash.into(), size)
+}
+
+/// The largest power of two strictly below `n` (n ≥ 2).
+fn largest_power_of_two_below(n: u64) -> u64 {
+    1 << (63 - (n - 1).leading_zeros())
+}
+
+#[cfg(test)]
+mod tests {
+    use ct_merkle::mem_backed_tree::MemoryBackedTree;
+
+    use super::*;
+
+    fn leaf(i: u64) -> [u8; 32] {
+        Sha256::digest(i.to_be_bytes()).into()
+    }
+
+    fn reference_root(leaves: u64) -> Hash {
+        let mut tree = MemoryBackedTree::<Sha256, [u8; 32]>::new();
+        for i in 0..leaves {
+            tree.push(leaf(i));
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tree.root().as_bytes());
+        out
+    }
+
+    #[test]
+    fn roots_match_ct_merkle_at_every_size() {
+        let mut log = MerkleLog::<MemoryNodes>::default();
+        assert_eq!(log.root().unwrap(), (reference_root(0), 0));
+        for i in 0..70 {
+            log.push(&leaf(i)).unwrap();
+            assert_eq!(
+                log.root().unwrap(),
+                (reference_root(i + 1), i + 1),
+                "size {}",
+                i + 1
+            );
+        }
+        for size in 0..=70 {
+            assert_eq!(log.root_at(size).unwrap().0, reference_root(size));
+        }
+    }
+
+    #[test]
+    fn a_root_with_a_tail_is_the_root_after_pushing_it() {
+        for stored in 0..20 {
+            for tail in 0..20 {
+                let mut log = MerkleLog::<MemoryNodes>::default();
+                for i in 0..stored {
+                    log.push(&leaf(i)).unwrap();
+                }
+                let tail: Vec<_> = (stored..stored + tail).map(leaf).collect();
+                assert_eq!(
+                    log.root_with(&tail).unwrap(),
+                    (
+                        reference_root(stored + tail.len() as u64),
+                        stored + tail.len() as u64
+                    )
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn consistency_proofs_verify_with_ct_merkle_and_fail_for_other_roots() {
+        let mut log = MerkleLog::<MemoryNodes>::default();
+        for i in 0..40 {
+            log.push(&leaf(i)).unwrap();
+        }
+        for old in 1..=40 {
+            for new in old..=40 {
+                let proof = log.consistency_proof(old, new).unwrap();
+                let old_root = ct_root(log.root_at(old).unwrap());
+                let new_root = ct_root(log.root_at(new).unwrap());
+                new_root
+                    .verify_consistency(&old_root, &proof)
+                    .unwrap_or_else(|e| panic!("{old} -> {new}: {e:?}"));
+                if old > 1 && old < new {
+                    // A root over other leaves does not verify against the same proof.
+                    let other = ct_root(log.root_at(old - 1).map(|(h, _)| (h, old)).unwrap());
+                    assert!(new_root.verify_consistency(&other, &proof).is_err());
+                }
+            }
+        }
+        assert_eq!(
+            log.consistency_proof(0, 3).unwrap_err(),
+            ProofError::BadSizes
+        );
+        assert_eq!(
+            log.consistency_proof(5, 4).unwrap_err(),
+            ProofError::BadSizes
+        );
+        assert_eq!(
+            log.consistency_proof(5, 41).unwrap_err(),
+            ProofError::BadSizes
+        );
+    }
+
+    #[test]
+    fn missing_nodes_are_an_error_not_a_panic() {
+        let log = MerkleLog::open(MemoryNodes::default(), 5);
+        assert!(log.root().is_err());
+        assert!(log.consistency_proof(2, 5).is_err());
+    }
+}
