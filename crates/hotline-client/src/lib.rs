@@ -28,6 +28,7 @@ pub mod store;
 pub mod sync;
 #[doc(hidden)]
 pub mod testing;
+pub mod transcript_store;
 
 pub use home::{Home, HomeError};
 pub use store::{LogEntry, Store, StoreError};

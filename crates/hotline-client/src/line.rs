@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hotline_core::{Body, Channel, ChannelId, EnvelopeId, Event};
+use hotline_core::{Body, Channel, ChannelId, DeviceKey, EnvelopeId, Event};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -35,6 +35,9 @@ pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
 pub const CHECKPOINT_EVERY: i64 = 10;
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
+/// Most of a sender's undelivered envelopes `status` reads per channel (oldest first):
+/// its cost stays bounded while a party is cut off for long.
+pub const MAX_UNDELIVERED_SCAN: usize = 10_000;
 
 const PROBE: u8 = 1;
 const ANSWER: u8 = 2;
@@ -254,7 +257,7 @@ pub(crate) fn on_received(
             continue;
         };
         for id in ids {
-            let Some(envelope) = channel.transcript().get(id).cloned() else {
+            let Some(envelope) = channel.transcript().get(id)? else {
                 continue;
             };
             if envelope.sender == me {
@@ -865,22 +868,45 @@ id: None,
                     .filter(|m| m.party != own_party)
                     .map(|m| m.party.clone())
                     .collect();
-                for (id, envelope) in channel.transcript().canonical() {
-                    let Body::Text(_) = envelope.body else {
+                // Undelivered: each own-party device's chain from the first envelope
+                // some other party lacks (what every party holds is never read again).
+                let transcript = channel.transcript();
+                let roster = transcript.roster();
+                let delivered_up_to = |party: &str, sender: &DeviceKey| {
+                    roster
+                        .values()
+                        .filter(|info| info.party == party)
+                        .map(|info| transcript.seen_by(&info.key, sender))
+                        .max()
+                        .unwrap_or(0)
+                };
+                for sender in roster.values().filter(|info| info.party == own_party) {
+                    let held: Vec<(&String, u64)> = others
+                        .iter()
+                        .map(|party| (party, delivered_up_to(party, &sender.key)))
+                        .collect();
+                    let Some(from) = held.iter().map(|(_, seq)| seq + 1).min() else {
                         continue;
                     };
-                    if channel.transcript().party_of(&envelope.sender) != Some(own_party.as_str()) {
-                        continue;
-                    }
-                    let delivered = channel.delivered_to(&id);
-                    let missing: Vec<&String> =
-                        others.iter().filter(|p| !delivered.contains(*p)).collect();
-                    if !missing.is_empty() {
+                    for (id, envelope) in
+                        transcript.chain_from(&sender.key, from, MAX_UNDELIVERED_SCAN)?
+                    {
+                        let Body::Text(_) = envelope.body else {
+                            continue;
+                        };
+                        let missing: Vec<&String> = held
+                            .iter()
+                            .filter(|(_, seq)| *seq < envelope.seq)
+                            .map(|(party, _)| *party)
+                            .collect();
+                        if missing.is_empty() {
+                            continue;
+                        }
                         unacknowledged += 1;
                         if now_ms >= envelope.claimed_time_ms + undelivered_after {
                             for party in &missing {
                                 alarms.push(Alarm {
-id: None,
+                                    id: None,
                                     kind: "undelivered".into(),
                                     relay: None,
                                     party: Some((*party).clone()),
@@ -891,13 +917,42 @@ id: None,
                             }
                         }
                     }
-                    if let Some(deadline) = envelope.deadline_ms
-                        && now_ms >= deadline
+                }
+                // Deadlines: messages with one that some other party has not read; a
+                // message every other party read (or another party's) leaves the list.
+                let due: Vec<(Vec<u8>, Vec<u8>, i64)> = connection
+                    .prepare_cached(
+                        "SELECT id, sender, deadline_ms FROM deadlines WHERE channel = ?1",
+                    )?
+                    .query_map([&summary.id.0[..]], |row| {
+                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                for (id_bytes, sender, deadline) in due {
+                    let (Ok(id), Ok(sender)) = (
+                        <[u8; 32]>::try_from(id_bytes.as_slice()),
+                        <[u8; 32]>::try_from(sender.as_slice()),
+                    ) else {
+                        continue;
+                    };
+                    let id = EnvelopeId(id);
+                    let read = channel.read_by(&id)?;
+                    let unread: Vec<&String> =
+                        others.iter().filter(|p| !read.contains(*p)).collect();
+                    if transcript.party_of(&DeviceKey(sender)) != Some(own_party.as_str())
+                        || unread.is_empty()
                     {
-                        let read = channel.read_by(&id);
-                        for party in others.iter().filter(|p| !read.contains(*p)) {
+                        connection.execute(
+                            "DELETE FROM deadlines WHERE channel = ?1 AND id = ?2",
+                            params![&summary.id.0[..], &id.0[..]],
+                        )?;
+                        continue;
+                    }
+                    let deadline = deadline as u64;
+                    if now_ms >= deadline {
+                        for party in unread {
                             alarms.push(Alarm {
-id: None,
+                                id: None,
                                 kind: "deadline".into(),
                                 relay: None,
                                 party: Some(party.clone()),

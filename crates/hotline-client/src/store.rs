@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::rc::Rc;
 use std::time::Duration;
 
 use hotline_core::card::{CardError, CardIn};
@@ -20,6 +21,7 @@ use thiserror::Error;
 use crate::bundle::Entry;
 use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
+use crate::transcript_store::SqliteTranscript;
 
 /// The `processed` table's channel for Welcomes already taken.
 const WELCOMES: [u8; 32] = [0; 32];
@@ -108,6 +110,9 @@ const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;",
     // Version 7: when a relay joined a channel (its paths are judged from then on).
     "ALTER TABLE channel_relays ADD COLUMN added_ms INTEGER;",
+    // Version 8: the transcript in the database (see `transcript_store`); the channels
+    // of earlier versions are rebuilt from their envelopes once, at the next open.
+    crate::transcript_store::SCHEMA,
 ];
 
 /// Most envelopes offered again per round (see [`Store::reoffer_due`]).
@@ -132,6 +137,8 @@ pub enum StoreError {
     Card(#[from] CardError),
     #[error(transparent)]
     Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Transcript(#[from] hotline_core::merkle::StorageError),
     #[error(transparent)]
     Export(#[from] ExportError),
     #[error("no channel named {0:?}; see: hotline channel list")]
@@ -219,7 +226,9 @@ pub struct ChannelSummary {
 /// An open device store.
 #[derive(Debug)]
 pub struct Store {
-    connection: Connection,
+    /// Shared with the transcripts of the loaded channels, which keep their envelopes
+    /// in the same database (and transaction).
+    connection: Rc<Connection>,
     home: Home,
     identity: DeviceIdentity,
     /// Channels loaded by earlier operations of this process, valid while no other
@@ -289,7 +298,7 @@ impl Store {
         hotline_core::identity::check_name("party", party)?;
         hotline_core::identity::check_name("device", device)?;
         let home = Home::create(path)?;
-        let connection = open_connection(&home)?;
+        let connection = Rc::new(open_connection(&home)?);
         let identity = DeviceIdentity::generate(party, device, &mut rand::rngs::OsRng)?;
         let mut store = Self {
             connection,
@@ -322,12 +331,41 @@ impl Store {
                 path: path.to_owned(),
             })?;
         let identity = DeviceIdentity::from_secret_bytes(&secret).map_err(corrupt)?;
-        Ok(Self {
-            connection,
+        let mut store = Self {
+            connection: Rc::new(connection),
             home,
             identity,
             cache: Cache::default(),
-        })
+        };
+        store.rebuild_transcripts()?;
+        Ok(store)
+    }
+
+    /// Rebuilds, once, the transcripts of channels stored by a version that kept only
+    /// their envelopes: each in one transaction, its roots unchanged.
+    fn rebuild_transcripts(&mut self) -> Result<(), StoreError> {
+        loop {
+            let done = self.transact(|connection, _, cache| {
+                let Some(id) = connection
+                    .query_row("SELECT channel FROM rebuild LIMIT 1", [], |row| {
+                        row.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()?
+                else {
+                    return Ok(true);
+                };
+                connection.execute("DELETE FROM rebuild WHERE channel = ?1", [&id])?;
+                let id = ChannelId(id.try_into().map_err(|_| corrupt("channel id"))?);
+                let provider = Provider::new(connection);
+                let mut channel = load_channel_by_id(connection, &provider, &id)?;
+                save_channel(connection, &mut channel, false)?;
+                cache.channels.clear();
+                Ok(false)
+            })?;
+            if done {
+                return Ok(());
+            }
+        }
     }
 
     pub fn home(&self) -> &Home {
@@ -343,7 +381,7 @@ impl Store {
     /// (their in-memory MLS state may be ahead of the rolled-back storage).
     pub(crate) fn transact<T>(
         &mut self,
-        operation: impl FnOnce(&Connection, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
+        operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.connection.execute_batch("BEGIN IMMEDIATE")?;
         let version = self
@@ -454,7 +492,9 @@ impl Store {
                     contacts.push(card.verify(&fingerprint, provider.crypto())?);
                 }
             }
-            let mut channel = Channel::create(&provider, identity, name)?;
+            let mut channel = Channel::create_with(&provider, identity, name, |id| {
+                SqliteTranscript::boxed(Rc::clone(connection), id.0)
+            })?;
             channel.remember_contacts(contacts.iter().map(|c| c.info.clone()));
             if !contacts.is_empty() {
                 let commit = channel.add(&provider, identity, contacts)?;
@@ -504,7 +544,9 @@ impl Store {
                 return Err(StoreError::DuplicateWelcome);
             }
             let provider = Provider::new(connection);
-            let mut channel = Channel::join(&provider, identity, welcome, &contacts)?;
+            let mut channel = Channel::join_with(&provider, identity, welcome, &contacts, |id| {
+                SqliteTranscript::boxed(Rc::clone(connection), id.0)
+            })?;
             if channel_row(connection, channel.name())?.is_some() {
                 return Err(StoreError::ChannelExists(channel.name().to_owned()));
             }
@@ -694,19 +736,40 @@ impl Store {
     }
 
     fn resolve_message(&mut self, channel: &str, message: &str) -> Result<EnvelopeId, StoreError> {
-        let provider = Provider::new(&self.connection);
-        let loaded = load_channel(&self.connection, &provider, channel)?;
         let prefix = message.trim().to_ascii_lowercase();
-        let matches: Vec<EnvelopeId> = loaded
-            .transcript()
-            .canonical()
-            .filter(|(id, envelope)| {
-                matches!(envelope.body, Body::Text(_)) && id.to_hex().starts_with(&prefix)
+        if prefix.len() < 8 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(StoreError::UnknownMessage(message.to_owned()));
+        }
+        let channel_id = channel_id_by_name(&self.connection, channel)?;
+        // Every id starting with the prefix lies between these two, by the index.
+        let bound = |fill: char| {
+            let padded: String = prefix
+                .chars()
+                .chain(std::iter::repeat(fill))
+                .take(64)
+                .collect();
+            hex::decode(padded).unwrap_or_default()
+        };
+        let (low, high) = (bound('0'), bound('f'));
+        let mut statement = self.connection.prepare(
+            "SELECT id, bytes FROM entries WHERE channel = ?1 AND id BETWEEN ?2 AND ?3 LIMIT 2",
+        )?;
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = statement
+            .query_map(params![&channel_id.0[..], low, high], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let matches: Vec<EnvelopeId> = rows
+            .into_iter()
+            .filter_map(|(id, bytes)| {
+                let (envelope, _) = Envelope::decode(&bytes).ok()?;
+                matches!(envelope.body, Body::Text(_))
+                    .then(|| id.try_into().ok().map(EnvelopeId))
+                    .flatten()
             })
-            .map(|(id, _)| id)
             .collect();
         match matches.as_slice() {
-            [one] if prefix.len() >= 8 => Ok(*one),
+            [one] => Ok(*one),
             _ => Err(StoreError::UnknownMessage(message.to_owned())),
         }
     }
@@ -725,7 +788,8 @@ impl Store {
         self.log_last(channel, link_tests, None)
     }
 
-    /// The newest `last` messages of a channel (all with `None`), oldest first.
+    /// The newest `last` messages of a channel (all with `None`), oldest first. Reads
+    /// from the newest backwards, so its cost follows `last`, not the history.
     pub fn log_last(
         &mut self,
         channel: &str,
@@ -735,36 +799,44 @@ impl Store {
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
         let relays = channel_relays(&self.connection, &loaded.id())?;
-        let mut entries: Vec<LogEntry> = loaded
-            .transcript()
-            .canonical_rev()
-            .filter_map(|(id, envelope)| {
-                let text = match &envelope.body {
+        let wanted = last.unwrap_or(usize::MAX);
+        let mut entries: Vec<LogEntry> = Vec::new();
+        let mut before = None;
+        while entries.len() < wanted {
+            let page = loaded.transcript().page_before(before, 256)?;
+            let Some((id, envelope)) = page.last() else {
+                break;
+            };
+            before = Some((envelope.lamport, *id));
+            for (id, envelope) in page {
+                if entries.len() >= wanted {
+                    break;
+                }
+                let text = match envelope.body {
                     Body::Text(text) => text,
                     Body::LinkTest(bytes) if link_tests => {
-                        &crate::line::describe_link_test(bytes, &relays)
+                        crate::line::describe_link_test(&bytes, &relays)
                     }
-                    _ => return None,
+                    _ => continue,
                 };
                 let from = loaded
                     .transcript()
                     .party_of(&envelope.sender)
                     .unwrap_or("?")
                     .to_owned();
-                let mut delivered_to = loaded.delivered_to(&id);
+                let mut delivered_to = loaded.delivered_to(&id)?;
                 delivered_to.remove(&from);
-                Some(LogEntry {
+                entries.push(LogEntry {
                     id,
                     from,
                     time_ms: envelope.claimed_time_ms,
-                    text: text.clone(),
+                    text,
                     deadline_ms: envelope.deadline_ms,
                     delivered_to,
-                    read_by: loaded.read_by(&id),
-                })
-            })
-            .take(last.unwrap_or(usize::MAX))
-            .collect();
+                    read_by: loaded.read_by(&id)?,
+                });
+            }
+        }
         entries.reverse();
         Ok(entries)
     }
@@ -774,7 +846,7 @@ impl Store {
         let provider = Provider::new(&self.connection);
         Ok(load_channel(&self.connection, &provider, channel)?
             .transcript()
-            .root())
+            .root()?)
     }
 
     /// Channels this device is in.
@@ -1139,26 +1211,33 @@ impl Store {
             let mut due = Vec::new();
             for summary in &summaries {
                 let mut channel = checkout(cache, connection, &provider, &summary.id)?;
-                // When each other party last sealed something.
+                // When each other party last sealed something, and how far it holds
+                // this device's chain.
                 let mut last_sealed: BTreeMap<&str, u64> = BTreeMap::new();
+                let mut held: BTreeMap<&str, u64> = BTreeMap::new();
                 for member in summary.members.iter().filter(|m| m.party != own_party) {
-                    let time = channel
-                        .transcript()
-                        .head_of(&member.key)
-                        .and_then(|(_, id, _)| channel.transcript().get(&id))
-                        .map_or(0, |envelope| envelope.claimed_time_ms);
+                    let time = match channel.transcript().head_of(&member.key) {
+                        Some((_, id, _)) => channel
+                            .transcript()
+                            .get(&id)?
+                            .map_or(0, |envelope| envelope.claimed_time_ms),
+                        None => 0,
+                    };
                     let entry = last_sealed.entry(member.party.as_str()).or_default();
                     *entry = (*entry).max(time);
+                    let seen = channel.transcript().seen_by(&member.key, &me);
+                    let entry = held.entry(member.party.as_str()).or_default();
+                    *entry = (*entry).max(seen);
                 }
+                let from = held.values().map(|seq| seq + 1).min().unwrap_or(u64::MAX);
                 let missed: Vec<EnvelopeId> = channel
                     .transcript()
-                    .canonical()
-                    .filter(|(_, envelope)| envelope.sender == me)
-                    .filter(|(id, envelope)| {
-                        let delivered = channel.delivered_to(id);
+                    .chain_from(&me, from, crate::line::MAX_UNDELIVERED_SCAN)?
+                    .into_iter()
+                    .filter(|(_, envelope)| {
                         last_sealed.iter().any(|(party, last)| {
                             *last > envelope.claimed_time_ms.saturating_add(after_ms)
-                                && !delivered.contains(*party)
+                                && held.get(party).is_none_or(|seq| *seq < envelope.seq)
                         })
                     })
                     .map(|(id, _)| id)
@@ -1309,7 +1388,7 @@ fn follow_relay_changes(
             continue;
         };
         for id in ids {
-            let Some(envelope) = channel.transcript().get(id) else {
+            let Some(envelope) = channel.transcript().get(id)? else {
                 continue;
             };
             if let Body::Membership(MembershipNote::RelaysChanged { relays }) = &envelope.body
@@ -1369,7 +1448,7 @@ pub(crate) fn channel_id_by_name(
 /// The channel from the cache, or restored from the database.
 pub(crate) fn checkout(
     cache: &mut Cache,
-    connection: &Connection,
+    connection: &Rc<Connection>,
     provider: &Provider<'_>,
     id: &ChannelId,
 ) -> Result<Channel, StoreError> {
@@ -1380,7 +1459,7 @@ pub(crate) fn checkout(
 }
 
 fn load_channel(
-    connection: &Connection,
+    connection: &Rc<Connection>,
     provider: &Provider<'_>,
     name: &str,
 ) -> Result<Channel, StoreError> {
@@ -1390,7 +1469,7 @@ fn load_channel(
 }
 
 fn load_channel_by_id(
-    connection: &Connection,
+    connection: &Rc<Connection>,
     provider: &Provider<'_>,
     id: &ChannelId,
 ) -> Result<Channel, StoreError> {
@@ -1406,12 +1485,14 @@ fn load_channel_by_id(
 }
 
 fn restore(
-    connection: &Connection,
+    connection: &Rc<Connection>,
     provider: &Provider<'_>,
     id: &[u8],
     snapshot: &str,
 ) -> Result<Channel, StoreError> {
     let snapshot: ChannelSnapshot = serde_json::from_str(snapshot).map_err(corrupt)?;
+    // The envelopes that wait for a parent (all of them, for a channel stored by an
+    // earlier version: its transcript is rebuilt from them).
     let envelopes: Vec<Vec<u8>> = connection
         .prepare("SELECT bytes FROM envelopes WHERE channel = ?1")?
         .query_map([id], |row| row.get(0))?
@@ -1424,15 +1505,9 @@ fn restore(
                 .map_err(corrupt)
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let processed: Vec<Vec<u8>> = connection
-        .prepare("SELECT hash FROM processed WHERE channel = ?1")?
-        .query_map([id], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
-    let processed = processed
-        .into_iter()
-        .map(|hash| hash.try_into().map_err(|_| corrupt("processed hash")))
-        .collect::<Result<Vec<[u8; 32]>, _>>()?;
-    Ok(Channel::restore(provider, snapshot, envelopes, processed)?)
+    let channel: [u8; 32] = id.try_into().map_err(|_| corrupt("channel id"))?;
+    let store = SqliteTranscript::boxed(Rc::clone(connection), channel);
+    Ok(Channel::restore(provider, snapshot, store, envelopes)?)
 }
 
 pub(crate) fn save_channel(
@@ -1453,22 +1528,19 @@ pub(crate) fn save_channel(
             params![&id.0[..], snapshot],
         )?;
     }
+    // Accepted envelopes are in the transcript's store already; the ones waiting for
+    // a parent are kept here until it comes.
     let fresh = channel.take_fresh();
     let mut insert_envelope = connection.prepare_cached(
         "INSERT OR IGNORE INTO envelopes (channel, id, lamport, bytes) VALUES (?1, ?2, ?3, ?4)",
     )?;
-    for (envelope_id, envelope) in &fresh.envelopes {
+    for (envelope_id, envelope) in &fresh.waiting {
         insert_envelope.execute(params![
             &id.0[..],
             &envelope_id.0[..],
             envelope.lamport as i64,
             envelope.encode()
         ])?;
-    }
-    let mut insert_hash = connection
-        .prepare_cached("INSERT OR IGNORE INTO processed (channel, hash) VALUES (?1, ?2)")?;
-    for hash in &fresh.processed {
-        insert_hash.execute(params![&id.0[..], &hash[..]])?;
     }
     Ok(())
 }
@@ -1489,7 +1561,7 @@ pub(crate) fn seal(
     }
     let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
     // Its echo through each relay is placed in this device's own chain.
-    if let Some(envelope) = channel.transcript().get(&id) {
+    if let Some(envelope) = channel.transcript().get(&id)? {
         let hash = crate::line::copy_hash(&bytes);
         crate::line::record_copy(
             connection,
@@ -1538,7 +1610,7 @@ fn queue_released(
         id: Some(id),
         bytes,
     } = &out
-        && let Some(envelope) = channel.transcript().get(id)
+        && let Some(envelope) = channel.transcript().get(id)?
     {
         let hash = crate::line::copy_hash(bytes);
         crate::line::record_copy(

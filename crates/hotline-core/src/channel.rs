@@ -54,7 +54,9 @@ use crate::CIPHERSUITE;
 use crate::card::VerifiedContact;
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, MembershipNote};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
-use crate::transcript::{Finding, Inserted, Rejection, Transcript};
+use crate::merkle::StorageError;
+use crate::transcript::{Finding, Inserted, Rejection, Transcript, TranscriptState};
+use crate::transcript_store::{MemoryStore, TranscriptStore};
 
 /// First byte of a resent envelope's plaintext (an envelope starts with its version, 1).
 pub const RESENT: u8 = 0x81;
@@ -162,6 +164,8 @@ pub enum ChannelError {
     CommitterViolation(DeviceKey),
     #[error("a membership change is waiting for the committer's commit; try again after it")]
     AwaitingCommit,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error(
         "this device joined a running channel and holds nothing from the others yet; \
          run hotline sync until their messages arrive, then try again"
@@ -225,7 +229,6 @@ pub struct Channel {
     me: DeviceKey,
     committer: DeviceKey,
     transcript: Transcript,
-    processed: HashSet<[u8; 32]>,
     future: BTreeMap<u64, Vec<Vec<u8>>>,
     /// Commits that reference a proposal not received yet.
     stalled: Vec<Vec<u8>>,
@@ -234,8 +237,6 @@ pub struct Channel {
     pending_commit: Option<PendingCommit>,
     /// Devices no longer in the group, with the epoch this device saw them gone at.
     departed: Vec<(DeviceKey, u64)>,
-    /// Ciphertext hashes processed since the last [`Channel::take_fresh`].
-    fresh_processed: Vec<[u8; 32]>,
 }
 
 /// Everything of a [`Channel`] but its MLS group (which lives in the provider's
@@ -257,17 +258,26 @@ pub struct ChannelSnapshot {
     /// snapshots of earlier versions: then counted from the epoch of the first restore).
     #[serde(default)]
     departed: Vec<(DeviceKey, u64)>,
+    /// The transcript's bounded state (absent in snapshots of earlier versions, whose
+    /// transcripts are rebuilt from their envelopes once).
+    #[serde(default)]
+    transcript: Option<TranscriptState>,
+}
+
+impl ChannelSnapshot {
+    /// Whether the transcript must be rebuilt from stored envelopes (a snapshot written
+    /// before the transcript kept its state in a store).
+    pub fn needs_rebuild(&self) -> bool {
+        self.transcript.is_none()
+    }
 }
 
 /// What changed in a channel since the last [`Channel::take_fresh`].
 #[derive(Debug, Default)]
 pub struct Fresh {
-    /// Envelopes accepted, in acceptance order, then envelopes set waiting for a
-    /// parent. Store both: a waiting envelope's ciphertext is processed and will not
-    /// come back. [`Channel::restore`] sorts them out again.
-    pub envelopes: Vec<(EnvelopeId, Envelope)>,
-    /// Hashes of ciphertexts processed (or sent), never to be processed again.
-    pub processed: Vec<[u8; 32]>,
+    /// Envelopes set waiting for a parent. Store them: a waiting envelope's ciphertext
+    /// is processed and will not come back; [`Channel::restore`] takes them back.
+    pub waiting: Vec<(EnvelopeId, Envelope)>,
 }
 
 fn sender_ratchet() -> SenderRatchetConfiguration {
@@ -337,11 +347,23 @@ fn split_group_id(group_id: &GroupId) -> Result<(ChannelId, String), ChannelErro
 }
 
 impl Channel {
-    /// Creates a channel with this device as its only member and committer.
+    /// Creates a channel with this device as its only member and committer, its
+    /// transcript in memory.
     pub fn create(
         provider: &impl OpenMlsProvider,
         identity: &DeviceIdentity,
         name: &str,
+    ) -> Result<Self, ChannelError> {
+        Self::create_with(provider, identity, name, |_| MemoryStore::boxed())
+    }
+
+    /// Creates a channel whose transcript lives in the store `open_store` gives for its
+    /// id (which must hold nothing of it yet).
+    pub fn create_with(
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        name: &str,
+        open_store: impl FnOnce(&ChannelId) -> Box<dyn TranscriptStore>,
     ) -> Result<Self, ChannelError> {
         if name.is_empty()
             || name.len() > MAX_CHANNEL_NAME_LEN
@@ -365,7 +387,7 @@ impl Channel {
             identity.credential_with_key(),
         )
         .map_err(mls)?;
-        let mut transcript = Transcript::new(id);
+        let mut transcript = Transcript::in_store(id, 0, open_store(&id));
         transcript.admit(identity.info());
         Ok(Self {
             id,
@@ -374,24 +396,36 @@ impl Channel {
             me: identity.key(),
             committer: identity.key(),
             transcript,
-            processed: HashSet::new(),
             future: BTreeMap::new(),
             stalled: Vec::new(),
             buffered: HashSet::new(),
             contacts: BTreeMap::new(),
             pending_commit: None,
             departed: Vec::new(),
-            fresh_processed: Vec::new(),
         })
     }
 
     /// Joins from a Welcome, after checking every member against `contacts`, the
-    /// devices this device verified. Refuses if any member is unknown.
+    /// devices this device verified. Refuses if any member is unknown. The transcript
+    /// is kept in memory.
     pub fn join(
         provider: &impl OpenMlsProvider,
         identity: &DeviceIdentity,
         welcome: &[u8],
         contacts: &[DeviceInfo],
+    ) -> Result<Self, ChannelError> {
+        Self::join_with(provider, identity, welcome, contacts, |_| {
+            MemoryStore::boxed()
+        })
+    }
+
+    /// Joins from a Welcome, the transcript in the store `open_store` gives.
+    pub fn join_with(
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        welcome: &[u8],
+        contacts: &[DeviceInfo],
+        open_store: impl FnOnce(&ChannelId) -> Box<dyn TranscriptStore>,
     ) -> Result<Self, ChannelError> {
         let message = MlsMessageIn::tls_deserialize_exact_bytes(welcome)
             .map_err(|e| ChannelError::Malformed(e.to_string()))?;
@@ -424,7 +458,7 @@ impl Channel {
         );
         let group = staged.into_group(provider).map_err(mls)?;
         let (id, name) = split_group_id(group.group_id())?;
-        let mut transcript = Transcript::with_horizon(id, group.epoch().as_u64());
+        let mut transcript = Transcript::in_store(id, group.epoch().as_u64(), open_store(&id));
         for member in &members {
             transcript.admit(member);
         }
@@ -435,7 +469,6 @@ impl Channel {
             me: identity.key(),
             committer,
             transcript,
-            processed: HashSet::new(),
             future: BTreeMap::new(),
             stalled: Vec::new(),
             buffered: HashSet::new(),
@@ -445,7 +478,6 @@ impl Channel {
                 .collect(),
             pending_commit: None,
             departed: Vec::new(),
-            fresh_processed: Vec::new(),
         })
     }
 
@@ -463,16 +495,19 @@ impl Channel {
             stalled: self.stalled.clone(),
             pending_commit: self.pending_commit.clone(),
             departed: self.departed.clone(),
+            transcript: Some(self.transcript.state()),
         }
     }
 
-    /// Rebuilds a channel from its snapshot, its MLS group in `provider`'s storage, its
-    /// envelopes (in any order) and the hashes of the ciphertexts it processed.
+    /// Rebuilds a channel from its snapshot, its MLS group in `provider`'s storage and
+    /// its transcript `store`. `waiting` are the envelopes that were waiting for a
+    /// parent; for a snapshot that [`ChannelSnapshot::needs_rebuild`], every stored
+    /// envelope, in any order, re-inserted into the (empty) store once.
     pub fn restore(
         provider: &impl OpenMlsProvider,
         snapshot: ChannelSnapshot,
-        envelopes: impl IntoIterator<Item = Envelope>,
-        processed: impl IntoIterator<Item = [u8; 32]>,
+        store: Box<dyn TranscriptStore>,
+        waiting: impl IntoIterator<Item = Envelope>,
     ) -> Result<Self, ChannelError> {
         let group = MlsGroup::load(
             provider.storage(),
@@ -482,22 +517,39 @@ impl Channel {
         .ok_or_else(|| {
             ChannelError::Mls("the channel's MLS group is missing from storage".into())
         })?;
-        let mut transcript = Transcript::with_horizon(snapshot.id, snapshot.horizon);
+        let rebuild = snapshot.transcript.is_none();
+        let mut transcript = Transcript::restore(
+            snapshot.id,
+            snapshot.horizon,
+            snapshot.transcript.unwrap_or_default(),
+            store,
+        );
         for info in &snapshot.roster {
             transcript.admit(info);
         }
-        let mut envelopes: Vec<_> = envelopes
+        let mut envelopes: Vec<_> = waiting
             .into_iter()
             .map(|e| (e.lamport, e.id(), e))
             .collect();
         envelopes.sort_by_key(|(lamport, id, _)| (*lamport, *id));
+        // Envelopes stored before were checked when they arrived.
+        transcript.set_trusting(true);
         for (_, id, envelope) in envelopes {
-            transcript.insert(envelope, id).map_err(|reason| {
-                ChannelError::Mls(format!("stored envelope refused: {reason}"))
-            })?;
+            match transcript.insert(envelope, id) {
+                Ok(_) => {}
+                Err(Rejection::Storage(error)) => return Err(error.into()),
+                Err(reason) if rebuild => {
+                    return Err(ChannelError::Mls(format!(
+                        "stored envelope refused: {reason}"
+                    )));
+                }
+                Err(_) => {}
+            }
         }
+        transcript.set_trusting(false);
         transcript.take_fresh();
         transcript.take_fresh_pending();
+        transcript.clear_findings();
         let buffered: HashSet<[u8; 32]> = snapshot
             .future
             .values()
@@ -505,51 +557,43 @@ impl Channel {
             .chain(&snapshot.stalled)
             .map(|bytes| ciphertext_hash(bytes))
             .collect();
-        Ok(Self {
+        Self {
             id: snapshot.id,
             name: snapshot.name,
             group,
             me: snapshot.me,
             committer: snapshot.committer,
             transcript,
-            processed: processed.into_iter().collect(),
             future: snapshot.future,
             stalled: snapshot.stalled,
             buffered,
             contacts: snapshot.contacts.into_iter().map(|i| (i.key, i)).collect(),
             pending_commit: snapshot.pending_commit,
             departed: snapshot.departed,
-            fresh_processed: Vec::new(),
         }
-        .with_departed_retired())
+        .with_departed_retired()
     }
 
-    fn with_departed_retired(mut self) -> Self {
+    /// What changed since the last call, for the caller to persist with the MLS state:
+    /// the envelopes now waiting for a parent (accepted ones are in the store already).
+    pub fn take_fresh(&mut self) -> Fresh {
+        self.transcript.take_fresh();
+        self.transcript.clear_findings();
+        Fresh {
+            waiting: self.transcript.take_fresh_pending(),
+        }
+    }
+
+    fn mark_processed(&mut self, hash: [u8; 32]) -> Result<(), ChannelError> {
+        self.transcript.mark_processed(&hash)?;
+        Ok(())
+    }
+
+    fn with_departed_retired(mut self) -> Result<Self, ChannelError> {
         // Retired after the envelopes are back: in canonical order, no stored envelope
         // can fall inside the prefix settled so far (see `Transcript::settle`).
-        self.retire_departed();
-        self
-    }
-
-    /// What changed since the last call, for the caller to persist with the MLS state.
-    pub fn take_fresh(&mut self) -> Fresh {
-        let mut envelopes: Vec<_> = self
-            .transcript
-            .take_fresh()
-            .into_iter()
-            .filter_map(|id| self.transcript.get(&id).map(|e| (id, e.clone())))
-            .collect();
-        envelopes.extend(self.transcript.take_fresh_pending());
-        Fresh {
-            envelopes,
-            processed: std::mem::take(&mut self.fresh_processed),
-        }
-    }
-
-    fn mark_processed(&mut self, hash: [u8; 32]) {
-        if self.processed.insert(hash) {
-            self.fresh_processed.push(hash);
-        }
+        self.retire_departed()?;
+        Ok(self)
     }
 
     pub fn id(&self) -> ChannelId {
@@ -625,7 +669,7 @@ impl Channel {
         }
         let (seq, prev, prev_epoch) = match self.transcript.head_of(&self.me) {
             Some((seq, id, _)) => {
-                let epoch = self.transcript.get(&id).map_or(0, |e| e.epoch);
+                let epoch = self.transcript.head_epoch(&self.me).unwrap_or(0);
                 (seq + 1, id, epoch)
             }
             None => (1, EnvelopeId::NONE, 0),
@@ -646,7 +690,7 @@ impl Channel {
             signature: None,
         };
         if let Body::Checkpoint { .. } = envelope.body {
-            let (root, size) = self.transcript.root_for_next_checkpoint();
+            let (root, size) = self.transcript.root_for_next_checkpoint()?;
             envelope.body = Body::Checkpoint {
                 root,
                 size,
@@ -661,7 +705,7 @@ impl Channel {
             .create_message(provider, identity, &plaintext)
             .map_err(mls)?;
         let bytes = serialize(&message)?;
-        self.mark_processed(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes))?;
         match self.transcript.insert(envelope, id) {
             Ok(Inserted::Accepted(_)) => Ok((id, bytes)),
             // Invariant: an envelope built from this transcript's own heads always fits.
@@ -691,7 +735,7 @@ impl Channel {
         }
         let envelope = self
             .transcript
-            .get(id)
+            .get(id)?
             .filter(|envelope| envelope.sender == self.me)
             .ok_or(ChannelError::UnknownEnvelope(*id))?;
         let mut plaintext = vec![RESENT];
@@ -701,7 +745,7 @@ impl Channel {
             .create_message(provider, identity, &plaintext)
             .map_err(mls)?;
         let bytes = serialize(&message)?;
-        self.mark_processed(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes))?;
         Ok(bytes)
     }
 
@@ -736,7 +780,7 @@ impl Channel {
         pending: PendingCommit,
     ) -> Result<Outgoing, ChannelError> {
         let bytes = serialize(commit)?;
-        self.mark_processed(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes))?;
         self.pending_commit = Some(pending);
         Ok(Outgoing::Commit(bytes))
     }
@@ -834,7 +878,7 @@ impl Channel {
             .propose_self_update(provider, identity, LeafNodeParameters::default())
             .map_err(mls)?;
         let bytes = serialize(&proposal)?;
-        self.mark_processed(ciphertext_hash(&bytes));
+        self.mark_processed(ciphertext_hash(&bytes))?;
         Ok(Outgoing::Message { id: None, bytes })
     }
 
@@ -879,7 +923,7 @@ impl Channel {
         for info in &pending.added {
             self.transcript.admit(info);
         }
-        self.retire_departed();
+        self.retire_departed()?;
         let mut out = Vec::new();
         if let Some((to, bytes)) = pending.welcome {
             out.push(Outgoing::Welcome { to, bytes });
@@ -932,7 +976,7 @@ impl Channel {
         bytes: &[u8],
     ) -> Result<Vec<Event>, ChannelError> {
         let hash = ciphertext_hash(bytes);
-        if self.processed.contains(&hash) || self.buffered.contains(&hash) {
+        if self.buffered.contains(&hash) || self.transcript.is_processed(&hash)? {
             return Ok(vec![Event::Duplicate]);
         }
         let protocol = protocol_message(bytes)?;
@@ -975,7 +1019,7 @@ impl Channel {
         let mut events = Vec::new();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(application) => {
-                self.mark_processed(hash);
+                self.mark_processed(hash)?;
                 let basic = BasicCredential::try_from(credential)
                     .map_err(|_| ChannelError::CredentialMismatch)?;
                 let actual = DeviceInfo::from_credential_bytes(basic.identity())
@@ -1009,7 +1053,7 @@ impl Channel {
                     Ok((envelope, _)) if envelope.epoch < self.transcript.horizon() => {
                         events.push(Event::Duplicate);
                     }
-                    Ok((envelope, id)) => events.extend(self.insert_envelope(envelope, id)),
+                    Ok((envelope, id)) => events.extend(self.insert_envelope(envelope, id)?),
                 }
                 if resent {
                     events.push(Event::Resent);
@@ -1025,7 +1069,7 @@ impl Channel {
                 self.group
                     .store_pending_proposal(provider.storage(), *proposal)
                     .map_err(mls)?;
-                self.mark_processed(hash);
+                self.mark_processed(hash)?;
                 events.push(Event::ProposalQueued);
                 for commit in std::mem::take(&mut self.stalled) {
                     self.buffered.remove(&ciphertext_hash(&commit));
@@ -1040,7 +1084,7 @@ impl Channel {
                 let leaf =
                     sender_leaf.ok_or(ChannelError::CommitterViolation(DeviceKey([0; 32])))?;
                 events.extend(self.merge_commit(provider, leaf, *staged)?);
-                self.mark_processed(hash);
+                self.mark_processed(hash)?;
                 events.extend(self.drain_future(provider));
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
@@ -1049,14 +1093,18 @@ impl Channel {
                 ));
             }
             _ => {
-                self.mark_processed(hash);
+                self.mark_processed(hash)?;
                 events.push(Event::Duplicate);
             }
         }
         Ok(events)
     }
 
-    fn insert_envelope(&mut self, envelope: Envelope, id: EnvelopeId) -> Vec<Event> {
+    fn insert_envelope(
+        &mut self,
+        envelope: Envelope,
+        id: EnvelopeId,
+    ) -> Result<Vec<Event>, ChannelError> {
         let handover = match &envelope.body {
             Body::Membership(MembershipNote::CommitterHandover { to })
                 if envelope.sender == self.committer =>
@@ -1097,9 +1145,10 @@ impl Channel {
                 missing,
             }),
             Ok(Inserted::Fork(kept)) => events.push(Event::Fork { kept }),
+            Err(Rejection::Storage(error)) => return Err(error.into()),
             Err(reason) => events.push(Event::Refused(reason)),
         }
-        events
+        Ok(events)
     }
 
     fn merge_commit(
@@ -1148,7 +1197,7 @@ impl Channel {
         self.group
             .merge_staged_commit(provider, staged)
             .map_err(mls)?;
-        self.retire_departed();
+        self.retire_departed()?;
         let mut events = Vec::new();
         for info in &added {
             self.transcript.admit(info);
@@ -1171,7 +1220,7 @@ impl Channel {
     /// settling those gone for [`MAX_PAST_EPOCHS`] epochs: until then MLS may still open
     /// what they sealed before their removal, and such a late envelope must not find the
     /// prefix settled past it.
-    fn retire_departed(&mut self) {
+    fn retire_departed(&mut self) -> Result<(), ChannelError> {
         let current: BTreeSet<DeviceKey> = self
             .group
             .members()
@@ -1191,8 +1240,9 @@ impl Channel {
             .map(|(device, _)| *device)
             .collect();
         for device in due {
-            self.transcript.retire(&device);
+            self.transcript.retire(&device)?;
         }
+        Ok(())
     }
 
     /// Processes buffered messages whose epoch has come.
@@ -1235,7 +1285,7 @@ impl Channel {
         {
             Event::Accepted(ids) => {
                 let id = ids.first()?;
-                let envelope = self.transcript.get(id)?;
+                let envelope = self.transcript.get(id).ok().flatten()?;
                 Some((*id, envelope.sender, envelope.seq))
             }
             Event::Waiting {
@@ -1252,13 +1302,13 @@ impl Channel {
     }
 
     /// Parties (by name) that hold `id`, judged from their latest envelopes.
-    pub fn delivered_to(&self, id: &EnvelopeId) -> BTreeSet<String> {
-        self.parties_of(self.transcript.delivered_to(id))
+    pub fn delivered_to(&self, id: &EnvelopeId) -> Result<BTreeSet<String>, StorageError> {
+        Ok(self.parties_of(self.transcript.delivered_to(id)?))
     }
 
     /// Parties that sent a read receipt for `id`.
-    pub fn read_by(&self, id: &EnvelopeId) -> BTreeSet<String> {
-        self.parties_of(self.transcript.read_by(id))
+    pub fn read_by(&self, id: &EnvelopeId) -> Result<BTreeSet<String>, StorageError> {
+        Ok(self.parties_of(self.transcript.read_by(id)?))
     }
 
     fn parties_of(&self, devices: BTreeSet<DeviceKey>) -> BTreeSet<String> {

@@ -51,7 +51,7 @@ const ID_CONTEXT: &[u8] = b"hotline-envelope-v1";
 const CHECKPOINT_CONTEXT: &[u8] = b"hotline-checkpoint-v1";
 
 /// A 32-byte SHA-256 hash naming an envelope.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct EnvelopeId(pub [u8; 32]);
 
 impl EnvelopeId {

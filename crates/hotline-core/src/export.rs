@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, MAX_BODY_LEN};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
+use crate::merkle::StorageError;
 use crate::transcript::{Finding, Inserted, Rejection, Transcript};
 
 const MAGIC: &[u8; 19] = b"HOTLINE-TRANSCRIPT\n";
@@ -34,6 +35,8 @@ pub enum ExportError {
     NeedsCheckpoint,
     #[error("the transcript has envelopes waiting for missing parents; sync first")]
     Incomplete,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// Why an export does not verify. Names the first problem found.
@@ -66,6 +69,8 @@ pub enum VerifyError {
     NoFinalCheckpoint,
     #[error("the list of references behind the horizon does not match the envelopes")]
     HorizonMismatch,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 /// What a valid export proves.
@@ -150,15 +155,12 @@ impl Export {
         if !transcript.pending().is_empty() {
             return Err(ExportError::Incomplete);
         }
-        let last = transcript
-            .canonical()
-            .last()
-            .map(|(id, envelope)| (id, envelope.clone()));
+        let last = transcript.page_before(None, 1)?.into_iter().next();
         match last {
             Some((id, envelope))
                 if envelope.sender == identity.key()
                     && envelope.body.kind() == Kind::Checkpoint
-                    && transcript.covers_everything(&id) => {}
+                    && transcript.covers_everything(&id)? => {}
             _ => return Err(ExportError::NeedsCheckpoint),
         }
         let mut writer = Writer::new();
@@ -178,8 +180,16 @@ impl Export {
             writer.fixed(&sender.0);
         }
         writer.u32(transcript.len() as u32);
-        for (_, envelope) in transcript.canonical() {
-            writer.bytes(&envelope.encode());
+        let mut after = None;
+        loop {
+            let page = transcript.page_after(after, 4096)?;
+            let Some((id, envelope)) = page.last() else {
+                break;
+            };
+            after = Some((envelope.lamport, *id));
+            for (_, envelope) in &page {
+                writer.bytes(&envelope.encode());
+            }
         }
         writer.fixed(&identity.key().0);
         let signature = identity.sign(&signed_message(writer.as_bytes()));
@@ -285,11 +295,15 @@ impl Export {
                 });
             }
         }
-        let final_ok = transcript.canonical().last().is_some_and(|(id, envelope)| {
-            envelope.sender == exporter_key
-                && envelope.body.kind() == Kind::Checkpoint
-                && transcript.covers_everything(&id)
-        });
+        let last = transcript.page_before(None, 1)?.into_iter().next();
+        let final_ok = match last {
+            Some((id, envelope)) => {
+                envelope.sender == exporter_key
+                    && envelope.body.kind() == Kind::Checkpoint
+                    && transcript.covers_everything(&id)?
+            }
+            None => false,
+        };
         if !final_ok {
             return Err(VerifyError::NoFinalCheckpoint);
         }
@@ -304,7 +318,7 @@ impl Export {
                 (device, (seqs.len() as u64, covered))
             })
             .collect();
-        let (root, size) = transcript.root();
+        let (root, size) = transcript.root()?;
         Ok(VerifyReport {
             channel,
             channel_name,

@@ -27,6 +27,7 @@ pub mod export;
 pub mod identity;
 pub mod merkle;
 pub mod transcript;
+pub mod transcript_store;
 
 use openmls::prelude::Ciphersuite;
 
@@ -38,4 +39,5 @@ pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing
 pub use envelope::{Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote};
 pub use export::{Export, VerifyError, VerifyReport};
 pub use identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint, safety_number};
-pub use transcript::{Finding, Inserted, Transcript};
+pub use transcript::{Finding, Inserted, Transcript, TranscriptState};
+pub use transcript_store::{MemoryStore, TranscriptStore};

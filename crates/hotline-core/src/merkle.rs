@@ -131,6 +131,10 @@ impl<N: MerkleNodes> MerkleLog<N> {
         &self.nodes
     }
 
+    pub fn nodes_mut(&mut self) -> &mut N {
+        &mut self.nodes
+    }
+
     /// Appends one leaf; writes the leaf and every subtree it completes.
     pub fn push(&mut self, leaf: &[u8]) -> Result<(), StorageError> {
         let mut hash = leaf_hash(leaf);
@@ -168,34 +172,39 @@ impl<N: MerkleNodes> MerkleLog<N> {
         self.root_at(self.len)
     }
 
-    /// The root over all leaves followed by `tail` (leaves not appended): what the root
-    /// would be after pushing them, in O(log n + tail).
-    pub fn root_with(&self, tail: &[Hash]) -> Result<(Hash, u64), StorageError> {
-        if tail.is_empty() {
-            return self.root();
+    /// The root over the first `prefix` stored leaves followed by `tail` (leaves not
+    /// stored), in O(log n + tail): what the root of that sequence would be.
+    pub fn root_with(&self, prefix: u64, tail: &[Hash]) -> Result<(Hash, u64), StorageError> {
+        if prefix > self.len {
+            return Err(StorageError(format!(
+                "root over {prefix} stored leaves asked of a log of {}",
+                self.len
+            )));
         }
-        // Split as RFC 6962 does: complete subtrees of the stored part from the left,
-        // then the mixed remainder computed from the stored right edge and the tail.
-        let total = self.len + tail.len() as u64;
+        let total = prefix + tail.len() as u64;
+        if total == 0 {
+            return Ok((empty_root(), 0));
+        }
         let leaf = |index: u64| -> Result<Hash, StorageError> {
-            if index < self.len {
+            if index < prefix {
                 self.stored(0, index)
             } else {
-                Ok(leaf_hash(&tail[(index - self.len) as usize]))
+                Ok(leaf_hash(&tail[(index - prefix) as usize]))
             }
         };
-        let hash = self.mixed_range(0, total, &leaf)?;
+        let hash = self.mixed_range(0, total, prefix, &leaf)?;
         Ok((hash, total))
     }
 
-    /// `MTH(D[start:end])` over leaves that may lie past the stored ones.
+    /// `MTH(D[start:end])` where leaves from `prefix` on are not stored.
     fn mixed_range(
         &self,
         start: u64,
         end: u64,
+        prefix: u64,
         leaf: &dyn Fn(u64) -> Result<Hash, StorageError>,
     ) -> Result<Hash, StorageError> {
-        if end <= self.len {
+        if end <= prefix {
             return self.range(start, end);
         }
         let count = end - start;
@@ -203,8 +212,8 @@ impl<N: MerkleNodes> MerkleLog<N> {
             return leaf(start);
         }
         let split = largest_power_of_two_below(count);
-        let left = self.mixed_range(start, start + split, leaf)?;
-        let right = self.mixed_range(start + split, end, leaf)?;
+        let left = self.mixed_range(start, start + split, prefix, leaf)?;
+        let right = self.mixed_range(start + split, end, prefix, leaf)?;
         Ok(node_hash(&left, &right))
     }
 
@@ -331,11 +340,18 @@ mod tests {
                 }
                 let tail: Vec<_> = (stored..stored + tail).map(leaf).collect();
                 assert_eq!(
-                    log.root_with(&tail).unwrap(),
+                    log.root_with(stored, &tail).unwrap(),
                     (
                         reference_root(stored + tail.len() as u64),
                         stored + tail.len() as u64
                     )
+                );
+                // A shorter stored prefix, then the rest as a tail, gives the same root.
+                let cut = stored / 2;
+                let rest: Vec<_> = (cut..stored + tail.len() as u64).map(leaf).collect();
+                assert_eq!(
+                    log.root_with(cut, &rest).unwrap(),
+                    log.root_with(stored, &tail).unwrap()
                 );
             }
         }

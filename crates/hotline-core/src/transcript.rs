@@ -37,26 +37,27 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ct_merkle::ConsistencyProof;
+use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, Reference};
 use crate::identity::{DeviceInfo, DeviceKey};
-use crate::merkle::{MemoryNodes, MerkleLog, ProofError, StorageError};
+use crate::merkle::{Hash, MemoryNodes, MerkleLog, ProofError, StorageError};
+pub use crate::transcript_store::{Entry, MemoryStore, OrderKey, TranscriptStore};
 
 /// Most envelopes waiting for a parent; beyond it, new orphans are refused so that a
 /// hostile peer cannot grow memory without bound.
 pub const MAX_PENDING: usize = 65_536;
 
-/// An accepted envelope with what the transcript derived from it.
-#[derive(Clone, Debug)]
-pub struct Entry {
-    pub envelope: Envelope,
-    /// Highest sequence number of each sender among this envelope and its ancestors.
-    frontier: BTreeMap<DeviceKey, u64>,
-    /// Whether some ancestor lies behind the horizon.
-    partial: bool,
-}
+/// Most envelopes a received checkpoint's check reads beyond the settled prefix; a
+/// checkpoint whose ancestors differ from the canonical order further back than this is
+/// not checked (see ARCHITECTURE.md, "Settled prefix").
+pub const MAX_CHECKPOINT_SCAN: usize = 65_536;
+
+/// Largest Lamport time accepted: far beyond any real channel (each envelope adds one),
+/// and small enough for every store to keep it as a signed 64-bit integer.
+pub const MAX_LAMPORT: u64 = 1 << 62;
 
 /// What became of an inserted envelope.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,6 +89,10 @@ pub enum Rejection {
     WrongLamport { found: u64, expected: u64 },
     #[error("too many envelopes are waiting for missing parents")]
     TooManyPending,
+    #[error("lamport time {0} is beyond what any channel reaches (2^62)")]
+    LamportTooLarge(u64),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     #[error(
         "lamport time {lamport} lies inside the settled part of the transcript (up to {settled}): \
          it would rewrite history every member holds as final"
@@ -128,26 +133,74 @@ pub struct Gap {
     pub to: u64,
 }
 
+/// A sender's latest accepted envelope, kept in memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub id: EnvelopeId,
+    pub seq: u64,
+    pub lamport: u64,
+    pub epoch: u64,
+    pub partial: bool,
+    pub frontier: Vec<(DeviceKey, u64)>,
+}
+
+/// The bounded part of a transcript's state, for the caller to persist beside its store
+/// (the roster and horizon are the channel's).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptState {
+    pub len: u64,
+    pub heads: Vec<(DeviceKey, Head)>,
+    pub stubs: Vec<(EnvelopeId, DeviceKey)>,
+    pub retired: Vec<DeviceKey>,
+    pub settled_len: u64,
+    pub settled_lamport: u64,
+    pub last_settled: Option<OrderKey>,
+}
+
+/// What the checks need to know of a parent.
+struct Parent {
+    sender: DeviceKey,
+    seq: u64,
+    epoch: u64,
+    lamport: u64,
+    partial: bool,
+    frontier: BTreeMap<DeviceKey, u64>,
+}
+
+impl From<Entry> for Parent {
+    fn from(entry: Entry) -> Self {
+        Self {
+            sender: entry.envelope.sender,
+            seq: entry.envelope.seq,
+            epoch: entry.envelope.epoch,
+            lamport: entry.envelope.lamport,
+            partial: entry.partial,
+            frontier: entry.frontier,
+        }
+    }
+}
+
 /// The DAG of a channel's envelopes. See the module documentation.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Transcript {
     channel: ChannelId,
     horizon: u64,
-    stubs: HashMap<EnvelopeId, DeviceKey>,
+    stubs: BTreeMap<EnvelopeId, DeviceKey>,
     roster: BTreeMap<DeviceKey, DeviceInfo>,
-    entries: HashMap<EnvelopeId, Entry>,
-    order: BTreeSet<(u64, EnvelopeId)>,
-    chain: HashMap<(DeviceKey, u64), EnvelopeId>,
-    heads: BTreeMap<DeviceKey, EnvelopeId>,
+    heads: BTreeMap<DeviceKey, Head>,
+    len: u64,
     pending: HashMap<EnvelopeId, Envelope>,
     waiting: HashMap<EnvelopeId, Vec<EnvelopeId>>,
-    read: HashMap<EnvelopeId, BTreeSet<DeviceKey>>,
     /// Devices removed from the channel: they no longer hold the settled prefix back.
     retired: BTreeSet<DeviceKey>,
-    /// The settled prefix of the canonical order, as a Merkle log.
-    settled: MerkleLog<MemoryNodes>,
+    /// The store, seen as the Merkle log of the settled prefix.
+    log: MerkleLog<Box<dyn TranscriptStore>>,
     /// Every envelope with a Lamport time up to this one is settled.
     settled_lamport: u64,
+    /// The last settled envelope.
+    last_settled: Option<OrderKey>,
+    /// Skip the roots of checkpoints (rebuilding from envelopes checked before).
+    trusting: bool,
     findings: Vec<Finding>,
     /// Accepted since the last [`Transcript::take_fresh`], in acceptance order.
     fresh: Vec<EnvelopeId>,
@@ -156,32 +209,74 @@ pub struct Transcript {
 }
 
 impl Transcript {
-    /// An empty transcript for `channel`.
+    /// An empty transcript for `channel`, in memory.
     pub fn new(channel: ChannelId) -> Self {
         Self::with_horizon(channel, 0)
     }
 
-    /// An empty transcript for a device that joined at epoch `horizon`.
+    /// An empty transcript in memory for a device that joined at epoch `horizon`.
     pub fn with_horizon(channel: ChannelId, horizon: u64) -> Self {
+        Self::in_store(channel, horizon, MemoryStore::boxed())
+    }
+
+    /// An empty transcript kept in `store` (which must hold nothing of this channel).
+    pub fn in_store(channel: ChannelId, horizon: u64, store: Box<dyn TranscriptStore>) -> Self {
+        Self::restore(channel, horizon, TranscriptState::default(), store)
+    }
+
+    /// A transcript from its persisted state and the store that holds the rest. The
+    /// envelopes that were waiting come back through [`Transcript::insert`].
+    pub fn restore(
+        channel: ChannelId,
+        horizon: u64,
+        state: TranscriptState,
+        store: Box<dyn TranscriptStore>,
+    ) -> Self {
         Self {
             channel,
             horizon,
-            stubs: HashMap::new(),
+            stubs: state.stubs.into_iter().collect(),
             roster: BTreeMap::new(),
-            entries: HashMap::new(),
-            order: BTreeSet::new(),
-            chain: HashMap::new(),
-            heads: BTreeMap::new(),
+            heads: state.heads.into_iter().collect(),
+            len: state.len,
             pending: HashMap::new(),
             waiting: HashMap::new(),
-            read: HashMap::new(),
-            retired: BTreeSet::new(),
-            settled: MerkleLog::default(),
-            settled_lamport: 0,
+            retired: state.retired.into_iter().collect(),
+            log: MerkleLog::open(store, state.settled_len),
+            settled_lamport: state.settled_lamport,
+            last_settled: state.last_settled,
+            trusting: false,
             findings: Vec::new(),
             fresh: Vec::new(),
             fresh_pending: Vec::new(),
         }
+    }
+
+    /// The bounded state to persist (with the store's contents, it is the transcript).
+    pub fn state(&self) -> TranscriptState {
+        TranscriptState {
+            len: self.len,
+            heads: self.heads.iter().map(|(k, h)| (*k, h.clone())).collect(),
+            stubs: self.stubs.iter().map(|(id, s)| (*id, *s)).collect(),
+            retired: self.retired.iter().copied().collect(),
+            settled_len: self.log.len(),
+            settled_lamport: self.settled_lamport,
+            last_settled: self.last_settled,
+        }
+    }
+
+    /// While set, checkpoints' roots are not recomputed: for rebuilding a transcript
+    /// from envelopes this device checked when they first arrived.
+    pub fn set_trusting(&mut self, trusting: bool) {
+        self.trusting = trusting;
+    }
+
+    fn store(&self) -> &dyn TranscriptStore {
+        self.log.nodes().as_ref()
+    }
+
+    fn store_mut(&mut self) -> &mut dyn TranscriptStore {
+        self.log.nodes_mut().as_mut()
     }
 
     pub fn channel(&self) -> ChannelId {
@@ -194,7 +289,7 @@ impl Transcript {
     }
 
     /// References to envelopes behind the horizon, with their senders.
-    pub fn stubs(&self) -> &HashMap<EnvelopeId, DeviceKey> {
+    pub fn stubs(&self) -> &BTreeMap<EnvelopeId, DeviceKey> {
         &self.stubs
     }
 
@@ -205,10 +300,11 @@ impl Transcript {
     }
 
     /// Marks a device as removed from the channel: settling no longer waits for it.
-    pub fn retire(&mut self, device: &DeviceKey) {
+    pub fn retire(&mut self, device: &DeviceKey) -> Result<(), StorageError> {
         if self.retired.insert(*device) {
-            self.settle();
+            self.settle()?;
         }
+        Ok(())
     }
 
     /// Whether `sender` may seal an envelope now without breaking the settled prefix:
@@ -233,42 +329,98 @@ impl Transcript {
 
     /// Number of accepted envelopes.
     pub fn len(&self) -> usize {
-        self.order.len()
+        self.len as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
+        self.len == 0
     }
 
-    /// Accepted envelopes in canonical order.
-    pub fn canonical(&self) -> impl Iterator<Item = (EnvelopeId, &Envelope)> + '_ {
-        self.order
-            .iter()
-            .filter_map(|(_, id)| self.entries.get(id).map(|entry| (*id, &entry.envelope)))
+    /// Every accepted envelope in canonical order (O(n): for exports and tests; use
+    /// [`Transcript::page_after`] to walk a long transcript).
+    pub fn canonical(&self) -> Result<Vec<(EnvelopeId, Envelope)>, StorageError> {
+        self.store().page_after(None, usize::MAX)
     }
 
-    /// Accepted envelopes in reverse canonical order: the newest first.
-    pub fn canonical_rev(&self) -> impl Iterator<Item = (EnvelopeId, &Envelope)> + '_ {
-        self.order
-            .iter()
-            .rev()
-            .filter_map(|(_, id)| self.entries.get(id).map(|entry| (*id, &entry.envelope)))
+    /// Up to `limit` accepted envelopes after `after`, in canonical order.
+    pub fn page_after(
+        &self,
+        after: Option<OrderKey>,
+        limit: usize,
+    ) -> Result<Vec<(EnvelopeId, Envelope)>, StorageError> {
+        self.store().page_after(after, limit)
     }
 
-    pub fn get(&self, id: &EnvelopeId) -> Option<&Envelope> {
-        self.entries.get(id).map(|entry| &entry.envelope)
+    /// Up to `limit` accepted envelopes before `before` (from the newest with `None`),
+    /// newest first.
+    pub fn page_before(
+        &self,
+        before: Option<OrderKey>,
+        limit: usize,
+    ) -> Result<Vec<(EnvelopeId, Envelope)>, StorageError> {
+        self.store().page_before(before, limit)
+    }
+
+    pub fn get(&self, id: &EnvelopeId) -> Result<Option<Envelope>, StorageError> {
+        Ok(self.store().entry(id)?.map(|entry| entry.envelope))
+    }
+
+    /// Whether a ciphertext with this hash was processed already.
+    pub fn is_processed(&self, hash: &[u8; 32]) -> Result<bool, StorageError> {
+        self.store().is_processed(hash)
+    }
+
+    /// Records a processed ciphertext; `false` if it was known.
+    pub fn mark_processed(&mut self, hash: &[u8; 32]) -> Result<bool, StorageError> {
+        self.store_mut().mark_processed(hash)
     }
 
     /// The latest accepted envelope of each sender.
-    pub fn heads(&self) -> &BTreeMap<DeviceKey, EnvelopeId> {
-        &self.heads
+    pub fn heads(&self) -> BTreeMap<DeviceKey, EnvelopeId> {
+        self.heads.iter().map(|(k, head)| (*k, head.id)).collect()
     }
 
     /// Sequence number, id and Lamport time of `sender`'s latest accepted envelope.
     pub fn head_of(&self, sender: &DeviceKey) -> Option<(u64, EnvelopeId, u64)> {
-        let id = self.heads.get(sender)?;
-        let entry = self.entries.get(id)?;
-        Some((entry.envelope.seq, *id, entry.envelope.lamport))
+        let head = self.heads.get(sender)?;
+        Some((head.seq, head.id, head.lamport))
+    }
+
+    /// The highest sequence number of `sender` that `device`'s latest envelope covers
+    /// (0: none): `device` holds `sender`'s envelopes up to it.
+    pub fn seen_by(&self, device: &DeviceKey, sender: &DeviceKey) -> u64 {
+        self.heads.get(device).map_or(0, |head| {
+            head.frontier
+                .iter()
+                .find(|(d, _)| d == sender)
+                .map_or(0, |(_, seq)| *seq)
+        })
+    }
+
+    /// `sender`'s accepted envelopes numbered `from` on, in chain order, at most `limit`.
+    pub fn chain_from(
+        &self,
+        sender: &DeviceKey,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(EnvelopeId, Envelope)>, StorageError> {
+        let last = self.heads.get(sender).map_or(0, |head| head.seq);
+        let mut out = Vec::new();
+        let mut seq = from.max(1);
+        while seq <= last && out.len() < limit {
+            if let Some(id) = self.store().chain(sender, seq)?
+                && let Some(entry) = self.store().entry(&id)?
+            {
+                out.push((id, entry.envelope));
+            }
+            seq += 1;
+        }
+        Ok(out)
+    }
+
+    /// The MLS epoch of `sender`'s latest accepted envelope.
+    pub fn head_epoch(&self, sender: &DeviceKey) -> Option<u64> {
+        self.heads.get(sender).map(|head| head.epoch)
     }
 
     /// What a new envelope by `sender` must reference: its `seen` list and Lamport time.
@@ -277,27 +429,24 @@ impl Transcript {
             .heads
             .iter()
             .filter(|(device, _)| *device != sender)
-            .filter_map(|(device, id)| {
-                let entry = self.entries.get(id)?;
-                Some(Reference {
-                    sender: *device,
-                    id: *id,
-                    epoch: entry.envelope.epoch,
-                })
+            .map(|(device, head)| Reference {
+                sender: *device,
+                id: head.id,
+                epoch: head.epoch,
             })
             .collect();
         let lamport = self
             .heads
             .values()
-            .filter_map(|id| self.entries.get(id))
-            .map(|entry| entry.envelope.lamport)
+            .map(|head| head.lamport)
             .max()
             .unwrap_or(0)
             + 1;
         (seen, lamport)
     }
 
-    /// Envelopes accepted since the last call, for the caller to persist.
+    /// Envelopes accepted since the last call, for the caller to know (the store holds
+    /// them already).
     pub fn take_fresh(&mut self) -> Vec<EnvelopeId> {
         std::mem::take(&mut self.fresh)
     }
@@ -311,9 +460,14 @@ impl Transcript {
             .collect()
     }
 
-    /// Everything found wrong so far.
+    /// Everything found wrong since the last [`Transcript::clear_findings`].
     pub fn findings(&self) -> &[Finding] {
         &self.findings
+    }
+
+    /// Forgets the findings (the caller reported them).
+    pub fn clear_findings(&mut self) {
+        self.findings.clear();
     }
 
     /// Ids of envelopes still waiting, with the parents they wait for.
@@ -321,7 +475,7 @@ impl Transcript {
         let mut out: Vec<_> = self
             .pending
             .iter()
-            .map(|(id, envelope)| (*id, self.missing_parents(envelope)))
+            .map(|(id, envelope)| (*id, self.missing_parents(envelope).unwrap_or_default()))
             .collect();
         out.sort();
         out
@@ -359,31 +513,60 @@ impl Transcript {
             .chain(envelope.seen.iter().copied())
     }
 
-    fn behind_horizon(&self, reference: &Reference) -> bool {
-        reference.epoch < self.horizon && !self.entries.contains_key(&reference.id)
+    /// What the checks need of an accepted envelope: from the heads when it is one
+    /// (the usual case), else from the store.
+    fn parent(&self, id: &EnvelopeId) -> Result<Option<Parent>, StorageError> {
+        if let Some((sender, head)) = self.heads.iter().find(|(_, head)| head.id == *id) {
+            return Ok(Some(Parent {
+                sender: *sender,
+                seq: head.seq,
+                epoch: head.epoch,
+                lamport: head.lamport,
+                partial: head.partial,
+                frontier: head.frontier.iter().copied().collect(),
+            }));
+        }
+        Ok(self.store().entry(id)?.map(Parent::from))
     }
 
-    fn missing_parents(&self, envelope: &Envelope) -> Vec<EnvelopeId> {
-        Self::parents(envelope)
-            .filter(|r| !self.entries.contains_key(&r.id) && !self.behind_horizon(r))
-            .map(|r| r.id)
-            .collect()
+    fn holds(&self, id: &EnvelopeId) -> Result<bool, StorageError> {
+        if self.heads.values().any(|head| head.id == *id) {
+            return Ok(true);
+        }
+        Ok(self.store().entry(id)?.is_some())
+    }
+
+    fn behind_horizon(&self, reference: &Reference) -> Result<bool, StorageError> {
+        Ok(reference.epoch < self.horizon && !self.holds(&reference.id)?)
+    }
+
+    fn missing_parents(&self, envelope: &Envelope) -> Result<Vec<EnvelopeId>, StorageError> {
+        let mut missing = Vec::new();
+        for reference in Self::parents(envelope) {
+            if !self.holds(&reference.id)? && !self.behind_horizon(&reference)? {
+                missing.push(reference.id);
+            }
+        }
+        Ok(missing)
     }
 
     /// Inserts an envelope whose id the caller computed (by [`Envelope::decode`] or
-    /// [`Envelope::id`]). See [`Inserted`] and [`Rejection`].
+    /// [`Envelope::id`]). See [`Inserted`] and [`Rejection`]; a storage failure is
+    /// [`Rejection::Storage`], is not recorded as a finding, and the caller must drop
+    /// this transcript (its store may hold part of the insertion).
     pub fn insert(&mut self, envelope: Envelope, id: EnvelopeId) -> Result<Inserted, Rejection> {
-        if self.entries.contains_key(&id) || self.pending.contains_key(&id) {
+        if self.pending.contains_key(&id) || self.holds(&id)? {
             return Ok(Inserted::Duplicate);
         }
         let sender = envelope.sender;
         let result = self.insert_new(envelope, id);
-        if let Err(reason) = &result {
-            self.findings.push(Finding::Refused {
+        match &result {
+            Err(Rejection::Storage(_)) | Ok(_) => {}
+            Err(reason) => self.findings.push(Finding::Refused {
                 id,
                 sender,
                 reason: reason.clone(),
-            });
+            }),
         }
         result
     }
@@ -396,10 +579,13 @@ impl Transcript {
             return Err(Rejection::UnknownSender(envelope.sender));
         }
         envelope.check_format()?;
+        if envelope.lamport > MAX_LAMPORT {
+            return Err(Rejection::LamportTooLarge(envelope.lamport));
+        }
         if envelope.body.kind() == Kind::Checkpoint {
             envelope.verify_signature(&id)?;
         }
-        let missing = self.missing_parents(&envelope);
+        let missing = self.missing_parents(&envelope)?;
         if !missing.is_empty() {
             if self.pending.len() >= MAX_PENDING {
                 return Err(Rejection::TooManyPending);
@@ -413,8 +599,8 @@ impl Transcript {
         }
         let outcome = self.accept(envelope, id)?;
         if let Inserted::Accepted(mut accepted) = outcome {
-            self.release_waiting(&mut accepted);
-            self.settle();
+            self.release_waiting(&mut accepted)?;
+            self.settle()?;
             return Ok(Inserted::Accepted(accepted));
         }
         Ok(outcome)
@@ -423,44 +609,52 @@ impl Transcript {
     /// Appends to the settled log every envelope that no current member can precede any
     /// more: Lamport time at most the smallest among the current members' latest
     /// envelopes (a current member that wrote nothing yet holds everything back).
-    fn settle(&mut self) {
+    fn settle(&mut self) -> Result<(), StorageError> {
         let boundary = self
             .roster
             .keys()
             .filter(|device| !self.retired.contains(device))
-            .map(|device| self.head_of(device).map_or(0, |(_, _, lamport)| lamport))
+            .map(|device| self.heads.get(device).map_or(0, |head| head.lamport))
             .min()
             .unwrap_or(0);
-        if boundary <= self.settled_lamport {
-            return;
-        }
-        let newly: Vec<EnvelopeId> = self
-            .order
-            .range((self.settled_lamport + 1, EnvelopeId([0; 32]))..)
-            .take_while(|(lamport, _)| *lamport <= boundary)
-            .map(|(_, id)| *id)
-            .collect();
-        for id in newly {
-            // In memory the log cannot fail; a failure would leave the log behind
-            // `settled_lamport`, which `root` would then report.
-            if self.settled.push(&id.0).is_err() {
-                return;
+        while boundary > self.settled_lamport {
+            let after = self.settled_key();
+            let batch = self.store().ids_after(after, 1024)?;
+            let mut progressed = false;
+            for (lamport, id) in batch {
+                if lamport > boundary {
+                    break;
+                }
+                let position = self.log.len();
+                self.log.push(&id.0)?;
+                self.store_mut().set_position(&id, position)?;
+                self.last_settled = Some((lamport, id));
+                progressed = true;
+            }
+            if !progressed {
+                break;
             }
         }
-        self.settled_lamport = boundary;
+        self.settled_lamport = self.settled_lamport.max(boundary);
+        Ok(())
+    }
+
+    /// The order key of the last settled envelope.
+    fn settled_key(&self) -> Option<OrderKey> {
+        self.last_settled
     }
 
     /// Accepts, one after the other, the envelopes that waited on the ones just accepted.
-    fn release_waiting(&mut self, accepted: &mut Vec<EnvelopeId>) {
+    fn release_waiting(&mut self, accepted: &mut Vec<EnvelopeId>) -> Result<(), StorageError> {
         let mut cursor = 0;
         while cursor < accepted.len() {
             let parent = accepted[cursor];
             cursor += 1;
             for child in self.waiting.remove(&parent).unwrap_or_default() {
-                let ready = self
-                    .pending
-                    .get(&child)
-                    .is_some_and(|envelope| self.missing_parents(envelope).is_empty());
+                let ready = match self.pending.get(&child) {
+                    Some(envelope) => self.missing_parents(envelope)?.is_empty(),
+                    None => false,
+                };
                 if !ready {
                     continue;
                 }
@@ -471,6 +665,7 @@ impl Transcript {
                 match self.accept(envelope, child) {
                     Ok(Inserted::Accepted(_)) => accepted.push(child),
                     Ok(_) => {}
+                    Err(Rejection::Storage(error)) => return Err(error),
                     Err(reason) => self.findings.push(Finding::Refused {
                         id: child,
                         sender,
@@ -479,10 +674,17 @@ impl Transcript {
                 }
             }
         }
+        Ok(())
     }
 
     /// Accepts an envelope whose parents are all present.
     fn accept(&mut self, envelope: Envelope, id: EnvelopeId) -> Result<Inserted, Rejection> {
+        if envelope.lamport <= self.settled_lamport {
+            return Err(Rejection::BehindSettled {
+                lamport: envelope.lamport,
+                settled: self.settled_lamport,
+            });
+        }
         let mut frontier = BTreeMap::new();
         let mut max_lamport = 0;
         let mut partial = false;
@@ -492,34 +694,25 @@ impl Transcript {
             id: envelope.prev,
             epoch: envelope.prev_epoch,
         };
-        if envelope.lamport <= self.settled_lamport {
-            return Err(Rejection::BehindSettled {
-                lamport: envelope.lamport,
-                settled: self.settled_lamport,
-            });
-        }
-        if envelope.seq > 1 && !self.behind_horizon(&prev_reference) {
-            let prev = self
-                .entries
-                .get(&envelope.prev)
-                .ok_or(Rejection::ChainBroken)?;
-            if prev.envelope.sender != envelope.sender || prev.envelope.seq + 1 != envelope.seq {
+        if envelope.seq > 1 && !self.behind_horizon(&prev_reference)? {
+            let prev = self.parent(&envelope.prev)?.ok_or(Rejection::ChainBroken)?;
+            if prev.sender != envelope.sender || prev.seq + 1 != envelope.seq {
                 return Err(Rejection::ChainBroken);
             }
         }
-        for parent in Self::parents(&envelope) {
-            if self.behind_horizon(&parent) {
+        for reference in Self::parents(&envelope) {
+            if self.behind_horizon(&reference)? {
                 partial = true;
-                stubs.push((parent.id, parent.sender));
+                stubs.push((reference.id, reference.sender));
                 continue;
             }
-            let entry = self.entries.get(&parent.id).ok_or(Rejection::ChainBroken)?;
-            if entry.envelope.sender != parent.sender || entry.envelope.epoch != parent.epoch {
+            let parent = self.parent(&reference.id)?.ok_or(Rejection::ChainBroken)?;
+            if parent.sender != reference.sender || parent.epoch != reference.epoch {
                 return Err(Rejection::SeenMismatch);
             }
-            max_lamport = max_lamport.max(entry.envelope.lamport);
-            partial |= entry.partial;
-            merge_frontier(&mut frontier, &entry.frontier);
+            max_lamport = max_lamport.max(parent.lamport);
+            partial |= parent.partial;
+            merge_frontier(&mut frontier, &parent.frontier);
         }
         let lamport_ok = if partial {
             envelope.lamport > max_lamport
@@ -532,8 +725,7 @@ impl Transcript {
                 expected: max_lamport + 1,
             });
         }
-        if let Some(kept) = self.chain.get(&(envelope.sender, envelope.seq)) {
-            let kept = *kept;
+        if let Some(kept) = self.store().chain(&envelope.sender, envelope.seq)? {
             self.findings.push(Finding::Fork {
                 sender: envelope.sender,
                 seq: envelope.seq,
@@ -550,72 +742,79 @@ impl Transcript {
                 horizon,
             },
             false,
-        ) = (&envelope.body, partial)
+            false,
+        ) = (&envelope.body, partial, self.trusting)
             && *horizon >= self.horizon
+            && let Some(computed) = self.root_within(&frontier, *horizon)?
+            && computed != (*root, *size)
         {
-            let computed = self.root_within(&frontier, *horizon);
-            if computed != (*root, *size) {
-                self.findings.push(Finding::CheckpointMismatch {
-                    checkpoint: id,
-                    sender: envelope.sender,
-                    claimed: (*root, *size),
-                    computed,
-                });
-            }
+            self.findings.push(Finding::CheckpointMismatch {
+                checkpoint: id,
+                sender: envelope.sender,
+                claimed: (*root, *size),
+                computed,
+            });
         }
+        let mut readers = Vec::new();
         if let Body::ReadReceipt(ids) = &envelope.body {
             for read in ids {
                 let covered = self
-                    .entries
-                    .get(read)
-                    .is_some_and(|entry| covers(&frontier, &entry.envelope));
+                    .parent(read)?
+                    .is_some_and(|target| covers_seq(&frontier, &target.sender, target.seq));
                 if covered {
-                    self.read.entry(*read).or_default().insert(envelope.sender);
+                    readers.push(*read);
                 }
             }
         }
+        for read in readers {
+            self.store_mut().add_reader(&read, &envelope.sender)?;
+        }
         self.stubs.extend(stubs);
         frontier.insert(envelope.sender, envelope.seq);
-        self.chain.insert((envelope.sender, envelope.seq), id);
         let newer = self
             .head_of(&envelope.sender)
             .is_none_or(|(seq, _, _)| seq < envelope.seq);
         if newer {
-            self.heads.insert(envelope.sender, id);
+            self.heads.insert(
+                envelope.sender,
+                Head {
+                    id,
+                    seq: envelope.seq,
+                    lamport: envelope.lamport,
+                    epoch: envelope.epoch,
+                    partial,
+                    frontier: frontier.iter().map(|(k, v)| (*k, *v)).collect(),
+                },
+            );
         }
-        self.order.insert((envelope.lamport, id));
+        let entry = Entry {
+            envelope,
+            frontier,
+            partial,
+            position: None,
+        };
+        self.store_mut().insert(&id, &entry)?;
+        self.len += 1;
         self.fresh.push(id);
-        self.entries.insert(
-            id,
-            Entry {
-                envelope,
-                frontier,
-                partial,
-            },
-        );
         Ok(Inserted::Accepted(vec![id]))
     }
 
     /// The root over the whole transcript: (Merkle tree hash, number of envelopes):
     /// the settled log plus the unsettled tail, O(log n + tail).
-    pub fn root(&self) -> ([u8; 32], u64) {
-        let tail: Vec<[u8; 32]> = self.unsettled().map(|id| id.0).collect();
-        self.settled
-            .root_with(&tail)
-            .unwrap_or_else(|_| merkle_root(self.order.iter().map(|(_, id)| id)))
-    }
-
-    /// Accepted envelopes not settled yet, in canonical order.
-    fn unsettled(&self) -> impl Iterator<Item = &EnvelopeId> + '_ {
-        self.order
-            .range((self.settled_lamport + 1, EnvelopeId([0; 32]))..)
-            .map(|(_, id)| id)
+    pub fn root(&self) -> Result<([u8; 32], u64), StorageError> {
+        let tail: Vec<Hash> = self
+            .store()
+            .ids_after(self.settled_key(), usize::MAX)?
+            .into_iter()
+            .map(|(_, id)| id.0)
+            .collect();
+        self.log.root_with(self.log.len(), &tail)
     }
 
     /// Number of settled envelopes: the first this many of the canonical order are
     /// final.
     pub fn settled_len(&self) -> u64 {
-        self.settled.len()
+        self.log.len()
     }
 
     /// The Lamport time up to which the transcript is settled.
@@ -625,7 +824,7 @@ impl Transcript {
 
     /// The root over the first `size` settled envelopes (final once returned).
     pub fn settled_root(&self, size: u64) -> Result<([u8; 32], u64), StorageError> {
-        self.settled.root_at(size)
+        self.log.root_at(size)
     }
 
     /// An RFC 6962 consistency proof that the settled root of `old` envelopes is a
@@ -635,75 +834,139 @@ impl Transcript {
         old: u64,
         new: u64,
     ) -> Result<ConsistencyProof<Sha256>, ProofError> {
-        self.settled.consistency_proof(old, new)
+        self.log.consistency_proof(old, new)
     }
 
-    /// The root over the envelopes that a frontier covers: what a checkpoint with
-    /// these parents must claim.
-    fn root_within(&self, frontier: &BTreeMap<DeviceKey, u64>, horizon: u64) -> ([u8; 32], u64) {
-        merkle_root(self.order.iter().map(|(_, id)| id).filter(|id| {
-            self.entries.get(id).is_some_and(|entry| {
-                entry.envelope.epoch >= horizon && covers(frontier, &entry.envelope)
-            })
-        }))
+    /// The root over the envelopes that a frontier covers, from epoch `horizon` on:
+    /// what a checkpoint with these parents must claim. `None` when it cannot be
+    /// computed cheaply: another horizon than this device's, or ancestors that part
+    /// from the canonical order more than [`MAX_CHECKPOINT_SCAN`] envelopes back.
+    ///
+    /// Everything before the first envelope the frontier does not cover is covered, so
+    /// the root is the stored prefix up to there, then the covered envelopes after it.
+    fn root_within(
+        &self,
+        frontier: &BTreeMap<DeviceKey, u64>,
+        horizon: u64,
+    ) -> Result<Option<([u8; 32], u64)>, StorageError> {
+        if horizon != self.horizon {
+            return Ok(None);
+        }
+        // Each sender's first envelope the frontier does not cover.
+        let mut first_uncovered: Option<(OrderKey, Option<u64>)> = None;
+        for sender in self.roster.keys() {
+            let next = frontier.get(sender).copied().unwrap_or(0) + 1;
+            let Some(id) = self.store().chain(sender, next)? else {
+                continue;
+            };
+            let Some(entry) = self.store().entry(&id)? else {
+                continue;
+            };
+            let key = (entry.envelope.lamport, id);
+            if first_uncovered.is_none_or(|(first, _)| key < first) {
+                first_uncovered = Some((key, entry.position));
+            }
+        }
+        let Some((key, position)) = first_uncovered else {
+            return self.root().map(Some);
+        };
+        // The prefix before `key`, from the log where settled; the rest, filtered.
+        let (prefix, start) = match position {
+            Some(position) => (position, Some(key)),
+            None => (self.log.len(), self.settled_key()),
+        };
+        let start = if position.is_some() {
+            // Include `key` itself in the walk (it is not covered, so it is skipped).
+            self.before(key)?
+        } else {
+            start
+        };
+        let mut rest = Vec::new();
+        let mut after = start;
+        let mut scanned = 0;
+        loop {
+            let page = self.store().page_after(after, 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some((last.1.lamport, last.0));
+            for (id, envelope) in page {
+                scanned += 1;
+                if envelope.epoch >= horizon && covers_seq(frontier, &envelope.sender, envelope.seq)
+                {
+                    rest.push(id.0);
+                }
+            }
+            if scanned > MAX_CHECKPOINT_SCAN {
+                return Ok(None);
+            }
+        }
+        self.log.root_with(prefix, &rest).map(Some)
+    }
+
+    /// The order key just before `key` (`None` at the start).
+    fn before(&self, key: OrderKey) -> Result<Option<OrderKey>, StorageError> {
+        Ok(self
+            .store()
+            .page_before(Some(key), 1)?
+            .first()
+            .map(|(id, envelope)| (envelope.lamport, *id)))
     }
 
     /// The root a new checkpoint by `sender` must carry: over everything it will
-    /// reference, which is everything accepted so far.
-    pub fn root_for_next_checkpoint(&self) -> ([u8; 32], u64) {
-        let mut frontier = BTreeMap::new();
-        for id in self.heads.values() {
-            if let Some(entry) = self.entries.get(id) {
-                merge_frontier(&mut frontier, &entry.frontier);
-            }
-        }
-        self.root_within(&frontier, self.horizon)
+    /// reference, which is everything accepted so far (every accepted envelope is an
+    /// ancestor of its sender's latest, and a checkpoint references every latest).
+    pub fn root_for_next_checkpoint(&self) -> Result<([u8; 32], u64), StorageError> {
+        self.root()
     }
 
     /// Devices whose latest envelope shows they hold `id` (its sender included).
-    pub fn delivered_to(&self, id: &EnvelopeId) -> BTreeSet<DeviceKey> {
-        let Some(target) = self.entries.get(id) else {
-            return BTreeSet::new();
+    pub fn delivered_to(&self, id: &EnvelopeId) -> Result<BTreeSet<DeviceKey>, StorageError> {
+        let Some(target) = self.parent(id)? else {
+            return Ok(BTreeSet::new());
         };
-        self.heads
+        Ok(self
+            .heads
             .iter()
             .filter(|(_, head)| {
-                self.entries
-                    .get(head)
-                    .is_some_and(|entry| covers(&entry.frontier, &target.envelope))
+                head.frontier
+                    .iter()
+                    .any(|(sender, seq)| *sender == target.sender && *seq >= target.seq)
             })
             .map(|(device, _)| *device)
-            .collect()
+            .collect())
     }
 
     /// Devices that sent a read receipt for `id`.
-    pub fn read_by(&self, id: &EnvelopeId) -> BTreeSet<DeviceKey> {
-        self.read.get(id).cloned().unwrap_or_default()
+    pub fn read_by(&self, id: &EnvelopeId) -> Result<BTreeSet<DeviceKey>, StorageError> {
+        self.store().readers(id)
     }
 
-    /// Whether every envelope is an ancestor of (or is) `id`.
-    pub fn covers_everything(&self, id: &EnvelopeId) -> bool {
-        let Some(top) = self.entries.get(id) else {
-            return false;
+    /// Whether every envelope is an ancestor of (or is) `id`: its frontier reaches every
+    /// sender's latest envelope.
+    pub fn covers_everything(&self, id: &EnvelopeId) -> Result<bool, StorageError> {
+        let Some(top) = self.parent(id)? else {
+            return Ok(false);
         };
-        self.entries
-            .values()
-            .all(|entry| covers(&top.frontier, &entry.envelope))
+        Ok(self
+            .heads
+            .iter()
+            .all(|(sender, head)| covers_seq(&top.frontier, sender, head.seq)))
     }
 
     /// Whether `ancestor` is an ancestor of (or is) `descendant`.
-    pub fn is_covered_by(&self, ancestor: &EnvelopeId, descendant: &EnvelopeId) -> bool {
-        match (self.entries.get(ancestor), self.entries.get(descendant)) {
-            (Some(a), Some(d)) => covers(&d.frontier, &a.envelope),
+    pub fn is_covered_by(
+        &self,
+        ancestor: &EnvelopeId,
+        descendant: &EnvelopeId,
+    ) -> Result<bool, StorageError> {
+        Ok(match (self.parent(ancestor)?, self.parent(descendant)?) {
+            (Some(a), Some(d)) => covers_seq(&d.frontier, &a.sender, a.seq),
             _ => false,
-        }
+        })
     }
 }
 
-fn covers(frontier: &BTreeMap<DeviceKey, u64>, envelope: &Envelope) -> bool {
-    frontier
-        .get(&envelope.sender)
-        .is_some_and(|seq| *seq >= envelope.seq)
+fn covers_seq(frontier: &BTreeMap<DeviceKey, u64>, sender: &DeviceKey, seq: u64) -> bool {
+    frontier.get(sender).is_some_and(|have| *have >= seq)
 }
 
 fn merge_frontier(into: &mut BTreeMap<DeviceKey, u64>, from: &BTreeMap<DeviceKey, u64>) {
@@ -715,10 +978,8 @@ fn merge_frontier(into: &mut BTreeMap<DeviceKey, u64>, from: &BTreeMap<DeviceKey
 
 /// RFC 6962 Merkle tree hash over envelope ids, with the number of leaves.
 pub fn merkle_root<'a>(ids: impl Iterator<Item = &'a EnvelopeId>) -> ([u8; 32], u64) {
-    let mut log = MerkleLog::<MemoryNodes>::default();
-    for id in ids {
-        // In memory, pushing cannot fail.
-        let _ = log.push(&id.0);
-    }
-    log.root().unwrap_or((crate::merkle::empty_root(), 0))
+    let leaves: Vec<Hash> = ids.map(|id| id.0).collect();
+    MerkleLog::<MemoryNodes>::default()
+        .root_with(0, &leaves)
+        .unwrap_or((crate::merkle::empty_root(), 0))
 }

@@ -53,7 +53,7 @@ fn history(script: &[(u8, u8, u8)]) -> (Vec<DeviceInfo>, Vec<(Envelope, Envelope
             0 | 1 => Body::Text(format!("step {step}")),
             2 => Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect()),
             _ => {
-                let (root, size) = views[who].root_for_next_checkpoint();
+                let (root, size) = views[who].root_for_next_checkpoint().unwrap();
                 Body::Checkpoint {
                     root,
                     size,
@@ -129,7 +129,7 @@ proptest! {
         for (envelope, id) in pool.iter().rev() {
             shuffled.insert(envelope.clone(), *id).unwrap();
         }
-        let ids = |t: &Transcript| t.canonical().map(|(id, _)| id).collect::<Vec<_>>();
+        let ids = |t: &Transcript| t.canonical().unwrap().into_iter().map(|(id, _)| id).collect::<Vec<_>>();
         prop_assert_eq!(ids(&shuffled), ids(&reference));
         prop_assert_eq!(shuffled.root(), reference.root());
         prop_assert!(shuffled.pending().is_empty());
@@ -150,7 +150,7 @@ proptest! {
         for (envelope, id) in &pool {
             reference.insert(envelope.clone(), *id).unwrap();
         }
-        let canonical: Vec<EnvelopeId> = reference.canonical().map(|(id, _)| id).collect();
+        let canonical: Vec<EnvelopeId> = reference.canonical().unwrap().into_iter().map(|(id, _)| id).collect();
 
         let mut member = fresh(&roster);
         let mut reported = Vec::new();
@@ -223,7 +223,7 @@ fn sample_export() -> &'static Vec<u8> {
         for seq in 1..=6u64 {
             let (seen, lamport) = transcript.next_references(&identity.key());
             let body = if seq == 6 {
-                let (root, size) = transcript.root_for_next_checkpoint();
+                let (root, size) = transcript.root_for_next_checkpoint().unwrap();
                 Body::Checkpoint {
                     root,
                     size,
@@ -409,7 +409,7 @@ fn a_lying_checkpoint_is_found_and_an_honest_one_is_not() {
     };
     let (text, id) = envelope(&north, &transcript, Body::Text("hello".into()));
     transcript.insert(text, id).unwrap();
-    let (root, size) = transcript.root_for_next_checkpoint();
+    let (root, size) = transcript.root_for_next_checkpoint().unwrap();
     let honest = Body::Checkpoint {
         root,
         size,
@@ -423,7 +423,7 @@ fn a_lying_checkpoint_is_found_and_an_honest_one_is_not() {
         transcript.findings()
     );
 
-    let (root, size) = transcript.root_for_next_checkpoint();
+    let (root, size) = transcript.root_for_next_checkpoint().unwrap();
     let mut wrong = root;
     wrong[0] ^= 1;
     let lying = Body::Checkpoint {
@@ -485,8 +485,8 @@ fn a_removed_members_late_envelope_cannot_rewrite_the_settled_prefix() {
         (fresh(&roster), fresh(&roster), fresh(&roster));
     // Sealed before its removal, still in flight.
     let (late, late_id) = write(&mut at_gone, &gone, 1);
-    at_north.retire(&gone.key());
-    at_south.retire(&gone.key());
+    at_north.retire(&gone.key()).unwrap();
+    at_south.retire(&gone.key()).unwrap();
     let (n1, n1_id) = write(&mut at_north, &north, 1);
     at_south.insert(n1, n1_id).unwrap();
     let (s1, s1_id) = write(&mut at_south, &south, 1);

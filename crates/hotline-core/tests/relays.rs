@@ -247,9 +247,11 @@ impl World {
         let due: Vec<EnvelopeId> = channel
             .transcript()
             .canonical()
+            .unwrap()
+            .into_iter()
             .filter(|(_, envelope)| envelope.sender == me)
             .map(|(id, _)| id)
-            .filter(|id| !others.is_subset(&channel.delivered_to(id)))
+            .filter(|id| !others.is_subset(&channel.delivered_to(id).unwrap()))
             .filter(|id| device.sealed_in.get(id).is_some_and(|e| *e < epoch))
             .collect();
         for id in due {
@@ -480,7 +482,10 @@ impl World {
         self.devices.iter().all(|device| {
             let transcript = device.channel.as_ref().unwrap().transcript();
             transcript.pending().is_empty()
-                && self.sent.iter().all(|(_, id)| transcript.get(id).is_some())
+                && self
+                    .sent
+                    .iter()
+                    .all(|(_, id)| transcript.get(id).unwrap().is_some())
         })
     }
 
@@ -489,7 +494,7 @@ impl World {
         let roots: BTreeSet<_> = self
             .devices
             .iter()
-            .map(|d| d.channel.as_ref().unwrap().transcript().root())
+            .map(|d| d.channel.as_ref().unwrap().transcript().root().unwrap())
             .collect();
         assert_eq!(roots.len(), 1, "seed {seed}: transcripts differ");
         for (index, device) in self.devices.iter().enumerate() {
@@ -506,6 +511,8 @@ impl World {
             );
             let texts: Vec<EnvelopeId> = transcript
                 .canonical()
+                .unwrap()
+                .into_iter()
                 .filter(|(_, e)| matches!(e.body, Body::Text(_)))
                 .map(|(id, _)| id)
                 .collect();

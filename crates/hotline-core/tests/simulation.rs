@@ -390,6 +390,8 @@ fn run(seed: u64, messages: usize) {
         channel
             .transcript()
             .canonical()
+            .unwrap()
+            .into_iter()
             .map(|(id, _)| id)
             .collect::<Vec<_>>()
     };
@@ -432,6 +434,8 @@ fn run(seed: u64, messages: usize) {
     let expected: Vec<_> = north
         .transcript()
         .canonical()
+        .unwrap()
+        .into_iter()
         .filter(|(_, envelope)| envelope.epoch >= horizon)
         .map(|(id, _)| id)
         .collect();
@@ -439,6 +443,8 @@ fn run(seed: u64, messages: usize) {
     let before_join: BTreeSet<_> = north
         .transcript()
         .canonical()
+        .unwrap()
+        .into_iter()
         .filter(|(_, envelope)| envelope.epoch < horizon)
         .map(|(id, _)| id)
         .collect();
@@ -453,6 +459,8 @@ fn run(seed: u64, messages: usize) {
     let after_removal: BTreeSet<_> = north
         .transcript()
         .canonical()
+        .unwrap()
+        .into_iter()
         .filter(|(_, envelope)| envelope.epoch >= removal_epoch)
         .map(|(id, _)| id)
         .collect();
@@ -464,7 +472,7 @@ fn run(seed: u64, messages: usize) {
 
     // Every text reached every party present at the end, by the final checkpoints.
     for (_, id) in &texts {
-        let delivered = north.delivered_to(id);
+        let delivered = north.delivered_to(id).unwrap();
         assert!(
             delivered.contains("north") && delivered.contains("south"),
             "seed {seed}: {delivered:?}"
@@ -485,7 +493,7 @@ fn run(seed: u64, messages: usize) {
         let channel = device.channel.as_ref().unwrap();
         let export = Export::write(channel.transcript(), channel.name(), &device.identity).unwrap();
         let report = Export::verify(&export).unwrap();
-        assert_eq!(report.root, channel.transcript().root().0);
+        assert_eq!(report.root, channel.transcript().root().unwrap().0);
         world.deliver_everything();
     }
 }
