@@ -195,3 +195,290 @@ impl TranscriptStore for MemoryStore {
         Ok(self.processed.insert(*hash))
     }
 }
+
+/// The promises every [`TranscriptStore`] keeps, checked on fresh stores from `make`:
+/// lookups by id and by chain place, order in both directions with paging, positions,
+/// readers, processed hashes and Merkle nodes; then whole transcripts over such stores
+/// must give exactly what the same deliveries give over a [`MemoryStore`] (canonical
+/// order, roots, settled roots and consistency proofs, delivered and read state).
+/// Returns the first broken promise. Run by this crate on [`MemoryStore`] and by the
+/// client on its SQLite store.
+pub fn conformance(make: &mut dyn FnMut() -> Box<dyn TranscriptStore>) -> Result<(), String> {
+    conformance::store_promises(make())?;
+    conformance::transcripts_agree(make)
+}
+
+mod conformance {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::envelope::{Body, ChannelId};
+    use crate::identity::DeviceIdentity;
+    use crate::merkle::ct_root;
+    use crate::transcript::Transcript;
+
+    fn check(ok: bool, what: &str) -> Result<(), String> {
+        if ok { Ok(()) } else { Err(what.to_owned()) }
+    }
+
+    fn fail(error: impl std::fmt::Display) -> String {
+        error.to_string()
+    }
+
+    const CHANNEL: ChannelId = ChannelId([7; 32]);
+
+    /// The writers and what they wrote, in the order they wrote it.
+    type History = (Vec<DeviceIdentity>, Vec<(Envelope, EnvelopeId)>);
+
+    /// Envelopes by three devices that each write over what they received so far.
+    fn history(seed: u64, steps: usize) -> Result<History, String> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let identities = ["north", "south", "mediator"]
+            .iter()
+            .map(|party| DeviceIdentity::generate(party, "desk", &mut rng).map_err(fail))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut views: Vec<Transcript> = (0..3).map(|_| Transcript::new(CHANNEL)).collect();
+        for view in &mut views {
+            for identity in &identities {
+                view.admit(identity.info());
+            }
+        }
+        let mut pool: Vec<(Envelope, EnvelopeId)> = Vec::new();
+        let mut delivered = [0usize; 3];
+        for step in 0..steps {
+            let who = rng.gen_range(0..3);
+            let target = (delivered[who] + rng.gen_range(0..4)).min(pool.len());
+            for (envelope, id) in &pool[delivered[who]..target] {
+                views[who].insert(envelope.clone(), *id).map_err(fail)?;
+            }
+            delivered[who] = target;
+            let me = identities[who].key();
+            let (seq, prev) = views[who]
+                .head_of(&me)
+                .map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
+            let (seen, lamport) = views[who].next_references(&me);
+            let body = if step % 5 == 4 {
+                Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect())
+            } else {
+                Body::Text(format!("step {step}"))
+            };
+            let envelope = Envelope {
+                channel: CHANNEL,
+                sender: me,
+                epoch: 1,
+                seq,
+                prev,
+                prev_epoch: if seq == 1 { 0 } else { 1 },
+                seen,
+                lamport,
+                claimed_time_ms: step as u64,
+                body,
+                deadline_ms: (step % 7 == 0).then_some(step as u64 + 1),
+                signature: None,
+            };
+            let id = envelope.id();
+            views[who].insert(envelope.clone(), id).map_err(fail)?;
+            if delivered[who] == pool.len() {
+                delivered[who] += 1;
+            }
+            pool.push((envelope, id));
+        }
+        Ok((identities, pool))
+    }
+
+    pub(super) fn store_promises(mut store: Box<dyn TranscriptStore>) -> Result<(), String> {
+        let (_, pool) = history(1, 12)?;
+        check(
+            store.entry(&pool[0].1).map_err(fail)?.is_none(),
+            "an empty store holds an entry",
+        )?;
+        for (index, (envelope, id)) in pool.iter().enumerate() {
+            let entry = Entry {
+                envelope: envelope.clone(),
+                frontier: [(envelope.sender, envelope.seq)].into(),
+                partial: index % 2 == 0,
+                position: None,
+            };
+            store.insert(id, &entry).map_err(fail)?;
+            check(
+                store.entry(id).map_err(fail)? == Some(entry),
+                "an entry comes back changed",
+            )?;
+            check(
+                store.chain(&envelope.sender, envelope.seq).map_err(fail)? == Some(*id),
+                "a chain place does not name its envelope",
+            )?;
+        }
+        let mut order: Vec<OrderKey> = pool.iter().map(|(e, id)| (e.lamport, *id)).collect();
+        order.sort();
+        check(
+            store.ids_after(None, usize::MAX).map_err(fail)? == order,
+            "ids out of order",
+        )?;
+        check(
+            store.ids_after(Some(order[3]), 2).map_err(fail)? == order[4..6],
+            "paging forward skips or repeats",
+        )?;
+        let forward: Vec<EnvelopeId> = store
+            .page_after(Some(order[1]), 3)
+            .map_err(fail)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        check(
+            forward == order[2..5].iter().map(|(_, id)| *id).collect::<Vec<_>>(),
+            "pages forward are wrong",
+        )?;
+        let backward: Vec<EnvelopeId> = store
+            .page_before(None, 2)
+            .map_err(fail)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let newest: Vec<EnvelopeId> = order.iter().rev().take(2).map(|(_, id)| *id).collect();
+        check(backward == newest, "the newest page is wrong")?;
+        let before: Vec<EnvelopeId> = store
+            .page_before(Some(order[2]), 5)
+            .map_err(fail)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        check(
+            before == [order[1].1, order[0].1],
+            "paging backward is wrong",
+        )?;
+        store.set_position(&order[0].1, 0).map_err(fail)?;
+        check(
+            store
+                .entry(&order[0].1)
+                .map_err(fail)?
+                .and_then(|e| e.position)
+                == Some(0),
+            "a settled position is lost",
+        )?;
+        check(
+            store.set_position(&EnvelopeId([9; 32]), 1).is_err(),
+            "an unknown envelope was settled",
+        )?;
+        let reader = pool[1].0.sender;
+        store.add_reader(&order[0].1, &reader).map_err(fail)?;
+        store.add_reader(&order[0].1, &reader).map_err(fail)?;
+        check(
+            store.readers(&order[0].1).map_err(fail)? == [reader].into(),
+            "readers are lost or doubled",
+        )?;
+        check(
+            store.readers(&order[1].1).map_err(fail)?.is_empty(),
+            "readers leak",
+        )?;
+        check(
+            !store.is_processed(&[1; 32]).map_err(fail)?,
+            "an unknown hash is processed",
+        )?;
+        check(
+            store.mark_processed(&[1; 32]).map_err(fail)?,
+            "a new hash is not new",
+        )?;
+        check(
+            !store.mark_processed(&[1; 32]).map_err(fail)?,
+            "a hash counts twice",
+        )?;
+        check(
+            store.is_processed(&[1; 32]).map_err(fail)?,
+            "a processed hash is forgotten",
+        )?;
+        // Nodes are written as a log grows: each level from index 0 on.
+        store.put_node(0, 0, [3; 32]).map_err(fail)?;
+        store.put_node(0, 1, [4; 32]).map_err(fail)?;
+        store.put_node(1, 0, [5; 32]).map_err(fail)?;
+        check(
+            store.node(0, 1).map_err(fail)? == Some([4; 32]),
+            "a Merkle node is lost",
+        )?;
+        check(
+            store.node(1, 0).map_err(fail)? == Some([5; 32]),
+            "a Merkle node is lost",
+        )?;
+        check(
+            store.node(1, 1).map_err(fail)?.is_none(),
+            "a Merkle node appears",
+        )?;
+        check(
+            store.node(2, 0).map_err(fail)?.is_none(),
+            "a Merkle node appears",
+        )?;
+        Ok(())
+    }
+
+    pub(super) fn transcripts_agree(
+        make: &mut dyn FnMut() -> Box<dyn TranscriptStore>,
+    ) -> Result<(), String> {
+        for seed in 0..4 {
+            let (identities, pool) = history(seed, 60)?;
+            let mut reference = Transcript::new(CHANNEL);
+            let mut tested = Transcript::in_store(CHANNEL, 0, make());
+            for identity in &identities {
+                reference.admit(identity.info());
+                tested.admit(identity.info());
+            }
+            // The same shuffled delivery, with repeats, into both.
+            let mut rng = StdRng::seed_from_u64(seed + 100);
+            let mut order: Vec<usize> = (0..pool.len()).collect();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.gen_range(0..=i));
+            }
+            order.extend((0..pool.len()).step_by(3));
+            for index in order {
+                let (envelope, id) = &pool[index];
+                let a = reference.insert(envelope.clone(), *id);
+                let b = tested.insert(envelope.clone(), *id);
+                check(a == b, "an insertion went differently")?;
+                check(
+                    reference.settled_len() == tested.settled_len(),
+                    "settling went differently",
+                )?;
+            }
+            check(
+                reference.canonical().map_err(fail)? == tested.canonical().map_err(fail)?,
+                "canonical orders differ",
+            )?;
+            check(
+                reference.root().map_err(fail)? == tested.root().map_err(fail)?,
+                "roots differ",
+            )?;
+            check(reference.state() == tested.state(), "states differ")?;
+            let settled = tested.settled_len();
+            check(settled > 0, "nothing settled")?;
+            for size in 1..=settled {
+                check(
+                    reference.settled_root(size).map_err(fail)?
+                        == tested.settled_root(size).map_err(fail)?,
+                    "settled roots differ",
+                )?;
+            }
+            let proof = tested.consistency_proof(1, settled).map_err(fail)?;
+            ct_root(tested.settled_root(settled).map_err(fail)?)
+                .verify_consistency(&ct_root(tested.settled_root(1).map_err(fail)?), &proof)
+                .map_err(|e| format!("a consistency proof does not verify: {e:?}"))?;
+            for (_, id) in &pool {
+                check(
+                    reference.delivered_to(id).map_err(fail)?
+                        == tested.delivered_to(id).map_err(fail)?
+                        && reference.read_by(id).map_err(fail)?
+                            == tested.read_by(id).map_err(fail)?,
+                    "delivered or read state differs",
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_memory_store_keeps_every_promise() {
+        super::conformance(&mut || super::MemoryStore::boxed()).unwrap();
+    }
+}
