@@ -1,6 +1,7 @@
 //! The device store: one SQLite database, one transaction per operation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
@@ -881,8 +882,17 @@ impl Store {
         })
     }
 
-    /// Sends a checkpoint, then writes the export of the transcript.
+    /// Sends a checkpoint, then writes the export of the transcript into memory.
     pub fn export(&mut self, channel: &str) -> Result<Vec<u8>, StoreError> {
+        let mut out = Vec::new();
+        self.export_to(channel, &mut out)?;
+        Ok(out)
+    }
+
+    /// Sends a checkpoint, then streams the export of the transcript to `out`, a page
+    /// of envelopes at a time (memory stays bounded whatever the channel's length).
+    /// The checkpoint is committed only if the whole export was written.
+    pub fn export_to(&mut self, channel: &str, out: &mut dyn Write) -> Result<(), StoreError> {
         self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
@@ -900,10 +910,13 @@ impl Store {
                 checkpoint,
                 None,
             )?;
-            let export = Export::write(loaded.transcript(), loaded.name(), identity)?;
+            Export::write_to(loaded.transcript(), loaded.name(), identity, &mut |bytes| {
+                out.write_all(bytes).map_err(|e| e.to_string())
+            })?;
+            out.flush().map_err(|e| ExportError::Write(e.to_string()))?;
             save_channel(connection, &mut loaded, false)?;
             cache.channels.insert(channel_id, loaded);
-            Ok(export)
+            Ok(())
         })
     }
 

@@ -57,6 +57,26 @@ pub const SCHEMA: &str = "
     CREATE TABLE rebuild (channel BLOB PRIMARY KEY) WITHOUT ROWID;
     INSERT INTO rebuild (channel) SELECT id FROM channels;";
 
+/// A transcript store in a new scratch database at `path` (which must not exist), for
+/// verifying a long export in bounded memory. Nothing in it needs to survive a crash.
+pub fn scratch(
+    path: &std::path::Path,
+    channel: [u8; 32],
+) -> rusqlite::Result<Box<dyn TranscriptStore>> {
+    let connection = Connection::open(path)?;
+    connection.pragma_update(None, "journal_mode", "OFF")?;
+    connection.pragma_update(None, "synchronous", "OFF")?;
+    connection.execute_batch(
+        "CREATE TABLE channels (id BLOB PRIMARY KEY);
+         CREATE TABLE envelopes (channel BLOB, id BLOB, lamport INTEGER, bytes BLOB);
+         CREATE TABLE processed (channel BLOB, hash BLOB, PRIMARY KEY (channel, hash));",
+    )?;
+    connection.execute_batch(SCHEMA)?;
+    // One transaction for the whole verification: nothing is synced until it ends.
+    connection.execute_batch("BEGIN")?;
+    Ok(SqliteTranscript::boxed(Rc::new(connection), channel))
+}
+
 /// One channel's transcript in the device's database.
 #[derive(Debug)]
 pub struct SqliteTranscript {

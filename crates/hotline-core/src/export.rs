@@ -6,11 +6,20 @@
 //! all of it. The last envelope must be the exporter's own checkpoint, covering every
 //! other envelope. The format is specified in `docs/export-format.md`.
 //!
+//! Version 2 (written since the transcript moved into a store) is streamed: the writer
+//! hands it to a sink page by page and signs a SHA-512 digest of everything before the
+//! signature (Ed25519 over `"hotline-export-v2" ‖ SHA-512(body)`, the prehashing that
+//! minisign uses), so neither writing nor verifying holds the file: with a transcript
+//! store on disk, both run in bounded memory. Version 1 files (Ed25519 over the whole
+//! body) still verify, from memory.
+//!
 //! What a valid export proves (and what it does not) is spelled out in
 //! [`VerifyReport::statements`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::io::Read;
 
+use sha2::{Digest, Sha512};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
@@ -18,10 +27,15 @@ use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
 use crate::merkle::StorageError;
 use crate::transcript::{Finding, Inserted, Rejection, Transcript};
+use crate::transcript_store::{MemoryStore, TranscriptStore};
 
 const MAGIC: &[u8; 19] = b"HOTLINE-TRANSCRIPT\n";
-const EXPORT_VERSION: u8 = 1;
+const EXPORT_VERSION_1: u8 = 1;
+const EXPORT_VERSION: u8 = 2;
 const SIGNATURE_CONTEXT: &[u8] = b"hotline-export-v1";
+const SIGNATURE_CONTEXT_2: &[u8] = b"hotline-export-v2";
+/// Envelopes written or read per page.
+const PAGE: usize = 4096;
 const MAX_ROSTER: usize = 1024;
 const MAX_ENVELOPES: usize = 10_000_000;
 const MAX_ENVELOPE_LEN: usize = MAX_BODY_LEN + 96 * 1024;
@@ -37,6 +51,8 @@ pub enum ExportError {
     Incomplete,
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("the export could not be written: {0}")]
+    Write(String),
 }
 
 /// Why an export does not verify. Names the first problem found.
@@ -71,6 +87,8 @@ pub enum VerifyError {
     HorizonMismatch,
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("the export could not be read: {0}")]
+    Read(String),
 }
 
 /// What a valid export proves.
@@ -144,14 +162,41 @@ impl VerifyReport {
 #[derive(Debug)]
 pub struct Export;
 
+/// What an export starts with, before its envelopes.
+struct Header {
+    channel: ChannelId,
+    channel_name: String,
+    horizon: u64,
+    roster: Vec<DeviceInfo>,
+    stubs: BTreeMap<EnvelopeId, DeviceKey>,
+    count: u64,
+}
+
 impl Export {
     /// Writes the export of `transcript`, signed by `identity`, whose last envelope must
-    /// be a checkpoint covering everything (see [`crate::Channel::checkpoint`]).
+    /// be a checkpoint covering everything (see [`crate::Channel::checkpoint`]), into
+    /// memory.
     pub fn write(
         transcript: &Transcript,
         channel_name: &str,
         identity: &DeviceIdentity,
     ) -> Result<Vec<u8>, ExportError> {
+        let mut out = Vec::new();
+        Self::write_to(transcript, channel_name, identity, &mut |bytes: &[u8]| {
+            out.extend_from_slice(bytes);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Writes the export piece by piece to `sink` (which does the I/O), reading the
+    /// transcript a page at a time: memory stays bounded whatever its length.
+    pub fn write_to(
+        transcript: &Transcript,
+        channel_name: &str,
+        identity: &DeviceIdentity,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), String>,
+    ) -> Result<(), ExportError> {
         if !transcript.pending().is_empty() {
             return Err(ExportError::Incomplete);
         }
@@ -163,6 +208,11 @@ impl Export {
                     && transcript.covers_everything(&id)? => {}
             _ => return Err(ExportError::NeedsCheckpoint),
         }
+        let mut digest = Sha512::new();
+        let mut emit = |bytes: &[u8]| -> Result<(), ExportError> {
+            digest.update(bytes);
+            sink(bytes).map_err(ExportError::Write)
+        };
         let mut writer = Writer::new();
         writer.fixed(MAGIC);
         writer.u8(EXPORT_VERSION);
@@ -173,118 +223,236 @@ impl Export {
         for info in transcript.roster().values() {
             info.encode(&mut writer);
         }
-        let stubs: BTreeMap<_, _> = transcript.stubs().iter().collect();
-        writer.u32(stubs.len() as u32);
-        for (id, sender) in stubs {
+        writer.u32(transcript.stubs().len() as u32);
+        for (id, sender) in transcript.stubs() {
             writer.fixed(&id.0);
             writer.fixed(&sender.0);
         }
-        writer.u32(transcript.len() as u32);
+        writer.u64(transcript.len() as u64);
+        emit(writer.as_bytes())?;
         let mut after = None;
         loop {
-            let page = transcript.page_after(after, 4096)?;
+            let page = transcript.page_after(after, PAGE)?;
             let Some((id, envelope)) = page.last() else {
                 break;
             };
             after = Some((envelope.lamport, *id));
+            let mut writer = Writer::new();
             for (_, envelope) in &page {
                 writer.bytes(&envelope.encode());
             }
+            emit(writer.as_bytes())?;
         }
-        writer.fixed(&identity.key().0);
-        let signature = identity.sign(&signed_message(writer.as_bytes()));
-        writer.fixed(&signature);
-        Ok(writer.into_bytes())
+        emit(&identity.key().0)?;
+        let signature = identity.sign(&prehashed_message(digest));
+        sink(&signature).map_err(ExportError::Write)
     }
 
-    /// Verifies an export with nothing but its bytes.
+    /// Verifies an export with nothing but its bytes (either version), in memory.
     pub fn verify(bytes: &[u8]) -> Result<VerifyReport, VerifyError> {
-        let mut reader = Reader::new(bytes);
-        if reader.take(MAGIC.len(), "magic")? != MAGIC {
+        Self::verify_from(&mut &bytes[..], MemoryStore::boxed())
+    }
+
+    /// Verifies an export read from `source`, rebuilding its transcript in `store`
+    /// (which must be empty): a version 2 export is read once, in pieces, so with a
+    /// store on disk memory stays bounded whatever its length. A version 1 export is
+    /// read whole first (its signature covers the bytes, not a digest).
+    pub fn verify_from(
+        source: &mut dyn Read,
+        store: Box<dyn TranscriptStore>,
+    ) -> Result<VerifyReport, VerifyError> {
+        let mut input = Source::new(source);
+        if input.take(MAGIC.len(), "magic")? != MAGIC {
             return Err(DecodeError::Invalid {
                 field: "magic",
                 reason: "not a hotline transcript export",
             }
             .into());
         }
-        let version = reader.u8("export version")?;
-        if version != EXPORT_VERSION {
-            return Err(DecodeError::UnsupportedVersion {
+        let version = input.u8("export version")?;
+        match version {
+            EXPORT_VERSION_1 => {
+                let mut bytes = [MAGIC.as_slice(), &[EXPORT_VERSION_1]].concat();
+                input
+                    .source
+                    .read_to_end(&mut bytes)
+                    .map_err(|e| VerifyError::Read(e.to_string()))?;
+                verify_version_1(&bytes, store)
+            }
+            EXPORT_VERSION => verify_streamed(input, store),
+            version => Err(DecodeError::UnsupportedVersion {
                 what: "export",
                 version,
             }
-            .into());
+            .into()),
         }
-        let channel = ChannelId(reader.array("channel")?);
-        let channel_name = reader.string("channel name", crate::channel::MAX_CHANNEL_NAME_LEN)?;
-        let horizon = reader.u64("horizon")?;
-        let count = reader.count("roster", MAX_ROSTER, 40)?;
-        let mut roster = Vec::with_capacity(count);
-        for _ in 0..count {
-            roster.push(DeviceInfo::decode(&mut reader)?);
-        }
-        let count = reader.count("horizon references", MAX_ENVELOPES, 64)?;
-        let mut stubs = BTreeMap::new();
-        for _ in 0..count {
-            let id = EnvelopeId(reader.array("horizon reference")?);
-            stubs.insert(id, DeviceKey(reader.array("horizon sender")?));
-        }
-        let count = reader.count("envelopes", MAX_ENVELOPES, 4)?;
-        let mut raw = Vec::with_capacity(count);
-        for _ in 0..count {
-            raw.push(reader.bytes("envelope", MAX_ENVELOPE_LEN)?);
-        }
-        let exporter_key = DeviceKey(reader.array("exporter")?);
-        let signed_len = reader.position();
-        let signature = reader.array::<64>("export signature")?;
-        reader.finish()?;
-        exporter_key
-            .verify(&signed_message(&bytes[..signed_len]), &signature)
-            .map_err(|_| VerifyError::BadFileSignature)?;
-        let exporter = roster
-            .iter()
-            .find(|info| info.key == exporter_key)
-            .cloned()
-            .ok_or(VerifyError::ExporterNotOnRoster)?;
+    }
+}
 
-        let mut transcript = Transcript::with_horizon(channel, horizon);
-        for info in &roster {
+/// Reads a version 2 export after its version byte.
+fn verify_streamed(
+    mut input: Source<'_>,
+    store: Box<dyn TranscriptStore>,
+) -> Result<VerifyReport, VerifyError> {
+    let channel = ChannelId(input.array("channel")?);
+    let channel_name = input.string("channel name", crate::channel::MAX_CHANNEL_NAME_LEN)?;
+    let horizon = input.u64("horizon")?;
+    let count = input.count("roster", MAX_ROSTER)?;
+    let mut roster = Vec::with_capacity(count);
+    for _ in 0..count {
+        let bytes = [
+            input.bytes_with_prefix("party name", crate::identity::MAX_NAME_LEN)?,
+            input.bytes_with_prefix("device name", crate::identity::MAX_NAME_LEN)?,
+            input.take(32, "key")?,
+        ]
+        .concat();
+        roster.push(DeviceInfo::decode(&mut Reader::new(&bytes))?);
+    }
+    let count = input.count("horizon references", MAX_STUBS)?;
+    let mut stubs = BTreeMap::new();
+    for _ in 0..count {
+        let id = EnvelopeId(input.array("horizon reference")?);
+        stubs.insert(id, DeviceKey(input.array("horizon sender")?));
+    }
+    let envelopes = input.u64("envelopes")?;
+    if envelopes > MAX_ENVELOPES as u64 {
+        return Err(DecodeError::TooLong {
+            field: "envelopes",
+            len: envelopes,
+            limit: MAX_ENVELOPES as u64,
+        }
+        .into());
+    }
+    let header = Header {
+        channel,
+        channel_name,
+        horizon,
+        roster,
+        stubs,
+        count: envelopes,
+    };
+    let mut verifier = Verifier::new(&header, store);
+    for index in 0..envelopes {
+        let bytes = input.bytes("envelope", MAX_ENVELOPE_LEN)?;
+        verifier.add(index as usize, &bytes)?;
+    }
+    let exporter_key = DeviceKey(input.array("exporter")?);
+    let digest = std::mem::take(&mut input.digest);
+    let signature = input.array_unhashed::<64>("export signature")?;
+    input.finish()?;
+    exporter_key
+        .verify(&prehashed_message(digest), &signature)
+        .map_err(|_| VerifyError::BadFileSignature)?;
+    verifier.finish(header, exporter_key)
+}
+
+/// A version 1 export, whole in memory: its signature first, then its envelopes.
+fn verify_version_1(
+    bytes: &[u8],
+    store: Box<dyn TranscriptStore>,
+) -> Result<VerifyReport, VerifyError> {
+    let mut reader = Reader::new(bytes);
+    reader.take(MAGIC.len() + 1, "magic")?;
+    let channel = ChannelId(reader.array("channel")?);
+    let channel_name = reader.string("channel name", crate::channel::MAX_CHANNEL_NAME_LEN)?;
+    let horizon = reader.u64("horizon")?;
+    let count = reader.count("roster", MAX_ROSTER, 40)?;
+    let mut roster = Vec::with_capacity(count);
+    for _ in 0..count {
+        roster.push(DeviceInfo::decode(&mut reader)?);
+    }
+    let count = reader.count("horizon references", MAX_ENVELOPES, 64)?;
+    let mut stubs = BTreeMap::new();
+    for _ in 0..count {
+        let id = EnvelopeId(reader.array("horizon reference")?);
+        stubs.insert(id, DeviceKey(reader.array("horizon sender")?));
+    }
+    let count = reader.count("envelopes", MAX_ENVELOPES, 4)?;
+    let mut raw = Vec::with_capacity(count);
+    for _ in 0..count {
+        raw.push(reader.bytes("envelope", MAX_ENVELOPE_LEN)?);
+    }
+    let exporter_key = DeviceKey(reader.array("exporter")?);
+    let signed_len = reader.position();
+    let signature = reader.array::<64>("export signature")?;
+    reader.finish()?;
+    exporter_key
+        .verify(&signed_message(&bytes[..signed_len]), &signature)
+        .map_err(|_| VerifyError::BadFileSignature)?;
+    let header = Header {
+        channel,
+        channel_name,
+        horizon,
+        roster,
+        stubs,
+        count: raw.len() as u64,
+    };
+    let mut verifier = Verifier::new(&header, store);
+    for (index, envelope_bytes) in raw.iter().enumerate() {
+        verifier.add(index, envelope_bytes)?;
+    }
+    verifier.finish(header, exporter_key)
+}
+
+/// Rebuilds a transcript from an export's envelopes, one at a time, and keeps the
+/// counts of the report (nothing that grows with the number of envelopes).
+struct Verifier {
+    transcript: Transcript,
+    /// Per sender: envelopes, and envelopes up to its latest checkpoint.
+    chains: BTreeMap<DeviceKey, (u64, u64)>,
+    first_time_ms: Option<u64>,
+    last_time_ms: Option<u64>,
+    texts: u64,
+    read_receipts: u64,
+    checkpoints: u64,
+    last: Option<(u64, EnvelopeId)>,
+}
+
+impl Verifier {
+    fn new(header: &Header, store: Box<dyn TranscriptStore>) -> Self {
+        let mut transcript = Transcript::in_store(header.channel, header.horizon, store);
+        for info in &header.roster {
             transcript.admit(info);
         }
-        let mut chains: BTreeMap<DeviceKey, (Vec<u64>, u64)> = BTreeMap::new();
-        let mut times = BTreeSet::new();
-        let (mut texts, mut read_receipts, mut checkpoints) = (0, 0, 0);
-        let mut last = None;
-        for (index, envelope_bytes) in raw.iter().enumerate() {
-            let (envelope, id) = Envelope::decode(envelope_bytes)
-                .map_err(|reason| VerifyError::BadEnvelope { index, reason })?;
-            match &envelope.body {
-                Body::Text(_) => texts += 1,
-                Body::ReadReceipt(_) => read_receipts += 1,
-                Body::Checkpoint { .. } => checkpoints += 1,
-                _ => {}
-            }
-            times.insert(envelope.claimed_time_ms);
-            let (seqs, signed_up_to) = chains.entry(envelope.sender).or_default();
-            seqs.push(envelope.seq);
-            if let Body::Checkpoint { .. } = envelope.body {
-                *signed_up_to = envelope.seq;
-            }
-            if let Some(previous) = last
-                && (envelope.lamport, id) <= previous
-            {
-                return Err(VerifyError::NotCanonical { index });
-            }
-            last = Some((envelope.lamport, id));
-            match transcript.insert(envelope, id) {
-                Ok(Inserted::Accepted(ids)) if ids.len() == 1 => {}
-                Ok(Inserted::Duplicate) => return Err(VerifyError::Duplicate { index }),
-                Ok(Inserted::Fork(_)) => return Err(VerifyError::Fork { index }),
-                Ok(_) => return Err(VerifyError::NotCanonical { index }),
-                Err(reason) => return Err(VerifyError::Refused { index, reason }),
-            }
+        Self {
+            transcript,
+            chains: BTreeMap::new(),
+            first_time_ms: None,
+            last_time_ms: None,
+            texts: 0,
+            read_receipts: 0,
+            checkpoints: 0,
+            last: None,
         }
-        for finding in transcript.findings() {
+    }
+
+    fn add(&mut self, index: usize, envelope_bytes: &[u8]) -> Result<(), VerifyError> {
+        let (envelope, id) = Envelope::decode(envelope_bytes)
+            .map_err(|reason| VerifyError::BadEnvelope { index, reason })?;
+        match &envelope.body {
+            Body::Text(_) => self.texts += 1,
+            Body::ReadReceipt(_) => self.read_receipts += 1,
+            Body::Checkpoint { .. } => self.checkpoints += 1,
+            _ => {}
+        }
+        let time = envelope.claimed_time_ms;
+        self.first_time_ms = Some(self.first_time_ms.map_or(time, |t| t.min(time)));
+        self.last_time_ms = Some(self.last_time_ms.map_or(time, |t| t.max(time)));
+        let (sent, signed) = self.chains.entry(envelope.sender).or_default();
+        *sent += 1;
+        if let Body::Checkpoint { .. } = envelope.body {
+            // A sender's chain arrives in order: everything so far is signed by it.
+            *signed = *sent;
+        }
+        if let Some(previous) = self.last
+            && (envelope.lamport, id) <= previous
+        {
+            return Err(VerifyError::NotCanonical { index });
+        }
+        self.last = Some((envelope.lamport, id));
+        let findings = self.transcript.findings().len();
+        let inserted = self.transcript.insert(envelope, id);
+        for finding in &self.transcript.findings()[findings..] {
             if let Finding::CheckpointMismatch {
                 checkpoint, sender, ..
             } = finding
@@ -294,6 +462,30 @@ impl Export {
                     sender: *sender,
                 });
             }
+        }
+        self.transcript.clear_findings();
+        match inserted {
+            Ok(Inserted::Accepted(ids)) if ids.len() == 1 => Ok(()),
+            Ok(Inserted::Duplicate) => Err(VerifyError::Duplicate { index }),
+            Ok(Inserted::Fork(_)) => Err(VerifyError::Fork { index }),
+            Ok(_) => Err(VerifyError::NotCanonical { index }),
+            Err(Rejection::Storage(error)) => Err(error.into()),
+            Err(reason) => Err(VerifyError::Refused { index, reason }),
+        }
+    }
+
+    fn finish(self, header: Header, exporter_key: DeviceKey) -> Result<VerifyReport, VerifyError> {
+        let transcript = self.transcript;
+        let exporter = header
+            .roster
+            .iter()
+            .find(|info| info.key == exporter_key)
+            .cloned()
+            .ok_or(VerifyError::ExporterNotOnRoster)?;
+        if transcript.len() as u64 != header.count {
+            return Err(VerifyError::NotCanonical {
+                index: transcript.len(),
+            });
         }
         let last = transcript.page_before(None, 1)?.into_iter().next();
         let final_ok = match last {
@@ -307,34 +499,157 @@ impl Export {
         if !final_ok {
             return Err(VerifyError::NoFinalCheckpoint);
         }
-        let computed: BTreeMap<_, _> = transcript.stubs().iter().map(|(id, s)| (*id, *s)).collect();
-        if computed != stubs {
+        if transcript.stubs() != &header.stubs {
             return Err(VerifyError::HorizonMismatch);
         }
-        let senders = chains
-            .into_iter()
-            .map(|(device, (seqs, signed_up_to))| {
-                let covered = seqs.iter().filter(|seq| **seq <= signed_up_to).count() as u64;
-                (device, (seqs.len() as u64, covered))
-            })
-            .collect();
         let (root, size) = transcript.root()?;
         Ok(VerifyReport {
-            channel,
-            channel_name,
-            horizon,
-            roster,
+            channel: header.channel,
+            channel_name: header.channel_name,
+            horizon: header.horizon,
+            roster: header.roster,
             exporter,
             envelopes: size,
-            texts,
-            read_receipts,
-            checkpoints,
+            texts: self.texts,
+            read_receipts: self.read_receipts,
+            checkpoints: self.checkpoints,
             root,
-            first_time_ms: times.first().copied(),
-            last_time_ms: times.last().copied(),
-            senders,
+            first_time_ms: self.first_time_ms,
+            last_time_ms: self.last_time_ms,
+            senders: self.chains,
         })
     }
+}
+
+/// Most horizon references a version 2 export may list.
+const MAX_STUBS: usize = 1 << 20;
+
+/// A byte source read in pieces, every byte hashed until the signature.
+struct Source<'r> {
+    source: &'r mut dyn Read,
+    digest: Sha512,
+}
+
+impl<'r> Source<'r> {
+    fn new(source: &'r mut dyn Read) -> Self {
+        Self {
+            source,
+            digest: Sha512::new(),
+        }
+    }
+
+    fn take_unhashed(&mut self, len: usize, field: &'static str) -> Result<Vec<u8>, VerifyError> {
+        let mut buffer = Vec::new();
+        let read = (&mut *self.source)
+            .take(len as u64)
+            .read_to_end(&mut buffer)
+            .map_err(|e| VerifyError::Read(e.to_string()))?;
+        if read < len {
+            return Err(DecodeError::Truncated(field).into());
+        }
+        Ok(buffer)
+    }
+
+    fn take(&mut self, len: usize, field: &'static str) -> Result<Vec<u8>, VerifyError> {
+        let bytes = self.take_unhashed(len, field)?;
+        self.digest.update(&bytes);
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], VerifyError> {
+        let bytes = self.take(N, field)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn array_unhashed<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<[u8; N], VerifyError> {
+        let bytes = self.take_unhashed(N, field)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn u8(&mut self, field: &'static str) -> Result<u8, VerifyError> {
+        Ok(self.array::<1>(field)?[0])
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, VerifyError> {
+        Ok(u32::from_be_bytes(self.array(field)?))
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, VerifyError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
+    /// A `u32` count of items, at most `limit` (checked before anything is reserved).
+    fn count(&mut self, field: &'static str, limit: usize) -> Result<usize, VerifyError> {
+        let count = self.u32(field)? as usize;
+        if count > limit {
+            return Err(DecodeError::TooLong {
+                field,
+                len: count as u64,
+                limit: limit as u64,
+            }
+            .into());
+        }
+        Ok(count)
+    }
+
+    /// `u32` length then bytes, at most `limit` (checked before reading).
+    fn bytes(&mut self, field: &'static str, limit: usize) -> Result<Vec<u8>, VerifyError> {
+        let len = self.u32(field)? as usize;
+        if len > limit {
+            return Err(DecodeError::TooLong {
+                field,
+                len: len as u64,
+                limit: limit as u64,
+            }
+            .into());
+        }
+        self.take(len, field)
+    }
+
+    /// Like [`Source::bytes`], keeping the length prefix (for a decoder that reads it).
+    fn bytes_with_prefix(
+        &mut self,
+        field: &'static str,
+        limit: usize,
+    ) -> Result<Vec<u8>, VerifyError> {
+        let bytes = self.bytes(field, limit)?;
+        Ok([(bytes.len() as u32).to_be_bytes().as_slice(), &bytes].concat())
+    }
+
+    fn string(&mut self, field: &'static str, limit: usize) -> Result<String, VerifyError> {
+        String::from_utf8(self.bytes(field, limit)?).map_err(|_| {
+            DecodeError::Invalid {
+                field,
+                reason: "not UTF-8",
+            }
+            .into()
+        })
+    }
+
+    /// Nothing may follow the signature.
+    fn finish(&mut self) -> Result<(), VerifyError> {
+        let mut rest = Vec::new();
+        let extra = (&mut *self.source)
+            .take(64)
+            .read_to_end(&mut rest)
+            .map_err(|e| VerifyError::Read(e.to_string()))?;
+        if extra > 0 {
+            return Err(DecodeError::TrailingBytes(extra).into());
+        }
+        Ok(())
+    }
+}
+
+/// What a version 2 signature signs: the context, then the body's SHA-512.
+fn prehashed_message(digest: Sha512) -> Vec<u8> {
+    [SIGNATURE_CONTEXT_2, digest.finalize().as_slice()].concat()
 }
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
@@ -348,4 +663,136 @@ pub fn roster_fingerprints(report: &VerifyReport) -> Vec<(String, String, Finger
         .iter()
         .map(|info| (info.party.clone(), info.device.clone(), info.fingerprint()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+    use crate::envelope::Reference;
+
+    /// A small transcript ending with the exporter's checkpoint.
+    fn sample() -> (Transcript, DeviceIdentity) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let identity = DeviceIdentity::generate("north", "desk", &mut rng).unwrap();
+        let mut transcript = Transcript::new(ChannelId([1; 32]));
+        transcript.admit(identity.info());
+        let mut prev = EnvelopeId::NONE;
+        for seq in 1..=4u64 {
+            let body = if seq == 4 {
+                let (root, size) = transcript.root_for_next_checkpoint().unwrap();
+                Body::Checkpoint {
+                    root,
+                    size,
+                    horizon: 0,
+                }
+            } else {
+                Body::Text(format!("line {seq}"))
+            };
+            let mut envelope = Envelope {
+                channel: ChannelId([1; 32]),
+                sender: identity.key(),
+                epoch: 1,
+                seq,
+                prev,
+                prev_epoch: if seq == 1 { 0 } else { 1 },
+                seen: Vec::<Reference>::new(),
+                lamport: seq,
+                claimed_time_ms: seq,
+                body,
+                deadline_ms: None,
+                signature: None,
+            };
+            if seq == 4 {
+                envelope.sign(&identity);
+            }
+            prev = envelope.id();
+            transcript.insert(envelope, prev).unwrap();
+        }
+        (transcript, identity)
+    }
+
+    /// The version 1 layout, as the previous release wrote it.
+    fn write_version_1(transcript: &Transcript, name: &str, identity: &DeviceIdentity) -> Vec<u8> {
+        let mut writer = Writer::new();
+        writer.fixed(MAGIC);
+        writer.u8(EXPORT_VERSION_1);
+        writer.fixed(&transcript.channel().0);
+        writer.string(name);
+        writer.u64(transcript.horizon());
+        writer.u32(transcript.roster().len() as u32);
+        for info in transcript.roster().values() {
+            info.encode(&mut writer);
+        }
+        writer.u32(0);
+        writer.u32(transcript.len() as u32);
+        for (_, envelope) in transcript.canonical().unwrap() {
+            writer.bytes(&envelope.encode());
+        }
+        writer.fixed(&identity.key().0);
+        let signature = identity.sign(&signed_message(writer.as_bytes()));
+        writer.fixed(&signature);
+        writer.into_bytes()
+    }
+
+    /// Hands out one byte per read: the streaming verifier must not care.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((byte, rest)), Some(slot)) => {
+                    *slot = *byte;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    #[test]
+    fn a_version_1_export_still_verifies_and_its_tampering_is_caught() {
+        let (transcript, identity) = sample();
+        let old = write_version_1(&transcript, "crisis", &identity);
+        let report = Export::verify(&old).unwrap();
+        assert_eq!(report.root, transcript.root().unwrap().0);
+        assert_eq!(report.texts, 3);
+        let mut tampered = old.clone();
+        let middle = tampered.len() / 2;
+        tampered[middle] ^= 1;
+        assert!(Export::verify(&tampered).is_err());
+    }
+
+    #[test]
+    fn a_streamed_export_verifies_read_a_byte_at_a_time_and_says_the_same() {
+        let (transcript, identity) = sample();
+        let new = Export::write(&transcript, "crisis", &identity).unwrap();
+        assert_eq!(new[MAGIC.len()], EXPORT_VERSION);
+        let whole = Export::verify(&new).unwrap();
+        let trickled = Export::verify_from(&mut Trickle(&new), MemoryStore::boxed()).unwrap();
+        assert_eq!(whole, trickled);
+        assert_eq!(whole.root, transcript.root().unwrap().0);
+        assert_eq!(whole.senders[&identity.key()], (4, 4));
+        // Cut anywhere, or one byte more: refused.
+        for cut in [0, 10, new.len() / 2, new.len() - 1] {
+            assert!(Export::verify(&new[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = new.clone();
+        longer.push(0);
+        assert!(matches!(
+            Export::verify(&longer),
+            Err(VerifyError::Malformed(DecodeError::TrailingBytes(1)))
+        ));
+        // The signature covers the digest of every byte before it.
+        let mut tampered = new.clone();
+        let middle = tampered.len() / 2;
+        tampered[middle] ^= 0x40;
+        assert!(Export::verify(&tampered).is_err());
+        let last = tampered.len() - 70;
+        let mut key_changed = new.clone();
+        key_changed[last] ^= 1;
+        assert!(Export::verify(&key_changed).is_err());
+    }
 }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::ops::ControlFlow;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -496,11 +497,43 @@ pub fn ack(home: &Path, channel: &str, message: &str) -> Outcome {
 
 pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
     let mut store = Store::open(home)?;
-    let bytes = store.export(channel)?;
-    write_file(out, &bytes, "export")?;
+    // Streamed into a private file beside the target (0600: it holds the plaintext of
+    // every message), synced, then renamed: a crash never leaves half an export.
+    let temporary = out.with_extension("partial");
+    let cannot = |e: std::io::Error| failure(format!("cannot write export {}: {e}", out.display()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| {
+            failure(format!(
+                "cannot write export {}: {e}{}",
+                temporary.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (an earlier export was interrupted: remove it first)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    let mut writer = std::io::BufWriter::with_capacity(1 << 16, file);
+    let written = store.export_to(channel, &mut writer);
+    let finished = written.map_err(Failure::from).and_then(|()| {
+        let file = writer.into_inner().map_err(|e| cannot(e.into_error()))?;
+        file.sync_all().map_err(cannot)?;
+        std::fs::rename(&temporary, out).map_err(cannot)?;
+        Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
+    });
+    let bytes = match finished {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            let _ = std::fs::remove_file(&temporary);
+            return Err(error);
+        }
+    };
     eprintln!(
-        "wrote {} bytes; check it anywhere with: hotline verify {}",
-        bytes.len(),
+        "wrote {bytes} bytes; check it anywhere with: hotline verify {}",
         out.display()
     );
     Ok(())

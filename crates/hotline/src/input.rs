@@ -159,20 +159,9 @@ pub fn read_limited_expecting(
         limit,
         size,
     };
-    let file = File::open(path).map_err(unreadable)?;
-    // The metadata of the file opened, not of the path again.
-    let metadata = file.metadata().map_err(unreadable)?;
-    if metadata.is_dir() {
-        return Err(InputError::Directory {
-            path: path.to_owned(),
-            what,
-        });
-    }
+    let (file, metadata) = open_limited(path, limit, what)?;
     let mut bytes = Vec::new();
     if metadata.is_file() {
-        if metadata.len() > limit {
-            return Err(too_large(Some(metadata.len())));
-        }
         // The length is only a hint: reserve it (one byte more, to see the end), and
         // turn an allocation failure into an error rather than an abort.
         let hint = usize::try_from(metadata.len() + 1).unwrap_or(usize::MAX);
@@ -193,6 +182,38 @@ pub fn read_limited_expecting(
         return Err(too_large(None));
     }
     Ok(bytes)
+}
+
+/// Opens the file at `path` for reading it in pieces: refuses a directory, and a regular
+/// file whose length is already over `limit` (the caller reads at most `limit` bytes).
+pub fn open_limited(
+    path: &Path,
+    limit: u64,
+    what: &'static str,
+) -> Result<(File, std::fs::Metadata), InputError> {
+    let unreadable = |error| InputError::Unreadable {
+        path: path.to_owned(),
+        what,
+        error,
+    };
+    let file = File::open(path).map_err(unreadable)?;
+    // The metadata of the file opened, not of the path again.
+    let metadata = file.metadata().map_err(unreadable)?;
+    if metadata.is_dir() {
+        return Err(InputError::Directory {
+            path: path.to_owned(),
+            what,
+        });
+    }
+    if metadata.is_file() && metadata.len() > limit {
+        return Err(InputError::TooLarge {
+            path: path.to_owned(),
+            what,
+            limit,
+            size: Some(metadata.len()),
+        });
+    }
+    Ok((file, metadata))
 }
 
 /// A limit in the largest binary unit that divides it: "2 MiB", "4 GiB", "10 bytes".

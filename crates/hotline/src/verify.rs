@@ -1,8 +1,11 @@
 //! `hotline verify FILE`: offline verification of an export.
 
-use std::path::Path;
+use std::io::{BufReader, Read};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use hotline_client::transcript_store::scratch as scratch_store;
 use hotline_core::Export;
 use hotline_core::export::VerifyReport;
 use serde_json::json;
@@ -10,26 +13,33 @@ use serde_json::json;
 use crate::exit;
 use crate::input::{self, MAX_EXPORT_FILE};
 
-/// The first bytes of every export (`docs/export-format.md`); checked again, with the
-/// rest, by `Export::verify`.
-const EXPORT_MAGIC: &[u8] = b"HOTLINE-TRANSCRIPT\n";
-
 pub fn run(file: &Path, json_output: bool) -> ExitCode {
-    // The whole export is held in memory (a streaming verifier is separate work): a
-    // regular file over the limit is refused from its length, anything else once it
-    // passes the limit; input that does not start as an export does is not read on,
-    // and `Export::verify` refuses its first bytes (reading /dev/zero up to 4 GiB took
-    // 13 s and 4 GiB of memory).
-    let read =
-        input::read_limited_expecting(file, MAX_EXPORT_FILE, "a transcript export", EXPORT_MAGIC);
-    let bytes = match read {
-        Ok(bytes) => bytes,
+    let opened = input::open_limited(file, MAX_EXPORT_FILE, "a transcript export");
+    let source = match opened {
+        Ok((source, _)) => source,
         Err(error) => {
             eprintln!("hotline: {error}");
             return ExitCode::from(exit::ERROR);
         }
     };
-    match Export::verify(&bytes) {
+    // Read in pieces (at most the limit), the transcript rebuilt in a scratch database
+    // beside nothing else: memory stays bounded whatever the export's length.
+    let mut reader = BufReader::with_capacity(1 << 16, source.take(MAX_EXPORT_FILE + 1));
+    let scratch = match Scratch::new() {
+        Ok(scratch) => scratch,
+        Err(error) => {
+            eprintln!("hotline: cannot make a scratch database to verify in: {error}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    let verified = match scratch_store(&scratch.0.join("transcript.db"), [0; 32]) {
+        Ok(store) => Export::verify_from(&mut reader, store),
+        Err(error) => {
+            eprintln!("hotline: cannot make a scratch database to verify in: {error}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match verified {
         Ok(report) => {
             if json_output {
                 out!("{}", report_json(&report));
@@ -49,6 +59,27 @@ pub fn run(file: &Path, json_output: bool) -> ExitCode {
             );
             ExitCode::from(exit::INTEGRITY)
         }
+    }
+}
+
+/// A private directory for the verifier's scratch database, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> std::io::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path =
+            std::env::temp_dir().join(format!("hotline-verify-{}-{nanos}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
