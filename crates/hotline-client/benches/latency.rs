@@ -8,6 +8,11 @@
 //! queue.
 //!
 //! `cargo bench -p hotline-client --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
+//!
+//! `HOTLINE_BENCH_HISTORY=N` first gives the channel N messages of history (sent by
+//! north and carried to south by bundle, the fast path; they are not pushed through
+//! the relays), so that one received message in a running follower is timed with a
+//! long history behind it.
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -68,6 +73,33 @@ fn main() {
         runtime.block_on(sync_once(&mut north)).unwrap();
         runtime.block_on(sync_once(&mut south)).unwrap();
         assert_eq!(south.channels().unwrap().len(), 1);
+        let history: usize = std::env::var("HOTLINE_BENCH_HISTORY")
+            .ok()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if history > 0 {
+            let started = Instant::now();
+            let mut grown = 0;
+            while grown < history {
+                let chunk = (history - grown).min(1000);
+                for index in grown..grown + chunk {
+                    north
+                        .send("crisis", Body::Text(format!("history {index}")), None)
+                        .unwrap();
+                }
+                south.import_bundle(north.export_outbox().unwrap()).unwrap();
+                grown += chunk;
+            }
+            // Carried by bundle: the relays are not to be given them again.
+            rusqlite::Connection::open(north.home().database())
+                .unwrap()
+                .execute("UPDATE outbox SET settled = 1 WHERE settled = 0", [])
+                .unwrap();
+            eprintln!(
+                "{history} messages of history in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
 
         // The recipient follows on its own thread and reports each commit's instant.
         drop(south);

@@ -986,11 +986,8 @@ id: None,
                 alarms.push(alarm?);
             }
 
-            let outbox: i64 = connection.query_row(
-                "SELECT COUNT(*) FROM outbox WHERE settled = 0 AND exported = 0",
-                [],
-                |row| row.get(0),
-            )?;
+            let outbox: i64 =
+                connection.query_row("SELECT rows FROM outbox_waiting", [], |row| row.get(0))?;
             Ok(Status {
                 relays,
                 parties: parties

@@ -254,7 +254,9 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
             "INSERT OR IGNORE INTO envelopes (channel, id, lamport, bytes)
                  SELECT channel, id, lamport, bytes FROM entries;
              DROP TABLE entries; DROP TABLE readers; DROP TABLE merkle_nodes;
-             DROP TABLE deadlines; DROP TABLE rebuild;
+             DROP TABLE deadlines; DROP TABLE rebuild; DROP TABLE outbox_waiting;
+             DROP TRIGGER outbox_waits; DROP TRIGGER outbox_left;
+             DROP TRIGGER outbox_back; DROP TRIGGER outbox_gone;
              UPDATE channels SET snapshot = json_remove(snapshot, '$.transcript', '$.departed');
              PRAGMA user_version = 7;",
         )
@@ -289,7 +291,9 @@ fn a_home_of_the_previous_schema_opens_with_its_roots_unchanged() {
     north.integrity_check().unwrap();
     assert_eq!(north.transcript_root("crisis").unwrap(), root);
     assert_eq!(north.log("crisis").unwrap(), log);
-    assert_eq!(north.status(NOW).unwrap().alarms.len(), status.alarms.len());
+    let after = north.status(NOW).unwrap();
+    assert_eq!(after.alarms.len(), status.alarms.len());
+    assert_eq!(after.outbox, status.outbox);
     // Rebuilt once, in place: every envelope now in the transcript's table, nothing
     // left to rebuild; the next open finds nothing to do, and the channel goes on.
     drop(north);
@@ -298,6 +302,10 @@ fn a_home_of_the_previous_schema_opens_with_its_roots_unchanged() {
     assert_eq!(count("SELECT COUNT(*) FROM envelopes"), 0);
     assert_eq!(count("SELECT COUNT(*) FROM rebuild"), 0);
     assert_eq!(count("SELECT COUNT(*) FROM entries"), root.1 as i64);
+    assert_eq!(
+        count("SELECT rows FROM outbox_waiting"),
+        count("SELECT COUNT(*) FROM outbox WHERE settled = 0 AND exported = 0")
+    );
     drop(connection);
     let mut north = Store::open(&north_home).unwrap();
     assert_eq!(north.transcript_root("crisis").unwrap(), root);

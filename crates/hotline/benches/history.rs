@@ -3,8 +3,9 @@
 //! Grows one channel of a fresh device to each size (the fast path: `Store::send` in one
 //! process, every envelope sealed, chained and stored as `hotline send` does), then times
 //! the real command path: fresh `hotline` processes for `send`, `status`, `log --last 50`,
-//! `channel list`, `export` and `verify`, each run several times; prints p50 / p99 of the
-//! wall time and the peak RSS (from `/usr/bin/time`, when present) per command and size.
+//! `channel list`, `export` and `verify`, each run several times, and one signed
+//! checkpoint sealed in an open store; prints p50 / p99 of the wall time and the peak
+//! RSS (from `/usr/bin/time`, when present) per command and size.
 //!
 //! ```sh
 //! cargo bench -p hotline --bench history                       # 1k, 10k, 100k
@@ -103,24 +104,54 @@ fn main() {
             if *name == "send" {
                 grown += runs as u64;
             }
-            times.sort();
-            let percentile = |p: f64| {
-                let index = ((times.len() as f64 - 1.0) * p).round() as usize;
-                times[index].as_secs_f64() * 1e3
-            };
-            let rss = if time {
-                format!("{:.1} MB", peak_kb as f64 / 1024.0)
-            } else {
-                "n/a".into()
-            };
-            println!(
-                "{size:>9}  {name:<13} {:>9.1} {:>9.1} {rss:>9}",
-                percentile(0.5),
-                percentile(0.99)
-            );
+            report(size, name, times, time.then_some(peak_kb));
         }
+        let times = checkpoints(&home, runs);
+        grown += runs as u64;
+        report(size, "checkpoint", times, None);
     }
     let _ = std::fs::remove_dir_all(&scratch);
+}
+
+/// Prints one row: p50 and p99 of `times`, and the peak RSS in KiB if measured.
+fn report(size: u64, name: &str, mut times: Vec<Duration>, peak_kb: Option<u64>) {
+    times.sort();
+    let percentile = |p: f64| {
+        let index = ((times.len() as f64 - 1.0) * p).round() as usize;
+        times[index].as_secs_f64() * 1e3
+    };
+    let rss = peak_kb.map_or_else(
+        || "in process".to_owned(),
+        |kb| format!("{:.1} MB", kb as f64 / 1024.0),
+    );
+    println!(
+        "{size:>9}  {name:<13} {:>9.1} {:>9.1} {rss:>9}",
+        percentile(0.5),
+        percentile(0.99)
+    );
+}
+
+/// Seals `runs` checkpoints in a store opened once (what a follower does every tenth
+/// link test): the root over everything held, signed.
+fn checkpoints(home: &Path, runs: usize) -> Vec<Duration> {
+    let mut store = Store::open(home).expect("open");
+    (0..runs)
+        .map(|_| {
+            let started = Instant::now();
+            store
+                .send(
+                    CHANNEL,
+                    Body::Checkpoint {
+                        root: [0; 32],
+                        size: 0,
+                        horizon: 0,
+                    },
+                    None,
+                )
+                .expect("checkpoint");
+            started.elapsed()
+        })
+        .collect()
 }
 
 fn args(list: &[&str]) -> Vec<String> {
