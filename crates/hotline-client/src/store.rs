@@ -29,6 +29,8 @@ const WELCOMES: [u8; 32] = [0; 32];
 
 /// Schema version of hotline's own tables; migrations run forward from `user_version`.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+/// Prepared statements kept per connection.
+pub(crate) const STATEMENT_CACHE: usize = 256;
 /// One-time key packages on a new card.
 pub const KEY_PACKAGES_PER_CARD: usize = 16;
 
@@ -266,6 +268,9 @@ pub(crate) struct Cache {
 
 fn open_connection(home: &Home) -> Result<Connection, StoreError> {
     let mut connection = Connection::open(home.database())?;
+    // Every statement of an operation stays prepared (the default keeps 16, fewer than
+    // a receive uses: they were parsed again and again).
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     connection.busy_timeout(Duration::from_secs(30))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;

@@ -64,7 +64,10 @@ pub fn scratch(
     channel: [u8; 32],
 ) -> rusqlite::Result<Box<dyn TranscriptStore>> {
     let connection = Connection::open(path)?;
+    connection.set_prepared_statement_cache_capacity(crate::store::STATEMENT_CACHE);
     connection.pragma_update(None, "journal_mode", "OFF")?;
+    // A bounded page cache (16 MiB), beside the file the kernel caches.
+    connection.pragma_update(None, "cache_size", -16_384)?;
     connection.pragma_update(None, "synchronous", "OFF")?;
     connection.execute_batch(
         "CREATE TABLE channels (id BLOB PRIMARY KEY);
@@ -277,7 +280,10 @@ impl TranscriptStore for SqliteTranscript {
                 })
                 .map_err(failed)?;
         }
-        // It may have waited for a parent: it waits no more.
+        Ok(())
+    }
+
+    fn forget_waiting(&mut self, id: &EnvelopeId) -> Result<(), StorageError> {
         self.connection
             .prepare_cached("DELETE FROM envelopes WHERE channel = ?1 AND id = ?2")
             .and_then(|mut statement| statement.execute(params![&self.channel[..], &id.0[..]]))

@@ -547,7 +547,9 @@ impl Channel {
             }
         }
         transcript.set_trusting(false);
-        transcript.take_fresh();
+        // What was kept as waiting and is accepted now (all of it, when rebuilding).
+        let accepted = transcript.take_fresh();
+        transcript.forget_waiting(&accepted)?;
         transcript.take_fresh_pending();
         transcript.clear_findings();
         let buffered: HashSet<[u8; 32]> = snapshot

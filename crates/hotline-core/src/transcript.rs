@@ -365,6 +365,15 @@ impl Transcript {
         Ok(self.store().entry(id)?.map(|entry| entry.envelope))
     }
 
+    /// Tells the store that these envelopes, kept as waiting beside it, are accepted
+    /// (for envelopes accepted other than by [`Transcript::insert`] releasing them).
+    pub fn forget_waiting(&mut self, ids: &[EnvelopeId]) -> Result<(), StorageError> {
+        for id in ids {
+            self.store_mut().forget_waiting(id)?;
+        }
+        Ok(())
+    }
+
     /// Whether a ciphertext with this hash was processed already.
     pub fn is_processed(&self, hash: &[u8; 32]) -> Result<bool, StorageError> {
         self.store().is_processed(hash)
@@ -663,7 +672,10 @@ impl Transcript {
                 };
                 let sender = envelope.sender;
                 match self.accept(envelope, child) {
-                    Ok(Inserted::Accepted(_)) => accepted.push(child),
+                    Ok(Inserted::Accepted(_)) => {
+                        self.store_mut().forget_waiting(&child)?;
+                        accepted.push(child);
+                    }
                     Ok(_) => {}
                     Err(Rejection::Storage(error)) => return Err(error),
                     Err(reason) => self.findings.push(Finding::Refused {

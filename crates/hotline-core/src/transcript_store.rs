@@ -69,6 +69,11 @@ pub trait TranscriptStore: MerkleNodes {
     fn is_processed(&self, hash: &[u8; 32]) -> Result<bool, StorageError>;
     /// Records a processed ciphertext; `false` if it was known.
     fn mark_processed(&mut self, hash: &[u8; 32]) -> Result<bool, StorageError>;
+    /// An envelope that waited for a parent (kept by the caller beside the store, see
+    /// [`crate::Fresh`]) is accepted now: the caller may forget it as waiting.
+    fn forget_waiting(&mut self, _id: &EnvelopeId) -> Result<(), StorageError> {
+        Ok(())
+    }
 }
 
 impl MerkleNodes for Box<dyn TranscriptStore> {
