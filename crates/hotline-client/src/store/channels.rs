@@ -1,0 +1,331 @@
+//! Channels: creating, joining, receiving into them, membership changes.
+
+use super::*;
+
+impl Store {
+    /// Creates a channel with every verified device of `parties`. Until relays exist,
+    /// the commit is accepted locally; the Welcome goes to the outbox.
+    pub fn create_channel(
+        &mut self,
+        name: &str,
+        parties: &[String],
+        relays: &[String],
+    ) -> Result<ChannelId, StoreError> {
+        self.transact(|connection, identity, cache| {
+            if channel_row(connection, name)?.is_some() {
+                return Err(StoreError::ChannelExists(name.to_owned()));
+            }
+            let provider = Provider::new(connection);
+            let mut contacts = Vec::new();
+            for party in parties {
+                let mut statement =
+                    connection.prepare("SELECT card, key FROM contacts WHERE party = ?1")?;
+                let cards: Vec<(Vec<u8>, Vec<u8>)> = statement
+                    .query_map([party], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                if cards.is_empty() {
+                    return Err(StoreError::UnknownParty(party.clone()));
+                }
+                for (card, _) in cards {
+                    let card = CardIn::decode(&card)?;
+                    let fingerprint = card.claimed().fingerprint();
+                    // The fingerprint was checked at import; this re-checks the signature
+                    // and the key packages of the stored card.
+                    contacts.push(card.verify(&fingerprint, provider.crypto())?);
+                }
+            }
+            let mut channel = Channel::create_with(&provider, identity, name, |id| {
+                SqliteTranscript::boxed(Rc::clone(connection), id.0)
+            })?;
+            channel.remember_contacts(contacts.iter().map(|c| c.info.clone()));
+            if !contacts.is_empty() {
+                let commit = channel.add(&provider, identity, contacts)?;
+                let merge_now = relays.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut channel,
+                    commit,
+                    merge_now,
+                )?;
+            }
+            save_channel(connection, &mut channel, true)?;
+            let id = channel.id();
+            set_relays(connection, &id, relays)?;
+            cache.channels.insert(id, channel);
+            Ok(id)
+        })
+    }
+
+    /// Joins a channel from a Welcome, checking every member against verified contacts.
+    pub fn join(&mut self, welcome: &[u8]) -> Result<(ChannelId, String), StoreError> {
+        self.join_at(welcome, &[], None)
+    }
+
+    /// Joins from a Welcome, records the channel's relays, and advances `cursor` in the
+    /// same transaction.
+    pub fn join_at(
+        &mut self,
+        welcome: &[u8],
+        relays: &[String],
+        cursor: Option<Cursor<'_>>,
+    ) -> Result<(ChannelId, String), StoreError> {
+        let contacts = self.contacts()?;
+        // The same Welcome arrives through every relay of the invitee's card.
+        let hash: [u8; 32] = Sha256::digest(welcome).into();
+        self.transact(|connection, identity, cache| {
+            if let Some(cursor) = cursor {
+                advance(connection, cursor)?;
+            }
+            let seen = connection.execute(
+                "INSERT OR IGNORE INTO processed (channel, hash) VALUES (?1, ?2)",
+                params![&WELCOMES[..], &hash[..]],
+            )?;
+            if seen == 0 {
+                return Err(StoreError::DuplicateWelcome);
+            }
+            let provider = Provider::new(connection);
+            let mut channel = Channel::join_with(&provider, identity, welcome, &contacts, |id| {
+                SqliteTranscript::boxed(Rc::clone(connection), id.0)
+            })?;
+            if channel_row(connection, channel.name())?.is_some() {
+                return Err(StoreError::ChannelExists(channel.name().to_owned()));
+            }
+            save_channel(connection, &mut channel, true)?;
+            set_relays(connection, &channel.id(), relays)?;
+            let joined = (channel.id(), channel.name().to_owned());
+            cache.channels.insert(joined.0, channel);
+            Ok(joined)
+        })
+    }
+
+    /// Processes one message from a bundle in one transaction.
+    pub fn receive(&mut self, bytes: &[u8]) -> Result<Vec<Event>, StoreError> {
+        self.receive_at(bytes, None)
+    }
+
+    /// Processes one message and advances the relay cursor it came from, in one
+    /// transaction: a crash never skips a message or processes it twice.
+    pub fn receive_at(
+        &mut self,
+        bytes: &[u8],
+        cursor: Option<Cursor<'_>>,
+    ) -> Result<Vec<Event>, StoreError> {
+        let channel_id = channel_of_message(bytes)?;
+        self.transact(|connection, identity, cache| {
+            if let Some(cursor) = cursor {
+                advance(connection, cursor)?;
+            }
+            let provider = Provider::new(connection);
+            let mut channel = checkout(cache, connection, &provider, &channel_id)?;
+            failpoint("receive-loaded")?;
+            let events = channel.receive(&provider, bytes)?;
+            failpoint("receive-processed")?;
+            let answered = crate::line::on_received(
+                connection,
+                &provider,
+                identity,
+                &mut channel,
+                &events,
+                &crate::line::copy_hash(bytes),
+                crate::line::relay_of(&cursor),
+            )?;
+            if events == [Event::Duplicate] {
+                // Nothing else changed: keep the channel.
+                if answered {
+                    save_channel(connection, &mut channel, false)?;
+                }
+                cache.channels.insert(channel_id, channel);
+                return Ok(events);
+            }
+            if channel.is_committer()
+                && channel.has_pending_proposals()
+                && !channel.has_pending_commit()
+                && let Some(commit) = channel.commit_proposals(&provider, identity)?
+            {
+                let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut channel,
+                    commit,
+                    merge_now,
+                )?;
+            }
+            follow_relay_changes(connection, &channel, &events)?;
+            failpoint("receive-before-save")?;
+            save_channel(connection, &mut channel, false)?;
+            failpoint("receive-saved")?;
+            cache.channels.insert(channel_id, channel);
+            Ok(events)
+        })
+    }
+
+    /// Imports a bundle: joins from Welcomes addressed to this device, receives the
+    /// rest. Returns how many messages were new.
+    pub fn import_bundle(&mut self, entries: Vec<Entry>) -> Result<usize, StoreError> {
+        let me = self.identity.key();
+        let mut new = 0;
+        for entry in entries {
+            match entry {
+                Entry::Welcome { to, bytes } if to.contains(&me) => match self.join(&bytes) {
+                    Ok(_) => new += 1,
+                    Err(StoreError::ChannelExists(_) | StoreError::DuplicateWelcome) => {}
+                    Err(error) => return Err(error),
+                },
+                Entry::Welcome { .. } => {}
+                Entry::Message(bytes) => {
+                    let channel = channel_of_message(&bytes)?;
+                    if !self.has_channel(&channel)? {
+                        continue;
+                    }
+                    match self.receive(&bytes) {
+                        Ok(events) if events != [Event::Duplicate] => new += 1,
+                        Ok(_) => {}
+                        // Messages of an epoch this device cannot read (before it joined,
+                        // after it left) are not an error of the bundle.
+                        Err(StoreError::Channel(
+                            ChannelError::Mls(_) | ChannelError::NotAMember,
+                        )) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+            }
+        }
+        Ok(new)
+    }
+
+    pub(crate) fn has_channel(&self, id: &ChannelId) -> Result<bool, StoreError> {
+        Ok(self
+            .connection
+            .query_row("SELECT 1 FROM channels WHERE id = ?1", [&id.0[..]], |_| {
+                Ok(())
+            })
+            .optional()?
+            .is_some())
+    }
+
+    /// Channels this device is in.
+    pub fn channels(&mut self) -> Result<Vec<ChannelSummary>, StoreError> {
+        // Through the cache: a channel loaded once is not restored (with its whole
+        // transcript) again while no other process wrote.
+        self.transact(|connection, _, cache| {
+            let ids: Vec<Vec<u8>> = connection
+                .prepare("SELECT id FROM channels ORDER BY name")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let provider = Provider::new(connection);
+            let mut summaries = Vec::with_capacity(ids.len());
+            for id in ids {
+                let id = ChannelId(
+                    id.try_into()
+                        .map_err(|_| StoreError::Corrupt("channel id is not 32 bytes".into()))?,
+                );
+                let channel = checkout(cache, connection, &provider, &id)?;
+                summaries.push(ChannelSummary {
+                    id: channel.id(),
+                    name: channel.name().to_owned(),
+                    members: channel.members(),
+                    epoch: channel.epoch(),
+                    horizon: channel.transcript().horizon(),
+                    envelopes: channel.transcript().len(),
+                    committer: channel.is_committer(),
+                });
+                cache.channels.insert(id, channel);
+            }
+            Ok(summaries)
+        })
+    }
+
+    /// Removes every device of `party` from the channel (committer only). With relays,
+    /// the removal takes effect when a relay accepted the commit.
+    pub fn remove_party(
+        &mut self,
+        channel: &str,
+        party: &str,
+    ) -> Result<Vec<DeviceKey>, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            let devices: Vec<DeviceKey> = loaded
+                .members()
+                .into_iter()
+                .filter(|member| member.party == party)
+                .map(|member| member.key)
+                .collect();
+            if devices.is_empty() {
+                return Err(StoreError::NotInChannel(party.to_owned()));
+            }
+            let commit = loaded.remove(&provider, identity, &devices)?;
+            let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+            stage_commit(
+                connection,
+                &provider,
+                identity,
+                &mut loaded,
+                commit,
+                merge_now,
+            )?;
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(devices)
+        })
+    }
+
+    /// Refreshes this device's keys in the channel: the committer commits at once, any
+    /// other device proposes it for the committer to commit. Returns whether it was a
+    /// commit.
+    pub fn update_keys(&mut self, channel: &str) -> Result<bool, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            let committer = loaded.is_committer();
+            let outgoing = loaded.update_keys(&provider, identity)?;
+            if committer {
+                let merge_now = channel_relays(connection, &channel_id)?.is_empty();
+                stage_commit(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut loaded,
+                    outgoing,
+                    merge_now,
+                )?;
+            } else {
+                queue(connection, Some(channel_id), outgoing, None)?;
+            }
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(committer)
+        })
+    }
+
+    /// A relay durably accepted this device's pending commit of `channel`: merge it and
+    /// queue what it releases (the Welcome, membership notes), in one transaction.
+    /// Returns whether a commit was merged.
+    pub fn commit_relayed(&mut self, channel_id: &ChannelId) -> Result<bool, StoreError> {
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let mut channel = checkout(cache, connection, &provider, channel_id)?;
+            if !channel.has_pending_commit() {
+                cache.channels.insert(*channel_id, channel);
+                return Ok(false);
+            }
+            for out in channel.commit_accepted(&provider, identity, now_ms())? {
+                queue_released(connection, &channel, out)?;
+            }
+            save_channel(connection, &mut channel, false)?;
+            cache.channels.insert(*channel_id, channel);
+            Ok(true)
+        })
+    }
+
+    /// The id of a channel named `name` (or given by its hex id).
+    pub fn channel_id(&self, name: &str) -> Result<ChannelId, StoreError> {
+        channel_id_by_name(&self.connection, name)
+    }
+}

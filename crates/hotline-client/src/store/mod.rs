@@ -1,0 +1,410 @@
+//! The device store: one SQLite database, one transaction per operation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::Duration;
+
+use hotline_core::card::{CardError, CardIn};
+use hotline_core::channel::channel_of_message;
+use hotline_core::export::ExportError;
+use hotline_core::{
+    Body, Channel, ChannelError, ChannelId, ChannelSnapshot, DeviceIdentity, DeviceInfo, DeviceKey,
+    Envelope, EnvelopeId, Event, Export, Fingerprint, MembershipNote, Outgoing, create_card,
+};
+use openmls_sqlite_storage::SqliteStorageProvider;
+use openmls_traits::OpenMlsProvider;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::bundle::Entry;
+use crate::home::{Home, HomeError};
+use crate::provider::{JsonCodec, Provider};
+use crate::transcript_store::SqliteTranscript;
+
+mod channels;
+mod contacts;
+mod messages;
+mod outbox;
+mod persist;
+mod relays;
+mod schema;
+
+pub(crate) use persist::*;
+pub(crate) use relays::*;
+pub use schema::SCHEMA_VERSION;
+pub(crate) use schema::{STATEMENT_CACHE, open_connection};
+
+/// The `processed` table's channel for Welcomes already taken.
+const WELCOMES: [u8; 32] = [0; 32];
+
+/// One-time key packages on a new card.
+pub const KEY_PACKAGES_PER_CARD: usize = 16;
+
+/// Most envelopes offered again per round (see [`Store::reoffer_due`]).
+pub const MAX_REOFFER: usize = 64;
+
+/// Why a store operation failed. Nothing was committed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    #[error("database error: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error(
+        "the database was written by a newer hotline (schema {found}, this build knows {SCHEMA_VERSION}); upgrade hotline"
+    )]
+    SchemaTooNew { found: i64 },
+    #[error("openmls storage migration failed: {0}")]
+    Migration(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error(transparent)]
+    Transcript(#[from] hotline_core::merkle::StorageError),
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    #[error("no channel named {0:?}; see: hotline channel list")]
+    UnknownChannel(String),
+    #[error("a channel named {0:?} exists already")]
+    ChannelExists(String),
+    #[error(
+        "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
+    )]
+    UnknownParty(String),
+    #[error("{0}")]
+    BadRelays(String),
+    #[error("this invitation was taken already (it came through another relay)")]
+    DuplicateWelcome,
+    #[error("party {0:?} has no device in this channel; see: hotline channel list")]
+    NotInChannel(String),
+    #[error("no message {0} in this channel")]
+    UnknownMessage(String),
+    #[error("invalid name: {0}")]
+    Name(#[from] hotline_core::identity::NameError),
+}
+
+impl StoreError {
+    /// Whether the error is a refusal of trust (exit code 4).
+    pub fn is_trust_refusal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Card(CardError::FingerprintMismatch { .. })
+                | StoreError::Channel(ChannelError::TrustRefused { .. })
+        )
+    }
+}
+
+/// One line of `hotline log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    pub id: EnvelopeId,
+    pub from: String,
+    pub time_ms: u64,
+    pub text: String,
+    pub deadline_ms: Option<u64>,
+    pub delivered_to: BTreeSet<String>,
+    pub read_by: BTreeSet<String>,
+}
+
+/// A channel's relays and membership, for the sync engine.
+#[derive(Debug, Clone)]
+pub struct RelayPlan {
+    pub channel: ChannelId,
+    pub members: Vec<[u8; 32]>,
+    pub committer: bool,
+    pub epoch: u64,
+    /// Relay addresses with the membership version each holds.
+    pub relays: Vec<(String, u64)>,
+}
+
+/// One outgoing message and the relays that already hold it.
+#[derive(Debug, Clone)]
+pub struct OutboxItem {
+    pub seq: u64,
+    pub channel: Option<ChannelId>,
+    pub welcome: bool,
+    /// This device's commit: merged when the first relay holds it.
+    pub commit: bool,
+    /// Relays this row goes to instead of the channel's (a relay change).
+    pub only_relays: Option<Vec<String>>,
+    pub recipients: Vec<DeviceKey>,
+    pub bytes: Vec<u8>,
+    pub posted: Vec<String>,
+}
+
+/// A channel as `hotline channel list` shows it.
+#[derive(Debug, Clone)]
+pub struct ChannelSummary {
+    pub id: ChannelId,
+    pub name: String,
+    pub members: Vec<DeviceInfo>,
+    pub epoch: u64,
+    /// The epoch this device joined at (0 for the creator): older messages are not for it.
+    pub horizon: u64,
+    pub envelopes: usize,
+    pub committer: bool,
+}
+
+/// An open device store.
+#[derive(Debug)]
+pub struct Store {
+    /// Shared with the transcripts of the loaded channels, which keep their envelopes
+    /// in the same database (and transaction).
+    connection: Rc<Connection>,
+    home: Home,
+    identity: DeviceIdentity,
+    /// Channels loaded by earlier operations of this process, valid while no other
+    /// connection committed (SQLite's `data_version` says so).
+    cache: Cache,
+}
+
+/// Loaded channels, by id, and the `data_version` they were loaded at.
+#[derive(Debug, Default)]
+pub(crate) struct Cache {
+    pub(crate) channels: std::collections::HashMap<ChannelId, Channel>,
+    data_version: Option<i64>,
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl Store {
+    /// Creates a device: home, database, identity and contact card.
+    pub fn init(
+        path: &Path,
+        party: &str,
+        device: &str,
+        relays: &[String],
+    ) -> Result<Self, StoreError> {
+        hotline_core::identity::check_name("party", party)?;
+        hotline_core::identity::check_name("device", device)?;
+        let home = Home::create(path)?;
+        let connection = Rc::new(open_connection(&home)?);
+        let identity = DeviceIdentity::generate(party, device, &mut rand::rngs::OsRng)?;
+        let mut store = Self {
+            connection,
+            home,
+            identity,
+            cache: Cache::default(),
+        };
+        store.transact(|connection, identity, _| {
+            let provider = Provider::new(connection);
+            let card = create_card(identity, &provider, KEY_PACKAGES_PER_CARD, relays)?;
+            connection.execute(
+                "INSERT INTO device (id, identity, card, created_ms) VALUES (1, ?1, ?2, ?3)",
+                params![&identity.to_secret_bytes()[..], card, now_ms() as i64],
+            )?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Opens an existing device.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let home = Home::open(path)?;
+        let connection = open_connection(&home)?;
+        let secret: Vec<u8> = connection
+            .query_row("SELECT identity FROM device WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()?
+            .ok_or_else(|| HomeError::Missing {
+                path: path.to_owned(),
+            })?;
+        let identity = DeviceIdentity::from_secret_bytes(&secret).map_err(corrupt)?;
+        let mut store = Self {
+            connection: Rc::new(connection),
+            home,
+            identity,
+            cache: Cache::default(),
+        };
+        store.rebuild_transcripts()?;
+        Ok(store)
+    }
+
+    /// Rebuilds, once, the transcripts of channels stored by a version that kept only
+    /// their envelopes: each in one transaction, its roots unchanged.
+    fn rebuild_transcripts(&mut self) -> Result<(), StoreError> {
+        // Read first: an open that has nothing to rebuild takes no write lock.
+        let pending = self
+            .connection
+            .query_row("SELECT 1 FROM rebuild LIMIT 1", [], |_| Ok(()))
+            .optional()?;
+        if pending.is_none() {
+            return Ok(());
+        }
+        loop {
+            let done = self.transact(|connection, _, cache| {
+                let Some(id) = connection
+                    .query_row("SELECT channel FROM rebuild LIMIT 1", [], |row| {
+                        row.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()?
+                else {
+                    return Ok(true);
+                };
+                connection.execute("DELETE FROM rebuild WHERE channel = ?1", [&id])?;
+                let id = ChannelId(id.try_into().map_err(|_| corrupt("channel id"))?);
+                let provider = Provider::new(connection);
+                let mut channel = load_channel_by_id(connection, &provider, &id)?;
+                save_channel(connection, &mut channel, false)?;
+                cache.channels.clear();
+                Ok(false)
+            })?;
+            if done {
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// Runs `operation` in one immediate transaction; commits on success only. Cached
+    /// channels are dropped when another process committed since, and on any error
+    /// (their in-memory MLS state may be ahead of the rolled-back storage).
+    pub(crate) fn transact<T>(
+        &mut self,
+        operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.connection.execute_batch("BEGIN IMMEDIATE")?;
+        let version = self
+            .connection
+            .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0));
+        match version {
+            Ok(version) if self.cache.data_version == Some(version) => {}
+            Ok(version) => {
+                self.cache.channels.clear();
+                self.cache.data_version = Some(version);
+            }
+            Err(error) => {
+                let _ = self.connection.execute_batch("ROLLBACK");
+                return Err(error.into());
+            }
+        }
+        let result = operation(&self.connection, &self.identity, &mut self.cache)
+            .and_then(|value| failpoint("before-commit").map(|()| value))
+            .and_then(|value| {
+                self.connection
+                    .execute_batch("COMMIT")
+                    .map(|()| value)
+                    .map_err(Into::into)
+            });
+        if result.is_err() {
+            // Rolling back can only fail if no transaction is open any more.
+            let _ = self.connection.execute_batch("ROLLBACK");
+            self.cache.channels.clear();
+        }
+        result
+    }
+
+    /// Checks the database's own integrity (SQLite `integrity_check`).
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let result: String = self
+            .connection
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(corrupt(result))
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The failpoint armed by a unit test of this thread, if any.
+    static FAILPOINT: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// A step of a transaction where tests inject a failure (a crash that is reported
+/// rather than fatal); in other builds it does nothing.
+fn failpoint(name: &'static str) -> Result<(), StoreError> {
+    #[cfg(test)]
+    if FAILPOINT.with(|armed| armed.get()) == Some(name) {
+        return Err(StoreError::Corrupt(format!("failpoint {name}")));
+    }
+    let _ = name;
+    Ok(())
+}
+
+/// A position in a relay's log, advanced with what was read from it.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor<'a> {
+    pub relay: &'a str,
+    pub log: &'a str,
+    pub seq: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::verified_pair;
+
+    fn temp_home(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("hotline-failpoints-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    /// A failure at any step of the receive transaction leaves nothing behind: the
+    /// transcript, the processed hashes and the MLS state are as before, so the very
+    /// same message is then received normally (a half-applied MLS state would refuse it
+    /// as a reused secret or an old generation).
+    #[test]
+    fn a_failure_at_any_step_of_receive_changes_nothing() {
+        let (mut north, mut south) = verified_pair(&temp_home("north"), &temp_home("south"));
+        let steps = [
+            "receive-loaded",
+            "receive-processed",
+            "receive-before-save",
+            "receive-saved",
+            "before-commit",
+        ];
+        for step in steps {
+            north
+                .send("crisis", Body::Text(format!("through {step}")), None)
+                .unwrap();
+            let bytes = match north.export_outbox().unwrap().pop() {
+                Some(Entry::Message(bytes)) => bytes,
+                other => panic!("expected a message, got {other:?}"),
+            };
+            let before = south.log("crisis").unwrap().len();
+            FAILPOINT.with(|armed| armed.set(Some(step)));
+            let error = south.receive(&bytes).unwrap_err();
+            assert!(error.to_string().contains(step), "{error}");
+            FAILPOINT.with(|armed| armed.set(None));
+            assert_eq!(
+                south.log("crisis").unwrap().len(),
+                before,
+                "{step} left a message behind"
+            );
+            let events = south.receive(&bytes).unwrap();
+            assert!(
+                matches!(events.as_slice(), [Event::Accepted(_)]),
+                "after {step}: {events:?}"
+            );
+            assert_eq!(south.log("crisis").unwrap().len(), before + 1);
+        }
+        south.integrity_check().unwrap();
+    }
+}

@@ -1,0 +1,187 @@
+//! Relays: cursors, registrations, a channel's relay list and its changes.
+
+use super::*;
+
+impl Store {
+    /// Where a relay's log was read up to.
+    pub fn cursor(&self, relay: &str, log: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT seq FROM cursors WHERE relay = ?1 AND log = ?2",
+                params![relay, log],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .unwrap_or(0) as u64)
+    }
+
+    /// Moves a cursor past messages that could not be processed (and were reported).
+    pub fn skip_to(&mut self, cursor: Cursor<'_>) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| advance(connection, cursor))
+    }
+
+    /// What the sync engine needs to know of each channel.
+    pub fn relay_plan(&mut self) -> Result<Vec<RelayPlan>, StoreError> {
+        let mut plans = Vec::new();
+        for channel in self.channels()? {
+            let relays: Vec<(String, u64)> = self
+                .connection
+                .prepare("SELECT url, registered_version FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+                .query_map([&channel.id.0[..]], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+                .collect::<Result<_, _>>()?;
+            plans.push(RelayPlan {
+                channel: channel.id,
+                members: channel.members.iter().map(|m| m.key.0).collect(),
+                committer: channel.committer,
+                epoch: channel.epoch,
+                relays,
+            });
+        }
+        Ok(plans)
+    }
+
+    /// Records that a relay holds the membership of this version.
+    pub fn mark_registered(
+        &mut self,
+        channel: &ChannelId,
+        relay: &str,
+        version: u64,
+    ) -> Result<(), StoreError> {
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "UPDATE channel_relays SET registered_version = ?3 WHERE channel = ?1 AND url = ?2",
+                params![&channel.0[..], relay, version as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Changes the channel's relays (committer only): a signed note for the record that
+    /// every member follows, sent through the old relays and the new ones. Keep at least
+    /// one relay across a change, or messages in flight may be stranded on a relay
+    /// nobody reads any more.
+    pub fn change_relays(&mut self, channel: &str, relays: &[String]) -> Result<(), StoreError> {
+        if relays.is_empty() || relays.len() > hotline_core::envelope::MAX_RELAYS {
+            return Err(StoreError::BadRelays(format!(
+                "a channel needs between 1 and {} relays",
+                hotline_core::envelope::MAX_RELAYS
+            )));
+        }
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            if !loaded.is_committer() {
+                return Err(StoreError::Channel(ChannelError::NotCommitter));
+            }
+            let old = channel_relays(connection, &channel_id)?;
+            let note = Body::Membership(MembershipNote::RelaysChanged {
+                relays: relays.to_vec(),
+            });
+            seal(connection, &provider, identity, &mut loaded, note, None)?;
+            let mut targets = old.clone();
+            targets.extend(relays.iter().filter(|r| !old.contains(r)).cloned());
+            connection.execute(
+                "UPDATE outbox SET only_relays = ?1 WHERE seq = ?2",
+                params![
+                    serde_json::to_string(&targets).map_err(corrupt)?,
+                    connection.last_insert_rowid()
+                ],
+            )?;
+            replace_relays(connection, &channel_id, relays)?;
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(())
+        })
+    }
+
+    /// The relays of a channel.
+    pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
+        channel_relays(&self.connection, channel)
+    }
+}
+
+pub(crate) fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO cursors (relay, log, seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT (relay, log) DO UPDATE SET seq = MAX(seq, ?3)",
+        params![cursor.relay, cursor.log, cursor.seq as i64],
+    )?;
+    Ok(())
+}
+
+/// Makes `relays` the channel's relays, keeping what is known of the ones that stay.
+pub(crate) fn replace_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+    relays: &[String],
+) -> Result<(), StoreError> {
+    for old in channel_relays(connection, channel)? {
+        if !relays.contains(&old) {
+            connection.execute(
+                "DELETE FROM channel_relays WHERE channel = ?1 AND url = ?2",
+                params![&channel.0[..], old],
+            )?;
+        }
+    }
+    set_relays(connection, channel, relays)
+}
+
+/// Follows relay changes that the channel's committer announced in `events`.
+pub(crate) fn follow_relay_changes(
+    connection: &Connection,
+    channel: &Channel,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    for event in events {
+        let Event::Accepted(ids) = event else {
+            continue;
+        };
+        for id in ids {
+            let Some(envelope) = channel.transcript().get(id)? else {
+                continue;
+            };
+            if let Body::Membership(MembershipNote::RelaysChanged { relays }) = &envelope.body
+                && envelope.sender == channel.committer()
+                && !relays.is_empty()
+                && relays.iter().all(|r| hotline_relay_url_ok(r))
+            {
+                replace_relays(connection, &channel.id(), relays)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether an announced relay address has the form `https://HOST:PORT/#sha256=HEX`.
+pub(crate) fn hotline_relay_url_ok(url: &str) -> bool {
+    url.starts_with("https://")
+        && url
+            .rsplit_once("#sha256=")
+            .is_some_and(|(_, pin)| pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+pub(crate) fn channel_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+) -> Result<Vec<String>, StoreError> {
+    Ok(connection
+        .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+        .query_map([&channel.0[..]], |row| row.get(0))?
+        .collect::<Result<_, _>>()?)
+}
+
+pub(crate) fn set_relays(
+    connection: &Connection,
+    channel: &ChannelId,
+    relays: &[String],
+) -> Result<(), StoreError> {
+    for relay in relays {
+        connection.execute(
+            "INSERT OR IGNORE INTO channel_relays (channel, url, added_ms) VALUES (?1, ?2, ?3)",
+            params![&channel.0[..], relay, now_ms() as i64],
+        )?;
+    }
+    Ok(())
+}

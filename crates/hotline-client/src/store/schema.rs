@@ -1,0 +1,150 @@
+//! The schema of the device's database and its forward migrations (`user_version`).
+
+use super::*;
+
+/// Schema version of hotline's own tables; migrations run forward from `user_version`.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Prepared statements kept per connection.
+pub(crate) const STATEMENT_CACHE: usize = 256;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    "CREATE TABLE device (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        identity BLOB NOT NULL,
+        card BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE contacts (
+        key BLOB PRIMARY KEY,
+        party TEXT NOT NULL,
+        device TEXT NOT NULL,
+        card BLOB NOT NULL,
+        imported_ms INTEGER NOT NULL
+    );
+    CREATE TABLE channels (
+        id BLOB PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        snapshot TEXT NOT NULL
+    );
+    CREATE TABLE envelopes (
+        channel BLOB NOT NULL REFERENCES channels(id),
+        id BLOB NOT NULL,
+        lamport INTEGER NOT NULL,
+        bytes BLOB NOT NULL,
+        PRIMARY KEY (channel, id)
+    ) WITHOUT ROWID;
+    CREATE TABLE processed (
+        channel BLOB NOT NULL,
+        hash BLOB NOT NULL,
+        PRIMARY KEY (channel, hash)
+    ) WITHOUT ROWID;
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel BLOB,
+        kind INTEGER NOT NULL,
+        recipients BLOB,
+        bytes BLOB NOT NULL,
+        envelope BLOB,
+        created_ms INTEGER NOT NULL,
+        exported INTEGER NOT NULL DEFAULT 0
+    );",
+    // Version 2: relays.
+    "CREATE TABLE channel_relays (
+        channel BLOB NOT NULL REFERENCES channels(id),
+        url TEXT NOT NULL,
+        registered_version INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (channel, url)
+    );
+    CREATE TABLE cursors (
+        relay TEXT NOT NULL,
+        log TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (relay, log)
+    );
+    CREATE TABLE outbox_posted (
+        seq INTEGER NOT NULL REFERENCES outbox(seq),
+        relay TEXT NOT NULL,
+        PRIMARY KEY (seq, relay)
+    );",
+    // Version 3: rows every target holds are settled, and no longer scanned by the push.
+    "ALTER TABLE outbox ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX outbox_unsettled ON outbox (settled, seq);",
+    // Version 4: link tests, relay health, alarms (see `line`).
+    crate::line::SCHEMA,
+    // Version 5: stored alarms can be cleared by the operator (evidence kept); an outbox
+    // row can name its own relays (a relay change goes to the old and the new ones).
+    "ALTER TABLE alarms ADD COLUMN cleared_ms INTEGER;
+    ALTER TABLE outbox ADD COLUMN only_relays TEXT;
+    ALTER TABLE outbox ADD COLUMN offered_ms INTEGER;",
+    // Version 6: copies of messages held for their commit, by relay, to place in their
+    // sender's chain once opened (see `line::on_received`).
+    "CREATE TABLE unplaced (
+        hash BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        PRIMARY KEY (hash, relay)
+    ) WITHOUT ROWID;",
+    // Version 7: when a relay joined a channel (its paths are judged from then on).
+    "ALTER TABLE channel_relays ADD COLUMN added_ms INTEGER;",
+    // Version 8: the transcript in the database (see `transcript_store`); the channels
+    // of earlier versions are rebuilt from their envelopes once, at the next open.
+    crate::transcript_store::SCHEMA,
+    // Version 9: how many outbox rows wait, kept by triggers, so that `status` does not
+    // count a long outbox at every call.
+    "CREATE TABLE outbox_waiting (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        rows INTEGER NOT NULL
+    );
+    INSERT INTO outbox_waiting (id, rows)
+        SELECT 1, COUNT(*) FROM outbox WHERE settled = 0 AND exported = 0;
+    CREATE TRIGGER outbox_waits AFTER INSERT ON outbox
+        WHEN NEW.settled = 0 AND NEW.exported = 0
+        BEGIN UPDATE outbox_waiting SET rows = rows + 1; END;
+    CREATE TRIGGER outbox_left AFTER UPDATE OF settled, exported ON outbox
+        WHEN OLD.settled = 0 AND OLD.exported = 0 AND (NEW.settled != 0 OR NEW.exported != 0)
+        BEGIN UPDATE outbox_waiting SET rows = rows - 1; END;
+    CREATE TRIGGER outbox_back AFTER UPDATE OF settled, exported ON outbox
+        WHEN (OLD.settled != 0 OR OLD.exported != 0) AND NEW.settled = 0 AND NEW.exported = 0
+        BEGIN UPDATE outbox_waiting SET rows = rows + 1; END;
+    CREATE TRIGGER outbox_gone AFTER DELETE ON outbox
+        WHEN OLD.settled = 0 AND OLD.exported = 0
+        BEGIN UPDATE outbox_waiting SET rows = rows - 1; END;",
+];
+
+pub(crate) fn open_connection(home: &Home) -> Result<Connection, StoreError> {
+    let mut connection = Connection::open(home.database())?;
+    // Every statement of an operation stays prepared (the default keeps 16, fewer than
+    // a receive uses: they were parsed again and again).
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    connection.busy_timeout(Duration::from_secs(30))?;
+    connection.pragma_update(None, "journal_mode", "WAL")?;
+    connection.pragma_update(None, "synchronous", "FULL")?;
+    connection.pragma_update(None, "foreign_keys", "ON")?;
+    migrate(&mut connection)?;
+    Ok(connection)
+}
+
+pub(crate) fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
+    let version: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version });
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let transaction =
+        connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Another process may have migrated while we waited for the lock.
+    let version: i64 = transaction.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        transaction.execute_batch(migration)?;
+        transaction.pragma_update(None, "user_version", index as i64 + 1)?;
+    }
+    transaction.commit()?;
+    let mut storage = SqliteStorageProvider::<JsonCodec, &mut Connection>::new(connection);
+    storage
+        .run_migrations()
+        .map_err(|e| StoreError::Migration(e.to_string()))?;
+    Ok(())
+}
