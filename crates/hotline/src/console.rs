@@ -33,6 +33,7 @@ use hotline_core::Body;
 
 use crate::device::{Failure, Outcome, failure};
 use crate::exit;
+use crate::inert::inert;
 
 /// One line of the screen and its colour.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,10 +210,10 @@ pub fn render(view: &View, input: &str, flash: &str, width: usize, height: usize
             entry.from != view.me_party() && !entry.read_by.contains(view.me_party());
         let line = fit(format!(
             " {clock}  {:<10} [delivered: {}; read: {}]  {}",
-            entry.from,
+            inert(&entry.from),
             marks(&entry.delivered_to),
             marks(&entry.read_by),
-            entry.text
+            inert(&entry.text)
         ));
         lines.push(if unread_by_me {
             Line::colored(line, Color::Cyan)

@@ -14,6 +14,7 @@ use hotline_core::{Body, Fingerprint};
 use serde_json::json;
 
 use crate::exit;
+use crate::inert::inert;
 use crate::input::{self, InputError};
 
 /// A failed command: what to tell the user, and the exit code.
@@ -453,14 +454,15 @@ pub fn log(
                     set.iter().cloned().collect::<Vec<_>>().join(",")
                 }
             };
+            // The other side's words, inert: no escape sequence or forged line.
             out!(
                 "{} {:<10} {}  [delivered: {}; read: {}] {}",
                 &entry.id.to_hex()[..12],
-                entry.from,
+                inert(&entry.from),
                 format_time(entry.time_ms),
                 others(&entry.delivered_to),
                 others(&entry.read_by),
-                entry.text
+                inert(&entry.text)
             );
         }
     }

@@ -19,6 +19,7 @@ macro_rules! out {
 mod console;
 mod demo;
 mod device;
+mod inert;
 mod input;
 mod relay;
 mod verify;

@@ -275,3 +275,28 @@ fn a_new_home_is_private() {
     assert_eq!(mode(&home), 0o700);
     assert_eq!(mode(&home.join("device.db")), 0o600);
 }
+
+#[test]
+fn a_counterparts_escape_sequences_and_forged_lines_are_inert_in_log() {
+    let dir = workdir("inert");
+    let (north, south) = two_devices(&dir);
+    let hostile =
+        "hello\u{1b}[2J\u{1b}]0;pwned\u{7}\r\n0123456789ab north      forged \u{202e}txet";
+    ok(&south, &["send", "crisis", hostile]);
+    ok(
+        &south,
+        &["bundle", "export", "--out", s(&dir.join("to-north"))],
+    );
+    ok(&north, &["bundle", "import", s(&dir.join("to-north"))]);
+    let shown = ok(&north, &["log", "crisis"]);
+    assert!(!shown.contains('\u{1b}') && !shown.contains('\r') && !shown.contains('\u{202e}'));
+    assert_eq!(shown.lines().count(), 1, "one message, one line: {shown}");
+    assert!(
+        shown.contains("hello␛[2J␛]0;pwned␇␍⏎0123456789ab north"),
+        "{shown}"
+    );
+    assert!(shown.contains("<U+202E>txet"), "{shown}");
+    // --json keeps the exact text.
+    let exact = json(&ok(&north, &["log", "crisis", "--json"]));
+    assert_eq!(exact["text"], hostile);
+}
