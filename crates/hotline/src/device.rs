@@ -241,7 +241,8 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
                 "{}",
                 json!({"name": channel.name, "id": channel.id.to_string(), "parties": parties,
                        "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer,
-                       "root": hex::encode(root)})
+                       "root": hex::encode(root), "settled": channel.settled,
+                       "settled_root": hex::encode(channel.settled_root)})
             );
         } else {
             out!(

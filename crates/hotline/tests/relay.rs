@@ -907,6 +907,20 @@ fn a_message_too_many_epochs_late_is_sealed_again_and_arrives_once() {
     }
     let roots = roots();
     assert_eq!(roots.len(), 1, "{roots:?}");
+    // Holding the same envelopes, every member settled as far, to the same final root.
+    let settled: BTreeSet<String> = homes
+        .iter()
+        .map(|home| {
+            let list = ok(home, &["channel", "list", "--json"]);
+            format!(
+                "{} {}",
+                field(&list, "settled"),
+                field(&list, "settled_root")
+            )
+        })
+        .collect();
+    assert_eq!(settled.len(), 1, "{settled:?}");
+    assert!(!settled.iter().any(|s| s.starts_with("0 ")), "{settled:?}");
     a.stop();
     b.stop();
 }

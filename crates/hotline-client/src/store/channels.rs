@@ -224,6 +224,8 @@ impl Store {
                         .map_err(|_| StoreError::Corrupt("channel id is not 32 bytes".into()))?,
                 );
                 let channel = checkout(cache, connection, &provider, &id)?;
+                let settled = channel.transcript().settled_len();
+                let (settled_root, _) = channel.transcript().settled_root(settled)?;
                 summaries.push(ChannelSummary {
                     id: channel.id(),
                     name: channel.name().to_owned(),
@@ -232,6 +234,8 @@ impl Store {
                     horizon: channel.transcript().horizon(),
                     envelopes: channel.transcript().len(),
                     committer: channel.is_committer(),
+                    settled,
+                    settled_root,
                 });
                 cache.channels.insert(id, channel);
             }

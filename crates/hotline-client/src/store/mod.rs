@@ -149,6 +149,10 @@ pub struct ChannelSummary {
     pub horizon: u64,
     pub envelopes: usize,
     pub committer: bool,
+    /// The settled prefix: how many envelopes are final, and their root (the same on
+    /// every member that settled as far; it never changes once given).
+    pub settled: u64,
+    pub settled_root: [u8; 32],
 }
 
 /// An open device store.
