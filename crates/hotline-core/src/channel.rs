@@ -527,6 +527,7 @@ impl Channel {
         for info in &snapshot.roster {
             transcript.admit(info);
         }
+        transcript.load_tail()?;
         let mut envelopes: Vec<_> = waiting
             .into_iter()
             .map(|e| (e.lamport, e.id(), e))

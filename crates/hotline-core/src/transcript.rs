@@ -55,6 +55,10 @@ pub const MAX_PENDING: usize = 65_536;
 /// not checked (see ARCHITECTURE.md, "Settled prefix").
 pub const MAX_CHECKPOINT_SCAN: usize = 65_536;
 
+/// Most unsettled envelopes whose order keys the transcript keeps in memory; beyond it
+/// (a member silent for long), the store answers instead.
+pub const MAX_TAIL_CACHE: usize = 4096;
+
 /// Largest Lamport time accepted: far beyond any real channel (each envelope adds one),
 /// and small enough for every store to keep it as a signed 64-bit integer.
 pub const MAX_LAMPORT: u64 = 1 << 62;
@@ -199,6 +203,10 @@ pub struct Transcript {
     settled_lamport: u64,
     /// The last settled envelope.
     last_settled: Option<OrderKey>,
+    /// The order keys of every accepted envelope after `last_settled`, in order, while
+    /// there are at most [`MAX_TAIL_CACHE`]; `None` when unknown or more (then the
+    /// store is asked).
+    tail: Option<Vec<OrderKey>>,
     /// Skip the roots of checkpoints (rebuilding from envelopes checked before).
     trusting: bool,
     findings: Vec<Finding>,
@@ -221,7 +229,20 @@ impl Transcript {
 
     /// An empty transcript kept in `store` (which must hold nothing of this channel).
     pub fn in_store(channel: ChannelId, horizon: u64, store: Box<dyn TranscriptStore>) -> Self {
-        Self::restore(channel, horizon, TranscriptState::default(), store)
+        let mut transcript = Self::restore(channel, horizon, TranscriptState::default(), store);
+        // An empty store has an empty tail.
+        transcript.tail = Some(Vec::new());
+        transcript
+    }
+
+    /// Reads the unsettled tail's order keys from the store, if there are few: call it
+    /// once after [`Transcript::restore`] (without it, every tail is read from the store).
+    pub fn load_tail(&mut self) -> Result<(), StorageError> {
+        let keys = self
+            .store()
+            .ids_after(self.last_settled, MAX_TAIL_CACHE + 1)?;
+        self.tail = (keys.len() <= MAX_TAIL_CACHE).then_some(keys);
+        Ok(())
     }
 
     /// A transcript from its persisted state and the store that holds the rest. The
@@ -245,6 +266,7 @@ impl Transcript {
             log: MerkleLog::open(store, state.settled_len),
             settled_lamport: state.settled_lamport,
             last_settled: state.last_settled,
+            tail: None,
             trusting: false,
             findings: Vec::new(),
             fresh: Vec::new(),
@@ -626,25 +648,44 @@ impl Transcript {
             .map(|device| self.heads.get(device).map_or(0, |head| head.lamport))
             .min()
             .unwrap_or(0);
-        while boundary > self.settled_lamport {
-            let after = self.settled_key();
-            let batch = self.store().ids_after(after, 1024)?;
-            let mut progressed = false;
-            for (lamport, id) in batch {
-                if lamport > boundary {
-                    break;
+        if boundary > self.settled_lamport {
+            match self.tail.take() {
+                Some(mut tail) => {
+                    let count = tail.partition_point(|(lamport, _)| *lamport <= boundary);
+                    for (lamport, id) in tail.drain(..count) {
+                        self.append_settled(lamport, id)?;
+                    }
+                    self.tail = Some(tail);
                 }
-                let position = self.log.len();
-                self.log.push(&id.0)?;
-                self.store_mut().set_position(&id, position)?;
-                self.last_settled = Some((lamport, id));
-                progressed = true;
-            }
-            if !progressed {
-                break;
+                None => {
+                    loop {
+                        let batch = self.store().ids_after(self.last_settled, 1024)?;
+                        let mut progressed = false;
+                        for (lamport, id) in batch {
+                            if lamport > boundary {
+                                break;
+                            }
+                            self.append_settled(lamport, id)?;
+                            progressed = true;
+                        }
+                        if !progressed {
+                            break;
+                        }
+                    }
+                    self.load_tail()?;
+                }
             }
         }
         self.settled_lamport = self.settled_lamport.max(boundary);
+        Ok(())
+    }
+
+    /// Appends one envelope to the settled log, at the next position.
+    fn append_settled(&mut self, lamport: u64, id: EnvelopeId) -> Result<(), StorageError> {
+        let position = self.log.len();
+        self.log.push(&id.0)?;
+        self.store_mut().set_position(&id, position)?;
+        self.last_settled = Some((lamport, id));
         Ok(())
     }
 
@@ -805,7 +846,15 @@ impl Transcript {
             partial,
             position: None,
         };
+        let key = (entry.envelope.lamport, id);
         self.store_mut().insert(&id, &entry)?;
+        if let Some(tail) = &mut self.tail {
+            // Above the settled boundary (checked first), so it belongs to the tail.
+            tail.insert(tail.partition_point(|k| *k < key), key);
+            if tail.len() > MAX_TAIL_CACHE {
+                self.tail = None;
+            }
+        }
         self.len += 1;
         self.fresh.push(id);
         Ok(Inserted::Accepted(vec![id]))
@@ -814,12 +863,15 @@ impl Transcript {
     /// The root over the whole transcript: (Merkle tree hash, number of envelopes):
     /// the settled log plus the unsettled tail, O(log n + tail).
     pub fn root(&self) -> Result<([u8; 32], u64), StorageError> {
-        let tail: Vec<Hash> = self
-            .store()
-            .ids_after(self.settled_key(), usize::MAX)?
-            .into_iter()
-            .map(|(_, id)| id.0)
-            .collect();
+        let tail: Vec<Hash> = match &self.tail {
+            Some(tail) => tail.iter().map(|(_, id)| id.0).collect(),
+            None => self
+                .store()
+                .ids_after(self.settled_key(), usize::MAX)?
+                .into_iter()
+                .map(|(_, id)| id.0)
+                .collect(),
+        };
         self.log.root_with(self.log.len(), &tail)
     }
 

@@ -170,6 +170,10 @@ proptest! {
             }
         }
         prop_assert_eq!(member.root(), reference.root());
+        prop_assert_eq!(
+            member.root().unwrap(),
+            hotline_core::transcript::merkle_root(canonical.iter())
+        );
         let final_size = member.settled_len();
         prop_assert_eq!(final_size, reference.settled_len());
         let final_root = hotline_core::merkle::ct_root(member.settled_root(final_size).unwrap());
@@ -529,4 +533,41 @@ fn a_device_that_joined_a_running_channel_seals_only_after_hearing_from_the_othe
     assert!(joined.may_seal(&south.key()));
     // The channel's creator (horizon 0) may always seal.
     assert!(fresh(&roster).may_seal(&north.key()));
+}
+
+#[test]
+fn a_long_unsettled_tail_is_read_from_the_store_and_settles_whole() {
+    let mut rng = ChaCha8Rng::seed_from_u64(13);
+    let [north, south] =
+        ["north", "south"].map(|party| DeviceIdentity::generate(party, "desk", &mut rng).unwrap());
+    let roster = [north.info().clone(), south.info().clone()];
+    let mut at_north = fresh(&roster);
+    let count = hotline_core::transcript::MAX_TAIL_CACHE + 5;
+    for _ in 0..count {
+        write(&mut at_north, &north, 1);
+    }
+    // South wrote nothing: nothing is settled, and the tail outgrew its cache.
+    assert_eq!(at_north.settled_len(), 0);
+    let all = |t: &Transcript| {
+        t.canonical()
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>()
+    };
+    let expected = hotline_core::transcript::merkle_root(all(&at_north).iter());
+    assert_eq!(at_north.root().unwrap(), expected);
+    // South answers over everything: all of north's settle at once.
+    let mut at_south = fresh(&roster);
+    for (id, envelope) in at_north.canonical().unwrap() {
+        at_south.insert(envelope, id).unwrap();
+    }
+    let (reply, reply_id) = write(&mut at_south, &south, 1);
+    at_north.insert(reply, reply_id).unwrap();
+    assert_eq!(at_north.settled_len(), count as u64);
+    assert_eq!(at_north.settled_root(count as u64).unwrap(), expected);
+    assert_eq!(
+        at_north.root().unwrap(),
+        hotline_core::transcript::merkle_root(all(&at_north).iter())
+    );
 }
