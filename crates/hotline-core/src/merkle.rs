@@ -106,16 +106,48 @@ pub enum ProofError {
 }
 
 /// An append-only Merkle log of `len` leaves over node storage `N`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct MerkleLog<N> {
     nodes: N,
     len: u64,
+    /// The right edge: the complete subtrees that `[0, len)` is made of, largest first
+    /// (`(start, size, hash)`), kept in memory so that roots read nothing; `None` until
+    /// [`MerkleLog::load_frontier`] (then the nodes are read).
+    frontier: Option<Vec<(u64, u64, Hash)>>,
+}
+
+impl<N: MerkleNodes + Default> Default for MerkleLog<N> {
+    fn default() -> Self {
+        Self::open(N::default(), 0)
+    }
 }
 
 impl<N: MerkleNodes> MerkleLog<N> {
     /// A log over `nodes` that already hold the complete subtrees of `len` leaves.
     pub fn open(nodes: N, len: u64) -> Self {
-        Self { nodes, len }
+        let frontier = (len == 0).then(Vec::new);
+        Self {
+            nodes,
+            len,
+            frontier,
+        }
+    }
+
+    /// Reads the right edge's O(log n) complete subtrees, so that roots of the whole
+    /// log read nothing more.
+    pub fn load_frontier(&mut self) -> Result<(), StorageError> {
+        let mut frontier = Vec::new();
+        let mut start = 0;
+        for level in (0..64).rev() {
+            let size = 1u64 << level;
+            if self.len - start >= size {
+                let hash = self.stored(level, start / size)?;
+                frontier.push((start, size, hash));
+                start += size;
+            }
+        }
+        self.frontier = Some(frontier);
+        Ok(())
     }
 
     /// Number of leaves.
@@ -141,12 +173,31 @@ impl<N: MerkleNodes> MerkleLog<N> {
         let mut index = self.len;
         let mut level = 0;
         self.nodes.put_node(level, index, hash)?;
+        if let Some(frontier) = &mut self.frontier {
+            frontier.push((self.len, 1, hash));
+        }
         while index % 2 == 1 {
-            let left = self.stored(level, index - 1)?;
+            let left = match self
+                .frontier
+                .as_ref()
+                .and_then(|f| f.len().checked_sub(2).map(|i| f[i]))
+            {
+                Some((_, size, left)) if size == 1 << level => left,
+                _ => self.stored(level, index - 1)?,
+            };
             hash = node_hash(&left, &hash);
             index /= 2;
             level += 1;
             self.nodes.put_node(level, index, hash)?;
+            if let Some(frontier) = &mut self.frontier {
+                let merged = frontier.len() >= 2;
+                if merged {
+                    frontier.pop();
+                    if let Some(last) = frontier.last_mut() {
+                        *last = (last.0, last.1 * 2, hash);
+                    }
+                }
+            }
         }
         self.len += 1;
         Ok(())
@@ -260,9 +311,17 @@ impl<N: MerkleNodes> MerkleLog<N> {
         Ok(())
     }
 
-    /// `MTH(D[start:end])` over stored leaves, from complete subtrees.
+    /// `MTH(D[start:end])` over stored leaves, from complete subtrees (the right edge's
+    /// from memory).
     fn range(&self, start: u64, end: u64) -> Result<Hash, StorageError> {
         let count = end - start;
+        if let Some(frontier) = &self.frontier
+            && let Some((_, _, hash)) = frontier
+                .iter()
+                .find(|(first, size, _)| *first == start && *size == count)
+        {
+            return Ok(*hash);
+        }
         if count.is_power_of_two() && start.is_multiple_of(count) {
             return self.stored(count.trailing_zeros(), start / count);
         }
@@ -390,6 +449,30 @@ mod tests {
             log.consistency_proof(5, 41).unwrap_err(),
             ProofError::BadSizes
         );
+    }
+
+    #[test]
+    fn a_reopened_log_gives_the_same_roots_with_or_without_its_right_edge_in_memory() {
+        let mut log = MerkleLog::<MemoryNodes>::default();
+        for i in 0..37 {
+            log.push(&leaf(i)).unwrap();
+        }
+        let mut loaded = MerkleLog::open(log.nodes().clone(), 37);
+        loaded.load_frontier().unwrap();
+        let mut cold = MerkleLog::open(log.nodes().clone(), 37);
+        for i in 37..80 {
+            loaded.push(&leaf(i)).unwrap();
+            cold.push(&leaf(i)).unwrap();
+            let expected = (reference_root(i + 1), i + 1);
+            assert_eq!(loaded.root().unwrap(), expected);
+            assert_eq!(cold.root().unwrap(), expected);
+            let tail = [leaf(1000), leaf(1001), leaf(1002)];
+            assert_eq!(
+                loaded.root_with(i + 1, &tail).unwrap(),
+                cold.root_with(i + 1, &tail).unwrap()
+            );
+        }
+        assert_eq!(loaded.root_at(50).unwrap().0, reference_root(50));
     }
 
     #[test]

@@ -238,6 +238,7 @@ impl Transcript {
     /// Reads the unsettled tail's order keys from the store, if there are few: call it
     /// once after [`Transcript::restore`] (without it, every tail is read from the store).
     pub fn load_tail(&mut self) -> Result<(), StorageError> {
+        self.log.load_frontier()?;
         let keys = self
             .store()
             .ids_after(self.last_settled, MAX_TAIL_CACHE + 1)?;
