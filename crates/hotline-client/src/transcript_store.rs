@@ -17,7 +17,7 @@ use hotline_core::{DeviceKey, Envelope, EnvelopeId};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// The tables, created by schema version 8 (see `store::MIGRATIONS`).
-pub const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
     CREATE TABLE entries (
         channel BLOB NOT NULL,
         id BLOB NOT NULL,

@@ -327,22 +327,9 @@ fn the_sqlite_transcript_store_keeps_every_promise() {
     let mut made = 0;
     let mut make = || {
         made += 1;
-        let connection =
-            rusqlite::Connection::open(dir.with_extension(format!("{made}.db"))).unwrap();
-        connection
-            .execute_batch(
-                "CREATE TABLE channels (id BLOB PRIMARY KEY);
-                 CREATE TABLE envelopes (channel BLOB, id BLOB, lamport INTEGER, bytes BLOB);
-                 CREATE TABLE processed (channel BLOB, hash BLOB, PRIMARY KEY (channel, hash));",
-            )
-            .unwrap();
-        connection
-            .execute_batch(hotline_client::transcript_store::SCHEMA)
-            .unwrap();
-        hotline_client::transcript_store::SqliteTranscript::boxed(
-            std::rc::Rc::new(connection),
-            [7; 32],
-        )
+        let path = dir.with_extension(format!("{made}.db"));
+        let _ = std::fs::remove_file(&path);
+        hotline_client::transcript_store::scratch(&path, [7; 32]).unwrap()
     };
     hotline_core::transcript_store::conformance(&mut make).unwrap();
     for index in 1..=made {
