@@ -141,22 +141,33 @@ pub(crate) fn seal(
     }
     let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
     // Its echo through each relay is placed in this device's own chain.
-    if let Some(envelope) = channel.transcript().get(&id)? {
-        let hash = crate::line::copy_hash(&bytes);
-        crate::line::record_copy(
-            connection,
-            &channel.id(),
-            &hash,
-            &envelope.sender,
-            envelope.seq,
-        )?;
-    }
+    record_own_copy(connection, channel, &id, &bytes)?;
     let outgoing = Outgoing::Message {
         id: Some(id),
         bytes,
     };
     queue(connection, Some(channel.id()), outgoing, Some(id))?;
     Ok(id)
+}
+
+/// Places this device's envelope `id`, sealed into `bytes`, in its own chain, so that
+/// its echo through each relay passes the per-relay order check.
+fn record_own_copy(
+    connection: &Connection,
+    channel: &Channel,
+    id: &EnvelopeId,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    if let Some(envelope) = channel.transcript().get(id)? {
+        crate::line::record_copy(
+            connection,
+            &channel.id(),
+            &crate::line::copy_hash(bytes),
+            &envelope.sender,
+            envelope.seq,
+        )?;
+    }
+    Ok(())
 }
 
 /// Queues a commit. A channel with relays merges it when the first relay durably
@@ -190,16 +201,8 @@ pub(crate) fn queue_released(
         id: Some(id),
         bytes,
     } = &out
-        && let Some(envelope) = channel.transcript().get(id)?
     {
-        let hash = crate::line::copy_hash(bytes);
-        crate::line::record_copy(
-            connection,
-            &channel.id(),
-            &hash,
-            &envelope.sender,
-            envelope.seq,
-        )?;
+        record_own_copy(connection, channel, id, bytes)?;
     }
     let envelope = match &out {
         Outgoing::Message { id, .. } => *id,
