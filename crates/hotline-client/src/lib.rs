@@ -23,6 +23,7 @@
 pub mod bundle;
 pub mod home;
 pub mod line;
+pub mod link;
 pub mod provider;
 pub mod store;
 pub mod sync;

@@ -1,21 +1,6 @@
-//! The line's health: end-to-end link tests per relay path, when each party was last
-//! heard, what each relay did wrong, and the alarms `hotline status` shows.
-//!
-//! A link test is an ordinary envelope (`Body::LinkTest`), sent to every relay like any
-//! other so that no sender's chain ever depends on one relay. What makes it per path is
-//! the answer: a device answers a probe once **for every relay it received a copy
-//! through** (duplicates included, recognised by the ciphertext's hash), naming that
-//! relay. The prober thus learns, per relay and per party, that the path prober → relay
-//! → party works, and how long the round trip took (probe posted → answer committed);
-//! the reverse direction is tested by the other party's own probes.
-//!
-//! ```text
-//!   A: probe P ──► relays R1, R2, R3 ──► B receives P via R1 (first), R2, R3 (copies)
-//!   B: answer(P, R1), answer(P, R2), answer(P, R3) ──► every relay ──► A
-//!   A: path R1 to B ok, rtt = now − sent(P); same for R2, R3; a dead R3 answers nothing
-//! ```
-//!
-//! Link tests are in the transcript (and the export) but not in `log`.
+//! The line's health: when each party was last heard, what each relay did wrong, and
+//! the alarms `hotline status` shows. Link tests themselves (probes per relay path, the
+//! availability records) are in [`crate::link`].
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -23,78 +8,16 @@ use hotline_core::{Body, Channel, ChannelId, DeviceKey, EnvelopeId, Event};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+pub use crate::link::{DEFAULT_INTERVAL_MS, LinkTest, relay_tag};
+use crate::link::{Settings, setting};
 use crate::provider::Provider;
-use crate::store::{
-    self, Cursor, Store, StoreError, channel_relays, checkout, now_ms, save_channel,
-};
+use crate::store::{Cursor, Store, StoreError, channel_relays, checkout, now_ms, save_channel};
 
-/// Default time between link tests.
-pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
-
-/// One probe in this many (the first included) comes with a signed checkpoint.
-pub const CHECKPOINT_EVERY: i64 = 10;
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
 /// Most of a sender's undelivered envelopes `status` reads per channel (oldest first):
 /// its cost stays bounded while a party is cut off for long.
 pub const MAX_UNDELIVERED_SCAN: usize = 10_000;
-
-const PROBE: u8 = 1;
-const ANSWER: u8 = 2;
-
-/// The first 8 bytes of SHA-256 of a relay's address: how an answer names the path.
-pub fn relay_tag(url: &str) -> [u8; 8] {
-    let digest = Sha256::digest(url.as_bytes());
-    let mut tag = [0u8; 8];
-    tag.copy_from_slice(&digest[..8]);
-    tag
-}
-
-/// What a link-test body says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkTest {
-    Probe { nonce: [u8; 8] },
-    Answer { probe: EnvelopeId, relay: [u8; 8] },
-}
-
-impl LinkTest {
-    pub fn encode(&self) -> Vec<u8> {
-        match self {
-            LinkTest::Probe { nonce } => [&[PROBE][..], nonce].concat(),
-            LinkTest::Answer { probe, relay } => [&[ANSWER][..], &probe.0, relay].concat(),
-        }
-    }
-
-    /// `None` for anything else (link-test bytes are the sender's own; unknown ones are
-    /// kept in the transcript and otherwise ignored).
-    pub fn decode(bytes: &[u8]) -> Option<LinkTest> {
-        match bytes {
-            [PROBE, nonce @ ..] if nonce.len() == 8 => Some(LinkTest::Probe {
-                nonce: nonce.try_into().ok()?,
-            }),
-            [ANSWER, rest @ ..] if rest.len() == 40 => Some(LinkTest::Answer {
-                probe: EnvelopeId(rest[..32].try_into().ok()?),
-                relay: rest[32..].try_into().ok()?,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// How `log --link-tests` shows a link-test body.
-pub(crate) fn describe_link_test(bytes: &[u8], relays: &[String]) -> String {
-    match LinkTest::decode(bytes) {
-        Some(LinkTest::Probe { .. }) => "[link test]".to_owned(),
-        Some(LinkTest::Answer { probe, relay }) => {
-            let path = relays
-                .iter()
-                .find(|url| relay_tag(url) == relay)
-                .map_or_else(|| hex::encode(relay), Clone::clone);
-            format!("[link test answer to {} via {path}]", &probe.to_hex()[..12])
-        }
-        None => "[link test, unknown form]".to_owned(),
-    }
-}
 
 pub(crate) const SCHEMA: &str = "
     CREATE TABLE settings (
@@ -161,15 +84,6 @@ pub(crate) const SCHEMA: &str = "
         UNIQUE (kind, relay, party, message)
     );";
 
-fn setting(connection: &Connection, key: &str, default: u64) -> Result<u64, StoreError> {
-    let value: Option<i64> = connection
-        .query_row("SELECT value FROM settings WHERE key = ?1", [key], |row| {
-            row.get(0)
-        })
-        .optional()?;
-    Ok(value.map_or(default, |v| v as u64))
-}
-
 /// Called inside the receive transaction, after the core processed `bytes` (whose
 /// SHA-256 is `hash`) that came through `relay`: answers probes per path, records
 /// answers to this device's probes, and when each party was last heard. Returns
@@ -230,28 +144,11 @@ pub(crate) fn on_received(
         }
     }
     if events == [Event::Duplicate] {
-        // A copy through another relay: answer for that path if it carried a probe.
-        let probe: Option<Vec<u8>> = connection
-            .query_row(
-                "SELECT probe FROM probe_copies WHERE hash = ?1",
-                [&hash[..]],
-                |row| row.get(0),
-            )
-            .optional()?;
-        if let (Some(probe), Some(relay)) = (probe, relay)
-            && let Ok(probe) = <[u8; 32]>::try_from(probe.as_slice())
-        {
-            changed |= answer(
-                connection,
-                provider,
-                identity,
-                channel,
-                EnvelopeId(probe),
-                relay,
-            )?;
-        }
-        return Ok(changed);
+        return Ok(false);
     }
+    changed |= crate::link::on_frames(
+        connection, provider, identity, channel, events, hash, relay, now,
+    )?;
     for event in events {
         let Event::Accepted(ids) = event else {
             continue;
@@ -268,60 +165,12 @@ pub(crate) fn on_received(
                 .party_of(&envelope.sender)
                 .unwrap_or("?")
                 .to_owned();
-            connection.execute(
-                "INSERT INTO heard (channel, party, last_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (channel, party) DO UPDATE SET last_ms = MAX(last_ms, ?3)",
-                params![&channel.id().0[..], party, now as i64],
-            )?;
-            let Body::LinkTest(bytes) = &envelope.body else {
-                continue;
-            };
-            match LinkTest::decode(bytes) {
-                // Answered for the path of these bytes only if they carried the probe;
-                // envelopes they released came through some earlier copy. A resent
-                // probe is stale (its round trip would count the time it was missing):
-                // the next probe asks again.
-                Some(LinkTest::Probe { .. })
-                    if !resent && carried.is_some_and(|(c, ..)| c == *id) =>
-                {
-                    connection.execute(
-                        "INSERT OR IGNORE INTO probe_copies (hash, probe) VALUES (?1, ?2)",
-                        params![&hash[..], &id.0[..]],
-                    )?;
-                    if let Some(relay) = relay {
-                        changed |= answer(connection, provider, identity, channel, *id, relay)?;
-                    }
-                }
-                // A resent answer says the path worked when it was first sent, not now.
-                Some(LinkTest::Answer { probe, relay: tag }) if !resent => {
-                    let sent: Option<i64> = connection
-                        .query_row(
-                            "SELECT sent_ms FROM probes WHERE id = ?1",
-                            [&probe.0[..]],
-                            |row| row.get(0),
-                        )
-                        .optional()?;
-                    let Some(sent) = sent else { continue };
-                    let relays = channel_relays(connection, &channel.id())?;
-                    let Some(url) = relays.iter().find(|url| relay_tag(url) == tag) else {
-                        continue;
-                    };
-                    connection.execute(
-                        "INSERT INTO paths (channel, relay, party, last_ok_ms, rtt_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5)
-                         ON CONFLICT (channel, relay, party) DO UPDATE SET
-                           last_ok_ms = ?4, rtt_ms = ?5 WHERE ?4 >= last_ok_ms",
-                        params![
-                            &channel.id().0[..],
-                            url,
-                            party,
-                            now as i64,
-                            (now as i64 - sent).max(0)
-                        ],
-                    )?;
-                }
-                Some(LinkTest::Probe { .. } | LinkTest::Answer { .. }) | None => {}
-            }
+            connection
+                .prepare_cached(
+                    "INSERT INTO heard (channel, party, last_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (channel, party) DO UPDATE SET last_ms = MAX(last_ms, ?3)",
+                )?
+                .execute(params![&channel.id().0[..], party, now as i64])?;
         }
     }
     Ok(changed)
@@ -403,43 +252,6 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
         params![relay, &channel, &sender, seq],
     )?;
     Ok(())
-}
-
-/// Answers `probe` for the path through `relay`, once. An answer that cannot be sealed
-/// now (a proposal waits for its commit) is skipped: the next probe asks again.
-fn answer(
-    connection: &Connection,
-    provider: &Provider<'_>,
-    identity: &hotline_core::DeviceIdentity,
-    channel: &mut Channel,
-    probe: EnvelopeId,
-    relay: &str,
-) -> Result<bool, StoreError> {
-    let done: bool = connection.query_row(
-        "SELECT EXISTS (SELECT 1 FROM answered WHERE probe = ?1 AND relay = ?2)",
-        params![&probe.0[..], relay],
-        |row| row.get(0),
-    )?;
-    if done {
-        return Ok(false);
-    }
-    let body = Body::LinkTest(
-        LinkTest::Answer {
-            probe,
-            relay: relay_tag(relay),
-        }
-        .encode(),
-    );
-    match store::seal(connection, provider, identity, channel, body, None) {
-        Ok(_) => {}
-        Err(StoreError::Channel(_)) => return Ok(false),
-        Err(error) => return Err(error),
-    }
-    connection.execute(
-        "INSERT INTO answered (probe, relay) VALUES (?1, ?2)",
-        params![&probe.0[..], relay],
-    )?;
-    Ok(true)
 }
 
 /// Where one relay path stands.
@@ -557,77 +369,67 @@ impl Store {
         })
     }
 
-    /// Sends a probe in every channel with relays whose last probe is older than the
-    /// interval. Returns how many went out.
+    /// Sends link tests in every channel with relays whose last ones are an interval
+    /// old (one per relay), and seals the availability records that are due. Returns
+    /// in how many channels probes went out; the sync engine posts them
+    /// ([`Store::take_frames`]).
     pub fn send_due_probes(&mut self) -> Result<usize, StoreError> {
         let now = now_ms();
         self.transact(|connection, identity, cache| {
-            let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
+            let settings = Settings::read(connection)?;
             let ids: Vec<Vec<u8>> = connection
-                .prepare("SELECT DISTINCT channel FROM channel_relays")?
+                .prepare_cached("SELECT DISTINCT channel FROM channel_relays")?
                 .query_map([], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
             let provider = Provider::new(connection);
             let mut sent = 0;
             for id in ids {
-                let last: Option<i64> = connection.query_row(
-                    "SELECT MAX(sent_ms) FROM probes WHERE channel = ?1",
-                    [&id],
-                    |row| row.get(0),
-                )?;
-                if last.is_some_and(|last| now < last as u64 + interval) {
-                    continue;
-                }
                 let Ok(id) = <[u8; 32]>::try_from(id.as_slice()) else {
                     continue;
                 };
                 let id = ChannelId(id);
-                let mut channel = checkout(cache, connection, &provider, &id)?;
-                let nonce: [u8; 8] = rand::random();
-                let body = Body::LinkTest(LinkTest::Probe { nonce }.encode());
-                match store::seal(connection, &provider, identity, &mut channel, body, None) {
-                    Ok(probe) => {
-                        connection.execute(
-                            "INSERT INTO probes (id, channel, sent_ms) VALUES (?1, ?2, ?3)",
-                            params![&probe.0[..], &id.0[..], now as i64],
-                        )?;
-                        // Every tenth probe comes with a signed checkpoint: the root over
-                        // everything this device holds, which every member checks
-                        // against its own (a `checkpoint` alarm when they differ).
-                        let probes: i64 = connection.query_row(
-                            "SELECT COUNT(*) FROM probes WHERE channel = ?1",
-                            [&id.0[..]],
-                            |row| row.get(0),
-                        )?;
-                        if probes % CHECKPOINT_EVERY == 1 {
-                            let body = Body::Checkpoint {
-                                root: [0; 32],
-                                size: 0,
-                                horizon: 0,
-                            };
-                            match store::seal(
-                                connection,
-                                &provider,
-                                identity,
-                                &mut channel,
-                                body,
-                                None,
-                            ) {
-                                Ok(_) | Err(StoreError::Channel(_)) => {}
-                                Err(error) => return Err(error),
-                            }
-                        }
-                        save_channel(connection, &mut channel, false)?;
-                        sent += 1;
-                    }
-                    // Removed, or a proposal waits: no probe this time.
-                    Err(StoreError::Channel(_)) => {}
-                    Err(error) => return Err(error),
+                let last: Option<i64> = connection
+                    .prepare_cached("SELECT last_probe_ms FROM link_state WHERE channel = ?1")?
+                    .query_row([&id.0[..]], |row| row.get(0))
+                    .optional()?;
+                if last.is_some_and(|last| now < last as u64 + settings.interval_ms) {
+                    continue;
                 }
+                let mut channel = checkout(cache, connection, &provider, &id)?;
+                if crate::link::send_due(
+                    connection,
+                    &provider,
+                    identity,
+                    &mut channel,
+                    &settings,
+                    now,
+                )? {
+                    sent += 1;
+                }
+                save_channel(connection, &mut channel, false)?;
                 cache.channels.insert(id, channel);
             }
             Ok(sent)
         })
+    }
+
+    /// The link-test frames waiting for their relays, taken (each is posted once).
+    pub fn take_frames(&mut self) -> Result<Vec<crate::link::OutgoingFrame>, StoreError> {
+        let now = now_ms();
+        self.transact(|connection, _, _| {
+            let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
+            crate::link::take_frames(connection, now, interval.max(1_000))
+        })
+    }
+
+    /// Sets how often availability records are sealed.
+    pub fn set_record_period(&mut self, period_ms: u64) -> Result<(), StoreError> {
+        self.set_setting("record_period_ms", period_ms)
+    }
+
+    /// Sets how long raw link tests are kept.
+    pub fn set_link_test_retention(&mut self, retention_ms: u64) -> Result<(), StoreError> {
+        self.set_setting("link_test_retention_ms", retention_ms)
     }
 
     /// Records how a relay answered at the transport level (`None`: it did).
@@ -741,13 +543,14 @@ impl Store {
                         .extend(others.iter().cloned());
                     // Paths through a relay are judged from the first probe sent after
                     // it joined the channel.
-                    let probed: Option<i64> = connection.query_row(
-                        "SELECT MIN(sent_ms) FROM probes WHERE channel = ?1 AND sent_ms >=
-                           COALESCE((SELECT added_ms FROM channel_relays
-                                     WHERE channel = ?1 AND url = ?2), 0)",
-                        params![&summary.id.0[..], &url],
-                        |row| row.get(0),
-                    )?;
+                    let probed: Option<i64> = connection
+                        .prepare_cached(
+                            "SELECT MIN(sent_ms) FROM probes
+                             WHERE channel = ?1 AND relay = ?2 AND sent_ms >=
+                               COALESCE((SELECT added_ms FROM channel_relays
+                                         WHERE channel = ?1 AND url = ?2), 0)",
+                        )?
+                        .query_row(params![&summary.id.0[..], &url], |row| row.get(0))?;
                     if let Some(probed) = probed {
                         let first = first_probe.entry(url).or_insert(probed as u64);
                         *first = (*first).min(probed as u64);
@@ -1006,7 +809,6 @@ id: None,
     }
 }
 
-/// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
 /// When `party` last answered a link test through `relay`.
 fn last_ok_by_party(
     connection: &Connection,
@@ -1021,6 +823,7 @@ fn last_ok_by_party(
     Ok(last.map(|ms| ms as u64))
 }
 
+/// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
 pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
@@ -1028,26 +831,4 @@ pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
 /// The relay a cursor names, if any.
 pub(crate) fn relay_of<'a>(cursor: &Option<Cursor<'a>>) -> Option<&'a str> {
     cursor.as_ref().map(|cursor| cursor.relay)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_test_bodies_round_trip_and_refuse_garbage() {
-        let probe = LinkTest::Probe { nonce: [7; 8] };
-        assert_eq!(LinkTest::decode(&probe.encode()), Some(probe));
-        let answer = LinkTest::Answer {
-            probe: EnvelopeId([3; 32]),
-            relay: relay_tag("https://127.0.0.1:1/#sha256=00"),
-        };
-        assert_eq!(LinkTest::decode(&answer.encode()), Some(answer.clone()));
-        let mut long = answer.encode();
-        long.push(0);
-        for bad in [&[][..], &[1, 2, 3][..], &[9; 9][..], &long[..]] {
-            assert_eq!(LinkTest::decode(bad), None);
-        }
-        assert_ne!(relay_tag("a"), relay_tag("b"));
-    }
 }

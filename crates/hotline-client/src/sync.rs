@@ -38,6 +38,8 @@ pub struct SyncReport {
     pub refused: Vec<String>,
     /// Undelivered messages offered to the relays again.
     pub reoffered: usize,
+    /// Link-test frames opened (probes and answers: never in a transcript).
+    pub link_tests: usize,
 }
 
 impl SyncReport {
@@ -350,7 +352,11 @@ fn apply(
                     // The cursor moved with the (empty) transaction.
                     Ok(events) if events == [Event::Duplicate] => {}
                     Ok(events) => {
-                        report.received += 1;
+                        if matches!(events.first(), Some(Event::Ephemeral { .. })) {
+                            report.link_tests += 1;
+                        } else {
+                            report.received += 1;
+                        }
                         for event in &events {
                             let found = match event {
                                 Event::Forgery { .. } | Event::BadEnvelope { .. } => "altered",
@@ -571,8 +577,11 @@ pub async fn follow(
             delay,
         );
         if report.received > 0 {
-            // Answers to link tests (and commits of proposals) go out at once.
+            // Commits of proposals go out at once.
             push_with(store, &identity, &mut relays, &mut report).await?;
+        } else if report.link_tests > 0 {
+            // Answers to link tests go out at once, on their paths.
+            post_frames(store, &identity, &mut relays, &mut report).await?;
         }
         let changed = report.received > 0
             || !report.joined.is_empty()
@@ -615,6 +624,30 @@ fn spawn_poll(
     });
 }
 
+/// Posts the link-test frames waiting, each to its own relay, once: one that cannot be
+/// posted is a link test that failed (its relay's health records why).
+async fn post_frames(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let mut failed: HashSet<String> = HashSet::new();
+    for frame in store.take_frames()? {
+        if failed.contains(&frame.relay) {
+            continue;
+        }
+        let Ok(client) = relays.get(&frame.relay) else {
+            continue;
+        };
+        let posted = client.post(identity, &frame.channel.0, frame.bytes).await;
+        if !note(report, &frame.relay, posted.map(|_| ())) {
+            failed.insert(frame.relay);
+        }
+    }
+    Ok(())
+}
+
 async fn push_with(
     store: &mut Store,
     identity: &DeviceIdentity,
@@ -627,7 +660,8 @@ async fn push_with(
             break;
         }
     }
-    Ok(())
+    // After the memberships: a relay takes frames from members only.
+    post_frames(store, identity, relays, report).await
 }
 
 /// Registers memberships and posts the outbox; returns whether a commit was merged.

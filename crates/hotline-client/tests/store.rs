@@ -246,7 +246,8 @@ fn a_relay_reordering_a_senders_messages_is_named() {
 }
 
 /// Turns a home back into what schema 7 kept: every envelope in `envelopes`, no
-/// transcript tables, snapshots without the transcript's state.
+/// transcript tables, snapshots without the transcript's state, link tests' tables of
+/// the time.
 fn downgrade_to_schema_7(database: &std::path::Path) {
     let connection = rusqlite::Connection::open(database).unwrap();
     connection
@@ -257,6 +258,14 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE deadlines; DROP TABLE rebuild; DROP TABLE outbox_waiting;
              DROP TRIGGER outbox_waits; DROP TRIGGER outbox_left;
              DROP TRIGGER outbox_back; DROP TRIGGER outbox_gone;
+             DROP TABLE probes; DROP TABLE answers; DROP TABLE frames;
+             DROP TABLE frames_out; DROP TABLE link_state;
+             CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
+                                  sent_ms INTEGER NOT NULL);
+             CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
+             CREATE TABLE probe_copies (hash BLOB PRIMARY KEY, probe BLOB NOT NULL);
+             CREATE TABLE answered (probe BLOB NOT NULL, relay TEXT NOT NULL,
+                                    PRIMARY KEY (probe, relay));
              UPDATE channels SET snapshot = json_remove(snapshot, '$.transcript', '$.departed');
              PRAGMA user_version = 7;",
         )

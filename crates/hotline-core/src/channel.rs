@@ -53,6 +53,7 @@ use thiserror::Error;
 use crate::CIPHERSUITE;
 use crate::card::VerifiedContact;
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, MembershipNote};
+use crate::frame::{EPHEMERAL, Frame, MAX_FRAME_PAYLOAD};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
 use crate::merkle::StorageError;
 use crate::transcript::{Finding, Inserted, Rejection, Transcript, TranscriptState};
@@ -141,6 +142,13 @@ pub enum Event {
         checkpoint: EnvelopeId,
         sender: DeviceKey,
     },
+    /// An ephemeral frame (see [`crate::frame`]): nothing entered the transcript, but
+    /// what `sender` holds was noted (it counts as delivered to it).
+    Ephemeral {
+        sender: DeviceKey,
+        sent_ms: u64,
+        payload: Vec<u8>,
+    },
     /// A message held for its epoch (reported [`Event::Buffered`] when it came) was
     /// processed now: the SHA-256 of its bytes and the envelope they carried, if any
     /// (`None` for a resend, or bytes that carried no new envelope). Its own events come
@@ -158,6 +166,8 @@ pub enum ChannelError {
     Malformed(String),
     #[error("the message belongs to another channel")]
     WrongChannel,
+    #[error("an ephemeral payload of {0} bytes is over the limit of {MAX_FRAME_PAYLOAD}")]
+    FrameTooLarge(usize),
     #[error("only the channel's committer can do this")]
     NotCommitter,
     #[error("a commit from {0:?}, who is not the committer, was refused")]
@@ -699,6 +709,8 @@ impl Channel {
                 size,
                 horizon: self.transcript.horizon(),
             };
+        }
+        if envelope.body.kind().is_signed() {
             envelope.sign(identity);
         }
         envelope.check_format()?;
@@ -750,6 +762,38 @@ impl Channel {
         let bytes = serialize(&message)?;
         self.mark_processed(ciphertext_hash(&bytes))?;
         Ok(bytes)
+    }
+
+    /// Seals `payload` in an ephemeral frame (see [`crate::frame`]) that tells the
+    /// members what this device holds. Nothing enters the transcript and the frame is
+    /// not marked processed: the caller remembers its hash (relays serve a member its
+    /// own messages too).
+    pub fn send_ephemeral(
+        &mut self,
+        provider: &impl OpenMlsProvider,
+        identity: &DeviceIdentity,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Vec<u8>, ChannelError> {
+        if !self.group.is_active() {
+            return Err(ChannelError::NotAMember);
+        }
+        if self.has_pending_proposals() {
+            return Err(ChannelError::AwaitingCommit);
+        }
+        if payload.len() > MAX_FRAME_PAYLOAD {
+            return Err(ChannelError::FrameTooLarge(payload.len()));
+        }
+        let frame = Frame {
+            sent_ms: now_ms,
+            held: self.transcript.held_frontier(),
+            payload: payload.to_vec(),
+        };
+        let message = self
+            .group
+            .create_message(provider, identity, &frame.encode())
+            .map_err(mls)?;
+        serialize(&message)
     }
 
     /// Sends a signed checkpoint over everything this device holds.
@@ -1022,7 +1066,6 @@ impl Channel {
         let mut events = Vec::new();
         match processed.into_content() {
             ProcessedMessageContent::ApplicationMessage(application) => {
-                self.mark_processed(hash)?;
                 let basic = BasicCredential::try_from(credential)
                     .map_err(|_| ChannelError::CredentialMismatch)?;
                 let actual = DeviceInfo::from_credential_bytes(basic.identity())
@@ -1032,6 +1075,24 @@ impl Channel {
                 // sender's misbehaviour, reported as an event, and the message counts as
                 // processed.
                 let plaintext = application.into_bytes();
+                if plaintext.first() == Some(&EPHEMERAL) {
+                    match Frame::decode(&plaintext) {
+                        Ok(frame) => {
+                            self.transcript.note_held(&actual, &frame.held);
+                            events.push(Event::Ephemeral {
+                                sender: actual,
+                                sent_ms: frame.sent_ms,
+                                payload: frame.payload,
+                            });
+                        }
+                        Err(error) => events.push(Event::BadEnvelope {
+                            sender: actual,
+                            error: error.into(),
+                        }),
+                    }
+                    return Ok(events);
+                }
+                self.mark_processed(hash)?;
                 let (resent, plaintext) = match plaintext.split_first() {
                     Some((&RESENT, rest)) => (true, rest),
                     _ => (false, &plaintext[..]),

@@ -127,6 +127,43 @@ pub enum Body {
     },
     /// A change to the channel's membership or roles, for the record.
     Membership(MembershipNote),
+    /// What the sender's link tests showed over a period, per relay path and party: the
+    /// bounded record that stands for the raw probes (which are not in the transcript).
+    Availability(Availability),
+}
+
+/// Most paths (relay × party) one availability record describes.
+pub const MAX_PATHS: usize = 256;
+/// Most outages listed per path (the longest ones; `outages_total` counts them all).
+pub const MAX_OUTAGES: usize = 16;
+
+/// A device's signed-by-the-record account of its link tests over `[from_ms, to_ms)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Availability {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// The link-test interval in force.
+    pub interval_ms: u64,
+    pub paths: Vec<PathRecord>,
+}
+
+/// One relay path to one party over an availability record's period.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathRecord {
+    pub relay: String,
+    pub party: String,
+    /// Probes sent through the relay.
+    pub sent: u32,
+    /// Of those, how many the party answered through it.
+    pub answered: u32,
+    /// Round trips of the answered ones (0 when none was answered).
+    pub rtt_min_ms: u32,
+    pub rtt_median_ms: u32,
+    /// Every run of unanswered probes: from the first one's sending to the next
+    /// answered probe's (or the period's end).
+    pub outages_total: u32,
+    /// The longest of them, at most [`MAX_OUTAGES`], in time order.
+    pub outages: Vec<(u64, u64)>,
 }
 
 /// Membership events recorded in the transcript by the committer.
@@ -163,6 +200,15 @@ pub enum Kind {
     LinkTest = 3,
     Checkpoint = 4,
     Membership = 5,
+    Availability = 6,
+}
+
+impl Kind {
+    /// Whether envelopes of this kind carry the sender's transferable signature (what
+    /// an auditor may hold against the sender without the channel's keys).
+    pub fn is_signed(self) -> bool {
+        matches!(self, Kind::Checkpoint | Kind::Availability)
+    }
 }
 
 impl Body {
@@ -173,6 +219,7 @@ impl Body {
             Body::LinkTest(_) => Kind::LinkTest,
             Body::Checkpoint { .. } => Kind::Checkpoint,
             Body::Membership(_) => Kind::Membership,
+            Body::Availability(_) => Kind::Availability,
         }
     }
 
@@ -224,6 +271,26 @@ impl Body {
                     }
                 }
             },
+            Body::Availability(record) => {
+                writer.u64(record.from_ms);
+                writer.u64(record.to_ms);
+                writer.u64(record.interval_ms);
+                writer.u32(record.paths.len() as u32);
+                for path in &record.paths {
+                    writer.string(&path.relay);
+                    writer.string(&path.party);
+                    writer.u32(path.sent);
+                    writer.u32(path.answered);
+                    writer.u32(path.rtt_min_ms);
+                    writer.u32(path.rtt_median_ms);
+                    writer.u32(path.outages_total);
+                    writer.u32(path.outages.len() as u32);
+                    for (from, to) in &path.outages {
+                        writer.u64(*from);
+                        writer.u64(*to);
+                    }
+                }
+            }
         }
         let length = writer.as_bytes().len() - length_at - 4;
         // Invariant: bodies are bounded by MAX_BODY_LEN, far below 4 GiB.
@@ -283,6 +350,7 @@ impl Body {
                     });
                 }
             }),
+            6 => Body::Availability(Availability::decode(&mut reader)?),
             _ => {
                 return Err(DecodeError::Invalid {
                     field: "kind",
@@ -292,6 +360,60 @@ impl Body {
         };
         reader.finish()?;
         Ok(body)
+    }
+}
+
+impl Availability {
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let from_ms = reader.u64("availability start")?;
+        let to_ms = reader.u64("availability end")?;
+        let interval_ms = reader.u64("link-test interval")?;
+        if to_ms < from_ms {
+            return Err(DecodeError::Invalid {
+                field: "availability period",
+                reason: "ends before it starts",
+            });
+        }
+        let count = reader.count("availability paths", MAX_PATHS, 36)?;
+        let mut paths = Vec::with_capacity(count);
+        for _ in 0..count {
+            let relay = reader.string("relay address", MAX_RELAY_URL_LEN)?;
+            let party = reader.string("party name", MAX_NAME_LEN)?;
+            let sent = reader.u32("probes sent")?;
+            let answered = reader.u32("probes answered")?;
+            let rtt_min_ms = reader.u32("shortest round trip")?;
+            let rtt_median_ms = reader.u32("median round trip")?;
+            let outages_total = reader.u32("outages")?;
+            let listed = reader.count("outages listed", MAX_OUTAGES, 16)?;
+            let mut outages = Vec::with_capacity(listed);
+            for _ in 0..listed {
+                let from = reader.u64("outage start")?;
+                let to = reader.u64("outage end")?;
+                outages.push((from, to));
+            }
+            if answered > sent || (listed as u32) > outages_total {
+                return Err(DecodeError::Invalid {
+                    field: "availability path",
+                    reason: "more answered than sent, or more outages listed than counted",
+                });
+            }
+            paths.push(PathRecord {
+                relay,
+                party,
+                sent,
+                answered,
+                rtt_min_ms,
+                rtt_median_ms,
+                outages_total,
+                outages,
+            });
+        }
+        Ok(Self {
+            from_ms,
+            to_ms,
+            interval_ms,
+            paths,
+        })
     }
 }
 
@@ -395,6 +517,7 @@ impl Envelope {
                 4 + relays.iter().map(|r| 4 + r.len()).sum::<usize>()
             }
             Body::Membership(_) => 128,
+            Body::Availability(record) => 28 + 600 * record.paths.len(),
         };
         160 + 72 * self.seen.len() + body + 80
     }
@@ -494,8 +617,25 @@ impl Envelope {
         if !sorted || self.seen.iter().any(|seen| seen.sender == self.sender) {
             return Err(EnvelopeError::SeenNotCanonical);
         }
-        if (self.body.kind() == Kind::Checkpoint) != self.signature.is_some() {
+        if self.body.kind().is_signed() != self.signature.is_some() {
             return Err(EnvelopeError::SignatureMisplaced);
+        }
+        if let Body::Availability(record) = &self.body {
+            let bounded = record.paths.len() <= MAX_PATHS
+                && record.from_ms <= record.to_ms
+                && record.paths.iter().all(|path| {
+                    path.relay.len() <= MAX_RELAY_URL_LEN
+                        && path.party.len() <= MAX_NAME_LEN
+                        && path.outages.len() <= MAX_OUTAGES
+                        && path.answered <= path.sent
+                        && path.outages.len() as u64 <= u64::from(path.outages_total)
+                });
+            if !bounded {
+                return Err(EnvelopeError::Decode(DecodeError::Invalid {
+                    field: "availability record",
+                    reason: "out of bounds",
+                }));
+            }
         }
         Ok(())
     }

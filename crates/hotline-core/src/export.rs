@@ -23,7 +23,10 @@ use sha2::{Digest, Sha512};
 use thiserror::Error;
 
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, MAX_BODY_LEN};
+use crate::envelope::{
+    Availability, Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, MAX_BODY_LEN,
+    MAX_OUTAGES, PathRecord,
+};
 use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
 use crate::merkle::StorageError;
 use crate::transcript::{Finding, Inserted, Rejection, Transcript};
@@ -111,9 +114,77 @@ pub struct VerifyReport {
     /// Per device: envelopes sent, and how many of them the device's own signed
     /// checkpoints cover.
     pub senders: BTreeMap<DeviceKey, (u64, u64)>,
+    /// What the signed availability records say, per (device, relay, party).
+    pub availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
+}
+
+/// The availability records of one device for one relay path to one party, summed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PathSummary {
+    pub records: u64,
+    /// The earliest start and latest end of the records' periods.
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub sent: u64,
+    pub answered: u64,
+    pub outages_total: u64,
+    /// The longest outages the records list, at most [`MAX_OUTAGES`], in time order.
+    pub longest: Vec<(u64, u64)>,
+}
+
+impl PathSummary {
+    fn add(&mut self, record: &Availability, path: &PathRecord) {
+        if self.records == 0 {
+            self.from_ms = record.from_ms;
+        }
+        self.records += 1;
+        self.from_ms = self.from_ms.min(record.from_ms);
+        self.to_ms = self.to_ms.max(record.to_ms);
+        self.sent += u64::from(path.sent);
+        self.answered += u64::from(path.answered);
+        self.outages_total += u64::from(path.outages_total);
+        self.longest.extend(path.outages.iter().copied());
+        // Keep the longest (ties: the earliest), then put them back in time order.
+        self.longest
+            .sort_by_key(|(from, to)| (std::cmp::Reverse(to.saturating_sub(*from)), *from));
+        self.longest.truncate(MAX_OUTAGES);
+        self.longest.sort();
+    }
+}
+
+/// A time as `YYYY-MM-DD HH:MM:SS UTC` (the record's times are the senders' claims).
+pub fn utc(ms: u64) -> String {
+    let seconds = ms / 1000;
+    let (days, rest) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 impl VerifyReport {
+    fn name_of(&self, device: &DeviceKey) -> String {
+        self.roster
+            .iter()
+            .find(|info| info.key == *device)
+            .map_or_else(
+                || device.short(),
+                |info| format!("{}/{}", info.party, info.device),
+            )
+    }
+
     /// Plain sentences of what the verification established.
     pub fn statements(&self) -> Vec<String> {
         let mut out = vec![
@@ -131,17 +202,33 @@ impl VerifyReport {
             "The exporter's final checkpoint attests that it received every envelope listed, through the channel's MLS group.".into(),
         ];
         for (device, (sent, covered)) in &self.senders {
-            let name = self
-                .roster
-                .iter()
-                .find(|info| info.key == *device)
-                .map_or_else(
-                    || device.short(),
-                    |info| format!("{}/{}", info.party, info.device),
-                );
+            let name = self.name_of(device);
             out.push(format!(
                 "{name}: {sent} envelopes, {covered} of them signed by its own device key through its checkpoints{}.",
                 if covered < sent { " (the rest are attested by the exporter only)" } else { "" }
+            ));
+        }
+        for ((device, relay, party), path) in &self.availability {
+            let name = self.name_of(device);
+            let outages = path
+                .longest
+                .iter()
+                .map(|(from, to)| format!("{} to {}", utc(*from), utc(*to)))
+                .collect::<Vec<_>>();
+            out.push(format!(
+                "{name} tested the path through {relay} to {party} from {} to {} ({} signed records): {} of {} link tests answered; {}.",
+                utc(path.from_ms),
+                utc(path.to_ms),
+                path.records,
+                path.answered,
+                path.sent,
+                match path.outages_total {
+                    0 => "no outage".to_owned(),
+                    n if n as usize > outages.len() => {
+                        format!("{n} outages, the longest {}", outages.join(", "))
+                    }
+                    _ => format!("down {}", outages.join(", ")),
+                }
             ));
         }
         if self.horizon > 0 {
@@ -157,6 +244,9 @@ impl VerifyReport {
         out
     }
 }
+
+/// Most (device, relay, party) paths a verification report sums availability for.
+pub const MAX_SUMMARIES: usize = 4096;
 
 /// An export file in the making.
 #[derive(Debug)]
@@ -405,6 +495,7 @@ struct Verifier {
     texts: u64,
     read_receipts: u64,
     checkpoints: u64,
+    availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
     last: Option<(u64, EnvelopeId)>,
 }
 
@@ -422,6 +513,7 @@ impl Verifier {
             texts: 0,
             read_receipts: 0,
             checkpoints: 0,
+            availability: BTreeMap::new(),
             last: None,
         }
     }
@@ -433,6 +525,19 @@ impl Verifier {
             Body::Text(_) => self.texts += 1,
             Body::ReadReceipt(_) => self.read_receipts += 1,
             Body::Checkpoint { .. } => self.checkpoints += 1,
+            Body::Availability(record) => {
+                for path in &record.paths {
+                    // Bounded: a record names at most MAX_PATHS paths; an auditor's
+                    // summary keeps one entry per (device, relay, party).
+                    if self.availability.len() >= MAX_SUMMARIES {
+                        break;
+                    }
+                    self.availability
+                        .entry((envelope.sender, path.relay.clone(), path.party.clone()))
+                        .or_default()
+                        .add(record, path);
+                }
+            }
             _ => {}
         }
         let time = envelope.claimed_time_ms;
@@ -440,7 +545,7 @@ impl Verifier {
         self.last_time_ms = Some(self.last_time_ms.map_or(time, |t| t.max(time)));
         let (sent, signed) = self.chains.entry(envelope.sender).or_default();
         *sent += 1;
-        if let Body::Checkpoint { .. } = envelope.body {
+        if envelope.body.kind().is_signed() {
             // A sender's chain arrives in order: everything so far is signed by it.
             *signed = *sent;
         }
@@ -517,6 +622,7 @@ impl Verifier {
             first_time_ms: self.first_time_ms,
             last_time_ms: self.last_time_ms,
             senders: self.chains,
+            availability: self.availability,
         })
     }
 }

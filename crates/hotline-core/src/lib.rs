@@ -24,6 +24,7 @@ pub mod channel;
 pub mod codec;
 pub mod envelope;
 pub mod export;
+pub mod frame;
 pub mod identity;
 pub mod merkle;
 pub mod transcript;
@@ -36,8 +37,11 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 
 pub use card::{CardError, CardIn, VerifiedContact, create_card};
 pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
-pub use envelope::{Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote};
+pub use envelope::{
+    Availability, Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote, PathRecord,
+};
 pub use export::{Export, VerifyError, VerifyReport};
+pub use frame::Frame;
 pub use identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint, safety_number};
 pub use transcript::{Finding, Inserted, Transcript, TranscriptState};
 pub use transcript_store::{MemoryStore, TranscriptStore};

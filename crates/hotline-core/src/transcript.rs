@@ -41,7 +41,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
-use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, Reference};
+use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Reference};
 use crate::identity::{DeviceInfo, DeviceKey};
 use crate::merkle::{Hash, MemoryNodes, MerkleLog, ProofError, StorageError};
 pub use crate::transcript_store::{Entry, MemoryStore, OrderKey, TranscriptStore};
@@ -159,6 +159,9 @@ pub struct TranscriptState {
     pub settled_len: u64,
     pub settled_lamport: u64,
     pub last_settled: Option<OrderKey>,
+    /// What each device said it holds in its ephemeral frames (absent before them).
+    #[serde(default)]
+    pub held: Vec<(DeviceKey, Vec<(DeviceKey, u64)>)>,
 }
 
 /// What the checks need to know of a parent.
@@ -207,6 +210,9 @@ pub struct Transcript {
     /// there are at most [`MAX_TAIL_CACHE`]; `None` when unknown or more (then the
     /// store is asked).
     tail: Option<Vec<OrderKey>>,
+    /// Per device, per sender: the last sequence number the device said it holds in an
+    /// ephemeral frame (bounded by the roster, squared).
+    held: BTreeMap<DeviceKey, BTreeMap<DeviceKey, u64>>,
     /// Skip the roots of checkpoints (rebuilding from envelopes checked before).
     trusting: bool,
     findings: Vec<Finding>,
@@ -268,6 +274,11 @@ impl Transcript {
             settled_lamport: state.settled_lamport,
             last_settled: state.last_settled,
             tail: None,
+            held: state
+                .held
+                .into_iter()
+                .map(|(device, held)| (device, held.into_iter().collect()))
+                .collect(),
             trusting: false,
             findings: Vec::new(),
             fresh: Vec::new(),
@@ -285,6 +296,11 @@ impl Transcript {
             settled_len: self.log.len(),
             settled_lamport: self.settled_lamport,
             last_settled: self.last_settled,
+            held: self
+                .held
+                .iter()
+                .map(|(device, held)| (*device, held.iter().map(|(s, q)| (*s, *q)).collect()))
+                .collect(),
         }
     }
 
@@ -421,12 +437,50 @@ impl Transcript {
     /// The highest sequence number of `sender` that `device`'s latest envelope covers
     /// (0: none): `device` holds `sender`'s envelopes up to it.
     pub fn seen_by(&self, device: &DeviceKey, sender: &DeviceKey) -> u64 {
-        self.heads.get(device).map_or(0, |head| {
+        let covered = self.heads.get(device).map_or(0, |head| {
             head.frontier
                 .iter()
                 .find(|(d, _)| d == sender)
                 .map_or(0, |(_, seq)| *seq)
-        })
+        });
+        let held = self
+            .held
+            .get(device)
+            .and_then(|held| held.get(sender))
+            .copied()
+            .unwrap_or(0);
+        covered.max(held)
+    }
+
+    /// The last sequence number of each sender's chain this transcript holds: what
+    /// an ephemeral frame tells the members.
+    pub fn held_frontier(&self) -> Vec<(DeviceKey, u64)> {
+        self.heads
+            .iter()
+            .map(|(sender, head)| (*sender, head.seq))
+            .collect()
+    }
+
+    /// Notes what `device` says it holds (from its ephemeral frame): a member of the
+    /// roster, about senders this transcript knows, never beyond what it holds itself
+    /// (nobody can hold more of a chain than exists), never going back.
+    pub fn note_held(&mut self, device: &DeviceKey, held: &[(DeviceKey, u64)]) {
+        if !self.roster.contains_key(device) {
+            return;
+        }
+        for (sender, seq) in held {
+            let Some(head) = self.heads.get(sender) else {
+                continue;
+            };
+            let seq = (*seq).min(head.seq);
+            let slot = self
+                .held
+                .entry(*device)
+                .or_default()
+                .entry(*sender)
+                .or_insert(0);
+            *slot = (*slot).max(seq);
+        }
     }
 
     /// `sender`'s accepted envelopes numbered `from` on, in chain order, at most `limit`.
@@ -614,7 +668,7 @@ impl Transcript {
         if envelope.lamport > MAX_LAMPORT {
             return Err(Rejection::LamportTooLarge(envelope.lamport));
         }
-        if envelope.body.kind() == Kind::Checkpoint {
+        if envelope.body.kind().is_signed() {
             envelope.verify_signature(&id)?;
         }
         let missing = self.missing_parents(&envelope)?;
@@ -988,7 +1042,7 @@ impl Transcript {
         let Some(target) = self.parent(id)? else {
             return Ok(BTreeSet::new());
         };
-        Ok(self
+        let mut devices: BTreeSet<DeviceKey> = self
             .heads
             .iter()
             .filter(|(_, head)| {
@@ -997,7 +1051,14 @@ impl Transcript {
                     .any(|(sender, seq)| *sender == target.sender && *seq >= target.seq)
             })
             .map(|(device, _)| *device)
-            .collect())
+            .collect();
+        devices.extend(
+            self.held
+                .iter()
+                .filter(|(_, held)| held.get(&target.sender).is_some_and(|s| *s >= target.seq))
+                .map(|(device, _)| *device),
+        );
+        Ok(devices)
     }
 
     /// Devices that sent a read receipt for `id`.

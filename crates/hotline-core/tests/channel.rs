@@ -261,3 +261,62 @@ fn a_commit_rejected_by_the_relay_leaves_the_channel_as_it_was() {
         )
         .unwrap();
 }
+
+/// An ephemeral frame reaches the other member with its payload, tells the sender what
+/// the member holds (so a quiet line still shows delivery), and leaves both transcripts
+/// as they were; a second opening of the same bytes is refused by MLS, changing nothing.
+#[test]
+fn ephemeral_frames_carry_delivery_without_entering_the_transcript() {
+    let north = device("north", 1);
+    let south = device("south", 2);
+    let (mut north_channel, mut south_channel) = north_and_south(&north, &south);
+    let (id, bytes) = north_channel
+        .send(
+            &north.provider,
+            &north.identity,
+            Body::Text("hold the line".into()),
+            10,
+            None,
+        )
+        .unwrap();
+    south_channel.receive(&south.provider, &bytes).unwrap();
+    assert!(!north_channel.delivered_to(&id).unwrap().contains("south"));
+
+    let (north_len, south_len) = (
+        north_channel.transcript().len(),
+        south_channel.transcript().len(),
+    );
+    let frame = south_channel
+        .send_ephemeral(&south.provider, &south.identity, b"probe", 20)
+        .unwrap();
+    let events = north_channel.receive(&north.provider, &frame).unwrap();
+    assert_eq!(
+        events,
+        [Event::Ephemeral {
+            sender: south.identity.key(),
+            sent_ms: 20,
+            payload: b"probe".to_vec()
+        }]
+    );
+    assert!(north_channel.delivered_to(&id).unwrap().contains("south"));
+    assert_eq!(north_channel.transcript().len(), north_len);
+    assert_eq!(south_channel.transcript().len(), south_len);
+    // Delivery learnt from a frame survives a snapshot.
+    let state = north_channel.transcript().state();
+    assert!(
+        state
+            .held
+            .iter()
+            .any(|(device, held)| *device == south.identity.key()
+                && held.contains(&(north.identity.key(), 2))),
+        "{:?}",
+        state.held
+    );
+    // The same bytes again: MLS spent their key; an error, and nothing changed.
+    assert!(north_channel.receive(&north.provider, &frame).is_err());
+    assert_eq!(north_channel.transcript().len(), north_len);
+    assert!(matches!(
+        south_channel.send_ephemeral(&south.provider, &south.identity, &[0; 4097], 30),
+        Err(ChannelError::FrameTooLarge(4097))
+    ));
+}

@@ -268,6 +268,7 @@ pub fn parse_duration(text: &str) -> Option<u64> {
     let (number, unit) = text.split_at(split);
     let number: u64 = number.parse().ok()?;
     let unit_ms = match unit {
+        "ms" => 1,
         "s" => 1_000,
         "m" => 60_000,
         "h" => 3_600_000,
@@ -544,17 +545,31 @@ pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
 
 /// One round of sync, or with `follow` (seconds between full rounds) a loop that runs
 /// until Ctrl-C or SIGTERM, printing one report per change.
+/// Link-test settings given on the command line (each kept in the device's database).
+#[derive(Debug, Default)]
+pub struct LinkTestSettings {
+    pub interval_ms: Option<u64>,
+    pub record_period_ms: Option<u64>,
+    pub retention_ms: Option<u64>,
+}
+
 pub fn sync(
     home: &Path,
     follow: Option<u64>,
-    link_test_interval: Option<u64>,
+    settings: LinkTestSettings,
     json_output: bool,
 ) -> Outcome {
     hotline_relay::tls::install_provider();
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;
-    if let Some(seconds) = link_test_interval {
-        store.set_link_test_interval(seconds * 1000)?;
+    if let Some(ms) = settings.interval_ms {
+        store.set_link_test_interval(ms)?;
+    }
+    if let Some(ms) = settings.record_period_ms {
+        store.set_record_period(ms)?;
+    }
+    if let Some(ms) = settings.retention_ms {
+        store.set_link_test_retention(ms)?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -645,11 +660,14 @@ pub fn status(
         );
     } else {
         out!(
-            "line: {}   outbox: {} queued   unacknowledged: {}   link tests every {} s",
+            "line: {}   outbox: {} queued   unacknowledged: {}   link tests every {}",
             if status.line_down() { "DOWN" } else { "up" },
             status.outbox,
             status.unacknowledged,
-            status.interval_ms / 1000
+            match status.interval_ms {
+                ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
+                ms => format!("{ms} ms"),
+            }
         );
         for relay in &status.relays {
             out!("relay {}", relay.url);
@@ -801,6 +819,7 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("10m"), Some(600_000));
         assert_eq!(parse_duration("1d"), Some(86_400_000));
+        assert_eq!(parse_duration("200ms"), Some(200));
         assert_eq!(parse_duration("0s"), None);
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("m"), None);

@@ -140,9 +140,18 @@ enum Command {
         /// With --follow: seconds between full rounds (outbox pushed, all pulled).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         round: u64,
-        /// Seconds between end-to-end link tests on every relay path (kept for `status`).
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=86400))]
+        /// Time between end-to-end link tests on every relay path, as 60 (seconds),
+        /// 200ms, 5m; at least 100ms (kept; `status` judges paths by it).
+        #[arg(long, value_name = "DURATION", value_parser = link_test_interval)]
         link_test_interval: Option<u64>,
+        /// How often each device seals its signed availability record (what its link
+        /// tests showed) into every channel's transcript, as 1h (the default), 10m (kept).
+        #[arg(long, value_name = "DURATION", value_parser = record_period)]
+        record_every: Option<u64>,
+        /// How long raw link tests are kept in the device's database as evidence, as 7d
+        /// (the default) (kept).
+        #[arg(long, value_name = "DURATION", value_parser = record_period)]
+        link_test_retention: Option<u64>,
         #[command(flatten)]
         json: Json,
     },
@@ -309,6 +318,27 @@ enum BundleCommand {
     },
 }
 
+/// A link-test interval: a duration (200ms, 5s, 1m) or a number of seconds; 100 ms to
+/// a day.
+fn link_test_interval(text: &str) -> Result<u64, String> {
+    let ms = match text.parse::<u64>() {
+        Ok(seconds) => seconds.checked_mul(1000),
+        Err(_) => device::parse_duration(text),
+    }
+    .ok_or_else(|| format!("{text:?} is not a duration such as 200ms, 60s or 5m"))?;
+    if !(100..=86_400_000).contains(&ms) {
+        return Err("a link-test interval is between 100ms and 1d".into());
+    }
+    Ok(ms)
+}
+
+/// A record period or retention: a duration (10m, 1h, 7d), at least a second.
+fn record_period(text: &str) -> Result<u64, String> {
+    device::parse_duration(text)
+        .filter(|ms| *ms >= 1000)
+        .ok_or_else(|| format!("{text:?} is not a duration of at least 1s, such as 1h or 7d"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let home = cli.home.unwrap_or_else(device::default_home);
@@ -363,11 +393,17 @@ fn main() -> ExitCode {
             follow,
             round,
             link_test_interval,
+            record_every,
+            link_test_retention,
             json,
         } => device::sync(
             &home,
             follow.then_some(round),
-            link_test_interval,
+            device::LinkTestSettings {
+                interval_ms: link_test_interval,
+                record_period_ms: record_every,
+                retention_ms: link_test_retention,
+            },
             json.json,
         ),
         Command::Status {

@@ -99,6 +99,23 @@ pub fn report_json(report: &VerifyReport) -> serde_json::Value {
         "messages": report.texts,
         "read_receipts": report.read_receipts,
         "checkpoints": report.checkpoints,
+        "availability": report.availability.iter().map(|((device, relay, party), path)| {
+            let tester = report.roster.iter().find(|info| info.key == *device);
+            json!({
+                "tester": tester.map(|info| json!({"party": info.party, "device": info.device})),
+                "relay": relay,
+                "party": party,
+                "records": path.records,
+                "from_ms": path.from_ms,
+                "to_ms": path.to_ms,
+                "sent": path.sent,
+                "answered": path.answered,
+                "outages": path.outages_total,
+                "longest_outages": path.longest.iter()
+                    .map(|(from, to)| json!({"from_ms": from, "to_ms": to}))
+                    .collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
         "root": hex::encode(report.root),
         "first_time_ms": report.first_time_ms,
         "last_time_ms": report.last_time_ms,

@@ -117,6 +117,10 @@ impl Store {
             if let Some(cursor) = cursor {
                 advance(connection, cursor)?;
             }
+            // A link-test frame this device sent or opened: a relay's echo, or a replay.
+            if crate::link::is_known_frame(connection, &crate::line::copy_hash(bytes))? {
+                return Ok(vec![Event::Duplicate]);
+            }
             let provider = Provider::new(connection);
             let mut channel = checkout(cache, connection, &provider, &channel_id)?;
             failpoint("receive-loaded")?;

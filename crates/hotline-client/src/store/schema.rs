@@ -110,6 +110,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER outbox_gone AFTER DELETE ON outbox
         WHEN OLD.settled = 0 AND OLD.exported = 0
         BEGIN UPDATE outbox_waiting SET rows = rows - 1; END;",
+    // Version 10: link tests are ephemeral frames, kept locally (see `link`).
+    crate::link::SCHEMA,
 ];
 
 pub(crate) fn open_connection(home: &Home) -> Result<Connection, StoreError> {
