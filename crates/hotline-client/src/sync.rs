@@ -16,10 +16,12 @@ use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::{Log, Membership};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::Store;
 use crate::bundle;
+use crate::link::OutgoingFrame;
 use crate::store::OutboxItem;
 use crate::store::{Cursor, StoreError};
 
@@ -55,7 +57,19 @@ impl SyncReport {
 
 struct Relays {
     clients: HashMap<String, Result<RelayClient, String>>,
+    /// While following: one task per relay posts its link-test frames.
+    posters: Option<Posters>,
 }
+
+struct Posters {
+    identity: Arc<DeviceIdentity>,
+    senders: HashMap<String, mpsc::Sender<OutgoingFrame>>,
+}
+
+/// Frames waiting for one relay's poster; more are dropped (a link test that failed).
+const FRAME_QUEUE: usize = 16;
+/// How long one frame may take to post.
+const FRAME_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Relays {
     fn get(&mut self, url: &str) -> Result<RelayClient, String> {
@@ -109,6 +123,7 @@ impl Session {
             identity: Arc::new(identity_of(store)?),
             relays: Relays {
                 clients: HashMap::new(),
+                posters: None,
             },
         })
     }
@@ -491,6 +506,10 @@ pub async fn follow(
         identity,
         mut relays,
     } = Session::new(store)?;
+    relays.posters = Some(Posters {
+        identity: Arc::clone(&identity),
+        senders: HashMap::new(),
+    });
     let mut polls: JoinSet<Poll> = JoinSet::new();
     let mut active: HashSet<Watch> = HashSet::new();
     let mut failures: HashMap<Watch, u32> = HashMap::new();
@@ -625,15 +644,36 @@ fn spawn_poll(
 }
 
 /// Posts the link-test frames waiting, each to its own relay, once: one that cannot be
-/// posted is a link test that failed (its relay's health records why).
+/// posted is a link test that failed. While following, each relay's frames go to its
+/// own poster task, so that a slow or hung relay delays only its own path; otherwise
+/// they are posted here, in turn (a failure is noted in the report).
 async fn post_frames(
     store: &mut Store,
     identity: &DeviceIdentity,
     relays: &mut Relays,
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
+    let frames = store.take_frames()?;
+    if relays.posters.is_some() {
+        for frame in frames {
+            let Ok(client) = relays.get(&frame.relay) else {
+                continue;
+            };
+            let Some(posters) = relays.posters.as_mut() else {
+                break;
+            };
+            let identity = Arc::clone(&posters.identity);
+            let sender = posters
+                .senders
+                .entry(frame.relay.clone())
+                .or_insert_with(|| spawn_poster(client, identity));
+            // Full: the relay is slow or hung, and this link test fails.
+            let _ = sender.try_send(frame);
+        }
+        return Ok(());
+    }
     let mut failed: HashSet<String> = HashSet::new();
-    for frame in store.take_frames()? {
+    for frame in frames {
         if failed.contains(&frame.relay) {
             continue;
         }
@@ -646,6 +686,19 @@ async fn post_frames(
         }
     }
     Ok(())
+}
+
+/// A task that posts one relay's frames in order, each within [`FRAME_POST_TIMEOUT`].
+/// It ends with the follow loop (when the sender is dropped).
+fn spawn_poster(client: RelayClient, identity: Arc<DeviceIdentity>) -> mpsc::Sender<OutgoingFrame> {
+    let (sender, mut frames) = mpsc::channel::<OutgoingFrame>(FRAME_QUEUE);
+    tokio::spawn(async move {
+        while let Some(frame) = frames.recv().await {
+            let post = client.post(&identity, &frame.channel.0, frame.bytes);
+            let _ = tokio::time::timeout(FRAME_POST_TIMEOUT, post).await;
+        }
+    });
+    sender
 }
 
 async fn push_with(

@@ -1583,3 +1583,180 @@ async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
     );
     relay.stop();
 }
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Three parties on three relays test every path every 200 ms (thousands of link
+/// tests) while one relay is stopped for a known window. The permanent transcript grows
+/// only by what people sent and by each device's signed availability records (with a
+/// checkpoint each); the records, verified offline from an export, show the stopped
+/// relay down through that window for every tester and party and the other relays
+/// answering; and all three transcripts end with the same root. `HOTLINE_SOAK_SECONDS`
+/// (default 8) sets how long each phase runs.
+#[test]
+fn three_parties_on_three_relays_keep_the_line_tested_and_the_record_bounded() {
+    let phase = Duration::from_secs(
+        std::env::var("HOTLINE_SOAK_SECONDS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(8),
+    );
+    let dir = data_dir("availability");
+    let relays: Vec<Relay> = (1..=3)
+        .map(|i| Relay::start(&dir.join(format!("relay-{i}"))))
+        .collect();
+    let urls: Vec<String> = relays.iter().map(|relay| relay.url.clone()).collect();
+    let parties = ["north", "south", "mediator"];
+    let homes = verified_homes(&dir, &parties, &urls[0]);
+    let mut create = vec![
+        "channel", "create", "crisis", "--with", "south", "--with", "mediator",
+    ];
+    for url in &urls {
+        create.extend(["--relay", url.as_str()]);
+    }
+    ok(&homes[0], &create);
+    for _ in 0..2 {
+        for home in &homes {
+            ok(home, &["sync"]);
+        }
+    }
+    let envelopes = |home: &Path| field(&ok(home, &["channel", "list", "--json"]), "envelopes");
+    let before = envelopes(&homes[0]).as_u64().unwrap();
+
+    let follow = |home: &Path| {
+        Follower::start_with(
+            home,
+            &[
+                "--round",
+                "1",
+                "--link-test-interval",
+                "200ms",
+                "--record-every",
+                "4s",
+            ],
+        )
+    };
+    let followers: Vec<Follower> = homes.iter().map(|home| follow(home)).collect();
+    std::thread::sleep(phase);
+    ok(&homes[1], &["send", "crisis", "south: holding"]);
+
+    // The third relay stops for one phase, then comes back on the same address and data.
+    let mut relays = relays;
+    let third = relays.pop().unwrap();
+    let address = third.address();
+    third.stop();
+    // Down from when its process is gone (a stopping relay still serves the
+    // connections it has for a while).
+    let stopped_ms = now_ms();
+    std::thread::sleep(phase);
+    let restarted_ms = now_ms();
+    relays.push(Relay::start_on(&dir.join("relay-3"), &address));
+    std::thread::sleep(phase + Duration::from_secs(6));
+    ok(&homes[0], &["send", "crisis", "north: understood"]);
+    for follower in followers {
+        follower.stop();
+    }
+    for _ in 0..3 {
+        for home in &homes {
+            ok(home, &["sync"]);
+        }
+    }
+    let roots: BTreeSet<String> = homes
+        .iter()
+        .map(|home| field(&ok(home, &["channel", "list", "--json"]), "root").to_string())
+        .collect();
+    assert_eq!(roots.len(), 1, "{roots:?}");
+
+    let export = dir.join("crisis.export");
+    ok(
+        &homes[0],
+        &["export", "crisis", "--out", export.to_str().unwrap()],
+    );
+    let report: serde_json::Value = serde_json::from_str(&ok(
+        &homes[0],
+        &["verify", export.to_str().unwrap(), "--json"],
+    ))
+    .unwrap();
+    let paths = report["availability"].as_array().unwrap();
+    let probes: u64 = paths.iter().map(|p| p["sent"].as_u64().unwrap()).sum();
+    // Each tester's records name every path; count them once per tester.
+    let records: u64 = parties
+        .iter()
+        .map(|tester| {
+            paths
+                .iter()
+                .filter(|p| p["tester"]["party"] == *tester)
+                .map(|p| p["records"].as_u64().unwrap())
+                .max()
+                .unwrap_or(0)
+        })
+        .sum();
+    let count = |name: &str| report[name].as_u64().unwrap();
+    eprintln!(
+        "{probes} probes in {records} availability records; transcript {before} → {} envelopes",
+        count("envelopes")
+    );
+    assert!(probes >= 1_000, "only {probes} probes");
+    // Nothing but the two membership notes, the two messages, checkpoints and the
+    // availability records: no link test entered the transcript.
+    assert_eq!(
+        count("envelopes"),
+        2 + count("messages") + count("checkpoints") + records,
+        "{report}"
+    );
+    assert_eq!(count("messages"), 2);
+    // Bounded by time, not by the probes: per device and period one record and one
+    // checkpoint, plus each device's first checkpoint and the export's.
+    let periods = (phase.as_secs() * 3 + 6) / 4 + 2;
+    assert!(records <= 3 * periods, "{records} records");
+    assert!(count("checkpoints") <= records + 3 + 1, "{report}");
+    // What the records say agrees with what happened.
+    let window = restarted_ms - stopped_ms;
+    for tester in parties {
+        for party in parties.iter().filter(|p| **p != tester) {
+            for (index, url) in urls.iter().enumerate() {
+                let path = paths
+                    .iter()
+                    .find(|p| {
+                        p["tester"]["party"] == tester
+                            && p["party"] == *party
+                            && p["relay"] == url.as_str()
+                    })
+                    .unwrap_or_else(|| panic!("no record of {tester} → {party} via relay {index}"));
+                let covered: u64 = path["longest_outages"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| {
+                        let (from, to) =
+                            (o["from_ms"].as_u64().unwrap(), o["to_ms"].as_u64().unwrap());
+                        to.min(restarted_ms).saturating_sub(from.max(stopped_ms))
+                    })
+                    .sum();
+                let (sent, answered) = (
+                    path["sent"].as_u64().unwrap(),
+                    path["answered"].as_u64().unwrap(),
+                );
+                if index == 2 {
+                    assert!(
+                        covered * 10 >= window * 7,
+                        "{tester} → {party}: the stopped relay's outage covers {covered} of {window} ms: {path}"
+                    );
+                } else {
+                    assert!(
+                        covered * 2 < window && answered * 10 >= sent * 7,
+                        "{tester} → {party} via a live relay: {path}"
+                    );
+                }
+            }
+        }
+    }
+    for relay in relays {
+        relay.stop();
+    }
+}
