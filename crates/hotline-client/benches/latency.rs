@@ -9,6 +9,8 @@
 //!
 //! `cargo bench -p hotline-client --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
 //!
+//! `HOTLINE_BENCH_RELAYS=1` runs only the one-relay case (default `1,3`).
+//!
 //! `HOTLINE_BENCH_HISTORY=N` first gives the channel N messages of history (sent by
 //! north and carried to south by bundle, the fast path; they are not pushed through
 //! the relays), so that one received message in a running follower is timed with a
@@ -35,7 +37,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    for relay_count in [1usize, 3] {
+    let relay_counts: Vec<usize> = std::env::var("HOTLINE_BENCH_RELAYS")
+        .unwrap_or_else(|_| "1,3".into())
+        .split(',')
+        .filter_map(|count| count.trim().parse().ok())
+        .collect();
+    for relay_count in relay_counts {
         let dir = std::env::temp_dir().join(format!(
             "hotline-bench-latency-{}-{relay_count}",
             std::process::id()
@@ -163,6 +170,19 @@ fn main() {
             pushes[messages / 2].as_secs_f64() * 1e3,
             pushes[messages * 99 / 100].as_secs_f64() * 1e3
         );
+        // The whole process (sender, relays and follower together) at its peak: an upper
+        // bound of what the follower alone holds.
+        if let Some(peak) = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find(|line| line.starts_with("VmHWM:"))
+                    .map(|line| line.trim_start_matches("VmHWM:").trim().to_owned())
+            })
+        {
+            println!("{relay_count} relay(s): peak RSS of the whole bench process so far: {peak}");
+        }
         for relay in running {
             runtime.block_on(relay.shutdown());
         }

@@ -160,6 +160,9 @@ pub(crate) fn on_received(
             if envelope.sender == me {
                 continue;
             }
+            if let Body::Text(_) = envelope.body {
+                crate::link::receipt_due(connection, &channel.id())?;
+            }
             let party = channel
                 .transcript()
                 .party_of(&envelope.sender)
@@ -410,6 +413,32 @@ impl Store {
                 cache.channels.insert(id, channel);
             }
             Ok(sent)
+        })
+    }
+
+    /// Seals one delivery receipt per channel that received messages of other parties
+    /// since the last call (an ephemeral frame saying what this device holds, for every
+    /// relay of the channel): their senders see them delivered without waiting for this
+    /// device to write. Returns how many were sealed; the sync engine posts them.
+    pub fn send_receipts(&mut self) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let mut sealed = 0;
+            for id in crate::link::take_receipts_due(connection)? {
+                let mut channel = match checkout(cache, connection, &provider, &id) {
+                    Ok(channel) => channel,
+                    // Removed meanwhile: nobody to tell.
+                    Err(StoreError::UnknownChannel(_)) => continue,
+                    Err(error) => return Err(error),
+                };
+                if crate::link::send_receipt(connection, &provider, identity, &mut channel, now)? {
+                    sealed += 1;
+                    save_channel(connection, &mut channel, false)?;
+                }
+                cache.channels.insert(id, channel);
+            }
+            Ok(sealed)
         })
     }
 

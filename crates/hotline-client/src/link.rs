@@ -41,6 +41,9 @@ pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
 
 const PROBE: u8 = 1;
 const ANSWER: u8 = 2;
+/// The payload of a delivery receipt: the frame's list of what its sender holds is the
+/// receipt.
+pub const RECEIPT: &[u8] = &[3];
 
 /// The first 8 bytes of SHA-256 of a relay's address: how an answer names the path.
 pub fn relay_tag(url: &str) -> [u8; 8] {
@@ -182,6 +185,9 @@ pub(crate) const SCHEMA: &str = "
         bytes BLOB NOT NULL,
         created_ms INTEGER NOT NULL
     );
+    CREATE TABLE receipts_due (
+        channel BLOB PRIMARY KEY
+    );
     CREATE TABLE link_state (
         channel BLOB PRIMARY KEY,
         record_since_ms INTEGER NOT NULL,
@@ -238,14 +244,14 @@ pub(crate) fn is_known_frame(connection: &Connection, hash: &[u8; 32]) -> Result
         .query_row([&hash[..]], |row| row.get(0))?)
 }
 
-/// Seals `payload` in a frame of `channel` for `relay` alone, queued for the sync
-/// engine. `None` when the channel cannot seal now (removed, or a proposal waits).
+/// Seals `payload` in one frame of `channel` for `relays`, queued for the sync engine.
+/// `None` when the channel cannot seal now (removed, or a proposal waits).
 fn queue_frame(
     connection: &Connection,
     provider: &Provider<'_>,
     identity: &DeviceIdentity,
     channel: &mut Channel,
-    relay: &str,
+    relays: &[&str],
     payload: &[u8],
     now: u64,
 ) -> Result<Option<[u8; 32]>, StoreError> {
@@ -255,12 +261,56 @@ fn queue_frame(
     };
     let hash: [u8; 32] = Sha256::digest(&bytes).into();
     remember_frame(connection, &hash, now)?;
-    connection
-        .prepare_cached(
-            "INSERT INTO frames_out (channel, relay, bytes, created_ms) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![&channel.id().0[..], relay, &bytes, now as i64])?;
+    for relay in relays {
+        connection
+            .prepare_cached(
+                "INSERT INTO frames_out (channel, relay, bytes, created_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![&channel.id().0[..], relay, &bytes, now as i64])?;
+    }
     Ok(Some(hash))
+}
+
+/// Notes that `channel` received messages of other parties: its senders are told, by
+/// one receipt for the whole arrival batch ([`send_receipts`]).
+pub(crate) fn receipt_due(connection: &Connection, channel: &ChannelId) -> Result<(), StoreError> {
+    connection
+        .prepare_cached("INSERT OR IGNORE INTO receipts_due (channel) VALUES (?1)")?
+        .execute([&channel.0[..]])?;
+    Ok(())
+}
+
+/// The channels with receipts due, taken.
+pub(crate) fn take_receipts_due(connection: &Connection) -> Result<Vec<ChannelId>, StoreError> {
+    let ids: Vec<Vec<u8>> = connection
+        .prepare_cached("DELETE FROM receipts_due RETURNING channel")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    Ok(ids
+        .into_iter()
+        .filter_map(|id| <[u8; 32]>::try_from(id.as_slice()).ok().map(ChannelId))
+        .collect())
+}
+
+/// Seals one delivery receipt of `channel` (a frame saying what this device holds) for
+/// every relay of the channel. False when it cannot seal now or has no relay.
+pub(crate) fn send_receipt(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &DeviceIdentity,
+    channel: &mut Channel,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let relays = channel_relays(connection, &channel.id())?;
+    if relays.is_empty() {
+        return Ok(false);
+    }
+    let relays: Vec<&str> = relays.iter().map(String::as_str).collect();
+    Ok(queue_frame(
+        connection, provider, identity, channel, &relays, RECEIPT, now,
+    )?
+    .is_some())
 }
 
 /// Sends this channel's probes if its last ones are an interval old, one per relay;
@@ -291,7 +341,13 @@ pub(crate) fn send_due(
         let nonce: [u8; 8] = rand::random();
         let payload = LinkTest::Probe { nonce }.encode();
         let Some(hash) = queue_frame(
-            connection, provider, identity, channel, relay, &payload, now,
+            connection,
+            provider,
+            identity,
+            channel,
+            &[relay.as_str()],
+            &payload,
+            now,
         )?
         else {
             return Ok(false);
@@ -527,9 +583,16 @@ pub(crate) fn on_frames(
                         relay: relay_tag(relay),
                     }
                     .encode();
-                    changed |=
-                        queue_frame(connection, provider, identity, channel, relay, &answer, now)?
-                            .is_some();
+                    changed |= queue_frame(
+                        connection,
+                        provider,
+                        identity,
+                        channel,
+                        &[relay],
+                        &answer,
+                        now,
+                    )?
+                    .is_some();
                 }
             }
             Some(LinkTest::Answer { probe, relay: tag }) => {

@@ -169,6 +169,9 @@ async fn sync_with(
     for watch in channel_watches(store)? {
         pull(store, identity, relays, &watch, &mut report).await?;
     }
+    // Receipts for what arrived, at once.
+    store.send_receipts()?;
+    post_frames(store, identity, relays, &mut report).await?;
     note_health(store, &report)?;
     Ok(report)
 }
@@ -596,7 +599,8 @@ pub async fn follow(
             delay,
         );
         if report.received > 0 {
-            // Commits of proposals go out at once.
+            // Receipts for this batch, and commits of proposals, go out at once.
+            store.send_receipts()?;
             push_with(store, &identity, &mut relays, &mut report).await?;
         } else if report.link_tests > 0 {
             // Answers to link tests go out at once, on their paths.

@@ -495,7 +495,14 @@ fn format_time(ms: u64) -> String {
 pub fn ack(home: &Path, channel: &str, message: &str) -> Outcome {
     let mut store = Store::open(home)?;
     let receipt = store.ack(channel, message)?;
+    // Durable now; handed to the relays at once, like a message.
+    let (relayed, relays) = push_now(&mut store, channel)?;
     out!("{}", receipt.to_hex());
+    if relays.is_empty() {
+        eprintln!("stored; the channel has no relay: hand it over with hotline bundle export");
+    } else if relayed == 0 {
+        eprintln!("stored and queued: no relay reachable now; hotline sync retries");
+    }
     Ok(())
 }
 

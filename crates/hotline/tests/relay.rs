@@ -1079,6 +1079,9 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
         ok(&north, &["sync"]);
         ok(&south, &["sync"]);
     }
+    // North answers south's first link tests now, so that the channel's four newest
+    // messages on the relays are the four texts below.
+    ok(&north, &["sync"]);
     let channel_id = |name: &str| -> Vec<u8> {
         let list = ok(&north, &["channel", "list", "--json"]);
         let line = list
@@ -1759,4 +1762,56 @@ fn three_parties_on_three_relays_keep_the_line_tested_and_the_record_bounded() {
     for relay in relays {
         relay.stop();
     }
+}
+
+/// Delivery is explicit and prompt: after one `sync` on the receiver and one on the
+/// sender, the sender sees its message delivered (the receiver told it with a receipt
+/// frame as it committed the message, without writing anything); `ack` pushes the read
+/// receipt at once, so one `sync` of the sender shows it read. Neither receipt frame
+/// enters the transcript.
+#[test]
+fn one_sync_on_each_side_shows_delivered_and_ack_shows_read() {
+    let dir = data_dir("receipts");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+        ],
+    );
+    // South joins, then (first link tests) checkpoints; north gets it.
+    for home in [north, south, south, north] {
+        ok(home, &["sync"]);
+    }
+    let envelopes = |home: &Path| field(&ok(home, &["channel", "list", "--json"]), "envelopes");
+    let before = envelopes(north);
+    let sent = ok(north, &["send", "crisis", "are you there?", "--json"]);
+    let id = field(&sent, "id").as_str().unwrap().to_owned();
+    let entry = |home: &Path| -> serde_json::Value {
+        ok(home, &["log", "crisis", "--json"])
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .find(|entry| entry["id"] == id.as_str())
+            .unwrap()
+    };
+    assert_eq!(entry(north)["delivered_to"], serde_json::json!([]));
+    ok(south, &["sync"]);
+    ok(north, &["sync"]);
+    assert_eq!(entry(north)["delivered_to"], serde_json::json!(["south"]));
+    assert_eq!(entry(north)["read_by"], serde_json::json!([]));
+    // South wrote nothing: the receipt was a frame, not an envelope.
+    assert_eq!(envelopes(south), envelopes(north));
+
+    ok(south, &["ack", "crisis", &id[..12]]);
+    ok(north, &["sync"]);
+    assert_eq!(entry(north)["read_by"], serde_json::json!(["south"]));
+    // The read receipt is an envelope (it is on the record); nothing else was added.
+    assert_eq!(
+        envelopes(north).as_u64().unwrap(),
+        before.as_u64().unwrap() + 2,
+        "the message and the read receipt"
+    );
+    relay.stop();
 }
