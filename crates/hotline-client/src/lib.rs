@@ -21,6 +21,7 @@
 )]
 
 pub mod bundle;
+pub mod clock;
 pub mod home;
 pub mod line;
 pub mod link;

@@ -377,7 +377,7 @@ impl Store {
     /// in how many channels probes went out; the sync engine posts them
     /// ([`Store::take_frames`]).
     pub fn send_due_probes(&mut self) -> Result<usize, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         self.transact(|connection, identity, cache| {
             let settings = Settings::read(connection)?;
             let ids: Vec<Vec<u8>> = connection
@@ -421,7 +421,7 @@ impl Store {
     /// relay of the channel): their senders see them delivered without waiting for this
     /// device to write. Returns how many were sealed; the sync engine posts them.
     pub fn send_receipts(&mut self) -> Result<usize, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let mut sealed = 0;
@@ -444,7 +444,7 @@ impl Store {
 
     /// The link-test frames waiting for their relays, taken (each is posted once).
     pub fn take_frames(&mut self) -> Result<Vec<crate::link::OutgoingFrame>, StoreError> {
-        let now = now_ms();
+        let now = self.now();
         self.transact(|connection, _, _| {
             let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
             crate::link::take_frames(connection, now, interval.max(1_000))
@@ -463,7 +463,7 @@ impl Store {
 
     /// Records how a relay answered at the transport level (`None`: it did).
     pub fn note_relay(&mut self, url: &str, error: Option<&str>) -> Result<(), StoreError> {
-        let now = now_ms() as i64;
+        let now = self.now() as i64;
         self.transact(|connection, _, _| {
             match error {
                 None => connection.execute(
@@ -495,7 +495,7 @@ impl Store {
         detail: &str,
         evidence: &[u8],
     ) -> Result<(), StoreError> {
-        let now = now_ms() as i64;
+        let now = self.now() as i64;
         self.transact(|connection, _, _| {
             connection.execute(
                 "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
@@ -510,7 +510,7 @@ impl Store {
     /// their evidence stays in the database. Returns how many were cleared. Alarms of
     /// the moment (relay down, deadline, undelivered) clear when their cause does.
     pub fn clear_alarms(&mut self) -> Result<usize, StoreError> {
-        let now = now_ms() as i64;
+        let now = self.now() as i64;
         self.transact(|connection, _, _| {
             Ok(connection.execute(
                 "UPDATE alarms SET cleared_ms = ?1 WHERE cleared_ms IS NULL",
@@ -521,7 +521,7 @@ impl Store {
 
     /// Clears the open stored alarm `id` (its evidence stays); false if there is none.
     pub fn clear_alarm(&mut self, id: u64) -> Result<bool, StoreError> {
-        let now = now_ms() as i64;
+        let now = self.now() as i64;
         self.transact(|connection, _, _| {
             Ok(connection.execute(
                 "UPDATE alarms SET cleared_ms = ?1 WHERE id = ?2 AND cleared_ms IS NULL",

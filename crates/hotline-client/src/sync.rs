@@ -186,9 +186,7 @@ async fn reoffer(
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
     let after = store.undelivered_after()?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now = store.now();
     let mut failed: HashSet<String> = HashSet::new();
     for item in store.reoffer_due(now, after)? {
         let Some(channel) = item.channel else {

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hotline_core::card::{CardError, CardIn};
@@ -20,6 +21,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::bundle::Entry;
+use crate::clock::{Clock, SystemClock};
 use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
 use crate::transcript_store::SqliteTranscript;
@@ -166,6 +168,8 @@ pub struct Store {
     /// Channels loaded by earlier operations of this process, valid while no other
     /// connection committed (SQLite's `data_version` says so).
     cache: Cache,
+    /// Read once per operation (see [`crate::clock`]).
+    clock: Arc<dyn Clock>,
 }
 
 /// Loaded channels, by id, and the `data_version` they were loaded at.
@@ -175,11 +179,7 @@ pub(crate) struct Cache {
     data_version: Option<i64>,
 }
 
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use crate::clock::now_ms;
 
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
@@ -203,6 +203,7 @@ impl Store {
             home,
             identity,
             cache: Cache::default(),
+            clock: Arc::new(SystemClock),
         };
         store.transact(|connection, identity, _| {
             let provider = Provider::new(connection);
@@ -234,6 +235,7 @@ impl Store {
             home,
             identity,
             cache: Cache::default(),
+            clock: Arc::new(SystemClock),
         };
         store.rebuild_transcripts()?;
         Ok(store)
@@ -286,6 +288,24 @@ impl Store {
     /// channels are dropped when another process committed since, and on any error
     /// (their in-memory MLS state may be ahead of the rolled-back storage).
     pub(crate) fn transact<T>(
+        &mut self,
+        operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let now = self.clock.now_ms();
+        crate::clock::during(now, || self.transact_at(operation))
+    }
+
+    /// Sets the clock this store reads (the system's by default).
+    pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+    }
+
+    /// The store's clock, now.
+    pub fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn transact_at<T>(
         &mut self,
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
