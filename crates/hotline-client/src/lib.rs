@@ -25,7 +25,9 @@ pub mod clock;
 pub mod home;
 pub mod line;
 pub mod link;
+pub mod payload;
 pub mod provider;
+pub mod receive;
 pub mod store;
 pub mod sync;
 #[doc(hidden)]

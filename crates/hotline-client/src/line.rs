@@ -6,149 +6,26 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use hotline_core::{Body, Channel, ChannelId, DeviceKey, EnvelopeId, Event};
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 
-pub use crate::link::{DEFAULT_INTERVAL_MS, LinkTest, relay_tag};
+pub use crate::link::DEFAULT_INTERVAL_MS;
 use crate::link::{Settings, setting};
+pub use crate::payload::{LinkTest, relay_tag};
 use crate::provider::Provider;
-use crate::store::{Cursor, Store, StoreError, channel_relays, checkout, now_ms, save_channel};
+use crate::store::{Store, StoreError, channel_relays, checkout, save_channel};
 
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
-/// Most of a sender's undelivered envelopes `status` reads per channel (oldest first):
-/// its cost stays bounded while a party is cut off for long.
-pub const MAX_UNDELIVERED_SCAN: usize = 10_000;
+pub use crate::store::MAX_UNDELIVERED_SCAN;
 
-pub(crate) const SCHEMA: &str = "
-    CREATE TABLE settings (
-        key TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    );
-    CREATE TABLE probes (
-        id BLOB PRIMARY KEY,
-        channel BLOB NOT NULL,
-        sent_ms INTEGER NOT NULL
-    );
-    CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
-    CREATE TABLE probe_copies (
-        hash BLOB PRIMARY KEY,
-        probe BLOB NOT NULL
-    );
-    CREATE TABLE answered (
-        probe BLOB NOT NULL,
-        relay TEXT NOT NULL,
-        PRIMARY KEY (probe, relay)
-    );
-    CREATE TABLE paths (
-        channel BLOB NOT NULL,
-        relay TEXT NOT NULL,
-        party TEXT NOT NULL,
-        last_ok_ms INTEGER NOT NULL,
-        rtt_ms INTEGER NOT NULL,
-        PRIMARY KEY (channel, relay, party)
-    );
-    CREATE TABLE heard (
-        channel BLOB NOT NULL,
-        party TEXT NOT NULL,
-        last_ms INTEGER NOT NULL,
-        PRIMARY KEY (channel, party)
-    );
-    CREATE TABLE relay_health (
-        url TEXT PRIMARY KEY,
-        last_ok_ms INTEGER,
-        error TEXT,
-        error_since_ms INTEGER
-    );
-    CREATE TABLE copies (
-        hash BLOB PRIMARY KEY,
-        channel BLOB NOT NULL,
-        sender BLOB NOT NULL,
-        seq INTEGER NOT NULL
-    );
-    CREATE TABLE relay_heads (
-        relay TEXT NOT NULL,
-        channel BLOB NOT NULL,
-        sender BLOB NOT NULL,
-        seq INTEGER NOT NULL,
-        PRIMARY KEY (relay, channel, sender)
-    );
-    CREATE TABLE alarms (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        kind TEXT NOT NULL,
-        relay TEXT,
-        party TEXT,
-        message TEXT,
-        detail TEXT NOT NULL,
-        evidence BLOB,
-        since_ms INTEGER NOT NULL,
-        UNIQUE (kind, relay, party, message)
-    );";
-
-/// Called inside the receive transaction, after the core processed `bytes` (whose
-/// SHA-256 is `hash`) that came through `relay`: answers probes per path, records
-/// answers to this device's probes, and when each party was last heard. Returns
-/// whether the channel changed (an answer was sealed).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn on_received(
+/// Called inside the receive transaction, after the core processed a message: notes
+/// when each party was last heard and which channels owe their senders a receipt.
+pub(crate) fn note_arrivals(
     connection: &Connection,
-    provider: &Provider<'_>,
-    identity: &hotline_core::DeviceIdentity,
-    channel: &mut Channel,
+    channel: &Channel,
+    me: &DeviceKey,
     events: &[Event],
-    hash: &[u8; 32],
-    relay: Option<&str>,
-) -> Result<bool, StoreError> {
-    let now = now_ms();
-    let me = identity.key();
-    let mut changed = false;
-    // The envelope these very bytes carried, if any.
-    let carried = channel.carried(events);
-    // A resend comes when its sender decides, out of its chain's order: not placed.
-    let resent = events.contains(&Event::Resent);
-    if let Some((_, sender, seq)) = &carried
-        && !resent
-    {
-        record_copy(connection, &channel.id(), hash, sender, *seq)?;
-    }
-    if let Some(relay) = relay
-        && !resent
-    {
-        if channel.holds_buffered(hash) {
-            // Not opened yet (its commit has not come): placed when it is.
-            connection.execute(
-                "INSERT OR IGNORE INTO unplaced (hash, relay) VALUES (?1, ?2)",
-                params![&hash[..], relay],
-            )?;
-        } else {
-            check_order(connection, relay, hash)?;
-        }
-    }
-    // Messages held for their commit and opened now, through the relays they came by.
-    for event in events {
-        let Event::Unbuffered {
-            hash: opened,
-            envelope,
-        } = event
-        else {
-            continue;
-        };
-        if let Some((_, sender, seq)) = envelope {
-            record_copy(connection, &channel.id(), opened, sender, *seq)?;
-        }
-        let relays: Vec<String> = connection
-            .prepare_cached("DELETE FROM unplaced WHERE hash = ?1 RETURNING relay")?
-            .query_map([&opened[..]], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        for relay in relays {
-            check_order(connection, &relay, opened)?;
-        }
-    }
-    if events == [Event::Duplicate] {
-        return Ok(false);
-    }
-    changed |= crate::link::on_frames(
-        connection, provider, identity, channel, events, hash, relay, now,
-    )?;
+    now: u64,
+) -> Result<(), StoreError> {
     for event in events {
         let Event::Accepted(ids) = event else {
             continue;
@@ -157,7 +34,7 @@ pub(crate) fn on_received(
             let Some(envelope) = channel.transcript().get(id)? else {
                 continue;
             };
-            if envelope.sender == me {
+            if envelope.sender == *me {
                 continue;
             }
             if let Body::Text(_) = envelope.body {
@@ -176,84 +53,6 @@ pub(crate) fn on_received(
                 .execute(params![&channel.id().0[..], party, now as i64])?;
         }
     }
-    Ok(changed)
-}
-
-/// Remembers which sender and sequence number the bytes with `hash` carry, so that
-/// copies through other relays (dropped as duplicates before any processing) can be
-/// placed in their sender's chain.
-pub(crate) fn record_copy(
-    connection: &Connection,
-    channel: &ChannelId,
-    hash: &[u8; 32],
-    sender: &hotline_core::DeviceKey,
-    seq: u64,
-) -> Result<(), StoreError> {
-    connection.execute(
-        "INSERT OR IGNORE INTO copies (hash, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)",
-        params![&hash[..], &channel.0[..], &sender.0[..], seq as i64],
-    )?;
-    Ok(())
-}
-
-/// Each relay must hand over each sender's envelopes in the order of their chain (the
-/// sync engine posts to each relay in order). A relay that skips some (while another
-/// relay had them, or they arrive later) dropped them; one that hands an envelope over
-/// again, or an older one after a newer, replays or reorders. Both raise an alarm that
-/// names the relay and keeps the bytes.
-fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<(), StoreError> {
-    let copy: Option<(Vec<u8>, Vec<u8>, i64)> = connection
-        .query_row(
-            "SELECT channel, sender, seq FROM copies WHERE hash = ?1",
-            [&hash[..]],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
-        .optional()?;
-    let Some((channel, sender, seq)) = copy else {
-        return Ok(());
-    };
-    let last: Option<i64> = connection
-        .query_row(
-            "SELECT seq FROM relay_heads WHERE relay = ?1 AND channel = ?2 AND sender = ?3",
-            params![relay, &channel, &sender],
-            |row| row.get(0),
-        )
-        .optional()?;
-    let sender_hex = hex::encode(&sender[..8]);
-    let found = match last {
-        Some(last) if seq > last + 1 => Some((
-            "dropped",
-            format!(
-                "skipped messages {}..={} of sender {sender_hex}… (served {seq} after {last})",
-                last + 1,
-                seq - 1
-            ),
-        )),
-        Some(last) if seq <= last => Some((
-            "replayed",
-            format!("served message {seq} of sender {sender_hex}… again or late, after {last}"),
-        )),
-        _ => None,
-    };
-    if let Some((kind, detail)) = found {
-        connection.execute(
-            "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
-             VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
-            params![
-                kind,
-                relay,
-                hex::encode(hash),
-                detail,
-                &hash[..],
-                now_ms() as i64
-            ],
-        )?;
-    }
-    connection.execute(
-        "INSERT INTO relay_heads (relay, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (relay, channel, sender) DO UPDATE SET seq = MAX(seq, ?4)",
-        params![relay, &channel, &sender, seq],
-    )?;
     Ok(())
 }
 
@@ -850,14 +649,4 @@ fn last_ok_by_party(
         |row| row.get(0),
     )?;
     Ok(last.map(|ms| ms as u64))
-}
-
-/// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
-pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
-    Sha256::digest(bytes).into()
-}
-
-/// The relay a cursor names, if any.
-pub(crate) fn relay_of<'a>(cursor: &Option<Cursor<'a>>) -> Option<&'a str> {
-    cursor.as_ref().map(|cursor| cursor.relay)
 }

@@ -29,8 +29,9 @@ use hotline_core::{
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
+use crate::payload::{LinkTest, RECEIPT, relay_tag};
 use crate::provider::Provider;
-use crate::store::{StoreError, channel_relays, seal};
+use crate::store::{StoreError, channel_relays, remember_frame, seal};
 
 /// Default time between link tests.
 pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
@@ -38,161 +39,6 @@ pub const DEFAULT_INTERVAL_MS: u64 = 60_000;
 pub const DEFAULT_RECORD_PERIOD_MS: u64 = 3_600_000;
 /// Default time raw probes and answers are kept.
 pub const DEFAULT_RETENTION_MS: u64 = 7 * 24 * 3_600_000;
-
-const PROBE: u8 = 1;
-const ANSWER: u8 = 2;
-/// The payload of a delivery receipt: the frame's list of what its sender holds is the
-/// receipt.
-pub const RECEIPT: &[u8] = &[3];
-
-/// The first 8 bytes of SHA-256 of a relay's address: how an answer names the path.
-pub fn relay_tag(url: &str) -> [u8; 8] {
-    let digest = Sha256::digest(url.as_bytes());
-    let mut tag = [0u8; 8];
-    tag.copy_from_slice(&digest[..8]);
-    tag
-}
-
-/// What a link-test payload says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkTest {
-    Probe {
-        nonce: [u8; 8],
-    },
-    /// `probe`: the SHA-256 of the probe's ciphertext (in transcripts written before
-    /// link tests were ephemeral: the probe envelope's id).
-    Answer {
-        probe: [u8; 32],
-        relay: [u8; 8],
-    },
-}
-
-impl LinkTest {
-    pub fn encode(&self) -> Vec<u8> {
-        match self {
-            LinkTest::Probe { nonce } => [&[PROBE][..], nonce].concat(),
-            LinkTest::Answer { probe, relay } => [&[ANSWER][..], probe, relay].concat(),
-        }
-    }
-
-    /// `None` for anything else (the payload is the sender's own; unknown ones are
-    /// ignored).
-    pub fn decode(bytes: &[u8]) -> Option<LinkTest> {
-        match bytes {
-            [PROBE, nonce @ ..] if nonce.len() == 8 => Some(LinkTest::Probe {
-                nonce: nonce.try_into().ok()?,
-            }),
-            [ANSWER, rest @ ..] if rest.len() == 40 => Some(LinkTest::Answer {
-                probe: rest[..32].try_into().ok()?,
-                relay: rest[32..].try_into().ok()?,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// How `log --link-tests` shows a link-test body of an older transcript.
-pub(crate) fn describe_link_test(bytes: &[u8], relays: &[String]) -> String {
-    match LinkTest::decode(bytes) {
-        Some(LinkTest::Probe { .. }) => "[link test]".to_owned(),
-        Some(LinkTest::Answer { probe, relay }) => format!(
-            "[link test answer to {} via {}]",
-            &hex::encode(probe)[..12],
-            path_name(&relay, relays)
-        ),
-        None => "[link test, unknown form]".to_owned(),
-    }
-}
-
-fn path_name(tag: &[u8; 8], relays: &[String]) -> String {
-    relays
-        .iter()
-        .find(|url| relay_tag(url) == *tag)
-        .map_or_else(|| hex::encode(tag), Clone::clone)
-}
-
-/// How `log --link-tests` shows an availability record.
-pub(crate) fn describe_availability(record: &Availability) -> String {
-    let paths: Vec<String> = record
-        .paths
-        .iter()
-        .map(|path| {
-            let outages = match path.outages_total {
-                0 => String::new(),
-                n => format!(
-                    ", {n} outage(s): {}",
-                    path.outages
-                        .iter()
-                        .map(|(from, to)| format!(
-                            "{}–{}",
-                            hotline_core::export::utc(*from),
-                            hotline_core::export::utc(*to)
-                        ))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            };
-            format!(
-                "{} to {}: {}/{} answered, rtt min {} ms, median {} ms{outages}",
-                path.relay,
-                path.party,
-                path.answered,
-                path.sent,
-                path.rtt_min_ms,
-                path.rtt_median_ms
-            )
-        })
-        .collect();
-    format!(
-        "[availability {} to {}: {}]",
-        hotline_core::export::utc(record.from_ms),
-        hotline_core::export::utc(record.to_ms),
-        paths.join("; ")
-    )
-}
-
-/// Version 10 of the schema: link tests become ephemeral (the probes of earlier
-/// versions were envelopes, and are dropped with their tables).
-pub(crate) const SCHEMA: &str = "
-    DROP TABLE probes;
-    DROP TABLE probe_copies;
-    DROP TABLE answered;
-    CREATE TABLE probes (
-        hash BLOB PRIMARY KEY,
-        channel BLOB NOT NULL,
-        relay TEXT NOT NULL,
-        sent_ms INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX probes_by_path ON probes (channel, relay, sent_ms);
-    CREATE INDEX probes_by_time ON probes (sent_ms);
-    CREATE TABLE answers (
-        probe BLOB NOT NULL,
-        device BLOB NOT NULL,
-        party TEXT NOT NULL,
-        at_ms INTEGER NOT NULL,
-        PRIMARY KEY (probe, device)
-    ) WITHOUT ROWID;
-    CREATE INDEX answers_by_time ON answers (at_ms);
-    CREATE TABLE frames (
-        hash BLOB PRIMARY KEY,
-        at_ms INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    CREATE INDEX frames_by_time ON frames (at_ms);
-    CREATE TABLE frames_out (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        channel BLOB NOT NULL,
-        relay TEXT NOT NULL,
-        bytes BLOB NOT NULL,
-        created_ms INTEGER NOT NULL
-    );
-    CREATE TABLE receipts_due (
-        channel BLOB PRIMARY KEY
-    );
-    CREATE TABLE link_state (
-        channel BLOB PRIMARY KEY,
-        record_since_ms INTEGER NOT NULL,
-        last_probe_ms INTEGER NOT NULL
-    );";
 
 pub(crate) fn setting(connection: &Connection, key: &str, default: u64) -> Result<u64, StoreError> {
     let value: Option<i64> = connection
@@ -227,21 +73,6 @@ impl Settings {
             .max(3_000)
             .min(self.record_period_ms / 2)
     }
-}
-
-fn remember_frame(connection: &Connection, hash: &[u8; 32], now: u64) -> Result<(), StoreError> {
-    connection
-        .prepare_cached("INSERT OR IGNORE INTO frames (hash, at_ms) VALUES (?1, ?2)")?
-        .execute(params![&hash[..], now as i64])?;
-    Ok(())
-}
-
-/// Whether `hash` names a frame this device sent or opened (within the retention
-/// window): a relay serving it (again) gets it treated as a duplicate.
-pub(crate) fn is_known_frame(connection: &Connection, hash: &[u8; 32]) -> Result<bool, StoreError> {
-    Ok(connection
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM frames WHERE hash = ?1)")?
-        .query_row([&hash[..]], |row| row.get(0))?)
 }
 
 /// Seals `payload` in one frame of `channel` for `relays`, queued for the sync engine.
@@ -678,26 +509,4 @@ pub(crate) fn take_frames(
     let mut frames = frames;
     frames.sort_by_key(|frame| frame.id);
     Ok(frames)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_test_payloads_round_trip_and_refuse_garbage() {
-        let probe = LinkTest::Probe { nonce: [7; 8] };
-        assert_eq!(LinkTest::decode(&probe.encode()), Some(probe));
-        let answer = LinkTest::Answer {
-            probe: [3; 32],
-            relay: relay_tag("https://127.0.0.1:1/#sha256=00"),
-        };
-        assert_eq!(LinkTest::decode(&answer.encode()), Some(answer.clone()));
-        let mut long = answer.encode();
-        long.push(0);
-        for bad in [&[][..], &[1, 2, 3][..], &[9; 9][..], &long[..]] {
-            assert_eq!(LinkTest::decode(bad), None);
-        }
-        assert_ne!(relay_tag("a"), relay_tag("b"));
-    }
 }

@@ -118,10 +118,10 @@ impl Store {
                 let text = match envelope.body {
                     Body::Text(text) => text,
                     Body::LinkTest(bytes) if link_tests => {
-                        crate::link::describe_link_test(&bytes, &relays)
+                        crate::payload::describe_link_test(&bytes, &relays)
                     }
                     Body::Availability(record) if link_tests => {
-                        crate::link::describe_availability(&record)
+                        crate::payload::describe_availability(&record)
                     }
                     _ => continue,
                 };

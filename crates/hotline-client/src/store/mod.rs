@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hotline_core::card::{CardError, CardIn};
-use hotline_core::channel::channel_of_message;
 use hotline_core::export::ExportError;
 use hotline_core::{
     Body, Channel, ChannelError, ChannelId, ChannelSnapshot, DeviceIdentity, DeviceInfo, DeviceKey,
@@ -28,12 +27,15 @@ use crate::transcript_store::SqliteTranscript;
 
 mod channels;
 mod contacts;
+mod copies;
 mod messages;
 mod outbox;
 mod persist;
 mod relays;
 mod schema;
 
+pub(crate) use copies::*;
+pub use outbox::MAX_UNDELIVERED_SCAN;
 pub(crate) use persist::*;
 pub(crate) use relays::*;
 pub use schema::SCHEMA_VERSION;
@@ -361,7 +363,7 @@ thread_local! {
 
 /// A step of a transaction where tests inject a failure (a crash that is reported
 /// rather than fatal); in other builds it does nothing.
-fn failpoint(name: &'static str) -> Result<(), StoreError> {
+pub(crate) fn failpoint(name: &'static str) -> Result<(), StoreError> {
     #[cfg(test)]
     if FAILPOINT.with(|armed| armed.get()) == Some(name) {
         return Err(StoreError::Corrupt(format!("failpoint {name}")));

@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// Most of a sender's undelivered envelopes read per channel (oldest first) by
+/// re-offering and by `status`: their cost stays bounded while a party is cut off for
+/// long.
+pub const MAX_UNDELIVERED_SCAN: usize = 10_000;
+
 impl Store {
     /// Every outbox entry not exported yet, marking them exported.
     pub fn export_outbox(&mut self) -> Result<Vec<Entry>, StoreError> {
@@ -158,7 +163,7 @@ impl Store {
                 let from = held.values().map(|seq| seq + 1).min().unwrap_or(u64::MAX);
                 let missed: Vec<EnvelopeId> = channel
                     .transcript()
-                    .chain_from(&me, from, crate::line::MAX_UNDELIVERED_SCAN)?
+                    .chain_from(&me, from, MAX_UNDELIVERED_SCAN)?
                     .into_iter()
                     .filter(|(_, envelope)| {
                         last_sealed.iter().any(|(party, last)| {

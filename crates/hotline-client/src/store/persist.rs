@@ -159,10 +159,10 @@ fn record_own_copy(
     bytes: &[u8],
 ) -> Result<(), StoreError> {
     if let Some(envelope) = channel.transcript().get(id)? {
-        crate::line::record_copy(
+        record_copy(
             connection,
             &channel.id(),
-            &crate::line::copy_hash(bytes),
+            &copy_hash(bytes),
             &envelope.sender,
             envelope.seq,
         )?;

@@ -71,15 +71,15 @@ const MIGRATIONS: &[&str] = &[
     // Version 3: rows every target holds are settled, and no longer scanned by the push.
     "ALTER TABLE outbox ADD COLUMN settled INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX outbox_unsettled ON outbox (settled, seq);",
-    // Version 4: link tests, relay health, alarms (see `line`).
-    crate::line::SCHEMA,
+    // Version 4: link tests, relay health, alarms (see `line` and `link`).
+    LINE,
     // Version 5: stored alarms can be cleared by the operator (evidence kept); an outbox
     // row can name its own relays (a relay change goes to the old and the new ones).
     "ALTER TABLE alarms ADD COLUMN cleared_ms INTEGER;
     ALTER TABLE outbox ADD COLUMN only_relays TEXT;
     ALTER TABLE outbox ADD COLUMN offered_ms INTEGER;",
     // Version 6: copies of messages held for their commit, by relay, to place in their
-    // sender's chain once opened (see `line::on_received`).
+    // sender's chain once opened (see `copies`).
     "CREATE TABLE unplaced (
         hash BLOB NOT NULL,
         relay TEXT NOT NULL,
@@ -111,8 +111,117 @@ const MIGRATIONS: &[&str] = &[
         WHEN OLD.settled = 0 AND OLD.exported = 0
         BEGIN UPDATE outbox_waiting SET rows = rows - 1; END;",
     // Version 10: link tests are ephemeral frames, kept locally (see `link`).
-    crate::link::SCHEMA,
+    LINK_TESTS_EPHEMERAL,
 ];
+
+/// Version 4.
+const LINE: &str = "
+    CREATE TABLE settings (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    CREATE TABLE probes (
+        id BLOB PRIMARY KEY,
+        channel BLOB NOT NULL,
+        sent_ms INTEGER NOT NULL
+    );
+    CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
+    CREATE TABLE probe_copies (
+        hash BLOB PRIMARY KEY,
+        probe BLOB NOT NULL
+    );
+    CREATE TABLE answered (
+        probe BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        PRIMARY KEY (probe, relay)
+    );
+    CREATE TABLE paths (
+        channel BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        party TEXT NOT NULL,
+        last_ok_ms INTEGER NOT NULL,
+        rtt_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, relay, party)
+    );
+    CREATE TABLE heard (
+        channel BLOB NOT NULL,
+        party TEXT NOT NULL,
+        last_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, party)
+    );
+    CREATE TABLE relay_health (
+        url TEXT PRIMARY KEY,
+        last_ok_ms INTEGER,
+        error TEXT,
+        error_since_ms INTEGER
+    );
+    CREATE TABLE copies (
+        hash BLOB PRIMARY KEY,
+        channel BLOB NOT NULL,
+        sender BLOB NOT NULL,
+        seq INTEGER NOT NULL
+    );
+    CREATE TABLE relay_heads (
+        relay TEXT NOT NULL,
+        channel BLOB NOT NULL,
+        sender BLOB NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (relay, channel, sender)
+    );
+    CREATE TABLE alarms (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        relay TEXT,
+        party TEXT,
+        message TEXT,
+        detail TEXT NOT NULL,
+        evidence BLOB,
+        since_ms INTEGER NOT NULL,
+        UNIQUE (kind, relay, party, message)
+    );";
+
+/// Version 10 of the schema: link tests become ephemeral (the probes of earlier
+/// versions were envelopes, and are dropped with their tables).
+const LINK_TESTS_EPHEMERAL: &str = "
+    DROP TABLE probes;
+    DROP TABLE probe_copies;
+    DROP TABLE answered;
+    CREATE TABLE probes (
+        hash BLOB PRIMARY KEY,
+        channel BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        sent_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX probes_by_path ON probes (channel, relay, sent_ms);
+    CREATE INDEX probes_by_time ON probes (sent_ms);
+    CREATE TABLE answers (
+        probe BLOB NOT NULL,
+        device BLOB NOT NULL,
+        party TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (probe, device)
+    ) WITHOUT ROWID;
+    CREATE INDEX answers_by_time ON answers (at_ms);
+    CREATE TABLE frames (
+        hash BLOB PRIMARY KEY,
+        at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX frames_by_time ON frames (at_ms);
+    CREATE TABLE frames_out (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        bytes BLOB NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE receipts_due (
+        channel BLOB PRIMARY KEY
+    );
+    CREATE TABLE link_state (
+        channel BLOB PRIMARY KEY,
+        record_since_ms INTEGER NOT NULL,
+        last_probe_ms INTEGER NOT NULL
+    );";
 
 pub(crate) fn open_connection(home: &Home) -> Result<Connection, StoreError> {
     let mut connection = Connection::open(home.database())?;
