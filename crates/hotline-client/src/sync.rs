@@ -345,9 +345,11 @@ fn apply(
                     Err(StoreError::DuplicateWelcome) => store.skip_to(cursor)?,
                     Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
                     Err(error) => {
-                        report
-                            .refused
-                            .push(format!("invitation {seq} from {url}: {error}"));
+                        // An invitation this device cannot accept (its key package spent,
+                        // a member it never verified): the inviter believes it joined.
+                        let detail = format!("invitation {seq} refused: {error}");
+                        store.raise_alarm("invitation", url, None, &detail, &bytes)?;
+                        report.refused.push(format!("{url}: {detail}"));
                         store.skip_to(cursor)?;
                     }
                 }

@@ -260,6 +260,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TRIGGER outbox_back; DROP TRIGGER outbox_gone;
              DROP TABLE probes; DROP TABLE answers; DROP TABLE frames;
              DROP TABLE frames_out; DROP TABLE link_state; DROP TABLE receipts_due;
+             ALTER TABLE contacts DROP COLUMN key_packages_used;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
@@ -343,5 +344,27 @@ fn the_sqlite_transcript_store_keeps_every_promise() {
     hotline_core::transcript_store::conformance(&mut make).unwrap();
     for index in 1..=made {
         let _ = std::fs::remove_file(dir.with_extension(format!("{index}.db")));
+    }
+}
+
+/// Each channel created with the same party takes a key package of its card that no
+/// earlier channel took, then the last-resort one: eighteen channels with one card of
+/// sixteen one-time key packages all join.
+#[test]
+fn many_channels_with_the_same_party_all_join() {
+    let (mut north, mut south, _, _) = pair();
+    for index in 1..=18 {
+        let name = format!("line-{index}");
+        north.create_channel(&name, &["south".into()], &[]).unwrap();
+        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        assert!(
+            south.channels().unwrap().iter().any(|c| c.name == name),
+            "south did not join {name}"
+        );
+        north
+            .send(&name, Body::Text(format!("on {name}")), None)
+            .unwrap();
+        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        assert_eq!(south.log(&name).unwrap()[0].text, format!("on {name}"));
     }
 }

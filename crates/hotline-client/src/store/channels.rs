@@ -18,20 +18,34 @@ impl Store {
             let provider = Provider::new(connection);
             let mut contacts = Vec::new();
             for party in parties {
-                let mut statement =
-                    connection.prepare("SELECT card, key FROM contacts WHERE party = ?1")?;
-                let cards: Vec<(Vec<u8>, Vec<u8>)> = statement
-                    .query_map([party], |row| Ok((row.get(0)?, row.get(1)?)))?
+                let mut statement = connection.prepare(
+                    "SELECT card, key, key_packages_used FROM contacts WHERE party = ?1",
+                )?;
+                let cards: Vec<(Vec<u8>, Vec<u8>, i64)> = statement
+                    .query_map([party], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                     .collect::<Result<_, _>>()?;
                 if cards.is_empty() {
                     return Err(StoreError::UnknownParty(party.clone()));
                 }
-                for (card, _) in cards {
+                for (card, key, used) in cards {
                     let card = CardIn::decode(&card)?;
                     let fingerprint = card.claimed().fingerprint();
                     // The fingerprint was checked at import; this re-checks the signature
                     // and the key packages of the stored card.
-                    contacts.push(card.verify(&fingerprint, provider.crypto())?);
+                    let mut contact = card.verify(&fingerprint, provider.crypto())?;
+                    // A one-time key package opens one Welcome only: skip those given to
+                    // earlier channels (then the last-resort one serves every channel).
+                    let left = contact
+                        .key_packages
+                        .len()
+                        .saturating_sub(used.max(0) as usize);
+                    contact.key_packages.truncate(left);
+                    connection.execute(
+                        "UPDATE contacts SET key_packages_used = key_packages_used + 1
+                         WHERE key = ?1 AND ?2 > 0",
+                        params![&key, left as i64],
+                    )?;
+                    contacts.push(contact);
                 }
             }
             let mut channel = Channel::create_with(&provider, identity, name, |id| {

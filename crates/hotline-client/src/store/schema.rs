@@ -112,6 +112,9 @@ const MIGRATIONS: &[&str] = &[
         BEGIN UPDATE outbox_waiting SET rows = rows - 1; END;",
     // Version 10: link tests are ephemeral frames, kept locally (see `link`).
     LINK_TESTS_EPHEMERAL,
+    // Version 11: how many of a contact's one-time key packages this device used (each
+    // channel created with the contact takes the next; then the last-resort one).
+    "ALTER TABLE contacts ADD COLUMN key_packages_used INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Version 4.
