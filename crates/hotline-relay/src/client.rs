@@ -67,14 +67,20 @@ pub fn decode_messages(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError>
     Ok(out)
 }
 
+/// How long a connection to a relay may take to open. A relay that does not answer a
+/// connection within it (down, stopping, or cut off) fails the request: every request
+/// of a sync round waits at most this long on it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long one request may take (a long poll: its wait, plus this).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl RelayClient {
     /// A client for the relay at `url` (`https://HOST:PORT/#sha256=PIN`).
     pub fn new(url: &str) -> Result<Self, ClientError> {
         let (base, pin) = tls::parse_url(url)?;
         let http = reqwest::Client::builder()
             .tls_backend_preconfigured(tls::client_config(pin)?)
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build()
             .map_err(|e| ClientError::Network {
                 relay: base.clone(),
@@ -94,6 +100,19 @@ impl RelayClient {
         path: String,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, ClientError> {
+        self.send_within(identity, method, path, body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// `send`, given up after `timeout` (a long poll waits longer than a post).
+    async fn send_within(
+        &self,
+        identity: &DeviceIdentity,
+        method: reqwest::Method,
+        path: String,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         let network = |e: reqwest::Error| ClientError::Network {
             relay: self.base.clone(),
             detail: error_chain(&e),
@@ -104,7 +123,12 @@ impl RelayClient {
         for (name, value) in auth::sign_request(identity, method.as_str(), &path, now_ms(), &body) {
             request = request.header(name, value);
         }
-        let response = request.body(body).send().await.map_err(network)?;
+        let response = request
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(network)?;
         let status = response.status();
         let bytes = response.bytes().await.map_err(network)?.to_vec();
         if status.is_success() {
@@ -314,7 +338,13 @@ impl RelayClient {
     ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
         let path = format!("{path}?after={after}&wait={}", wait.as_millis());
         let bytes = self
-            .send(identity, reqwest::Method::GET, path, Vec::new())
+            .send_within(
+                identity,
+                reqwest::Method::GET,
+                path,
+                Vec::new(),
+                wait + REQUEST_TIMEOUT,
+            )
             .await?;
         decode_messages(&bytes).map_err(|e| ClientError::Malformed(e, self.base.clone()))
     }
