@@ -585,9 +585,12 @@ pub async fn follow(
         }
         // Wait again at once; then tell the relay what was committed.
         let after = store.cursor(watch.url(), &watch.log())?;
+        // Never longer than a link-test interval (or a second): a relay that comes back
+        // is read, and its paths shown up, within about an interval.
+        let cap = probe_interval(store)?.max(Duration::from_secs(1));
         let delay = backoff(
             failures.get(&watch).copied().unwrap_or(0),
-            config.max_backoff,
+            config.max_backoff.min(cap),
         );
         spawn_poll(
             &mut polls,

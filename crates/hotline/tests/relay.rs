@@ -1816,3 +1816,64 @@ fn one_sync_on_each_side_shows_delivered_and_ack_shows_read() {
     );
     relay.stop();
 }
+
+/// The only relay dies under two followers testing every second: `status` says the line
+/// is down (exit 3) within three intervals (plus a second of slack for this machine),
+/// and up again soon after the relay returns on the same address (the followers' polls
+/// never back off longer than an interval); a round trip shown is the path's, in
+/// milliseconds, not a poll's.
+#[test]
+fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
+    let dir = data_dir("sole");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+        ],
+    );
+    ok(north, &["sync"]);
+    ok(south, &["sync"]);
+    let follow =
+        |home: &Path| Follower::start_with(home, &["--round", "1", "--link-test-interval", "1s"]);
+    let (_north_follows, _south_follows) = (follow(north), follow(south));
+    let status = |home: &Path| -> (i32, serde_json::Value) {
+        let (code, out) = cli(home, &["status", "--json"]);
+        (code, serde_json::from_str(out.trim()).unwrap())
+    };
+    let wait_for = |what: &str, limit: Duration, check: &dyn Fn() -> bool| {
+        let started = std::time::Instant::now();
+        while !check() {
+            assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        started.elapsed()
+    };
+    wait_for("the line up", Duration::from_secs(30), &|| {
+        status(north).1["relays"][0]["state"] == "up"
+    });
+    // The round trip is the path's: well under a second on loopback.
+    wait_for("a path's round trip", Duration::from_secs(10), &|| {
+        status(north).1["relays"][0]["rtt_ms"]
+            .as_u64()
+            .is_some_and(|ms| ms < 500)
+    });
+
+    let address = relay.address();
+    relay.stop();
+    let took = wait_for("the line down", Duration::from_secs(4), &|| {
+        status(north).0 == 3
+    });
+    let (_, down) = status(north);
+    assert_eq!(down["line"], "down", "{down}");
+    eprintln!("line shown down {took:?} after its only relay stopped");
+
+    let relay = Relay::start_on(&dir.join("relay"), &address);
+    let took = wait_for("the line up again", Duration::from_secs(6), &|| {
+        status(north).1["relays"][0]["state"] == "up"
+    });
+    eprintln!("line shown up {took:?} after the relay returned");
+    relay.stop();
+}
