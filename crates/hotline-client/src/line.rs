@@ -83,6 +83,8 @@ impl PathState {
 #[derive(Debug, Clone)]
 pub struct RelayStatus {
     pub url: String,
+    /// Its name on this device, or `host:port`.
+    pub name: String,
     pub state: PathState,
     pub rtt_ms: Option<u64>,
     /// The last answer through this relay.
@@ -386,6 +388,10 @@ impl Store {
                 }
             }
 
+            let names: BTreeMap<String, String> = connection
+                .prepare_cached("SELECT url, name FROM relay_names")?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
             let mut relays = Vec::new();
             for (url, others) in &expected {
                 let mut answered = BTreeSet::new();
@@ -481,6 +487,7 @@ id: None,
                 }
                 relays.push(RelayStatus {
                     url: url.clone(),
+                    name: crate::store::relay_label(&names, url),
                     state,
                     rtt_ms: rtt,
                     last_ok_ms: last_ok,

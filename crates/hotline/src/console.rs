@@ -122,7 +122,7 @@ pub fn render(view: &View, input: &str, flash: &str, width: usize, height: usize
         top.push(Line::colored(
             fit(format!(
                 " relay {}  {:<8}  {rtt}  last ok {}{error}",
-                relay.url,
+                relay.name,
                 relay.state.as_str(),
                 ago(relay.last_ok_ms)
             )),
@@ -143,7 +143,15 @@ pub fn render(view: &View, input: &str, flash: &str, width: usize, height: usize
     let alarms = &view.status.alarms;
     for alarm in alarms.iter().take(4) {
         let about: Vec<String> = [
-            alarm.relay.as_ref().map(|r| format!("relay {r}")),
+            alarm.relay.as_ref().map(|url| {
+                let name = view
+                    .status
+                    .relays
+                    .iter()
+                    .find(|relay| relay.url == *url)
+                    .map_or(url.as_str(), |relay| relay.name.as_str());
+                format!("relay {name}")
+            }),
             alarm.party.as_ref().map(|p| format!("party {p}")),
         ]
         .into_iter()
@@ -551,6 +559,7 @@ mod tests {
             status: Status {
                 relays: vec![RelayStatus {
                     url: "https://127.0.0.1:8443/#sha256=00".into(),
+                    name: "neutral".into(),
                     state,
                     rtt_ms: Some(12),
                     last_ok_ms: Some(1_800_000_000_000),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hotline_client::bundle;
-use hotline_client::store::StoreError;
+use hotline_client::store::{StoreError, relay_label};
 use hotline_client::sync::SyncReport;
 use hotline_client::{HomeError, Store};
 use hotline_core::{Body, Fingerprint};
@@ -164,6 +164,24 @@ pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: boo
     Ok(())
 }
 
+/// Checks relay arguments (`URL` or `NAME=URL`), names the named ones on this device,
+/// and returns the addresses.
+fn named_relays(store: &mut Store, arguments: &[String]) -> Result<Vec<String>, Failure> {
+    let mut urls = Vec::with_capacity(arguments.len());
+    for argument in arguments {
+        let (name, url) = match argument.split_once('=') {
+            Some((name, url)) if !name.starts_with("https:") => (Some(name), url),
+            _ => (None, argument.as_str()),
+        };
+        hotline_relay::tls::parse_url(url).map_err(|e| failure(e.to_string()))?;
+        if let Some(name) = name {
+            store.name_relay(url, name)?;
+        }
+        urls.push(url.to_owned());
+    }
+    Ok(urls)
+}
+
 pub fn channel_create(
     home: &Path,
     name: &str,
@@ -171,10 +189,9 @@ pub fn channel_create(
     relays: &[String],
     json_output: bool,
 ) -> Outcome {
-    for relay in relays {
-        hotline_relay::tls::parse_url(relay).map_err(|e| failure(e.to_string()))?;
-    }
     let mut store = Store::open(home)?;
+    let relays = named_relays(&mut store, relays)?;
+    let relays = &relays;
     let id = store.create_channel(name, with, relays)?;
     // The commit takes effect (and the invitation goes out) once a relay holds it.
     let (relayed, _) = push_now(&mut store, name)?;
@@ -350,10 +367,9 @@ pub fn channel_remove(home: &Path, channel: &str, party: &str, json_output: bool
 }
 
 pub fn channel_relays(home: &Path, channel: &str, relays: &[String], json_output: bool) -> Outcome {
-    for relay in relays {
-        hotline_relay::tls::parse_url(relay).map_err(|e| failure(e.to_string()))?;
-    }
     let mut store = Store::open(home)?;
+    let relays = named_relays(&mut store, relays)?;
+    let relays = &relays;
     store.change_relays(channel, relays)?;
     let (relayed, _) = push_now(&mut store, channel)?;
     if json_output {
@@ -634,6 +650,7 @@ pub fn status(
     }
     let now = now_ms();
     let status = store.status(now)?;
+    let names = store.relay_names()?;
     let ago =
         |ms: Option<u64>| ms.map(|ms| format!("{:.1} s ago", now.saturating_sub(ms) as f64 / 1e3));
     if json_output {
@@ -641,7 +658,7 @@ pub fn status(
             .relays
             .iter()
             .map(|r| {
-                json!({"url": r.url, "state": r.state.as_str(), "rtt_ms": r.rtt_ms,
+                json!({"url": r.url, "name": r.name, "state": r.state.as_str(), "rtt_ms": r.rtt_ms,
                        "last_ok": r.last_ok_ms, "error": r.error})
             })
             .collect();
@@ -676,30 +693,44 @@ pub fn status(
                 ms => format!("{ms} ms"),
             }
         );
+        // One line per relay path and per party, in columns (like `wg show`).
+        let width = status
+            .relays
+            .iter()
+            .map(|r| r.name.len())
+            .chain(status.parties.iter().map(|p| p.party.len()))
+            .max()
+            .unwrap_or(0);
         for relay in &status.relays {
-            out!("relay {}", relay.url);
-            out!("  state: {}", relay.state.as_str());
-            if let Some(rtt) = relay.rtt_ms {
-                out!("  round trip: {rtt} ms");
-            }
+            let rtt = relay
+                .rtt_ms
+                .map_or_else(|| "-".to_owned(), |ms| format!("{ms} ms"));
+            let error = relay
+                .error
+                .as_deref()
+                .map(|e| format!("   {}", crate::inert::inert(e)))
+                .unwrap_or_default();
             out!(
-                "  last ok: {}",
+                "relay  {:<width$}  {:<8}  rtt {:>8}   last ok {}{error}",
+                relay.name,
+                relay.state.as_str(),
+                rtt,
                 ago(relay.last_ok_ms).unwrap_or_else(|| "never".into())
             );
-            if let Some(error) = &relay.error {
-                out!("  error: {error}");
-            }
         }
         for party in &status.parties {
-            out!("party {}", party.party);
             out!(
-                "  last heard: {}",
+                "party  {:<width$}  last heard {}",
+                party.party,
                 ago(party.last_heard_ms).unwrap_or_else(|| "never".into())
             );
         }
         for alarm in &status.alarms {
             let about: Vec<String> = [
-                alarm.relay.as_ref().map(|r| format!("relay {r}")),
+                alarm
+                    .relay
+                    .as_ref()
+                    .map(|r| format!("relay {}", relay_label(&names, r))),
                 alarm.party.as_ref().map(|p| format!("party {p}")),
                 alarm
                     .message

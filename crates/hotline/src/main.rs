@@ -235,8 +235,9 @@ enum ChannelCommand {
         /// A party to invite (repeat for several).
         #[arg(long = "with", required = true)]
         with: Vec<String>,
-        /// Relays of the channel (repeat for several), as printed by `hotline relay url`.
-        #[arg(long = "relay")]
+        /// Relays of the channel (repeat for several), as printed by `hotline relay url`,
+        /// optionally named on this device as NAME=URL (shown by status and the console).
+        #[arg(long = "relay", value_name = "[NAME=]URL")]
         relays: Vec<String>,
         #[command(flatten)]
         json: Json,
@@ -255,8 +256,9 @@ enum ChannelCommand {
     /// Keep at least one relay across a change.
     Relays {
         name: String,
-        /// A relay of the channel from now on (repeat for several).
-        #[arg(long = "relay", required = true)]
+        /// A relay of the channel from now on (repeat for several), optionally named on
+        /// this device as NAME=URL.
+        #[arg(long = "relay", required = true, value_name = "[NAME=]URL")]
         relays: Vec<String>,
         #[command(flatten)]
         json: Json,

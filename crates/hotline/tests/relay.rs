@@ -1828,10 +1828,12 @@ fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
     let relay = Relay::start(&dir.join("relay"));
     let homes = verified_homes(&dir, &["north", "south"], &relay.url);
     let (north, south) = (&homes[0], &homes[1]);
+    // North names the relay on its device.
+    let named = format!("sole={}", relay.url);
     ok(
         north,
         &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+            "channel", "create", "crisis", "--with", "south", "--relay", &named,
         ],
     );
     ok(north, &["sync"]);
@@ -1860,6 +1862,22 @@ fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
             .as_u64()
             .is_some_and(|ms| ms < 500)
     });
+    // One line per relay path and per party, the relay by its name here and by its
+    // host:port on the device that did not name it.
+    assert_eq!(status(north).1["relays"][0]["name"], "sole");
+    let text = cli(north, &["status"]).1;
+    assert!(
+        text.lines().any(|l| l.starts_with("relay  sole   up")),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("party  south  last heard")),
+        "{text}"
+    );
+    let host = relay.address();
+    let text = cli(south, &["status"]).1;
+    assert!(text.contains(&format!("relay  {host}")), "{text}");
 
     let address = relay.address();
     relay.stop();

@@ -37,6 +37,7 @@ mod schema;
 pub(crate) use copies::*;
 pub use outbox::MAX_UNDELIVERED_SCAN;
 pub(crate) use persist::*;
+pub use relays::relay_label;
 pub(crate) use relays::*;
 pub use schema::SCHEMA_VERSION;
 pub(crate) use schema::{STATEMENT_CACHE, open_connection};

@@ -96,6 +96,50 @@ impl Store {
         })
     }
 
+    /// Names a relay on this device (shown by `status`, the console and alarms instead of
+    /// its address; never sent). A name is 1 to 32 letters, digits, `.`, `-` or `_`, and
+    /// names one relay.
+    pub fn name_relay(&mut self, url: &str, name: &str) -> Result<(), StoreError> {
+        let valid = (1..=32).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        if !valid {
+            return Err(StoreError::BadRelays(format!(
+                "relay name {name:?}: use 1 to 32 letters, digits, '.', '-' or '_'"
+            )));
+        }
+        self.transact(|connection, _, _| {
+            let taken: Option<String> = connection
+                .query_row(
+                    "SELECT url FROM relay_names WHERE name = ?1 AND url != ?2",
+                    params![name, url],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            if let Some(other) = taken {
+                return Err(StoreError::BadRelays(format!(
+                    "relay name {name:?} already names {other}"
+                )));
+            }
+            connection.execute(
+                "INSERT INTO relay_names (url, name) VALUES (?1, ?2)
+                 ON CONFLICT (url) DO UPDATE SET name = ?2",
+                params![url, name],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The name of each named relay, by address.
+    pub fn relay_names(&self) -> Result<BTreeMap<String, String>, StoreError> {
+        Ok(self
+            .connection
+            .prepare("SELECT url, name FROM relay_names")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?)
+    }
+
     /// The relays of a channel.
     pub fn channel_relays(&self, channel: &ChannelId) -> Result<Vec<String>, StoreError> {
         channel_relays(&self.connection, channel)
@@ -184,4 +228,17 @@ pub(crate) fn set_relays(
         )?;
     }
     Ok(())
+}
+
+/// How a relay is shown: its name on this device, else `host:port` from its address.
+pub fn relay_label(names: &BTreeMap<String, String>, url: &str) -> String {
+    if let Some(name) = names.get(url) {
+        return name.clone();
+    }
+    url.trim_start_matches("https://")
+        .split(['/', '#'])
+        .next()
+        .filter(|host| !host.is_empty())
+        .unwrap_or(url)
+        .to_owned()
 }

@@ -115,6 +115,11 @@ const MIGRATIONS: &[&str] = &[
     // Version 11: how many of a contact's one-time key packages this device used (each
     // channel created with the contact takes the next; then the last-resort one).
     "ALTER TABLE contacts ADD COLUMN key_packages_used INTEGER NOT NULL DEFAULT 0;",
+    // Version 12: this device's short names for relays (its own labels, never sent).
+    "CREATE TABLE relay_names (
+        url TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE
+    );",
 ];
 
 /// Version 4.
