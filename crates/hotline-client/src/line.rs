@@ -56,6 +56,36 @@ pub(crate) fn note_arrivals(
     Ok(())
 }
 
+/// Something a script following the line reacts to (`sync --follow --json`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LineEvent {
+    /// A message of another party entered the transcript.
+    Message {
+        channel: String,
+        id: EnvelopeId,
+        from: String,
+        text: String,
+        time_ms: u64,
+        deadline_ms: Option<u64>,
+    },
+    /// A message of this device is now held by `to`.
+    Delivered {
+        channel: String,
+        message: EnvelopeId,
+        to: String,
+    },
+    /// `by` read a message of this device.
+    Read {
+        channel: String,
+        message: EnvelopeId,
+        by: String,
+    },
+}
+
+/// Most `delivered` events one arrival reports per party (the oldest first; the rest
+/// are not reported, their delivery shows in `log`).
+const MAX_DELIVERED_EVENTS: usize = 256;
+
 /// Where one relay path stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathState {
@@ -240,6 +270,107 @@ impl Store {
                 cache.channels.insert(id, channel);
             }
             Ok(sealed)
+        })
+    }
+
+    /// What the core's `events` for a message of `channel` mean to a script: messages of
+    /// other parties, read receipts for this device's messages, and this device's
+    /// messages newly delivered to a party (from the point each party was first seen
+    /// by this call on).
+    pub fn line_events(
+        &mut self,
+        channel: &ChannelId,
+        events: &[Event],
+    ) -> Result<Vec<LineEvent>, StoreError> {
+        let me = self.identity().key();
+        let own_party = self.identity().info().party.clone();
+        self.transact(|connection, _, cache| {
+            let provider = Provider::new(connection);
+            let loaded = checkout(cache, connection, &provider, channel)?;
+            let name = loaded.name().to_owned();
+            let transcript = loaded.transcript();
+            let mut out = Vec::new();
+            for event in events {
+                let Event::Accepted(ids) = event else {
+                    continue;
+                };
+                for id in ids {
+                    let Some(envelope) = transcript.get(id)? else {
+                        continue;
+                    };
+                    let from = transcript.party_of(&envelope.sender).unwrap_or("?");
+                    if from == own_party {
+                        continue;
+                    }
+                    match &envelope.body {
+                        Body::Text(text) => out.push(LineEvent::Message {
+                            channel: name.clone(),
+                            id: *id,
+                            from: from.to_owned(),
+                            text: text.clone(),
+                            time_ms: envelope.claimed_time_ms,
+                            deadline_ms: envelope.deadline_ms,
+                        }),
+                        Body::ReadReceipt(read) => {
+                            for message in read {
+                                let mine = transcript
+                                    .get(message)?
+                                    .is_some_and(|read| read.sender == me);
+                                if mine {
+                                    out.push(LineEvent::Read {
+                                        channel: name.clone(),
+                                        message: *message,
+                                        by: from.to_owned(),
+                                    });
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            // Newly delivered: per other party, this device's chain from the last
+            // reported point to what the party's devices now hold.
+            let mut held: BTreeMap<String, u64> = BTreeMap::new();
+            for info in transcript.roster().values() {
+                if info.party != own_party {
+                    let seq = transcript.seen_by(&info.key, &me);
+                    let entry = held.entry(info.party.clone()).or_default();
+                    *entry = (*entry).max(seq);
+                }
+            }
+            for (party, seq) in held {
+                let reported: Option<i64> = connection
+                    .prepare_cached(
+                        "SELECT seq FROM delivered_reported WHERE channel = ?1 AND party = ?2",
+                    )?
+                    .query_row(params![&channel.0[..], party], |row| row.get(0))
+                    .optional()?;
+                if reported.is_some_and(|reported| reported as u64 >= seq) {
+                    continue;
+                }
+                if let Some(reported) = reported {
+                    for (id, envelope) in
+                        transcript.chain_from(&me, reported as u64 + 1, MAX_DELIVERED_EVENTS)?
+                    {
+                        if envelope.seq <= seq && matches!(envelope.body, Body::Text(_)) {
+                            out.push(LineEvent::Delivered {
+                                channel: name.clone(),
+                                message: id,
+                                to: party.clone(),
+                            });
+                        }
+                    }
+                }
+                connection
+                    .prepare_cached(
+                        "INSERT INTO delivered_reported (channel, party, seq) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (channel, party) DO UPDATE SET seq = ?3",
+                    )?
+                    .execute(params![&channel.0[..], party, seq as i64])?;
+            }
+            cache.channels.insert(*channel, loaded);
+            Ok(out)
         })
     }
 

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::Store;
 use crate::bundle;
+use crate::line::LineEvent;
 use crate::link::OutgoingFrame;
 use crate::store::OutboxItem;
 use crate::store::{Cursor, StoreError};
@@ -42,6 +43,10 @@ pub struct SyncReport {
     pub reoffered: usize,
     /// Link-test frames opened (probes and answers: never in a transcript).
     pub link_tests: usize,
+    /// What arrived, for scripts: messages, deliveries, reads.
+    pub events: Vec<LineEvent>,
+    /// Alarms raised in this round: (kind, relay, detail).
+    pub alarms: Vec<(String, String, String)>,
 }
 
 impl SyncReport {
@@ -349,6 +354,9 @@ fn apply(
                         // a member it never verified): the inviter believes it joined.
                         let detail = format!("invitation {seq} refused: {error}");
                         store.raise_alarm("invitation", url, None, &detail, &bytes)?;
+                        report
+                            .alarms
+                            .push(("invitation".into(), url.into(), detail.clone()));
                         report.refused.push(format!("{url}: {detail}"));
                         store.skip_to(cursor)?;
                     }
@@ -362,6 +370,9 @@ fn apply(
                         "message {seq} of the log of channel {channel} is not of that channel"
                     );
                     store.raise_alarm("foreign", url, None, &detail, &bytes)?;
+                    report
+                        .alarms
+                        .push(("foreign".into(), url.into(), detail.clone()));
                     report.refused.push(format!("{url}: {detail}"));
                     store.skip_to(cursor)?;
                     continue;
@@ -375,6 +386,7 @@ fn apply(
                         } else {
                             report.received += 1;
                         }
+                        report.events.extend(store.line_events(channel, &events)?);
                         for event in &events {
                             let found = match event {
                                 Event::Forgery { .. } | Event::BadEnvelope { .. } => "altered",
@@ -384,6 +396,7 @@ fn apply(
                             };
                             let detail = format!("message {seq}: {event:?}");
                             store.raise_alarm(found, url, None, &detail, &bytes)?;
+                            report.alarms.push((found.into(), url.into(), detail));
                         }
                     }
                     Err(StoreError::Database(error)) => return Err(StoreError::Database(error)),
@@ -412,6 +425,9 @@ fn apply(
                         };
                         if let Some((kind, detail)) = found {
                             store.raise_alarm(kind, url, None, &detail, &bytes)?;
+                            report
+                                .alarms
+                                .push((kind.into(), url.into(), detail.clone()));
                             report.refused.push(format!("{url}: {detail}"));
                         }
                         store.skip_to(cursor)?;
@@ -610,6 +626,7 @@ pub async fn follow(
             post_frames(store, &identity, &mut relays, &mut report).await?;
         }
         let changed = report.received > 0
+            || !report.events.is_empty()
             || !report.joined.is_empty()
             || !report.refused.is_empty()
             || report.relays.values().any(Option::is_some);

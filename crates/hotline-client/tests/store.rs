@@ -261,6 +261,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE probes; DROP TABLE answers; DROP TABLE frames;
              DROP TABLE frames_out; DROP TABLE link_state; DROP TABLE receipts_due;
              ALTER TABLE contacts DROP COLUMN key_packages_used; DROP TABLE relay_names;
+             DROP TABLE delivered_reported;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);

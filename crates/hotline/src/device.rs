@@ -615,8 +615,13 @@ pub fn sync(
     };
     runtime.block_on(async {
         let mut first = true;
+        // Whether each relay answered last time: its changes are events.
+        let mut relays_up: std::collections::HashMap<String, bool> = Default::default();
         let following = hotline_client::sync::follow(&mut store, &config, |report| {
-            print_report(report, json_output, first);
+            if !json_output {
+                print_report(report, false, first);
+            }
+            print_events(report, json_output, &mut relays_up);
             first = false;
             ControlFlow::Continue(())
         });
@@ -776,6 +781,92 @@ pub fn status(
         });
     }
     Ok(())
+}
+
+/// Prints what a followed report brings, one line (with `--json`, one object) per event:
+/// messages of other parties, deliveries and reads of this device's messages, alarms
+/// raised, invitations joined or refused, relays going down or coming back.
+fn print_events(
+    report: &SyncReport,
+    json_output: bool,
+    relays_up: &mut std::collections::HashMap<String, bool>,
+) {
+    use hotline_client::line::LineEvent;
+    let short = |id: &hotline_core::EnvelopeId| id.to_hex()[..12].to_owned();
+    for event in &report.events {
+        let (object, text) = match event {
+            LineEvent::Message {
+                channel,
+                id,
+                from,
+                text,
+                time_ms,
+                deadline_ms,
+            } => (
+                json!({"event": "message", "channel": channel, "id": id.to_hex(), "from": from,
+                       "text": text, "time_ms": time_ms, "deadline_ms": deadline_ms}),
+                format!(
+                    "message {} in {channel} from {from}: {}",
+                    short(id),
+                    crate::inert::inert(text)
+                ),
+            ),
+            LineEvent::Delivered {
+                channel,
+                message,
+                to,
+            } => (
+                json!({"event": "delivered", "channel": channel, "message": message.to_hex(), "to": to}),
+                format!("delivered {} in {channel} to {to}", short(message)),
+            ),
+            LineEvent::Read {
+                channel,
+                message,
+                by,
+            } => (
+                json!({"event": "read", "channel": channel, "message": message.to_hex(), "by": by}),
+                format!("read {} in {channel} by {by}", short(message)),
+            ),
+        };
+        emit_event(json_output, &object, &text);
+    }
+    for (kind, relay, detail) in &report.alarms {
+        emit_event(
+            json_output,
+            &json!({"event": "alarm", "kind": kind, "relay": relay, "detail": detail}),
+            &format!("ALARM {kind} relay {relay}: {detail}"),
+        );
+    }
+    for name in &report.joined {
+        emit_event(
+            json_output,
+            &json!({"event": "joined", "channel": name}),
+            &format!("joined channel {name}"),
+        );
+    }
+    for (url, error) in &report.relays {
+        let up = error.is_none();
+        if relays_up.insert(url.clone(), up) == Some(up) {
+            continue;
+        }
+        let text = match error {
+            None => format!("relay {url}: up"),
+            Some(error) => format!("relay {url}: down: {error}"),
+        };
+        emit_event(
+            json_output,
+            &json!({"event": "relay", "url": url, "state": if up { "up" } else { "down" }, "error": error}),
+            &text,
+        );
+    }
+}
+
+fn emit_event(json_output: bool, object: &serde_json::Value, text: &str) {
+    if json_output {
+        out!("{object}");
+    } else {
+        out!("{text}");
+    }
 }
 
 /// Prints one sync report; a round where nothing happened prints only when `always`.

@@ -1463,19 +1463,25 @@ impl Follower {
         Follower { child, lines }
     }
 
-    /// Waits (up to 30 s) for a report that received at least one message.
-    fn expect_received(&mut self) {
+    /// Waits (up to 30 s) for an event of this kind; returns it.
+    fn expect_event(&mut self, kind: &str) -> serde_json::Value {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             let line = self
                 .lines
                 .recv_timeout(left)
-                .expect("sync --follow received nothing within 30 s");
-            if field(&line, "received").as_u64().unwrap() > 0 {
-                return;
+                .unwrap_or_else(|_| panic!("sync --follow printed no {kind} event within 30 s"));
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["event"] == kind {
+                return event;
             }
         }
+    }
+
+    /// Waits (up to 30 s) for a message of another party.
+    fn expect_received(&mut self) {
+        self.expect_event("message");
     }
 
     fn stop(mut self) -> Option<i32> {
@@ -1893,5 +1899,62 @@ fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
         status(north).1["relays"][0]["state"] == "up"
     });
     eprintln!("line shown up {took:?} after the relay returned");
+    relay.stop();
+}
+
+/// `sync --follow --json` is a stream of events a script can react to: the receiver's
+/// follower prints the message (with its text), the sender's prints it delivered (from
+/// the receiver's receipt frame) and, after `ack`, read; both print the relay going
+/// down and coming back.
+#[test]
+fn follow_json_prints_messages_deliveries_reads_and_relay_changes() {
+    let dir = data_dir("events");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+        ],
+    );
+    ok(north, &["sync"]);
+    ok(south, &["sync"]);
+    let mut north_follows = Follower::start(north);
+    let mut south_follows = Follower::start(south);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let started = std::time::Instant::now();
+    let sent = ok(north, &["send", "crisis", "hello\u{1b}[2J south", "--json"]);
+    let id = field(&sent, "id").as_str().unwrap().to_owned();
+    let message = south_follows.expect_event("message");
+    assert_eq!(message["channel"], "crisis");
+    assert_eq!(message["from"], "north");
+    assert_eq!(message["id"], id.as_str());
+    assert_eq!(
+        message["text"], "hello\u{1b}[2J south",
+        "JSON keeps the exact text"
+    );
+    let delivered = north_follows.expect_event("delivered");
+    eprintln!("delivered shown {:?} after send", started.elapsed());
+    assert_eq!(delivered["message"], id.as_str());
+    assert_eq!(delivered["to"], "south");
+
+    let started = std::time::Instant::now();
+    ok(south, &["ack", "crisis", &id[..12]]);
+    let read = north_follows.expect_event("read");
+    eprintln!("read shown {:?} after ack", started.elapsed());
+    assert_eq!(read["message"], id.as_str());
+    assert_eq!(read["by"], "south");
+
+    let address = relay.address();
+    relay.stop();
+    let down = north_follows.expect_event("relay");
+    assert_eq!(down["state"], "down", "{down}");
+    let relay = Relay::start_on(&dir.join("relay"), &address);
+    let up = north_follows.expect_event("relay");
+    assert_eq!(up["state"], "up", "{up}");
+    assert_eq!(north_follows.stop(), Some(0));
+    assert_eq!(south_follows.stop(), Some(0));
     relay.stop();
 }

@@ -120,6 +120,14 @@ const MIGRATIONS: &[&str] = &[
         url TEXT PRIMARY KEY,
         name TEXT NOT NULL UNIQUE
     );",
+    // Version 13: how far this device's chain was reported delivered to each party (the
+    // `delivered` events of `sync --follow --json`).
+    "CREATE TABLE delivered_reported (
+        channel BLOB NOT NULL,
+        party TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (channel, party)
+    );",
 ];
 
 /// Version 4.
