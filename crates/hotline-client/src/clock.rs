@@ -62,10 +62,15 @@ thread_local! {
 /// Runs `operation` with `now` as the instant [`now_ms`] gives (restored afterwards, so
 /// that operations may nest).
 pub(crate) fn during<T>(now: u64, operation: impl FnOnce() -> T) -> T {
-    let outer = OPERATION.with(|cell| cell.replace(Some(now)));
-    let result = operation();
-    OPERATION.with(|cell| cell.set(outer));
-    result
+    /// Puts the outer instant back however the operation ends (a panic included).
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OPERATION.with(|cell| cell.set(self.0));
+        }
+    }
+    let _restore = Restore(OPERATION.with(|cell| cell.replace(Some(now))));
+    operation()
 }
 
 /// The instant of the store operation in progress (its clock, read once when its

@@ -11,7 +11,7 @@ pub use crate::link::DEFAULT_INTERVAL_MS;
 use crate::link::{Settings, setting};
 pub use crate::payload::{LinkTest, relay_tag};
 use crate::provider::Provider;
-use crate::store::{Store, StoreError, channel_relays, checkout, save_channel};
+use crate::store::{Store, StoreError, channel_relays, checkout, now_ms, save_channel};
 
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
@@ -208,8 +208,8 @@ impl Store {
     /// in how many channels probes went out; the sync engine posts them
     /// ([`Store::take_frames`]).
     pub fn send_due_probes(&mut self) -> Result<usize, StoreError> {
-        let now = self.now();
         self.transact(|connection, identity, cache| {
+            let now = now_ms();
             let settings = Settings::read(connection)?;
             let ids: Vec<Vec<u8>> = connection
                 .prepare_cached("SELECT DISTINCT channel FROM channel_relays")?
@@ -252,8 +252,8 @@ impl Store {
     /// relay of the channel): their senders see them delivered without waiting for this
     /// device to write. Returns how many were sealed; the sync engine posts them.
     pub fn send_receipts(&mut self) -> Result<usize, StoreError> {
-        let now = self.now();
         self.transact(|connection, identity, cache| {
+            let now = now_ms();
             let provider = Provider::new(connection);
             let mut sealed = 0;
             for id in crate::link::take_receipts_due(connection)? {
@@ -266,6 +266,9 @@ impl Store {
                 if crate::link::send_receipt(connection, &provider, identity, &mut channel, now)? {
                     sealed += 1;
                     save_channel(connection, &mut channel, false)?;
+                } else if !channel_relays(connection, &id)?.is_empty() {
+                    // Cannot seal now (a proposal waits for its commit): later.
+                    crate::link::receipt_due(connection, &id)?;
                 }
                 cache.channels.insert(id, channel);
             }
@@ -376,8 +379,8 @@ impl Store {
 
     /// The link-test frames waiting for their relays, taken (each is posted once).
     pub fn take_frames(&mut self) -> Result<Vec<crate::link::OutgoingFrame>, StoreError> {
-        let now = self.now();
         self.transact(|connection, _, _| {
+            let now = now_ms();
             let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
             crate::link::take_frames(connection, now, interval.max(1_000))
         })

@@ -222,7 +222,11 @@ pub(crate) fn send_due(
                         "UPDATE link_state SET record_since_ms = ?2 WHERE channel = ?1",
                         params![&id.0[..], to as i64],
                     )?;
-                    forget(connection, now.saturating_sub(settings.retention_ms))?;
+                    // Never what the next record still has to count.
+                    forget(
+                        connection,
+                        now.saturating_sub(settings.retention_ms).min(to),
+                    )?;
                 }
             }
         }
@@ -297,6 +301,7 @@ fn availability(
                 party,
                 from,
                 to,
+                settings.grace_ms(),
             )?);
         }
     }
@@ -308,6 +313,11 @@ fn availability(
     })
 }
 
+/// What this device's probes through `relay` showed of `party` over `[from, to)`. A
+/// probe counts from the first one that party ever answered in this channel on (before
+/// it, the party had not joined, or not opened its invitation); an answer counts if it
+/// came within `grace` (later, the path was down for the time it took).
+#[allow(clippy::too_many_arguments)]
 fn path_record(
     connection: &Connection,
     channel: &ChannelId,
@@ -315,7 +325,20 @@ fn path_record(
     party: &str,
     from: u64,
     to: u64,
+    grace: u64,
 ) -> Result<PathRecord, StoreError> {
+    let first_answered: Option<i64> = connection
+        .prepare_cached(
+            "SELECT p.sent_ms FROM answers a JOIN probes p ON p.hash = a.probe
+             WHERE a.party = ?2 AND p.channel = ?1 ORDER BY a.at_ms LIMIT 1",
+        )?
+        .query_row(params![&channel.0[..], party], |row| row.get(0))
+        .optional()?;
+    let from = match first_answered {
+        Some(first) => from.max(first as u64),
+        // Never answered at all: every probe of the period is unanswered.
+        None => from,
+    };
     let mut statement = connection.prepare_cached(
         "SELECT p.sent_ms,
                 (SELECT MIN(a.at_ms) FROM answers a WHERE a.probe = p.hash AND a.party = ?4)
@@ -334,7 +357,7 @@ fn path_record(
     for row in rows {
         let (sent_ms, answered) = row?;
         sent = sent.saturating_add(1);
-        match answered {
+        match answered.filter(|at| (*at as u64).saturating_sub(sent_ms) <= grace) {
             Some(at) => {
                 let rtt = (at as u64).saturating_sub(sent_ms);
                 rtts.push(u32::try_from(rtt).unwrap_or(u32::MAX));
@@ -393,9 +416,6 @@ pub(crate) fn on_frames(
         };
         // The frame these very bytes carried (not one held for its epoch until now).
         let at_hand = index == 0;
-        if at_hand {
-            remember_frame(connection, hash, now)?;
-        }
         let Some(party) = channel.transcript().party_of(sender).map(str::to_owned) else {
             continue;
         };
@@ -426,13 +446,19 @@ pub(crate) fn on_frames(
                     .is_some();
                 }
             }
-            Some(LinkTest::Answer { probe, relay: tag }) => {
+            // An answer counts for the path of its probe only if it came back through
+            // that same relay, in the probe's channel (a path is tested both ways).
+            Some(LinkTest::Answer { probe, relay: tag }) if at_hand => {
                 let sent: Option<(String, i64)> = connection
-                    .prepare_cached("SELECT relay, sent_ms FROM probes WHERE hash = ?1")?
-                    .query_row([&probe[..]], |row| Ok((row.get(0)?, row.get(1)?)))
+                    .prepare_cached(
+                        "SELECT relay, sent_ms FROM probes WHERE hash = ?1 AND channel = ?2",
+                    )?
+                    .query_row(params![&probe[..], &channel.id().0[..]], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
                     .optional()?;
                 let Some((url, sent_ms)) = sent else { continue };
-                if relay_tag(&url) != tag {
+                if relay_tag(&url) != tag || relay != Some(url.as_str()) {
                     continue;
                 }
                 let fresh = connection
@@ -472,6 +498,9 @@ pub struct OutgoingFrame {
     pub channel: ChannelId,
     pub relay: String,
     pub bytes: Vec<u8>,
+    /// When it was sealed (ms since the Unix epoch): a frame left waiting too long is
+    /// stale (an answer posted late would hide the outage that held it).
+    pub created_ms: u64,
 }
 
 /// Takes the frames waiting to be posted (each is posted once: a frame that fails is
@@ -485,27 +514,33 @@ pub(crate) fn take_frames(
         "DELETE FROM frames_out WHERE created_ms < ?1",
         [now.saturating_sub(stale_ms) as i64],
     )?;
-    let frames: Vec<OutgoingFrame> =
-        connection
-            .prepare_cached("DELETE FROM frames_out RETURNING id, channel, relay, bytes")?
-            .query_map([], |row| {
-                let channel: Vec<u8> = row.get(1)?;
-                Ok((row.get(0)?, channel, row.get(2)?, row.get(3)?))
-            })?
-            .filter_map(|row| match row {
-                Ok((id, channel, relay, bytes)) => <[u8; 32]>::try_from(channel.as_slice())
-                    .ok()
-                    .map(|channel| {
-                        Ok(OutgoingFrame {
-                            id,
-                            channel: ChannelId(channel),
-                            relay,
-                            bytes,
-                        })
-                    }),
-                Err(error) => Some(Err(error)),
-            })
-            .collect::<Result<_, _>>()?;
+    let frames: Vec<OutgoingFrame> = connection
+        .prepare_cached("DELETE FROM frames_out RETURNING id, channel, relay, bytes, created_ms")?
+        .query_map([], |row| {
+            let channel: Vec<u8> = row.get(1)?;
+            Ok((
+                row.get(0)?,
+                channel,
+                row.get(2)?,
+                row.get(3)?,
+                row.get::<_, i64>(4)?,
+            ))
+        })?
+        .filter_map(|row| match row {
+            Ok((id, channel, relay, bytes, created)) => <[u8; 32]>::try_from(channel.as_slice())
+                .ok()
+                .map(|channel| {
+                    Ok(OutgoingFrame {
+                        id,
+                        channel: ChannelId(channel),
+                        relay,
+                        bytes,
+                        created_ms: created.max(0) as u64,
+                    })
+                }),
+            Err(error) => Some(Err(error)),
+        })
+        .collect::<Result<_, _>>()?;
     let mut frames = frames;
     frames.sort_by_key(|frame| frame.id);
     Ok(frames)

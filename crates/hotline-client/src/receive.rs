@@ -10,8 +10,8 @@ use crate::bundle::Entry;
 use crate::provider::Provider;
 use crate::store::{
     Cursor, Store, StoreError, advance, channel_relays, checkout, copy_hash, failpoint,
-    follow_relay_changes, is_known_frame, now_ms, place_copies, relay_of, save_channel,
-    stage_commit,
+    follow_relay_changes, is_known_frame, now_ms, place_copies, relay_of, remember_frame,
+    save_channel, stage_commit,
 };
 
 impl Store {
@@ -50,6 +50,25 @@ impl Store {
                 return Ok(events);
             }
             let now = now_ms();
+            // Frames (and malformed ones) are opened without being marked processed in the
+            // transcript: remember each one opened now, these bytes or ones held for their
+            // epoch, so that its copy through another relay is a duplicate, not an MLS
+            // failure blamed on that relay.
+            let mut opened: Vec<[u8; 32]> = events
+                .iter()
+                .filter_map(|event| match event {
+                    Event::Unbuffered { hash, .. } => Some(*hash),
+                    _ => None,
+                })
+                .collect();
+            if !channel.holds_buffered(&hash) {
+                opened.push(hash);
+            }
+            for opened in &opened {
+                if !channel.transcript().is_processed(opened)? {
+                    remember_frame(connection, opened, now)?;
+                }
+            }
             crate::link::on_frames(
                 connection,
                 &provider,

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::Store;
 use crate::bundle;
+use crate::clock::Clock;
 use crate::line::LineEvent;
 use crate::link::OutgoingFrame;
 use crate::store::OutboxItem;
@@ -157,8 +158,6 @@ async fn sync_with(
     relays: &mut Relays,
 ) -> Result<SyncReport, StoreError> {
     let mut report = SyncReport::default();
-    // 0. Link tests that are due go out with this push.
-    store.send_due_probes()?;
     push_with(store, identity, relays, &mut report).await?;
     reoffer(store, identity, relays, &mut report).await?;
     // 3. Invitations in this device's inboxes; 4. every channel (joined ones included)
@@ -174,9 +173,11 @@ async fn sync_with(
     for watch in channel_watches(store)? {
         pull(store, identity, relays, &watch, &mut report).await?;
     }
-    // Receipts for what arrived, at once.
+    // Receipts for what arrived, and the link tests that are due (after the pulls, so
+    // that a record sealed now counts the answers they brought), go out at once.
     store.send_receipts()?;
-    post_frames(store, identity, relays, &mut report).await?;
+    store.send_due_probes()?;
+    push_with(store, identity, relays, &mut report).await?;
     note_health(store, &report)?;
     Ok(report)
 }
@@ -678,6 +679,7 @@ async fn post_frames(
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
     let frames = store.take_frames()?;
+    let stale = probe_interval(store)?.max(Duration::from_secs(1));
     if relays.posters.is_some() {
         for frame in frames {
             let Ok(client) = relays.get(&frame.relay) else {
@@ -690,7 +692,7 @@ async fn post_frames(
             let sender = posters
                 .senders
                 .entry(frame.relay.clone())
-                .or_insert_with(|| spawn_poster(client, identity));
+                .or_insert_with(|| spawn_poster(client, identity, stale));
             // Full: the relay is slow or hung, and this link test fails.
             let _ = sender.try_send(frame);
         }
@@ -714,10 +716,21 @@ async fn post_frames(
 
 /// A task that posts one relay's frames in order, each within [`FRAME_POST_TIMEOUT`].
 /// It ends with the follow loop (when the sender is dropped).
-fn spawn_poster(client: RelayClient, identity: Arc<DeviceIdentity>) -> mpsc::Sender<OutgoingFrame> {
+fn spawn_poster(
+    client: RelayClient,
+    identity: Arc<DeviceIdentity>,
+    stale: Duration,
+) -> mpsc::Sender<OutgoingFrame> {
     let (sender, mut frames) = mpsc::channel::<OutgoingFrame>(FRAME_QUEUE);
     tokio::spawn(async move {
         while let Some(frame) = frames.recv().await {
+            // Left waiting behind a hung post: a link test that failed.
+            let age = crate::clock::SystemClock
+                .now_ms()
+                .saturating_sub(frame.created_ms);
+            if age > stale.as_millis() as u64 {
+                continue;
+            }
             let post = client.post(&identity, &frame.channel.0, frame.bytes);
             let _ = tokio::time::timeout(FRAME_POST_TIMEOUT, post).await;
         }

@@ -363,6 +363,14 @@ impl Body {
     }
 }
 
+/// Whether a path's strings are what they claim: a relay address in printable ASCII, a
+/// party name as names go (what an auditor's terminal shows cannot carry controls).
+fn path_names_ok(relay: &str, party: &str) -> bool {
+    !relay.is_empty()
+        && relay.bytes().all(|b| b.is_ascii_graphic())
+        && crate::identity::check_name("party", party).is_ok()
+}
+
 impl Availability {
     fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
         let from_ms = reader.u64("availability start")?;
@@ -390,6 +398,12 @@ impl Availability {
                 let from = reader.u64("outage start")?;
                 let to = reader.u64("outage end")?;
                 outages.push((from, to));
+            }
+            if !path_names_ok(&relay, &party) {
+                return Err(DecodeError::Invalid {
+                    field: "availability path",
+                    reason: "a relay address must be printable ASCII, a party a name",
+                });
             }
             if answered > sent || (listed as u32) > outages_total {
                 return Err(DecodeError::Invalid {
@@ -625,7 +639,7 @@ impl Envelope {
                 && record.from_ms <= record.to_ms
                 && record.paths.iter().all(|path| {
                     path.relay.len() <= MAX_RELAY_URL_LEN
-                        && path.party.len() <= MAX_NAME_LEN
+                        && path_names_ok(&path.relay, &path.party)
                         && path.outages.len() <= MAX_OUTAGES
                         && path.answered <= path.sent
                         && path.outages.len() as u64 <= u64::from(path.outages_total)

@@ -116,6 +116,8 @@ pub struct VerifyReport {
     pub senders: BTreeMap<DeviceKey, (u64, u64)>,
     /// What the signed availability records say, per (device, relay, party).
     pub availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
+    /// Record paths not summed: beyond [`MAX_SUMMARIES`] distinct paths.
+    pub availability_unsummed: u64,
 }
 
 /// The availability records of one device for one relay path to one party, summed.
@@ -229,6 +231,12 @@ impl VerifyReport {
                     }
                     _ => format!("down {}", outages.join(", ")),
                 }
+            ));
+        }
+        if self.availability_unsummed > 0 {
+            out.push(format!(
+                "{} more availability record paths are not summarised here (more than {MAX_SUMMARIES} distinct paths).",
+                self.availability_unsummed
             ));
         }
         if self.horizon > 0 {
@@ -496,6 +504,7 @@ struct Verifier {
     read_receipts: u64,
     checkpoints: u64,
     availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
+    availability_unsummed: u64,
     last: Option<(u64, EnvelopeId)>,
 }
 
@@ -514,6 +523,7 @@ impl Verifier {
             read_receipts: 0,
             checkpoints: 0,
             availability: BTreeMap::new(),
+            availability_unsummed: 0,
             last: None,
         }
     }
@@ -527,15 +537,15 @@ impl Verifier {
             Body::Checkpoint { .. } => self.checkpoints += 1,
             Body::Availability(record) => {
                 for path in &record.paths {
-                    // Bounded: a record names at most MAX_PATHS paths; an auditor's
-                    // summary keeps one entry per (device, relay, party).
-                    if self.availability.len() >= MAX_SUMMARIES {
-                        break;
+                    // Bounded: one entry per (device, relay, party), at most
+                    // MAX_SUMMARIES; paths beyond are counted, not summed.
+                    let key = (envelope.sender, path.relay.clone(), path.party.clone());
+                    let room = self.availability.len() < MAX_SUMMARIES;
+                    if room || self.availability.contains_key(&key) {
+                        self.availability.entry(key).or_default().add(record, path);
+                    } else {
+                        self.availability_unsummed += 1;
                     }
-                    self.availability
-                        .entry((envelope.sender, path.relay.clone(), path.party.clone()))
-                        .or_default()
-                        .add(record, path);
                 }
             }
             _ => {}
@@ -623,6 +633,7 @@ impl Verifier {
             last_time_ms: self.last_time_ms,
             senders: self.chains,
             availability: self.availability,
+            availability_unsummed: self.availability_unsummed,
         })
     }
 }

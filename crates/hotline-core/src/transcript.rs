@@ -458,6 +458,7 @@ impl Transcript {
         self.heads
             .iter()
             .map(|(sender, head)| (*sender, head.seq))
+            .take(crate::envelope::MAX_SEEN)
             .collect()
     }
 

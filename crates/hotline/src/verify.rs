@@ -141,13 +141,14 @@ fn print_report(report: &VerifyReport) {
     for info in &report.roster {
         out!(
             "  {:<16} {:<12} {}",
-            info.party,
-            info.device,
+            crate::inert::inert(&info.party),
+            crate::inert::inert(&info.device),
             info.fingerprint()
         );
     }
     out!("what this proves");
+    // Names in the file are the parties' own words: shown inert.
     for statement in report.statements() {
-        out!("  - {statement}");
+        out!("  - {}", crate::inert::inert(&statement));
     }
 }

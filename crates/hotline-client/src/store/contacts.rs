@@ -23,7 +23,7 @@ impl Store {
             connection.execute(
                 "INSERT INTO contacts (key, party, device, card, imported_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (key) DO UPDATE SET party = ?2, device = ?3, card = ?4, imported_ms = ?5,
-                   key_packages_used = 0",
+                   key_packages_used = CASE WHEN card = ?4 THEN key_packages_used ELSE 0 END",
                 params![&info.key.0[..], info.party, info.device, card, now_ms() as i64],
             )?;
             Ok(())

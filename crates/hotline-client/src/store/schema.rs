@@ -218,6 +218,7 @@ const LINK_TESTS_EPHEMERAL: &str = "
         PRIMARY KEY (probe, device)
     ) WITHOUT ROWID;
     CREATE INDEX answers_by_time ON answers (at_ms);
+    CREATE INDEX answers_by_party ON answers (party, at_ms);
     CREATE TABLE frames (
         hash BLOB PRIMARY KEY,
         at_ms INTEGER NOT NULL
