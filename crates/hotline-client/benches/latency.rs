@@ -13,7 +13,8 @@
 //!
 //! `HOTLINE_BENCH_HISTORY=N` first gives the channel N messages of history (sent by
 //! north and carried to south by bundle, the fast path; they are not pushed through
-//! the relays), so that one received message in a running follower is timed with a
+//! the relays; south seals a checkpoint every 10,000, as a following device seals its
+//! hourly record), so that one received message in a running follower is timed with a
 //! long history behind it.
 
 use std::ops::ControlFlow;
@@ -60,7 +61,15 @@ fn main() {
                     "127.0.0.1:0".parse().unwrap(),
                     tls::server_config(cert, key).unwrap(),
                     storage,
-                    Limits::default(),
+                    // Messages go one right after another here, about 250 a second
+                    // from one sender, and every request (long polls, acknowledgements,
+                    // receipts) is charged to its device's bucket: above the default 200
+                    // a second, the limiter would be what is measured.
+                    Limits {
+                        rate_per_second: 100_000.0,
+                        rate_burst: 100_000.0,
+                        ..Limits::default()
+                    },
                 ))
                 .unwrap();
             urls.push(tls::relay_url(&relay.address.to_string(), &pin));
@@ -96,12 +105,30 @@ fn main() {
                 }
                 south.import_bundle(north.export_outbox().unwrap()).unwrap();
                 grown += chunk;
+                // South writes now and then, as a following device seals its hourly
+                // availability record and checkpoint: the settled prefix moves on.
+                if grown % 10_000 == 0 {
+                    south
+                        .send(
+                            "crisis",
+                            Body::Checkpoint {
+                                root: [0; 32],
+                                size: 0,
+                                horizon: 0,
+                            },
+                            None,
+                        )
+                        .unwrap();
+                    north.import_bundle(south.export_outbox().unwrap()).unwrap();
+                }
             }
             // Carried by bundle: the relays are not to be given them again.
-            rusqlite::Connection::open(north.home().database())
-                .unwrap()
-                .execute("UPDATE outbox SET settled = 1 WHERE settled = 0", [])
-                .unwrap();
+            for store in [&north, &south] {
+                rusqlite::Connection::open(store.home().database())
+                    .unwrap()
+                    .execute("UPDATE outbox SET settled = 1 WHERE settled = 0", [])
+                    .unwrap();
+            }
             eprintln!(
                 "{history} messages of history in {:.1} s",
                 started.elapsed().as_secs_f64()
