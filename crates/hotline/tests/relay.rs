@@ -1609,6 +1609,31 @@ async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
     relay.stop();
 }
 
+/// North and south, verified, with channel "crisis" on one new relay (named on north's
+/// device when `name` is given), both synced once: the data directory, the relay, the
+/// two homes.
+fn crisis_on_one_relay(
+    dir_name: &str,
+    name: Option<&str>,
+) -> (std::path::PathBuf, Relay, Vec<std::path::PathBuf>) {
+    let dir = data_dir(dir_name);
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let argument = match name {
+        Some(name) => format!("{name}={}", relay.url),
+        None => relay.url.clone(),
+    };
+    ok(
+        &homes[0],
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &argument,
+        ],
+    );
+    ok(&homes[0], &["sync"]);
+    ok(&homes[1], &["sync"]);
+    (dir, relay, homes)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1794,18 +1819,10 @@ fn three_parties_on_three_relays_keep_the_line_tested_and_the_record_bounded() {
 /// enters the transcript.
 #[test]
 fn one_sync_on_each_side_shows_delivered_and_ack_shows_read() {
-    let dir = data_dir("receipts");
-    let relay = Relay::start(&dir.join("relay"));
-    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (_dir, relay, homes) = crisis_on_one_relay("receipts", None);
     let (north, south) = (&homes[0], &homes[1]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
-        ],
-    );
-    // South joins, then (first link tests) checkpoints; north gets it.
-    for home in [north, south, south, north] {
+    // South's first link tests and checkpoint reach north.
+    for home in [south, north] {
         ok(home, &["sync"]);
     }
     let envelopes = |home: &Path| field(&ok(home, &["channel", "list", "--json"]), "envelopes");
@@ -1846,20 +1863,9 @@ fn one_sync_on_each_side_shows_delivered_and_ack_shows_read() {
 /// milliseconds, not a poll's.
 #[test]
 fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
-    let dir = data_dir("sole");
-    let relay = Relay::start(&dir.join("relay"));
-    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
-    let (north, south) = (&homes[0], &homes[1]);
     // North names the relay on its device.
-    let named = format!("sole={}", relay.url);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &named,
-        ],
-    );
-    ok(north, &["sync"]);
-    ok(south, &["sync"]);
+    let (dir, relay, homes) = crisis_on_one_relay("sole", Some("sole"));
+    let (north, south) = (&homes[0], &homes[1]);
     let follow =
         |home: &Path| Follower::start_with(home, &["--round", "1", "--link-test-interval", "1s"]);
     let (_north_follows, _south_follows) = (follow(north), follow(south));
@@ -1924,18 +1930,8 @@ fn the_sole_relay_dies_and_returns_and_status_follows_within_intervals() {
 /// down and coming back.
 #[test]
 fn follow_json_prints_messages_deliveries_reads_and_relay_changes() {
-    let dir = data_dir("events");
-    let relay = Relay::start(&dir.join("relay"));
-    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (dir, relay, homes) = crisis_on_one_relay("events", None);
     let (north, south) = (&homes[0], &homes[1]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
-        ],
-    );
-    ok(north, &["sync"]);
-    ok(south, &["sync"]);
     let mut north_follows = Follower::start(north);
     let mut south_follows = Follower::start(south);
     std::thread::sleep(Duration::from_millis(500));
