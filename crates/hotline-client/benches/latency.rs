@@ -21,8 +21,9 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use hotline_client::Store;
+use hotline_client::line::LineEvent;
 use hotline_client::sync::{FollowConfig, Session, follow, sync_once};
-use hotline_core::Body;
+use hotline_core::{Body, EnvelopeId};
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::SqliteStorage;
 use hotline_relay::tls;
@@ -161,15 +162,40 @@ fn main() {
                 }))
                 .unwrap();
         });
-        // Let the follower start its long-polls.
+        // The sender follows too (its own handle on its home), and reports each message
+        // of its own shown delivered (the recipient's receipt frame).
+        let (delivered, deliveries) = std::sync::mpsc::channel::<(Instant, EnvelopeId)>();
+        let north_home = dir.join("north");
+        let sender_follower = std::thread::spawn(move || {
+            let mut north = Store::open(&north_home).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let config = FollowConfig::default();
+            runtime
+                .block_on(follow(&mut north, &config, |report| {
+                    for event in &report.events {
+                        if let LineEvent::Delivered { message, .. } = event
+                            && delivered.send((Instant::now(), *message)).is_err()
+                        {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    ControlFlow::Continue(())
+                }))
+                .unwrap();
+        });
+        // Let the followers start their long-polls.
         std::thread::sleep(Duration::from_millis(500));
 
         let mut session = Session::new(&north).unwrap();
         let text = "x".repeat(1024);
         let mut latencies: Vec<Duration> = Vec::with_capacity(messages);
         let mut pushes: Vec<Duration> = Vec::with_capacity(messages);
+        let mut seen_delivered: Vec<Duration> = Vec::with_capacity(messages);
         for _ in 0..messages {
-            north
+            let id = north
                 .send("crisis", Body::Text(text.clone()), None)
                 .unwrap();
             let sent = Instant::now();
@@ -180,20 +206,37 @@ fn main() {
                 .expect("the message did not arrive");
             assert_eq!(received, 1);
             latencies.push(at - sent);
+            loop {
+                let (at, message) = deliveries
+                    .recv_timeout(Duration::from_secs(30))
+                    .expect("the sender never showed the message delivered");
+                if message == id {
+                    seen_delivered.push(at - sent);
+                    break;
+                }
+            }
         }
-        // One more message wakes the follower, which then sees its receiver gone.
+        // One more message wakes both followers, which then see their receivers gone.
         drop(arrivals);
+        drop(deliveries);
         north
             .send("crisis", Body::Text("end".into()), None)
             .unwrap();
         runtime.block_on(session.push(&mut north)).unwrap();
         follower.join().unwrap();
+        sender_follower.join().unwrap();
         latencies.sort();
         pushes.sort();
+        seen_delivered.sort();
         println!(
             "{relay_count} relay(s): send returned → committed at the recipient, 1 KiB, {messages} messages: p50 {:.2} ms, p99 {:.2} ms",
             latencies[messages / 2].as_secs_f64() * 1e3,
             latencies[messages * 99 / 100].as_secs_f64() * 1e3
+        );
+        println!(
+            "{relay_count} relay(s): send returned → the sender (following) shows it delivered: p50 {:.2} ms, p99 {:.2} ms",
+            seen_delivered[messages / 2].as_secs_f64() * 1e3,
+            seen_delivered[messages * 99 / 100].as_secs_f64() * 1e3
         );
         println!(
             "{relay_count} relay(s): of which the sender's push (every relay durably holds it): p50 {:.2} ms, p99 {:.2} ms",
