@@ -166,6 +166,8 @@ fn main() {
         // of its own shown delivered (the recipient's receipt frame).
         let (delivered, deliveries) = std::sync::mpsc::channel::<(Instant, EnvelopeId)>();
         let north_home = dir.join("north");
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = std::sync::Arc::clone(&done);
         let sender_follower = std::thread::spawn(move || {
             let mut north = Store::open(&north_home).unwrap();
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -175,6 +177,10 @@ fn main() {
             let config = FollowConfig::default();
             runtime
                 .block_on(follow(&mut north, &config, |report| {
+                    // Its full rounds (every 10 s) report too: it stops at the next one.
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return ControlFlow::Break(());
+                    }
                     for event in &report.events {
                         if let LineEvent::Delivered { message, .. } = event
                             && delivered.send((Instant::now(), *message)).is_err()
@@ -224,6 +230,7 @@ fn main() {
             .unwrap();
         runtime.block_on(session.push(&mut north)).unwrap();
         follower.join().unwrap();
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
         sender_follower.join().unwrap();
         latencies.sort();
         pushes.sort();
