@@ -428,7 +428,9 @@ pub(crate) fn on_frames(
         match LinkTest::decode(payload) {
             // A probe held for its epoch is stale: the next one asks again.
             Some(LinkTest::Probe { .. }) if at_hand => {
-                if let Some(relay) = relay {
+                if let Some(relay) = relay
+                    && answer_allowed(connection, &channel.id(), sender, relay, now)?
+                {
                     let answer = LinkTest::Answer {
                         probe: *hash,
                         relay: relay_tag(relay),
@@ -489,6 +491,39 @@ pub(crate) fn on_frames(
         }
     }
     Ok(changed)
+}
+
+/// Probes of one member through one relay are answered at most once per this many
+/// milliseconds (half the shortest link-test interval): a member flooding probes gets
+/// no more answers, and this device keeps no more rows, than an honest one.
+pub const MIN_ANSWER_GAP_MS: u64 = 50;
+
+/// Whether a probe of `device` through `relay` may be answered now (and if so, notes it).
+fn answer_allowed(
+    connection: &Connection,
+    channel: &ChannelId,
+    device: &hotline_core::DeviceKey,
+    relay: &str,
+    now: u64,
+) -> Result<bool, StoreError> {
+    let last: Option<i64> = connection
+        .prepare_cached(
+            "SELECT at_ms FROM answer_floor WHERE channel = ?1 AND device = ?2 AND relay = ?3",
+        )?
+        .query_row(params![&channel.0[..], &device.0[..], relay], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    if last.is_some_and(|last| now < (last.max(0) as u64).saturating_add(MIN_ANSWER_GAP_MS)) {
+        return Ok(false);
+    }
+    connection
+        .prepare_cached(
+            "INSERT INTO answer_floor (channel, device, relay, at_ms) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (channel, device, relay) DO UPDATE SET at_ms = ?4",
+        )?
+        .execute(params![&channel.0[..], &device.0[..], relay, now as i64])?;
+    Ok(true)
 }
 
 /// A frame waiting for its relay.

@@ -124,3 +124,33 @@ fn a_relay_silent_for_a_known_window_shows_in_the_signed_availability_record() {
         .unwrap();
     assert_eq!(south_r2.longest, [(T0 + 20_000, T0 + 30_000)]);
 }
+
+/// A member probing far faster than any interval allows (here every millisecond) gets
+/// at most one answer per relay each 50 ms: no more frames, and no more rows kept, than
+/// an honest prober's.
+#[test]
+fn a_member_flooding_probes_gets_no_more_answers_than_an_honest_one() {
+    let (north_home, south_home) = (home("flood-north"), home("flood-south"));
+    let (mut north, mut south) = hotline_client::testing::verified_pair(&north_home, &south_home);
+    let clock = Arc::new(ManualClock::at(T0));
+    for store in [&mut north, &mut south] {
+        store.set_clock(clock.clone());
+    }
+    north
+        .change_relays("crisis", &[R1.to_owned(), R2.to_owned()])
+        .unwrap();
+    south.import_bundle(north.export_outbox().unwrap()).unwrap();
+    south.set_link_test_interval(1).unwrap();
+    let mut seq = 0;
+    let mut answers = 0;
+    for _ in 0..200 {
+        clock.advance(Duration::from_millis(1));
+        south.send_due_probes().unwrap();
+        carry(&mut south, &mut north, None, &mut seq);
+        answers += north.take_frames().unwrap().len();
+    }
+    // 200 ms of probes: at most 4 answers per relay (one each 50 ms, the first included),
+    // 200 probes per relay sent.
+    assert!(answers <= 2 * 5, "{answers} answers");
+    assert!(answers >= 2 * 3, "{answers} answers");
+}

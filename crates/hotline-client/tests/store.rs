@@ -260,6 +260,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TRIGGER outbox_back; DROP TRIGGER outbox_gone;
              DROP TABLE probes; DROP TABLE answers; DROP TABLE frames;
              DROP TABLE frames_out; DROP TABLE link_state; DROP TABLE receipts_due;
+             DROP TABLE answer_floor;
              ALTER TABLE contacts DROP COLUMN key_packages_used; DROP TABLE relay_names;
              DROP TABLE delivered_reported;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,

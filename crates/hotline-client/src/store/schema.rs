@@ -231,6 +231,13 @@ const LINK_TESTS_EPHEMERAL: &str = "
         bytes BLOB NOT NULL,
         created_ms INTEGER NOT NULL
     );
+    CREATE TABLE answer_floor (
+        channel BLOB NOT NULL,
+        device BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, device, relay)
+    ) WITHOUT ROWID;
     CREATE TABLE receipts_due (
         channel BLOB PRIMARY KEY
     );
