@@ -143,24 +143,14 @@ fn main() {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let (committed, arrivals) = std::sync::mpsc::channel::<(Instant, usize)>();
         let south_home = dir.join("south");
-        let follower = std::thread::spawn(move || {
-            let mut south = Store::open(&south_home).unwrap();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let config = FollowConfig::default();
-            runtime
-                .block_on(follow(&mut south, &config, |report| {
-                    if report.received == 0 {
-                        return ControlFlow::Continue(());
-                    }
-                    match committed.send((Instant::now(), report.received)) {
-                        Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => ControlFlow::Break(()),
-                    }
-                }))
-                .unwrap();
+        let follower = follow_on_thread(south_home, move |report| {
+            if report.received == 0 {
+                return ControlFlow::Continue(());
+            }
+            match committed.send((Instant::now(), report.received)) {
+                Ok(()) => ControlFlow::Continue(()),
+                Err(_) => ControlFlow::Break(()),
+            }
         });
         // The sender follows too (its own handle on its home), and reports each message
         // of its own shown delivered (the recipient's receipt frame).
@@ -168,29 +158,19 @@ fn main() {
         let north_home = dir.join("north");
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::clone(&done);
-        let sender_follower = std::thread::spawn(move || {
-            let mut north = Store::open(&north_home).unwrap();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let config = FollowConfig::default();
-            runtime
-                .block_on(follow(&mut north, &config, |report| {
-                    // Its full rounds (every 10 s) report too: it stops at the next one.
-                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                        return ControlFlow::Break(());
-                    }
-                    for event in &report.events {
-                        if let LineEvent::Delivered { message, .. } = event
-                            && delivered.send((Instant::now(), *message)).is_err()
-                        {
-                            return ControlFlow::Break(());
-                        }
-                    }
-                    ControlFlow::Continue(())
-                }))
-                .unwrap();
+        let sender_follower = follow_on_thread(north_home, move |report| {
+            // Its full rounds (every 10 s) report too: it stops at the next one.
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return ControlFlow::Break(());
+            }
+            for event in &report.events {
+                if let LineEvent::Delivered { message, .. } = event
+                    && delivered.send((Instant::now(), *message)).is_err()
+                {
+                    return ControlFlow::Break(());
+                }
+            }
+            ControlFlow::Continue(())
         });
         // Let the followers start their long-polls.
         std::thread::sleep(Duration::from_millis(500));
@@ -270,4 +250,24 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// Follows the device at `home` on a thread of its own (its own handle on the home),
+/// until `on_report` says `Break`.
+fn follow_on_thread(
+    home: std::path::PathBuf,
+    mut on_report: impl FnMut(&hotline_client::sync::SyncReport) -> ControlFlow<()> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut store = Store::open(&home).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(follow(&mut store, &FollowConfig::default(), |report| {
+                on_report(report)
+            }))
+            .unwrap();
+    })
 }

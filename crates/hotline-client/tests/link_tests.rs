@@ -46,20 +46,32 @@ fn carry(from: &mut Store, to: &mut Store, down: Option<&str>, seq: &mut u64) ->
     carried
 }
 
-#[test]
-fn a_relay_silent_for_a_known_window_shows_in_the_signed_availability_record() {
-    let (north_home, south_home) = (home("north"), home("south"));
+/// North and south in "crisis" on relays R1 and R2 (never contacted: frames are carried
+/// by hand), both on one manual clock at `T0`.
+fn on_two_relays(name: &str) -> (Store, Store, Arc<ManualClock>) {
+    let (north_home, south_home) = (
+        home(&format!("{name}-north")),
+        home(&format!("{name}-south")),
+    );
     let (mut north, mut south) = hotline_client::testing::verified_pair(&north_home, &south_home);
     let clock = Arc::new(ManualClock::at(T0));
     for store in [&mut north, &mut south] {
         store.set_clock(clock.clone());
-        store.set_link_test_interval(1_000).unwrap();
-        store.set_record_period(60_000).unwrap();
     }
     north
         .change_relays("crisis", &[R1.to_owned(), R2.to_owned()])
         .unwrap();
     south.import_bundle(north.export_outbox().unwrap()).unwrap();
+    (north, south, clock)
+}
+
+#[test]
+fn a_relay_silent_for_a_known_window_shows_in_the_signed_availability_record() {
+    let (mut north, mut south, clock) = on_two_relays("silent");
+    for store in [&mut north, &mut south] {
+        store.set_link_test_interval(1_000).unwrap();
+        store.set_record_period(60_000).unwrap();
+    }
     assert_eq!(
         south
             .channel_relays(&south.channel_id("crisis").unwrap())
@@ -130,16 +142,7 @@ fn a_relay_silent_for_a_known_window_shows_in_the_signed_availability_record() {
 /// an honest prober's.
 #[test]
 fn a_member_flooding_probes_gets_no_more_answers_than_an_honest_one() {
-    let (north_home, south_home) = (home("flood-north"), home("flood-south"));
-    let (mut north, mut south) = hotline_client::testing::verified_pair(&north_home, &south_home);
-    let clock = Arc::new(ManualClock::at(T0));
-    for store in [&mut north, &mut south] {
-        store.set_clock(clock.clone());
-    }
-    north
-        .change_relays("crisis", &[R1.to_owned(), R2.to_owned()])
-        .unwrap();
-    south.import_bundle(north.export_outbox().unwrap()).unwrap();
+    let (mut north, mut south, clock) = on_two_relays("flood");
     south.set_link_test_interval(1).unwrap();
     let mut seq = 0;
     let mut answers = 0;
