@@ -151,7 +151,7 @@ pub struct Status {
     /// Outbox rows some relay does not hold yet.
     pub outbox: u64,
     /// This party's messages not yet delivered to every party.
-    pub unacknowledged: u64,
+    pub undelivered: u64,
     pub alarms: Vec<Alarm>,
     pub interval_ms: u64,
 }
@@ -631,7 +631,7 @@ id: None,
 
             // Messages of this party: deadlines and delivery.
             let provider = Provider::new(connection);
-            let mut unacknowledged = 0;
+            let mut undelivered = 0;
             for summary in &summaries {
                 let channel = checkout(cache, connection, &provider, &summary.id)?;
                 let others: BTreeSet<String> = summary
@@ -674,7 +674,7 @@ id: None,
                         if missing.is_empty() {
                             continue;
                         }
-                        unacknowledged += 1;
+                        undelivered += 1;
                         if now_ms >= envelope.claimed_time_ms + undelivered_after {
                             for party in &missing {
                                 alarms.push(Alarm {
@@ -770,7 +770,7 @@ id: None,
                     })
                     .collect(),
                 outbox: outbox as u64,
-                unacknowledged,
+                undelivered,
                 alarms,
                 interval_ms: interval,
             })

@@ -202,7 +202,7 @@ pub fn run(json_output: bool) -> ExitCode {
                 && summary["tampered_export_refused"] == true
                 && summary["wrong_fingerprint_refused"] == true;
             if json_output {
-                out!("{summary}");
+                out_json!(summary);
             } else if ok {
                 out!("\nEvery check held.");
             }

@@ -14,7 +14,7 @@ use hotline_core::{Body, Fingerprint};
 use serde_json::json;
 
 use crate::exit;
-use crate::inert::inert;
+use crate::inert::{inert, inert_lines};
 use crate::input::{self, InputError};
 
 /// A failed command: what to tell the user, and the exit code.
@@ -90,8 +90,7 @@ pub fn init(
     let store = Store::init(home, party, device, relays)?;
     let info = store.identity().info();
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "home": home})
         );
     } else {
@@ -113,8 +112,7 @@ pub fn id(home: &Path, json_output: bool) -> Outcome {
     let store = Store::open(home)?;
     let info = store.identity().info();
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "key": info.key.to_string()})
         );
     } else {
@@ -149,8 +147,7 @@ pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: boo
     let mut store = Store::open(home)?;
     let info = store.import_card(&card, &fingerprint)?;
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"party": info.party, "device": info.device, "fingerprint": info.fingerprint().to_string(), "verified": true})
         );
     } else {
@@ -196,8 +193,7 @@ pub fn channel_create(
     // The commit takes effect (and the invitation goes out) once a relay holds it.
     let (relayed, _) = push_now(&mut store, name)?;
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"channel": name, "id": id.to_string(), "invited": with, "relayed": relayed})
         );
     } else {
@@ -254,8 +250,7 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
             // The transcript's root: equal on every member's device once they hold the
             // same envelopes (compare it over the out-of-band line).
             let (root, _) = store.transcript_root(&channel.name)?;
-            out!(
-                "{}",
+            out_json!(
                 json!({"name": channel.name, "id": channel.id.to_string(), "parties": parties,
                        "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer,
                        "root": hex::encode(root), "settled": channel.settled,
@@ -351,8 +346,7 @@ pub fn channel_remove(home: &Path, channel: &str, party: &str, json_output: bool
     let removed = store.remove_party(channel, party)?;
     let (relayed, relays) = push_now(&mut store, channel)?;
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"channel": channel, "removed": party, "devices": removed.len(),
                    "relayed": relayed, "relays": relays.len()})
         );
@@ -373,10 +367,7 @@ pub fn channel_relays(home: &Path, channel: &str, relays: &[String], json_output
     store.change_relays(channel, relays)?;
     let (relayed, _) = push_now(&mut store, channel)?;
     if json_output {
-        out!(
-            "{}",
-            json!({"channel": channel, "relays": relays, "relayed": relayed})
-        );
+        out_json!(json!({"channel": channel, "relays": relays, "relayed": relayed}));
     } else {
         out!(
             "{channel} now runs on {} relay(s); every member follows when the change reaches it.",
@@ -393,8 +384,7 @@ pub fn channel_rekey(home: &Path, channel: &str, json_output: bool) -> Outcome {
     let (relayed, relays) = push_now(&mut store, channel)?;
     let how = if committed { "commit" } else { "proposal" };
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"channel": channel, "update": how, "relayed": relayed, "relays": relays.len()})
         );
     } else if committed {
@@ -432,8 +422,7 @@ pub fn send(
     // The message is durable now; try to hand it to the relays at once, briefly.
     let (relayed, relays) = push_now(&mut store, channel)?;
     if json_output {
-        out!(
-            "{}",
+        out_json!(
             json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
         );
     } else {
@@ -459,8 +448,7 @@ pub fn log(
     let mut store = Store::open(home)?;
     for entry in store.log_last(channel, link_tests, last)? {
         if json_output {
-            out!(
-                "{}",
+            out_json!(
                 json!({"id": entry.id.to_hex(), "from": entry.from, "time_ms": entry.time_ms, "text": entry.text,
                        "deadline_ms": entry.deadline_ms, "delivered_to": entry.delivered_to, "read_by": entry.read_by})
             );
@@ -472,7 +460,9 @@ pub fn log(
                     set.iter().cloned().collect::<Vec<_>>().join(",")
                 }
             };
-            // The other side's words, inert: no escape sequence or forged line.
+            // The other side's words, inert: no escape sequence or forged line. Every
+            // line of a message shows, the later ones indented under it (a line of the
+            // log begins with an id; a message's own lines never do).
             out!(
                 "{} {:<10} {}  [delivered: {}; read: {}] {}",
                 &entry.id.to_hex()[..12],
@@ -480,7 +470,7 @@ pub fn log(
                 format_time(entry.time_ms),
                 others(&entry.delivered_to),
                 others(&entry.read_by),
-                inert(&entry.text)
+                inert_lines(&entry.text).join("\n             ")
             );
         }
     }
@@ -680,19 +670,19 @@ pub fn status(
                        "message": a.message, "since": a.since_ms, "detail": a.detail})
             })
             .collect();
-        out!(
-            "{}",
+        out_json!(
             json!({"line": if status.line_down() { "down" } else { "up" },
                    "relays": relays, "parties": parties, "outbox": status.outbox,
-                   "unacknowledged": status.unacknowledged, "alarms": alarms,
+                   "undelivered": status.undelivered,
+                   "unacknowledged": status.undelivered, "alarms": alarms,
                    "link_test_interval_ms": status.interval_ms, "now": now})
         );
     } else {
         out!(
-            "line: {}   outbox: {} queued   unacknowledged: {}   link tests every {}",
+            "line: {}   outbox: {} queued   undelivered: {}   link tests every {}",
             if status.line_down() { "DOWN" } else { "up" },
             status.outbox,
-            status.unacknowledged,
+            status.undelivered,
             match status.interval_ms {
                 ms if ms % 1000 == 0 => format!("{} s", ms / 1000),
                 ms => format!("{ms} ms"),
@@ -863,7 +853,7 @@ fn print_events(
 
 fn emit_event(json_output: bool, object: &serde_json::Value, text: &str) {
     if json_output {
-        out!("{object}");
+        out_json!(object);
     } else {
         out!("{text}");
     }
@@ -886,8 +876,7 @@ fn print_report(report: &SyncReport, json_output: bool, always: bool) {
             .iter()
             .map(|(url, error)| json!({"url": url, "ok": error.is_none(), "error": error}))
             .collect();
-        out!(
-            "{}",
+        out_json!(
             json!({"pushed": report.pushed, "received": report.received, "joined": report.joined,
                    "refused": report.refused, "reoffered": report.reoffered, "relays": relays})
         );
@@ -914,7 +903,7 @@ pub fn bundle_export(home: &Path, out: &Path, json_output: bool) -> Outcome {
     let entries = store.export_outbox()?;
     write_file(out, &bundle::encode(&entries), "bundle")?;
     if json_output {
-        out!("{}", json!({"messages": entries.len(), "out": out}));
+        out_json!(json!({"messages": entries.len(), "out": out}));
     } else {
         out!("{} messages written to {}", entries.len(), out.display());
     }
@@ -933,7 +922,7 @@ pub fn bundle_import(home: &Path, file: &Path, json_output: bool) -> Outcome {
     let _lock = store.home().lock_receiving()?;
     let new = store.import_bundle(entries)?;
     if json_output {
-        out!("{}", json!({"messages": total, "new": new}));
+        out_json!(json!({"messages": total, "new": new}));
     } else {
         out!("{new} new of {total} messages");
     }

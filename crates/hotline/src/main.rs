@@ -10,9 +10,19 @@ use clap::{Args, Parser, Subcommand};
 
 /// `println!` that ends the process quietly when stdout is closed (`hotline log | head`)
 /// instead of panicking.
+/// Prints one line of text for people: whatever it carries from the other side, no
+/// character in it acts on the terminal (see [`inert`]); line breaks stay.
 macro_rules! out {
     ($($arg:tt)*) => {
         $crate::emit(format_args!($($arg)*))
+    };
+}
+
+/// Prints one JSON value on a line: exact once parsed, inert on a terminal (every
+/// character a terminal could act on is a `\uXXXX` escape).
+macro_rules! out_json {
+    ($value:expr) => {
+        $crate::emit_json(&$value)
     };
 }
 
@@ -24,8 +34,18 @@ mod input;
 mod relay;
 mod verify;
 
-/// Writes one line to stdout; a closed pipe ends the process with success.
+/// Writes one line of text to stdout, inert; a closed pipe ends the process with
+/// success.
 pub fn emit(line: std::fmt::Arguments<'_>) {
+    write_line(&inert::inert_lines(&line.to_string()).join("\n"));
+}
+
+/// Writes one JSON value to stdout on one line, inert (see [`out_json!`]).
+pub fn emit_json(value: &serde_json::Value) {
+    write_line(&inert::json_escaped(&value.to_string()));
+}
+
+fn write_line(line: &str) {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     if writeln!(stdout, "{line}").is_err() {

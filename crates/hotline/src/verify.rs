@@ -42,7 +42,7 @@ pub fn run(file: &Path, json_output: bool) -> ExitCode {
     match verified {
         Ok(report) => {
             if json_output {
-                out!("{}", report_json(&report));
+                out_json!(report_json(&report));
             } else {
                 print_report(&report);
             }
@@ -50,7 +50,7 @@ pub fn run(file: &Path, json_output: bool) -> ExitCode {
         }
         Err(error) => {
             if json_output {
-                out!("{}", json!({"verified": false, "error": error.to_string()}));
+                out_json!(json!({"verified": false, "error": error.to_string()}));
             }
             eprintln!(
                 "hotline: {} does NOT verify: {error}\n\

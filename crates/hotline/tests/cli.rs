@@ -201,48 +201,104 @@ fn the_console_refuses_to_run_without_a_terminal() {
     assert!(stderr.contains("status --json"), "{stderr}");
 }
 
-/// The console in a pseudo-terminal (util-linux `script`): a line typed and Enter
-/// stores the message; Ctrl-D ends the console and gives the terminal back.
-#[test]
-fn the_console_sends_what_is_typed() {
+/// Runs the console in a pseudo-terminal (util-linux `script`), types `keys` (each
+/// after a pause), and returns what it wrote to the terminal once it has ended.
+fn console_session(home: &std::path::Path, env: &[(&str, &str)], keys: &[&[u8]]) -> Vec<u8> {
     use std::io::Write;
-    let home = home_with_a_channel(&tempdir());
     let binary = assert_cmd::cargo::cargo_bin("hotline");
+    let typescript = home.with_extension("typescript");
     let mut child = std::process::Command::new("script")
-        .args(["-q", "-e", "-c"])
+        .args(["-q", "-e", "-f", "-c"])
         .arg(format!("{} console --channel crisis", binary.display()))
-        .arg("/dev/null")
-        .env("HOTLINE_HOME", &home)
+        .arg(&typescript)
+        .env("HOTLINE_HOME", home)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("util-linux script runs the console in a pseudo-terminal");
-    let mut keys = child.stdin.take().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    keys.write_all(b"typed in the console\r").unwrap();
-    keys.flush().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1500));
-    keys.write_all(b"\x04").unwrap();
-    keys.flush().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    for key in keys {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        input.write_all(key).unwrap();
+        input.flush().unwrap();
+    }
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the console did not end on Ctrl-D"
-        );
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the console did not end on its last key");
+        }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(status.success(), "{status:?}");
+    std::fs::read(&typescript).unwrap()
+}
+
+fn log_json(home: &std::path::Path) -> Vec<serde_json::Value> {
     let log = hotline()
-        .env("HOTLINE_HOME", &home)
+        .env("HOTLINE_HOME", home)
         .args(["log", "crisis", "--json"])
         .output()
         .unwrap();
-    let log = String::from_utf8(log.stdout).unwrap();
-    assert_eq!(log.lines().count(), 1, "{log}");
-    assert!(log.contains("typed in the console"), "{log}");
+    String::from_utf8(log.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// A line typed and Enter stores the message; Ctrl-D ends the console and gives the
+/// terminal back.
+#[test]
+fn the_console_sends_what_is_typed() {
+    let home = home_with_a_channel(&tempdir());
+    let screen = console_session(&home, &[], &[b"typed in the console\r", b"\x04"]);
+    let log = log_json(&home);
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["text"], "typed in the console");
+    // ratatui writes only the cells that change, so words arrive apart.
+    let screen = String::from_utf8_lossy(&screen);
+    assert!(
+        screen.contains("receiving") && screen.contains("here"),
+        "{screen}"
+    );
+}
+
+/// With a follower holding the receive lock, the console still runs: it says who
+/// receives, sends what is typed, and (NO_COLOR) writes no colour to the terminal.
+#[test]
+fn the_console_runs_beside_the_follower_without_colour() {
+    use std::io::Write;
+    let home = home_with_a_channel(&tempdir());
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(home.join("receive.lock"))
+        .unwrap();
+    lock.try_lock().expect("nothing else holds the lock");
+    write!(&lock, "pid 4242").unwrap();
+    let screen = console_session(
+        &home,
+        &[("NO_COLOR", "1")],
+        &[b"sent beside the follower\r", b"\x1b"],
+    );
+    let log = log_json(&home);
+    assert_eq!(log.len(), 1, "{log:?}");
+    assert_eq!(log[0]["text"], "sent beside the follower");
+    let text = String::from_utf8_lossy(&screen);
+    assert!(
+        text.contains("follower") && text.contains("(pid") && text.contains("4242)"),
+        "{text}"
+    );
+    for colour in ["\x1b[38;", "\x1b[48;"] {
+        assert!(!text.contains(colour), "NO_COLOR, yet {colour:?} in {text}");
+    }
+    drop(lock);
 }

@@ -276,27 +276,77 @@ fn a_new_home_is_private() {
     assert_eq!(mode(&home.join("device.db")), 0o600);
 }
 
+/// Fails if `output` holds a character a terminal would act on, or that shows text in
+/// another order than written (line breaks excepted).
+fn assert_inert(what: &str, output: &str) {
+    let live: Vec<char> = output
+        .chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2069}' | '\u{feff}')
+        })
+        .collect();
+    assert!(
+        live.is_empty(),
+        "{what}: live characters {live:?} in {output}"
+    );
+}
+
+/// A counterpart's message with every class of hostile text: escape sequences (clear
+/// the screen, set the title), C1 controls, bell, DEL, carriage return, a forged log
+/// line after a line break, bidi overrides and isolates, zero-width characters, line
+/// separators. Every human-facing output of the receiving device shows it visibly
+/// escaped, each line of it; every JSON output keeps its exact text, inert on a screen.
 #[test]
-fn a_counterparts_escape_sequences_and_forged_lines_are_inert_in_log() {
+fn hostile_text_is_inert_in_every_output() {
     let dir = workdir("inert");
     let (north, south) = two_devices(&dir);
-    let hostile =
-        "hello\u{1b}[2J\u{1b}]0;pwned\u{7}\r\n0123456789ab north      forged \u{202e}txet";
+    let hostile = "hello\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31m\u{7f}\r\n0123456789ab north      \
+                   forged \u{202e}txet\u{202c} \u{2066}iso\u{2069}\u{200b}\u{feff}\u{2028}end";
     ok(&south, &["send", "crisis", hostile]);
     ok(
         &south,
         &["bundle", "export", "--out", s(&dir.join("to-north"))],
     );
-    ok(&north, &["bundle", "import", s(&dir.join("to-north"))]);
+    let imported = ok(&north, &["bundle", "import", s(&dir.join("to-north"))]);
+    assert_inert("bundle import", &imported);
     let shown = ok(&north, &["log", "crisis"]);
-    assert!(!shown.contains('\u{1b}') && !shown.contains('\r') && !shown.contains('\u{202e}'));
-    assert_eq!(shown.lines().count(), 1, "one message, one line: {shown}");
+    assert_inert("log", &shown);
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), 2, "one message, both its lines: {shown}");
     assert!(
-        shown.contains("hello␛[2J␛]0;pwned␇␍⏎0123456789ab north"),
+        lines[0].ends_with("hello␛[2J␛]0;pwned␇<U+009B>31m␡␍"),
         "{shown}"
     );
-    assert!(shown.contains("<U+202E>txet"), "{shown}");
-    // --json keeps the exact text.
-    let exact = json(&ok(&north, &["log", "crisis", "--json"]));
-    assert_eq!(exact["text"], hostile);
+    // The second line is indented under the message: it cannot pass for a log line.
+    assert!(
+        lines[1].starts_with("             0123456789ab north      forged <U+202E>txet<U+202C>"),
+        "{shown}"
+    );
+    assert!(lines[1].ends_with("<U+2066>iso<U+2069><U+200B><U+FEFF><U+2028>end"));
+    let last = ok(&north, &["log", "crisis", "--last", "1"]);
+    assert_eq!(last, shown);
+    assert_inert("status", &hotline(&north, &["status"]).stdout);
+    assert_inert("channel list", &ok(&north, &["channel", "list"]));
+    ok(
+        &north,
+        &["export", "crisis", "--out", s(&dir.join("crisis.hotline"))],
+    );
+    let verified = ok(&north, &["verify", s(&dir.join("crisis.hotline"))]);
+    assert_inert("verify", &verified);
+    // JSON keeps the exact text, and is inert on a screen too (escapes, not bytes).
+    let exact = ok(&north, &["log", "crisis", "--json"]);
+    assert_inert("log --json", &exact);
+    assert_eq!(json(&exact)["text"], hostile);
+    assert!(
+        exact.contains(r"\u001b[2J") && exact.contains(r"\u202e"),
+        "{exact}"
+    );
+    for args in [
+        &["status", "--json"][..],
+        &["verify", s(&dir.join("crisis.hotline")), "--json"],
+    ] {
+        assert_inert(&args.join(" "), &hotline(&north, args).stdout);
+    }
 }
