@@ -87,23 +87,64 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<Entry>, DecodeError> {
 }
 
 const INVITATION_MAGIC: &[u8; 15] = b"HOTLINE-INVITE\n";
+/// Version 2 names the inviting device and the channel, signed by that device.
+const INVITATION_VERSION: u8 = 2;
+const INVITATION_CONTEXT: &[u8] = b"hotline-invitation-v2";
 
-/// An invitation left in a device's relay inbox: the channel's relays and the Welcome.
-/// The relay list is not authenticated (relays are untrusted anyway); the Welcome is.
-pub fn encode_invitation(relays: &[String], welcome: &[u8]) -> Vec<u8> {
+/// Who sent an invitation, and to which channel, as the invitation says (signed by the
+/// key it names; whether that key is a verified contact is for the invitee to check).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inviter {
+    pub party: String,
+    pub device: String,
+    pub key: DeviceKey,
+    pub channel: String,
+}
+
+/// An invitation read from an inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation {
+    /// The channel's relays (not authenticated: relays are untrusted anyway).
+    pub relays: Vec<String>,
+    /// The MLS Welcome (authenticated by MLS).
+    pub welcome: Vec<u8>,
+    /// Who sent it and for which channel: `None` in version 1 invitations.
+    pub from: Option<Inviter>,
+}
+
+/// An invitation left in a device's relay inbox (version 2): `magic | u8 2 | string
+/// party | string device | [32] key | string channel | u32 n, n × string relay | bytes
+/// welcome | [64] Ed25519 signature` by `key` over "hotline-invitation-v2" and every
+/// byte before it. The names let an invitee that cannot join say who invited it to
+/// what; the signature keeps a relay from blaming someone else.
+pub fn encode_invitation(
+    identity: &hotline_core::DeviceIdentity,
+    channel: &str,
+    relays: &[String],
+    welcome: &[u8],
+) -> Vec<u8> {
+    let info = identity.info();
     let mut writer = Writer::new();
     writer.fixed(INVITATION_MAGIC);
-    writer.u8(VERSION);
+    writer.u8(INVITATION_VERSION);
+    writer.string(&info.party);
+    writer.string(&info.device);
+    writer.fixed(info.key.as_bytes());
+    writer.string(channel);
     writer.u32(relays.len() as u32);
     for relay in relays {
         writer.string(relay);
     }
     writer.bytes(welcome);
-    writer.into_bytes()
+    let mut bytes = writer.into_bytes();
+    let signature = identity.sign(&[INVITATION_CONTEXT, &bytes].concat());
+    bytes.extend_from_slice(&signature);
+    bytes
 }
 
-/// Reads an invitation back.
-pub fn decode_invitation(bytes: &[u8]) -> Result<(Vec<String>, Vec<u8>), DecodeError> {
+/// Reads an invitation back (version 1 or 2); a version 2 invitation whose signature
+/// does not verify under the key it names is refused.
+pub fn decode_invitation(bytes: &[u8]) -> Result<Invitation, DecodeError> {
     let mut reader = Reader::new(bytes);
     if reader.take(INVITATION_MAGIC.len(), "magic")? != INVITATION_MAGIC {
         return Err(DecodeError::Invalid {
@@ -112,18 +153,90 @@ pub fn decode_invitation(bytes: &[u8]) -> Result<(Vec<String>, Vec<u8>), DecodeE
         });
     }
     let version = reader.u8("invitation version")?;
-    if version != VERSION {
-        return Err(DecodeError::UnsupportedVersion {
-            what: "invitation",
-            version,
-        });
-    }
+    let from = match version {
+        VERSION => None,
+        INVITATION_VERSION => {
+            let party = reader.string("party name", 256)?;
+            let device = reader.string("device name", 256)?;
+            let key = DeviceKey(reader.array("device key")?);
+            let channel = reader.string("channel name", 256)?;
+            Some(Inviter {
+                party,
+                device,
+                key,
+                channel,
+            })
+        }
+        version => {
+            return Err(DecodeError::UnsupportedVersion {
+                what: "invitation",
+                version,
+            });
+        }
+    };
     let count = reader.count("relays", 16, 4)?;
     let mut relays = Vec::with_capacity(count);
     for _ in 0..count {
         relays.push(reader.string("relay", 512)?);
     }
     let welcome = reader.bytes("welcome", MAX_MESSAGE)?.to_vec();
+    if let Some(inviter) = &from {
+        let signed = reader.position();
+        let signature: [u8; 64] = reader.array("signature")?;
+        inviter
+            .key
+            .verify(&[INVITATION_CONTEXT, &bytes[..signed]].concat(), &signature)
+            .map_err(|_| DecodeError::Invalid {
+                field: "signature",
+                reason: "does not verify under the inviting device's key",
+            })?;
+    }
     reader.finish()?;
-    Ok((relays, welcome))
+    Ok(Invitation {
+        relays,
+        welcome,
+        from,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn an_invitation_names_its_signed_sender_and_a_forged_one_is_refused() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let north = hotline_core::DeviceIdentity::generate("north", "desk", &mut rng).unwrap();
+        let relays = vec!["https://127.0.0.1:1/#sha256=00".to_owned()];
+        let bytes = encode_invitation(&north, "crisis", &relays, b"welcome");
+        let invitation = decode_invitation(&bytes).unwrap();
+        assert_eq!(invitation.relays, relays);
+        assert_eq!(invitation.welcome, b"welcome");
+        let from = invitation.from.unwrap();
+        assert_eq!(
+            (from.party.as_str(), from.channel.as_str()),
+            ("north", "crisis")
+        );
+        assert_eq!(from.key, north.key());
+        // A relay that renames the channel (or the sender) breaks the signature.
+        let mut tampered = bytes.clone();
+        let at = bytes.windows(6).position(|w| w == b"crisis").unwrap();
+        tampered[at..at + 6].copy_from_slice(b"cr1sis");
+        assert!(matches!(
+            decode_invitation(&tampered),
+            Err(DecodeError::Invalid {
+                field: "signature",
+                ..
+            })
+        ));
+        // Version 1 (no sender, no signature) still reads.
+        let mut writer = Writer::new();
+        writer.fixed(INVITATION_MAGIC);
+        writer.u8(VERSION);
+        writer.u32(0);
+        writer.bytes(b"welcome");
+        let old = decode_invitation(&writer.into_bytes()).unwrap();
+        assert_eq!((old.from, old.welcome), (None, b"welcome".to_vec()));
+    }
 }

@@ -35,4 +35,4 @@ pub mod testing;
 pub mod transcript_store;
 
 pub use home::{Home, HomeError};
-pub use store::{LogEntry, Store, StoreError};
+pub use store::{ChannelSummary, Invited, LogEntry, Store, StoreError};

@@ -127,6 +127,8 @@ pub struct RelayStatus {
 pub struct PartyStatus {
     pub party: String,
     pub last_heard_ms: Option<u64>,
+    /// Channels this device invited the party to that it has not joined yet.
+    pub not_joined: Vec<String>,
 }
 
 /// Something the duty officer must look at.
@@ -479,6 +481,33 @@ impl Store {
 
             // Parties: everyone in a channel but this party.
             let mut parties: BTreeMap<String, Option<u64>> = BTreeMap::new();
+            // Invitations not joined yet: shown with the party, alarmed when old.
+            let mut not_joined: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for summary in &summaries {
+                for invited in &summary.not_joined {
+                    let channels = not_joined.entry(invited.party.clone()).or_default();
+                    if !channels.contains(&summary.name) {
+                        channels.push(summary.name.clone());
+                    }
+                    if now_ms >= invited.invited_ms.saturating_add(undelivered_after) {
+                        alarms.push(Alarm {
+                            id: None,
+                            kind: "not-joined".into(),
+                            relay: None,
+                            party: Some(invited.party.clone()),
+                            message: None,
+                            since_ms: invited.invited_ms,
+                            detail: format!(
+                                "{} has not joined channel {} ({} seconds after the invitation): \
+                                 its device refused it (its alarms say why) or has not synced",
+                                invited.party,
+                                summary.name,
+                                now_ms.saturating_sub(invited.invited_ms) / 1000
+                            ),
+                        });
+                    }
+                }
+            }
             // Relays, with the other parties expected to answer through each.
             let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
             let mut first_probe: BTreeMap<String, u64> = BTreeMap::new();
@@ -765,6 +794,7 @@ id: None,
                 parties: parties
                     .into_iter()
                     .map(|(party, last_heard_ms)| PartyStatus {
+                        not_joined: not_joined.remove(&party).unwrap_or_default(),
                         party,
                         last_heard_ms,
                     })

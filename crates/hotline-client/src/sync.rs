@@ -339,9 +339,10 @@ fn apply(
         };
         match watch {
             Watch::Inbox { .. } => {
-                let joined = match bundle::decode_invitation(&bytes) {
-                    Ok((channel_relays, welcome)) => {
-                        store.join_at(&welcome, &channel_relays, Some(cursor))
+                let invitation = bundle::decode_invitation(&bytes);
+                let joined = match &invitation {
+                    Ok(invitation) => {
+                        store.join_at(&invitation.welcome, &invitation.relays, Some(cursor))
                     }
                     Err(error) => Err(StoreError::Corrupt(format!("invitation: {error}"))),
                 };
@@ -353,7 +354,29 @@ fn apply(
                     Err(error) => {
                         // An invitation this device cannot accept (its key package spent,
                         // a member it never verified): the inviter believes it joined.
-                        let detail = format!("invitation {seq} refused: {error}");
+                        // Say who invited it to what, if the invitation says so.
+                        let from = invitation.ok().and_then(|i| i.from);
+                        let verified = match &from {
+                            Some(inviter) => store
+                                .contacts()?
+                                .iter()
+                                .any(|c| c.key == inviter.key && c.party == inviter.party),
+                            None => false,
+                        };
+                        let detail = match &from {
+                            Some(inviter) => format!(
+                                "invitation {seq} from {}/{}{} to channel {:?} refused: {error}",
+                                inviter.party,
+                                inviter.device,
+                                if verified {
+                                    ""
+                                } else {
+                                    " (not a verified contact)"
+                                },
+                                inviter.channel
+                            ),
+                            None => format!("invitation {seq} refused: {error}"),
+                        };
                         store.raise_alarm("invitation", url, None, &detail, &bytes)?;
                         report
                             .alarms
@@ -824,7 +847,8 @@ async fn push_pass(
         if let Some(channel) = item.channel {
             let channel_relays = store.channel_relays(&channel)?;
             if item.welcome {
-                body = bundle::encode_invitation(&channel_relays, &item.bytes);
+                let name = store.channel_name(&channel)?;
+                body = bundle::encode_invitation(identity, &name, &channel_relays, &item.bytes);
                 for recipient in &item.recipients {
                     for url in store.contact_relays(recipient)? {
                         let mark = format!("inbox:{recipient}@{url}");

@@ -262,7 +262,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE frames_out; DROP TABLE link_state; DROP TABLE receipts_due;
              DROP TABLE answer_floor;
              ALTER TABLE contacts DROP COLUMN key_packages_used; DROP TABLE relay_names;
-             DROP TABLE delivered_reported;
+             DROP TABLE delivered_reported; DROP TABLE invited;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);

@@ -246,6 +246,9 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
     for channel in store.channels()? {
         let parties: Vec<_> = channel.members.iter().map(|m| m.party.clone()).collect();
+        let mut not_joined: Vec<String> =
+            channel.not_joined.iter().map(|i| i.party.clone()).collect();
+        not_joined.dedup();
         if json_output {
             // The transcript's root: equal on every member's device once they hold the
             // same envelopes (compare it over the out-of-band line).
@@ -253,12 +256,12 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
             out_json!(
                 json!({"name": channel.name, "id": channel.id.to_string(), "parties": parties,
                        "epoch": channel.epoch, "envelopes": channel.envelopes, "committer": channel.committer,
-                       "root": hex::encode(root), "settled": channel.settled,
+                       "root": hex::encode(root), "settled": channel.settled, "not_joined": not_joined,
                        "settled_root": hex::encode(channel.settled_root)})
             );
         } else {
             out!(
-                "{:<20} {} envelopes, parties: {}{}",
+                "{:<20} {} envelopes, parties: {}{}{}",
                 channel.name,
                 channel.envelopes,
                 parties.join(", "),
@@ -266,6 +269,11 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
                     " (you commit)"
                 } else {
                     ""
+                },
+                if not_joined.is_empty() {
+                    String::new()
+                } else {
+                    format!("; invited, not joined: {}", not_joined.join(", "))
                 }
             );
         }
@@ -660,7 +668,7 @@ pub fn status(
         let parties: Vec<_> = status
             .parties
             .iter()
-            .map(|p| json!({"party": p.party, "last_heard": p.last_heard_ms}))
+            .map(|p| json!({"party": p.party, "last_heard": p.last_heard_ms, "not_joined": p.not_joined}))
             .collect();
         let alarms: Vec<_> = status
             .alarms
@@ -715,9 +723,14 @@ pub fn status(
         }
         for party in &status.parties {
             out!(
-                "party  {:<width$}  last heard {}",
+                "party  {:<width$}  last heard {}{}",
                 party.party,
-                ago(party.last_heard_ms).unwrap_or_else(|| "never".into())
+                ago(party.last_heard_ms).unwrap_or_else(|| "never".into()),
+                if party.not_joined.is_empty() {
+                    String::new()
+                } else {
+                    format!("   invited, not joined: {}", party.not_joined.join(", "))
+                }
             );
         }
         for alarm in &status.alarms {
@@ -753,7 +766,8 @@ pub fn status(
         if !store.clear_alarm(*id)? {
             return Err(failure(format!(
                 "no open stored alarm #{id}: see the ids in hotline status --json (alarms[].id); \
-                 live alarms (relay-down, path-down, deadline, undelivered) end with their cause"
+                 live alarms (relay-down, path-down, deadline, undelivered, not-joined) end \
+                 with their cause"
             )));
         }
         eprintln!("alarm #{id} cleared; its evidence stays in the database");

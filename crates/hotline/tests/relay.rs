@@ -1970,3 +1970,157 @@ fn follow_json_prints_messages_deliveries_reads_and_relay_changes() {
     assert_eq!(south_follows.stop(), Some(0));
     relay.stop();
 }
+
+/// Five channels between the same two parties over one relay, each joined and each
+/// carrying a message both ways (key packages run out on the card: later channels take
+/// the last-resort one). Then an invitation south cannot accept (it includes a party
+/// south never verified) is never silent: south's alarm names the inviter and the
+/// channel, and north shows south "invited, not joined", alarmed once the
+/// undelivered-after time passed.
+#[test]
+fn five_channels_between_two_parties_all_join_and_a_refused_invitation_alarms_both_ends() {
+    let dir = data_dir("five-channels");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south"], &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    for n in 1..=5 {
+        let name = format!("line-{n}");
+        ok(
+            north,
+            &[
+                "channel", "create", &name, "--with", "south", "--relay", &relay.url,
+            ],
+        );
+        ok(north, &["sync"]);
+        ok(south, &["sync"]);
+        ok(north, &["send", &name, &format!("north on {name}")]);
+        ok(south, &["sync"]);
+        ok(south, &["send", &name, &format!("south on {name}")]);
+        ok(north, &["sync"]);
+        for home in [north, south] {
+            let log = ok(home, &["log", &name, "--json"]);
+            let texts: Vec<String> = log.lines().map(|l| field(l, "text").to_string()).collect();
+            assert_eq!(
+                texts,
+                [
+                    format!("\"north on {name}\""),
+                    format!("\"south on {name}\"")
+                ],
+                "{}",
+                home.display()
+            );
+        }
+    }
+    let list = ok(north, &["channel", "list"]);
+    assert!(!list.contains("not joined"), "{list}");
+
+    // A mediator that verified north and south, whom north verified and south never
+    // heard of.
+    let mediator = dir.join("mediator");
+    ok(
+        &mediator,
+        &["init", "--party", "mediator", "--relay", &relay.url],
+    );
+    for (party, home) in [("north", north), ("south", south)] {
+        let fingerprint = field(&ok(home, &["id", "--json"]), "fingerprint");
+        let card = dir.join(format!("{party}.card"));
+        ok(
+            &mediator,
+            &[
+                "card",
+                "import",
+                card.to_str().unwrap(),
+                "--fingerprint",
+                fingerprint.as_str().unwrap(),
+            ],
+        );
+    }
+    let card = dir.join("mediator.card");
+    ok(
+        &mediator,
+        &["card", "export", "--out", card.to_str().unwrap()],
+    );
+    let fingerprint = field(&ok(&mediator, &["id", "--json"]), "fingerprint");
+    ok(
+        north,
+        &[
+            "card",
+            "import",
+            card.to_str().unwrap(),
+            "--fingerprint",
+            fingerprint.as_str().unwrap(),
+        ],
+    );
+    ok(
+        north,
+        &[
+            "channel",
+            "create",
+            "trilateral",
+            "--with",
+            "south",
+            "--with",
+            "mediator",
+            "--relay",
+            &relay.url,
+        ],
+    );
+    ok(north, &["sync"]);
+    ok(south, &["sync"]);
+    ok(&mediator, &["sync"]);
+    ok(north, &["sync"]);
+    // South: an alarm (status exits 6) that says who invited it to what.
+    let (code, status) = cli(south, &["status", "--json"]);
+    assert_eq!(code, 6, "{status}");
+    let alarms = field(&status, "alarms");
+    let refused = alarms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["kind"] == "invitation")
+        .unwrap_or_else(|| panic!("no invitation alarm: {status}"));
+    let detail = refused["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("from north/") && detail.contains("\"trilateral\""),
+        "{detail}"
+    );
+    // North: south invited, not joined (the mediator joined); alarmed after the
+    // undelivered-after time.
+    let listed = ok(north, &["channel", "list", "--json"]);
+    let trilateral = listed
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|c| c["name"] == "trilateral")
+        .unwrap();
+    assert_eq!(trilateral["not_joined"], serde_json::json!(["south"]));
+    let text = ok(north, &["status"]);
+    assert!(
+        text.lines().any(|l| l.starts_with("party")
+            && l.contains("south")
+            && l.contains("invited, not joined: trilateral")),
+        "{text}"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (code, status) = cli(north, &["status", "--json", "--undelivered-after", "1s"]);
+    assert_eq!(code, 6, "{status}");
+    let alarms = field(&status, "alarms");
+    assert!(
+        alarms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "not-joined"
+                && a["party"] == "south"
+                && a["detail"].as_str().unwrap().contains("trilateral")),
+        "{status}"
+    );
+    assert!(
+        !alarms
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "not-joined" && a["party"] == "mediator"),
+        "{status}"
+    );
+    relay.stop();
+}

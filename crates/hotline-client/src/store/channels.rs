@@ -52,6 +52,7 @@ impl Store {
                 SqliteTranscript::boxed(Rc::clone(connection), id.0)
             })?;
             channel.remember_contacts(contacts.iter().map(|c| c.info.clone()));
+            let invited: Vec<DeviceInfo> = contacts.iter().map(|c| c.info.clone()).collect();
             if !contacts.is_empty() {
                 let commit = channel.add(&provider, identity, contacts)?;
                 let merge_now = relays.is_empty();
@@ -66,6 +67,14 @@ impl Store {
             }
             save_channel(connection, &mut channel, true)?;
             let id = channel.id();
+            let now = now_ms() as i64;
+            for info in &invited {
+                connection.execute(
+                    "INSERT OR REPLACE INTO invited (channel, device, party, invited_ms)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![&id.0[..], &info.key.0[..], &info.party, now],
+                )?;
+            }
             set_relays(connection, &id, relays)?;
             cache.channels.insert(id, channel);
             Ok(id)
@@ -114,6 +123,15 @@ impl Store {
         })
     }
 
+    /// The name of a channel on this device.
+    pub(crate) fn channel_name(&self, id: &ChannelId) -> Result<String, StoreError> {
+        Ok(self.connection.query_row(
+            "SELECT name FROM channels WHERE id = ?1",
+            [&id.0[..]],
+            |row| row.get(0),
+        )?)
+    }
+
     pub(crate) fn has_channel(&self, id: &ChannelId) -> Result<bool, StoreError> {
         Ok(self
             .connection
@@ -142,6 +160,31 @@ impl Store {
                 );
                 let channel = checkout(cache, connection, &provider, &id)?;
                 let settled = channel.transcript().settled_len();
+                // Invited devices of which the transcript holds nothing yet.
+                let heads = channel.transcript().heads();
+                let mut statement = connection.prepare_cached(
+                    "SELECT device, party, invited_ms FROM invited WHERE channel = ?1",
+                )?;
+                let not_joined = statement
+                    .query_map([&id.0[..]], |row| {
+                        Ok((
+                            row.get::<_, Vec<u8>>(0)?,
+                            row.get(1)?,
+                            row.get::<_, i64>(2)?,
+                        ))
+                    })?
+                    .collect::<Result<Vec<(Vec<u8>, String, i64)>, _>>()?
+                    .into_iter()
+                    .filter_map(|(device, party, invited_ms)| {
+                        let key = DeviceKey(device.try_into().ok()?);
+                        let member = channel.members().iter().any(|m| m.key == key);
+                        (member && !heads.contains_key(&key)).then_some(Invited {
+                            device: key,
+                            party,
+                            invited_ms: invited_ms.max(0) as u64,
+                        })
+                    })
+                    .collect();
                 let (settled_root, _) = channel.transcript().settled_root(settled)?;
                 summaries.push(ChannelSummary {
                     id: channel.id(),
@@ -153,6 +196,7 @@ impl Store {
                     committer: channel.is_committer(),
                     settled,
                     settled_root,
+                    not_joined,
                 });
                 cache.channels.insert(id, channel);
             }

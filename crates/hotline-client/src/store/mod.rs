@@ -143,7 +143,15 @@ pub struct OutboxItem {
     pub posted: Vec<String>,
 }
 
-/// A channel as `hotline channel list` shows it.
+/// A device this device invited to a channel.
+#[derive(Debug, Clone)]
+pub struct Invited {
+    pub device: DeviceKey,
+    pub party: String,
+    pub invited_ms: u64,
+}
+
+/// A channel as `channel list` shows it.
 #[derive(Debug, Clone)]
 pub struct ChannelSummary {
     pub id: ChannelId,
@@ -158,6 +166,9 @@ pub struct ChannelSummary {
     /// every member that settled as far; it never changes once given).
     pub settled: u64,
     pub settled_root: [u8; 32],
+    /// Devices this device invited that have not joined yet, as far as it can see (the
+    /// transcript holds nothing of theirs).
+    pub not_joined: Vec<Invited>,
 }
 
 /// An open device store.

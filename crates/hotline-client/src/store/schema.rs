@@ -128,6 +128,15 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         PRIMARY KEY (channel, party)
     );",
+    // Version 14: the devices this device invited, and when: "invited, not joined" until
+    // the transcript holds something of theirs.
+    "CREATE TABLE invited (
+        channel BLOB NOT NULL,
+        device BLOB NOT NULL,
+        party TEXT NOT NULL,
+        invited_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, device)
+    ) WITHOUT ROWID;",
 ];
 
 /// Version 4.

@@ -269,14 +269,33 @@ fn top(view: &View, width: usize, palette: &Palette) -> Vec<Line<'static>> {
         ]));
     }
     for party in &status.parties {
-        lines.push(Line::raw(clip(
+        let mut line = vec![Span::raw(clip(
             &format!(
                 " party {} heard {}",
                 fixed(&inert(&party.party), name_width),
                 ago(view.now_ms, party.last_heard_ms)
             ),
             width,
-        )));
+        ))];
+        if !party.not_joined.is_empty() {
+            let used = line[0].width();
+            line.push(Span::styled(
+                clip(
+                    &format!(
+                        " · invited, not joined: {}",
+                        party
+                            .not_joined
+                            .iter()
+                            .map(|c| inert(c))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    width.saturating_sub(used),
+                ),
+                palette.fg(Color::Yellow),
+            ));
+        }
+        lines.push(Line::from(line));
     }
     let unread = (0..view.log.len()).filter(|&i| view.unread(i)).count();
     let receiving = match &view.receiving {
@@ -558,10 +577,18 @@ mod tests {
                         None,
                     ),
                 ],
-                parties: vec![PartyStatus {
-                    party: "south".into(),
-                    last_heard_ms: Some(T0 - 900),
-                }],
+                parties: vec![
+                    PartyStatus {
+                        party: "south".into(),
+                        last_heard_ms: Some(T0 - 900),
+                        not_joined: Vec::new(),
+                    },
+                    PartyStatus {
+                        party: "mediator".into(),
+                        last_heard_ms: None,
+                        not_joined: vec!["trilateral".into()],
+                    },
+                ],
                 outbox: 1,
                 undelivered: 1,
                 alarms: vec![Alarm {
