@@ -28,6 +28,7 @@ pub mod link;
 pub mod payload;
 pub mod provider;
 pub mod receive;
+pub mod stock;
 pub mod store;
 pub mod sync;
 #[doc(hidden)]

@@ -24,6 +24,7 @@ use crate::bundle;
 use crate::clock::Clock;
 use crate::line::LineEvent;
 use crate::link::OutgoingFrame;
+use crate::stock::{Claimed, STOCK_BATCH, STOCK_LOW};
 use crate::store::OutboxItem;
 use crate::store::{Cursor, StoreError};
 
@@ -179,7 +180,66 @@ async fn sync_with(
     store.send_due_probes()?;
     push_with(store, identity, relays, &mut report).await?;
     note_health(store, &report)?;
+    restock(store, identity, relays).await?;
     Ok(report)
+}
+
+/// Keeps fresh one-time key packages on this device's inbox relays (see `stock`): each
+/// relay due for a check is asked its stock, and given [`STOCK_BATCH`] fresh packages
+/// when it holds fewer than [`STOCK_LOW`]. A relay that fails is asked again at the next
+/// check (5 s at most each: a hung relay does not hold up the round); inviters then
+/// fall back to the card.
+async fn restock(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+) -> Result<(), StoreError> {
+    for url in store.stock_due()? {
+        let Ok(client) = relays.get(&url) else {
+            continue;
+        };
+        let limit = Duration::from_secs(5);
+        let stock = match tokio::time::timeout(limit, client.key_package_stock(identity)).await {
+            Ok(Ok(stock)) if stock >= STOCK_LOW => stock,
+            Ok(Ok(stock)) => {
+                let packages = store.fresh_key_packages(STOCK_BATCH)?;
+                match tokio::time::timeout(limit, client.stock_key_packages(identity, &packages))
+                    .await
+                {
+                    Ok(Ok(stock)) => stock,
+                    _ => stock,
+                }
+            }
+            _ => 0,
+        };
+        store.note_stock(&url, stock)?;
+    }
+    store.forget_old_key_packages()?;
+    Ok(())
+}
+
+/// Claims one fresh key package of each device of `parties` from its inbox relays (the
+/// first relay that has one; 3 s at most each), for [`Store::create_channel_with`].
+/// Devices without one are left out: their card's packages serve.
+pub async fn claim_key_packages(
+    store: &mut Store,
+    parties: &[String],
+) -> Result<Claimed, StoreError> {
+    let identity = identity_of(store)?;
+    let mut claimed = Claimed::new();
+    for (device, urls) in store.invitees(parties)? {
+        for url in urls {
+            let Ok(client) = RelayClient::new(&url) else {
+                continue;
+            };
+            let claim = client.claim_key_package(&identity, &device);
+            if let Ok(Ok(Some(bytes))) = tokio::time::timeout(Duration::from_secs(3), claim).await {
+                claimed.insert(device, bytes);
+                break;
+            }
+        }
+    }
+    Ok(claimed)
 }
 
 /// Offers again, to every relay of its channel, each message of this device that some
@@ -885,6 +945,13 @@ async fn push_pass(
                 let posted = match log {
                     Log::Inbox(device) => client.post_inbox(identity, &device, body).await,
                     Log::Channel(channel) => client.post(identity, &channel, body).await,
+                    // The outbox holds channel messages and invitations only.
+                    Log::KeyPackages(_) => Err(ClientError::Refused {
+                        relay: client.base().to_owned(),
+                        status: 0,
+                        code: "not-sent".into(),
+                        detail: "key packages are stocked, not posted".into(),
+                    }),
                 };
                 (mark, url, posted)
             });

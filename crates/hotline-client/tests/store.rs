@@ -263,6 +263,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE answer_floor;
              ALTER TABLE contacts DROP COLUMN key_packages_used; DROP TABLE relay_names;
              DROP TABLE delivered_reported; DROP TABLE invited;
+             DROP TABLE key_package_stock; DROP TABLE stocked_key_packages;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
@@ -368,5 +369,47 @@ fn many_channels_with_the_same_party_all_join() {
             .unwrap();
         south.import_bundle(north.export_outbox().unwrap()).unwrap();
         assert_eq!(south.log(&name).unwrap()[0].text, format!("on {name}"));
+    }
+}
+
+/// How many of south's card key packages north used, from north's database.
+fn card_packages_used(north_home: &std::path::Path) -> i64 {
+    let db = rusqlite::Connection::open(north_home.join("device.db")).unwrap();
+    db.query_row(
+        "SELECT key_packages_used FROM contacts WHERE party = 'south'",
+        [],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+/// A fresh key package claimed from a relay opens the channel and spares the card's;
+/// one that does not check out (not south's, or not a key package at all) is set
+/// aside for the card's next one, and the channel is joined all the same.
+#[test]
+fn a_claimed_key_package_is_used_if_it_checks_out_and_the_card_serves_otherwise() {
+    let (mut north, mut south, north_home, _) = pair();
+    let used = card_packages_used(&north_home);
+    let south_key = south.identity().key();
+    let fresh = south.fresh_key_packages(2).unwrap();
+    let north_own = north.fresh_key_packages(1).unwrap();
+    let attempts: [(&str, Vec<u8>, i64); 3] = [
+        ("fresh", fresh[0].clone(), 0),
+        ("not-souths", north_own[0].clone(), 1),
+        ("garbage", b"not a key package".to_vec(), 1),
+    ];
+    let mut expected = used;
+    for (name, package, card) in attempts {
+        let claimed = [(south_key, package)].into_iter().collect();
+        north
+            .create_channel_with(name, &["south".into()], &[], &claimed)
+            .unwrap();
+        expected += card;
+        assert_eq!(card_packages_used(&north_home), expected, "{name}");
+        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        assert!(
+            south.channels().unwrap().iter().any(|c| c.name == name),
+            "south did not join {name}"
+        );
     }
 }

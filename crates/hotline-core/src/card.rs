@@ -101,6 +101,72 @@ impl VerifiedContact {
     }
 }
 
+/// A fresh key package of this device (one-time, or last-resort), its private parts in
+/// `provider`'s storage, where a Welcome later finds them: its encoding and its hash
+/// reference (TLS-encoded; that storage knows the package by it).
+pub fn key_package(
+    identity: &DeviceIdentity,
+    provider: &impl OpenMlsProvider,
+    last_resort: bool,
+) -> Result<(Vec<u8>, Vec<u8>), CardError> {
+    let failed = |e: String| CardError::KeyPackageCreation(e);
+    // A last-resort key package must announce that extension in its capabilities.
+    let capabilities = Capabilities::builder()
+        .extensions(vec![ExtensionType::LastResort])
+        .build();
+    let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
+    if last_resort {
+        builder = builder.mark_as_last_resort();
+    }
+    let bundle = builder
+        .build(
+            CIPHERSUITE,
+            provider,
+            identity,
+            identity.credential_with_key(),
+        )
+        .map_err(|e| failed(e.to_string()))?;
+    let package = bundle.key_package();
+    let bytes = package
+        .tls_serialize_detached()
+        .map_err(|e| failed(e.to_string()))?;
+    let hash_ref = package
+        .hash_ref(provider.crypto())
+        .map_err(|e| failed(e.to_string()))?;
+    let hash_ref = hash_ref
+        .tls_serialize_detached()
+        .map_err(|e| failed(e.to_string()))?;
+    Ok((bytes, hash_ref))
+}
+
+/// Checks that `bytes` is a valid key package of `info`'s device, in hotline's
+/// ciphersuite, marked last-resort or not as `last_resort` says (what a card's packages
+/// must be, and what a relay hands out must be).
+pub fn check_key_package(
+    info: &DeviceInfo,
+    bytes: &[u8],
+    last_resort: bool,
+    crypto: &impl OpenMlsCrypto,
+) -> Result<KeyPackage, String> {
+    let package = KeyPackageIn::tls_deserialize_exact_bytes(bytes)
+        .map_err(|e| e.to_string())?
+        .validate(crypto, ProtocolVersion::Mls10)
+        .map_err(|e| e.to_string())?;
+    if package.ciphersuite() != CIPHERSUITE {
+        return Err(format!("ciphersuite {:?}", package.ciphersuite()));
+    }
+    let leaf = package.leaf_node();
+    if leaf.signature_key().as_slice() != info.key.0.as_slice()
+        || leaf.credential().serialized_content() != info.credential_bytes().as_slice()
+    {
+        return Err("it belongs to another device".into());
+    }
+    if package.last_resort() != last_resort {
+        return Err("wrong last-resort marking".into());
+    }
+    Ok(package)
+}
+
 /// Creates this device's card with `one_time` fresh key packages and a last-resort one.
 /// Their private parts go to `provider`'s storage, where a Welcome later finds them.
 pub fn create_card(
@@ -115,28 +181,8 @@ pub fn create_card(
     {
         return Err(CardError::TooLarge);
     }
-    let build = |last_resort: bool| -> Result<Vec<u8>, CardError> {
-        // A last-resort key package must announce that extension in its capabilities.
-        let capabilities = Capabilities::builder()
-            .extensions(vec![ExtensionType::LastResort])
-            .build();
-        let mut builder = KeyPackage::builder().leaf_node_capabilities(capabilities);
-        if last_resort {
-            builder = builder.mark_as_last_resort();
-        }
-        let bundle = builder
-            .build(
-                CIPHERSUITE,
-                provider,
-                identity,
-                identity.credential_with_key(),
-            )
-            .map_err(|e| CardError::KeyPackageCreation(e.to_string()))?;
-        bundle
-            .key_package()
-            .tls_serialize_detached()
-            .map_err(|e| CardError::KeyPackageCreation(e.to_string()))
-    };
+    let build =
+        |last_resort: bool| key_package(identity, provider, last_resort).map(|(bytes, _)| bytes);
     let key_packages = (0..one_time)
         .map(|_| build(false))
         .collect::<Result<Vec<_>, _>>()?;
@@ -236,26 +282,9 @@ impl CardIn {
                 &self.signature,
             )
             .map_err(|_| CardError::BadSignature)?;
-        let credential = self.info.credential_bytes();
         let check = |index: usize, bytes: &[u8], last_resort: bool| {
-            let bad = |reason: String| CardError::BadKeyPackage { index, reason };
-            let package = KeyPackageIn::tls_deserialize_exact_bytes(bytes)
-                .map_err(|e| bad(e.to_string()))?
-                .validate(crypto, ProtocolVersion::Mls10)
-                .map_err(|e| bad(e.to_string()))?;
-            if package.ciphersuite() != CIPHERSUITE {
-                return Err(bad(format!("ciphersuite {:?}", package.ciphersuite())));
-            }
-            let leaf = package.leaf_node();
-            if leaf.signature_key().as_slice() != self.info.key.0.as_slice()
-                || leaf.credential().serialized_content() != credential.as_slice()
-            {
-                return Err(bad("it belongs to another device".into()));
-            }
-            if package.last_resort() != last_resort {
-                return Err(bad("wrong last-resort marking".into()));
-            }
-            Ok(package)
+            check_key_package(&self.info, bytes, last_resort, crypto)
+                .map_err(|reason| CardError::BadKeyPackage { index, reason })
         };
         let key_packages = self
             .key_packages

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hotline_core::DeviceIdentity;
 use hotline_core::codec::{DecodeError, Reader};
+use hotline_core::{DeviceIdentity, DeviceKey};
 use serde_json::json;
 use thiserror::Error;
 
@@ -310,6 +310,81 @@ impl RelayClient {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Stocks this device's one-time key packages on the relay (at most
+    /// [`MAX_BATCH`](crate::server::MAX_BATCH) per request, each at most
+    /// [`MAX_KEY_PACKAGE`](crate::server::MAX_KEY_PACKAGE) bytes). All or nothing: a
+    /// stock that would exceed
+    /// [`MAX_KEY_PACKAGE_STOCK`](crate::server::MAX_KEY_PACKAGE_STOCK) is refused
+    /// (409 `stock-full`). Returns how many are in stock after.
+    pub async fn stock_key_packages(
+        &self,
+        identity: &DeviceIdentity,
+        packages: &[Vec<u8>],
+    ) -> Result<u64, ClientError> {
+        let answer = self
+            .send(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/keypackages/{}", identity.key()),
+                crate::server::encode_batch(packages),
+            )
+            .await?;
+        self.stock_answer(&answer)
+    }
+
+    /// How many of this device's key packages the relay has in stock.
+    pub async fn key_package_stock(&self, identity: &DeviceIdentity) -> Result<u64, ClientError> {
+        let answer = self
+            .send(
+                identity,
+                reqwest::Method::GET,
+                format!("/v1/keypackages/{}", identity.key()),
+                Vec::new(),
+            )
+            .await?;
+        self.stock_answer(&answer)
+    }
+
+    /// Takes `device`'s oldest key package from the relay's stock (no one else gets
+    /// it); `None` if the relay has none in stock for that device.
+    pub async fn claim_key_package(
+        &self,
+        identity: &DeviceIdentity,
+        device: &DeviceKey,
+    ) -> Result<Option<Vec<u8>>, ClientError> {
+        match self
+            .send(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/keypackages/{device}/claim"),
+                Vec::new(),
+            )
+            .await
+        {
+            Ok(package) => Ok(Some(package)),
+            Err(ClientError::Refused {
+                status: 404, code, ..
+            }) if code == "no-key-package" => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The `stock` of a `{"stock": n}` answer.
+    fn stock_answer(&self, answer: &[u8]) -> Result<u64, ClientError> {
+        serde_json::from_slice::<serde_json::Value>(answer)
+            .ok()
+            .and_then(|v| v["stock"].as_u64())
+            .ok_or_else(|| {
+                ClientError::Malformed(
+                    DecodeError::Invalid {
+                        field: "stock answer",
+                        reason: "no stock count",
+                    },
+                    self.base.clone(),
+                )
+            })
     }
 
     /// POSTs to a log; the answer's sequence number.

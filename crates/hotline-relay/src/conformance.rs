@@ -31,6 +31,9 @@ where
     expiry_deletes_old_and_keeps_the_sequence(&storage).await;
     concurrent_appends_get_distinct_contiguous_numbers(&storage).await;
     a_batch_appends_in_order_each_as_alone(&storage).await;
+    claims_take_the_oldest_first_then_none(&storage).await;
+    claims_leave_other_logs_alone(&storage).await;
+    concurrent_claims_never_share_a_message(&storage).await;
     let (log, expected) = written_before_reopen(&storage).await;
     drop(storage);
     let storage = open().await;
@@ -310,6 +313,119 @@ async fn concurrent_appends_get_distinct_contiguous_numbers(storage: &impl Relay
         (1..=64).collect::<Vec<_>>(),
         "concurrent_appends_get_distinct_contiguous_numbers"
     );
+}
+
+async fn claim(storage: &impl RelayStorage, log: &Log) -> Option<(u64, Vec<u8>)> {
+    storage
+        .claim_first(log.clone())
+        .await
+        .expect("claim failed")
+}
+
+/// `claim_first`: oldest first, then `None`; what is claimed is gone, frees its bytes
+/// of the quota, and the numbering goes on.
+async fn claims_take_the_oldest_first_then_none(storage: &impl RelayStorage) {
+    let log = Log::KeyPackages(fresh_channel());
+    assert_eq!(
+        claim(storage, &log).await,
+        None,
+        "a log never written is empty"
+    );
+    let packages: Vec<Vec<u8>> = (0..3).map(|n| message("k", n)).collect();
+    for (n, package) in packages.iter().enumerate() {
+        assert_eq!(
+            append(storage, &log, package.clone()).await,
+            (n as u64 + 1, false)
+        );
+    }
+    for (n, package) in packages.iter().enumerate() {
+        assert_eq!(
+            claim(storage, &log).await,
+            Some((n as u64 + 1, package.clone())),
+            "claims_take_the_oldest_first_then_none: claim {n}"
+        );
+    }
+    assert_eq!(
+        claim(storage, &log).await,
+        None,
+        "an emptied log gives none"
+    );
+    assert!(read_all(storage, &log).await.is_empty());
+    // A claim frees its bytes: two packages of 3/4 of the quota fit one after the other.
+    let big = vec![b'k'; (QUOTA as usize) * 3 / 4];
+    assert_eq!(append(storage, &log, big.clone()).await, (4, false));
+    assert_eq!(claim(storage, &log).await, Some((4, big)));
+    let bigger = vec![b'l'; (QUOTA as usize) * 3 / 4];
+    assert_eq!(
+        append(storage, &log, bigger.clone()).await,
+        (5, false),
+        "claims_take_the_oldest_first_then_none: a claim frees the quota"
+    );
+    assert_eq!(claim(storage, &log).await, Some((5, bigger)));
+}
+
+/// A claim touches its own log only: not the channel or inbox of the same id, not
+/// another device's stock.
+async fn claims_leave_other_logs_alone(storage: &impl RelayStorage) {
+    let id = fresh_channel();
+    let (stock, channel, inbox) = (Log::KeyPackages(id), Log::Channel(id), Log::Inbox(id));
+    let other = Log::KeyPackages(fresh_channel());
+    for log in [&channel, &inbox, &other] {
+        append(storage, log, message("x", 0)).await;
+        append(storage, log, message("x", 1)).await;
+    }
+    assert_eq!(
+        claim(storage, &stock).await,
+        None,
+        "claims_leave_other_logs_alone"
+    );
+    let package = message("k", 0);
+    append(storage, &stock, package.clone()).await;
+    assert_eq!(claim(storage, &stock).await, Some((1, package)));
+    assert_eq!(claim(storage, &stock).await, None);
+    for log in [&channel, &inbox, &other] {
+        assert_eq!(
+            read_all(storage, log)
+                .await
+                .iter()
+                .map(|(seq, _)| *seq)
+                .collect::<Vec<_>>(),
+            [1, 2],
+            "claims_leave_other_logs_alone: {log:?}"
+        );
+    }
+}
+
+/// Eight claims at once against five packages: five distinct packages, three `None`.
+async fn concurrent_claims_never_share_a_message(storage: &impl RelayStorage) {
+    let log = Log::KeyPackages(fresh_channel());
+    let packages: Vec<Vec<u8>> = (0..5).map(|n| message("c", n)).collect();
+    for package in &packages {
+        append(storage, &log, package.clone()).await;
+    }
+    let claims = (0..8).map(|_| storage.claim_first(log.clone()));
+    let answers: Vec<Option<(u64, Vec<u8>)>> = futures_join_all(claims)
+        .await
+        .into_iter()
+        .map(|answer| answer.expect("concurrent claim"))
+        .collect();
+    let mut claimed: Vec<(u64, Vec<u8>)> = answers.iter().flatten().cloned().collect();
+    claimed.sort();
+    assert_eq!(
+        claimed,
+        packages
+            .iter()
+            .enumerate()
+            .map(|(n, package)| (n as u64 + 1, package.clone()))
+            .collect::<Vec<_>>(),
+        "concurrent_claims_never_share_a_message: each package claimed exactly once"
+    );
+    assert_eq!(
+        answers.iter().filter(|answer| answer.is_none()).count(),
+        3,
+        "concurrent_claims_never_share_a_message: the claims beyond the stock get none"
+    );
+    assert!(read_all(storage, &log).await.is_empty());
 }
 
 /// Polls every future to completion, concurrently, on the current task.

@@ -184,6 +184,7 @@ fn key(log: &Log) -> Vec<u8> {
     match log {
         Log::Channel(id) => [&[1u8][..], id].concat(),
         Log::Inbox(id) => [&[2u8][..], id].concat(),
+        Log::KeyPackages(id) => [&[3u8][..], id].concat(),
     }
 }
 
@@ -548,6 +549,46 @@ impl RelayStorage for PostgresStorage {
             transaction.commit().await.map_err(database)?;
         }
         Ok(deleted)
+    }
+
+    /// Locks the log's head first (as acknowledgements and expiry do, so that they never
+    /// deadlock with a claim), then deletes the oldest message: claims on one log, from
+    /// any process, take turns, and each sees what the one before it removed.
+    async fn claim_first(&self, log: Log) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let key = key(&log);
+        let mut client = self.client().await;
+        let transaction = client.transaction().await.map_err(database)?;
+        // No head: nothing was ever appended to this log (and a claim creates none).
+        let head = transaction
+            .query_opt("SELECT used FROM heads WHERE log = $1 FOR UPDATE", &[&key])
+            .await
+            .map_err(database)?;
+        if head.is_none() {
+            transaction.commit().await.map_err(database)?;
+            return Ok(None);
+        }
+        let claimed = transaction
+            .query_opt(
+                "DELETE FROM messages WHERE (log, seq) = (
+                     SELECT log, seq FROM messages WHERE log = $1
+                     ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING seq, bytes",
+                &[&key],
+            )
+            .await
+            .map_err(database)?
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, Vec<u8>>(1)));
+        if let Some((_, bytes)) = &claimed {
+            transaction
+                .execute(
+                    "UPDATE heads SET used = GREATEST(used - $2, 0) WHERE log = $1",
+                    &[&key, &(bytes.len() as i64)],
+                )
+                .await
+                .map_err(database)?;
+        }
+        transaction.commit().await.map_err(database)?;
+        Ok(claimed.map(|(seq, bytes)| (seq as u64, bytes)))
     }
 
     fn take_commit_durations(&self) -> Vec<f64> {

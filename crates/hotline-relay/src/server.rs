@@ -9,6 +9,10 @@
 //! - `GET /v1/channels/{channel}/messages?after=N&wait=MS`: read (members only), long-poll
 //! - `POST /v1/inbox/{device}`: leave an invitation (any authenticated device)
 //! - `GET /v1/inbox/{device}?after=N&wait=MS`: read one's own inbox
+//! - `POST /v1/keypackages/{device}`: stock one's own one-time key packages (a batch)
+//! - `GET /v1/keypackages/{device}`: how many of one's own are in stock
+//! - `POST /v1/keypackages/{device}/claim`: take the device's oldest key package
+//!   (any authenticated device)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -77,6 +81,9 @@ struct AppState<S> {
     buckets: std::sync::Mutex<HashMap<DeviceKey, (f64, Instant)>>,
     keys: auth::KeyCache,
     metrics: Metrics,
+    /// Held from counting a stock to appending to it, so that two stocking requests
+    /// in this process cannot both fill the last places.
+    stocking: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -648,6 +655,154 @@ async fn get_inbox<S: RelayStorage>(
     state.read_answer(Log::Inbox(device), &query).await
 }
 
+/// Most key packages a device may have in stock on a relay.
+pub const MAX_KEY_PACKAGE_STOCK: usize = 64;
+/// Largest key package a relay stocks, in bytes.
+pub const MAX_KEY_PACKAGE: usize = 16 * 1024;
+
+/// Refuses anyone but the device itself, saying `detail`.
+fn require_owner<S: RelayStorage>(
+    state: &AppState<S>,
+    requester: &DeviceKey,
+    device: &[u8; 32],
+    detail: &'static str,
+) -> Result<(), Problem> {
+    if requester.0 != *device {
+        return Err(state.reject(Problem::new(StatusCode::FORBIDDEN, "not-a-member", detail)));
+    }
+    Ok(())
+}
+
+/// The stock of key packages, as a count (at most one more than the limit: enough to
+/// know whether it is over).
+async fn stock_of<S: RelayStorage>(
+    state: &AppState<S>,
+    log: &Log,
+) -> Result<Vec<Vec<u8>>, Problem> {
+    Ok(state
+        .storage
+        .read_after(log, 0, MAX_KEY_PACKAGE_STOCK + 1)
+        .await?
+        .into_iter()
+        .map(|(_, bytes)| bytes)
+        .collect())
+}
+
+/// A device stocks one-time key packages (a batch, as `post_batch` takes), for
+/// inviters to claim one each. All or nothing: a package too large, or a stock that
+/// would exceed [`MAX_KEY_PACKAGE_STOCK`], refuses the whole request.
+async fn post_key_packages<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let packages = decode_batch(&body).map_err(|detail| {
+        state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            format!("malformed batch of key packages: {detail}"),
+        ))
+    })?;
+    let cost = packages.len() as f64;
+    let requester = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
+    let device = parse_key(&device)?;
+    require_owner(
+        &state,
+        &requester,
+        &device,
+        "a device stocks only its own key packages",
+    )?;
+    if packages
+        .iter()
+        .any(|package| package.len() > MAX_KEY_PACKAGE)
+    {
+        return Err(state.reject(Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!("a key package is at most {MAX_KEY_PACKAGE} bytes"),
+        )));
+    }
+    let log = Log::KeyPackages(device);
+    let _stocking = state.stocking.lock().await;
+    // What the stock would hold: the packages there, and the new ones (a package
+    // already in stock, or twice in the request, is stored once).
+    let mut after: std::collections::HashSet<Vec<u8>> =
+        stock_of(&state, &log).await?.into_iter().collect();
+    after.extend(packages.iter().cloned());
+    if after.len() > MAX_KEY_PACKAGE_STOCK {
+        return Err(state.reject(Problem::new(
+            StatusCode::CONFLICT,
+            "stock-full",
+            format!(
+                "at most {MAX_KEY_PACKAGE_STOCK} key packages in stock per device: \
+                 claim or let expire some before stocking more"
+            ),
+        )));
+    }
+    let lengths: Vec<u64> = packages.iter().map(|p| p.len() as u64).collect();
+    let answers = state.storage.append_all(log.clone(), packages).await;
+    for (answer, len) in answers.into_iter().zip(lengths) {
+        let appended = answer.map_err(|error| state.reject(error.into()))?;
+        state.count_appended(&appended, len);
+    }
+    let stock = stock_of(&state, &log).await?.len();
+    Ok(Json(json!({ "stock": stock })).into_response())
+}
+
+/// How many key packages the device itself has in stock.
+async fn get_key_packages<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, Problem> {
+    let requester = state.authenticate(&method, &uri, &headers, b"")?;
+    let device = parse_key(&device)?;
+    require_owner(
+        &state,
+        &requester,
+        &device,
+        "a device reads only its own stock of key packages",
+    )?;
+    let stock = stock_of(&state, &Log::KeyPackages(device)).await?.len();
+    Ok(Json(json!({ "stock": stock })).into_response())
+}
+
+/// Any authenticated device takes the device's oldest key package; it is gone from the
+/// stock, so no two inviters get the same one.
+async fn claim_key_package<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    Path(device): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    state.authenticate(&method, &uri, &headers, &body)?;
+    let device = parse_key(&device)?;
+    if !body.is_empty() {
+        return Err(state.reject(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "malformed",
+            "a claim has an empty body",
+        )));
+    }
+    match state.storage.claim_first(Log::KeyPackages(device)).await? {
+        Some((_, package)) => {
+            Ok(([("content-type", "application/octet-stream")], package).into_response())
+        }
+        None => Err(state.reject(Problem::new(
+            StatusCode::NOT_FOUND,
+            "no-key-package",
+            "no key package in stock for this device",
+        ))),
+    }
+}
+
 async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
     let m = &state.metrics;
     let durations = state.storage.take_commit_durations();
@@ -719,6 +874,14 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
             post(post_inbox::<S>).get(get_inbox::<S>),
         )
         .route("/v1/inbox/{device}/ack", post(post_inbox_ack::<S>))
+        .route(
+            "/v1/keypackages/{device}",
+            post(post_key_packages::<S>).get(get_key_packages::<S>),
+        )
+        .route(
+            "/v1/keypackages/{device}/claim",
+            post(claim_key_package::<S>),
+        )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -757,6 +920,7 @@ pub async fn serve<S: RelayStorage>(
         buckets: std::sync::Mutex::new(HashMap::new()),
         keys: auth::KeyCache::default(),
         metrics: Metrics::default(),
+        stocking: tokio::sync::Mutex::new(()),
     });
     let app = router(Arc::clone(&state));
     let (shutdown, mut stop) = watch::channel(false);

@@ -17,11 +17,13 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-/// Where a message goes: a channel's log, or a device's inbox (invitations).
+/// Where a message goes: a channel's log, a device's inbox (invitations), or a device's
+/// stock of one-time key packages (claimed one at a time by inviters).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Log {
     Channel([u8; 32]),
     Inbox([u8; 32]),
+    KeyPackages([u8; 32]),
 }
 
 impl Log {
@@ -29,6 +31,7 @@ impl Log {
         match self {
             Log::Channel(id) => [&[1u8][..], id].concat(),
             Log::Inbox(id) => [&[2u8][..], id].concat(),
+            Log::KeyPackages(id) => [&[3u8][..], id].concat(),
         }
     }
 }
@@ -135,6 +138,13 @@ pub trait RelayStorage: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64, StorageError>> + Send;
     /// Deletes every message stored before `before_ms` (retention).
     fn expire(&self, before_ms: u64) -> impl Future<Output = Result<u64, StorageError>> + Send;
+    /// Removes the oldest message of `log` and returns it, as one atomic step; `None`
+    /// when the log is empty. Two claims never get the same message, even from relay
+    /// processes sharing one database. The log's byte count drops by what was removed.
+    fn claim_first(
+        &self,
+        log: Log,
+    ) -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StorageError>> + Send;
     /// Durations of recent group commits, in seconds, for metrics.
     fn take_commit_durations(&self) -> Vec<f64>;
     /// Appends made by other processes sharing this storage, as a counter that moves;
@@ -163,12 +173,21 @@ enum Job {
         before_ms: u64,
         answer: oneshot::Sender<Result<u64, StorageError>>,
     },
+    /// Removes and returns the oldest message of a log.
+    Claim {
+        log: Log,
+        answer: oneshot::Sender<Result<Claimed, StorageError>>,
+    },
 }
+
+/// A claimed message (sequence number, bytes), or none.
+type Claimed = Option<(u64, Vec<u8>)>;
 
 /// What a job gave, before it is sent back.
 enum Answer {
     Appended(Result<Appended, StorageError>),
     Deleted(Result<u64, StorageError>),
+    Claimed(Claimed),
 }
 
 impl Job {
@@ -180,14 +199,21 @@ impl Job {
             Job::Append { answer, .. } => {
                 let _ = answer.send(match result {
                     Ok(Answer::Appended(result)) => result,
-                    Ok(Answer::Deleted(_)) => Err(StorageError::WriterGone),
+                    Ok(_) => Err(StorageError::WriterGone),
                     Err(message) => Err(failed(&message)),
                 });
             }
             Job::Acknowledge { answer, .. } | Job::Expire { answer, .. } => {
                 let _ = answer.send(match result {
                     Ok(Answer::Deleted(result)) => result,
-                    Ok(Answer::Appended(_)) => Err(StorageError::WriterGone),
+                    Ok(_) => Err(StorageError::WriterGone),
+                    Err(message) => Err(failed(&message)),
+                });
+            }
+            Job::Claim { answer, .. } => {
+                let _ = answer.send(match result {
+                    Ok(Answer::Claimed(claimed)) => Ok(claimed),
+                    Ok(_) => Err(StorageError::WriterGone),
                     Err(message) => Err(failed(&message)),
                 });
             }
@@ -356,6 +382,10 @@ fn commit_batch(
                 )?)));
                 continue;
             }
+            Job::Claim { log, .. } => {
+                results.push(Answer::Claimed(claim_first(&transaction, heads, log)?));
+                continue;
+            }
         };
         let key = log.key();
         let hash: [u8; 32] = Sha256::digest(bytes).into();
@@ -516,6 +546,28 @@ fn expire(
     Ok(deleted)
 }
 
+/// Removes the oldest message of `log`, keeping the head's byte count true. The writer
+/// runs jobs one after the other, so two claims never see the same message.
+fn claim_first(
+    transaction: &rusqlite::Transaction<'_>,
+    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    log: &Log,
+) -> Result<Option<(u64, Vec<u8>)>, rusqlite::Error> {
+    let key = log.key();
+    let oldest: Option<(i64, Vec<u8>)> = transaction
+        .query_row(
+            "SELECT seq, bytes FROM messages WHERE log = ?1 ORDER BY seq LIMIT 1",
+            [&key],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let Some((seq, bytes)) = oldest else {
+        return Ok(None);
+    };
+    delete_up_to(transaction, heads, &key, seq)?;
+    Ok(Some((seq as u64, bytes)))
+}
+
 impl RelayStorage for SqliteStorage {
     async fn append(&self, log: Log, bytes: Vec<u8>) -> Result<Appended, StorageError> {
         let (answer, wait) = oneshot::channel();
@@ -569,6 +621,14 @@ impl RelayStorage for SqliteStorage {
         let (answer, wait) = oneshot::channel();
         self.jobs
             .send(Job::Expire { before_ms, answer })
+            .map_err(|_| StorageError::WriterGone)?;
+        wait.await.map_err(|_| StorageError::WriterGone)?
+    }
+
+    async fn claim_first(&self, log: Log) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        let (answer, wait) = oneshot::channel();
+        self.jobs
+            .send(Job::Claim { log, answer })
             .map_err(|_| StorageError::WriterGone)?;
         wait.await.map_err(|_| StorageError::WriterGone)?
     }

@@ -53,3 +53,78 @@ async fn postgres_backend_passes_the_conformance_suite() {
         .await
         .unwrap();
 }
+
+/// Two relay processes sharing one PostgreSQL database (two storages on one schema, each
+/// with its own connections) claim from one stock at once: every package goes to
+/// exactly one claim, the others get none, and the log's byte count comes back to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_claims_from_two_processes_never_share_a_package() {
+    use hotline_relay::postgres::PostgresStorage;
+    use hotline_relay::storage::{Log, RelayStorage};
+    let url = std::env::var("HOTLINE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
+    let schema = format!("hotline_claims_{}", std::process::id());
+    let first = match PostgresStorage::connect(&url, &schema, QUOTA, 4).await {
+        Ok(storage) => storage,
+        Err(error) => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL unreachable under CI: {error}"
+            );
+            eprintln!("skipped: PostgreSQL unreachable at {url}: {error}");
+            return;
+        }
+    };
+    let second = PostgresStorage::connect(&url, &schema, QUOTA, 4)
+        .await
+        .unwrap();
+    let device: [u8; 32] = rand::random();
+    let log = Log::KeyPackages(device);
+    let packages: Vec<Vec<u8>> = (0..20)
+        .map(|n| format!("package-{n}").into_bytes())
+        .collect();
+    for package in &packages {
+        first.append(log.clone(), package.clone()).await.unwrap();
+    }
+    let (first, second) = (std::sync::Arc::new(first), std::sync::Arc::new(second));
+    let mut claims = tokio::task::JoinSet::new();
+    for n in 0..32 {
+        let storage = std::sync::Arc::clone(if n % 2 == 0 { &first } else { &second });
+        let log = log.clone();
+        claims.spawn(async move { storage.claim_first(log).await.unwrap() });
+    }
+    let mut claimed = Vec::new();
+    let mut none = 0;
+    while let Some(answer) = claims.join_next().await {
+        match answer.unwrap() {
+            Some((_, bytes)) => claimed.push(bytes),
+            None => none += 1,
+        }
+    }
+    claimed.sort();
+    let mut expected = packages.clone();
+    expected.sort();
+    assert_eq!(claimed, expected, "each package claimed exactly once");
+    assert_eq!(none, 12);
+    assert!(first.read_after(&log, 0, 100).await.unwrap().is_empty());
+
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let key = [&[3u8][..], &device[..]].concat();
+    let used: i64 = client
+        .query_one(
+            &format!("SELECT used FROM {schema}.heads WHERE log = $1"),
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(used, 0, "the claims gave back every byte of the quota");
+    drop((first, second));
+    client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

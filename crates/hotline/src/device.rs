@@ -189,7 +189,19 @@ pub fn channel_create(
     let mut store = Store::open(home)?;
     let relays = named_relays(&mut store, relays)?;
     let relays = &relays;
-    let id = store.create_channel(name, with, relays)?;
+    // A fresh one-time key package of each invitee from its relays, if they have one
+    // (the card's serve otherwise).
+    let claimed = if relays.is_empty() {
+        Default::default()
+    } else {
+        hotline_relay::tls::install_provider();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| failure(format!("cannot start: {e}")))?
+            .block_on(hotline_client::sync::claim_key_packages(&mut store, with))?
+    };
+    let id = store.create_channel_with(name, with, relays, &claimed)?;
     // The commit takes effect (and the invitation goes out) once a relay holds it.
     let (relayed, _) = push_now(&mut store, name)?;
     if json_output {

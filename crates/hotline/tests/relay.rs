@@ -1972,8 +1972,8 @@ fn follow_json_prints_messages_deliveries_reads_and_relay_changes() {
 }
 
 /// Five channels between the same two parties over one relay, each joined and each
-/// carrying a message both ways (key packages run out on the card: later channels take
-/// the last-resort one). Then an invitation south cannot accept (it includes a party
+/// carrying a message both ways, each opened with a fresh key package that south
+/// stocked on its relay and north claimed there (the card's are spared). Then an invitation south cannot accept (it includes a party
 /// south never verified) is never silent: south's alarm names the inviter and the
 /// channel, and north shows south "invited, not joined", alarmed once the
 /// undelivered-after time passed.
@@ -1983,6 +1983,8 @@ fn five_channels_between_two_parties_all_join_and_a_refused_invitation_alarms_bo
     let relay = Relay::start(&dir.join("relay"));
     let homes = verified_homes(&dir, &["north", "south"], &relay.url);
     let (north, south) = (&homes[0], &homes[1]);
+    // South's first sync stocks fresh key packages on its inbox relay.
+    ok(south, &["sync"]);
     for n in 1..=5 {
         let name = format!("line-{n}");
         ok(
@@ -2013,6 +2015,16 @@ fn five_channels_between_two_parties_all_join_and_a_refused_invitation_alarms_bo
     }
     let list = ok(north, &["channel", "list"]);
     assert!(!list.contains("not joined"), "{list}");
+    // Every channel opened with a package claimed from the relay: none of the card's.
+    let used: i64 = rusqlite::Connection::open(north.join("device.db"))
+        .unwrap()
+        .query_row(
+            "SELECT key_packages_used FROM contacts WHERE party = 'south'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(used, 0, "north fell back to south's card");
 
     // A mediator that verified north and south, whom north verified and south never
     // heard of.

@@ -1,6 +1,7 @@
 //! Channels: creating, joining, receiving into them, membership changes.
 
 use super::*;
+use crate::stock::Claimed;
 
 impl Store {
     /// Creates a channel with every verified device of `parties`. Until relays exist,
@@ -10,6 +11,19 @@ impl Store {
         name: &str,
         parties: &[String],
         relays: &[String],
+    ) -> Result<ChannelId, StoreError> {
+        self.create_channel_with(name, parties, relays, &Claimed::new())
+    }
+
+    /// [`Store::create_channel`], adding each device with the key package `claimed`
+    /// from its relays when that one checks out (valid, of that device, one-time), else
+    /// with its card's next one-time package, else its last-resort one.
+    pub fn create_channel_with(
+        &mut self,
+        name: &str,
+        parties: &[String],
+        relays: &[String],
+        claimed: &Claimed,
     ) -> Result<ChannelId, StoreError> {
         self.transact(|connection, identity, cache| {
             if channel_row(connection, name)?.is_some() {
@@ -33,18 +47,32 @@ impl Store {
                     // The fingerprint was checked at import; this re-checks the signature
                     // and the key packages of the stored card.
                     let mut contact = card.verify(&fingerprint, provider.crypto())?;
-                    // A one-time key package opens one Welcome only: skip those given to
-                    // earlier channels (then the last-resort one serves every channel).
-                    let left = contact
-                        .key_packages
-                        .len()
-                        .saturating_sub(used.max(0) as usize);
-                    contact.key_packages.truncate(left);
-                    connection.execute(
-                        "UPDATE contacts SET key_packages_used = key_packages_used + 1
-                         WHERE key = ?1 AND ?2 > 0",
-                        params![&key, left as i64],
-                    )?;
+                    let fresh = claimed.get(&contact.info.key).and_then(|bytes| {
+                        hotline_core::card::check_key_package(
+                            &contact.info,
+                            bytes,
+                            false,
+                            provider.crypto(),
+                        )
+                        .ok()
+                    });
+                    if let Some(fresh) = fresh {
+                        contact.key_packages = vec![fresh];
+                    } else {
+                        // A one-time key package opens one Welcome only: skip those given
+                        // to earlier channels (then the last-resort one serves every
+                        // channel).
+                        let left = contact
+                            .key_packages
+                            .len()
+                            .saturating_sub(used.max(0) as usize);
+                        contact.key_packages.truncate(left);
+                        connection.execute(
+                            "UPDATE contacts SET key_packages_used = key_packages_used + 1
+                             WHERE key = ?1 AND ?2 > 0",
+                            params![&key, left as i64],
+                        )?;
+                    }
                     contacts.push(contact);
                 }
             }

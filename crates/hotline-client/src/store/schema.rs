@@ -137,6 +137,18 @@ const MIGRATIONS: &[&str] = &[
         invited_ms INTEGER NOT NULL,
         PRIMARY KEY (channel, device)
     ) WITHOUT ROWID;",
+    // Version 15: the one-time key packages this device keeps on its inbox relays (see
+    // `stock`): what each relay said it holds, and the packages stocked, to forget
+    // their private parts once no relay hands them out.
+    "CREATE TABLE key_package_stock (
+        relay TEXT PRIMARY KEY,
+        checked_ms INTEGER NOT NULL,
+        stock INTEGER NOT NULL
+    );
+    CREATE TABLE stocked_key_packages (
+        hash_ref BLOB PRIMARY KEY,
+        created_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// Version 4.
