@@ -16,6 +16,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod admission;
 pub mod auth;
 pub mod client;
 // A test suite for backends: it asserts, so it may panic.

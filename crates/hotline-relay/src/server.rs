@@ -30,18 +30,32 @@ use hotline_core::DeviceKey;
 use hotline_core::codec::{Reader, Writer};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{Admission, CONNECTION};
 use crate::auth::{self, AuthError};
 use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+
+/// The kernel's queue of connections waiting to be accepted (capped by
+/// `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+// Linux error numbers of an accept that fails for want of resources.
+const ENOMEM: i32 = 12;
+const ENFILE: i32 = 23;
+const EMFILE: i32 = 24;
+const ENOBUFS: i32 = 105;
 
 /// Limits, all configurable.
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_message: usize,
     pub max_connections: usize,
+    /// Connections no request has authenticated on yet, in total and from one source
+    /// address: beyond either, the oldest of them is closed (see `admission`).
+    pub max_pending: usize,
+    pub max_pending_per_source: usize,
     /// Time for a client to finish its TLS handshake and request headers.
     pub header_timeout: Duration,
     /// Time for a whole request body.
@@ -62,7 +76,9 @@ impl Default for Limits {
         Self {
             max_message: 1 << 20,
             max_connections: 1024,
-            header_timeout: Duration::from_secs(10),
+            max_pending: 256,
+            max_pending_per_source: 64,
+            header_timeout: Duration::from_secs(5),
             body_timeout: Duration::from_secs(30),
             rate_per_second: 200.0,
             rate_burst: 400.0,
@@ -84,6 +100,7 @@ struct AppState<S> {
     /// Held from counting a stock to appending to it, so that two stocking requests
     /// in this process cannot both fill the last places.
     stocking: tokio::sync::Mutex<()>,
+    admission: Arc<Admission>,
 }
 
 #[derive(Default)]
@@ -92,6 +109,7 @@ struct Metrics {
     stored_bytes: AtomicU64,
     duplicates: AtomicU64,
     connections: AtomicU64,
+    accept_paused: AtomicU64,
     rejected: std::sync::Mutex<HashMap<&'static str, u64>>,
     commit_buckets: std::sync::Mutex<[u64; 8]>,
     commit_sum: std::sync::Mutex<f64>,
@@ -219,6 +237,8 @@ impl<S: RelayStorage> AppState<S> {
             now_ms(),
         )
         .map_err(|e| self.reject(e.into()))?;
+        // The connection is a member's now: out of the strangers' budget.
+        crate::admission::note_authenticated();
         let mut buckets = self
             .buckets
             .lock()
@@ -833,6 +853,17 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
         "# TYPE hotline_relay_connections gauge\nhotline_relay_connections {}\n",
         m.connections.load(Ordering::Relaxed)
     );
+    text += &format!(
+        "# HELP hotline_relay_pending_connections Connections no request authenticated on yet.\n\
+         # TYPE hotline_relay_pending_connections gauge\nhotline_relay_pending_connections {}\n\
+         # HELP hotline_relay_evicted_connections_total Pending connections closed to make room.\n\
+         # TYPE hotline_relay_evicted_connections_total counter\nhotline_relay_evicted_connections_total {}\n\
+         # HELP hotline_relay_accept_paused_total Accepts paused for want of file descriptors or memory.\n\
+         # TYPE hotline_relay_accept_paused_total counter\nhotline_relay_accept_paused_total {}\n",
+        state.admission.pending(),
+        state.admission.evicted(),
+        m.accept_paused.load(Ordering::Relaxed)
+    );
     text += "# TYPE hotline_relay_rejected_total counter\n";
     if let Ok(rejected) = m.rejected.lock() {
         let mut reasons: Vec<_> = rejected.iter().collect();
@@ -903,6 +934,13 @@ impl Running {
     }
 }
 
+/// Raises this process's open-file limit to its hard limit (a relay holds one
+/// descriptor per connection; the usual soft limit of 1,024 is below the connection
+/// limit). Returns the limit now in force.
+pub fn raise_open_file_limit() -> std::io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 /// Binds and serves. Connections beyond the limit wait in the kernel's backlog.
 pub async fn serve<S: RelayStorage>(
     listen: SocketAddr,
@@ -910,7 +948,16 @@ pub async fn serve<S: RelayStorage>(
     storage: S,
     limits: Limits,
 ) -> std::io::Result<Running> {
-    let listener = TcpListener::bind(listen).await?;
+    // A deep accept queue: connections that strangers open in bursts must not push a
+    // member's connection out of it (a dropped SYN costs the member a second).
+    let socket = if listen.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(listen)?;
+    let listener = socket.listen(LISTEN_BACKLOG)?;
     let address = listener.local_addr()?;
     let acceptor = TlsAcceptor::from(Arc::new(tls));
     let state = Arc::new(AppState {
@@ -921,6 +968,7 @@ pub async fn serve<S: RelayStorage>(
         keys: auth::KeyCache::default(),
         metrics: Metrics::default(),
         stocking: tokio::sync::Mutex::new(()),
+        admission: Admission::new(limits.max_pending, limits.max_pending_per_source),
     });
     let app = router(Arc::clone(&state));
     let (shutdown, mut stop) = watch::channel(false);
@@ -943,6 +991,7 @@ pub async fn serve<S: RelayStorage>(
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let task = tokio::spawn(async move {
         let mut tasks = tokio::task::JoinSet::new();
+        let mut last_said: Option<Instant> = None;
         loop {
             let permit = tokio::select! {
                 _ = stop.changed() => break,
@@ -952,7 +1001,34 @@ pub async fn serve<S: RelayStorage>(
                 _ = stop.changed() => break,
                 accepted = listener.accept() => accepted,
             };
-            let Ok((stream, _)) = accepted else { continue };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors (or memory): accepting again at once
+                    // would fail again at once, a core spinning. Pause, say so now
+                    // and then.
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(EMFILE | ENFILE | ENOBUFS | ENOMEM)
+                    ) {
+                        let open = state.metrics.connections.load(Ordering::Relaxed);
+                        if last_said
+                            .is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(10))
+                        {
+                            eprintln!(
+                                "relay: cannot accept connections: {error} ({open} open); \
+                                 pausing 100 ms (raise the open-file limit: ulimit -n)"
+                            );
+                            last_said = Some(Instant::now());
+                        }
+                        state.metrics.accept_paused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    continue;
+                }
+            };
+            // Pending until a request authenticates; may close the oldest pending one.
+            let ticket = Arc::new(state.admission.admit(peer.ip()));
             // Answers are small and latency matters: no Nagle delay.
             let _ = stream.set_nodelay(true);
             let (acceptor, app, state, limits) = (
@@ -962,7 +1038,7 @@ pub async fn serve<S: RelayStorage>(
                 limits.clone(),
             );
             let mut stop = stop.clone();
-            tasks.spawn(async move {
+            tasks.spawn(CONNECTION.scope(Arc::clone(&ticket), async move {
                 let _permit = permit;
                 state.metrics.connections.fetch_add(1, Ordering::Relaxed);
                 // A client must finish its handshake within the header timeout.
@@ -988,10 +1064,12 @@ pub async fn serve<S: RelayStorage>(
                         }
                         // Slow clients cannot hold a connection for ever.
                         _ = &mut body_deadline => {}
+                        // A stranger's connection closed to make room.
+                        () = ticket.evicted() => {}
                     }
                 }
                 state.metrics.connections.fetch_sub(1, Ordering::Relaxed);
-            });
+            }));
             while tasks.try_join_next().is_some() {}
         }
         sweeper.abort();

@@ -80,6 +80,28 @@ fn write_file(path: &Path, bytes: &[u8], what: &str) -> Outcome {
     result.map_err(|e| failure(format!("cannot write {what} {}: {e}", path.display())))
 }
 
+/// Refuses (exit 2) a relay address that is not `https://HOST:PORT/#sha256=PIN`: it
+/// would go into a signed card or a channel and nothing would ever arrive through it.
+fn check_relay_address(url: &str) -> Result<(), Failure> {
+    let usage = |why: &str| Failure {
+        message: format!(
+            "invalid relay address {url:?}: {why}; a relay address looks like \
+             https://HOST:PORT/#sha256=<64 hex digits>, as hotline relay url --data DIR prints it"
+        ),
+        code: exit::USAGE,
+    };
+    let (base, _) = hotline_relay::tls::parse_url(url)
+        .map_err(|_| usage("no #sha256= pin of 64 hex digits"))?;
+    let authority = base
+        .strip_prefix("https://")
+        .ok_or_else(|| usage("not https://"))?;
+    let (host, port) = authority.rsplit_once(':').ok_or_else(|| usage("no port"))?;
+    if host.is_empty() || authority.contains('/') || port.parse::<u16>().is_err() {
+        return Err(usage("not HOST:PORT"));
+    }
+    Ok(())
+}
+
 pub fn init(
     home: &Path,
     party: &str,
@@ -87,6 +109,9 @@ pub fn init(
     relays: &[String],
     json_output: bool,
 ) -> Outcome {
+    for relay in relays {
+        check_relay_address(relay)?;
+    }
     let store = Store::init(home, party, device, relays)?;
     let info = store.identity().info();
     if json_output {
@@ -170,7 +195,7 @@ fn named_relays(store: &mut Store, arguments: &[String]) -> Result<Vec<String>, 
             Some((name, url)) if !name.starts_with("https:") => (Some(name), url),
             _ => (None, argument.as_str()),
         };
-        hotline_relay::tls::parse_url(url).map_err(|e| failure(e.to_string()))?;
+        check_relay_address(url)?;
         if let Some(name) = name {
             store.name_relay(url, name)?;
         }

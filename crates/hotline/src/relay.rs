@@ -37,6 +37,9 @@ pub fn serve(data: &Path, listen: &str, backend: Backend<'_>) -> Result<(), Fail
         ))
     })?;
     tls::install_provider();
+    if let Err(error) = server::raise_open_file_limit() {
+        eprintln!("relay: cannot raise the open-file limit: {error}");
+    }
     std::fs::create_dir_all(data)
         .map_err(|e| failure(format!("cannot create {}: {e}", data.display())))?;
     let (cert, key) = tls::load_or_create(data).map_err(|e| failure(e.to_string()))?;

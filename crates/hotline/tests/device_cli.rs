@@ -350,3 +350,54 @@ fn hostile_text_is_inert_in_every_output() {
         assert_inert(&args.join(" "), &hotline(&north, args).stdout);
     }
 }
+
+/// A relay address without a pin, or not HTTPS HOST:PORT, never goes into a card or a
+/// channel: usage error (exit 2) saying what an address looks like.
+#[test]
+fn a_relay_address_without_a_valid_pin_is_refused() {
+    let dir = workdir("relay-address");
+    let pin = "ab".repeat(32);
+    for bad in [
+        "not a url".to_owned(),
+        "https://127.0.0.1:8443".to_owned(),
+        "https://127.0.0.1:8443/#sha256=abcd".to_owned(),
+        format!("http://127.0.0.1:8443/#sha256={pin}"),
+        format!("https://127.0.0.1/#sha256={pin}"),
+    ] {
+        let run = hotline(
+            &dir.join("fresh"),
+            &["init", "--party", "north", "--relay", &bad],
+        );
+        assert_eq!(run.code, 2, "{bad}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("https://HOST:PORT/#sha256="),
+            "{}",
+            run.stderr
+        );
+        assert!(!dir.join("fresh").join("device.db").exists(), "{bad}");
+    }
+    let (north, _) = two_devices(&dir);
+    let run = hotline(
+        &north,
+        &[
+            "channel",
+            "create",
+            "other",
+            "--with",
+            "south",
+            "--relay",
+            "relay.example:443",
+        ],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let run = hotline(
+        &north,
+        &["channel", "relays", "crisis", "--relay", "name=https://x:1"],
+    );
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    let good = format!("https://127.0.0.1:8443/#sha256={pin}");
+    assert_eq!(
+        hotline(&dir.join("ok"), &["init", "--party", "x", "--relay", &good]).code,
+        0
+    );
+}

@@ -7,71 +7,13 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+mod common;
+
+use common::{Relay, data_dir};
 use hotline_core::DeviceIdentity;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::Membership;
 use rand::SeedableRng;
-
-struct Relay {
-    child: Child,
-    url: String,
-}
-
-impl Relay {
-    fn start(data: &Path) -> Relay {
-        Self::start_on(data, "127.0.0.1:0")
-    }
-
-    fn start_on(data: &Path, listen: &str) -> Relay {
-        Self::start_with(data, listen, &[])
-    }
-
-    fn start_with(data: &Path, listen: &str, options: &[&str]) -> Relay {
-        let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
-            .args(["relay", "serve", "--data"])
-            .arg(data)
-            .args(["--listen", listen])
-            .args(options)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("https://127.0.0.1:"),
-            "relay printed {line:?}"
-        );
-        Relay {
-            child,
-            url: line.trim().to_owned(),
-        }
-    }
-
-    /// The address it listens on, to start it again there.
-    fn address(&self) -> String {
-        self.url
-            .trim_start_matches("https://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
-}
 
 fn identity(party: &str, seed: u64) -> DeviceIdentity {
     DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
@@ -82,13 +24,6 @@ fn refused_code(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, Stri
         Err(ClientError::Refused { status, code, .. }) => (status, code),
         other => panic!("expected a refusal, got {other:?}"),
     }
-}
-
-fn data_dir(name: &str) -> std::path::PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("hotline-relay-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,83 @@
+//! What the real-process tests share: a relay process on loopback, and a fresh data
+//! directory.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A `hotline relay serve` process, killed when dropped.
+pub struct Relay {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Relay {
+    pub fn start(data: &Path) -> Relay {
+        Self::start_on(data, "127.0.0.1:0")
+    }
+
+    pub fn start_on(data: &Path, listen: &str) -> Relay {
+        Self::start_with(data, listen, &[])
+    }
+
+    pub fn start_with(data: &Path, listen: &str, options: &[&str]) -> Relay {
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin("hotline"));
+        command
+            .args(["relay", "serve", "--data"])
+            .arg(data)
+            .args(["--listen", listen])
+            .args(options)
+            .stderr(Stdio::null());
+        Self::spawn(command)
+    }
+
+    /// Starts `command` (a relay, perhaps behind a shell that sets limits), waits for
+    /// the address it prints.
+    pub fn spawn(mut command: Command) -> Relay {
+        let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("https://127.0.0.1:"),
+            "relay printed {line:?}"
+        );
+        Relay {
+            child,
+            url: line.trim().to_owned(),
+        }
+    }
+
+    /// The address it listens on, to start it again there.
+    pub fn address(&self) -> String {
+        self.url
+            .trim_start_matches("https://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+/// A fresh directory for one test's data.
+pub fn data_dir(name: &str) -> std::path::PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("hotline-relay-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
