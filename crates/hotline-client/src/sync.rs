@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
-use hotline_relay::client::{ClientError, RelayClient};
-use hotline_relay::storage::{Log, Membership};
+use hotline_proto::client::{ClientError, RelayClient};
+use hotline_proto::{Log, Membership};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 

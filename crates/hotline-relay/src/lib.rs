@@ -17,8 +17,7 @@
 )]
 
 pub mod admission;
-pub mod auth;
-pub mod client;
+pub use hotline_proto::{auth, client};
 // A test suite for backends: it asserts, so it may panic.
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod conformance;

@@ -27,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hotline_core::DeviceKey;
-use hotline_core::codec::{Reader, Writer};
+use hotline_core::codec::Writer;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -36,6 +36,8 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{Admission, CONNECTION};
 use crate::auth::{self, AuthError};
 use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+pub use hotline_proto::batch::{MAX_BATCH, decode_batch, encode_batch};
+pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
 
 /// The kernel's queue of connections waiting to be accepted (capped by
 /// `net.core.somaxconn`).
@@ -475,42 +477,6 @@ async fn post_message<S: RelayStorage>(
     state.append_answer(Log::Channel(channel), body).await
 }
 
-/// Most messages in one batch post.
-pub const MAX_BATCH: usize = 256;
-
-/// Decodes a batch body: `u32 n, n × (u32 length, bytes)`, each message non-empty.
-pub fn decode_batch(body: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let mut reader = Reader::new(body);
-    let count = reader
-        .count("messages", MAX_BATCH, 5)
-        .map_err(|e| e.to_string())?;
-    let mut messages = Vec::with_capacity(count);
-    for _ in 0..count {
-        let bytes = reader
-            .bytes("message", body.len())
-            .map_err(|e| e.to_string())?;
-        if bytes.is_empty() {
-            return Err("empty message".into());
-        }
-        messages.push(bytes.to_vec());
-    }
-    reader.finish().map_err(|e| e.to_string())?;
-    if messages.is_empty() {
-        return Err("empty batch".into());
-    }
-    Ok(messages)
-}
-
-/// Encodes messages for [`decode_batch`].
-pub fn encode_batch(messages: &[Vec<u8>]) -> Vec<u8> {
-    let mut writer = Writer::new();
-    writer.u32(messages.len() as u32);
-    for message in messages {
-        writer.bytes(message);
-    }
-    writer.into_bytes()
-}
-
 /// Several messages for one channel in one signed request, appended in order (committed
 /// together where the backend can). Answers one result per message, in order: its
 /// sequence number, or why it was refused (a message refused leaves the others as they
@@ -674,11 +640,6 @@ async fn get_inbox<S: RelayStorage>(
     }
     state.read_answer(Log::Inbox(device), &query).await
 }
-
-/// Most key packages a device may have in stock on a relay.
-pub const MAX_KEY_PACKAGE_STOCK: usize = 64;
-/// Largest key package a relay stocks, in bytes.
-pub const MAX_KEY_PACKAGE: usize = 16 * 1024;
 
 /// Refuses anyone but the device itself, saying `detail`.
 fn require_owner<S: RelayStorage>(

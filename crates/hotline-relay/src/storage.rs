@@ -17,51 +17,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-/// Where a message goes: a channel's log, a device's inbox (invitations), or a device's
-/// stock of one-time key packages (claimed one at a time by inviters).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Log {
-    Channel([u8; 32]),
-    Inbox([u8; 32]),
-    KeyPackages([u8; 32]),
-}
-
-impl Log {
-    fn key(&self) -> Vec<u8> {
-        match self {
-            Log::Channel(id) => [&[1u8][..], id].concat(),
-            Log::Inbox(id) => [&[2u8][..], id].concat(),
-            Log::KeyPackages(id) => [&[3u8][..], id].concat(),
-        }
-    }
-}
-
-/// The membership of a channel as its committer signed it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Membership {
-    pub committer: [u8; 32],
-    pub version: u64,
-    pub members: Vec<[u8; 32]>,
-}
-
-impl Membership {
-    /// From its stored columns (members concatenated); `None` if they are not keys.
-    pub fn from_stored(committer: &[u8], version: i64, members: &[u8]) -> Option<Self> {
-        Some(Self {
-            committer: committer.try_into().ok()?,
-            version: version as u64,
-            members: members
-                .chunks_exact(32)
-                .filter_map(|chunk| chunk.try_into().ok())
-                .collect(),
-        })
-    }
-
-    /// The members concatenated, as stored.
-    pub fn stored_members(&self) -> Vec<u8> {
-        self.members.iter().flatten().copied().collect()
-    }
-}
+pub use hotline_proto::{Log, Membership};
 
 /// The answer to an append, given only once the message is durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -387,7 +343,7 @@ fn commit_batch(
                 continue;
             }
         };
-        let key = log.key();
+        let key = log.storage_key();
         let hash: [u8; 32] = Sha256::digest(bytes).into();
         let existing: Option<i64> = transaction
             .query_row(
@@ -506,7 +462,7 @@ fn acknowledge(
     seq: u64,
     members: &[[u8; 32]],
 ) -> Result<u64, rusqlite::Error> {
-    let key = log.key();
+    let key = log.storage_key();
     transaction.execute(
         "INSERT INTO acks (log, device, seq) VALUES (?1, ?2, ?3)
          ON CONFLICT (log, device) DO UPDATE SET seq = MAX(seq, ?3)",
@@ -553,7 +509,7 @@ fn claim_first(
     heads: &mut HashMap<Vec<u8>, (i64, i64)>,
     log: &Log,
 ) -> Result<Option<(u64, Vec<u8>)>, rusqlite::Error> {
-    let key = log.key();
+    let key = log.storage_key();
     let oldest: Option<(i64, Vec<u8>)> = transaction
         .query_row(
             "SELECT seq, bytes FROM messages WHERE log = ?1 ORDER BY seq LIMIT 1",
@@ -643,9 +599,10 @@ impl RelayStorage for SqliteStorage {
         let mut statement = reader.prepare_cached(
             "SELECT seq, bytes FROM messages WHERE log = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
         )?;
-        let rows = statement.query_map(params![log.key(), after as i64, limit as i64], |row| {
-            Ok((row.get::<_, i64>(0)? as u64, row.get(1)?))
-        })?;
+        let rows = statement.query_map(
+            params![log.storage_key(), after as i64, limit as i64],
+            |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)),
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

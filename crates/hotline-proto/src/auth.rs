@@ -19,7 +19,7 @@ use hotline_core::{DeviceIdentity, DeviceKey};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::storage::Membership;
+use crate::Membership;
 
 pub const DEVICE: &str = "hotline-device";
 pub const TIME: &str = "hotline-time";

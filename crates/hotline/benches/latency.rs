@@ -7,7 +7,7 @@
 //! `send`, as `hotline send` does. One message at a time: this measures the path, not a
 //! queue.
 //!
-//! `cargo bench -p hotline-client --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
+//! `cargo bench -p hotline --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
 //!
 //! `HOTLINE_BENCH_RELAYS=1` runs only the one-relay case (default `1,3`).
 //!

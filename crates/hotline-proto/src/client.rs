@@ -7,8 +7,8 @@ use hotline_core::{DeviceIdentity, DeviceKey};
 use serde_json::json;
 use thiserror::Error;
 
+use crate::Membership;
 use crate::auth;
-use crate::storage::Membership;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, Error)]
@@ -183,7 +183,7 @@ impl RelayClient {
     }
 
     /// Posts several messages to a channel in one signed request (at most
-    /// [`MAX_BATCH`](crate::server::MAX_BATCH)); they are appended in order. One answer
+    /// [`MAX_BATCH`](crate::batch::MAX_BATCH)); they are appended in order. One answer
     /// per message, in order: its sequence number once stored durably, or why the relay
     /// refused that one.
     pub async fn post_batch(
@@ -197,7 +197,7 @@ impl RelayClient {
                 identity,
                 reqwest::Method::POST,
                 format!("/v1/channels/{}/batch", hex::encode(channel)),
-                crate::server::encode_batch(messages),
+                crate::batch::encode_batch(messages),
             )
             .await?;
         let answer: serde_json::Value = serde_json::from_slice(&answer).map_err(|_| {
@@ -313,10 +313,10 @@ impl RelayClient {
     }
 
     /// Stocks this device's one-time key packages on the relay (at most
-    /// [`MAX_BATCH`](crate::server::MAX_BATCH) per request, each at most
-    /// [`MAX_KEY_PACKAGE`](crate::server::MAX_KEY_PACKAGE) bytes). All or nothing: a
+    /// [`MAX_BATCH`](crate::batch::MAX_BATCH) per request, each at most
+    /// [`MAX_KEY_PACKAGE`](crate::limits::MAX_KEY_PACKAGE) bytes). All or nothing: a
     /// stock that would exceed
-    /// [`MAX_KEY_PACKAGE_STOCK`](crate::server::MAX_KEY_PACKAGE_STOCK) is refused
+    /// [`MAX_KEY_PACKAGE_STOCK`](crate::limits::MAX_KEY_PACKAGE_STOCK) is refused
     /// (409 `stock-full`). Returns how many are in stock after.
     pub async fn stock_key_packages(
         &self,
@@ -328,7 +328,7 @@ impl RelayClient {
                 identity,
                 reqwest::Method::POST,
                 format!("/v1/keypackages/{}", identity.key()),
-                crate::server::encode_batch(packages),
+                crate::batch::encode_batch(packages),
             )
             .await?;
         self.stock_answer(&answer)

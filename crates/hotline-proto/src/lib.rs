@@ -1,0 +1,66 @@
+//! What a hotline device and a relay share: the relay API's addresses and pins
+//! (`tls`), request authentication and membership signatures (`auth`), the batch body
+//! (`batch`), the logs a relay keeps and the membership it enforces, limits both ends
+//! know, and the device's client of the API (`client`).
+//!
+//! A change to the relay API has its home here; a device depends on this crate, never
+//! on the relay's (no HTTP server, no database drivers, no certificate generation in a
+//! device).
+
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod auth;
+pub mod batch;
+pub mod client;
+pub mod limits;
+pub mod tls;
+
+/// Where a message goes: a channel's log, a device's inbox (invitations), or a device's
+/// stock of one-time key packages (claimed one at a time by inviters).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Log {
+    Channel([u8; 32]),
+    Inbox([u8; 32]),
+    KeyPackages([u8; 32]),
+}
+
+impl Log {
+    /// How a relay's storage names this log (a kind byte, then the id).
+    pub fn storage_key(&self) -> Vec<u8> {
+        match self {
+            Log::Channel(id) => [&[1u8][..], id].concat(),
+            Log::Inbox(id) => [&[2u8][..], id].concat(),
+            Log::KeyPackages(id) => [&[3u8][..], id].concat(),
+        }
+    }
+}
+
+/// The membership of a channel as its committer signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Membership {
+    pub committer: [u8; 32],
+    pub version: u64,
+    pub members: Vec<[u8; 32]>,
+}
+
+impl Membership {
+    /// From its stored columns (members concatenated); `None` if they are not keys.
+    pub fn from_stored(committer: &[u8], version: i64, members: &[u8]) -> Option<Self> {
+        Some(Self {
+            committer: committer.try_into().ok()?,
+            version: version as u64,
+            members: members
+                .chunks_exact(32)
+                .filter_map(|chunk| chunk.try_into().ok())
+                .collect(),
+        })
+    }
+
+    /// The members concatenated, as stored.
+    pub fn stored_members(&self) -> Vec<u8> {
+        self.members.iter().flatten().copied().collect()
+    }
+}
