@@ -1,9 +1,11 @@
 //! The relay's address and the client's pin on its certificate.
 //!
-//! A relay's address carries the SHA-256 of its certificate:
-//! `https://HOST:PORT/#sha256=HEX`. The client accepts exactly that certificate and
-//! still checks the handshake signature, so a replayed certificate without its key
-//! fails. TLS 1.3 only; one crypto provider (ring), installed explicitly.
+//! A relay's address carries the SHA-256 of its public key (the certificate's
+//! SubjectPublicKeyInfo): `https://HOST:PORT/#sha256=HEX`. The client accepts a
+//! certificate only with exactly that key (or, for addresses printed before key pins,
+//! exactly that certificate) and still checks the handshake signature, so a replayed
+//! certificate without its key fails, and a certificate renewed with the same key keeps
+//! every member connected. TLS 1.3 only; one crypto provider (ring), installed explicitly.
 
 use std::sync::Arc;
 
@@ -41,8 +43,19 @@ pub fn install_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// The pin of a certificate: SHA-256 of its DER encoding.
+/// The pin of a relay: SHA-256 of its certificate's public key (the DER
+/// SubjectPublicKeyInfo), which stays the same when the certificate is renewed with the
+/// same key. A certificate that does not parse has no key pin: its certificate pin.
 pub fn pin_of(certificate: &CertificateDer<'_>) -> [u8; 32] {
+    match webpki::EndEntityCert::try_from(certificate) {
+        Ok(parsed) => Sha256::digest(parsed.subject_public_key_info().as_ref()).into(),
+        Err(_) => certificate_pin_of(certificate),
+    }
+}
+
+/// The pin of one certificate: SHA-256 of its DER encoding (addresses printed before
+/// relays pinned their key carry this one; it breaks when the certificate is renewed).
+pub fn certificate_pin_of(certificate: &CertificateDer<'_>) -> [u8; 32] {
     Sha256::digest(certificate.as_ref()).into()
 }
 
@@ -95,7 +108,8 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if pin_of(end_entity) == self.pin {
+        // The key's pin, or (addresses from before key pins) the certificate's.
+        if pin_of(end_entity) == self.pin || certificate_pin_of(end_entity) == self.pin {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(

@@ -299,7 +299,7 @@ enum ChannelCommand {
 
 #[derive(Subcommand, Debug)]
 enum RelayCommand {
-    /// Serve a relay over HTTPS; prints its address (with the certificate pin).
+    /// Serve a relay over HTTPS; prints its address (with the pin of its key).
     Serve {
         /// Directory of the relay's certificate and database (created if missing).
         #[arg(long)]
@@ -318,6 +318,13 @@ enum RelayCommand {
     },
     /// Print the address of the relay whose data is in DIR.
     Url {
+        #[arg(long)]
+        data: PathBuf,
+    },
+    /// Issue the relay a new certificate for the key it has: its address (the pin is
+    /// the key's) stays the same, so no member needs a new one. Restart the relay to
+    /// serve it.
+    RenewCert {
         #[arg(long)]
         data: PathBuf,
     },
@@ -457,6 +464,7 @@ fn main() -> ExitCode {
             relay::serve(&data, &listen, backend)
         }
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
+        Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
         Command::Bundle(BundleCommand::Export { out, json }) => {
             device::bundle_export(&home, &out, json.json)
         }

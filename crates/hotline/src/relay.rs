@@ -116,3 +116,29 @@ pub fn url(data: &Path) -> Result<(), Failure> {
     out!("{}", url.trim());
     Ok(())
 }
+
+pub fn renew_certificate(data: &Path) -> Result<(), Failure> {
+    tls::install_provider();
+    let certificate = tls::renew_certificate(data).map_err(|e| failure(e.to_string()))?;
+    let pin = tls::pin_of(&certificate);
+    eprintln!(
+        "new certificate in {} for the same key: restart the relay to serve it",
+        data.display()
+    );
+    // The address it printed when it last ran, if it did: the same, since the pin is the
+    // key's (an address printed before key pins carried the old certificate's).
+    let Ok(url) = std::fs::read_to_string(data.join(ADDRESS_FILE)) else {
+        return Ok(());
+    };
+    let (base, old) = tls::parse_url(url.trim()).map_err(|e| failure(e.to_string()))?;
+    let url = tls::relay_url(base.trim_start_matches("https://"), &pin);
+    if old != pin {
+        std::fs::write(data.join(ADDRESS_FILE), &url).map_err(|e| failure(e.to_string()))?;
+        eprintln!(
+            "the address printed before pinned the old certificate, which no longer serves: \
+             give members this one"
+        );
+    }
+    out!("{url}");
+    Ok(())
+}

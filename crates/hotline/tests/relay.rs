@@ -9,7 +9,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{Relay, data_dir};
+use common::{Relay, cli, data_dir, field, ok, verified_homes};
 use hotline_core::DeviceIdentity;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::Membership;
@@ -240,59 +240,6 @@ async fn store_forward_membership_and_refusals() {
         .unwrap();
     assert_eq!(String::from_utf8(url.stdout).unwrap().trim(), restarted.url);
     restarted.stop();
-}
-
-fn cli(home: &Path, args: &[&str]) -> (i32, String) {
-    let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
-        .env("HOTLINE_HOME", home)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
-}
-
-fn ok(home: &Path, args: &[&str]) -> String {
-    let (code, stdout) = cli(home, args);
-    assert_eq!(code, 0, "hotline {args:?}");
-    stdout
-}
-
-fn field(text: &str, name: &str) -> serde_json::Value {
-    serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()[name].clone()
-}
-
-/// New homes under `dir`, one per party, each receiving invitations on `relay`, that
-/// imported every other party's card with the fingerprint read out of band.
-fn verified_homes(dir: &Path, parties: &[&str], relay: &str) -> Vec<std::path::PathBuf> {
-    let homes: Vec<std::path::PathBuf> = parties.iter().map(|party| dir.join(party)).collect();
-    for (party, home) in parties.iter().zip(&homes) {
-        ok(home, &["init", "--party", party, "--relay", relay]);
-        let card = dir.join(format!("{party}.card"));
-        ok(home, &["card", "export", "--out", card.to_str().unwrap()]);
-    }
-    for home in &homes {
-        for (other, other_home) in parties.iter().zip(&homes) {
-            if other_home == home {
-                continue;
-            }
-            let fingerprint = field(&ok(other_home, &["id", "--json"]), "fingerprint");
-            let card = dir.join(format!("{other}.card"));
-            ok(
-                home,
-                &[
-                    "card",
-                    "import",
-                    card.to_str().unwrap(),
-                    "--fingerprint",
-                    fingerprint.as_str().unwrap(),
-                ],
-            );
-        }
-    }
-    homes
 }
 
 /// Two devices over a real relay process: invitation through the inbox, messages and

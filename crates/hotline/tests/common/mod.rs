@@ -5,6 +5,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
+
 use std::process::{Child, Command, Stdio};
 
 /// A `hotline relay serve` process, killed when dropped.
@@ -80,4 +81,57 @@ pub fn data_dir(name: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("hotline-relay-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
+}
+
+pub fn cli(home: &Path, args: &[&str]) -> (i32, String) {
+    let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .env("HOTLINE_HOME", home)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+pub fn ok(home: &Path, args: &[&str]) -> String {
+    let (code, stdout) = cli(home, args);
+    assert_eq!(code, 0, "hotline {args:?}");
+    stdout
+}
+
+pub fn field(text: &str, name: &str) -> serde_json::Value {
+    serde_json::from_str::<serde_json::Value>(text.lines().next().unwrap()).unwrap()[name].clone()
+}
+
+/// New homes under `dir`, one per party, each receiving invitations on `relay`, that
+/// imported every other party's card with the fingerprint read out of band.
+pub fn verified_homes(dir: &Path, parties: &[&str], relay: &str) -> Vec<std::path::PathBuf> {
+    let homes: Vec<std::path::PathBuf> = parties.iter().map(|party| dir.join(party)).collect();
+    for (party, home) in parties.iter().zip(&homes) {
+        ok(home, &["init", "--party", party, "--relay", relay]);
+        let card = dir.join(format!("{party}.card"));
+        ok(home, &["card", "export", "--out", card.to_str().unwrap()]);
+    }
+    for home in &homes {
+        for (other, other_home) in parties.iter().zip(&homes) {
+            if other_home == home {
+                continue;
+            }
+            let fingerprint = field(&ok(other_home, &["id", "--json"]), "fingerprint");
+            let card = dir.join(format!("{other}.card"));
+            ok(
+                home,
+                &[
+                    "card",
+                    "import",
+                    card.to_str().unwrap(),
+                    "--fingerprint",
+                    fingerprint.as_str().unwrap(),
+                ],
+            );
+        }
+    }
+    homes
 }
