@@ -45,17 +45,9 @@ async fn measure<S: RelayStorage>(
     total: usize,
     batch: usize,
 ) -> (f64, Duration, Duration) {
-    let (cert, key) = tls::load_or_create(data).unwrap();
-    let pin = tls::pin_of(&cert);
-    let running = server::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        tls::server_config(cert, key).unwrap(),
-        storage,
-        limits,
-    )
-    .await
-    .unwrap();
-    let url = tls::relay_url(&running.address.to_string(), &pin);
+    let (running, url) = server::serve_from(data, "127.0.0.1:0".parse().unwrap(), storage, limits)
+        .await
+        .unwrap();
     let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
         .map(|n| {
             Arc::new(

@@ -206,6 +206,17 @@ impl<S: RelayStorage> AppState<S> {
     }
 
     /// Authenticates, then charges the device's rate bucket one request.
+    /// The messages of a batch body, or a `malformed` refusal naming `what`.
+    fn batch(&self, body: &[u8], what: &str) -> Result<Vec<Vec<u8>>, Problem> {
+        decode_batch(body).map_err(|detail| {
+            self.reject(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!("malformed {what}: {detail}"),
+            ))
+        })
+    }
+
     fn authenticate(
         &self,
         method: &Method,
@@ -489,13 +500,7 @@ async fn post_batch<S: RelayStorage>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let messages = decode_batch(&body).map_err(|detail| {
-        state.reject(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            format!("malformed batch: {detail}"),
-        ))
-    })?;
+    let messages = state.batch(&body, "batch")?;
     let cost = messages.len() as f64;
     let device = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
     let channel = parse_key(&channel)?;
@@ -680,13 +685,7 @@ async fn post_key_packages<S: RelayStorage>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let packages = decode_batch(&body).map_err(|detail| {
-        state.reject(Problem::new(
-            StatusCode::BAD_REQUEST,
-            "malformed",
-            format!("malformed batch of key packages: {detail}"),
-        ))
-    })?;
+    let packages = state.batch(&body, "batch of key packages")?;
     let cost = packages.len() as f64;
     let requester = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
     let device = parse_key(&device)?;
@@ -900,6 +899,23 @@ impl Running {
 /// limit). Returns the limit now in force.
 pub fn raise_open_file_limit() -> std::io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
+}
+
+/// Serves `storage` on `listen` with the certificate kept in `dir` (created on first
+/// use): the running relay and its address, with the pin of its key.
+pub async fn serve_from<S: RelayStorage>(
+    dir: &std::path::Path,
+    listen: SocketAddr,
+    storage: S,
+    limits: Limits,
+) -> std::io::Result<(Running, String)> {
+    let tls_error = |e: crate::tls::TlsError| std::io::Error::other(e.to_string());
+    let (cert, key) = crate::tls::load_or_create(dir).map_err(tls_error)?;
+    let pin = crate::tls::pin_of(&cert);
+    let config = crate::tls::server_config(cert, key).map_err(tls_error)?;
+    let running = serve(listen, config, storage, limits).await?;
+    let url = crate::tls::relay_url(&running.address.to_string(), &pin);
+    Ok((running, url))
 }
 
 /// Binds and serves. Connections beyond the limit wait in the kernel's backlog.

@@ -20,19 +20,11 @@ async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
     tls::install_provider();
     let dir = std::env::temp_dir().join(format!("hotline-abuse-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (cert, key) = tls::load_or_create(&dir).unwrap();
-    let pin = tls::pin_of(&cert);
+    std::fs::create_dir_all(&dir).unwrap();
     let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quota_per_log).unwrap();
-    let running = server::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        tls::server_config(cert, key).unwrap(),
-        storage,
-        limits,
-    )
-    .await
-    .unwrap();
-    let url = tls::relay_url(&running.address.to_string(), &pin);
-    (running, url)
+    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,20 +19,12 @@ async fn relay(name: &str) -> (server::Running, String) {
     let dir =
         std::env::temp_dir().join(format!("hotline-keypackages-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let (cert, key) = tls::load_or_create(&dir).unwrap();
-    let pin = tls::pin_of(&cert);
+    std::fs::create_dir_all(&dir).unwrap();
     let limits = Limits::default();
     let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quota_per_log).unwrap();
-    let running = server::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        tls::server_config(cert, key).unwrap(),
-        storage,
-        limits,
-    )
-    .await
-    .unwrap();
-    let url = tls::relay_url(&running.address.to_string(), &pin);
-    (running, url)
+    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
+        .await
+        .unwrap()
 }
 
 fn refused_with<T: std::fmt::Debug>(answer: Result<T, ClientError>, status: u16, code: &str) {

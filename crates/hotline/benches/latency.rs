@@ -54,13 +54,12 @@ fn main() {
         let mut running = Vec::new();
         for n in 0..relay_count {
             let data = dir.join(format!("relay-{n}"));
-            let (cert, key) = tls::load_or_create(&data).unwrap();
-            let pin = tls::pin_of(&cert);
+            std::fs::create_dir_all(&data).unwrap();
             let storage = SqliteStorage::open(&data.join("relay.db"), 1 << 30).unwrap();
-            let relay = runtime
-                .block_on(server::serve(
+            let (relay, url) = runtime
+                .block_on(server::serve_from(
+                    &data,
                     "127.0.0.1:0".parse().unwrap(),
-                    tls::server_config(cert, key).unwrap(),
                     storage,
                     // Messages go one right after another here, about 250 a second
                     // from one sender, and every request (long polls, acknowledgements,
@@ -73,7 +72,7 @@ fn main() {
                     },
                 ))
                 .unwrap();
-            urls.push(tls::relay_url(&relay.address.to_string(), &pin));
+            urls.push(url);
             running.push(relay);
         }
         let mut north = Store::init(&dir.join("north"), "north", "desk", &urls).unwrap();
