@@ -29,6 +29,11 @@ tokio::task_local! {
     pub static CONNECTION: Arc<Ticket>;
 }
 
+/// The source address of the current request's connection (none outside one).
+pub fn peer() -> Option<IpAddr> {
+    CONNECTION.try_with(|ticket| ticket.source).ok()
+}
+
 /// Marks the connection of the current request authenticated (no-op outside one).
 pub fn note_authenticated() {
     let _ = CONNECTION.try_with(|ticket| ticket.authenticated());
@@ -69,6 +74,7 @@ impl Pending {
 #[derive(Debug)]
 pub struct Ticket {
     id: u64,
+    source: IpAddr,
     close: Arc<Notify>,
     admission: Arc<Admission>,
 }
@@ -117,6 +123,7 @@ impl Admission {
         }
         Ticket {
             id,
+            source,
             close,
             admission: Arc::clone(self),
         }

@@ -119,6 +119,52 @@ struct Metrics {
 
 const COMMIT_BOUNDS: [f64; 7] = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25];
 
+/// Counters as of one moment, for the relay's summary line once a minute.
+#[derive(Debug, Default, Clone, Copy)]
+struct Summary {
+    stored: u64,
+    duplicates: u64,
+    refused: u64,
+    evicted: u64,
+}
+
+impl Summary {
+    fn now<S>(state: &AppState<S>) -> Self {
+        Self {
+            stored: state.metrics.stored.load(Ordering::Relaxed),
+            duplicates: state.metrics.duplicates.load(Ordering::Relaxed),
+            refused: state
+                .metrics
+                .rejected
+                .lock()
+                .map(|r| r.values().sum())
+                .unwrap_or(0),
+            evicted: state.admission.evicted(),
+        }
+    }
+
+    /// Logs what changed since `before` (nothing if nothing did); returns `self`.
+    fn log_since(self, before: &Summary) -> Self {
+        let delta = |now: u64, then: u64| now.saturating_sub(then);
+        let (stored, duplicates, refused, evicted) = (
+            delta(self.stored, before.stored),
+            delta(self.duplicates, before.duplicates),
+            delta(self.refused, before.refused),
+            delta(self.evicted, before.evicted),
+        );
+        if stored + duplicates + refused + evicted > 0 {
+            tracing::info!(
+                stored,
+                duplicates,
+                refused,
+                pending_closed = evicted,
+                "last minute"
+            );
+        }
+        self
+    }
+}
+
 /// A refusal, as a problem document.
 #[derive(Debug)]
 struct Problem {
@@ -166,15 +212,22 @@ impl From<AuthError> for Problem {
 
 impl From<StorageError> for Problem {
     fn from(error: StorageError) -> Self {
+        let source = crate::admission::peer()
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
         match error {
             StorageError::QuotaExceeded(_) => {
+                tracing::warn!(%error, %source, "refused: quota");
                 Problem::new(StatusCode::INSUFFICIENT_STORAGE, "quota", error.to_string())
             }
-            _ => Problem::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "storage",
-                error.to_string(),
-            ),
+            _ => {
+                tracing::error!(%error, "storage failed");
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "storage",
+                    error.to_string(),
+                )
+            }
         }
     }
 }
@@ -198,14 +251,26 @@ fn parse_key(hex_key: &str) -> Result<[u8; 32], Problem> {
 }
 
 impl<S: RelayStorage> AppState<S> {
+    /// Counts a refusal and logs it, with its reason and the source address (never a
+    /// message's bytes): limits hit and storage failures as warnings, the rest (what
+    /// strangers and broken clients cause all day) at debug.
     fn reject(&self, problem: Problem) -> Problem {
         if let Ok(mut rejected) = self.metrics.rejected.lock() {
             *rejected.entry(problem.code).or_default() += 1;
         }
+        let source = crate::admission::peer()
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "-".into());
+        let (code, status) = (problem.code, problem.status.as_u16());
+        match code {
+            "slow-down" | "quota" | "stock-full" | "storage" | "internal" => {
+                tracing::warn!(code, status, %source, detail = %problem.detail, "refused");
+            }
+            _ => tracing::debug!(code, status, %source, detail = %problem.detail, "refused"),
+        }
         problem
     }
 
-    /// Authenticates, then charges the device's rate bucket one request.
     /// The messages of a batch body, or a `malformed` refusal naming `what`.
     fn batch(&self, body: &[u8], what: &str) -> Result<Vec<Vec<u8>>, Problem> {
         decode_batch(body).map_err(|detail| {
@@ -217,6 +282,7 @@ impl<S: RelayStorage> AppState<S> {
         })
     }
 
+    /// Authenticates, then charges the device's rate bucket one request.
     fn authenticate(
         &self,
         method: &Method,
@@ -954,13 +1020,21 @@ pub async fn serve<S: RelayStorage>(
         let (state, mut stop) = (Arc::clone(&state), stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(state.limits.sweep_interval);
+            let mut minute = tokio::time::interval(Duration::from_secs(60));
+            let mut said = Summary::default();
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = tick.tick() => {
                         let before = now_ms().saturating_sub(state.limits.retention.as_millis() as u64);
-                        let _ = state.storage.expire(before).await;
+                        match state.storage.expire(before).await {
+                            Ok(0) => {}
+                            Ok(deleted) => tracing::info!(deleted, "retention: old messages deleted"),
+                            Err(error) => tracing::error!(%error, "retention failed"),
+                        }
                     }
+                    // What the relay did in the last minute, if anything: one line.
+                    _ = minute.tick() => said = Summary::now(&state).log_since(&said),
                 }
             }
         })
@@ -992,9 +1066,11 @@ pub async fn serve<S: RelayStorage>(
                         if last_said
                             .is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(10))
                         {
-                            eprintln!(
-                                "relay: cannot accept connections: {error} ({open} open); \
-                                 pausing 100 ms (raise the open-file limit: ulimit -n)"
+                            tracing::warn!(
+                                %error,
+                                open,
+                                "cannot accept connections; pausing 100 ms \
+                                 (raise the open-file limit: ulimit -n)"
                             );
                             last_said = Some(Instant::now());
                         }

@@ -315,6 +315,12 @@ enum RelayCommand {
         /// The PostgreSQL schema of the relay's tables.
         #[arg(long, default_value = "hotline", requires = "postgres")]
         postgres_schema: String,
+        /// What the relay logs on stderr: error, warn, info (default; start, stop, a
+        /// summary each minute with activity, limits hit, storage failures) or debug
+        /// (every refusal with its reason and source). RUST_LOG, if a level, when not
+        /// given. Never message bytes or keys.
+        #[arg(long)]
+        log_level: Option<String>,
     },
     /// Print the address of the relay whose data is in DIR.
     Url {
@@ -453,6 +459,7 @@ fn main() -> ExitCode {
             listen,
             postgres,
             postgres_schema,
+            log_level,
         }) => {
             let backend = match postgres.as_deref() {
                 Some(url) => relay::Backend::Postgres {
@@ -461,7 +468,7 @@ fn main() -> ExitCode {
                 },
                 None => relay::Backend::Sqlite,
             };
-            relay::serve(&data, &listen, backend)
+            relay::serve(&data, &listen, backend, log_level.as_deref())
         }
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),

@@ -30,15 +30,45 @@ pub enum Backend<'a> {
     Postgres { url: &'a str, schema: &'a str },
 }
 
-pub fn serve(data: &Path, listen: &str, backend: Backend<'_>) -> Result<(), Failure> {
+/// Logs to stderr, one line per event with its time: `level` (`--log-level`), else
+/// `RUST_LOG` if it names a level, else `info`.
+fn start_logging(level: Option<&str>) -> Result<(), Failure> {
+    let chosen = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter: tracing_subscriber::filter::LevelFilter =
+        chosen.trim().parse().map_err(|_| Failure {
+            message: format!(
+                "invalid log level {chosen:?}: use error, warn, info, debug, trace or off"
+            ),
+            code: exit::USAGE,
+        })?;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .try_init();
+    Ok(())
+}
+
+pub fn serve(
+    data: &Path,
+    listen: &str,
+    backend: Backend<'_>,
+    log_level: Option<&str>,
+) -> Result<(), Failure> {
+    start_logging(log_level)?;
     let listen: SocketAddr = listen.parse().map_err(|_| {
         failure(format!(
             "invalid --listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"
         ))
     })?;
     tls::install_provider();
-    if let Err(error) = server::raise_open_file_limit() {
-        eprintln!("relay: cannot raise the open-file limit: {error}");
+    match server::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
     std::fs::create_dir_all(data)
         .map_err(|e| failure(format!("cannot create {}: {e}", data.display())))?;
@@ -83,9 +113,9 @@ async fn run<S: RelayStorage>(
     let url = tls::relay_url(&running.address.to_string(), pin);
     std::fs::write(data.join(ADDRESS_FILE), &url).map_err(|e| failure(e.to_string()))?;
     out!("{url}");
-    eprintln!(
-        "relay listening on {}; stop with SIGTERM or Ctrl-C",
-        running.address
+    tracing::info!(
+        address = %running.address,
+        "relay listening; stop with SIGTERM or Ctrl-C"
     );
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| failure(e.to_string()))?;
@@ -93,8 +123,9 @@ async fn run<S: RelayStorage>(
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    eprintln!("relay stopping: finishing in-flight requests");
+    tracing::info!("relay stopping: finishing in-flight requests");
     running.shutdown().await;
+    tracing::info!("relay stopped");
     Ok(())
 }
 

@@ -281,3 +281,63 @@ async fn a_relay_out_of_file_descriptors_pauses_instead_of_spinning() {
     .await;
     assert!(matches!(served, Ok(Ok(()))), "{served:?}");
 }
+
+/// The relay's log (`--log-level debug`, stderr): start and stop, and a stranger's
+/// refused request with its reason and source address, never the bytes it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_logged_with_its_reason_and_source_and_never_the_bytes() {
+    tls::install_provider();
+    let data = data_dir("log");
+    std::fs::create_dir_all(&data).unwrap();
+    let log = data.join("stderr");
+    let mut command = Command::new(assert_cmd::cargo::cargo_bin("hotline"));
+    command
+        .args([
+            "relay",
+            "serve",
+            "--log-level",
+            "debug",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(&data)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let relay = Relay::spawn(command);
+    let (address, pin) = address_of(&relay.url);
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls::client_config(pin).unwrap()));
+    let name = tokio_rustls::rustls::pki_types::ServerName::IpAddress(address.ip().into());
+    let tcp = connect_from([127, 0, 0, 2].into(), address).await.unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    let body = "SECRET-BODY-BYTES";
+    stream
+        .write_all(
+            format!(
+                "POST /v1/channels/{}/messages HTTP/1.1\r\nhost: relay\r\nconnection: close\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                "ab".repeat(32),
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    relay.stop();
+    let said = std::fs::read_to_string(&log).unwrap();
+    let refusal = said
+        .lines()
+        .find(|l| l.contains("refused"))
+        .unwrap_or_else(|| panic!("no refusal logged: {said}"));
+    assert!(
+        refusal.contains("unauthenticated") && refusal.contains("source=127.0.0.2"),
+        "{refusal}"
+    );
+    assert!(!said.contains(body), "{said}");
+    assert!(
+        said.contains("relay listening") && said.contains("relay stopped"),
+        "{said}"
+    );
+}
