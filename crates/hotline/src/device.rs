@@ -452,11 +452,14 @@ pub fn send(
 ) -> Outcome {
     let deadline_ms = deadline
         .map(|d| {
-            parse_duration(d).map(|ms| now_ms() + ms).ok_or_else(|| {
-                failure(format!(
-                    "invalid deadline {d:?}: use a number and s, m, h or d, as in 10m"
-                ))
-            })
+            parse_duration(d)
+                .map(|ms| now_ms() + ms)
+                .ok_or_else(|| Failure {
+                    message: format!(
+                        "invalid deadline {d:?}: use a number and s, m, h or d, as in 10m"
+                    ),
+                    code: exit::USAGE,
+                })
         })
         .transpose()?;
     if text.is_empty() {

@@ -58,18 +58,55 @@ pub const MAX_BUNDLE_FILE: u64 = 256 * MIB;
 pub const MAX_INVITATION_FILE: u64 = MAX_BUNDLE_FILE;
 
 /// Largest export read by `verify`. The format (`hotline-core::export`) allows
-/// 10,000,000 envelopes of up to 1 MiB + 96 KiB, about 11 TB, which no verifier holding
-/// the file in memory could read. `verify` still reads the whole file and keeps the
-/// decoded envelopes beside it (a streaming verifier is separate work), so 4 GiB bounds
-/// it to what a workstation can hold: millions of ordinary messages. A regular file
-/// over it is refused from its length; a stream that does not start with the export's
-/// magic is refused by its first bytes ([`read_limited_expecting`]), since reading one
-/// up to 4 GiB takes seconds and 4 GiB of memory.
+/// 10,000,000 envelopes of up to 1 MiB + 96 KiB, about 11 TB. `verify` streams the file
+/// (bounded memory, a scratch database beside it), so the bound is on time and disk,
+/// not memory: 4 GiB is millions of ordinary messages. A regular file over it is
+/// refused from its length; a stream is cut at it, and one that does not start with the
+/// export's magic is refused by its first bytes.
 pub const MAX_EXPORT_FILE: u64 = 4 * GIB;
 
 /// Largest relay address file read by `relay url`: one address (host, port and the
 /// certificate's hash; a card allows 512 bytes per address), with room to spare.
 pub const MAX_ADDRESS_FILE: u64 = 4 * KIB;
+
+/// Largest message read from a file or standard input: what one envelope's body holds.
+pub const MAX_MESSAGE_FILE: u64 = hotline_core::envelope::MAX_BODY_LEN as u64;
+
+/// The text of a message: `text` itself, standard input when it is `-`, or `file`; at
+/// most [`MAX_MESSAGE_FILE`] bytes of UTF-8.
+pub fn message(text: Option<&str>, file: Option<&Path>) -> Result<String, crate::device::Failure> {
+    let failure = |message: String| crate::device::Failure {
+        message,
+        code: crate::exit::ERROR,
+    };
+    let bytes = match (text, file) {
+        (Some("-"), _) => {
+            use std::io::Read;
+            let mut bytes = Vec::new();
+            std::io::stdin()
+                .lock()
+                .take(MAX_MESSAGE_FILE + 1)
+                .read_to_end(&mut bytes)
+                .map_err(|e| failure(format!("cannot read standard input: {e}")))?;
+            if bytes.len() as u64 > MAX_MESSAGE_FILE {
+                return Err(failure(format!(
+                    "the message on standard input is over {MAX_MESSAGE_FILE} bytes, \
+                     what one message holds"
+                )));
+            }
+            bytes
+        }
+        (Some(text), _) => return Ok(text.to_owned()),
+        (None, Some(path)) => read_limited(path, MAX_MESSAGE_FILE, "a message")?,
+        (None, None) => {
+            return Err(crate::device::Failure {
+                message: "give the message as TEXT, - for standard input, or --file FILE".into(),
+                code: crate::exit::USAGE,
+            });
+        }
+    };
+    String::from_utf8(bytes).map_err(|_| failure("the message is not UTF-8 text".into()))
+}
 
 /// Why an input file was not read.
 #[derive(Debug)]

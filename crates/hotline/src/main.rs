@@ -53,7 +53,7 @@ fn write_line(line: &str) {
     }
 }
 
-/// Exit codes of DESIGN.md.
+/// Exit codes (docs/product.md).
 pub mod exit {
     pub const ERROR: u8 = 1;
     pub const USAGE: u8 = 2;
@@ -79,7 +79,7 @@ pub mod exit {
   hotline log crisis
   hotline export crisis --out crisis.hotline && hotline verify crisis.hotline
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 network, 4 trust refused, 5 integrity failure."
+Exit codes: 0 ok, 1 error, 2 usage, 3 network, 4 trust refused, 5 integrity failure, 6 alarm (status: something needs the duty officer)."
 )]
 struct Cli {
     /// The device's home directory [default: $HOTLINE_HOME, else $XDG_DATA_HOME/hotline]
@@ -126,7 +126,12 @@ enum Command {
     /// Send a message; prints its id once it is stored durably.
     Send {
         channel: String,
-        text: String,
+        /// The message; `-` reads it from standard input (up to 1 MiB, UTF-8).
+        #[arg(required_unless_present = "file")]
+        text: Option<String>,
+        /// Read the message from FILE (up to 1 MiB, UTF-8) instead.
+        #[arg(long, value_name = "FILE", conflicts_with = "text")]
+        file: Option<PathBuf>,
         /// Raise an alarm if someone has not read it within this time (30s, 10m, 2h, 1d).
         #[arg(long)]
         deadline: Option<String>,
@@ -414,9 +419,11 @@ fn main() -> ExitCode {
         Command::Send {
             channel,
             text,
+            file,
             deadline,
             json,
-        } => device::send(&home, &channel, &text, deadline.as_deref(), json.json),
+        } => input::message(text.as_deref(), file.as_deref())
+            .and_then(|text| device::send(&home, &channel, &text, deadline.as_deref(), json.json)),
         Command::Log {
             channel,
             link_tests,

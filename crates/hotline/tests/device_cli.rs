@@ -239,7 +239,7 @@ fn error_paths_say_what_to_do() {
         run.stderr
     );
     let run = hotline(&north, &["send", "crisis", "hi", "--deadline", "soon"]);
-    assert_eq!(run.code, 1);
+    assert_eq!(run.code, 2, "a usage mistake");
     assert!(run.stderr.contains("invalid deadline"));
     assert_eq!(hotline(&north, &["send", "crisis", ""]).code, 1);
     assert_eq!(hotline(&north, &["ack", "crisis", "deadbeef00"]).code, 1);
@@ -400,4 +400,45 @@ fn a_relay_address_without_a_valid_pin_is_refused() {
         hotline(&dir.join("ok"), &["init", "--party", "x", "--relay", &good]).code,
         0
     );
+}
+
+/// A message too long for the command line comes from standard input (`-`) or a file,
+/// whole; one over what a message holds, or not UTF-8, is refused; no message at all is
+/// a usage mistake.
+#[test]
+fn a_long_message_is_sent_from_standard_input_or_a_file() {
+    let dir = workdir("long-message");
+    let (north, south) = two_devices(&dir);
+    let long: String = "line of a long agreed text\n".repeat(12_000);
+    assert!(long.len() > 300_000);
+    let sent = Command::cargo_bin("hotline")
+        .unwrap()
+        .env("HOTLINE_HOME", &north)
+        .args(["send", "crisis", "-"])
+        .write_stdin(long.clone())
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{sent:?}");
+    let file = dir.join("text");
+    std::fs::write(&file, "from a file ✓").unwrap();
+    ok(&north, &["send", "crisis", "--file", s(&file)]);
+    ok(
+        &north,
+        &["bundle", "export", "--out", s(&dir.join("to-south"))],
+    );
+    ok(&south, &["bundle", "import", s(&dir.join("to-south"))]);
+    let texts: Vec<String> = ok(&south, &["log", "crisis", "--json"])
+        .lines()
+        .map(|line| json(line)["text"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(texts, [long, "from a file ✓".to_owned()]);
+    std::fs::write(&file, vec![b'x'; (1 << 20) + 1]).unwrap();
+    assert_eq!(
+        hotline(&north, &["send", "crisis", "--file", s(&file)]).code,
+        1
+    );
+    std::fs::write(&file, [0xff, 0xfe]).unwrap();
+    let run = hotline(&north, &["send", "crisis", "--file", s(&file)]);
+    assert!(run.stderr.contains("not UTF-8"), "{}", run.stderr);
+    assert_eq!(hotline(&north, &["send", "crisis"]).code, 2);
 }
