@@ -78,7 +78,7 @@ fn main() {
         for _ in first..(first + block).min(sends) {
             let start = Instant::now();
             north
-                .send("crisis", Body::Text(text.clone()), None)
+                .send("crisis", Body::text(text.clone()), None)
                 .unwrap();
             samples.push(start.elapsed());
         }

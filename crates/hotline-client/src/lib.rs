@@ -22,6 +22,7 @@
 
 pub mod bundle;
 pub mod clock;
+pub mod escalate;
 pub mod home;
 pub mod line;
 pub mod link;

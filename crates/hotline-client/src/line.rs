@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hotline_core::{Body, Channel, ChannelId, DeviceKey, EnvelopeId, Event};
+use hotline_core::{Body, Channel, ChannelId, DeviceKey, EnvelopeId, Event, Precedence};
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use crate::link::DEFAULT_INTERVAL_MS;
@@ -37,7 +37,7 @@ pub(crate) fn note_arrivals(
             if envelope.sender == *me {
                 continue;
             }
-            if let Body::Text(_) = envelope.body {
+            if let Body::Message(_) = envelope.body {
                 crate::link::receipt_due(connection, &channel.id())?;
             }
             let party = channel
@@ -65,6 +65,7 @@ pub enum LineEvent {
         id: EnvelopeId,
         from: String,
         text: String,
+        precedence: Precedence,
         time_ms: u64,
         deadline_ms: Option<u64>,
     },
@@ -80,6 +81,9 @@ pub enum LineEvent {
         message: EnvelopeId,
         by: String,
     },
+    /// A party had not read a message of this device by its deadline: a signed
+    /// non-response statement is on the record and the message is offered again.
+    Escalated(crate::escalate::Escalation),
 }
 
 /// Most `delivered` events one arrival reports per party (the oldest first; the rest
@@ -308,11 +312,12 @@ impl Store {
                         continue;
                     }
                     match &envelope.body {
-                        Body::Text(text) => out.push(LineEvent::Message {
+                        Body::Message(message) => out.push(LineEvent::Message {
                             channel: name.clone(),
                             id: *id,
                             from: from.to_owned(),
-                            text: text.clone(),
+                            text: message.text.clone(),
+                            precedence: message.precedence,
                             time_ms: envelope.claimed_time_ms,
                             deadline_ms: envelope.deadline_ms,
                         }),
@@ -358,7 +363,7 @@ impl Store {
                     for (id, envelope) in
                         transcript.chain_from(&me, reported as u64 + 1, MAX_DELIVERED_EVENTS)?
                     {
-                        if envelope.seq <= seq && matches!(envelope.body, Body::Text(_)) {
+                        if envelope.seq <= seq && matches!(envelope.body, Body::Message(_)) {
                             out.push(LineEvent::Delivered {
                                 channel: name.clone(),
                                 message: id,
@@ -692,7 +697,7 @@ id: None,
                     for (id, envelope) in
                         transcript.chain_from(&sender.key, from, MAX_UNDELIVERED_SCAN)?
                     {
-                        let Body::Text(_) = envelope.body else {
+                        let Body::Message(_) = envelope.body else {
                             continue;
                         };
                         let missing: Vec<&String> = held
@@ -719,17 +724,22 @@ id: None,
                         }
                     }
                 }
-                // Deadlines: messages with one that some other party has not read; a
-                // message every other party read (or another party's) leaves the list.
-                let due: Vec<(Vec<u8>, Vec<u8>, i64)> = connection
+                // Deadlines. This party's messages: alarmed once past their deadline
+                // while another party has not read them (with the escalation made).
+                // Other parties' messages: until this party reads them, a FLASH is
+                // alarmed from its arrival, any other once past its deadline. A
+                // message read by everyone concerned leaves the table.
+                let due: Vec<(Vec<u8>, Vec<u8>, i64, i64)> = connection
                     .prepare_cached(
-                        "SELECT id, sender, deadline_ms FROM deadlines WHERE channel = ?1",
+                        "SELECT id, sender, deadline_ms, precedence FROM deadlines
+                         WHERE channel = ?1 ORDER BY deadline_ms LIMIT ?2",
                     )?
-                    .query_map([&summary.id.0[..]], |row| {
-                        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                    })?
+                    .query_map(
+                        params![&summary.id.0[..], MAX_UNDELIVERED_SCAN as i64],
+                        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+                    )?
                     .collect::<Result<_, _>>()?;
-                for (id_bytes, sender, deadline) in due {
+                for (id_bytes, sender, deadline, precedence) in due {
                     let (Ok(id), Ok(sender)) = (
                         <[u8; 32]>::try_from(id_bytes.as_slice()),
                         <[u8; 32]>::try_from(sender.as_slice()),
@@ -737,31 +747,81 @@ id: None,
                         continue;
                     };
                     let id = EnvelopeId(id);
+                    let deadline = deadline as u64;
+                    let precedence = crate::store::precedence_of(precedence);
                     let read = channel.read_by(&id)?;
-                    let unread: Vec<&String> =
-                        others.iter().filter(|p| !read.contains(*p)).collect();
-                    if transcript.party_of(&DeviceKey(sender)) != Some(own_party.as_str())
-                        || unread.is_empty()
-                    {
+                    let sender_party = transcript.party_of(&DeviceKey(sender)).map(str::to_owned);
+                    let unread: Vec<&String> = match &sender_party {
+                        Some(party) if *party == own_party => {
+                            others.iter().filter(|p| !read.contains(*p)).collect()
+                        }
+                        Some(_) if !read.contains(&own_party) => vec![&own_party],
+                        _ => Vec::new(),
+                    };
+                    if unread.is_empty() {
                         connection.execute(
                             "DELETE FROM deadlines WHERE channel = ?1 AND id = ?2",
                             params![&summary.id.0[..], &id.0[..]],
                         )?;
                         continue;
                     }
-                    let deadline = deadline as u64;
-                    if now_ms >= deadline {
-                        for party in unread {
+                    let level = precedence.as_str().to_uppercase();
+                    match sender_party {
+                        Some(party) if party != own_party => {
+                            let flash = precedence == Precedence::Flash;
+                            if !flash && now_ms < deadline {
+                                continue;
+                            }
+                            let arrived = transcript
+                                .get(&id)?
+                                .map_or(deadline, |envelope| envelope.claimed_time_ms);
                             alarms.push(Alarm {
                                 id: None,
-                                kind: "deadline".into(),
+                                kind: if flash { "flash" } else { "unread" }.into(),
                                 relay: None,
                                 party: Some(party.clone()),
                                 message: Some(id.to_hex()),
-                                since_ms: deadline,
-                                detail: format!("{party} has not read it by its deadline"),
+                                since_ms: if flash { arrived } else { deadline },
+                                detail: if now_ms < deadline {
+                                    format!("{level} message from {party}, unread: read it by its deadline")
+                                } else {
+                                    format!("{level} message from {party}, unread past its deadline")
+                                },
                             });
                         }
+                        _ if now_ms >= deadline => {
+                            for party in unread {
+                                let escalation: Option<(Vec<u8>, bool)> = connection
+                                    .prepare_cached(
+                                        "SELECT statement, delivered FROM escalations
+                                         WHERE channel = ?1 AND id = ?2 AND party = ?3",
+                                    )?
+                                    .query_row(params![&summary.id.0[..], &id.0[..], party], |row| {
+                                        Ok((row.get(0)?, row.get(1)?))
+                                    })
+                                    .optional()?;
+                                let escalated = match escalation {
+                                    Some((statement, delivered)) => format!(
+                                        "; escalated: offered again, non-response statement {} ({})",
+                                        &hex::encode(statement)[..12],
+                                        if delivered { "delivered, not read" } else { "not delivered" }
+                                    ),
+                                    None => String::new(),
+                                };
+                                alarms.push(Alarm {
+                                    id: None,
+                                    kind: "deadline".into(),
+                                    relay: None,
+                                    party: Some(party.clone()),
+                                    message: Some(id.to_hex()),
+                                    since_ms: deadline,
+                                    detail: format!(
+                                        "{party} has not read this {level} message by its deadline{escalated}"
+                                    ),
+                                });
+                            }
+                        }
+                        _ => {}
                     }
                 }
                 cache.channels.insert(summary.id, channel);
@@ -809,7 +869,7 @@ id: None,
 }
 
 /// When `party` last answered a link test through `relay`.
-fn last_ok_by_party(
+pub(crate) fn last_ok_by_party(
     connection: &Connection,
     relay: &str,
     party: &str,

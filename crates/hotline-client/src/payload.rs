@@ -1,7 +1,7 @@
 //! What link-test frames say (probes, answers, receipts), and how link-test bodies and
 //! availability records read in `log`. Depends on nothing but the core.
 
-use hotline_core::Availability;
+use hotline_core::{Availability, NonResponse};
 use sha2::{Digest, Sha256};
 
 const PROBE: u8 = 1;
@@ -113,6 +113,45 @@ pub fn describe_availability(record: &Availability) -> String {
         hotline_core::export::utc(record.from_ms),
         hotline_core::export::utc(record.to_ms),
         paths.join("; ")
+    )
+}
+
+/// How `log` shows a non-response statement.
+pub fn describe_non_response(statement: &NonResponse) -> String {
+    let utc = hotline_core::export::utc;
+    let paths: Vec<String> = statement
+        .paths
+        .iter()
+        .map(|path| {
+            format!(
+                "{} {}{}",
+                path.relay,
+                if path.up { "up" } else { "down" },
+                path.last_answer_ms
+                    .map(|ms| format!(" (last answer {})", utc(ms)))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    format!(
+        "[no response: {} had not read {} ({}) by {}: {}; last heard {}; paths: {}]",
+        statement.party,
+        &statement.message.to_hex()[..12],
+        statement.precedence.as_str().to_uppercase(),
+        utc(statement.deadline_ms),
+        if statement.delivered {
+            "delivered to its device, not read"
+        } else {
+            "not delivered to its device"
+        },
+        statement
+            .last_heard_ms
+            .map_or_else(|| "never".to_owned(), utc),
+        if paths.is_empty() {
+            "none".to_owned()
+        } else {
+            paths.join(", ")
+        }
     )
 }
 

@@ -161,6 +161,7 @@ async fn sync_with(
     let mut report = SyncReport::default();
     push_with(store, identity, relays, &mut report).await?;
     reoffer(store, identity, relays, &mut report).await?;
+    escalate(store, identity, relays, &mut report).await?;
     // 3. Invitations in this device's inboxes; 4. every channel (joined ones included)
     // from every relay, in order, after its cursor.
     let inboxes: Vec<Watch> = store
@@ -253,8 +254,38 @@ async fn reoffer(
 ) -> Result<(), StoreError> {
     let after = store.undelivered_after()?;
     let now = store.now();
+    let due = store.reoffer_due(now, after)?;
+    offer_again(store, identity, relays, report, due).await
+}
+
+/// Escalates this device's messages that a party had not read by their deadline
+/// ([`Store::escalate_due`]): each message is offered again on every relay, and the
+/// signed non-response statements wait in the outbox for the next push.
+async fn escalate(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<usize, StoreError> {
+    let (made, due) = store.escalate_due(store.now())?;
+    let count = made.len();
+    report
+        .events
+        .extend(made.into_iter().map(LineEvent::Escalated));
+    offer_again(store, identity, relays, report, due).await?;
+    Ok(count)
+}
+
+/// Posts messages sealed again to every relay of their channel.
+async fn offer_again(
+    store: &mut Store,
+    identity: &DeviceIdentity,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+    due: Vec<OutboxItem>,
+) -> Result<(), StoreError> {
     let mut failed: HashSet<String> = HashSet::new();
-    for item in store.reoffer_due(now, after)? {
+    for item in due {
         let Some(channel) = item.channel else {
             continue;
         };
@@ -652,10 +683,11 @@ pub async fn follow(
             () = tokio::time::sleep_until(next_round) => continue,
             () = tokio::time::sleep_until(next_probe) => {
                 next_probe = tokio::time::Instant::now() + probe_interval(store)?;
-                if store.send_due_probes()? > 0 {
-                    let mut report = SyncReport::default();
+                let mut report = SyncReport::default();
+                let escalated = escalate(store, &identity, &mut relays, &mut report).await?;
+                if store.send_due_probes()? + escalated > 0 {
                     push_with(store, &identity, &mut relays, &mut report).await?;
-                    if report.relays.values().any(Option::is_some)
+                    if (escalated > 0 || report.relays.values().any(Option::is_some))
                         && on_report(&report).is_break()
                     {
                         return Ok(());

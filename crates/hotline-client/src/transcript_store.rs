@@ -57,6 +57,37 @@ pub(crate) const SCHEMA: &str = "
     CREATE TABLE rebuild (channel BLOB PRIMARY KEY) WITHOUT ROWID;
     INSERT INTO rebuild (channel) SELECT id FROM channels;";
 
+/// Schema version 16: the precedence of messages with a deadline and in the outbox,
+/// the escalations made, and the agreed texts' proposals and steps (their envelopes'
+/// ids: what they say is read from the transcript).
+pub(crate) const PRECEDENCE: &str = "
+    ALTER TABLE deadlines ADD COLUMN precedence INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE deadlines ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX deadlines_by_time ON deadlines (channel, deadline_ms);
+    CREATE INDEX deadlines_due ON deadlines (sender, escalated, deadline_ms);
+    ALTER TABLE outbox ADD COLUMN precedence INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE escalations (
+        channel BLOB NOT NULL,
+        id BLOB NOT NULL,
+        party TEXT NOT NULL,
+        statement BLOB NOT NULL,
+        delivered INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL,
+        PRIMARY KEY (channel, id, party)
+    ) WITHOUT ROWID;
+    -- Agreed texts: each proposal, and each party's signature or rejection as it came.
+    CREATE TABLE agreements (
+        channel BLOB NOT NULL,
+        proposal BLOB NOT NULL,
+        PRIMARY KEY (channel, proposal)
+    ) WITHOUT ROWID;
+    CREATE TABLE agreement_steps (
+        channel BLOB NOT NULL,
+        proposal BLOB NOT NULL,
+        step BLOB NOT NULL,
+        PRIMARY KEY (channel, proposal, step)
+    ) WITHOUT ROWID;";
+
 /// A transcript store in a new scratch database at `path` (which must not exist), for
 /// verifying a long export in bounded memory. Nothing in it needs to survive a crash.
 pub fn scratch(
@@ -72,9 +103,11 @@ pub fn scratch(
     connection.execute_batch(
         "CREATE TABLE channels (id BLOB PRIMARY KEY);
          CREATE TABLE envelopes (channel BLOB, id BLOB, lamport INTEGER, bytes BLOB);
-         CREATE TABLE processed (channel BLOB, hash BLOB, PRIMARY KEY (channel, hash));",
+         CREATE TABLE processed (channel BLOB, hash BLOB, PRIMARY KEY (channel, hash));
+         CREATE TABLE outbox (seq INTEGER PRIMARY KEY);",
     )?;
     connection.execute_batch(SCHEMA)?;
+    connection.execute_batch(PRECEDENCE)?;
     // One transaction for the whole verification: nothing is synced until it ends.
     connection.execute_batch("BEGIN")?;
     Ok(SqliteTranscript::boxed(Rc::new(connection), channel))
@@ -263,19 +296,48 @@ impl TranscriptStore for SqliteTranscript {
                 ])
             })
             .map_err(failed)?;
-        if let (Some(deadline), hotline_core::Body::Text(_)) =
+        match &envelope.body {
+            hotline_core::Body::Agreement(hotline_core::Agreement::Propose(_)) => {
+                self.connection
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO agreements (channel, proposal) VALUES (?1, ?2)",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(params![&self.channel[..], &id.0[..]])
+                    })
+                    .map_err(failed)?;
+            }
+            hotline_core::Body::Agreement(
+                hotline_core::Agreement::Sign { proposal, .. }
+                | hotline_core::Agreement::Reject { proposal, .. },
+            ) => {
+                self.connection
+                    .prepare_cached(
+                        "INSERT OR IGNORE INTO agreement_steps (channel, proposal, step)
+                         VALUES (?1, ?2, ?3)",
+                    )
+                    .and_then(|mut statement| {
+                        statement.execute(params![&self.channel[..], &proposal.0[..], &id.0[..]])
+                    })
+                    .map_err(failed)?;
+            }
+            _ => {}
+        }
+        if let (Some(deadline), hotline_core::Body::Message(message)) =
             (envelope.deadline_ms, &envelope.body)
         {
             self.connection
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO deadlines (channel, id, sender, deadline_ms) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO deadlines (channel, id, sender, deadline_ms, precedence)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .and_then(|mut statement| {
                     statement.execute(params![
                         &self.channel[..],
                         &id.0[..],
                         &envelope.sender.0[..],
-                        deadline.min(i64::MAX as u64) as i64
+                        deadline.min(i64::MAX as u64) as i64,
+                        message.precedence as i64
                     ])
                 })
                 .map_err(failed)?;

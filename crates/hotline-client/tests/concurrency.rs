@@ -27,7 +27,7 @@ fn two_processes_send_a_thousand_messages_and_none_is_lost() {
         let mut store = Store::open(Path::new(home)).unwrap();
         for n in 0..PER_PROCESS {
             let id = store
-                .send("crisis", Body::Text(format!("{tag} {n}")), None)
+                .send("crisis", Body::text(format!("{tag} {n}")), None)
                 .unwrap();
             println!("{}", id.to_hex());
         }

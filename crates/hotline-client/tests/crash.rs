@@ -28,7 +28,7 @@ fn worker(spec: &str) {
             let mut stdout = std::io::stdout();
             for n in start.parse::<u64>().unwrap().. {
                 let id = store
-                    .send("crisis", Body::Text(format!("message {n}")), None)
+                    .send("crisis", Body::text(format!("message {n}")), None)
                     .unwrap();
                 writeln!(stdout, "{}", id.to_hex()).unwrap();
                 stdout.flush().unwrap();

@@ -25,11 +25,9 @@ fn pair() -> (Store, Store, std::path::PathBuf, std::path::PathBuf) {
 fn messages_receipts_and_state_survive_reopening() {
     let (mut north, mut south, north_home, south_home) = pair();
     let first = north
-        .send("crisis", Body::Text("hello south".into()), None)
+        .send("crisis", Body::text("hello south"), None)
         .unwrap();
-    north
-        .send("crisis", Body::Text("second".into()), None)
-        .unwrap();
+    north.send("crisis", Body::text("second"), None).unwrap();
     south.import_bundle(north.export_outbox().unwrap()).unwrap();
     let log = south.log("crisis").unwrap();
     assert_eq!(
@@ -50,7 +48,7 @@ fn messages_receipts_and_state_survive_reopening() {
     assert_eq!(log[0].delivered_to.iter().collect::<Vec<_>>(), ["south"]);
     // And the channel still works after reopening.
     north
-        .send("crisis", Body::Text("after restart".into()), None)
+        .send("crisis", Body::text("after restart"), None)
         .unwrap();
     let export = north.export("crisis").unwrap();
     hotline_core::Export::verify(&export).unwrap();
@@ -72,7 +70,7 @@ fn a_wrong_fingerprint_is_a_trust_refusal_and_imports_nothing() {
 fn unknown_channel_and_party_are_clear_errors() {
     let (mut north, _, _, _) = pair();
     assert!(matches!(
-        north.send("nope", Body::Text("x".into()), None),
+        north.send("nope", Body::text("x"), None),
         Err(StoreError::UnknownChannel(_))
     ));
     assert!(matches!(
@@ -107,7 +105,7 @@ fn a_commit_is_merged_only_after_a_relay_accepted_it() {
     // Sending meanwhile is refused: the message would belong to the epoch before the
     // add, which south could never read.
     assert!(matches!(
-        north.send("crisis", Body::Text("before south".into()), None),
+        north.send("crisis", Body::text("before south"), None),
         Err(StoreError::Channel(
             hotline_core::ChannelError::CommitPending
         ))
@@ -161,18 +159,16 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
             )
             .unwrap()
     };
-    north
-        .send("crisis", Body::Text("before".into()), None)
-        .unwrap();
+    north.send("crisis", Body::text("before"), None).unwrap();
     for bytes in outbox_messages(&mut north) {
         through(&mut south, r, &bytes);
     }
     assert!(north.update_keys("crisis").unwrap());
     north
-        .send("crisis", Body::Text("first after".into()), None)
+        .send("crisis", Body::text("first after"), None)
         .unwrap();
     north
-        .send("crisis", Body::Text("second after".into()), None)
+        .send("crisis", Body::text("second after"), None)
         .unwrap();
     // [commit, key-update note, first after, second after]
     let after = outbox_messages(&mut north);
@@ -211,7 +207,7 @@ fn a_relay_reordering_a_senders_messages_is_named() {
     use hotline_client::store::Cursor;
     let (mut north, mut south, _, _) = pair();
     for text in ["one", "two", "three"] {
-        north.send("crisis", Body::Text(text.into()), None).unwrap();
+        north.send("crisis", Body::text(text), None).unwrap();
     }
     let bytes = outbox_messages(&mut north);
     assert_eq!(bytes.len(), 3);
@@ -264,6 +260,8 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              ALTER TABLE contacts DROP COLUMN key_packages_used; DROP TABLE relay_names;
              DROP TABLE delivered_reported; DROP TABLE invited;
              DROP TABLE key_package_stock; DROP TABLE stocked_key_packages;
+             ALTER TABLE outbox DROP COLUMN precedence; DROP TABLE escalations;
+             DROP TABLE agreements; DROP TABLE agreement_steps;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);
@@ -279,17 +277,13 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
 #[test]
 fn a_home_of_the_previous_schema_opens_with_its_roots_unchanged() {
     let (mut north, mut south, north_home, south_home) = pair();
-    let first = north
-        .send("crisis", Body::Text("one".into()), Some(1))
-        .unwrap();
+    let first = north.send("crisis", Body::text("one"), Some(1)).unwrap();
     for text in ["two", "three"] {
-        north.send("crisis", Body::Text(text.into()), None).unwrap();
+        north.send("crisis", Body::text(text), None).unwrap();
     }
     south.import_bundle(north.export_outbox().unwrap()).unwrap();
     south.ack("crisis", &first.to_hex()[..12]).unwrap();
-    south
-        .send("crisis", Body::Text("four".into()), None)
-        .unwrap();
+    south.send("crisis", Body::text("four"), None).unwrap();
     north.import_bundle(south.export_outbox().unwrap()).unwrap();
     let root = north.transcript_root("crisis").unwrap();
     let log = north.log("crisis").unwrap();
@@ -322,9 +316,7 @@ fn a_home_of_the_previous_schema_opens_with_its_roots_unchanged() {
     drop(connection);
     let mut north = Store::open(&north_home).unwrap();
     assert_eq!(north.transcript_root("crisis").unwrap(), root);
-    north
-        .send("crisis", Body::Text("five".into()), None)
-        .unwrap();
+    north.send("crisis", Body::text("five"), None).unwrap();
     let mut south = Store::open(&south_home).unwrap();
     south.import_bundle(north.export_outbox().unwrap()).unwrap();
     assert_eq!(
@@ -365,7 +357,7 @@ fn many_channels_with_the_same_party_all_join() {
             "south did not join {name}"
         );
         north
-            .send(&name, Body::Text(format!("on {name}")), None)
+            .send(&name, Body::text(format!("on {name}")), None)
             .unwrap();
         south.import_bundle(north.export_outbox().unwrap()).unwrap();
         assert_eq!(south.log(&name).unwrap()[0].text, format!("on {name}"));

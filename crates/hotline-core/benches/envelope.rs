@@ -191,7 +191,7 @@ fn seal_and_open(c: &mut Criterion) {
                         .send(
                             &p.north_provider,
                             &p.north,
-                            Body::Text(text.clone()),
+                            Body::text(text.clone()),
                             now,
                             None,
                         )

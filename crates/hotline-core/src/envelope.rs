@@ -37,6 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::agreement::{Agreement, MAX_REASON_LEN};
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::identity::{DeviceIdentity, DeviceKey, MAX_NAME_LEN};
 
@@ -111,8 +112,8 @@ pub struct Reference {
 /// What an envelope carries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Body {
-    /// A message written by a person.
-    Text(String),
+    /// A message written by a person, with its precedence.
+    Message(Message),
     /// A person read these messages.
     ReadReceipt(Vec<EnvelopeId>),
     /// An end-to-end link test; the bytes are the tester's own (a nonce, a path tag).
@@ -130,6 +131,119 @@ pub enum Body {
     /// What the sender's link tests showed over a period, per relay path and party: the
     /// bounded record that stands for the raw probes (which are not in the transcript).
     Availability(Availability),
+    /// The sender's signed statement that a party had not read one of its messages by
+    /// the message's deadline, with what the line showed at that moment.
+    NonResponse(NonResponse),
+    /// A step of an agreed text: proposed, signed, rejected ([`crate::agreement`]).
+    Agreement(Agreement),
+}
+
+/// How urgent a message is, after allied message handling (ACP 121): FLASH is handled
+/// before everything else, ROUTINE last. The order of the variants is the order of
+/// urgency.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Precedence {
+    #[default]
+    Routine = 0,
+    Priority = 1,
+    Immediate = 2,
+    Flash = 3,
+}
+
+impl Precedence {
+    /// Every level, most urgent first.
+    pub const ALL: [Precedence; 4] = [
+        Precedence::Flash,
+        Precedence::Immediate,
+        Precedence::Priority,
+        Precedence::Routine,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precedence::Routine => "routine",
+            Precedence::Priority => "priority",
+            Precedence::Immediate => "immediate",
+            Precedence::Flash => "flash",
+        }
+    }
+
+    /// Parses a level's name (any case).
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|level| level.as_str().eq_ignore_ascii_case(text.trim()))
+    }
+
+    /// How long the other parties have to read a message of this level when its sender
+    /// gives no deadline: 10 min, 30 min, 3 h, 6 h (ACP 121 handling times).
+    pub fn read_within_ms(self) -> u64 {
+        const MINUTE: u64 = 60_000;
+        match self {
+            Precedence::Flash => 10 * MINUTE,
+            Precedence::Immediate => 30 * MINUTE,
+            Precedence::Priority => 180 * MINUTE,
+            Precedence::Routine => 360 * MINUTE,
+        }
+    }
+
+    fn from_u8(byte: u8) -> Result<Self, DecodeError> {
+        Ok(match byte {
+            0 => Precedence::Routine,
+            1 => Precedence::Priority,
+            2 => Precedence::Immediate,
+            3 => Precedence::Flash,
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "precedence",
+                    reason: "unknown level",
+                });
+            }
+        })
+    }
+}
+
+impl fmt::Display for Precedence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message written by a person.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub precedence: Precedence,
+    pub text: String,
+}
+
+/// The form byte of a message body of kind 7: plain text.
+const FORM_TEXT: u8 = 1;
+
+/// What the line showed of one relay path to the party when a deadline passed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathNote {
+    pub relay: String,
+    /// When the party last answered a link test through this relay.
+    pub last_answer_ms: Option<u64>,
+    /// Whether the party answered through it within the last three link-test intervals.
+    pub up: bool,
+}
+
+/// A signed statement: `party` had not read `message` (of the statement's sender) by
+/// `deadline_ms`. `delivered` says whether a device of the party held the message by
+/// then (it said so in its own envelopes or delivery receipts): "received it and did
+/// not read it" and "it never reached them" are different, provable facts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NonResponse {
+    pub message: EnvelopeId,
+    pub party: String,
+    pub precedence: Precedence,
+    pub deadline_ms: u64,
+    pub delivered: bool,
+    /// When anything of the party last reached the sender's device.
+    pub last_heard_ms: Option<u64>,
+    /// Every relay of the channel at that moment, at most [`MAX_RELAYS`].
+    pub paths: Vec<PathNote>,
 }
 
 /// Most paths (relay × party) one availability record describes.
@@ -201,25 +315,55 @@ pub enum Kind {
     Checkpoint = 4,
     Membership = 5,
     Availability = 6,
+    /// A message with a precedence above routine (a routine text is kind 1, as it was
+    /// before precedences).
+    Message = 7,
+    NonResponse = 8,
+    Agreement = 9,
 }
 
 impl Kind {
     /// Whether envelopes of this kind carry the sender's transferable signature (what
     /// an auditor may hold against the sender without the channel's keys).
     pub fn is_signed(self) -> bool {
-        matches!(self, Kind::Checkpoint | Kind::Availability)
+        matches!(
+            self,
+            Kind::Checkpoint | Kind::Availability | Kind::NonResponse
+        )
     }
 }
 
 impl Body {
+    /// A routine text message.
+    pub fn text(text: impl Into<String>) -> Self {
+        Body::Message(Message {
+            precedence: Precedence::Routine,
+            text: text.into(),
+        })
+    }
+
+    /// The message, if this is one.
+    pub fn message(&self) -> Option<&Message> {
+        match self {
+            Body::Message(message) => Some(message),
+            _ => None,
+        }
+    }
+
     pub fn kind(&self) -> Kind {
         match self {
-            Body::Text(_) => Kind::Text,
+            Body::Message(Message {
+                precedence: Precedence::Routine,
+                ..
+            }) => Kind::Text,
+            Body::Message(_) => Kind::Message,
             Body::ReadReceipt(_) => Kind::ReadReceipt,
             Body::LinkTest(_) => Kind::LinkTest,
             Body::Checkpoint { .. } => Kind::Checkpoint,
             Body::Membership(_) => Kind::Membership,
             Body::Availability(_) => Kind::Availability,
+            Body::NonResponse(_) => Kind::NonResponse,
+            Body::Agreement(_) => Kind::Agreement,
         }
     }
 
@@ -228,7 +372,13 @@ impl Body {
         let length_at = writer.as_bytes().len();
         writer.u32(0);
         match self {
-            Body::Text(text) => writer.fixed(text.as_bytes()),
+            Body::Message(message) => {
+                if message.precedence != Precedence::Routine {
+                    writer.u8(message.precedence as u8);
+                    writer.u8(FORM_TEXT);
+                }
+                writer.fixed(message.text.as_bytes());
+            }
             Body::ReadReceipt(ids) => {
                 writer.u32(ids.len() as u32);
                 for id in ids {
@@ -291,6 +441,8 @@ impl Body {
                     }
                 }
             }
+            Body::NonResponse(statement) => statement.encode_into(writer),
+            Body::Agreement(agreement) => agreement.encode_into(writer),
         }
         let length = writer.as_bytes().len() - length_at - 4;
         // Invariant: bodies are bounded by MAX_BODY_LEN, far below 4 GiB.
@@ -300,13 +452,26 @@ impl Body {
     fn decode(kind: u8, bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(bytes);
         let body = match kind {
-            1 => {
-                let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::Invalid {
-                    field: "text",
-                    reason: "not valid UTF-8",
-                })?;
-                return Ok(Body::Text(text.to_owned()));
+            1 => return Ok(Body::text(utf8(bytes)?)),
+            7 => {
+                let precedence = Precedence::from_u8(reader.u8("precedence")?)?;
+                if precedence == Precedence::Routine {
+                    return Err(DecodeError::Invalid {
+                        field: "precedence",
+                        reason: "a routine text is a message of kind 1",
+                    });
+                }
+                if reader.u8("message form")? != FORM_TEXT {
+                    return Err(DecodeError::Invalid {
+                        field: "message form",
+                        reason: "unknown form",
+                    });
+                }
+                let text = utf8(reader.take(reader.remaining(), "text")?)?;
+                return Ok(Body::Message(Message { precedence, text }));
             }
+            8 => Body::NonResponse(NonResponse::decode(&mut reader)?),
+            9 => Body::Agreement(Agreement::decode(&mut reader)?),
             2 => {
                 let count = reader.count("read receipt", MAX_RECEIPT_IDS, 32)?;
                 let mut ids = Vec::with_capacity(count);
@@ -361,6 +526,92 @@ impl Body {
         reader.finish()?;
         Ok(body)
     }
+}
+
+fn utf8(bytes: &[u8]) -> Result<String, DecodeError> {
+    std::str::from_utf8(bytes)
+        .map(str::to_owned)
+        .map_err(|_| DecodeError::Invalid {
+            field: "text",
+            reason: "not valid UTF-8",
+        })
+}
+
+impl NonResponse {
+    fn encode_into(&self, writer: &mut Writer) {
+        writer.fixed(&self.message.0);
+        writer.string(&self.party);
+        writer.u8(self.precedence as u8);
+        writer.u64(self.deadline_ms);
+        writer.u8(u8::from(self.delivered));
+        optional_u64(writer, self.last_heard_ms);
+        writer.u32(self.paths.len() as u32);
+        for path in &self.paths {
+            writer.string(&path.relay);
+            optional_u64(writer, path.last_answer_ms);
+            writer.u8(u8::from(path.up));
+        }
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let message = EnvelopeId(reader.array("unread message")?);
+        let party = reader.string("party name", MAX_NAME_LEN)?;
+        let precedence = Precedence::from_u8(reader.u8("precedence")?)?;
+        let deadline_ms = reader.u64("deadline")?;
+        let delivered = reader.flag("delivered")?;
+        let last_heard_ms = read_optional_u64(reader, "last heard")?;
+        let count = reader.count("paths", MAX_RELAYS, 6)?;
+        let mut paths = Vec::with_capacity(count);
+        for _ in 0..count {
+            let relay = reader.string("relay address", MAX_RELAY_URL_LEN)?;
+            let last_answer_ms = read_optional_u64(reader, "last answer")?;
+            let up = reader.flag("path up")?;
+            if !path_names_ok(&relay, &party) {
+                return Err(DecodeError::Invalid {
+                    field: "non-response path",
+                    reason: "a relay address must be printable ASCII, a party a name",
+                });
+            }
+            paths.push(PathNote {
+                relay,
+                last_answer_ms,
+                up,
+            });
+        }
+        crate::identity::check_name("party", &party).map_err(|_| DecodeError::Invalid {
+            field: "party name",
+            reason: "not a name",
+        })?;
+        Ok(Self {
+            message,
+            party,
+            precedence,
+            deadline_ms,
+            delivered,
+            last_heard_ms,
+            paths,
+        })
+    }
+}
+
+fn optional_u64(writer: &mut Writer, value: Option<u64>) {
+    match value {
+        Some(value) => {
+            writer.u8(1);
+            writer.u64(value);
+        }
+        None => writer.u8(0),
+    }
+}
+
+fn read_optional_u64(
+    reader: &mut Reader<'_>,
+    field: &'static str,
+) -> Result<Option<u64>, DecodeError> {
+    Ok(match reader.flag(field)? {
+        true => Some(reader.u64(field)?),
+        false => None,
+    })
 }
 
 /// Whether a path's strings are what they claim: a relay address in printable ASCII, a
@@ -510,20 +761,14 @@ impl Envelope {
         writer.u64(self.claimed_time_ms);
         writer.u8(self.body.kind() as u8);
         self.body.encode_into(writer);
-        match self.deadline_ms {
-            Some(deadline) => {
-                writer.u8(1);
-                writer.u64(deadline);
-            }
-            None => writer.u8(0),
-        }
+        optional_u64(writer, self.deadline_ms);
     }
 
     /// An upper bound of the encoding's length for the common bodies, so that encoding
     /// allocates once.
     fn encoded_len_estimate(&self) -> usize {
         let body = match &self.body {
-            Body::Text(text) => text.len(),
+            Body::Message(message) => 2 + message.text.len(),
             Body::ReadReceipt(ids) => 4 + 32 * ids.len(),
             Body::LinkTest(bytes) => bytes.len(),
             Body::Checkpoint { .. } => 48,
@@ -532,6 +777,15 @@ impl Envelope {
             }
             Body::Membership(_) => 128,
             Body::Availability(record) => 28 + 600 * record.paths.len(),
+            Body::NonResponse(statement) => 128 + 540 * statement.paths.len(),
+            Body::Agreement(Agreement::Propose(proposal)) => {
+                16 + proposal
+                    .versions
+                    .iter()
+                    .map(|(l, t)| 8 + l.len() + t.len())
+                    .sum::<usize>()
+            }
+            Body::Agreement(_) => 1 + 32 + 32 + 64 + 4 + MAX_REASON_LEN,
         };
         160 + 72 * self.seen.len() + body + 80
     }
@@ -586,10 +840,7 @@ impl Envelope {
         let claimed_time_ms = reader.u64("claimed time")?;
         let kind = reader.u8("kind")?;
         let body = Body::decode(kind, reader.bytes("body", MAX_BODY_LEN)?)?;
-        let deadline_ms = match reader.flag("deadline flag")? {
-            true => Some(reader.u64("deadline")?),
-            false => None,
-        };
+        let deadline_ms = read_optional_u64(&mut reader, "deadline")?;
         let unsigned_len = reader.position();
         let signature = match reader.flag("signature flag")? {
             true => Some(reader.array::<64>("signature")?),
@@ -711,7 +962,7 @@ mod tests {
     #[test]
     fn every_body_round_trips() {
         let bodies = [
-            Body::Text("de-escalate".into()),
+            Body::text("de-escalate"),
             Body::ReadReceipt(vec![EnvelopeId([5; 32])]),
             Body::LinkTest(vec![1, 2, 3]),
             Body::Membership(MembershipNote::Added {
@@ -748,7 +999,7 @@ mod tests {
             Envelope::decode(&checkpoint.encode()).unwrap_err(),
             EnvelopeError::SignatureMisplaced
         );
-        let mut text = sample(Body::Text("x".into()));
+        let mut text = sample(Body::text("x"));
         text.signature = Some([0; 64]);
         assert_eq!(
             Envelope::decode(&text.encode()).unwrap_err(),
@@ -758,11 +1009,45 @@ mod tests {
 
     #[test]
     fn unsorted_seen_is_refused() {
-        let mut envelope = sample(Body::Text("x".into()));
+        let mut envelope = sample(Body::text("x"));
         envelope.seen.reverse();
         assert_eq!(
             Envelope::decode(&envelope.encode()).unwrap_err(),
             EnvelopeError::SeenNotCanonical
         );
+    }
+
+    /// A message body of kind 7 must be canonical: a precedence above routine (a
+    /// routine text is kind 1, byte for byte what it was before precedences) and a
+    /// known form; anything else is a typed error.
+    #[test]
+    fn message_bodies_are_canonical() {
+        let flash = Body::Message(Message {
+            precedence: Precedence::Flash,
+            text: "now".into(),
+        });
+        assert_eq!(flash.kind(), Kind::Message);
+        assert_eq!(Body::text("now").kind(), Kind::Text);
+        let routine = sample(Body::text("now")).encode();
+        let encoded = sample(flash.clone()).encode();
+        assert_eq!(encoded.len(), routine.len() + 2);
+        assert_eq!(Envelope::decode(&encoded).unwrap().0.body, flash);
+        let body_at = routine.len() - 1 - 9 - 3 - 4 - 1;
+        assert_eq!(routine[body_at], Kind::Text as u8);
+        assert_eq!(encoded[body_at], Kind::Message as u8);
+        for (offset, byte, field) in [
+            (5, 0, "precedence"),
+            (5, 4, "precedence"),
+            (6, 2, "message form"),
+        ] {
+            let mut bad = encoded.clone();
+            bad[body_at + offset] = byte;
+            match Envelope::decode(&bad) {
+                Err(EnvelopeError::Decode(DecodeError::Invalid { field: got, .. })) => {
+                    assert_eq!(got, field)
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

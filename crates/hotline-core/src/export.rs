@@ -16,12 +16,13 @@
 //! What a valid export proves (and what it does not) is spelled out in
 //! [`VerifyReport::statements`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 
 use sha2::{Digest, Sha512};
 use thiserror::Error;
 
+use crate::agreement::Agreement;
 use crate::codec::{DecodeError, Reader, Writer};
 use crate::envelope::{
     Availability, Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Kind, MAX_BODY_LEN,
@@ -107,6 +108,8 @@ pub struct VerifyReport {
     pub texts: u64,
     pub read_receipts: u64,
     pub checkpoints: u64,
+    /// Signed statements that a party had not read a message by its deadline.
+    pub non_responses: u64,
     pub root: [u8; 32],
     /// Earliest and latest claimed send times, ms since the Unix epoch.
     pub first_time_ms: Option<u64>,
@@ -114,10 +117,56 @@ pub struct VerifyReport {
     /// Per device: envelopes sent, and how many of them the device's own signed
     /// checkpoints cover.
     pub senders: BTreeMap<DeviceKey, (u64, u64)>,
+    /// Per device: the sequence number of its latest signed envelope. Its envelopes
+    /// up to there are proven its own by its signature; later ones are attested by
+    /// the exporter only.
+    pub signed_through: BTreeMap<DeviceKey, u64>,
     /// What the signed availability records say, per (device, relay, party).
     pub availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
     /// Record paths not summed: beyond [`MAX_SUMMARIES`] distinct paths.
     pub availability_unsummed: u64,
+    /// The agreed texts proposed in the transcript, at most [`MAX_SUMMARIES`], with
+    /// the signatures that hold.
+    pub agreements: BTreeMap<EnvelopeId, AgreedText>,
+}
+
+/// An agreed text as the export shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgreedText {
+    pub proposer: DeviceKey,
+    pub time_ms: u64,
+    pub languages: Vec<String>,
+    pub deadline_ms: Option<u64>,
+    /// What every party signs ([`crate::agreement::digest`]).
+    pub digest: [u8; 32],
+    /// Valid signatures within the deadline: (device, claimed time).
+    pub signed: Vec<(DeviceKey, u64)>,
+    /// (device, reason).
+    pub rejected: Vec<(DeviceKey, String)>,
+    /// Signatures that do not hold (wrong digest or signature, or after the deadline).
+    pub invalid: u64,
+}
+
+impl VerifyReport {
+    /// Whether a device of every party on the roster signed agreed text `id` and
+    /// nobody rejected it.
+    pub fn accepted(&self, id: &EnvelopeId) -> bool {
+        let Some(text) = self.agreements.get(id) else {
+            return false;
+        };
+        let party = |key: &DeviceKey| {
+            self.roster
+                .iter()
+                .find(|info| info.key == *key)
+                .map(|info| info.party.clone())
+        };
+        let signed: BTreeSet<String> = text
+            .signed
+            .iter()
+            .filter_map(|(key, _)| party(key))
+            .collect();
+        text.rejected.is_empty() && self.roster.iter().all(|info| signed.contains(&info.party))
+    }
 }
 
 /// The availability records of one device for one relay path to one party, summed.
@@ -187,6 +236,40 @@ impl VerifyReport {
             )
     }
 
+    /// What differs between the export's roster and the parties an auditor expects
+    /// (party name and device fingerprint, as verified out of band): every device on
+    /// the roster must be expected, and every expectation met. Empty when they agree.
+    pub fn unexpected(&self, expected: &[(String, crate::Fingerprint)]) -> Vec<String> {
+        let mut out = Vec::new();
+        let roster: Vec<(&DeviceInfo, crate::Fingerprint)> = self
+            .roster
+            .iter()
+            .map(|info| (info, info.fingerprint()))
+            .collect();
+        for (info, fingerprint) in &roster {
+            if !expected
+                .iter()
+                .any(|(party, expect)| *party == info.party && expect == fingerprint)
+            {
+                out.push(format!(
+                    "{}/{} (fingerprint {fingerprint}) is on the roster but not expected",
+                    info.party, info.device
+                ));
+            }
+        }
+        for (party, expect) in expected {
+            if !roster
+                .iter()
+                .any(|(info, fingerprint)| info.party == *party && fingerprint == expect)
+            {
+                out.push(format!(
+                    "no device of {party} with fingerprint {expect} is on the roster"
+                ));
+            }
+        }
+        out
+    }
+
     /// Plain sentences of what the verification established.
     pub fn statements(&self) -> Vec<String> {
         let mut out = vec![
@@ -230,6 +313,48 @@ impl VerifyReport {
                         format!("{n} outages, the longest {}", outages.join(", "))
                     }
                     _ => format!("down {}", outages.join(", ")),
+                }
+            ));
+        }
+        for (id, text) in &self.agreements {
+            let signers: Vec<String> = text
+                .signed
+                .iter()
+                .map(|(key, time)| format!("{} at {}", self.name_of(key), utc(*time)))
+                .collect();
+            out.push(format!(
+                "Agreed text {} ({}), proposed by {}: {}; signed by {}{}{}.",
+                &id.to_hex()[..12],
+                text.languages.join(", "),
+                self.name_of(&text.proposer),
+                if self.accepted(id) {
+                    "ACCEPTED, every party signed its exact bytes"
+                } else if !text.rejected.is_empty() {
+                    "REJECTED"
+                } else {
+                    "not accepted"
+                },
+                if signers.is_empty() {
+                    "nobody".to_owned()
+                } else {
+                    signers.join(", ")
+                },
+                if text.rejected.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; rejected by {}",
+                        text.rejected
+                            .iter()
+                            .map(|(key, _)| self.name_of(key))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                },
+                if text.invalid > 0 {
+                    format!("; {} signature(s) that do not hold", text.invalid)
+                } else {
+                    String::new()
                 }
             ));
         }
@@ -359,6 +484,16 @@ impl Export {
         source: &mut dyn Read,
         store: Box<dyn TranscriptStore>,
     ) -> Result<VerifyReport, VerifyError> {
+        Self::verify_keeping(source, store).map(|(report, _)| report)
+    }
+
+    /// [`Export::verify_from`], keeping the rebuilt transcript: what an auditor's view
+    /// walks, page by page, to list the record (who said what, who holds and who read
+    /// it).
+    pub fn verify_keeping(
+        source: &mut dyn Read,
+        store: Box<dyn TranscriptStore>,
+    ) -> Result<(VerifyReport, Transcript), VerifyError> {
         let mut input = Source::new(source);
         if input.take(MAGIC.len(), "magic")? != MAGIC {
             return Err(DecodeError::Invalid {
@@ -391,7 +526,7 @@ impl Export {
 fn verify_streamed(
     mut input: Source<'_>,
     store: Box<dyn TranscriptStore>,
-) -> Result<VerifyReport, VerifyError> {
+) -> Result<(VerifyReport, Transcript), VerifyError> {
     let channel = ChannelId(input.array("channel")?);
     let channel_name = input.string("channel name", crate::channel::MAX_CHANNEL_NAME_LEN)?;
     let horizon = input.u64("horizon")?;
@@ -448,7 +583,7 @@ fn verify_streamed(
 fn verify_version_1(
     bytes: &[u8],
     store: Box<dyn TranscriptStore>,
-) -> Result<VerifyReport, VerifyError> {
+) -> Result<(VerifyReport, Transcript), VerifyError> {
     let mut reader = Reader::new(bytes);
     reader.take(MAGIC.len() + 1, "magic")?;
     let channel = ChannelId(reader.array("channel")?);
@@ -498,13 +633,18 @@ struct Verifier {
     transcript: Transcript,
     /// Per sender: envelopes, and envelopes up to its latest checkpoint.
     chains: BTreeMap<DeviceKey, (u64, u64)>,
+    /// Per sender: the sequence number of its latest signed envelope.
+    signed_through: BTreeMap<DeviceKey, u64>,
     first_time_ms: Option<u64>,
     last_time_ms: Option<u64>,
     texts: u64,
     read_receipts: u64,
     checkpoints: u64,
+    non_responses: u64,
     availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
     availability_unsummed: u64,
+    agreements: BTreeMap<EnvelopeId, AgreedText>,
+    channel: ChannelId,
     last: Option<(u64, EnvelopeId)>,
 }
 
@@ -517,13 +657,17 @@ impl Verifier {
         Self {
             transcript,
             chains: BTreeMap::new(),
+            signed_through: BTreeMap::new(),
             first_time_ms: None,
             last_time_ms: None,
             texts: 0,
             read_receipts: 0,
             checkpoints: 0,
+            non_responses: 0,
             availability: BTreeMap::new(),
             availability_unsummed: 0,
+            agreements: BTreeMap::new(),
+            channel: header.channel,
             last: None,
         }
     }
@@ -532,9 +676,11 @@ impl Verifier {
         let (envelope, id) = Envelope::decode(envelope_bytes)
             .map_err(|reason| VerifyError::BadEnvelope { index, reason })?;
         match &envelope.body {
-            Body::Text(_) => self.texts += 1,
+            Body::Message(_) => self.texts += 1,
             Body::ReadReceipt(_) => self.read_receipts += 1,
             Body::Checkpoint { .. } => self.checkpoints += 1,
+            Body::NonResponse(_) => self.non_responses += 1,
+            Body::Agreement(step) => self.note_agreement(&envelope, id, step),
             Body::Availability(record) => {
                 for path in &record.paths {
                     // Bounded: one entry per (device, relay, party), at most
@@ -558,6 +704,7 @@ impl Verifier {
         if envelope.body.kind().is_signed() {
             // A sender's chain arrives in order: everything so far is signed by it.
             *signed = *sent;
+            self.signed_through.insert(envelope.sender, envelope.seq);
         }
         if let Some(previous) = self.last
             && (envelope.lamport, id) <= previous
@@ -589,7 +736,66 @@ impl Verifier {
         }
     }
 
-    fn finish(self, header: Header, exporter_key: DeviceKey) -> Result<VerifyReport, VerifyError> {
+    /// Keeps an agreed text's proposal and checks each signature of it (a signature
+    /// that does not hold is counted, never accepted: a member's bad signature cannot
+    /// make the whole record unverifiable).
+    fn note_agreement(&mut self, envelope: &Envelope, id: EnvelopeId, step: &Agreement) {
+        match step {
+            Agreement::Propose(proposal) => {
+                if self.agreements.len() < MAX_SUMMARIES {
+                    self.agreements.insert(
+                        id,
+                        AgreedText {
+                            proposer: envelope.sender,
+                            time_ms: envelope.claimed_time_ms,
+                            languages: proposal.versions.iter().map(|(l, _)| l.clone()).collect(),
+                            deadline_ms: proposal.deadline_ms,
+                            digest: crate::agreement::digest(
+                                &self.channel,
+                                &id,
+                                &proposal.versions,
+                            ),
+                            signed: Vec::new(),
+                            rejected: Vec::new(),
+                            invalid: 0,
+                        },
+                    );
+                }
+            }
+            Agreement::Sign {
+                proposal,
+                digest,
+                signature,
+            } => {
+                if let Some(text) = self.agreements.get_mut(proposal) {
+                    let holds = *digest == text.digest
+                        && text
+                            .deadline_ms
+                            .is_none_or(|deadline| envelope.claimed_time_ms <= deadline)
+                        && crate::agreement::check(&envelope.sender, digest, signature);
+                    if holds && text.signed.len() < MAX_ROSTER {
+                        text.signed
+                            .push((envelope.sender, envelope.claimed_time_ms));
+                    } else if !holds {
+                        text.invalid += 1;
+                    }
+                }
+            }
+            Agreement::Reject { proposal, reason } => {
+                if let Some(text) = self.agreements.get_mut(proposal)
+                    && text.rejected.len() < MAX_ROSTER
+                {
+                    text.rejected.push((envelope.sender, reason.clone()));
+                }
+            }
+        }
+    }
+
+    fn finish(
+        self,
+        header: Header,
+        exporter_key: DeviceKey,
+    ) -> Result<(VerifyReport, Transcript), VerifyError> {
         let transcript = self.transcript;
         let exporter = header
             .roster
@@ -618,7 +824,7 @@ impl Verifier {
             return Err(VerifyError::HorizonMismatch);
         }
         let (root, size) = transcript.root()?;
-        Ok(VerifyReport {
+        let report = VerifyReport {
             channel: header.channel,
             channel_name: header.channel_name,
             horizon: header.horizon,
@@ -627,14 +833,18 @@ impl Verifier {
             envelopes: size,
             texts: self.texts,
             read_receipts: self.read_receipts,
+            non_responses: self.non_responses,
             checkpoints: self.checkpoints,
             root,
             first_time_ms: self.first_time_ms,
             last_time_ms: self.last_time_ms,
             senders: self.chains,
+            signed_through: self.signed_through,
             availability: self.availability,
             availability_unsummed: self.availability_unsummed,
-        })
+            agreements: self.agreements,
+        };
+        Ok((report, transcript))
     }
 }
 
@@ -805,7 +1015,7 @@ mod tests {
                     horizon: 0,
                 }
             } else {
-                Body::Text(format!("line {seq}"))
+                Body::text(format!("line {seq}"))
             };
             let mut envelope = Envelope {
                 channel: ChannelId([1; 32]),

@@ -19,6 +19,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod agreement;
 pub mod card;
 pub mod channel;
 pub mod codec;
@@ -35,10 +36,12 @@ use openmls::prelude::Ciphersuite;
 /// The one ciphersuite hotline speaks: X25519, AES-128-GCM, SHA-256, Ed25519.
 pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519;
 
+pub use agreement::{Agreement, Proposal};
 pub use card::{CardError, CardIn, VerifiedContact, create_card};
 pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
 pub use envelope::{
-    Availability, Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote, PathRecord,
+    Availability, Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote, Message,
+    NonResponse, PathNote, PathRecord, Precedence,
 };
 pub use export::{Export, VerifyError, VerifyReport};
 pub use frame::Frame;

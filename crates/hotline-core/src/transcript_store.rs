@@ -266,7 +266,7 @@ mod conformance {
             let body = if step % 5 == 4 {
                 Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect())
             } else {
-                Body::Text(format!("step {step}"))
+                Body::text(format!("step {step}"))
             };
             let envelope = Envelope {
                 channel: CHANNEL,

@@ -159,13 +159,7 @@ fn garbage_and_foreign_messages_change_nothing() {
     let other = device("other", 9);
     let mut foreign = Channel::create(&other.provider, &other.identity, "elsewhere").unwrap();
     let (_, foreign_bytes) = foreign
-        .send(
-            &other.provider,
-            &other.identity,
-            Body::Text("x".into()),
-            1,
-            None,
-        )
+        .send(&other.provider, &other.identity, Body::text("x"), 1, None)
         .unwrap();
     assert!(matches!(
         joined.receive(&south.provider, &foreign_bytes),
@@ -176,7 +170,7 @@ fn garbage_and_foreign_messages_change_nothing() {
         .send(
             &north.provider,
             &north.identity,
-            Body::Text("hello".into()),
+            Body::text("hello"),
             2,
             None,
         )
@@ -255,7 +249,7 @@ fn a_commit_rejected_by_the_relay_leaves_the_channel_as_it_was() {
         .send(
             &north.provider,
             &north.identity,
-            Body::Text("still here".into()),
+            Body::text("still here"),
             3,
             None,
         )
@@ -274,7 +268,7 @@ fn ephemeral_frames_carry_delivery_without_entering_the_transcript() {
         .send(
             &north.provider,
             &north.identity,
-            Body::Text("hold the line".into()),
+            Body::text("hold the line"),
             10,
             None,
         )

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 use hotline_core::card::CardIn;
 use hotline_core::envelope::Reference;
 use hotline_core::{
-    Body, ChannelId, DeviceIdentity, DeviceInfo, DeviceKey, Envelope, EnvelopeId, Export,
-    MembershipNote, Transcript,
+    Agreement, Body, ChannelId, DeviceIdentity, DeviceInfo, DeviceKey, Envelope, EnvelopeId,
+    Export, MembershipNote, Message, NonResponse, PathNote, Precedence, Proposal, Transcript,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -50,7 +50,7 @@ fn history(script: &[(u8, u8, u8)]) -> (Vec<DeviceInfo>, Vec<(Envelope, Envelope
             .map_or((1, EnvelopeId::NONE), |(seq, id, _)| (seq + 1, id));
         let (seen, lamport) = views[who].next_references(&me);
         let body = match kind % 4 {
-            0 | 1 => Body::Text(format!("step {step}")),
+            0 | 1 => Body::text(format!("step {step}")),
             2 => Body::ReadReceipt(seen.iter().map(|r| r.id).take(1).collect()),
             _ => {
                 let (root, size) = views[who].root_for_next_checkpoint().unwrap();
@@ -233,8 +233,27 @@ fn sample_export() -> &'static Vec<u8> {
                     size,
                     horizon: 0,
                 }
+            } else if seq == 3 {
+                Body::Message(Message {
+                    precedence: Precedence::Flash,
+                    text: "line 3".into(),
+                })
+            } else if seq == 4 {
+                Body::NonResponse(NonResponse {
+                    message: last,
+                    party: "south".into(),
+                    precedence: Precedence::Flash,
+                    deadline_ms: 99,
+                    delivered: true,
+                    last_heard_ms: Some(3),
+                    paths: vec![PathNote {
+                        relay: "https://127.0.0.1:1/#sha256=00".into(),
+                        last_answer_ms: Some(2),
+                        up: false,
+                    }],
+                })
             } else {
-                Body::Text(format!("line {seq}"))
+                Body::text(format!("line {seq}"))
             };
             let mut envelope = Envelope {
                 channel: CHANNEL,
@@ -250,7 +269,7 @@ fn sample_export() -> &'static Vec<u8> {
                 deadline_ms: Some(99),
                 signature: None,
             };
-            if seq == 6 {
+            if envelope.body.kind().is_signed() {
                 envelope.sign(&identity);
             }
             last = envelope.id();
@@ -260,11 +279,83 @@ fn sample_export() -> &'static Vec<u8> {
     })
 }
 
+/// An export in which north proposes a text, signs it, and then sends a signature that
+/// does not hold: the export verifies, counts the bad signature as invalid and never as
+/// a signer, and the text is not accepted (south never signed).
+#[test]
+fn a_signature_that_does_not_hold_is_counted_never_accepted() {
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    let north = DeviceIdentity::generate("north", "desk", &mut rng).unwrap();
+    let south = DeviceIdentity::generate("south", "desk", &mut rng).unwrap();
+    let mut transcript = fresh(&[north.info().clone(), south.info().clone()]);
+    let versions = vec![("en".to_owned(), "Hold fire.".to_owned())];
+    let mut last = EnvelopeId::NONE;
+    let mut proposal = EnvelopeId::NONE;
+    for seq in 1..=4u64 {
+        let (seen, lamport) = transcript.next_references(&north.key());
+        let body = match seq {
+            1 => Body::Agreement(Agreement::Propose(Proposal {
+                versions: versions.clone(),
+                deadline_ms: None,
+            })),
+            2 | 3 => {
+                let digest = hotline_core::agreement::digest(&CHANNEL, &proposal, &versions);
+                let mut signature = hotline_core::agreement::sign(&north, &digest);
+                if seq == 3 {
+                    signature[0] ^= 1;
+                }
+                Body::Agreement(Agreement::Sign {
+                    proposal,
+                    digest,
+                    signature,
+                })
+            }
+            _ => {
+                let (root, size) = transcript.root_for_next_checkpoint().unwrap();
+                Body::Checkpoint {
+                    root,
+                    size,
+                    horizon: 0,
+                }
+            }
+        };
+        let mut envelope = Envelope {
+            channel: CHANNEL,
+            sender: north.key(),
+            epoch: 1,
+            seq,
+            prev: last,
+            prev_epoch: if seq == 1 { 0 } else { 1 },
+            seen,
+            lamport,
+            claimed_time_ms: seq,
+            body,
+            deadline_ms: None,
+            signature: None,
+        };
+        if envelope.body.kind().is_signed() {
+            envelope.sign(&north);
+        }
+        last = envelope.id();
+        if seq == 1 {
+            proposal = last;
+        }
+        transcript.insert(envelope, last).unwrap();
+    }
+    let export = Export::write(&transcript, "crisis", &north).unwrap();
+    let report = Export::verify(&export).unwrap();
+    let text = &report.agreements[&proposal];
+    assert_eq!(text.signed.len(), 1);
+    assert_eq!(text.invalid, 1);
+    assert!(!report.accepted(&proposal), "south never signed");
+}
+
 #[test]
 fn sample_export_verifies() {
     let report = Export::verify(sample_export()).unwrap();
     assert_eq!(report.envelopes, 6);
-    assert_eq!(report.texts, 5);
+    assert_eq!(report.texts, 4);
+    assert_eq!(report.non_responses, 1);
 }
 
 proptest! {
@@ -315,7 +406,75 @@ proptest! {
 
 fn arbitrary_body() -> impl Strategy<Value = Body> {
     prop_oneof![
-        ".{0,64}".prop_map(Body::Text),
+        ".{0,64}".prop_map(Body::text),
+        (
+            proptest::collection::btree_map("[a-z]{2}(-[A-Za-z]{1,4})?", ".{0,32}", 1..4),
+            proptest::option::of(any::<u64>())
+        )
+            .prop_map(
+                |(versions, deadline_ms)| Body::Agreement(Agreement::Propose(Proposal {
+                    versions: versions.into_iter().collect(),
+                    deadline_ms,
+                }))
+            ),
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 64)
+        )
+            .prop_map(
+                |(proposal, digest, signature)| Body::Agreement(Agreement::Sign {
+                    proposal: EnvelopeId(proposal),
+                    digest,
+                    signature: signature.try_into().unwrap(),
+                })
+            ),
+        (any::<[u8; 32]>(), ".{0,64}").prop_map(|(proposal, reason)| Body::Agreement(
+            Agreement::Reject {
+                proposal: EnvelopeId(proposal),
+                reason,
+            }
+        )),
+        (0usize..3, ".{0,64}").prop_map(|(level, text)| Body::Message(Message {
+            precedence: Precedence::ALL[level],
+            text,
+        })),
+        (
+            any::<[u8; 32]>(),
+            "[a-z]{1,12}",
+            0usize..4,
+            any::<u64>(),
+            any::<bool>(),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::vec(
+                (
+                    "https://[a-z]{1,8}\\.example/#sha256=[0-9a-f]{8}",
+                    proptest::option::of(any::<u64>()),
+                    any::<bool>()
+                ),
+                0..3
+            ),
+        )
+            .prop_map(
+                |(message, party, level, deadline_ms, delivered, last_heard_ms, paths)| {
+                    Body::NonResponse(NonResponse {
+                        message: EnvelopeId(message),
+                        party,
+                        precedence: Precedence::ALL[level],
+                        deadline_ms,
+                        delivered,
+                        last_heard_ms,
+                        paths: paths
+                            .into_iter()
+                            .map(|(relay, last_answer_ms, up)| PathNote {
+                                relay,
+                                last_answer_ms,
+                                up,
+                            })
+                            .collect(),
+                    })
+                }
+            ),
         proptest::collection::vec(any::<[u8; 32]>(), 0..4)
             .prop_map(|ids| Body::ReadReceipt(ids.into_iter().map(EnvelopeId).collect())),
         proptest::collection::vec(any::<u8>(), 0..32).prop_map(Body::LinkTest),
@@ -367,9 +526,9 @@ fn arbitrary_envelope() -> impl Strategy<Value = Envelope> {
                         .collect(),
                     lamport: seq,
                     claimed_time_ms: time,
-                    body,
+                    signature: body.kind().is_signed().then_some([7; 64]),
                     deadline_ms: deadline,
-                    signature: None,
+                    body,
                 })
             },
         )
@@ -411,7 +570,7 @@ fn a_lying_checkpoint_is_found_and_an_honest_one_is_not() {
         let id = envelope.id();
         (envelope, id)
     };
-    let (text, id) = envelope(&north, &transcript, Body::Text("hello".into()));
+    let (text, id) = envelope(&north, &transcript, Body::text("hello"));
     transcript.insert(text, id).unwrap();
     let (root, size) = transcript.root_for_next_checkpoint().unwrap();
     let honest = Body::Checkpoint {
@@ -466,7 +625,7 @@ fn write(view: &mut Transcript, identity: &DeviceIdentity, epoch: u64) -> (Envel
         seen,
         lamport,
         claimed_time_ms: lamport,
-        body: Body::Text(format!("{seq}")),
+        body: Body::text(format!("{seq}")),
         deadline_ms: None,
         signature: None,
     };

@@ -196,7 +196,7 @@ impl World {
 
     fn send(&mut self, index: usize) {
         let text = format!("{} says {}", PARTIES[index], self.rng.r#gen::<u32>());
-        if let Some(id) = self.seal(index, Body::Text(text)) {
+        if let Some(id) = self.seal(index, Body::text(text)) {
             self.sent.push((index, id));
         }
     }
@@ -513,7 +513,7 @@ impl World {
                 .canonical()
                 .unwrap()
                 .into_iter()
-                .filter(|(_, e)| matches!(e.body, Body::Text(_)))
+                .filter(|(_, e)| matches!(e.body, Body::Message(_)))
                 .map(|(id, _)| id)
                 .collect();
             let sent: BTreeSet<EnvelopeId> = self.sent.iter().map(|(_, id)| *id).collect();

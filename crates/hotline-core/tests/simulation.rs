@@ -288,7 +288,7 @@ fn run(seed: u64, messages: usize) {
         let sender = world.rng.gen_range(0..world.devices.len());
         let roll = world.rng.gen_range(0..100);
         let body = match roll {
-            0..=79 => Body::Text(format!("message {sent} from {sender}")),
+            0..=79 => Body::text(format!("message {sent} from {sender}")),
             80..=89 => {
                 let known: Vec<_> = world.devices[sender].accepted.iter().copied().collect();
                 if known.is_empty() {
@@ -304,7 +304,7 @@ fn run(seed: u64, messages: usize) {
             },
             _ => Body::LinkTest(world.rng.r#gen::<[u8; 8]>().to_vec()),
         };
-        let is_text = matches!(body, Body::Text(_));
+        let is_text = matches!(body, Body::Message(_));
         if let Some(id) = world.send(sender, body) {
             sent += 1;
             if is_text {

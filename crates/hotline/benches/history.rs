@@ -58,7 +58,7 @@ fn main() {
         let mut store = Store::open(&home).expect("open");
         while grown < size {
             store
-                .send(CHANNEL, Body::Text(format!("message {grown}")), None)
+                .send(CHANNEL, Body::text(format!("message {grown}")), None)
                 .expect("send");
             grown += 1;
         }

@@ -100,7 +100,7 @@ fn main() {
                 let chunk = (history - grown).min(1000);
                 for index in grown..grown + chunk {
                     north
-                        .send("crisis", Body::Text(format!("history {index}")), None)
+                        .send("crisis", Body::text(format!("history {index}")), None)
                         .unwrap();
                 }
                 south.import_bundle(north.export_outbox().unwrap()).unwrap();
@@ -181,7 +181,7 @@ fn main() {
         let mut seen_delivered: Vec<Duration> = Vec::with_capacity(messages);
         for _ in 0..messages {
             let id = north
-                .send("crisis", Body::Text(text.clone()), None)
+                .send("crisis", Body::text(text.clone()), None)
                 .unwrap();
             let sent = Instant::now();
             runtime.block_on(session.push(&mut north)).unwrap();
@@ -204,9 +204,7 @@ fn main() {
         // One more message wakes both followers, which then see their receivers gone.
         drop(arrivals);
         drop(deliveries);
-        north
-            .send("crisis", Body::Text("end".into()), None)
-            .unwrap();
+        north.send("crisis", Body::text("end"), None).unwrap();
         runtime.block_on(session.push(&mut north)).unwrap();
         follower.join().unwrap();
         done.store(true, std::sync::atomic::Ordering::SeqCst);

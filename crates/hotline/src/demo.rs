@@ -16,7 +16,7 @@ use anyhow::{Result, bail};
 use hotline_client::Store;
 use hotline_client::line::{PathState, Status};
 use hotline_client::sync::sync_once;
-use hotline_core::{Body, EnvelopeId, Export, Fingerprint, safety_number};
+use hotline_core::{Body, EnvelopeId, Export, Fingerprint, Message, Precedence, safety_number};
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::SqliteStorage;
 use hotline_relay::tls;
@@ -164,7 +164,7 @@ impl Story {
     }
 
     fn send(&mut self, index: usize, text: &str) -> Result<EnvelopeId> {
-        let id = self.devices[index].send("crisis-line", Body::Text(text.into()), None)?;
+        let id = self.devices[index].send("crisis-line", Body::text(text), None)?;
         self.say(format!("   {:<9} {text}", NAMES[index]));
         Ok(id)
     }
@@ -200,7 +200,11 @@ pub fn run(json_output: bool) -> ExitCode {
                 && summary["relay_recovered"] == true
                 && summary["delivered_while_relay_down"] == 4
                 && summary["tampered_export_refused"] == true
-                && summary["wrong_fingerprint_refused"] == true;
+                && summary["wrong_fingerprint_refused"] == true
+                && summary["flash_alarmed"] == true
+                && summary["flash_read_first"] == true
+                && summary["agreed_text_accepted"] == true
+                && summary["agreed_text_proven"] == true;
             if json_output {
                 out_json!(summary);
             } else if ok {
@@ -386,7 +390,81 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
     let recovered = status.relays.iter().all(|r| r.state == PathState::Up);
     story.show_relays(&status, &names);
 
-    story.say("7. People read and acknowledge; every device checkpoints its view of history.");
+    story.say("7. South sends a FLASH: read by 10 minutes, or south's device escalates.");
+    let routine = story.send(2, "Mediator: the call is confirmed for 06:00 UTC.")?;
+    sent.push((2, routine));
+    let flash = story.devices[1].send(
+        "crisis-line",
+        Body::Message(Message {
+            precedence: Precedence::Flash,
+            text: "South: unidentified aircraft over the strait. Yours? Answer now.".into(),
+        }),
+        None,
+    )?;
+    story.say(format!(
+        "   {:<9} FLASH South: unidentified aircraft over the strait. Yours? Answer now.",
+        NAMES[1]
+    ));
+    sent.push((1, flash));
+    story.sync_all()?;
+    story.sync_all()?;
+    let now = story.devices[0].now();
+    let north_status = story.devices[0].status(now)?;
+    let flash_alarmed = north_status
+        .alarms
+        .iter()
+        .any(|a| a.kind == "flash" && a.message == Some(flash.to_hex()));
+    story.say(format!(
+        "   north's status shows the unread FLASH as an alarm: {}",
+        if flash_alarmed { "yes" } else { "NO" }
+    ));
+    let first = story.devices[0]
+        .ack_next("crisis-line")?
+        .map(|(read, _)| read);
+    let flash_read_first = first == Some(flash);
+    story.say(format!(
+        "   north's next unread message (ack --next) is the FLASH, not the earlier routine one: {}",
+        if flash_read_first { "yes" } else { "NO" }
+    ));
+    story.sync_all()?;
+
+    story.say(
+        "8. North proposes an agreed text in two languages; it holds once every party signs it.",
+    );
+    let versions = vec![
+        (
+            "en".to_owned(),
+            "Both sides hold all exercises within 50 km of the border until 18:00 UTC.".to_owned(),
+        ),
+        (
+            "fr".to_owned(),
+            "Les deux parties suspendent tout exercice à moins de 50 km de la frontière jusqu'à 18 h UTC."
+                .to_owned(),
+        ),
+    ];
+    let agreed = story.devices[0].propose_agreement("crisis-line", versions, None)?;
+    story.sync_all()?;
+    story.sync_all()?;
+    for index in [1, 2] {
+        story.devices[index].sign_agreement("crisis-line", &agreed.to_hex())?;
+        story.say(format!(
+            "   {:<9} signed agreed text {}",
+            NAMES[index],
+            &agreed.to_hex()[..12]
+        ));
+    }
+    story.sync_all()?;
+    story.sync_all()?;
+    let agreed_state = story.devices[0]
+        .agreement("crisis-line", &agreed.to_hex())?
+        .state;
+    story.say(format!(
+        "   at north, the agreed text is {}",
+        agreed_state.as_str()
+    ));
+    let agreed_text_accepted = agreed_state == hotline_client::store::AgreementState::Accepted;
+
+    story.say("9. People read and acknowledge; every device checkpoints its view of history.");
     for (reader, (_, id)) in [
         (1, sent[0]),
         (2, sent[0]),
@@ -404,7 +482,8 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
     let log = story.devices[0].log("crisis-line")?;
     for entry in &log {
         story.say(format!(
-            "   message {} from {:<9} delivered to {:?}, read by {:?}",
+            "   {}message {} from {:<9} delivered to {:?}, read by {:?}",
+            crate::device::level_mark(entry.precedence),
             &entry.id.to_hex()[..12],
             entry.from,
             entry.delivered_to,
@@ -413,7 +492,7 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
     }
     let delivered = delivered_count(&mut story, &sent)?;
 
-    story.say("8. north exports the transcript; anyone can verify it offline.");
+    story.say("10. north exports the transcript; anyone can verify it offline.");
     // Link tests pause so that the three transcripts can settle.
     for device in &mut story.devices {
         device.set_link_test_interval(3_600_000)?;
@@ -454,6 +533,11 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         if tampered_refused { "yes" } else { "NO" }
     ));
     let verified = report.is_ok();
+    let agreed_text_proven = report.as_ref().is_ok_and(|report| report.accepted(&agreed));
+    story.say(format!(
+        "   the export proves the agreed text signed by every party: {}",
+        if agreed_text_proven { "yes" } else { "NO" }
+    ));
     for relay in &mut relays {
         relay.stop(&story.runtime);
     }
@@ -471,6 +555,10 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         "relay_down_alarm": alarmed,
         "relay_recovered": recovered,
         "delivered_while_relay_down": delivered_while_down,
+        "flash_alarmed": flash_alarmed,
+        "flash_read_first": flash_read_first,
+        "agreed_text_accepted": agreed_text_accepted,
+        "agreed_text_proven": agreed_text_proven,
     }))
 }
 

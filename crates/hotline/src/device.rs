@@ -10,7 +10,7 @@ use hotline_client::bundle;
 use hotline_client::store::{StoreError, relay_label};
 use hotline_client::sync::SyncReport;
 use hotline_client::{HomeError, Store};
-use hotline_core::{Body, Fingerprint};
+use hotline_core::{Body, Fingerprint, Message, Precedence};
 use serde_json::json;
 
 use crate::exit;
@@ -335,7 +335,7 @@ pub fn parse_duration(text: &str) -> Option<u64> {
     number.checked_mul(unit_ms).filter(|ms| *ms > 0)
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -343,7 +343,7 @@ fn now_ms() -> u64 {
 
 /// Hands what is queued to the channel's relays at once (up to 5 s). Returns how many
 /// of the channel's relays answered, and the relays.
-fn push_now(store: &mut Store, channel: &str) -> Result<(usize, Vec<String>), Failure> {
+pub(crate) fn push_now(store: &mut Store, channel: &str) -> Result<(usize, Vec<String>), Failure> {
     let relays = store.channel_relays(&store.channel_id(channel)?)?;
     if relays.is_empty() {
         return Ok((0, relays));
@@ -446,7 +446,7 @@ pub fn channel_rekey(home: &Path, channel: &str, json_output: bool) -> Outcome {
 pub fn send(
     home: &Path,
     channel: &str,
-    text: &str,
+    message: Message,
     deadline: Option<&str>,
     json_output: bool,
 ) -> Outcome {
@@ -462,16 +462,18 @@ pub fn send(
                 })
         })
         .transpose()?;
-    if text.is_empty() {
+    if message.text.is_empty() {
         return Err(failure("refusing to send an empty message"));
     }
+    let precedence = message.precedence;
     let mut store = Store::open(home)?;
-    let id = store.send(channel, Body::Text(text.to_owned()), deadline_ms)?;
+    let id = store.send(channel, Body::Message(message), deadline_ms)?;
     // The message is durable now; try to hand it to the relays at once, briefly.
     let (relayed, relays) = push_now(&mut store, channel)?;
     if json_output {
         out_json!(
-            json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
+            json!({"id": id.to_hex(), "channel": channel, "precedence": precedence.as_str(),
+                   "relayed": relayed, "relays": relays.len()})
         );
     } else {
         out!("{}", id.to_hex());
@@ -486,6 +488,13 @@ pub fn send(
     Ok(())
 }
 
+/// The other parties' unread messages, most urgent first.
+pub fn unread(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    print_log(&store.unread(channel, usize::MAX)?, json_output);
+    Ok(())
+}
+
 pub fn log(
     home: &Path,
     channel: &str,
@@ -494,11 +503,17 @@ pub fn log(
     json_output: bool,
 ) -> Outcome {
     let mut store = Store::open(home)?;
-    for entry in store.log_last(channel, link_tests, last)? {
+    print_log(&store.log_last(channel, link_tests, last)?, json_output);
+    Ok(())
+}
+
+fn print_log(entries: &[hotline_client::LogEntry], json_output: bool) {
+    for entry in entries {
         if json_output {
             out_json!(
                 json!({"id": entry.id.to_hex(), "from": entry.from, "time_ms": entry.time_ms, "text": entry.text,
-                       "deadline_ms": entry.deadline_ms, "delivered_to": entry.delivered_to, "read_by": entry.read_by})
+                       "precedence": entry.precedence.as_str(), "deadline_ms": entry.deadline_ms,
+                       "delivered_to": entry.delivered_to, "read_by": entry.read_by})
             );
         } else {
             let others = |set: &std::collections::BTreeSet<String>| {
@@ -512,17 +527,25 @@ pub fn log(
             // line of a message shows, the later ones indented under it (a line of the
             // log begins with an id; a message's own lines never do).
             out!(
-                "{} {:<10} {}  [delivered: {}; read: {}] {}",
+                "{} {:<10} {}  [delivered: {}; read: {}] {}{}",
                 &entry.id.to_hex()[..12],
                 inert(&entry.from),
                 format_time(entry.time_ms),
                 others(&entry.delivered_to),
                 others(&entry.read_by),
+                level_mark(entry.precedence),
                 inert_lines(&entry.text).join("\n             ")
             );
         }
     }
-    Ok(())
+}
+
+/// How a message's precedence shows before its text: nothing for routine.
+pub fn level_mark(precedence: Precedence) -> String {
+    match precedence {
+        Precedence::Routine => String::new(),
+        level => format!("{} ", level.as_str().to_uppercase()),
+    }
 }
 
 fn format_time(ms: u64) -> String {
@@ -546,9 +569,20 @@ fn format_time(ms: u64) -> String {
     )
 }
 
-pub fn ack(home: &Path, channel: &str, message: &str) -> Outcome {
+/// Marks `message` read, or with `None` the most urgent unread message.
+pub fn ack(home: &Path, channel: &str, message: Option<&str>) -> Outcome {
     let mut store = Store::open(home)?;
-    let receipt = store.ack(channel, message)?;
+    let receipt = match message {
+        Some(message) => store.ack(channel, message)?,
+        None => {
+            let Some((read, receipt)) = store.ack_next(channel)? else {
+                eprintln!("nothing unread in {channel}");
+                return Ok(());
+            };
+            eprintln!("marked {} read", read.to_hex());
+            receipt
+        }
+    };
     // Durable now; handed to the relays at once, like a message.
     let (relayed, relays) = push_now(&mut store, channel)?;
     out!("{}", receipt.to_hex());
@@ -844,15 +878,38 @@ fn print_events(
                 id,
                 from,
                 text,
+                precedence,
                 time_ms,
                 deadline_ms,
             } => (
                 json!({"event": "message", "channel": channel, "id": id.to_hex(), "from": from,
-                       "text": text, "time_ms": time_ms, "deadline_ms": deadline_ms}),
+                       "text": text, "precedence": precedence.as_str(), "time_ms": time_ms,
+                       "deadline_ms": deadline_ms}),
                 format!(
-                    "message {} in {channel} from {from}: {}",
+                    "message {} in {channel} from {from}: {}{}",
                     short(id),
+                    level_mark(*precedence),
                     crate::inert::inert(text)
+                ),
+            ),
+            LineEvent::Escalated(escalation) => (
+                json!({"event": "escalated", "channel": escalation.channel,
+                       "message": escalation.message.to_hex(), "party": escalation.party,
+                       "precedence": escalation.precedence.as_str(),
+                       "statement": escalation.statement.to_hex(),
+                       "delivered": escalation.delivered}),
+                format!(
+                    "ESCALATED {} in {}: {} has not read it by its deadline ({}); offered again, \
+                     non-response statement {}",
+                    short(&escalation.message),
+                    escalation.channel,
+                    escalation.party,
+                    if escalation.delivered {
+                        "delivered, not read"
+                    } else {
+                        "not delivered"
+                    },
+                    short(&escalation.statement)
                 ),
             ),
             LineEvent::Delivered {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use hotline_core::{Message, Precedence};
 
 /// `println!` that ends the process quietly when stdout is closed (`hotline log | head`)
 /// instead of panicking.
@@ -26,6 +27,7 @@ macro_rules! out_json {
     };
 }
 
+mod agree;
 mod console;
 mod demo;
 mod device;
@@ -76,6 +78,7 @@ pub mod exit {
   hotline channel create crisis --with south --with mediator
   hotline bundle export --out to-others.bundle      # until relays exist, files carry messages
   hotline send crisis 'Exercise ends at 18:00 UTC' --deadline 10m
+  hotline send crisis --precedence flash 'Unidentified launch detected: call now'
   hotline log crisis
   hotline export crisis --out crisis.hotline && hotline verify crisis.hotline
 
@@ -87,6 +90,21 @@ struct Cli {
     home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+fn parse_expectation(text: &str) -> Result<(String, hotline_core::Fingerprint), String> {
+    let (party, fingerprint) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?} is not PARTY=FINGERPRINT"))?;
+    let fingerprint = hotline_core::Fingerprint::parse(fingerprint)
+        .map_err(|e| format!("{fingerprint:?} is not a fingerprint: {e}"))?;
+    Ok((party.trim().to_owned(), fingerprint))
+}
+
+fn parse_precedence(text: &str) -> Result<Precedence, String> {
+    Precedence::parse(text).ok_or_else(|| {
+        format!("{text:?} is not a precedence: flash, immediate, priority or routine")
+    })
 }
 
 #[derive(Args, Debug)]
@@ -132,7 +150,13 @@ enum Command {
         /// Read the message from FILE (up to 1 MiB, UTF-8) instead.
         #[arg(long, value_name = "FILE", conflicts_with = "text")]
         file: Option<PathBuf>,
-        /// Raise an alarm if someone has not read it within this time (30s, 10m, 2h, 1d).
+        /// How urgent: flash, immediate, priority or routine. FLASH goes first in every
+        /// queue and is shown at the receiver until read.
+        #[arg(long, short = 'p', default_value = "routine", value_parser = parse_precedence)]
+        precedence: Precedence,
+        /// Read-by deadline (30s, 10m, 2h, 1d); by default the precedence's handling
+        /// time: flash 10m, immediate 30m, priority 3h, routine 6h. Past it, the
+        /// message is offered again and a signed non-response statement is recorded.
         #[arg(long)]
         deadline: Option<String>,
         #[command(flatten)]
@@ -147,14 +171,22 @@ enum Command {
         /// Show only the newest N messages.
         #[arg(long, value_name = "N")]
         last: Option<usize>,
+        /// Show only the other parties' messages this party has not read, most urgent
+        /// first (FLASH before IMMEDIATE before PRIORITY before ROUTINE).
+        #[arg(long, conflicts_with_all = ["last", "link_tests"])]
+        unread: bool,
         #[command(flatten)]
         json: Json,
     },
-    /// Mark a message read (sends a signed read receipt).
+    /// Mark a message read (sends a read receipt).
     Ack {
         channel: String,
         /// The message id, or a unique prefix of at least 8 hex digits.
-        message: String,
+        #[arg(required_unless_present = "next")]
+        message: Option<String>,
+        /// Mark the most urgent unread message read (the first of log --unread).
+        #[arg(long, conflicts_with = "message")]
+        next: bool,
     },
     /// Push the outbox to the relays, pick up invitations, pull every channel.
     Sync {
@@ -206,12 +238,28 @@ enum Command {
         out: PathBuf,
     },
     /// Verify an exported transcript offline, with nothing but the file.
-    #[command(after_help = "Exit codes: 0 verified, 1 unreadable file, 5 integrity failure")]
+    #[command(
+        after_help = "Exit codes: 0 verified, 1 unreadable file, 2 usage, 5 integrity failure \
+                      (or parties other than --expect names)"
+    )]
     Verify {
         file: PathBuf,
+        /// List the record: every message with its sender, time, precedence, who holds
+        /// and who read it, and whether its sender's own signature proves it; the
+        /// signed statements and records; membership changes.
+        #[arg(long)]
+        show: bool,
+        /// Fail (exit 5) unless the roster is exactly these devices: PARTY=FINGERPRINT,
+        /// as verified out of band (repeat for every device).
+        #[arg(long, value_name = "PARTY=FINGERPRINT", value_parser = parse_expectation)]
+        expect: Vec<(String, hotline_core::Fingerprint)>,
         #[command(flatten)]
         json: Json,
     },
+    /// Agreed texts: a text every party signs (a joint communiqué), in parallel
+    /// language versions, equally authentic.
+    #[command(subcommand)]
+    Agree(AgreeCommand),
     /// Carry messages between devices as files, until relays exist.
     #[command(subcommand)]
     Bundle(BundleCommand),
@@ -247,6 +295,55 @@ enum CardCommand {
         /// The fingerprint the card's owner read to you out of band.
         #[arg(long)]
         fingerprint: String,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgreeCommand {
+    /// Propose a text for every party's signature (signed for yours at once); prints
+    /// its id.
+    Propose {
+        channel: String,
+        /// The text (UTF-8, up to 1 MiB).
+        #[arg(long, value_name = "FILE")]
+        text: PathBuf,
+        /// The language of --text.
+        #[arg(long, default_value = "en", value_name = "CODE")]
+        language: String,
+        /// Another language version, equally authentic (repeat for several).
+        #[arg(long = "lang", value_name = "CODE=FILE")]
+        versions: Vec<String>,
+        /// Expires unless every party signed within this time (30m, 2h, 1d).
+        #[arg(long)]
+        deadline: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Sign an agreed text for your party: its exact bytes, every version.
+    Sign {
+        channel: String,
+        /// The proposal's id, or a unique prefix of at least 8 hex digits.
+        id: String,
+    },
+    /// Reject an agreed text for your party.
+    Reject {
+        channel: String,
+        id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// The channel's agreed texts and where each stands.
+    List {
+        channel: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// One agreed text: every version, who signed and when, who it waits for.
+    Show {
+        channel: String,
+        id: String,
         #[command(flatten)]
         json: Json,
     },
@@ -385,7 +482,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { json } => return demo::run(json.json),
         Command::Console { channel } => console::run(&home, channel.as_deref()),
-        Command::Verify { file, json } => return verify::run(&file, json.json),
+        Command::Verify {
+            file,
+            show,
+            expect,
+            json,
+        } => return verify::run(&file, show, &expect, json.json),
         Command::Init {
             party,
             device,
@@ -420,17 +522,56 @@ fn main() -> ExitCode {
             channel,
             text,
             file,
+            precedence,
             deadline,
             json,
-        } => input::message(text.as_deref(), file.as_deref())
-            .and_then(|text| device::send(&home, &channel, &text, deadline.as_deref(), json.json)),
+        } => input::message(text.as_deref(), file.as_deref()).and_then(|text| {
+            let message = Message { precedence, text };
+            device::send(&home, &channel, message, deadline.as_deref(), json.json)
+        }),
+        Command::Agree(AgreeCommand::Propose {
+            channel,
+            text,
+            language,
+            versions,
+            deadline,
+            json,
+        }) => agree::propose(
+            &home,
+            &channel,
+            (&language, &text),
+            &versions,
+            deadline.as_deref(),
+            json.json,
+        ),
+        Command::Agree(AgreeCommand::Sign { channel, id }) => agree::sign(&home, &channel, &id),
+        Command::Agree(AgreeCommand::Reject {
+            channel,
+            id,
+            reason,
+        }) => agree::reject(&home, &channel, &id, &reason),
+        Command::Agree(AgreeCommand::List { channel, json }) => {
+            agree::list(&home, &channel, json.json)
+        }
+        Command::Agree(AgreeCommand::Show { channel, id, json }) => {
+            agree::show(&home, &channel, &id, json.json)
+        }
+        Command::Log {
+            channel,
+            unread: true,
+            json,
+            ..
+        } => device::unread(&home, &channel, json.json),
         Command::Log {
             channel,
             link_tests,
             last,
             json,
+            ..
         } => device::log(&home, &channel, link_tests, last, json.json),
-        Command::Ack { channel, message } => device::ack(&home, &channel, &message),
+        Command::Ack {
+            channel, message, ..
+        } => device::ack(&home, &channel, message.as_deref()),
         Command::Sync {
             follow,
             round,

@@ -20,7 +20,7 @@ fn export_file(dir: &std::path::Path) -> std::path::PathBuf {
             .send(
                 &provider,
                 &identity,
-                Body::Text(format!("line {n}")),
+                Body::text(format!("line {n}")),
                 n,
                 None,
             )
@@ -43,9 +43,9 @@ fn demo_json_reports_every_check() {
     );
     let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(summary["parties"].as_array().unwrap().len(), 3);
-    assert_eq!(summary["messages_sent"], 4);
+    assert_eq!(summary["messages_sent"], 6);
     // Every message reaches both other parties.
-    assert_eq!(summary["messages_delivered"], 8);
+    assert_eq!(summary["messages_delivered"], 12);
     assert_eq!(summary["transcripts_identical"], true);
     assert_eq!(summary["transcript_verified"], true);
     // Three relays; one stopped mid-story, shown down and alarmed; two messages sent
@@ -57,6 +57,13 @@ fn demo_json_reports_every_check() {
     assert_eq!(summary["relay_down_alarm"], true);
     assert_eq!(summary["delivered_while_relay_down"], 4);
     assert_eq!(summary["relay_recovered"], true);
+    // South's FLASH is alarmed at north until read, and read before the routine
+    // message sent just before it.
+    assert_eq!(summary["flash_alarmed"], true);
+    assert_eq!(summary["flash_read_first"], true);
+    // An agreed text signed by all three parties, proven by the export.
+    assert_eq!(summary["agreed_text_accepted"], true);
+    assert_eq!(summary["agreed_text_proven"], true);
 }
 
 #[test]

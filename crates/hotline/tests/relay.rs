@@ -2,14 +2,13 @@
 //! clients of the relay API, and the documented refusals.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 mod common;
 
-use common::{Relay, cli, data_dir, field, ok, verified_homes};
+use common::{Follower, Relay, cli, data_dir, field, ok, verified_homes};
 use hotline_core::DeviceIdentity;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::Membership;
@@ -1327,72 +1326,6 @@ async fn two_relay_processes_share_one_postgres() {
         .args([url.as_str(), "-c", &format!("DROP SCHEMA {schema} CASCADE")])
         .output();
     let _ = drop_schema;
-}
-
-/// `hotline sync --follow --json` running in a home, its report lines read as they come.
-struct Follower {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Follower {
-    fn start(home: &Path) -> Follower {
-        Self::start_with(home, &["--round", "1"])
-    }
-
-    fn start_with(home: &Path, options: &[&str]) -> Follower {
-        let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
-            .env("HOTLINE_HOME", home)
-            .args(["sync", "--follow", "--json"])
-            .args(options)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let (send, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Follower { child, lines }
-    }
-
-    /// Waits (up to 30 s) for an event of this kind; returns it.
-    fn expect_event(&mut self, kind: &str) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("sync --follow printed no {kind} event within 30 s"));
-            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
-            if event["event"] == kind {
-                return event;
-            }
-        }
-    }
-
-    /// Waits (up to 30 s) for a message of another party.
-    fn expect_received(&mut self) {
-        self.expect_event("message");
-    }
-
-    fn stop(mut self) -> Option<i32> {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap().code()
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-    }
 }
 
 /// A client streams messages while the relay is SIGKILLed at random moments and

@@ -3,13 +3,21 @@
 use super::*;
 
 impl Store {
-    /// Seals and queues a message; returns only after the transaction committed.
+    /// Seals and queues a message; returns only after the transaction committed. A
+    /// message without a deadline gets its precedence's ([`Precedence::read_within_ms`]).
     pub fn send(
         &mut self,
         channel: &str,
         body: Body,
         deadline_ms: Option<u64>,
     ) -> Result<EnvelopeId, StoreError> {
+        let deadline_ms =
+            match body.message() {
+                Some(message) => Some(deadline_ms.unwrap_or_else(|| {
+                    now_ms().saturating_add(message.precedence.read_within_ms())
+                })),
+                None => deadline_ms,
+            };
         self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
@@ -66,7 +74,7 @@ impl Store {
             .into_iter()
             .filter_map(|(id, bytes)| {
                 let (envelope, _) = Envelope::decode(&bytes).ok()?;
-                matches!(envelope.body, Body::Text(_))
+                matches!(envelope.body, Body::Message(_))
                     .then(|| id.try_into().ok().map(EnvelopeId))
                     .flatten()
             })
@@ -115,36 +123,90 @@ impl Store {
                 if entries.len() >= wanted {
                     break;
                 }
-                let text = match envelope.body {
-                    Body::Text(text) => text,
-                    Body::LinkTest(bytes) if link_tests => {
-                        crate::payload::describe_link_test(&bytes, &relays)
-                    }
-                    Body::Availability(record) if link_tests => {
-                        crate::payload::describe_availability(&record)
-                    }
+                let (text, precedence) = match &envelope.body {
+                    Body::Message(message) => (message.text.clone(), message.precedence),
+                    Body::LinkTest(bytes) if link_tests => (
+                        crate::payload::describe_link_test(bytes, &relays),
+                        Precedence::Routine,
+                    ),
+                    Body::Availability(record) if link_tests => (
+                        crate::payload::describe_availability(record),
+                        Precedence::Routine,
+                    ),
+                    Body::NonResponse(statement) => (
+                        crate::payload::describe_non_response(statement),
+                        Precedence::Routine,
+                    ),
                     _ => continue,
                 };
-                let from = loaded
-                    .transcript()
-                    .party_of(&envelope.sender)
-                    .unwrap_or("?")
-                    .to_owned();
-                let mut delivered_to = loaded.delivered_to(&id)?;
-                delivered_to.remove(&from);
-                entries.push(LogEntry {
-                    id,
-                    from,
-                    time_ms: envelope.claimed_time_ms,
-                    text,
-                    deadline_ms: envelope.deadline_ms,
-                    delivered_to,
-                    read_by: loaded.read_by(&id)?,
-                });
+                entries.push(log_entry(&loaded, id, &envelope, text, precedence)?);
             }
         }
         entries.reverse();
         Ok(entries)
+    }
+
+    /// The other parties' messages that this party has not read, most urgent first
+    /// (each precedence in the order sent), at most `limit`. Messages are tracked from
+    /// their arrival until this party reads them when they have a deadline: every
+    /// message since precedences (older ones only with `--deadline`).
+    pub fn unread(&mut self, channel: &str, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
+        let own_party = self.identity.info().party.clone();
+        let provider = Provider::new(&self.connection);
+        let loaded = load_channel(&self.connection, &provider, channel)?;
+        let mut statement = self.connection.prepare_cached(
+            "SELECT d.id FROM deadlines d JOIN entries e ON e.channel = d.channel AND e.id = d.id
+             WHERE d.channel = ?1 ORDER BY d.precedence DESC, e.lamport, e.id LIMIT ?2",
+        )?;
+        let ids: Vec<Vec<u8>> = statement
+            .query_map(
+                params![&loaded.id().0[..], MAX_UNDELIVERED_SCAN as i64],
+                |row| row.get(0),
+            )?
+            .collect::<Result<_, _>>()?;
+        let mut entries = Vec::new();
+        for id in ids {
+            if entries.len() >= limit {
+                break;
+            }
+            let Ok(id) = <[u8; 32]>::try_from(id.as_slice()).map(EnvelopeId) else {
+                continue;
+            };
+            let Some(envelope) = loaded.transcript().get(&id)? else {
+                continue;
+            };
+            let from = loaded.transcript().party_of(&envelope.sender);
+            if from.is_none_or(|from| from == own_party)
+                || loaded.read_by(&id)?.contains(&own_party)
+            {
+                continue;
+            }
+            let Body::Message(message) = envelope.body.clone() else {
+                continue;
+            };
+            entries.push(log_entry(
+                &loaded,
+                id,
+                &envelope,
+                message.text,
+                message.precedence,
+            )?);
+        }
+        Ok(entries)
+    }
+
+    /// Marks the most urgent unread message of another party read (see
+    /// [`Store::unread`]): its id and the read receipt's, or `None` when nothing is
+    /// unread.
+    pub fn ack_next(
+        &mut self,
+        channel: &str,
+    ) -> Result<Option<(EnvelopeId, EnvelopeId)>, StoreError> {
+        let Some(id) = self.unread(channel, 1)?.first().map(|entry| entry.id) else {
+            return Ok(None);
+        };
+        let receipt = self.send(channel, Body::ReadReceipt(vec![id]), None)?;
+        Ok(Some((id, receipt)))
     }
 
     /// The transcript root of a channel: (RFC 6962 hash, number of envelopes).
@@ -192,4 +254,32 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// One line of the log: a message (or the description of another body) with who holds
+/// and who read it.
+fn log_entry(
+    channel: &Channel,
+    id: EnvelopeId,
+    envelope: &Envelope,
+    text: String,
+    precedence: Precedence,
+) -> Result<LogEntry, StoreError> {
+    let from = channel
+        .transcript()
+        .party_of(&envelope.sender)
+        .unwrap_or("?")
+        .to_owned();
+    let mut delivered_to = channel.delivered_to(&id)?;
+    delivered_to.remove(&from);
+    Ok(LogEntry {
+        id,
+        from,
+        time_ms: envelope.claimed_time_ms,
+        text,
+        precedence,
+        deadline_ms: envelope.deadline_ms,
+        delivered_to,
+        read_by: channel.read_by(&id)?,
+    })
 }

@@ -11,7 +11,8 @@ use hotline_core::card::{CardError, CardIn};
 use hotline_core::export::ExportError;
 use hotline_core::{
     Body, Channel, ChannelError, ChannelId, ChannelSnapshot, DeviceIdentity, DeviceInfo, DeviceKey,
-    Envelope, EnvelopeId, Event, Export, Fingerprint, MembershipNote, Outgoing, create_card,
+    Envelope, EnvelopeId, Event, Export, Fingerprint, MembershipNote, Outgoing, Precedence,
+    create_card,
 };
 use openmls_sqlite_storage::SqliteStorageProvider;
 use openmls_traits::OpenMlsProvider;
@@ -25,6 +26,7 @@ use crate::home::{Home, HomeError};
 use crate::provider::{JsonCodec, Provider};
 use crate::transcript_store::SqliteTranscript;
 
+mod agreements;
 mod channels;
 mod contacts;
 mod copies;
@@ -34,8 +36,10 @@ mod persist;
 mod relays;
 mod schema;
 
+pub use agreements::{AgreementState, AgreementStatus, Signed};
 pub(crate) use copies::*;
 pub use outbox::MAX_UNDELIVERED_SCAN;
+pub(crate) use outbox::{precedence_of, reseal};
 pub(crate) use persist::*;
 pub use relays::relay_label;
 pub(crate) use relays::*;
@@ -90,6 +94,10 @@ pub enum StoreError {
     NotInChannel(String),
     #[error("no message {0} in this channel")]
     UnknownMessage(String),
+    #[error("no agreed text {0} in this channel; see: hotline agree list CHANNEL")]
+    UnknownAgreement(String),
+    #[error("{0}")]
+    Agreement(String),
     #[error("invalid name: {0}")]
     Name(#[from] hotline_core::identity::NameError),
 }
@@ -112,6 +120,7 @@ pub struct LogEntry {
     pub from: String,
     pub time_ms: u64,
     pub text: String,
+    pub precedence: Precedence,
     pub deadline_ms: Option<u64>,
     pub delivered_to: BTreeSet<String>,
     pub read_by: BTreeSet<String>,
@@ -141,6 +150,8 @@ pub struct OutboxItem {
     pub recipients: Vec<DeviceKey>,
     pub bytes: Vec<u8>,
     pub posted: Vec<String>,
+    /// A message's precedence (routine for everything else).
+    pub precedence: Precedence,
 }
 
 /// A device this device invited to a channel.
@@ -420,7 +431,7 @@ mod tests {
         ];
         for step in steps {
             north
-                .send("crisis", Body::Text(format!("through {step}")), None)
+                .send("crisis", Body::text(format!("through {step}")), None)
                 .unwrap();
             let bytes = match north.export_outbox().unwrap().pop() {
                 Some(Entry::Message(bytes)) => bytes,

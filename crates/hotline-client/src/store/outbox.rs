@@ -47,9 +47,12 @@ impl Store {
         )? as u64)
     }
 
-    /// Outbox rows that some relay does not hold yet, with the relays that hold each.
+    /// Outbox rows that some relay does not hold yet, with the relays that hold each,
+    /// in the order to post them: the order they were made, except that a message
+    /// goes before the messages of lower precedence queued before it (never before a
+    /// commit or Welcome queued before it: members could not open it yet).
     pub fn outbox(&self) -> Result<Vec<OutboxItem>, StoreError> {
-        /// seq, channel, kind, recipients, bytes, only_relays.
+        /// seq, channel, kind, recipients, bytes, only_relays, precedence.
         type Row = (
             i64,
             Option<Vec<u8>>,
@@ -57,10 +60,14 @@ impl Store {
             Option<Vec<u8>>,
             Vec<u8>,
             Option<String>,
+            i64,
         );
         let rows: Vec<Row> = self
             .connection
-            .prepare("SELECT seq, channel, kind, recipients, bytes, only_relays FROM outbox WHERE settled = 0 ORDER BY seq")?
+            .prepare(
+                "SELECT seq, channel, kind, recipients, bytes, only_relays, precedence
+                 FROM outbox WHERE settled = 0 ORDER BY seq",
+            )?
             .query_map([], |row| {
                 Ok((
                     row.get(0)?,
@@ -69,11 +76,12 @@ impl Store {
                     row.get(3)?,
                     row.get(4)?,
                     row.get(5)?,
+                    row.get(6)?,
                 ))
             })?
             .collect::<Result<_, _>>()?;
         let mut items = Vec::with_capacity(rows.len());
-        for (seq, channel, kind, recipients, bytes, only_relays) in rows {
+        for (seq, channel, kind, recipients, bytes, only_relays, precedence) in rows {
             let only_relays = match only_relays {
                 Some(json) => Some(serde_json::from_str(&json).map_err(corrupt)?),
                 None => None,
@@ -98,7 +106,13 @@ impl Store {
                 recipients,
                 bytes,
                 posted,
+                precedence: precedence_of(precedence),
             });
+        }
+        // Stable: within each run of messages between commits and Welcomes, the most
+        // urgent first, each level in the order made.
+        for run in items.split_mut(|item| item.welcome || item.commit) {
+            run.sort_by_key(|item| std::cmp::Reverse(item.precedence));
         }
         Ok(items)
     }
@@ -191,27 +205,21 @@ impl Store {
                     let Some(seq) = row else {
                         continue;
                     };
-                    let bytes = match channel.resend(&provider, identity, &id) {
-                        Ok(bytes) => bytes,
-                        // A commit or proposal waits: a later round seals it.
-                        Err(ChannelError::AwaitingCommit | ChannelError::CommitPending) => break,
-                        Err(error) => return Err(error.into()),
+                    // A commit or proposal waits: a later round seals it.
+                    let Some(item) = reseal(
+                        connection,
+                        &provider,
+                        identity,
+                        &mut channel,
+                        seq,
+                        &id,
+                        now_ms,
+                    )?
+                    else {
+                        break;
                     };
                     resealed = true;
-                    connection.execute(
-                        "UPDATE outbox SET bytes = ?2, offered_ms = ?3 WHERE seq = ?1",
-                        params![seq, &bytes, now_ms as i64],
-                    )?;
-                    due.push(OutboxItem {
-                        seq: seq as u64,
-                        channel: Some(summary.id),
-                        welcome: false,
-                        commit: false,
-                        only_relays: None,
-                        recipients: Vec::new(),
-                        bytes,
-                        posted: Vec::new(),
-                    });
+                    due.push(item);
                 }
                 if resealed {
                     save_channel(connection, &mut channel, false)?;
@@ -229,5 +237,49 @@ impl Store {
             [&id.0[..]],
             |row| row.get::<_, i64>(0),
         )? as u64)
+    }
+}
+
+/// Seals this device's envelope `id` (outbox row `seq`) again in the current epoch
+/// ([`Channel::resend`]) and keeps the new bytes in its row, offered at `now_ms`: the
+/// item to post to every relay of the channel. `None` while a commit or proposal waits.
+pub(crate) fn reseal(
+    connection: &Connection,
+    provider: &Provider<'_>,
+    identity: &DeviceIdentity,
+    channel: &mut Channel,
+    seq: i64,
+    id: &EnvelopeId,
+    now_ms: u64,
+) -> Result<Option<OutboxItem>, StoreError> {
+    let bytes = match channel.resend(provider, identity, id) {
+        Ok(bytes) => bytes,
+        Err(ChannelError::AwaitingCommit | ChannelError::CommitPending) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    connection.execute(
+        "UPDATE outbox SET bytes = ?2, offered_ms = ?3 WHERE seq = ?1",
+        params![seq, &bytes, now_ms as i64],
+    )?;
+    Ok(Some(OutboxItem {
+        seq: seq as u64,
+        channel: Some(channel.id()),
+        welcome: false,
+        commit: false,
+        only_relays: None,
+        recipients: Vec::new(),
+        bytes,
+        posted: Vec::new(),
+        precedence: Precedence::Routine,
+    }))
+}
+
+/// A stored precedence (anything unknown reads as routine).
+pub(crate) fn precedence_of(stored: i64) -> Precedence {
+    match stored {
+        3 => Precedence::Flash,
+        2 => Precedence::Immediate,
+        1 => Precedence::Priority,
+        _ => Precedence::Routine,
     }
 }

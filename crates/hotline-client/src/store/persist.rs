@@ -139,6 +139,7 @@ pub(crate) fn seal(
     if channel.has_pending_commit() {
         return Err(StoreError::Channel(ChannelError::CommitPending));
     }
+    let precedence = body.message().map(|m| m.precedence).unwrap_or_default();
     let (id, bytes) = channel.send(provider, identity, body, now_ms(), deadline_ms)?;
     // Its echo through each relay is placed in this device's own chain.
     record_own_copy(connection, channel, &id, &bytes)?;
@@ -147,6 +148,11 @@ pub(crate) fn seal(
         bytes,
     };
     queue(connection, Some(channel.id()), outgoing, Some(id))?;
+    if precedence != Precedence::Routine {
+        connection
+            .prepare_cached("UPDATE outbox SET precedence = ?1 WHERE seq = last_insert_rowid()")?
+            .execute([precedence as i64])?;
+    }
     Ok(id)
 }
 

@@ -149,6 +149,10 @@ const MIGRATIONS: &[&str] = &[
         hash_ref BLOB PRIMARY KEY,
         created_ms INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // Version 16: precedence. Messages jump the outbox by it, messages with a deadline
+    // keep it (the other parties' too, until this party reads them), and each
+    // escalation (a message a party had not read by its deadline) is made once.
+    crate::transcript_store::PRECEDENCE,
 ];
 
 /// Version 4.

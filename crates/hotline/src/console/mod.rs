@@ -327,7 +327,7 @@ fn send(
     let Some(name) = &view.channel else {
         return "no channel yet: create or join one first".into();
     };
-    match store.send(name, Body::Text(text), None) {
+    match store.send(name, Body::text(text), None) {
         Ok(id) => {
             let what = format!("message {}", &id.to_hex()[..12]);
             push(home.to_path_buf(), updates.clone(), what.clone());
@@ -337,7 +337,8 @@ fn send(
     }
 }
 
-/// Marks the selected message (or, with none selected, the oldest unread) or every
+/// Marks the selected message (or, with none selected, the most urgent unread, the
+/// oldest of its precedence) or every
 /// unread one read, and hands the receipts to the relays; the notice to show.
 fn read(
     store: &mut Store,
@@ -355,7 +356,11 @@ fn read(
         (true, _) => unread,
         (false, Some(index)) if view.unread(index) => vec![index],
         (false, Some(_)) => return "the selected message is read already".into(),
-        (false, None) => unread.into_iter().take(1).collect(),
+        (false, None) => unread
+            .into_iter()
+            .max_by_key(|&i| (view.log[i].precedence, std::cmp::Reverse(i)))
+            .into_iter()
+            .collect(),
     };
     if chosen.is_empty() {
         return "nothing unread".into();

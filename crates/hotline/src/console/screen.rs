@@ -25,6 +25,7 @@ use std::collections::BTreeSet;
 
 use hotline_client::LogEntry;
 use hotline_client::line::{PathState, Status};
+use hotline_core::Precedence;
 use ratatui::Frame;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};
@@ -373,11 +374,12 @@ fn messages(
             (false, false) => " ",
         };
         let header = format!(
-            "{mark} {:02}:{:02}:{:02} {} delivered {} · read {}{}{}",
+            "{mark} {:02}:{:02}:{:02} {} {}delivered {} · read {}{}{}",
             secs / 3600 % 24,
             secs / 60 % 60,
             secs % 60,
             fixed(&inert(&entry.from), 10),
+            crate::device::level_mark(entry.precedence),
             names(&entry.delivered_to),
             names(&entry.read_by),
             if unread { " · UNREAD" } else { "" },
@@ -386,7 +388,9 @@ fn messages(
                 .map(|ms| format!(" · deadline in {}", until(view.now_ms, ms)))
                 .unwrap_or_default()
         );
-        let mut style = if unread {
+        let mut style = if unread && entry.precedence == Precedence::Flash {
+            palette.fg(Color::Red).add_modifier(Modifier::BOLD)
+        } else if unread {
             palette.fg(Color::Cyan).add_modifier(Modifier::BOLD)
         } else {
             palette.fg(Color::DarkGray)
@@ -529,6 +533,7 @@ mod tests {
             from: from.into(),
             time_ms: T0 - 60_000 + u64::from(n) * 1000,
             text: text.into(),
+            precedence: hotline_core::Precedence::Routine,
             deadline_ms: None,
             delivered_to: [if from == "north" { "south" } else { "north" }.to_owned()].into(),
             read_by: if read {

@@ -5,8 +5,8 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 /// A `hotline relay serve` process, killed when dropped.
 pub struct Relay {
@@ -134,4 +134,70 @@ pub fn verified_homes(dir: &Path, parties: &[&str], relay: &str) -> Vec<std::pat
         }
     }
     homes
+}
+
+/// `hotline sync --follow --json` running in a home, its report lines read as they come.
+pub struct Follower {
+    pub child: Child,
+    pub lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    pub fn start(home: &Path) -> Follower {
+        Self::start_with(home, &["--round", "1"])
+    }
+
+    pub fn start_with(home: &Path, options: &[&str]) -> Follower {
+        let mut child = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+            .env("HOTLINE_HOME", home)
+            .args(["sync", "--follow", "--json"])
+            .args(options)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// Waits (up to 30 s) for an event of this kind; returns it.
+    pub fn expect_event(&mut self, kind: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("sync --follow printed no {kind} event within 30 s"));
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if event["event"] == kind {
+                return event;
+            }
+        }
+    }
+
+    /// Waits (up to 30 s) for a message of another party.
+    pub fn expect_received(&mut self) {
+        self.expect_event("message");
+    }
+
+    pub fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap().code()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+    }
 }

@@ -1,0 +1,183 @@
+//! `hotline agree`: agreed texts, proposed, signed or rejected by every party
+//! (docs/crisis-protocol.md).
+
+use std::path::{Path, PathBuf};
+
+use hotline_client::Store;
+use hotline_client::store::AgreementStatus;
+use hotline_core::export::utc;
+use serde_json::json;
+
+use crate::device::{Failure, Outcome, parse_duration, push_now};
+use crate::exit;
+use crate::inert::{inert, inert_lines};
+use crate::input;
+
+pub fn propose(
+    home: &Path,
+    channel: &str,
+    (language, text): (&str, &Path),
+    others: &[String],
+    deadline: Option<&str>,
+    json_output: bool,
+) -> Outcome {
+    let mut files: Vec<(String, PathBuf)> = vec![(language.to_owned(), text.to_owned())];
+    for other in others {
+        let Some((code, file)) = other.split_once('=') else {
+            return Err(Failure {
+                message: format!("--lang {other:?}: use CODE=FILE, as in --lang fr=texte.txt"),
+                code: exit::USAGE,
+            });
+        };
+        files.push((code.to_owned(), PathBuf::from(file)));
+    }
+    let deadline_ms = match deadline {
+        Some(text) => Some(
+            parse_duration(text)
+                .map(|ms| crate::device::now_ms() + ms)
+                .ok_or_else(|| Failure {
+                    message: format!(
+                        "invalid deadline {text:?}: use a number and s, m, h or d, as in 1d"
+                    ),
+                    code: exit::USAGE,
+                })?,
+        ),
+        None => None,
+    };
+    let mut versions = Vec::with_capacity(files.len());
+    for (code, file) in files {
+        versions.push((code, input::message(None, Some(&file))?));
+    }
+    let mut store = Store::open(home)?;
+    let id = store.propose_agreement(channel, versions, deadline_ms)?;
+    let (relayed, relays) = push_now(&mut store, channel)?;
+    if json_output {
+        out_json!(
+            json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
+        );
+    } else {
+        out!("{}", id.to_hex());
+        eprintln!("proposed and signed for your party; it is accepted once every party signs");
+    }
+    Ok(())
+}
+
+pub fn sign(home: &Path, channel: &str, id: &str) -> Outcome {
+    let mut store = Store::open(home)?;
+    let signed = store.sign_agreement(channel, id)?;
+    push_now(&mut store, channel)?;
+    out!("{}", signed.to_hex());
+    let status = store.agreement(channel, id)?;
+    eprintln!("signed; the agreed text is {}", status.state.as_str());
+    Ok(())
+}
+
+pub fn reject(home: &Path, channel: &str, id: &str, reason: &str) -> Outcome {
+    let mut store = Store::open(home)?;
+    let rejected = store.reject_agreement(channel, id, reason)?;
+    push_now(&mut store, channel)?;
+    out!("{}", rejected.to_hex());
+    Ok(())
+}
+
+pub fn list(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    for status in store.agreements(channel)? {
+        if json_output {
+            out_json!(status_json(&status));
+        } else {
+            let first = status
+                .versions
+                .first()
+                .map(|(_, text)| text.lines().next().unwrap_or_default().to_owned())
+                .unwrap_or_default();
+            out!(
+                "{} {:<9} proposed by {} {}  signed: {}; waiting for: {}  {}",
+                &status.id.to_hex()[..12],
+                status.state.as_str(),
+                inert(&status.proposer),
+                utc(status.time_ms),
+                names(status.signed.iter().map(|s| s.party.as_str())),
+                names(status.waiting_for.iter().map(String::as_str)),
+                inert(&first.chars().take(60).collect::<String>())
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn show(home: &Path, channel: &str, id: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let status = store.agreement(channel, id)?;
+    if json_output {
+        out_json!(status_json(&status));
+        return Ok(());
+    }
+    out!("agreed text {}", status.id.to_hex());
+    out!("state       {}", status.state.as_str());
+    out!(
+        "proposed    by {} at {}",
+        inert(&status.proposer),
+        utc(status.time_ms)
+    );
+    if let Some(deadline) = status.deadline_ms {
+        out!("deadline    {}", utc(deadline));
+    }
+    out!("digest      {}", hex::encode(status.digest));
+    for signed in &status.signed {
+        out!(
+            "signed      by {}/{} at {}: {}",
+            inert(&signed.party),
+            inert(&signed.device),
+            utc(signed.time_ms),
+            hex::encode(signed.signature)
+        );
+    }
+    for (party, reason) in &status.rejected {
+        out!("rejected    by {}: {}", inert(party), inert(reason));
+    }
+    if !status.waiting_for.is_empty() {
+        out!(
+            "waiting for {}",
+            names(status.waiting_for.iter().map(String::as_str))
+        );
+    }
+    for (language, text) in &status.versions {
+        out!("--- {} ---", inert(language));
+        for line in inert_lines(text) {
+            out!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn names<'a>(parties: impl Iterator<Item = &'a str>) -> String {
+    let list: Vec<String> = parties.map(inert).collect();
+    if list.is_empty() {
+        "-".to_owned()
+    } else {
+        list.join(",")
+    }
+}
+
+fn status_json(status: &AgreementStatus) -> serde_json::Value {
+    json!({
+        "id": status.id.to_hex(),
+        "state": status.state.as_str(),
+        "proposer": status.proposer,
+        "time_ms": status.time_ms,
+        "deadline_ms": status.deadline_ms,
+        "digest": hex::encode(status.digest),
+        "versions": status.versions.iter()
+            .map(|(language, text)| json!({"language": language, "text": text}))
+            .collect::<Vec<_>>(),
+        "signed": status.signed.iter().map(|signed| json!({
+            "party": signed.party, "device": signed.device, "time_ms": signed.time_ms,
+            "signature": hex::encode(signed.signature),
+        })).collect::<Vec<_>>(),
+        "rejected": status.rejected.iter()
+            .map(|(party, reason)| json!({"party": party, "reason": reason}))
+            .collect::<Vec<_>>(),
+        "waiting_for": status.waiting_for,
+    })
+}
