@@ -179,6 +179,7 @@ async fn sync_with(
     // that a record sealed now counts the answers they brought), go out at once.
     store.send_receipts()?;
     store.send_due_probes()?;
+    store.cosign_due(store.now())?;
     push_with(store, identity, relays, &mut report).await?;
     note_health(store, &report)?;
     restock(store, identity, relays).await?;
@@ -685,7 +686,8 @@ pub async fn follow(
                 next_probe = tokio::time::Instant::now() + probe_interval(store)?;
                 let mut report = SyncReport::default();
                 let escalated = escalate(store, &identity, &mut relays, &mut report).await?;
-                if store.send_due_probes()? + escalated > 0 {
+                let cosigned = store.cosign_due(store.now())?;
+                if store.send_due_probes()? + escalated + cosigned > 0 {
                     push_with(store, &identity, &mut relays, &mut report).await?;
                     if (escalated > 0 || report.relays.values().any(Option::is_some))
                         && on_report(&report).is_break()

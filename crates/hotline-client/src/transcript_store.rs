@@ -58,8 +58,9 @@ pub(crate) const SCHEMA: &str = "
     INSERT INTO rebuild (channel) SELECT id FROM channels;";
 
 /// Schema version 16: the precedence of messages with a deadline and in the outbox,
-/// the escalations made, and the agreed texts' proposals and steps (their envelopes'
-/// ids: what they say is read from the transcript).
+/// the escalations made, the agreed texts' proposals and steps, and the cosignatures
+/// waiting to be checked (their envelopes' ids: what they say is read from the
+/// transcript).
 pub(crate) const PRECEDENCE: &str = "
     ALTER TABLE deadlines ADD COLUMN precedence INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE deadlines ADD COLUMN escalated INTEGER NOT NULL DEFAULT 0;
@@ -86,6 +87,27 @@ pub(crate) const PRECEDENCE: &str = "
         proposal BLOB NOT NULL,
         step BLOB NOT NULL,
         PRIMARY KEY (channel, proposal, step)
+    ) WITHOUT ROWID;
+    -- Cosigned roots: the cosignatures received, until checked against this device's
+    -- settled prefix, and the last root this device cosigned per channel.
+    CREATE TABLE cosigns (
+        channel BLOB NOT NULL,
+        step BLOB NOT NULL,
+        PRIMARY KEY (channel, step)
+    ) WITHOUT ROWID;
+    CREATE TABLE cosigned (
+        channel BLOB PRIMARY KEY,
+        horizon INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        at_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    -- Per later horizon: how far this device read its settled prefix to compute the
+    -- root of that horizon's envelopes (hotline_core::cosign::HorizonCursor).
+    CREATE TABLE cosign_cursors (
+        channel BLOB NOT NULL,
+        horizon INTEGER NOT NULL,
+        cursor BLOB NOT NULL,
+        PRIMARY KEY (channel, horizon)
     ) WITHOUT ROWID;";
 
 /// A transcript store in a new scratch database at `path` (which must not exist), for
@@ -318,6 +340,14 @@ impl TranscriptStore for SqliteTranscript {
                     )
                     .and_then(|mut statement| {
                         statement.execute(params![&self.channel[..], &proposal.0[..], &id.0[..]])
+                    })
+                    .map_err(failed)?;
+            }
+            hotline_core::Body::Cosignature(_) => {
+                self.connection
+                    .prepare_cached("INSERT OR IGNORE INTO cosigns (channel, step) VALUES (?1, ?2)")
+                    .and_then(|mut statement| {
+                        statement.execute(params![&self.channel[..], &id.0[..]])
                     })
                     .map_err(failed)?;
             }

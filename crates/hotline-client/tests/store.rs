@@ -262,6 +262,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE key_package_stock; DROP TABLE stocked_key_packages;
              ALTER TABLE outbox DROP COLUMN precedence; DROP TABLE escalations;
              DROP TABLE agreements; DROP TABLE agreement_steps;
+             DROP TABLE cosigns; DROP TABLE cosigned; DROP TABLE cosign_cursors;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);

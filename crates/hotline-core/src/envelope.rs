@@ -39,6 +39,7 @@ use thiserror::Error;
 
 use crate::agreement::{Agreement, MAX_REASON_LEN};
 use crate::codec::{DecodeError, Reader, Writer};
+use crate::cosign::Cosignature;
 use crate::identity::{DeviceIdentity, DeviceKey, MAX_NAME_LEN};
 
 /// Largest envelope body: one MiB.
@@ -136,6 +137,8 @@ pub enum Body {
     NonResponse(NonResponse),
     /// A step of an agreed text: proposed, signed, rejected ([`crate::agreement`]).
     Agreement(Agreement),
+    /// The sender's signature of a settled transcript root ([`crate::cosign`]).
+    Cosignature(Cosignature),
 }
 
 /// How urgent a message is, after allied message handling (ACP 121): FLASH is handled
@@ -320,6 +323,7 @@ pub enum Kind {
     Message = 7,
     NonResponse = 8,
     Agreement = 9,
+    Cosignature = 10,
 }
 
 impl Kind {
@@ -364,6 +368,7 @@ impl Body {
             Body::Availability(_) => Kind::Availability,
             Body::NonResponse(_) => Kind::NonResponse,
             Body::Agreement(_) => Kind::Agreement,
+            Body::Cosignature(_) => Kind::Cosignature,
         }
     }
 
@@ -443,6 +448,7 @@ impl Body {
             }
             Body::NonResponse(statement) => statement.encode_into(writer),
             Body::Agreement(agreement) => agreement.encode_into(writer),
+            Body::Cosignature(cosignature) => cosignature.encode_into(writer),
         }
         let length = writer.as_bytes().len() - length_at - 4;
         // Invariant: bodies are bounded by MAX_BODY_LEN, far below 4 GiB.
@@ -472,6 +478,7 @@ impl Body {
             }
             8 => Body::NonResponse(NonResponse::decode(&mut reader)?),
             9 => Body::Agreement(Agreement::decode(&mut reader)?),
+            10 => Body::Cosignature(Cosignature::decode(&mut reader)?),
             2 => {
                 let count = reader.count("read receipt", MAX_RECEIPT_IDS, 32)?;
                 let mut ids = Vec::with_capacity(count);
@@ -786,6 +793,7 @@ impl Envelope {
                     .sum::<usize>()
             }
             Body::Agreement(_) => 1 + 32 + 32 + 64 + 4 + MAX_REASON_LEN,
+            Body::Cosignature(_) => 112,
         };
         160 + 72 * self.seen.len() + body + 80
     }

@@ -128,6 +128,23 @@ pub struct VerifyReport {
     /// The agreed texts proposed in the transcript, at most [`MAX_SUMMARIES`], with
     /// the signatures that hold.
     pub agreements: BTreeMap<EnvelopeId, AgreedText>,
+    /// Settled roots cosigned in the transcript, per (horizon, size, root), at most
+    /// [`MAX_SUMMARIES`].
+    pub cosigned: BTreeMap<(u64, u64, [u8; 32]), CosignedRoot>,
+    /// Cosignature envelopes in the record.
+    pub cosignatures: u64,
+    /// Cosignatures whose signature does not hold.
+    pub cosignatures_invalid: u64,
+}
+
+/// One settled root and the devices that cosigned it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CosignedRoot {
+    /// (device, its signature of the checkpoint note).
+    pub signers: Vec<(DeviceKey, [u8; 64])>,
+    /// Whether it is the root of the same prefix of this record; `None` when the
+    /// record cannot tell (another horizon, or a prefix not settled here).
+    pub matches: Option<bool>,
 }
 
 /// An agreed text as the export shows it.
@@ -148,6 +165,19 @@ pub struct AgreedText {
 }
 
 impl VerifyReport {
+    /// Whether a device of every party on the roster cosigned this root.
+    pub fn cosigned_by_every_party(&self, root: &CosignedRoot) -> bool {
+        let parties: BTreeSet<&str> = root
+            .signers
+            .iter()
+            .filter_map(|(key, _)| self.roster.iter().find(|info| info.key == *key))
+            .map(|info| info.party.as_str())
+            .collect();
+        self.roster
+            .iter()
+            .all(|info| parties.contains(info.party.as_str()))
+    }
+
     /// Whether a device of every party on the roster signed agreed text `id` and
     /// nobody rejected it.
     pub fn accepted(&self, id: &EnvelopeId) -> bool {
@@ -314,6 +344,39 @@ impl VerifyReport {
                     }
                     _ => format!("down {}", outages.join(", ")),
                 }
+            ));
+        }
+        for ((horizon, size, root), cosigned) in &self.cosigned {
+            let signers: Vec<String> = cosigned
+                .signers
+                .iter()
+                .map(|(key, _)| self.name_of(key))
+                .collect();
+            out.push(format!(
+                "The root {} of the first {size} settled envelopes{} was cosigned by {}{}: {}.",
+                &hex::encode(root)[..16],
+                if *horizon > 0 {
+                    format!(" from epoch {horizon}")
+                } else {
+                    String::new()
+                },
+                signers.join(", "),
+                if self.cosigned_by_every_party(cosigned) {
+                    ", every party"
+                } else {
+                    ""
+                },
+                match cosigned.matches {
+                    Some(true) => "it is this record's",
+                    Some(false) => "it is NOT this record's (someone was shown another history)",
+                    None => "this record cannot check it (another horizon, or not settled here)",
+                }
+            ));
+        }
+        if self.cosignatures_invalid > 0 {
+            out.push(format!(
+                "{} cosignature(s) in the record do not hold.",
+                self.cosignatures_invalid
             ));
         }
         for (id, text) in &self.agreements {
@@ -644,7 +707,11 @@ struct Verifier {
     availability: BTreeMap<(DeviceKey, String, String), PathSummary>,
     availability_unsummed: u64,
     agreements: BTreeMap<EnvelopeId, AgreedText>,
+    cosigned: BTreeMap<(u64, u64, [u8; 32]), CosignedRoot>,
+    cosignatures: u64,
+    cosignatures_invalid: u64,
     channel: ChannelId,
+    horizon: u64,
     last: Option<(u64, EnvelopeId)>,
 }
 
@@ -667,7 +734,11 @@ impl Verifier {
             availability: BTreeMap::new(),
             availability_unsummed: 0,
             agreements: BTreeMap::new(),
+            cosigned: BTreeMap::new(),
+            cosignatures: 0,
+            cosignatures_invalid: 0,
             channel: header.channel,
+            horizon: header.horizon,
             last: None,
         }
     }
@@ -681,6 +752,7 @@ impl Verifier {
             Body::Checkpoint { .. } => self.checkpoints += 1,
             Body::NonResponse(_) => self.non_responses += 1,
             Body::Agreement(step) => self.note_agreement(&envelope, id, step),
+            Body::Cosignature(cosignature) => self.note_cosignature(&envelope, cosignature)?,
             Body::Availability(record) => {
                 for path in &record.paths {
                     // Bounded: one entry per (device, relay, party), at most
@@ -791,6 +863,50 @@ impl Verifier {
         }
     }
 
+    /// Keeps a cosignature with the others of the same root, and checks the root
+    /// against this record's settled prefix when it can.
+    fn note_cosignature(
+        &mut self,
+        envelope: &Envelope,
+        cosignature: &crate::cosign::Cosignature,
+    ) -> Result<(), VerifyError> {
+        self.cosignatures += 1;
+        if !cosignature.holds(&self.channel, &envelope.sender) {
+            self.cosignatures_invalid += 1;
+            return Ok(());
+        }
+        let key = (cosignature.horizon, cosignature.size, cosignature.root);
+        if self.cosigned.len() >= MAX_SUMMARIES && !self.cosigned.contains_key(&key) {
+            return Ok(());
+        }
+        let matches =
+            self.root_matches(cosignature.horizon, cosignature.size, &cosignature.root)?;
+        let entry = self.cosigned.entry(key).or_default();
+        if entry.matches.is_none() {
+            entry.matches = matches;
+        }
+        if entry.signers.len() < MAX_ROSTER
+            && !entry.signers.iter().any(|(key, _)| *key == envelope.sender)
+        {
+            entry.signers.push((envelope.sender, cosignature.signature));
+        }
+        Ok(())
+    }
+
+    /// Whether `root` is this record's root of its first `size` settled envelopes;
+    /// `None` if the record cannot tell yet.
+    fn root_matches(
+        &self,
+        horizon: u64,
+        size: u64,
+        root: &[u8; 32],
+    ) -> Result<Option<bool>, StorageError> {
+        if horizon != self.horizon || size == 0 || size > self.transcript.settled_len() {
+            return Ok(None);
+        }
+        Ok(Some(self.transcript.settled_root(size)?.0 == *root))
+    }
+
     fn finish(
         self,
         header: Header,
@@ -824,6 +940,29 @@ impl Verifier {
             return Err(VerifyError::HorizonMismatch);
         }
         let (root, size) = transcript.root()?;
+        // Roots not checked on the way: this record's own horizon now that everything
+        // is in; later horizons (members who joined later) by reading the settled
+        // prefix forward once per horizon, sizes in ascending order.
+        let mut cosigned = self.cosigned;
+        let mut cursors: BTreeMap<u64, crate::cosign::HorizonCursor> = BTreeMap::new();
+        for ((horizon, cosigned_size, cosigned_root), entry) in cosigned.iter_mut() {
+            if entry.matches.is_some() || *cosigned_size == 0 || *horizon < header.horizon {
+                continue;
+            }
+            if *horizon == header.horizon {
+                if *cosigned_size <= transcript.settled_len() {
+                    entry.matches =
+                        Some(transcript.settled_root(*cosigned_size)?.0 == *cosigned_root);
+                }
+                continue;
+            }
+            let cursor = cursors
+                .entry(*horizon)
+                .or_insert_with(|| crate::cosign::HorizonCursor::new(*horizon));
+            if let Some(root) = cursor.root_at(&transcript, *cosigned_size)? {
+                entry.matches = Some(root == *cosigned_root);
+            }
+        }
         let report = VerifyReport {
             channel: header.channel,
             channel_name: header.channel_name,
@@ -843,6 +982,9 @@ impl Verifier {
             availability: self.availability,
             availability_unsummed: self.availability_unsummed,
             agreements: self.agreements,
+            cosigned,
+            cosignatures: self.cosignatures,
+            cosignatures_invalid: self.cosignatures_invalid,
         };
         Ok((report, transcript))
     }

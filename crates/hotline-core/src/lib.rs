@@ -23,6 +23,7 @@ pub mod agreement;
 pub mod card;
 pub mod channel;
 pub mod codec;
+pub mod cosign;
 pub mod envelope;
 pub mod export;
 pub mod frame;
@@ -39,6 +40,7 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 pub use agreement::{Agreement, Proposal};
 pub use card::{CardError, CardIn, VerifiedContact, create_card};
 pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
+pub use cosign::Cosignature;
 pub use envelope::{
     Availability, Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote, Message,
     NonResponse, PathNote, PathRecord, Precedence,

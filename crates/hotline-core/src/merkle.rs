@@ -351,6 +351,86 @@ fn largest_power_of_two_below(n: u64) -> u64 {
     1 << (63 - (n - 1).leading_zeros())
 }
 
+/// The right edge of an RFC 6962 tree built leaf by leaf: its complete subtrees,
+/// largest first. Memory O(log n); the root of the leaves so far at any time. Used
+/// where only the newest root is needed and no node is kept (roots of a horizon's
+/// envelopes, see [`crate::cosign`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontier {
+    len: u64,
+    /// (subtree size, subtree hash), sizes strictly decreasing powers of two.
+    edge: Vec<(u64, Hash)>,
+}
+
+impl Frontier {
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends one leaf.
+    pub fn push(&mut self, leaf: &[u8]) {
+        let mut node = (1u64, leaf_hash(leaf));
+        while let Some(&(size, hash)) = self.edge.last() {
+            if size != node.0 {
+                break;
+            }
+            self.edge.pop();
+            node = (size * 2, node_hash(&hash, &node.1));
+        }
+        self.edge.push(node);
+        self.len += 1;
+    }
+
+    /// `MTH` of the leaves pushed so far: the edge's subtrees folded from the right.
+    pub fn root(&self) -> Hash {
+        let mut subtrees = self.edge.iter().rev();
+        let Some((_, last)) = subtrees.next() else {
+            return empty_root();
+        };
+        subtrees.fold(*last, |acc, (_, hash)| node_hash(hash, &acc))
+    }
+
+    /// `u64 len | u8 n, n × (u64 size, [32] hash)`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(9 + 40 * self.edge.len());
+        out.extend_from_slice(&self.len.to_be_bytes());
+        out.push(self.edge.len() as u8);
+        for (size, hash) in &self.edge {
+            out.extend_from_slice(&size.to_be_bytes());
+            out.extend_from_slice(hash);
+        }
+        out
+    }
+
+    /// The frontier [`Frontier::encode`] wrote; `None` if the bytes are not one
+    /// (sizes must be the binary digits of `len`, largest first).
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let len = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let count = *bytes.get(8)? as usize;
+        let rest = bytes.get(9..)?;
+        if rest.len() != count * 40 {
+            return None;
+        }
+        let edge: Vec<(u64, Hash)> = rest
+            .chunks_exact(40)
+            .map(|chunk| {
+                let size = u64::from_be_bytes(chunk[..8].try_into().unwrap_or_default());
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&chunk[8..]);
+                (size, hash)
+            })
+            .collect();
+        let canonical = edge.windows(2).all(|pair| pair[0].0 > pair[1].0)
+            && edge.iter().all(|(size, _)| size.is_power_of_two())
+            && edge.iter().map(|(size, _)| size).sum::<u64>() == len;
+        canonical.then_some(Self { len, edge })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use ct_merkle::mem_backed_tree::MemoryBackedTree;
@@ -480,5 +560,23 @@ mod tests {
         let log = MerkleLog::open(MemoryNodes::default(), 5);
         assert!(log.root().is_err());
         assert!(log.consistency_proof(2, 5).is_err());
+    }
+
+    #[test]
+    fn a_frontier_gives_the_logs_root_at_every_size_and_round_trips() {
+        let mut log = MerkleLog::<MemoryNodes>::default();
+        let mut frontier = Frontier::default();
+        assert_eq!(frontier.root(), empty_root());
+        for index in 0u32..300 {
+            let leaf = index.to_be_bytes();
+            log.push(&leaf).unwrap();
+            frontier.push(&leaf);
+            assert_eq!(frontier.root(), log.root().unwrap().0, "at {}", index + 1);
+            assert_eq!(Frontier::decode(&frontier.encode()), Some(frontier.clone()));
+        }
+        let mut bad = frontier.encode();
+        bad[7] ^= 1;
+        assert_eq!(Frontier::decode(&bad), None);
+        assert_eq!(Frontier::decode(&bad[..5]), None);
     }
 }

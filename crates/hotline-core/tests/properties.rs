@@ -6,8 +6,9 @@ use std::sync::OnceLock;
 use hotline_core::card::CardIn;
 use hotline_core::envelope::Reference;
 use hotline_core::{
-    Agreement, Body, ChannelId, DeviceIdentity, DeviceInfo, DeviceKey, Envelope, EnvelopeId,
-    Export, MembershipNote, Message, NonResponse, PathNote, Precedence, Proposal, Transcript,
+    Agreement, Body, ChannelId, Cosignature, DeviceIdentity, DeviceInfo, DeviceKey, Envelope,
+    EnvelopeId, Export, MembershipNote, Message, NonResponse, PathNote, Precedence, Proposal,
+    Transcript,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -426,6 +427,20 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
                 |(proposal, digest, signature)| Body::Agreement(Agreement::Sign {
                     proposal: EnvelopeId(proposal),
                     digest,
+                    signature: signature.try_into().unwrap(),
+                })
+            ),
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            proptest::collection::vec(any::<u8>(), 64)
+        )
+            .prop_map(
+                |(horizon, size, root, signature)| Body::Cosignature(Cosignature {
+                    horizon,
+                    size,
+                    root,
                     signature: signature.try_into().unwrap(),
                 })
             ),

@@ -569,6 +569,32 @@ fn format_time(ms: u64) -> String {
     )
 }
 
+pub fn cosign(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let sealed = store.cosign(channel)?;
+    if sealed.is_some() {
+        push_now(&mut store, channel)?;
+    }
+    match (&sealed, json_output) {
+        (Some((id, cosignature)), true) => out_json!(json!({
+            "cosignature": id.to_hex(), "horizon": cosignature.horizon,
+            "size": cosignature.size, "root": hex::encode(cosignature.root)})),
+        (None, true) => out_json!(json!({"cosignature": null})),
+        (Some((id, cosignature)), false) => {
+            out!("{}", id.to_hex());
+            eprintln!(
+                "cosigned the root {} of the first {} settled envelopes from epoch {}; \
+                 the others cosign it when it is theirs too",
+                hex::encode(cosignature.root),
+                cosignature.size,
+                cosignature.horizon
+            );
+        }
+        (None, false) => eprintln!("nothing new to cosign: this settled root is cosigned already"),
+    }
+    Ok(())
+}
+
 /// Marks `message` read, or with `None` the most urgent unread message.
 pub fn ack(home: &Path, channel: &str, message: Option<&str>) -> Outcome {
     let mut store = Store::open(home)?;

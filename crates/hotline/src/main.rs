@@ -256,6 +256,13 @@ enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Cosign this device's settled transcript root now (also done every hour and
+    /// before an export); the others cosign the same root when it is theirs too.
+    Cosign {
+        channel: String,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Agreed texts: a text every party signs (a joint communiqué), in parallel
     /// language versions, equally authentic.
     #[command(subcommand)]
@@ -529,6 +536,7 @@ fn main() -> ExitCode {
             let message = Message { precedence, text };
             device::send(&home, &channel, message, deadline.as_deref(), json.json)
         }),
+        Command::Cosign { channel, json } => device::cosign(&home, &channel, json.json),
         Command::Agree(AgreeCommand::Propose {
             channel,
             text,

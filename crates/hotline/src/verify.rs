@@ -290,6 +290,24 @@ fn describe(envelope: &Envelope, report: &VerifyReport) -> Option<(String, Strin
                 &proposal.to_hex()[..12]
             ),
         ),
+        Body::Cosignature(cosignature) => (
+            "cosigned root".into(),
+            format!(
+                "root {} of the first {} settled envelopes{} ({})",
+                hex::encode(cosignature.root),
+                cosignature.size,
+                if cosignature.horizon > 0 {
+                    format!(" from epoch {}", cosignature.horizon)
+                } else {
+                    String::new()
+                },
+                if cosignature.holds(&report.channel, &envelope.sender) {
+                    "the signature holds"
+                } else {
+                    "the signature does NOT hold"
+                }
+            ),
+        ),
         Body::ReadReceipt(_) | Body::LinkTest(_) => return None,
     })
 }
@@ -368,6 +386,23 @@ pub fn report_json(report: &VerifyReport) -> serde_json::Value {
                 "invalid_signatures": text.invalid,
             })
         }).collect::<Vec<_>>(),
+        "cosigned": report.cosigned.iter().map(|((horizon, size, root), cosigned)| {
+            let signers: Vec<(hotline_core::DeviceInfo, [u8; 64])> = cosigned.signers.iter()
+                .filter_map(|(key, signature)| report.roster.iter().find(|info| info.key == *key)
+                    .map(|info| (info.clone(), *signature)))
+                .collect();
+            json!({
+                "horizon": horizon,
+                "size": size,
+                "root": hex::encode(root),
+                "by": signers.iter().map(|(info, _)| json!({"party": info.party, "device": info.device})).collect::<Vec<_>>(),
+                "every_party": report.cosigned_by_every_party(cosigned),
+                "matches": cosigned.matches,
+                "note": hotline_core::cosign::signed_note(&report.channel, *horizon, *size, root, &signers),
+            })
+        }).collect::<Vec<_>>(),
+        "cosignatures": report.cosignatures,
+        "cosignatures_invalid": report.cosignatures_invalid,
         "statements": report.statements(),
     })
 }
@@ -380,12 +415,13 @@ fn print_report(report: &VerifyReport) {
     );
     out!("root      {}", hex::encode(report.root));
     out!(
-        "content   {} envelopes: {} messages, {} read receipts, {} checkpoints, {} non-response statements",
+        "content   {} envelopes: {} messages, {} read receipts, {} checkpoints, {} non-response statements, {} cosigned roots",
         report.envelopes,
         report.texts,
         report.read_receipts,
         report.checkpoints,
-        report.non_responses
+        report.non_responses,
+        report.cosignatures
     );
     out!("parties");
     for info in &report.roster {

@@ -1568,11 +1568,11 @@ fn three_parties_on_three_relays_keep_the_line_tested_and_the_record_bounded() {
         count("envelopes")
     );
     assert!(probes >= 1_000, "only {probes} probes");
-    // Nothing but the two membership notes, the two messages, checkpoints and the
-    // availability records: no link test entered the transcript.
+    // Nothing but the two membership notes, the two messages, checkpoints, cosigned
+    // roots and the availability records: no link test entered the transcript.
     assert_eq!(
         count("envelopes"),
-        2 + count("messages") + count("checkpoints") + records,
+        2 + count("messages") + count("checkpoints") + count("cosignatures") + records,
         "{report}"
     );
     assert_eq!(count("messages"), 2);
@@ -1581,6 +1581,9 @@ fn three_parties_on_three_relays_keep_the_line_tested_and_the_record_bounded() {
     let periods = (phase.as_secs() * 3 + 6) / 4 + 2;
     assert!(records <= 3 * periods, "{records} records");
     assert!(count("checkpoints") <= records + 3 + 1, "{report}");
+    // Cosigned roots: per device and period its own and at most the two others'
+    // (cosigned again when they are its own too), plus the first and the export's.
+    assert!(count("cosignatures") <= 3 * (3 * periods + 2), "{report}");
     // What the records say agrees with what happened.
     let window = restarted_ms - stopped_ms;
     for tester in parties {

@@ -232,6 +232,8 @@ impl Store {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
             let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            // This device's settled root goes on the record, cosigned, before export.
+            cosign_latest(connection, &provider, identity, &mut loaded)?;
             let checkpoint = Body::Checkpoint {
                 root: [0; 32],
                 size: 0,

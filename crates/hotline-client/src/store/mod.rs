@@ -30,6 +30,7 @@ mod agreements;
 mod channels;
 mod contacts;
 mod copies;
+mod cosigning;
 mod messages;
 mod outbox;
 mod persist;
@@ -38,6 +39,7 @@ mod schema;
 
 pub use agreements::{AgreementState, AgreementStatus, Signed};
 pub(crate) use copies::*;
+pub(crate) use cosigning::cosign_latest;
 pub use outbox::MAX_UNDELIVERED_SCAN;
 pub(crate) use outbox::{precedence_of, reseal};
 pub(crate) use persist::*;
