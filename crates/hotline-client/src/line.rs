@@ -293,6 +293,10 @@ impl Store {
     ) -> Result<Vec<LineEvent>, StoreError> {
         let me = self.identity().key();
         let own_party = self.identity().info().party.clone();
+        let books = match self.channel_name(channel) {
+            Ok(name) => self.code_books(&name)?,
+            Err(_) => Default::default(),
+        };
         self.transact(|connection, _, cache| {
             let provider = Provider::new(connection);
             let loaded = checkout(cache, connection, &provider, channel)?;
@@ -316,7 +320,7 @@ impl Store {
                             channel: name.clone(),
                             id: *id,
                             from: from.to_owned(),
-                            text: message.text.clone(),
+                            text: crate::store::text_of(&books, message),
                             precedence: message.precedence,
                             time_ms: envelope.claimed_time_ms,
                             deadline_ms: envelope.deadline_ms,

@@ -103,6 +103,12 @@ pub(crate) const PRECEDENCE: &str = "
     ) WITHOUT ROWID;
     -- Per later horizon: how far this device read its settled prefix to compute the
     -- root of that horizon's envelopes (hotline_core::cosign::HorizonCursor).
+    -- The channel's handling times (ms per precedence, FLASH first), when its
+    -- committer set them; else the defaults.
+    CREATE TABLE handling_times (
+        channel BLOB PRIMARY KEY,
+        times TEXT NOT NULL
+    ) WITHOUT ROWID;
     CREATE TABLE cosign_cursors (
         channel BLOB NOT NULL,
         horizon INTEGER NOT NULL,

@@ -212,15 +212,33 @@ impl fmt::Display for Precedence {
     }
 }
 
-/// A message written by a person.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A message written by a person: free text, or an entry of the channel's adopted
+/// code book with its fields (`text` is then empty: each party renders the entry in
+/// its own language).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Message {
     pub precedence: Precedence,
     pub text: String,
+    pub code: Option<Coded>,
 }
 
-/// The form byte of a message body of kind 7: plain text.
+/// A pre-agreed message: entry `id` of the code book whose SHA-256 is `catalogue`,
+/// with its fields in the entry's order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Coded {
+    pub catalogue: [u8; 32],
+    pub id: String,
+    pub fields: Vec<(String, String)>,
+}
+
+/// Longest code id, field name; most fields; longest field value.
+pub const MAX_CODE_LEN: usize = 64;
+pub const MAX_FIELDS: usize = 32;
+pub const MAX_FIELD_LEN: usize = 1024;
+
+/// The form byte of a message body of kind 7: plain text, or a code book entry.
 const FORM_TEXT: u8 = 1;
+const FORM_CODED: u8 = 2;
 
 /// What the line showed of one relay path to the party when a deadline passed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -303,6 +321,12 @@ pub enum MembershipNote {
     RelaysChanged {
         relays: Vec<String>,
     },
+    /// How long the other parties have to read a message of each precedence when its
+    /// sender gives no deadline, in ms, FLASH first (the committer's word, for the
+    /// channel's agreed handling times; every member follows it).
+    HandlingTimes {
+        read_within_ms: [u64; 4],
+    },
 }
 
 /// At most this many relays per channel, each address at most `MAX_RELAY_URL_LEN` bytes.
@@ -343,6 +367,7 @@ impl Body {
         Body::Message(Message {
             precedence: Precedence::Routine,
             text: text.into(),
+            code: None,
         })
     }
 
@@ -358,6 +383,7 @@ impl Body {
         match self {
             Body::Message(Message {
                 precedence: Precedence::Routine,
+                code: None,
                 ..
             }) => Kind::Text,
             Body::Message(_) => Kind::Message,
@@ -377,6 +403,21 @@ impl Body {
         let length_at = writer.as_bytes().len();
         writer.u32(0);
         match self {
+            Body::Message(Message {
+                precedence,
+                code: Some(coded),
+                ..
+            }) => {
+                writer.u8(*precedence as u8);
+                writer.u8(FORM_CODED);
+                writer.fixed(&coded.catalogue);
+                writer.string(&coded.id);
+                writer.u32(coded.fields.len() as u32);
+                for (name, value) in &coded.fields {
+                    writer.string(name);
+                    writer.string(value);
+                }
+            }
             Body::Message(message) => {
                 if message.precedence != Precedence::Routine {
                     writer.u8(message.precedence as u8);
@@ -425,6 +466,12 @@ impl Body {
                         writer.string(relay);
                     }
                 }
+                MembershipNote::HandlingTimes { read_within_ms } => {
+                    writer.u8(6);
+                    for ms in read_within_ms {
+                        writer.u64(*ms);
+                    }
+                }
             },
             Body::Availability(record) => {
                 writer.u64(record.from_ms);
@@ -461,20 +508,48 @@ impl Body {
             1 => return Ok(Body::text(utf8(bytes)?)),
             7 => {
                 let precedence = Precedence::from_u8(reader.u8("precedence")?)?;
-                if precedence == Precedence::Routine {
-                    return Err(DecodeError::Invalid {
-                        field: "precedence",
-                        reason: "a routine text is a message of kind 1",
-                    });
+                match reader.u8("message form")? {
+                    FORM_TEXT if precedence == Precedence::Routine => {
+                        return Err(DecodeError::Invalid {
+                            field: "precedence",
+                            reason: "a routine text is a message of kind 1",
+                        });
+                    }
+                    FORM_TEXT => {
+                        let text = utf8(reader.take(reader.remaining(), "text")?)?;
+                        return Ok(Body::Message(Message {
+                            precedence,
+                            text,
+                            code: None,
+                        }));
+                    }
+                    FORM_CODED => {
+                        let catalogue = reader.array("code book")?;
+                        let id = reader.string("code", MAX_CODE_LEN)?;
+                        let count = reader.count("code fields", MAX_FIELDS, 8)?;
+                        let mut fields = Vec::with_capacity(count);
+                        for _ in 0..count {
+                            let name = reader.string("field name", MAX_CODE_LEN)?;
+                            let value = reader.string("field value", MAX_FIELD_LEN)?;
+                            fields.push((name, value));
+                        }
+                        Body::Message(Message {
+                            precedence,
+                            text: String::new(),
+                            code: Some(Coded {
+                                catalogue,
+                                id,
+                                fields,
+                            }),
+                        })
+                    }
+                    _ => {
+                        return Err(DecodeError::Invalid {
+                            field: "message form",
+                            reason: "unknown form",
+                        });
+                    }
                 }
-                if reader.u8("message form")? != FORM_TEXT {
-                    return Err(DecodeError::Invalid {
-                        field: "message form",
-                        reason: "unknown form",
-                    });
-                }
-                let text = utf8(reader.take(reader.remaining(), "text")?)?;
-                return Ok(Body::Message(Message { precedence, text }));
             }
             8 => Body::NonResponse(NonResponse::decode(&mut reader)?),
             9 => Body::Agreement(Agreement::decode(&mut reader)?),
@@ -514,6 +589,19 @@ impl Body {
                         relays.push(reader.string("relay address", MAX_RELAY_URL_LEN)?);
                     }
                     MembershipNote::RelaysChanged { relays }
+                }
+                6 => {
+                    let mut read_within_ms = [0u64; 4];
+                    for ms in &mut read_within_ms {
+                        *ms = reader.u64("handling time")?;
+                    }
+                    if read_within_ms.contains(&0) {
+                        return Err(DecodeError::Invalid {
+                            field: "handling time",
+                            reason: "a handling time is at least 1 ms",
+                        });
+                    }
+                    MembershipNote::HandlingTimes { read_within_ms }
                 }
                 _ => {
                     return Err(DecodeError::Invalid {
@@ -1033,6 +1121,7 @@ mod tests {
         let flash = Body::Message(Message {
             precedence: Precedence::Flash,
             text: "now".into(),
+            code: None,
         });
         assert_eq!(flash.kind(), Kind::Message);
         assert_eq!(Body::text("now").kind(), Kind::Text);
@@ -1046,7 +1135,7 @@ mod tests {
         for (offset, byte, field) in [
             (5, 0, "precedence"),
             (5, 4, "precedence"),
-            (6, 2, "message form"),
+            (6, 3, "message form"),
         ] {
             let mut bad = encoded.clone();
             bad[body_at + offset] = byte;

@@ -42,7 +42,7 @@ pub use card::{CardError, CardIn, VerifiedContact, create_card};
 pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
 pub use cosign::Cosignature;
 pub use envelope::{
-    Availability, Body, ChannelId, Envelope, EnvelopeId, Kind, MembershipNote, Message,
+    Availability, Body, ChannelId, Coded, Envelope, EnvelopeId, Kind, MembershipNote, Message,
     NonResponse, PathNote, PathRecord, Precedence,
 };
 pub use export::{Export, VerifyError, VerifyReport};

@@ -6,9 +6,9 @@ use std::sync::OnceLock;
 use hotline_core::card::CardIn;
 use hotline_core::envelope::Reference;
 use hotline_core::{
-    Agreement, Body, ChannelId, Cosignature, DeviceIdentity, DeviceInfo, DeviceKey, Envelope,
-    EnvelopeId, Export, MembershipNote, Message, NonResponse, PathNote, Precedence, Proposal,
-    Transcript,
+    Agreement, Body, ChannelId, Coded, Cosignature, DeviceIdentity, DeviceInfo, DeviceKey,
+    Envelope, EnvelopeId, Export, MembershipNote, Message, NonResponse, PathNote, Precedence,
+    Proposal, Transcript,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -238,6 +238,7 @@ fn sample_export() -> &'static Vec<u8> {
                 Body::Message(Message {
                     precedence: Precedence::Flash,
                     text: "line 3".into(),
+                    code: None,
                 })
             } else if seq == 4 {
                 Body::NonResponse(NonResponse {
@@ -253,6 +254,8 @@ fn sample_export() -> &'static Vec<u8> {
                         up: false,
                     }],
                 })
+            } else if seq == 5 {
+                Body::Cosignature(Cosignature::sign(&identity, &CHANNEL, 0, 1, [3; 32]))
             } else {
                 Body::text(format!("line {seq}"))
             };
@@ -355,8 +358,10 @@ fn a_signature_that_does_not_hold_is_counted_never_accepted() {
 fn sample_export_verifies() {
     let report = Export::verify(sample_export()).unwrap();
     assert_eq!(report.envelopes, 6);
-    assert_eq!(report.texts, 4);
+    assert_eq!(report.texts, 3);
     assert_eq!(report.non_responses, 1);
+    assert_eq!(report.cosignatures, 1);
+    assert_eq!(report.cosignatures_invalid, 0);
 }
 
 proptest! {
@@ -450,9 +455,25 @@ fn arbitrary_body() -> impl Strategy<Value = Body> {
                 reason,
             }
         )),
+        (
+            0usize..4,
+            any::<[u8; 32]>(),
+            "[A-Z]{1,8}",
+            proptest::collection::vec(("[a-z]{1,8}", ".{0,16}"), 0..4)
+        )
+            .prop_map(|(level, catalogue, id, fields)| Body::Message(Message {
+                precedence: Precedence::ALL[level],
+                text: String::new(),
+                code: Some(Coded {
+                    catalogue,
+                    id,
+                    fields
+                }),
+            })),
         (0usize..3, ".{0,64}").prop_map(|(level, text)| Body::Message(Message {
             precedence: Precedence::ALL[level],
             text,
+            code: None,
         })),
         (
             any::<[u8; 32]>(),

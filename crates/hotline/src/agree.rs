@@ -8,7 +8,7 @@ use hotline_client::store::AgreementStatus;
 use hotline_core::export::utc;
 use serde_json::json;
 
-use crate::device::{Failure, Outcome, parse_duration, push_now};
+use crate::device::{Failure, Outcome, failure, parse_duration, push_now};
 use crate::exit;
 use crate::inert::{inert, inert_lines};
 use crate::input;
@@ -58,6 +58,130 @@ pub fn propose(
     } else {
         out!("{}", id.to_hex());
         eprintln!("proposed and signed for your party; it is accepted once every party signs");
+    }
+    Ok(())
+}
+
+fn deadline_of(deadline: Option<&str>) -> Result<Option<u64>, Failure> {
+    deadline
+        .map(|text| {
+            parse_duration(text)
+                .map(|ms| crate::device::now_ms() + ms)
+                .ok_or_else(|| Failure {
+                    message: format!(
+                        "invalid deadline {text:?}: use a number and s, m, h or d, as in 1d"
+                    ),
+                    code: exit::USAGE,
+                })
+        })
+        .transpose()
+}
+
+pub fn adopt_code_book(
+    home: &Path,
+    channel: &str,
+    book: &Path,
+    deadline: Option<&str>,
+    json_output: bool,
+) -> Outcome {
+    let deadline_ms = deadline_of(deadline)?;
+    let bytes = input::read_limited(book, input::MAX_MESSAGE_FILE, "a code book")?;
+    let mut store = Store::open(home)?;
+    let id = store.adopt_code_book(channel, &bytes, deadline_ms)?;
+    let (relayed, relays) = push_now(&mut store, channel)?;
+    if json_output {
+        out_json!(
+            json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
+        );
+    } else {
+        out!("{}", id.to_hex());
+        eprintln!(
+            "proposed as the channel's code book and signed for your party; adopted once every \
+             party signs it: hotline agree sign {channel} {}",
+            &id.to_hex()[..12]
+        );
+    }
+    Ok(())
+}
+
+pub fn list_code_book(home: &Path, channel: &str, json_output: bool) -> Outcome {
+    let mut store = Store::open(home)?;
+    let Some((hash, book)) = store.code_book(channel)? else {
+        return Err(failure(format!(
+            "channel {channel} has no code book: adopt one with hotline code adopt"
+        )));
+    };
+    let language = hotline_client::store::preferred_language();
+    if json_output {
+        out_json!(json!({
+            "catalogue": book.catalogue, "version": book.version, "sha256": hex::encode(hash),
+            "entries": book.entries.iter().map(|entry| json!({
+                "id": entry.id,
+                "fields": entry.fields.iter().map(|f| json!({"name": f.name, "type": format!("{:?}", f.kind).to_lowercase(), "values": f.values})).collect::<Vec<_>>(),
+                "text": entry.text,
+            })).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    out!(
+        "code book {} version {} (sha256 {})",
+        inert(&book.catalogue),
+        book.version,
+        hex::encode(hash)
+    );
+    for entry in &book.entries {
+        let text = language
+            .as_deref()
+            .and_then(|l| entry.text.get(l))
+            .or_else(|| entry.text.values().next())
+            .cloned()
+            .unwrap_or_default();
+        let fields: Vec<String> = entry
+            .fields
+            .iter()
+            .map(|f| {
+                format!(
+                    "--field {}=<{}>",
+                    f.name,
+                    format!("{:?}", f.kind).to_lowercase()
+                )
+            })
+            .collect();
+        out!("  {:<12} {}", inert(&entry.id), inert(&text));
+        if !fields.is_empty() {
+            out!("  {:<12} {}", "", fields.join(" "));
+        }
+    }
+    Ok(())
+}
+
+pub fn send_code(
+    home: &Path,
+    channel: &str,
+    (code, fields): (&str, &[String]),
+    precedence: hotline_core::Precedence,
+    deadline: Option<&str>,
+    json_output: bool,
+) -> Outcome {
+    let deadline_ms = deadline_of(deadline)?;
+    let mut pairs = Vec::with_capacity(fields.len());
+    for field in fields {
+        let Some((name, value)) = field.split_once('=') else {
+            return Err(Failure {
+                message: format!("--field {field:?}: use NAME=VALUE"),
+                code: exit::USAGE,
+            });
+        };
+        pairs.push((name.to_owned(), value.to_owned()));
+    }
+    let mut store = Store::open(home)?;
+    let id = store.send_code(channel, precedence, code, &pairs, deadline_ms)?;
+    let (relayed, relays) = push_now(&mut store, channel)?;
+    if json_output {
+        out_json!(json!({"id": id.to_hex(), "channel": channel, "code": code,
+                         "precedence": precedence.as_str(), "relayed": relayed, "relays": relays.len()}));
+    } else {
+        out!("{}", id.to_hex());
     }
     Ok(())
 }

@@ -398,6 +398,7 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
         Body::Message(Message {
             precedence: Precedence::Flash,
             text: "South: unidentified aircraft over the strait. Yours? Answer now.".into(),
+            code: None,
         }),
         None,
     )?;

@@ -569,6 +569,57 @@ fn format_time(ms: u64) -> String {
     )
 }
 
+/// Shows the channel's handling times, or (committer) sets those given.
+pub fn handling_times(
+    home: &Path,
+    channel: &str,
+    given: [Option<String>; 4],
+    json_output: bool,
+) -> Outcome {
+    let mut store = Store::open(home)?;
+    let mut times = store.handling_times(channel)?;
+    let mut changed = false;
+    for (slot, text) in times.iter_mut().zip(&given) {
+        if let Some(text) = text {
+            *slot = parse_duration(text).ok_or_else(|| Failure {
+                message: format!(
+                    "invalid duration {text:?}: use a number and s, m, h or d, as in 10m"
+                ),
+                code: exit::USAGE,
+            })?;
+            changed = true;
+        }
+    }
+    if changed {
+        store.set_handling_times(channel, times)?;
+        let (relayed, relays) = push_now(&mut store, channel)?;
+        report_change("the handling times", relayed, relays.len());
+    }
+    if json_output {
+        let object: serde_json::Map<String, serde_json::Value> = Precedence::ALL
+            .iter()
+            .zip(times)
+            .map(|(level, ms)| (format!("{}_ms", level.as_str()), json!(ms)))
+            .collect();
+        out_json!(serde_json::Value::Object(object));
+    } else {
+        for (level, ms) in Precedence::ALL.iter().zip(times) {
+            out!("{:<10} read within {}", level.as_str(), human_duration(ms));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn human_duration(ms: u64) -> String {
+    match ms {
+        ms if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        ms => format!("{ms}ms"),
+    }
+}
+
 pub fn cosign(home: &Path, channel: &str, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
     let sealed = store.cosign(channel)?;

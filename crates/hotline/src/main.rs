@@ -145,11 +145,18 @@ enum Command {
     Send {
         channel: String,
         /// The message; `-` reads it from standard input (up to 1 MiB, UTF-8).
-        #[arg(required_unless_present = "file")]
+        #[arg(required_unless_present_any = ["file", "code"])]
         text: Option<String>,
         /// Read the message from FILE (up to 1 MiB, UTF-8) instead.
         #[arg(long, value_name = "FILE", conflicts_with = "text")]
         file: Option<PathBuf>,
+        /// Send entry ID of the channel's code book instead of a text (each party
+        /// reads it in its own language); see hotline code list.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["text", "file"])]
+        code: Option<String>,
+        /// A field of the code book entry: NAME=VALUE (repeat for each).
+        #[arg(long = "field", value_name = "NAME=VALUE", requires = "code")]
+        fields: Vec<String>,
         /// How urgent: flash, immediate, priority or routine. FLASH goes first in every
         /// queue and is shown at the receiver until read.
         #[arg(long, short = 'p', default_value = "routine", value_parser = parse_precedence)]
@@ -263,6 +270,9 @@ enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Code books: pre-agreed messages, adopted when every party signs the book.
+    #[command(subcommand)]
+    Code(CodeCommand),
     /// Agreed texts: a text every party signs (a joint communiqué), in parallel
     /// language versions, equally authentic.
     #[command(subcommand)]
@@ -302,6 +312,29 @@ enum CardCommand {
         /// The fingerprint the card's owner read to you out of band.
         #[arg(long)]
         fingerprint: String,
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CodeCommand {
+    /// Propose a code book (a JSON file, see docs/crisis-protocol.md) for the channel:
+    /// adopted once every party signed it (hotline agree sign CHANNEL ID).
+    Adopt {
+        channel: String,
+        #[arg(long, value_name = "FILE")]
+        book: PathBuf,
+        /// Expires unless every party signed within this time.
+        #[arg(long)]
+        deadline: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// The channel's adopted code book: each entry, its fields, its text in your
+    /// language (HOTLINE_LANGUAGE, else the locale's).
+    List {
+        channel: String,
         #[command(flatten)]
         json: Json,
     },
@@ -389,6 +422,21 @@ enum ChannelCommand {
         /// this device as NAME=URL.
         #[arg(long = "relay", required = true, value_name = "[NAME=]URL")]
         relays: Vec<String>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// The channel's handling times (read-by deadlines per precedence when a message
+    /// gives none); the committer sets them for every member with the flags.
+    HandlingTimes {
+        name: String,
+        #[arg(long, value_name = "DURATION")]
+        flash: Option<String>,
+        #[arg(long, value_name = "DURATION")]
+        immediate: Option<String>,
+        #[arg(long, value_name = "DURATION")]
+        priority: Option<String>,
+        #[arg(long, value_name = "DURATION")]
+        routine: Option<String>,
         #[command(flatten)]
         json: Json,
     },
@@ -525,6 +573,35 @@ fn main() -> ExitCode {
             device::channel_rekey(&home, &name, json.json)
         }
         Command::Channel(ChannelCommand::List { json }) => device::channel_list(&home, json.json),
+        Command::Channel(ChannelCommand::HandlingTimes {
+            name,
+            flash,
+            immediate,
+            priority,
+            routine,
+            json,
+        }) => device::handling_times(
+            &home,
+            &name,
+            [flash, immediate, priority, routine],
+            json.json,
+        ),
+        Command::Send {
+            channel,
+            code: Some(code),
+            fields,
+            precedence,
+            deadline,
+            json,
+            ..
+        } => agree::send_code(
+            &home,
+            &channel,
+            (&code, &fields),
+            precedence,
+            deadline.as_deref(),
+            json.json,
+        ),
         Command::Send {
             channel,
             text,
@@ -532,11 +609,25 @@ fn main() -> ExitCode {
             precedence,
             deadline,
             json,
+            ..
         } => input::message(text.as_deref(), file.as_deref()).and_then(|text| {
-            let message = Message { precedence, text };
+            let message = Message {
+                precedence,
+                text,
+                code: None,
+            };
             device::send(&home, &channel, message, deadline.as_deref(), json.json)
         }),
         Command::Cosign { channel, json } => device::cosign(&home, &channel, json.json),
+        Command::Code(CodeCommand::Adopt {
+            channel,
+            book,
+            deadline,
+            json,
+        }) => agree::adopt_code_book(&home, &channel, &book, deadline.as_deref(), json.json),
+        Command::Code(CodeCommand::List { channel, json }) => {
+            agree::list_code_book(&home, &channel, json.json)
+        }
         Command::Agree(AgreeCommand::Propose {
             channel,
             text,

@@ -213,7 +213,20 @@ fn describe(envelope: &Envelope, report: &VerifyReport) -> Option<(String, Strin
                 hotline_core::Precedence::Routine => "message".to_owned(),
                 level => format!("{level} message"),
             },
-            message.text.clone(),
+            match &message.code {
+                Some(coded) => format!(
+                    "[{}] {} (code book {})",
+                    coded.id,
+                    coded
+                        .fields
+                        .iter()
+                        .map(|(name, value)| format!("{name}={value}"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    &hex::encode(coded.catalogue)[..12]
+                ),
+                None => message.text.clone(),
+            },
         ),
         Body::NonResponse(statement) => (
             "non-response statement".into(),
@@ -241,6 +254,18 @@ fn describe(envelope: &Envelope, report: &VerifyReport) -> Option<(String, Strin
                 MembershipNote::RelaysChanged { relays } => {
                     format!("relays now: {}", relays.join(", "))
                 }
+                MembershipNote::HandlingTimes { read_within_ms } => format!(
+                    "handling times now: {}",
+                    hotline_core::Precedence::ALL
+                        .iter()
+                        .zip(read_within_ms)
+                        .map(|(level, ms)| format!(
+                            "{level} {}",
+                            crate::device::human_duration(*ms)
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             },
         ),
         Body::Agreement(Agreement::Propose(proposal)) => {

@@ -168,3 +168,134 @@ fn an_agreed_text_is_accepted_only_with_every_partys_signature_and_an_export_pro
     assert_eq!(cli(north, &["verify", altered.to_str().unwrap()]).0, 5);
     relay.stop();
 }
+
+/// `hotline log` in `home` with `HOTLINE_LANGUAGE=language`.
+fn log_in(home: &Path, language: &str) -> String {
+    let output = std::process::Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .env("HOTLINE_HOME", home)
+        .env("HOTLINE_LANGUAGE", language)
+        .args(["log", "crisis"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// A code book adopted by three parties (every party signs it as an agreed text):
+/// before that, coded messages are refused; after, an entry sent with its fields is
+/// read by each party in its own language, a code or a field that does not match the
+/// book is refused, and the export shows the entry and the book's hash.
+#[test]
+fn a_code_book_adopted_by_every_party_renders_in_each_language_and_refuses_the_rest() {
+    let dir = data_dir("code-book");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = verified_homes(&dir, &["north", "south", "mediator"], &relay.url);
+    let (north, south, mediator) = (&homes[0], &homes[1], &homes[2]);
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
+            &relay.url,
+        ],
+    );
+    ok(south, &["sync"]);
+    ok(mediator, &["sync"]);
+
+    let book = dir.join("cues.json");
+    std::fs::write(
+        &book,
+        r#"{"catalogue": "border-cues", "version": 1, "entries": [
+             {"id": "CALL",
+              "fields": [{"name": "time", "type": "time"},
+                         {"name": "line", "type": "choice", "values": ["1", "2"]}],
+              "text": {"en": "Request a call at {time} on line {line}.",
+                       "fr": "Demande d'appel à {time} sur la ligne {line}."}},
+             {"id": "HOLD", "text": {"en": "Hold all exercises.", "fr": "Suspendez tout exercice."}}
+           ]}"#,
+    )
+    .unwrap();
+    let send_call = |home: &Path, time: &str| {
+        cli(
+            home,
+            &[
+                "send",
+                "crisis",
+                "-p",
+                "immediate",
+                "--code",
+                "CALL",
+                "--field",
+                &format!("time={time}"),
+                "--field",
+                "line=2",
+                "--json",
+            ],
+        )
+    };
+    assert_eq!(
+        send_call(north, "2026-05-18T18:00Z").0,
+        1,
+        "no code book yet"
+    );
+
+    let proposed = ok(
+        north,
+        &[
+            "code",
+            "adopt",
+            "crisis",
+            "--book",
+            book.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let id = field(&proposed, "id").as_str().unwrap().to_owned();
+    for home in [south, mediator] {
+        ok(home, &["sync"]);
+        ok(home, &["agree", "sign", "crisis", &id]);
+    }
+    ok(north, &["sync"]);
+    assert!(ok(north, &["code", "list", "crisis"]).contains("CALL"));
+
+    let (code, sent) = send_call(north, "2026-05-18T18:00Z");
+    assert_eq!(code, 0, "{sent}");
+    // What does not match the book is refused, and nothing is sent.
+    assert_eq!(send_call(north, "tomorrow at six").0, 1);
+    let (code, _) = cli(north, &["send", "crisis", "--code", "NOPE"]);
+    assert_eq!(code, 1);
+    let (code, _) = cli(
+        north,
+        &["send", "crisis", "--code", "HOLD", "--field", "extra=1"],
+    );
+    assert_eq!(code, 1);
+
+    ok(south, &["sync"]);
+    ok(mediator, &["sync"]);
+    let french = log_in(south, "fr");
+    assert!(
+        french.contains("IMMEDIATE [CALL] Demande d'appel à 2026-05-18T18:00Z sur la ligne 2."),
+        "{french}"
+    );
+    let english = log_in(mediator, "en");
+    assert!(
+        english.contains("IMMEDIATE [CALL] Request a call at 2026-05-18T18:00Z on line 2."),
+        "{english}"
+    );
+    assert_eq!(
+        english.matches("[CALL]").count(),
+        1,
+        "one coded message went out"
+    );
+
+    let export = dir.join("crisis.hotline");
+    ok(
+        north,
+        &["export", "crisis", "--out", export.to_str().unwrap()],
+    );
+    let shown = ok(north, &["verify", export.to_str().unwrap(), "--show"]);
+    assert!(
+        shown.contains("[CALL] time=2026-05-18T18:00Z, line=2 (code book "),
+        "{shown}"
+    );
+    relay.stop();
+}

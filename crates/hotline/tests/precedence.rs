@@ -346,3 +346,51 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .windows(needle.len())
         .position(|window| window == needle)
 }
+
+/// The committer sets the channel's handling times; every member follows them, a
+/// message without a deadline gets its precedence's, and a member that is not the
+/// committer cannot change them.
+#[test]
+fn the_committer_sets_the_channels_handling_times_and_members_follow() {
+    let dir = data_dir("handling-times");
+    let relay = Relay::start(&dir.join("relay"));
+    let (north, south) = crisis_line(&dir, &relay);
+    let defaults = ok(&south, &["channel", "handling-times", "crisis", "--json"]);
+    assert_eq!(field(&defaults, "flash_ms"), 600_000);
+    assert_eq!(field(&defaults, "routine_ms"), 21_600_000);
+    ok(
+        &north,
+        &[
+            "channel",
+            "handling-times",
+            "crisis",
+            "--flash",
+            "2m",
+            "--routine",
+            "1d",
+        ],
+    );
+    ok(&south, &["sync"]);
+    let followed = ok(&south, &["channel", "handling-times", "crisis", "--json"]);
+    assert_eq!(field(&followed, "flash_ms"), 120_000);
+    assert_eq!(field(&followed, "immediate_ms"), 1_800_000);
+    assert_eq!(field(&followed, "routine_ms"), 86_400_000);
+    let (code, _) = cli(
+        &south,
+        &["channel", "handling-times", "crisis", "--flash", "1m"],
+    );
+    assert_eq!(code, 1, "only the committer sets them");
+
+    ok(
+        &south,
+        &["send", "crisis", "-p", "flash", "Answer within two minutes"],
+    );
+    let log = json_lines(&ok(&south, &["log", "crisis", "--json"]));
+    let flash = log
+        .iter()
+        .find(|entry| entry["precedence"] == "flash")
+        .unwrap();
+    let given = flash["deadline_ms"].as_u64().unwrap() - flash["time_ms"].as_u64().unwrap();
+    assert!((120_000..121_000).contains(&given), "{flash}");
+    relay.stop();
+}

@@ -4,20 +4,25 @@ use super::*;
 
 impl Store {
     /// Seals and queues a message; returns only after the transaction committed. A
-    /// message without a deadline gets its precedence's ([`Precedence::read_within_ms`]).
+    /// message without a deadline gets its precedence's handling time: the channel's
+    /// (set by its committer), else [`Precedence::read_within_ms`].
     pub fn send(
         &mut self,
         channel: &str,
         body: Body,
         deadline_ms: Option<u64>,
     ) -> Result<EnvelopeId, StoreError> {
-        let deadline_ms =
-            match body.message() {
-                Some(message) => Some(deadline_ms.unwrap_or_else(|| {
-                    now_ms().saturating_add(message.precedence.read_within_ms())
-                })),
-                None => deadline_ms,
-            };
+        let deadline_ms = match (body.message(), deadline_ms) {
+            (Some(message), None) => {
+                let times = handling_times(&self.connection, &self.channel_id(channel)?)?;
+                let level = Precedence::ALL
+                    .iter()
+                    .position(|level| *level == message.precedence)
+                    .unwrap_or(3);
+                Some(now_ms().saturating_add(times[level]))
+            }
+            (_, given) => given,
+        };
         self.transact(|connection, identity, cache| {
             let provider = Provider::new(connection);
             let channel_id = channel_id_by_name(connection, channel)?;
@@ -107,6 +112,7 @@ impl Store {
         link_tests: bool,
         last: Option<usize>,
     ) -> Result<Vec<LogEntry>, StoreError> {
+        let books = self.code_books(channel)?;
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
         let relays = channel_relays(&self.connection, &loaded.id())?;
@@ -124,7 +130,7 @@ impl Store {
                     break;
                 }
                 let (text, precedence) = match &envelope.body {
-                    Body::Message(message) => (message.text.clone(), message.precedence),
+                    Body::Message(message) => (text_of(&books, message), message.precedence),
                     Body::LinkTest(bytes) if link_tests => (
                         crate::payload::describe_link_test(bytes, &relays),
                         Precedence::Routine,
@@ -152,6 +158,7 @@ impl Store {
     /// message since precedences (older ones only with `--deadline`).
     pub fn unread(&mut self, channel: &str, limit: usize) -> Result<Vec<LogEntry>, StoreError> {
         let own_party = self.identity.info().party.clone();
+        let books = self.code_books(channel)?;
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
         let mut statement = self.connection.prepare_cached(
@@ -188,7 +195,7 @@ impl Store {
                 &loaded,
                 id,
                 &envelope,
-                message.text,
+                text_of(&books, &message),
                 message.precedence,
             )?);
         }
@@ -284,4 +291,15 @@ fn log_entry(
         delivered_to,
         read_by: channel.read_by(&id)?,
     })
+}
+
+/// How a message reads: its text, or its code book entry rendered.
+pub(crate) fn text_of(
+    books: &BTreeMap<[u8; 32], super::Catalogue>,
+    message: &hotline_core::Message,
+) -> String {
+    match &message.code {
+        Some(coded) => super::render_coded(books, coded),
+        None => message.text.clone(),
+    }
 }

@@ -28,6 +28,7 @@ use crate::transcript_store::SqliteTranscript;
 
 mod agreements;
 mod channels;
+mod codebook;
 mod contacts;
 mod copies;
 mod cosigning;
@@ -38,8 +39,12 @@ mod relays;
 mod schema;
 
 pub use agreements::{AgreementState, AgreementStatus, Signed};
+pub use codebook::{
+    CODE_BOOK_LANGUAGE, Catalogue, CodeEntry, Field, FieldKind, preferred_language, render_coded,
+};
 pub(crate) use copies::*;
 pub(crate) use cosigning::cosign_latest;
+pub(crate) use messages::text_of;
 pub use outbox::MAX_UNDELIVERED_SCAN;
 pub(crate) use outbox::{precedence_of, reseal};
 pub(crate) use persist::*;

@@ -96,6 +96,41 @@ impl Store {
         })
     }
 
+    /// Sets the channel's handling times (committer only): how long the other parties
+    /// have to read a message of each precedence (FLASH first) when its sender gives no
+    /// deadline. A note for the record that every member follows.
+    pub fn set_handling_times(
+        &mut self,
+        channel: &str,
+        read_within_ms: [u64; 4],
+    ) -> Result<(), StoreError> {
+        if read_within_ms.contains(&0) {
+            return Err(StoreError::Agreement(
+                "a handling time is at least 1 ms".into(),
+            ));
+        }
+        self.transact(|connection, identity, cache| {
+            let provider = Provider::new(connection);
+            let channel_id = channel_id_by_name(connection, channel)?;
+            let mut loaded = checkout(cache, connection, &provider, &channel_id)?;
+            if !loaded.is_committer() {
+                return Err(StoreError::Channel(ChannelError::NotCommitter));
+            }
+            let note = Body::Membership(MembershipNote::HandlingTimes { read_within_ms });
+            seal(connection, &provider, identity, &mut loaded, note, None)?;
+            set_handling_times(connection, &channel_id, &read_within_ms)?;
+            save_channel(connection, &mut loaded, false)?;
+            cache.channels.insert(channel_id, loaded);
+            Ok(())
+        })
+    }
+
+    /// The channel's handling times, FLASH first: its committer's, else the defaults.
+    pub fn handling_times(&mut self, channel: &str) -> Result<[u64; 4], StoreError> {
+        let channel_id = self.channel_id(channel)?;
+        handling_times(&self.connection, &channel_id)
+    }
+
     /// Names a relay on this device (shown by `status`, the console and alarms instead of
     /// its address; never sent). A name is 1 to 32 letters, digits, `.`, `-` or `_`, and
     /// names one relay.
@@ -193,6 +228,12 @@ pub(crate) fn follow_relay_changes(
             {
                 replace_relays(connection, &channel.id(), relays)?;
             }
+            if let Body::Membership(MembershipNote::HandlingTimes { read_within_ms }) =
+                &envelope.body
+                && envelope.sender == channel.committer()
+            {
+                set_handling_times(connection, &channel.id(), read_within_ms)?;
+            }
         }
     }
     Ok(())
@@ -241,4 +282,35 @@ pub fn relay_label(names: &BTreeMap<String, String>, url: &str) -> String {
         .filter(|host| !host.is_empty())
         .unwrap_or(url)
         .to_owned()
+}
+
+fn set_handling_times(
+    connection: &Connection,
+    channel: &ChannelId,
+    read_within_ms: &[u64; 4],
+) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO handling_times (channel, times) VALUES (?1, ?2)
+         ON CONFLICT (channel) DO UPDATE SET times = ?2",
+        params![
+            &channel.0[..],
+            serde_json::to_string(read_within_ms).map_err(corrupt)?
+        ],
+    )?;
+    Ok(())
+}
+
+/// The channel's handling times, FLASH first: its committer's, else the defaults.
+pub(crate) fn handling_times(
+    connection: &Connection,
+    channel: &ChannelId,
+) -> Result<[u64; 4], StoreError> {
+    let stored: Option<String> = connection
+        .prepare_cached("SELECT times FROM handling_times WHERE channel = ?1")?
+        .query_row([&channel.0[..]], |row| row.get(0))
+        .optional()?;
+    match stored {
+        Some(json) => serde_json::from_str(&json).map_err(corrupt),
+        None => Ok(hotline_core::Precedence::ALL.map(hotline_core::Precedence::read_within_ms)),
+    }
 }
