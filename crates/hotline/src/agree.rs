@@ -8,7 +8,7 @@ use hotline_client::store::AgreementStatus;
 use hotline_core::export::utc;
 use serde_json::json;
 
-use crate::device::{Failure, Outcome, failure, parse_duration, push_now};
+use crate::device::{Failure, Outcome, deadline_from_now, failure, push_now};
 use crate::exit;
 use crate::inert::{inert, inert_lines};
 use crate::input;
@@ -31,19 +31,7 @@ pub fn propose(
         };
         files.push((code.to_owned(), PathBuf::from(file)));
     }
-    let deadline_ms = match deadline {
-        Some(text) => Some(
-            parse_duration(text)
-                .map(|ms| crate::device::now_ms() + ms)
-                .ok_or_else(|| Failure {
-                    message: format!(
-                        "invalid deadline {text:?}: use a number and s, m, h or d, as in 1d"
-                    ),
-                    code: exit::USAGE,
-                })?,
-        ),
-        None => None,
-    };
+    let deadline_ms = deadline_from_now(deadline)?;
     let mut versions = Vec::with_capacity(files.len());
     for (code, file) in files {
         versions.push((code, input::message(None, Some(&file))?));
@@ -62,21 +50,6 @@ pub fn propose(
     Ok(())
 }
 
-fn deadline_of(deadline: Option<&str>) -> Result<Option<u64>, Failure> {
-    deadline
-        .map(|text| {
-            parse_duration(text)
-                .map(|ms| crate::device::now_ms() + ms)
-                .ok_or_else(|| Failure {
-                    message: format!(
-                        "invalid deadline {text:?}: use a number and s, m, h or d, as in 1d"
-                    ),
-                    code: exit::USAGE,
-                })
-        })
-        .transpose()
-}
-
 pub fn adopt_code_book(
     home: &Path,
     channel: &str,
@@ -84,7 +57,7 @@ pub fn adopt_code_book(
     deadline: Option<&str>,
     json_output: bool,
 ) -> Outcome {
-    let deadline_ms = deadline_of(deadline)?;
+    let deadline_ms = deadline_from_now(deadline)?;
     let bytes = input::read_limited(book, input::MAX_MESSAGE_FILE, "a code book")?;
     let mut store = Store::open(home)?;
     let id = store.adopt_code_book(channel, &bytes, deadline_ms)?;
@@ -163,7 +136,7 @@ pub fn send_code(
     deadline: Option<&str>,
     json_output: bool,
 ) -> Outcome {
-    let deadline_ms = deadline_of(deadline)?;
+    let deadline_ms = deadline_from_now(deadline)?;
     let mut pairs = Vec::with_capacity(fields.len());
     for field in fields {
         let Some((name, value)) = field.split_once('=') else {

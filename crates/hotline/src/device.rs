@@ -450,18 +450,7 @@ pub fn send(
     deadline: Option<&str>,
     json_output: bool,
 ) -> Outcome {
-    let deadline_ms = deadline
-        .map(|d| {
-            parse_duration(d)
-                .map(|ms| now_ms() + ms)
-                .ok_or_else(|| Failure {
-                    message: format!(
-                        "invalid deadline {d:?}: use a number and s, m, h or d, as in 10m"
-                    ),
-                    code: exit::USAGE,
-                })
-        })
-        .transpose()?;
+    let deadline_ms = deadline_from_now(deadline)?;
     if message.text.is_empty() {
         return Err(failure("refusing to send an empty message"));
     }
@@ -567,6 +556,23 @@ fn format_time(ms: u64) -> String {
         rest % 3600 / 60,
         rest % 60
     )
+}
+
+/// A deadline given as a duration from now (`30s`, `10m`, `2h`, `1d`), in ms since
+/// the Unix epoch; a usage error (exit 2) if it is not one.
+pub(crate) fn deadline_from_now(deadline: Option<&str>) -> Result<Option<u64>, Failure> {
+    deadline
+        .map(|text| {
+            parse_duration(text)
+                .map(|ms| now_ms() + ms)
+                .ok_or_else(|| Failure {
+                    message: format!(
+                        "invalid deadline {text:?}: use a number and s, m, h or d, as in 10m"
+                    ),
+                    code: exit::USAGE,
+                })
+        })
+        .transpose()
 }
 
 /// Shows the channel's handling times, or (committer) sets those given.

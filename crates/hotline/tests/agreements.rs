@@ -6,7 +6,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{Relay, cli, data_dir, field, ok, verified_homes};
+use common::{Relay, cli, data_dir, field, ok, three_parties_in_crisis};
 
 fn agreement(home: &Path, id: &str) -> serde_json::Value {
     serde_json::from_str(&ok(home, &["agree", "show", "crisis", id, "--json"])).unwrap()
@@ -16,18 +16,8 @@ fn agreement(home: &Path, id: &str) -> serde_json::Value {
 fn an_agreed_text_is_accepted_only_with_every_partys_signature_and_an_export_proves_it() {
     let dir = data_dir("agreements");
     let relay = Relay::start(&dir.join("relay"));
-    let parties = ["north", "south", "mediator"];
-    let homes = verified_homes(&dir, &parties, &relay.url);
+    let homes = three_parties_in_crisis(&dir, &relay.url);
     let (north, south, mediator) = (&homes[0], &homes[1], &homes[2]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
-            &relay.url,
-        ],
-    );
-    ok(south, &["sync"]);
-    ok(mediator, &["sync"]);
 
     let english = dir.join("en.txt");
     let french = dir.join("fr.txt");
@@ -189,17 +179,8 @@ fn log_in(home: &Path, language: &str) -> String {
 fn a_code_book_adopted_by_every_party_renders_in_each_language_and_refuses_the_rest() {
     let dir = data_dir("code-book");
     let relay = Relay::start(&dir.join("relay"));
-    let homes = verified_homes(&dir, &["north", "south", "mediator"], &relay.url);
+    let homes = three_parties_in_crisis(&dir, &relay.url);
     let (north, south, mediator) = (&homes[0], &homes[1], &homes[2]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
-            &relay.url,
-        ],
-    );
-    ok(south, &["sync"]);
-    ok(mediator, &["sync"]);
 
     let book = dir.join("cues.json");
     std::fs::write(

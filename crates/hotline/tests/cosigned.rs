@@ -6,7 +6,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{Relay, data_dir, field, ok, verified_homes};
+use common::{Relay, data_dir, field, ok, three_parties_in_crisis};
 use hotline_client::Store;
 use hotline_core::{Body, Cosignature, DeviceIdentity};
 
@@ -25,15 +25,8 @@ fn status(home: &Path) -> serde_json::Value {
 fn every_party_cosigns_the_same_root_and_another_root_is_alarmed() {
     let dir = data_dir("cosigned");
     let relay = Relay::start(&dir.join("relay"));
-    let homes = verified_homes(&dir, &["north", "south", "mediator"], &relay.url);
+    let homes = three_parties_in_crisis(&dir, &relay.url);
     let (north, south) = (&homes[0], &homes[1]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
-            &relay.url,
-        ],
-    );
     sync_all(&homes);
     for (home, text) in homes.iter().zip(["one", "two", "three"]) {
         ok(home, &["send", "crisis", text]);

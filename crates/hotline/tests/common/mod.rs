@@ -136,6 +136,23 @@ pub fn verified_homes(dir: &Path, parties: &[&str], relay: &str) -> Vec<std::pat
     homes
 }
 
+/// North, south and the mediator, verified, in channel `crisis` on `relay` that north
+/// created; the two others joined.
+pub fn three_parties_in_crisis(dir: &Path, relay: &str) -> Vec<std::path::PathBuf> {
+    let homes = verified_homes(dir, &["north", "south", "mediator"], relay);
+    ok(
+        &homes[0],
+        &[
+            "channel", "create", "crisis", "--with", "south", "--with", "mediator", "--relay",
+            relay,
+        ],
+    );
+    for home in &homes[1..] {
+        ok(home, &["sync"]);
+    }
+    homes
+}
+
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
 pub struct Follower {
     pub child: Child,
