@@ -105,6 +105,12 @@ impl Store {
                     .map(|member| member.party)
                     .filter(|party| *party != own_party && !read.contains(party))
                     .collect();
+                if unread.is_empty() {
+                    // Read by everyone in time: nothing to escalate, nothing to offer.
+                    done(connection)?;
+                    cache.channels.insert(channel_id, channel);
+                    continue;
+                }
                 let relays = channel_relays(connection, &channel_id)?;
                 for party in unread {
                     let transcript = channel.transcript();

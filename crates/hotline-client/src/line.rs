@@ -293,9 +293,16 @@ impl Store {
     ) -> Result<Vec<LineEvent>, StoreError> {
         let me = self.identity().key();
         let own_party = self.identity().info().party.clone();
+        // Code books, to render coded messages: only read when the channel has agreed
+        // texts at all (the common case costs one indexed lookup per arrival).
+        let agreed: bool = self.transact(|connection, _, _| {
+            Ok(connection
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM agreements WHERE channel = ?1)")?
+                .query_row([&channel.0[..]], |row| row.get(0))?)
+        })?;
         let books = match self.channel_name(channel) {
-            Ok(name) => self.code_books(&name)?,
-            Err(_) => Default::default(),
+            Ok(name) if agreed => self.code_books(&name)?,
+            _ => Default::default(),
         };
         self.transact(|connection, _, cache| {
             let provider = Provider::new(connection);

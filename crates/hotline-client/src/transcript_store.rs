@@ -80,6 +80,9 @@ pub(crate) const PRECEDENCE: &str = "
     CREATE TABLE agreements (
         channel BLOB NOT NULL,
         proposal BLOB NOT NULL,
+        -- 'accepted' or 'rejected' once it was: a final state stays final, whatever
+        -- membership changes follow.
+        final TEXT,
         PRIMARY KEY (channel, proposal)
     ) WITHOUT ROWID;
     CREATE TABLE agreement_steps (
@@ -108,6 +111,12 @@ pub(crate) const PRECEDENCE: &str = "
     CREATE TABLE handling_times (
         channel BLOB PRIMARY KEY,
         times TEXT NOT NULL
+    ) WITHOUT ROWID;
+    -- Later horizons whose root this device found its own: it cosigns at the latest.
+    CREATE TABLE cosign_horizons (
+        channel BLOB NOT NULL,
+        horizon INTEGER NOT NULL,
+        PRIMARY KEY (channel, horizon)
     ) WITHOUT ROWID;
     CREATE TABLE cosign_cursors (
         channel BLOB NOT NULL,

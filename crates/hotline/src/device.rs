@@ -923,7 +923,7 @@ pub fn status(
         if !store.clear_alarm(*id)? {
             return Err(failure(format!(
                 "no open stored alarm #{id}: see the ids in hotline status --json (alarms[].id); \
-                 live alarms (relay-down, path-down, deadline, undelivered, not-joined) end \
+                 live alarms (relay-down, path-down, deadline, undelivered, not-joined, flash, unread) end \
                  with their cause"
             )));
         }

@@ -274,7 +274,11 @@ fn describe(envelope: &Envelope, report: &VerifyReport) -> Option<(String, Strin
                 proposal
                     .versions
                     .iter()
-                    .map(|(language, text)| format!("[{language}] {text}"))
+                    // Each version's later lines indented under its header: a
+                    // version's text cannot pass for another version.
+                    .map(|(language, text)| {
+                        format!("[{language}] {}", text.replace('\n', "\n    "))
+                    })
                     .chain(proposal.deadline_ms.map(|deadline| {
                         format!("(to be signed by every party by {})", utc(deadline))
                     }))

@@ -164,13 +164,13 @@ impl Store {
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
         let channel_id = loaded.id();
-        let proposals: Vec<Vec<u8>> = self
+        let proposals: Vec<(Vec<u8>, Option<String>)> = self
             .connection
-            .prepare_cached("SELECT proposal FROM agreements WHERE channel = ?1")?
-            .query_map([&channel_id.0[..]], |row| row.get(0))?
+            .prepare_cached("SELECT proposal, final FROM agreements WHERE channel = ?1")?
+            .query_map([&channel_id.0[..]], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
         let mut out = Vec::with_capacity(proposals.len());
-        for proposal in proposals {
+        for (proposal, last) in proposals {
             let Ok(id) = <[u8; 32]>::try_from(proposal.as_slice()).map(EnvelopeId) else {
                 continue;
             };
@@ -185,9 +185,29 @@ impl Store {
                 .into_iter()
                 .filter_map(|step| <[u8; 32]>::try_from(step.as_slice()).ok().map(EnvelopeId))
                 .collect();
-            if let Some(status) = status_of(&loaded, channel_id, id, &steps, now)? {
-                out.push(status);
+            let Some(mut status) = status_of(&loaded, channel_id, id, &steps, now)? else {
+                continue;
+            };
+            match last.as_deref() {
+                Some("accepted") => {
+                    status.state = AgreementState::Accepted;
+                    status.waiting_for.clear();
+                }
+                Some("rejected") => status.state = AgreementState::Rejected,
+                _ if matches!(
+                    status.state,
+                    AgreementState::Accepted | AgreementState::Rejected
+                ) =>
+                {
+                    self.connection
+                        .prepare_cached(
+                            "UPDATE agreements SET final = ?3 WHERE channel = ?1 AND proposal = ?2",
+                        )?
+                        .execute(params![&channel_id.0[..], &id.0[..], status.state.as_str()])?;
+                }
+                _ => {}
             }
+            out.push(status);
         }
         out.sort_by_key(|status| (status.time_ms, status.id));
         Ok(out)
@@ -261,6 +281,9 @@ fn status_of(
         .map(|envelope| (envelope.lamport, envelope))
         .collect();
     steps.sort_by_key(|(lamport, _)| *lamport);
+    let mut parties: Vec<String> = channel.members().into_iter().map(|m| m.party).collect();
+    parties.sort();
+    parties.dedup();
     for (_, step) in steps {
         let party = party_of(&step.sender);
         match step.body {
@@ -285,13 +308,21 @@ fn status_of(
                     signature,
                 });
             }
-            Body::Agreement(Agreement::Reject { reason, .. }) => rejected.push((party, reason)),
+            // A rejection counts from a party that has not signed, before the deadline
+            // and before the text was accepted: a signature binds, and a final state
+            // stays final.
+            Body::Agreement(Agreement::Reject { reason, .. })
+                if !signed.contains_key(&party)
+                    && proposal
+                        .deadline_ms
+                        .is_none_or(|deadline| step.claimed_time_ms <= deadline)
+                    && !parties.iter().all(|p| signed.contains_key(p)) =>
+            {
+                rejected.push((party, reason))
+            }
             _ => {}
         }
     }
-    let mut parties: Vec<String> = channel.members().into_iter().map(|m| m.party).collect();
-    parties.sort();
-    parties.dedup();
     let waiting_for: Vec<String> = parties
         .into_iter()
         .filter(|party| !signed.contains_key(party))

@@ -8,8 +8,10 @@
 //! Roots are per horizon (the epoch a device's transcript starts at). A device checks
 //! and cosigns the roots of later horizons too (the envelopes of epoch ≥ that horizon
 //! in its settled prefix, read forward once; a cosignature of a size already read past
-//! is checked by reading from the start again), and cosigns at the latest horizon it
-//! has seen cosigned, so that founders and members who joined later meet on one root.
+//! is checked by reading from the start again), and cosigns at the latest horizon
+//! whose root it has found its own, so that founders and members who joined later meet
+//! on one root. A cosignature whose signature does not hold, or whose horizon is beyond
+//! the channel's epoch, is alarmed and never looked into.
 //! A device cannot check a root of an earlier horizon than its own (it lacks those
 //! envelopes).
 
@@ -151,38 +153,57 @@ fn check(
     let Body::Cosignature(cosignature) = &envelope.body else {
         return Ok(Checked::Done(None));
     };
-    let root = match root_for(connection, channel, cosignature.horizon, cosignature.size)? {
-        RootFor::Later => return Ok(Checked::Later),
-        RootFor::Never => return Ok(Checked::Done(None)),
-        RootFor::Root(root) => root,
-    };
-    let holds = cosignature.holds(&channel.id(), &envelope.sender);
-    if root == cosignature.root && holds {
-        return Ok(Checked::Done(Some((cosignature.horizon, cosignature.size))));
-    }
     let party = channel
         .transcript()
         .party_of(&envelope.sender)
         .unwrap_or("?")
         .to_owned();
-    let detail = if holds {
-        format!(
-            "{party} cosigned another root of the first {} settled envelopes from epoch {} \
-             ({}, here {}): it was shown, or tells, another history",
-            cosignature.size,
-            cosignature.horizon,
-            &hex::encode(cosignature.root)[..16],
-            &hex::encode(root)[..16]
-        )
-    } else {
-        format!("{party} sent a cosignature whose signature does not hold")
+    let alarm = |detail: String| -> Result<Checked, StoreError> {
+        connection.execute(
+            "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
+             VALUES ('cosigned-root', NULL, ?1, ?2, ?3, ?4, ?5)",
+            params![party, id.to_hex(), detail, envelope.encode(), now_ms as i64],
+        )?;
+        Ok(Checked::Done(None))
     };
-    connection.execute(
-        "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
-         VALUES ('cosigned-root', NULL, ?1, ?2, ?3, ?4, ?5)",
-        params![party, id.to_hex(), detail, envelope.encode(), now_ms as i64],
-    )?;
-    Ok(Checked::Done(None))
+    // A signature that does not hold, or a horizon no member can have yet (beyond
+    // the channel's epoch), is never looked into: it cannot steer this device.
+    if !cosignature.holds(&channel.id(), &envelope.sender) {
+        return alarm(format!(
+            "{party} sent a cosignature whose signature does not hold"
+        ));
+    }
+    if cosignature.horizon > channel.epoch() {
+        return alarm(format!(
+            "{party} cosigned a root from epoch {}, beyond the channel's epoch {}",
+            cosignature.horizon,
+            channel.epoch()
+        ));
+    }
+    let root = match root_for(connection, channel, cosignature.horizon, cosignature.size)? {
+        RootFor::Later => return Ok(Checked::Later),
+        RootFor::Never => return Ok(Checked::Done(None)),
+        RootFor::Root(root) => root,
+    };
+    if root == cosignature.root {
+        if cosignature.horizon > channel.transcript().horizon() {
+            // A later horizon whose root this device shares: cosign there from now on.
+            connection
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO cosign_horizons (channel, horizon) VALUES (?1, ?2)",
+                )?
+                .execute(params![&channel.id().0[..], cosignature.horizon as i64])?;
+        }
+        return Ok(Checked::Done(Some((cosignature.horizon, cosignature.size))));
+    }
+    alarm(format!(
+        "{party} cosigned another root of the first {} settled envelopes from epoch {} \
+         ({}, here {}): it was shown, or tells, another history",
+        cosignature.size,
+        cosignature.horizon,
+        &hex::encode(cosignature.root)[..16],
+        &hex::encode(root)[..16]
+    ))
 }
 
 /// This device's root over the first `size` settled envelopes from epoch `horizon` on.
@@ -241,7 +262,7 @@ pub(crate) fn cosign_latest(
 ) -> Result<Option<(EnvelopeId, Cosignature)>, StoreError> {
     let own = channel.transcript().horizon();
     let later: Option<i64> = connection
-        .prepare_cached("SELECT MAX(horizon) FROM cosign_cursors WHERE channel = ?1")?
+        .prepare_cached("SELECT MAX(horizon) FROM cosign_horizons WHERE channel = ?1")?
         .query_row([&channel.id().0[..]], |row| row.get(0))?;
     let horizon = later.map_or(own, |h| (h as u64).max(own));
     let size = if horizon == own {

@@ -161,13 +161,25 @@ impl Store {
         let books = self.code_books(channel)?;
         let provider = Provider::new(&self.connection);
         let loaded = load_channel(&self.connection, &provider, channel)?;
+        // Only other parties' messages: this party's own devices are left out in the
+        // query, so its own messages waiting for readers never crowd the window.
+        let own: Vec<Vec<u8>> = loaded
+            .transcript()
+            .roster()
+            .values()
+            .filter(|info| info.party == own_party)
+            .map(|info| info.key.0.to_vec())
+            .collect();
         let mut statement = self.connection.prepare_cached(
             "SELECT d.id FROM deadlines d JOIN entries e ON e.channel = d.channel AND e.id = d.id
-             WHERE d.channel = ?1 ORDER BY d.precedence DESC, e.lamport, e.id LIMIT ?2",
+             WHERE d.channel = ?1 AND lower(hex(d.sender)) NOT IN (SELECT value FROM json_each(?3))
+             ORDER BY d.precedence DESC, e.lamport, e.id LIMIT ?2",
         )?;
+        let own_json = serde_json::to_string(&own.iter().map(hex::encode).collect::<Vec<_>>())
+            .map_err(corrupt)?;
         let ids: Vec<Vec<u8>> = statement
             .query_map(
-                params![&loaded.id().0[..], MAX_UNDELIVERED_SCAN as i64],
+                params![&loaded.id().0[..], MAX_UNDELIVERED_SCAN as i64, own_json],
                 |row| row.get(0),
             )?
             .collect::<Result<_, _>>()?;
