@@ -38,14 +38,28 @@ pub fn propose(
     }
     let mut store = Store::open(home)?;
     let id = store.propose_agreement(channel, versions, deadline_ms)?;
-    let (relayed, relays) = push_now(&mut store, channel)?;
+    hand_over(&mut store, channel, id, json_output)?;
+    if !json_output {
+        eprintln!("proposed and signed for your party; it is accepted once every party signs");
+    }
+    Ok(())
+}
+
+/// Hands what was just sealed to the channel's relays and prints its id (with `--json`,
+/// the id and how many relays took it).
+fn hand_over(
+    store: &mut Store,
+    channel: &str,
+    id: hotline_core::EnvelopeId,
+    json_output: bool,
+) -> Outcome {
+    let (relayed, relays) = push_now(store, channel)?;
     if json_output {
         out_json!(
             json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
         );
     } else {
         out!("{}", id.to_hex());
-        eprintln!("proposed and signed for your party; it is accepted once every party signs");
     }
     Ok(())
 }
@@ -61,13 +75,8 @@ pub fn adopt_code_book(
     let bytes = input::read_limited(book, input::MAX_MESSAGE_FILE, "a code book")?;
     let mut store = Store::open(home)?;
     let id = store.adopt_code_book(channel, &bytes, deadline_ms)?;
-    let (relayed, relays) = push_now(&mut store, channel)?;
-    if json_output {
-        out_json!(
-            json!({"id": id.to_hex(), "channel": channel, "relayed": relayed, "relays": relays.len()})
-        );
-    } else {
-        out!("{}", id.to_hex());
+    hand_over(&mut store, channel, id, json_output)?;
+    if !json_output {
         eprintln!(
             "proposed as the channel's code book and signed for your party; adopted once every \
              party signs it: hotline agree sign {channel} {}",
