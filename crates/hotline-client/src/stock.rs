@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 
 use hotline_core::DeviceKey;
+use hotline_proto::capability::Capability;
 use openmls::prelude::{DeserializeBytes as _, KeyPackageRef};
 use openmls_traits::OpenMlsProvider;
 use openmls_traits::storage::StorageProvider;
@@ -120,15 +121,18 @@ impl Store {
         })
     }
 
-    /// The devices of `parties` this device would invite, with their inbox relays.
+    /// The devices of `parties` this device would invite, with their inbox relays and
+    /// the capability to claim their key packages there.
     pub(crate) fn invitees(
         &self,
         parties: &[String],
-    ) -> Result<Vec<(DeviceKey, Vec<String>)>, StoreError> {
+    ) -> Result<Vec<(DeviceKey, Vec<String>, Capability)>, StoreError> {
         let mut invitees = Vec::new();
         for contact in self.contacts()? {
-            if parties.contains(&contact.party) {
-                invitees.push((contact.key, self.contact_relays(&contact.key)?));
+            if parties.contains(&contact.party)
+                && let Some((relays, Some(capability))) = self.contact_inbox(&contact.key)?
+            {
+                invitees.push((contact.key, relays, capability));
             }
         }
         Ok(invitees)

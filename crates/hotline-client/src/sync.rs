@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
+use hotline_proto::capability::Capability;
 use hotline_proto::client::{ClientError, RelayClient};
 use hotline_proto::{Log, Membership};
 use tokio::sync::mpsc;
@@ -229,12 +230,12 @@ pub async fn claim_key_packages(
 ) -> Result<Claimed, StoreError> {
     let identity = identity_of(store)?;
     let mut claimed = Claimed::new();
-    for (device, urls) in store.invitees(parties)? {
+    for (device, urls, capability) in store.invitees(parties)? {
         for url in urls {
             let Ok(client) = RelayClient::new(&url) else {
                 continue;
             };
-            let claim = client.claim_key_package(&identity, &device);
+            let claim = client.claim_key_package(&identity, &device, &capability);
             if let Ok(Ok(Some(bytes))) = tokio::time::timeout(Duration::from_secs(3), claim).await {
                 claimed.insert(device, bytes);
                 break;
@@ -937,6 +938,7 @@ async fn push_pass(
         }
         next += 1;
         let mut targets: Vec<(String, String, Log)> = Vec::new();
+        let mut capabilities: HashMap<[u8; 32], Capability> = HashMap::new();
         let mut body = item.bytes.clone();
         if let Some(channel) = item.channel {
             let channel_relays = store.channel_relays(&channel)?;
@@ -944,9 +946,14 @@ async fn push_pass(
                 let name = store.channel_name(&channel)?;
                 body = bundle::encode_invitation(identity, &name, &channel_relays, &item.bytes);
                 for recipient in &item.recipients {
-                    for url in store.contact_relays(recipient)? {
-                        let mark = format!("inbox:{recipient}@{url}");
-                        targets.push((mark, url, Log::Inbox(recipient.0)));
+                    if let Some((urls, capability)) = store.contact_inbox(recipient)? {
+                        for url in urls {
+                            let mark = format!("inbox:{recipient}@{url}");
+                            if let Some(capability) = &capability {
+                                capabilities.insert(recipient.0, capability.clone());
+                            }
+                            targets.push((mark, url, Log::Inbox(recipient.0)));
+                        }
                     }
                 }
             } else {
@@ -975,12 +982,28 @@ async fn push_pass(
                 }
             };
             let body = body.clone();
+            let capability = match &log {
+                Log::Inbox(device) => capabilities.get(device).cloned(),
+                _ => None,
+            };
             posts.push(async move {
-                let posted = match log {
-                    Log::Inbox(device) => client.post_inbox(identity, &device, body).await,
-                    Log::Channel(channel) => client.post(identity, &channel, body).await,
+                let posted = match (log, capability) {
+                    (Log::Inbox(device), Some(capability)) => {
+                        client
+                            .post_inbox(identity, &device, &capability, body)
+                            .await
+                    }
+                    (Log::Inbox(_), None) => Err(ClientError::Refused {
+                        relay: client.base().to_owned(),
+                        status: 0,
+                        code: "not-sent".into(),
+                        detail: "the invitee's card predates inbox capabilities; \
+                                 ask for its card again (hotline card export) and import it"
+                            .into(),
+                    }),
+                    (Log::Channel(channel), _) => client.post(identity, &channel, body).await,
                     // The outbox holds channel messages and invitations only.
-                    Log::KeyPackages(_) => Err(ClientError::Refused {
+                    (Log::KeyPackages(_), _) => Err(ClientError::Refused {
                         relay: client.base().to_owned(),
                         status: 0,
                         code: "not-sent".into(),

@@ -7,10 +7,17 @@
 //! fingerprint that a person read out of band; only then does it become a
 //! [`VerifiedContact`], the one type that channel operations accept.
 //!
-//! Format (version 1), in the codec of [`crate::codec`]:
+//! Format (version 2), in the codec of [`crate::codec`]:
 //! `u8 version | DeviceInfo | u32 n, n × bytes key package | bytes last-resort key
-//! package | u32 m, m × string relay | [64] signature`, where the signature covers
-//! `"hotline-card-v1" ||` every byte before it.
+//! package | u32 m, m × string relay | [64] inbox capability | [64] signature`, where
+//! the signature covers `"hotline-card-v1" ||` every byte before it. Version 1 is the
+//! same without the inbox capability; it is still read.
+//!
+//! The **inbox capability** is the device's Ed25519 signature over
+//! `"hotline-inbox-capability-v1"`: whoever holds the card presents it to the device's
+//! relays to leave an invitation in its inbox or claim one of its key packages, and a
+//! relay checks it with the inbox's key alone (the inbox id is the device's key), so
+//! strangers without the card cannot write there. It is as secret as the card.
 
 use openmls::prelude::tls_codec::Serialize as _;
 use openmls::prelude::{
@@ -22,10 +29,23 @@ use thiserror::Error;
 
 use crate::CIPHERSUITE;
 use crate::codec::{DecodeError, Reader, Writer};
-use crate::identity::{DeviceIdentity, DeviceInfo, Fingerprint};
+use crate::identity::{DeviceIdentity, DeviceInfo, DeviceKey, Fingerprint};
 
-const CARD_VERSION: u8 = 1;
+const CARD_VERSION: u8 = 2;
+/// Cards made before inbox capabilities: no capability.
+const CARD_VERSION_1: u8 = 1;
 const SIGNATURE_CONTEXT: &[u8] = b"hotline-card-v1";
+const INBOX_CAPABILITY_CONTEXT: &[u8] = b"hotline-inbox-capability-v1";
+
+/// This device's inbox capability (see the module's documentation).
+pub fn inbox_capability(identity: &DeviceIdentity) -> [u8; 64] {
+    identity.sign(INBOX_CAPABILITY_CONTEXT)
+}
+
+/// Whether `capability` is the inbox capability of the device whose key is `device`.
+pub fn check_inbox_capability(device: &DeviceKey, capability: &[u8; 64]) -> bool {
+    device.verify(INBOX_CAPABILITY_CONTEXT, capability).is_ok()
+}
 /// Most key packages on one card.
 pub const MAX_KEY_PACKAGES: usize = 64;
 /// Largest encoded key package accepted.
@@ -77,6 +97,7 @@ pub struct CardIn {
     key_packages: Vec<Vec<u8>>,
     last_resort: Vec<u8>,
     relays: Vec<String>,
+    inbox_capability: Option<[u8; 64]>,
     signature: [u8; 64],
     signed_len: usize,
     bytes: Vec<u8>,
@@ -187,22 +208,46 @@ pub fn create_card(
         .map(|_| build(false))
         .collect::<Result<Vec<_>, _>>()?;
     let last_resort = build(true)?;
+    Ok(encode_card(identity, &key_packages, &last_resort, relays))
+}
 
+/// This device's card `card` again, in the current version (with its inbox
+/// capability), its key packages and relays unchanged; `None` if it already is.
+pub fn reissue_card(identity: &DeviceIdentity, card: &[u8]) -> Result<Option<Vec<u8>>, CardError> {
+    let card = CardIn::decode(card)?;
+    if card.inbox_capability.is_some() {
+        return Ok(None);
+    }
+    Ok(Some(encode_card(
+        identity,
+        &card.key_packages,
+        &card.last_resort,
+        &card.relays,
+    )))
+}
+
+fn encode_card(
+    identity: &DeviceIdentity,
+    key_packages: &[Vec<u8>],
+    last_resort: &[u8],
+    relays: &[String],
+) -> Vec<u8> {
     let mut writer = Writer::new();
     writer.u8(CARD_VERSION);
     identity.info().encode(&mut writer);
     writer.u32(key_packages.len() as u32);
-    for package in &key_packages {
+    for package in key_packages {
         writer.bytes(package);
     }
-    writer.bytes(&last_resort);
+    writer.bytes(last_resort);
     writer.u32(relays.len() as u32);
     for relay in relays {
         writer.string(relay);
     }
+    writer.fixed(&inbox_capability(identity));
     let signature = identity.sign(&signed_message(writer.as_bytes()));
     writer.fixed(&signature);
-    Ok(writer.into_bytes())
+    writer.into_bytes()
 }
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
@@ -214,7 +259,7 @@ impl CardIn {
     pub fn decode(bytes: &[u8]) -> Result<Self, CardError> {
         let mut reader = Reader::new(bytes);
         let version = reader.u8("card version")?;
-        if version != CARD_VERSION {
+        if version != CARD_VERSION && version != CARD_VERSION_1 {
             return Err(DecodeError::UnsupportedVersion {
                 what: "contact card",
                 version,
@@ -235,6 +280,10 @@ impl CardIn {
         for _ in 0..count {
             relays.push(reader.string("relay address", MAX_RELAY_LEN)?);
         }
+        let inbox_capability = match version {
+            CARD_VERSION_1 => None,
+            _ => Some(reader.array::<64>("inbox capability")?),
+        };
         let signed_len = reader.position();
         let signature = reader.array::<64>("card signature")?;
         reader.finish()?;
@@ -243,6 +292,7 @@ impl CardIn {
             key_packages,
             last_resort,
             relays,
+            inbox_capability,
             signature,
             signed_len,
             bytes: bytes.to_vec(),
@@ -252,6 +302,12 @@ impl CardIn {
     /// The relays the card names (where its device receives invitations).
     pub fn relays(&self) -> &[String] {
         &self.relays
+    }
+
+    /// The capability to write to the card's device's inbox on its relays (`None` on
+    /// a card made before capabilities: its device must export its card again).
+    pub fn inbox_capability(&self) -> Option<&[u8; 64]> {
+        self.inbox_capability.as_ref()
     }
 
     /// Who the card claims to be. Untrusted until [`CardIn::verify`] succeeds.
@@ -299,5 +355,69 @@ impl CardIn {
             last_resort,
             relays: self.relays,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openmls_rust_crypto::OpenMlsRustCrypto;
+
+    /// `card` as a version-1 card (no inbox capability), signed again by `identity`.
+    fn as_version_1(identity: &DeviceIdentity, card: &[u8]) -> Vec<u8> {
+        let card = CardIn::decode(card).unwrap();
+        let mut writer = Writer::new();
+        writer.u8(CARD_VERSION_1);
+        identity.info().encode(&mut writer);
+        writer.u32(card.key_packages.len() as u32);
+        for package in &card.key_packages {
+            writer.bytes(package);
+        }
+        writer.bytes(&card.last_resort);
+        writer.u32(card.relays.len() as u32);
+        for relay in &card.relays {
+            writer.string(relay);
+        }
+        let signature = identity.sign(&signed_message(writer.as_bytes()));
+        writer.fixed(&signature);
+        writer.into_bytes()
+    }
+
+    #[test]
+    fn a_card_carries_its_inbox_capability_and_an_old_card_is_reissued_with_one() {
+        let provider = OpenMlsRustCrypto::default();
+        let identity = DeviceIdentity::generate("north", "desk", &mut rand::rngs::OsRng).unwrap();
+        let relays = vec!["https://127.0.0.1:1/#sha256=00".to_owned()];
+        let card = create_card(&identity, &provider, 2, &relays).unwrap();
+        let decoded = CardIn::decode(&card).unwrap();
+        let capability = *decoded.inbox_capability().unwrap();
+        assert!(check_inbox_capability(&identity.key(), &capability));
+        assert_eq!(reissue_card(&identity, &card).unwrap(), None);
+
+        // A card from before capabilities still reads and verifies, without one.
+        let old = as_version_1(&identity, &card);
+        let decoded = CardIn::decode(&old).unwrap();
+        assert!(decoded.inbox_capability().is_none());
+        let fingerprint = identity.info().fingerprint();
+        decoded.verify(&fingerprint, provider.crypto()).unwrap();
+
+        // Reissued: the same packages and relays, the capability, a valid signature.
+        let new = reissue_card(&identity, &old).unwrap().unwrap();
+        let decoded = CardIn::decode(&new).unwrap();
+        assert_eq!(decoded.inbox_capability(), Some(&capability));
+        assert_eq!(decoded.relays(), relays.as_slice());
+        let contact = decoded.verify(&fingerprint, provider.crypto()).unwrap();
+        assert_eq!(contact.key_packages.len(), 2);
+
+        // The capability is covered by the card's signature.
+        let mut altered = new.clone();
+        let at = altered.len() - 64 - 1;
+        altered[at] ^= 1;
+        assert!(matches!(
+            CardIn::decode(&altered)
+                .unwrap()
+                .verify(&fingerprint, provider.crypto()),
+            Err(CardError::BadSignature)
+        ));
     }
 }

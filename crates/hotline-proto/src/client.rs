@@ -9,6 +9,7 @@ use thiserror::Error;
 
 use crate::Membership;
 use crate::auth;
+use crate::capability::Capability;
 use crate::tls::{self, TlsError};
 
 #[derive(Debug, Error)]
@@ -67,6 +68,14 @@ pub fn decode_messages(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError>
     Ok(out)
 }
 
+/// The `seq` of an append's `{"seq": n, ...}` answer (0 if it has none).
+fn seq_of(answer: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(answer)
+        .ok()
+        .and_then(|v| v["seq"].as_u64())
+        .unwrap_or(0)
+}
+
 /// How long a connection to a relay may take to open. A relay that does not answer a
 /// connection within it (down, stopping, or cut off) fails the request: every request
 /// of a sync round waits at most this long on it.
@@ -100,8 +109,28 @@ impl RelayClient {
         path: String,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, ClientError> {
-        self.send_within(identity, method, path, body, REQUEST_TIMEOUT)
+        self.send_within(identity, method, path, body, REQUEST_TIMEOUT, None)
             .await
+    }
+
+    /// `send`, presenting the capability to write to another device's inbox.
+    async fn send_capable(
+        &self,
+        identity: &DeviceIdentity,
+        method: reqwest::Method,
+        path: String,
+        body: Vec<u8>,
+        capability: &Capability,
+    ) -> Result<Vec<u8>, ClientError> {
+        self.send_within(
+            identity,
+            method,
+            path,
+            body,
+            REQUEST_TIMEOUT,
+            Some(capability),
+        )
+        .await
     }
 
     /// `send`, given up after `timeout` (a long poll waits longer than a post).
@@ -112,6 +141,7 @@ impl RelayClient {
         path: String,
         body: Vec<u8>,
         timeout: Duration,
+        capability: Option<&Capability>,
     ) -> Result<Vec<u8>, ClientError> {
         let network = |e: reqwest::Error| ClientError::Network {
             relay: self.base.clone(),
@@ -122,6 +152,9 @@ impl RelayClient {
             .request(method.clone(), format!("{}{path}", self.base));
         for (name, value) in auth::sign_request(identity, method.as_str(), &path, now_ms(), &body) {
             request = request.header(name, value);
+        }
+        if let Some(capability) = capability {
+            request = request.header(crate::capability::HEADER, capability.to_hex());
         }
         let response = request
             .timeout(timeout)
@@ -250,19 +283,25 @@ impl RelayClient {
         .await
     }
 
-    /// Leaves an invitation in a device's inbox.
+    /// Leaves an invitation in a device's inbox, presenting the capability derived
+    /// from its card.
     pub async fn post_inbox(
         &self,
         identity: &DeviceIdentity,
         device: &[u8; 32],
+        capability: &Capability,
         bytes: Vec<u8>,
     ) -> Result<u64, ClientError> {
-        self.append(
-            identity,
-            format!("/v1/inbox/{}", hex::encode(device)),
-            bytes,
-        )
-        .await
+        let answer = self
+            .send_capable(
+                identity,
+                reqwest::Method::POST,
+                format!("/v1/inbox/{}", hex::encode(device)),
+                bytes,
+                capability,
+            )
+            .await?;
+        Ok(seq_of(&answer))
     }
 
     /// This device's invitations after `after`.
@@ -348,18 +387,21 @@ impl RelayClient {
     }
 
     /// Takes `device`'s oldest key package from the relay's stock (no one else gets
-    /// it); `None` if the relay has none in stock for that device.
+    /// it), presenting the capability from its card; `None` if the relay has none in
+    /// stock for that device.
     pub async fn claim_key_package(
         &self,
         identity: &DeviceIdentity,
         device: &DeviceKey,
+        capability: &Capability,
     ) -> Result<Option<Vec<u8>>, ClientError> {
         match self
-            .send(
+            .send_capable(
                 identity,
                 reqwest::Method::POST,
                 format!("/v1/keypackages/{device}/claim"),
                 Vec::new(),
+                capability,
             )
             .await
         {
@@ -397,10 +439,7 @@ impl RelayClient {
         let answer = self
             .send(identity, reqwest::Method::POST, path, bytes)
             .await?;
-        Ok(serde_json::from_slice::<serde_json::Value>(&answer)
-            .ok()
-            .and_then(|v| v["seq"].as_u64())
-            .unwrap_or(0))
+        Ok(seq_of(&answer))
     }
 
     /// GETs a log after a cursor.
@@ -419,6 +458,7 @@ impl RelayClient {
                 path,
                 Vec::new(),
                 wait + REQUEST_TIMEOUT,
+                None,
             )
             .await?;
         decode_messages(&bytes).map_err(|e| ClientError::Malformed(e, self.base.clone()))

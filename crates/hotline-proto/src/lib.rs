@@ -14,6 +14,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod capability;
 pub mod client;
 pub mod limits;
 pub mod tls;

@@ -151,7 +151,7 @@ fn main() {
         };
         let data = dir.join(format!("relay-{senders}"));
         std::fs::create_dir_all(&data).unwrap();
-        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quotas()).unwrap();
         let (rate, p50, p99) =
             runtime.block_on(measure(&data, storage, limits.clone(), senders, total, 1));
         println!(
@@ -165,7 +165,7 @@ fn main() {
         // size the writer then sees.
         let data = dir.join(format!("relay-batch-{senders}"));
         std::fs::create_dir_all(&data).unwrap();
-        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log).unwrap();
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quotas()).unwrap();
         let batched_total = total.max(senders * BATCH * 4);
         let (rate, p50, p99) = runtime.block_on(measure(
             &data,
@@ -191,12 +191,7 @@ fn main() {
         if let Some(url) = &postgres {
             let schema = format!("hotline_bench_{}_{senders}", std::process::id());
             let storage = runtime
-                .block_on(PostgresStorage::connect(
-                    url,
-                    &schema,
-                    limits.quota_per_log,
-                    16,
-                ))
+                .block_on(PostgresStorage::connect(url, &schema, limits.quotas(), 16))
                 .unwrap();
             let data = dir.join(format!("relay-pg-{senders}"));
             let (rate, p50, p99) =

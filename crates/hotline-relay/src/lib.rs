@@ -17,7 +17,7 @@
 )]
 
 pub mod admission;
-pub use hotline_proto::{auth, client};
+pub use hotline_proto::{auth, capability, client};
 // A test suite for backends: it asserts, so it may panic.
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub mod conformance;

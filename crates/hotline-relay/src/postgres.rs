@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Transaction};
 
-use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError, answers_in_order};
+use crate::storage::{
+    Appended, Log, Membership, Quotas, RelayStorage, StorageError, answers_in_order,
+};
 
 const CHANNEL: &str = "hotline_appended";
 
@@ -96,13 +98,14 @@ async fn open(url: &str, schema: &str) -> Result<Client, StorageError> {
 
 impl PostgresStorage {
     /// Connects `connections` clients to `url`, creating the tables in `schema` if they
-    /// are not there (`schema`: letters, digits and `_`). `quota` bounds one log's bytes.
+    /// are not there (`schema`: letters, digits and `_`). `quotas` bound one log's bytes.
     pub async fn connect(
         url: &str,
         schema: &str,
-        quota: u64,
+        quotas: impl Into<Quotas>,
         connections: usize,
     ) -> Result<Self, StorageError> {
+        let quotas = quotas.into();
         if schema.is_empty()
             || !schema
                 .bytes()
@@ -161,7 +164,7 @@ impl PostgresStorage {
         tokio::spawn(write_loop(
             writer,
             jobs,
-            quota,
+            quotas,
             Arc::clone(&commit_durations),
         ));
 
@@ -251,7 +254,7 @@ struct AppendJob {
 async fn write_loop(
     mut client: Client,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<AppendJob>,
-    quota: u64,
+    quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
 ) {
     while let Some(first) = jobs.recv().await {
@@ -267,7 +270,7 @@ async fn write_loop(
             .iter()
             .map(|job| (job.key.clone(), job.bytes.clone()))
             .collect();
-        let results = commit_appends(&mut client, &requests, quota).await;
+        let results = commit_appends(&mut client, &requests, quotas).await;
         if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
         {
@@ -296,7 +299,7 @@ async fn write_loop(
 async fn commit_appends(
     client: &mut Client,
     requests: &[(Vec<u8>, Vec<u8>)],
-    quota: u64,
+    quotas: Quotas,
 ) -> Result<Vec<Result<Appended, StorageError>>, tokio_postgres::Error> {
     let mut logs: Vec<&Vec<u8>> = requests.iter().map(|(key, _)| key).collect();
     logs.sort();
@@ -346,6 +349,7 @@ async fn commit_appends(
                 }));
                 continue;
             }
+            let quota = quotas.of_key(key);
             if used as u64 + bytes.len() as u64 > quota {
                 results[index] = Some(Err(StorageError::QuotaExceeded(quota)));
                 continue;
@@ -589,6 +593,16 @@ impl RelayStorage for PostgresStorage {
         }
         transaction.commit().await.map_err(database)?;
         Ok(claimed.map(|(seq, bytes)| (seq as u64, bytes)))
+    }
+
+    async fn used_bytes(&self) -> Result<u64, StorageError> {
+        let row = self
+            .client()
+            .await
+            .query_one("SELECT COALESCE(SUM(used), 0)::BIGINT FROM heads", &[])
+            .await
+            .map_err(database)?;
+        Ok(row.get::<_, i64>(0).max(0) as u64)
     }
 
     fn take_commit_durations(&self) -> Vec<f64> {

@@ -28,6 +28,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hotline_core::DeviceKey;
 use hotline_core::codec::Writer;
+use hotline_proto::capability;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -35,9 +36,14 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{Admission, CONNECTION};
 use crate::auth::{self, AuthError};
-use crate::storage::{Appended, Log, Membership, RelayStorage, StorageError};
+use crate::storage::{Appended, Log, Membership, Quotas, RelayStorage, StorageError};
 pub use hotline_proto::batch::{MAX_BATCH, decode_batch, encode_batch};
 pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
+
+/// How often the relay measures the bytes its logs hold (the storage bound counts this
+/// process's appends in between; other processes sharing the database are seen at the
+/// next measure).
+const USAGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The kernel's queue of connections waiting to be accepted (capped by
 /// `net.core.somaxconn`).
@@ -65,7 +71,15 @@ pub struct Limits {
     /// Sustained requests per second per device, and burst.
     pub rate_per_second: f64,
     pub rate_burst: f64,
+    /// Sustained bytes per second one device may have stored, and burst (a device that
+    /// sends more waits: 429).
+    pub sender_bytes_per_second: f64,
+    pub sender_burst_bytes: f64,
+    /// Bytes one channel's log may hold, and one device's inbox (507 beyond).
     pub quota_per_log: u64,
+    pub quota_per_inbox: u64,
+    /// Bytes the relay holds in all its logs together (507 `storage-full` beyond).
+    pub max_storage: u64,
     pub max_wait: Duration,
     /// Messages older than this are deleted even if not every member acknowledged them.
     pub retention: Duration,
@@ -84,7 +98,11 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             rate_per_second: 200.0,
             rate_burst: 400.0,
+            sender_bytes_per_second: (1 << 20) as f64,
+            sender_burst_bytes: (64 << 20) as f64,
             quota_per_log: 1 << 30,
+            quota_per_inbox: 16 << 20,
+            max_storage: 32 << 30,
             max_wait: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 3600),
             sweep_interval: Duration::from_secs(3600),
@@ -92,11 +110,31 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// The per-log bounds the storage enforces.
+    pub fn quotas(&self) -> Quotas {
+        Quotas {
+            per_log: self.quota_per_log,
+            per_inbox: self.quota_per_inbox,
+        }
+    }
+}
+
+/// A device's allowance: requests and bytes (token buckets), as of `last`.
+struct Allowance {
+    requests: f64,
+    bytes: f64,
+    last: Instant,
+}
+
 struct AppState<S> {
     storage: S,
     limits: Limits,
     appended: watch::Sender<u64>,
-    buckets: std::sync::Mutex<HashMap<DeviceKey, (f64, Instant)>>,
+    buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
+    /// Bytes held in all logs: read from the storage now and then (other processes,
+    /// deletions), counted up by this process's appends in between.
+    used: AtomicU64,
     keys: auth::KeyCache,
     metrics: Metrics,
     /// Held from counting a stock to appending to it, so that two stocking requests
@@ -318,26 +356,92 @@ impl<S: RelayStorage> AppState<S> {
         .map_err(|e| self.reject(e.into()))?;
         // The connection is a member's now: out of the strangers' budget.
         crate::admission::note_authenticated();
+        self.charge(device, cost, body.len() as f64)?;
+        Ok(device)
+    }
+
+    /// Charges `device`'s allowance `requests` requests and `bytes` bytes; refuses,
+    /// charging nothing, if it lacks either.
+    fn charge(&self, device: DeviceKey, requests: f64, bytes: f64) -> Result<(), Problem> {
+        let limits = &self.limits;
         let mut buckets = self
             .buckets
             .lock()
             .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "lock"))?;
         let now = Instant::now();
-        let (tokens, last) = buckets
-            .entry(device)
-            .or_insert((self.limits.rate_burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.limits.rate_per_second)
-            .min(self.limits.rate_burst);
-        *last = now;
-        if *tokens < cost {
+        let allowance = buckets.entry(device).or_insert(Allowance {
+            requests: limits.rate_burst,
+            bytes: limits.sender_burst_bytes,
+            last: now,
+        });
+        let elapsed = now.duration_since(allowance.last).as_secs_f64();
+        allowance.requests =
+            (allowance.requests + elapsed * limits.rate_per_second).min(limits.rate_burst);
+        allowance.bytes = (allowance.bytes + elapsed * limits.sender_bytes_per_second)
+            .min(limits.sender_burst_bytes);
+        allowance.last = now;
+        if allowance.requests < requests {
             return Err(self.reject(Problem::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "slow-down",
                 "too many requests from this device; retry later",
             )));
         }
-        *tokens -= cost;
-        Ok(device)
+        if allowance.bytes < bytes {
+            return Err(self.reject(Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow-down",
+                format!(
+                    "this device sent more than {} bytes a second (bursts of {}); retry later",
+                    limits.sender_bytes_per_second, limits.sender_burst_bytes
+                ),
+            )));
+        }
+        allowance.requests -= requests;
+        allowance.bytes -= bytes;
+        Ok(())
+    }
+
+    /// Refuses (507 `storage-full`) an append of `bytes` that would take the relay
+    /// past its storage bound.
+    fn room_for(&self, bytes: u64) -> Result<(), Problem> {
+        let used = self.used.load(Ordering::Relaxed);
+        if used.saturating_add(bytes) > self.limits.max_storage {
+            return Err(self.reject(Problem::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage-full",
+                format!(
+                    "the relay holds {used} bytes of its {} : nothing more is stored until \
+                     members acknowledge or retention deletes",
+                    self.limits.max_storage
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses (403 `no-capability`) a write to `device`'s inbox or stock by a request
+    /// that does not present the capability from the device's card.
+    fn require_capability(&self, headers: &HeaderMap, device: &[u8; 32]) -> Result<(), Problem> {
+        let presented = headers
+            .get(capability::HEADER)
+            .and_then(|v| v.to_str().ok());
+        match presented {
+            Some(presented) if capability::presented_matches(presented, &DeviceKey(*device)) => {
+                Ok(())
+            }
+            Some(_) => Err(self.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "no-capability",
+                "the capability presented is not this device's (it comes from the device's card)",
+            ))),
+            None => Err(self.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "no-capability",
+                "writing to a device's inbox needs the capability from its card \
+                 (header hotline-capability)",
+            ))),
+        }
     }
 
     async fn require_member(&self, channel: &[u8; 32], device: &DeviceKey) -> Result<(), Problem> {
@@ -365,6 +469,7 @@ impl<S: RelayStorage> AppState<S> {
             )));
         }
         let len = bytes.len() as u64;
+        self.room_for(len)?;
         let appended = self
             .storage
             .append(log, bytes.to_vec())
@@ -385,6 +490,7 @@ impl<S: RelayStorage> AppState<S> {
         }
         self.metrics.stored.fetch_add(1, Ordering::Relaxed);
         self.metrics.stored_bytes.fetch_add(len, Ordering::Relaxed);
+        self.used.fetch_add(len, Ordering::Relaxed);
         true
     }
 
@@ -572,6 +678,7 @@ async fn post_batch<S: RelayStorage>(
     let channel = parse_key(&channel)?;
     state.require_member(&channel, &device).await?;
     let lengths: Vec<u64> = messages.iter().map(|m| m.len() as u64).collect();
+    state.room_for(lengths.iter().sum())?;
     let answers = state
         .storage
         .append_all(Log::Channel(channel), messages)
@@ -689,6 +796,7 @@ async fn post_inbox<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     state.authenticate(&method, &uri, &headers, &body)?;
     let device = parse_key(&device)?;
+    state.require_capability(&headers, &device)?;
     state.append_answer(Log::Inbox(device), body).await
 }
 
@@ -789,6 +897,7 @@ async fn post_key_packages<S: RelayStorage>(
         )));
     }
     let lengths: Vec<u64> = packages.iter().map(|p| p.len() as u64).collect();
+    state.room_for(lengths.iter().sum())?;
     let answers = state.storage.append_all(log.clone(), packages).await;
     for (answer, len) in answers.into_iter().zip(lengths) {
         let appended = answer.map_err(|error| state.reject(error.into()))?;
@@ -830,6 +939,7 @@ async fn claim_key_package<S: RelayStorage>(
 ) -> Result<Response, Problem> {
     state.authenticate(&method, &uri, &headers, &body)?;
     let device = parse_key(&device)?;
+    state.require_capability(&headers, &device)?;
     if !body.is_empty() {
         return Err(state.reject(Problem::new(
             StatusCode::BAD_REQUEST,
@@ -1008,11 +1118,18 @@ pub async fn serve<S: RelayStorage>(
         limits: limits.clone(),
         appended: watch::channel(0).0,
         buckets: std::sync::Mutex::new(HashMap::new()),
+        used: AtomicU64::new(0),
         keys: auth::KeyCache::default(),
         metrics: Metrics::default(),
         stocking: tokio::sync::Mutex::new(()),
         admission: Admission::new(limits.max_pending, limits.max_pending_per_source),
     });
+    let used = state
+        .storage
+        .used_bytes()
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    state.used.store(used, Ordering::Relaxed);
     let app = router(Arc::clone(&state));
     let (shutdown, mut stop) = watch::channel(false);
     // Retention: delete what is older than the retention period, now and then.
@@ -1021,10 +1138,16 @@ pub async fn serve<S: RelayStorage>(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(state.limits.sweep_interval);
             let mut minute = tokio::time::interval(Duration::from_secs(60));
+            let mut usage = tokio::time::interval(USAGE_INTERVAL);
             let mut said = Summary::default();
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
+                    // What all logs hold, deletions and other processes' appends counted.
+                    _ = usage.tick() => match state.storage.used_bytes().await {
+                        Ok(used) => state.used.store(used, Ordering::Relaxed),
+                        Err(error) => tracing::error!(%error, "cannot measure the storage used"),
+                    },
                     _ = tick.tick() => {
                         let before = now_ms().saturating_sub(state.limits.retention.as_millis() as u64);
                         match state.storage.expire(before).await {

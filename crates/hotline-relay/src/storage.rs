@@ -38,6 +38,34 @@ pub enum StorageError {
     Postgres(String),
 }
 
+/// Bytes one log may hold: a channel's log or a key-package stock, and a device's
+/// inbox (invitations only: far less).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    pub per_log: u64,
+    pub per_inbox: u64,
+}
+
+impl Quotas {
+    /// The quota of the log stored under `key` (see [`Log::storage_key`]).
+    pub fn of_key(&self, key: &[u8]) -> u64 {
+        match key.first() {
+            Some(2) => self.per_inbox,
+            _ => self.per_log,
+        }
+    }
+}
+
+impl From<u64> for Quotas {
+    /// The same quota for every log.
+    fn from(quota: u64) -> Self {
+        Self {
+            per_log: quota,
+            per_inbox: quota,
+        }
+    }
+}
+
 /// What every relay backend provides. Appends are durable when they return.
 pub trait RelayStorage: Send + Sync + 'static {
     /// Appends a message (idempotent by the hash of its bytes).
@@ -101,6 +129,8 @@ pub trait RelayStorage: Send + Sync + 'static {
         &self,
         log: Log,
     ) -> impl Future<Output = Result<Option<(u64, Vec<u8>)>, StorageError>> + Send;
+    /// Bytes held in every log together (what the relay's storage bound counts).
+    fn used_bytes(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
     /// Durations of recent group commits, in seconds, for metrics.
     fn take_commit_durations(&self) -> Vec<f64>;
     /// Appends made by other processes sharing this storage, as a counter that moves;
@@ -227,8 +257,9 @@ fn open(path: &Path) -> Result<Connection, rusqlite::Error> {
 }
 
 impl SqliteStorage {
-    /// Opens (or creates) the database; `quota` bounds the bytes of one log.
-    pub fn open(path: &Path, quota: u64) -> Result<Self, StorageError> {
+    /// Opens (or creates) the database; `quotas` bound the bytes of one log.
+    pub fn open(path: &Path, quotas: impl Into<Quotas>) -> Result<Self, StorageError> {
+        let quotas = quotas.into();
         let writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
         let reader = open(path)?;
@@ -237,7 +268,7 @@ impl SqliteStorage {
         let durations = Arc::clone(&commit_durations);
         std::thread::Builder::new()
             .name("relay-storage-writer".into())
-            .spawn(move || write_loop(writer, receiver, quota, durations))
+            .spawn(move || write_loop(writer, receiver, quotas, durations))
             .map_err(|_| StorageError::WriterGone)?;
         Ok(Self {
             jobs,
@@ -266,7 +297,7 @@ pub(crate) async fn answers_in_order<E>(
 fn write_loop(
     mut connection: Connection,
     jobs: mpsc::Receiver<Job>,
-    quota: u64,
+    quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
 ) {
     // Last sequence number and bytes used per log, known to this thread alone (the only
@@ -283,7 +314,7 @@ fn write_loop(
         let start = Instant::now();
         let mut staged = heads.clone();
         let results: Vec<Result<Answer, String>> =
-            match commit_batch(&mut connection, &batch, quota, &mut staged) {
+            match commit_batch(&mut connection, &batch, quotas, &mut staged) {
                 Ok(results) => {
                     heads = staged;
                     results.into_iter().map(Ok).collect()
@@ -304,7 +335,7 @@ fn write_loop(
 fn commit_batch(
     connection: &mut Connection,
     batch: &[Job],
-    quota: u64,
+    quotas: Quotas,
     heads: &mut HashMap<Vec<u8>, (i64, i64)>,
 ) -> Result<Vec<Answer>, rusqlite::Error> {
     let transaction =
@@ -360,6 +391,7 @@ fn commit_batch(
             continue;
         }
         let (last, used) = head(&transaction, heads, &key)?;
+        let quota = quotas.of_key(&key);
         if used as u64 + bytes.len() as u64 > quota {
             results.push(Answer::Appended(Err(StorageError::QuotaExceeded(quota))));
             continue;
@@ -639,6 +671,15 @@ impl RelayStorage for SqliteStorage {
             ],
         )?;
         Ok(changed == 1)
+    }
+
+    async fn used_bytes(&self) -> Result<u64, StorageError> {
+        let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
+        let used: i64 =
+            reader.query_row("SELECT COALESCE(SUM(used), 0) FROM heads", [], |row| {
+                row.get(0)
+            })?;
+        Ok(used.max(0) as u64)
     }
 
     fn take_commit_durations(&self) -> Vec<f64> {

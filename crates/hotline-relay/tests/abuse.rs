@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use hotline_core::DeviceIdentity;
+use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::{Membership, SqliteStorage};
@@ -21,7 +22,7 @@ async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
     let dir = std::env::temp_dir().join(format!("hotline-abuse-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quota_per_log).unwrap();
+    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
     server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
         .await
         .unwrap()
@@ -371,6 +372,174 @@ async fn what_every_member_acknowledged_is_deleted_and_old_messages_expire() {
             .await
             .unwrap(),
         2
+    );
+    running.shutdown().await;
+}
+
+fn refused(answer: Result<u64, ClientError>) -> (u16, String) {
+    match answer {
+        Err(ClientError::Refused { status, code, .. }) => (status, code),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn card_capability(owner: &DeviceIdentity) -> Capability {
+    Capability::new(hotline_core::card::inbox_capability(owner))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_cannot_write_to_inboxes_and_storage_is_bounded_per_inbox_sender_and_relay() {
+    let limits = Limits {
+        quota_per_inbox: 64 << 10,
+        sender_bytes_per_second: 1.0,
+        sender_burst_bytes: (200 << 10) as f64,
+        max_storage: 400 << 10,
+        ..Limits::default()
+    };
+    let (running, url) = relay("bounds", limits).await;
+    let client = RelayClient::new(&url).unwrap();
+    let owner = identity("owner", 1);
+    let inbox = owner.key().0;
+
+    // 100 strangers with fresh keys: without the owner's card none of them stores a
+    // byte, whatever capability they make up.
+    for seed in 100..200 {
+        let stranger = identity("stranger", seed);
+        let made_up = [
+            card_capability(&stranger),
+            Capability::new([seed as u8; 64]),
+        ];
+        for capability in &made_up {
+            assert_eq!(
+                refused(
+                    client
+                        .post_inbox(&stranger, &inbox, capability, vec![7; 1024])
+                        .await
+                ),
+                (403, "no-capability".to_owned())
+            );
+        }
+    }
+    assert!(
+        client
+            .fetch_inbox(&owner, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A card holder fills the inbox up to its quota, and no further (507 quota).
+    let holder = identity("holder", 2);
+    let capability = card_capability(&owner);
+    for n in 0..4u8 {
+        client
+            .post_inbox(&holder, &inbox, &capability, vec![n; 16 << 10])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        refused(
+            client
+                .post_inbox(&holder, &inbox, &capability, vec![9; 1024])
+                .await
+        ),
+        (507, "quota".to_owned())
+    );
+    assert_eq!(
+        client
+            .fetch_inbox(&owner, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // One sender's bytes: past its burst it waits (429), while another device's
+    // messages still go through.
+    let (flooder, other) = (identity("flooder", 3), identity("other", 4));
+    let channel = [5u8; 32];
+    client
+        .register(
+            &flooder,
+            &channel,
+            &Membership {
+                committer: flooder.key().0,
+                version: 1,
+                members: vec![flooder.key().0, other.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    let mut sent = 0usize;
+    let slowed = loop {
+        match client
+            .post(&flooder, &channel, vec![sent as u8; 32 << 10])
+            .await
+        {
+            Ok(_) => sent += 1,
+            Err(error) => break error,
+        }
+        assert!(sent < 100, "a sender's bytes were never bounded");
+    };
+    assert!(
+        matches!(&slowed, ClientError::Refused { status: 429, code, .. } if code == "slow-down"),
+        "{slowed:?}"
+    );
+    assert_eq!(sent, 6, "200 KiB of burst holds six messages of 32 KiB");
+
+    // The relay as a whole: past its bound nothing more is stored (507 storage-full),
+    // for anyone; what is stored stays readable.
+    let mut filled = 0usize;
+    let full = loop {
+        let sender = identity("filler", 1000 + filled as u64);
+        let answer = client
+            .post_inbox(&sender, &inbox, &capability, vec![1; 1])
+            .await;
+        let answer = match answer {
+            Err(ClientError::Refused {
+                status: 507, code, ..
+            }) if code == "quota" => {
+                // The inbox is full: fill through the channel, from fresh members.
+                let channel = [filled as u8 + 10; 32];
+                client
+                    .register(
+                        &sender,
+                        &channel,
+                        &Membership {
+                            committer: sender.key().0,
+                            version: 1,
+                            members: vec![sender.key().0],
+                        },
+                    )
+                    .await
+                    .unwrap();
+                client.post(&sender, &channel, vec![2; 48 << 10]).await
+            }
+            other => other,
+        };
+        match answer {
+            Ok(_) => filled += 1,
+            Err(error) => break error,
+        }
+        assert!(filled < 100, "the relay's storage was never bounded");
+    };
+    assert!(
+        matches!(&full, ClientError::Refused { status: 507, code, .. } if code == "storage-full"),
+        "{full:?}"
+    );
+    // 400 KiB: the inbox's 64 KiB, the flooder's 192 KiB, and three more of 48 KiB.
+    assert_eq!(filled, 3);
+    assert_eq!(
+        refused(client.post(&other, &channel, vec![3; 100]).await),
+        (507, "storage-full".to_owned())
+    );
+    assert_eq!(
+        client
+            .fetch(&other, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        sent
     );
     running.shutdown().await;
 }

@@ -1,9 +1,11 @@
 //! Key-package stock on a relay, on loopback with real TLS: a device stocks its own
-//! one-time key packages, strangers can neither stock for it nor count its stock, any
-//! device claims them one at a time, oldest first, until none is left; a stock over
-//! the limit or a package too large is refused whole, storing nothing.
+//! one-time key packages, strangers can neither stock for it nor count its stock nor
+//! claim from it, a holder of its card (its inbox capability) claims them one at a
+//! time, oldest first, until none is left; a stock over the limit or a package too
+//! large is refused whole, storing nothing.
 
 use hotline_core::DeviceIdentity;
+use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::server::{self, Limits, MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
 use hotline_relay::storage::SqliteStorage;
@@ -21,7 +23,7 @@ async fn relay(name: &str) -> (server::Running, String) {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let limits = Limits::default();
-    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quota_per_log).unwrap();
+    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
     server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
         .await
         .unwrap()
@@ -36,6 +38,11 @@ fn refused_with<T: std::fmt::Debug>(answer: Result<T, ClientError>, status: u16,
         }) if got == status && got_code == code => {}
         other => panic!("expected {status} {code}, got {other:?}"),
     }
+}
+
+/// The capability a holder of `owner`'s card presents.
+fn card_capability(owner: &DeviceIdentity) -> Capability {
+    Capability::new(hotline_core::card::inbox_capability(owner))
 }
 
 fn package(tag: &str, n: usize) -> Vec<u8> {
@@ -75,7 +82,12 @@ async fn a_device_stocks_key_packages_and_others_claim_each_once_in_order() {
         for (name, value) in hotline_relay::auth::sign_request(who, method, path, now, body) {
             request = request.header(name, value);
         }
-        request.body(body.to_vec())
+        request
+            .header(
+                hotline_relay::capability::HEADER,
+                card_capability(&owner).to_hex(),
+            )
+            .body(body.to_vec())
     };
     let owner_path = format!("/v1/keypackages/{}", owner.key());
     let intruder = server::encode_batch(&[b"intruder".to_vec()]);
@@ -103,10 +115,18 @@ async fn a_device_stocks_key_packages_and_others_claim_each_once_in_order() {
     assert_eq!(client.key_package_stock(&owner).await.unwrap(), 3);
 
     // Another device claims them, oldest first, each once; then there is none.
+    // Without the capability from the owner's card, a claim takes nothing.
+    refused_with(
+        client
+            .claim_key_package(&stranger, &owner.key(), &card_capability(&stranger))
+            .await,
+        403,
+        "no-capability",
+    );
     for expected in &stocked {
         assert_eq!(
             client
-                .claim_key_package(&inviter, &owner.key())
+                .claim_key_package(&inviter, &owner.key(), &card_capability(&owner))
                 .await
                 .unwrap()
                 .as_ref(),
@@ -115,7 +135,7 @@ async fn a_device_stocks_key_packages_and_others_claim_each_once_in_order() {
     }
     assert_eq!(
         client
-            .claim_key_package(&inviter, &owner.key())
+            .claim_key_package(&inviter, &owner.key(), &card_capability(&owner))
             .await
             .unwrap(),
         None
@@ -182,7 +202,7 @@ async fn a_stock_over_the_limit_or_a_package_too_large_is_refused_whole() {
     // A claim makes room for one.
     assert_eq!(
         client
-            .claim_key_package(&owner, &owner.key())
+            .claim_key_package(&owner, &owner.key(), &card_capability(&owner))
             .await
             .unwrap(),
         Some(full[0].clone())

@@ -55,7 +55,7 @@ fn main() {
         for n in 0..relay_count {
             let data = dir.join(format!("relay-{n}"));
             std::fs::create_dir_all(&data).unwrap();
-            let storage = SqliteStorage::open(&data.join("relay.db"), 1 << 30).unwrap();
+            let storage = SqliteStorage::open(&data.join("relay.db"), 1u64 << 30).unwrap();
             let (relay, url) = runtime
                 .block_on(server::serve_from(
                     &data,

@@ -61,7 +61,7 @@ impl DemoRelay {
     ) -> Result<server::Running> {
         let (cert, key) = tls::load_or_create(data)?;
         let limits = Limits::default();
-        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)?;
+        let storage = SqliteStorage::open(&data.join("relay.db"), limits.quotas())?;
         Ok(runtime.block_on(server::serve(
             address,
             tls::server_config(cert, key)?,

@@ -81,12 +81,12 @@ pub fn serve(
     runtime.block_on(async {
         match backend {
             Backend::Sqlite => {
-                let storage = SqliteStorage::open(&data.join("relay.db"), limits.quota_per_log)
+                let storage = SqliteStorage::open(&data.join("relay.db"), limits.quotas())
                     .map_err(|e| failure(e.to_string()))?;
                 run(data, listen, config, storage, limits, &pin).await
             }
             Backend::Postgres { url, schema } => {
-                let storage = PostgresStorage::connect(url, schema, limits.quota_per_log, 8)
+                let storage = PostgresStorage::connect(url, schema, limits.quotas(), 8)
                     .await
                     .map_err(|e| {
                         failure(format!(

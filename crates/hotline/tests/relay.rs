@@ -10,6 +10,7 @@ mod common;
 
 use common::{Follower, Relay, cli, data_dir, field, ok, verified_homes};
 use hotline_core::DeviceIdentity;
+use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::storage::Membership;
 use rand::SeedableRng;
@@ -153,9 +154,29 @@ async fn store_forward_membership_and_refusals() {
         .unwrap();
     assert_eq!(woke, vec![(3, b"three".to_vec())]);
 
-    // Inboxes: anyone authenticated may leave an invitation; only the owner reads it.
+    // Inboxes: only a holder of the owner's card (its capability) may leave an
+    // invitation; a stranger's post, without it or with another device's, stores
+    // nothing; only the owner reads the inbox.
+    let capability =
+        |identity: &DeviceIdentity| Capability::new(hotline_core::card::inbox_capability(identity));
+    for presented in [capability(&north), Capability::new([0u8; 64])] {
+        match client
+            .post_inbox(&north, &south.key().0, &presented, b"spam".to_vec())
+            .await
+        {
+            Err(ClientError::Refused { status, code, .. }) => {
+                assert_eq!((status, code.as_str()), (403, "no-capability"));
+            }
+            other => panic!("a post without the capability was not refused: {other:?}"),
+        }
+    }
     client
-        .post_inbox(&north, &south.key().0, b"welcome".to_vec())
+        .post_inbox(
+            &north,
+            &south.key().0,
+            &capability(&south),
+            b"welcome".to_vec(),
+        )
         .await
         .unwrap();
     assert_eq!(

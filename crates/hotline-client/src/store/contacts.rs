@@ -1,6 +1,12 @@
 //! This device's card and its verified contacts.
 
+use hotline_proto::capability::Capability;
+
 use super::*;
+
+/// A contact's inbox relays, and the capability to post there (`None` on a card made
+/// before capabilities).
+pub type ContactInbox = (Vec<String>, Option<Capability>);
 
 impl Store {
     /// This device's contact card.
@@ -53,6 +59,16 @@ impl Store {
 
     /// Relays named on a contact's card (where it receives invitations).
     pub fn contact_relays(&self, device: &DeviceKey) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .contact_inbox(device)?
+            .map(|(relays, _)| relays)
+            .unwrap_or_default())
+    }
+
+    /// A contact's inbox relays and the capability to post there (from its card;
+    /// `None` on a card made before capabilities), or `None` for a device whose card
+    /// this device does not hold.
+    pub fn contact_inbox(&self, device: &DeviceKey) -> Result<Option<ContactInbox>, StoreError> {
         let card: Option<Vec<u8>> = self
             .connection
             .query_row(
@@ -61,10 +77,14 @@ impl Store {
                 |row| row.get(0),
             )
             .optional()?;
-        match card {
-            Some(card) => Ok(CardIn::decode(&card)?.relays().to_vec()),
-            None => Ok(Vec::new()),
-        }
+        let Some(card) = card else {
+            return Ok(None);
+        };
+        let card = CardIn::decode(&card)?;
+        Ok(Some((
+            card.relays().to_vec(),
+            card.inbox_capability().map(|c| Capability::new(*c)),
+        )))
     }
 
     /// Relays on this device's own card.

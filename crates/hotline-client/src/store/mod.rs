@@ -270,7 +270,21 @@ impl Store {
             clock: Arc::new(SystemClock),
         };
         store.rebuild_transcripts()?;
+        store.reissue_card()?;
         Ok(store)
+    }
+
+    /// Reissues, once, a card made before inbox capabilities, with the same key
+    /// packages and relays (its fingerprint is unchanged; holders of the old card
+    /// cannot leave invitations until they import the new one).
+    fn reissue_card(&mut self) -> Result<(), StoreError> {
+        let Some(card) = hotline_core::card::reissue_card(&self.identity, &self.card()?)? else {
+            return Ok(());
+        };
+        self.transact(|connection, _, _| {
+            connection.execute("UPDATE device SET card = ?1 WHERE id = 1", [&card])?;
+            Ok(())
+        })
     }
 
     /// Rebuilds, once, the transcripts of channels stored by a version that kept only
