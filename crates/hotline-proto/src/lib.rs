@@ -17,6 +17,7 @@ pub mod batch;
 pub mod capability;
 pub mod client;
 pub mod limits;
+pub mod stream;
 pub mod tls;
 
 /// Where a message goes: a channel's log, a device's inbox (invitations), or a device's

@@ -24,4 +24,5 @@ pub mod conformance;
 pub mod postgres;
 pub mod server;
 pub mod storage;
+mod stream;
 pub mod tls;

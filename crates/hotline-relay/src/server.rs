@@ -127,9 +127,9 @@ struct Allowance {
     last: Instant,
 }
 
-struct AppState<S> {
-    storage: S,
-    limits: Limits,
+pub(crate) struct AppState<S> {
+    pub(crate) storage: S,
+    pub(crate) limits: Limits,
     appended: watch::Sender<u64>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
     /// Bytes held in all logs: read from the storage now and then (other processes,
@@ -205,14 +205,14 @@ impl Summary {
 
 /// A refusal, as a problem document.
 #[derive(Debug)]
-struct Problem {
-    status: StatusCode,
-    code: &'static str,
-    detail: String,
+pub(crate) struct Problem {
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) detail: String,
 }
 
 impl Problem {
-    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
@@ -292,7 +292,7 @@ impl<S: RelayStorage> AppState<S> {
     /// Counts a refusal and logs it, with its reason and the source address (never a
     /// message's bytes): limits hit and storage failures as warnings, the rest (what
     /// strangers and broken clients cause all day) at debug.
-    fn reject(&self, problem: Problem) -> Problem {
+    pub(crate) fn reject(&self, problem: Problem) -> Problem {
         if let Ok(mut rejected) = self.metrics.rejected.lock() {
             *rejected.entry(problem.code).or_default() += 1;
         }
@@ -362,7 +362,12 @@ impl<S: RelayStorage> AppState<S> {
 
     /// Charges `device`'s allowance `requests` requests and `bytes` bytes; refuses,
     /// charging nothing, if it lacks either.
-    fn charge(&self, device: DeviceKey, requests: f64, bytes: f64) -> Result<(), Problem> {
+    pub(crate) fn charge(
+        &self,
+        device: DeviceKey,
+        requests: f64,
+        bytes: f64,
+    ) -> Result<(), Problem> {
         let limits = &self.limits;
         let mut buckets = self
             .buckets
@@ -404,7 +409,7 @@ impl<S: RelayStorage> AppState<S> {
 
     /// Refuses (507 `storage-full`) an append of `bytes` that would take the relay
     /// past its storage bound.
-    fn room_for(&self, bytes: u64) -> Result<(), Problem> {
+    pub(crate) fn room_for(&self, bytes: u64) -> Result<(), Problem> {
         let used = self.used.load(Ordering::Relaxed);
         if used.saturating_add(bytes) > self.limits.max_storage {
             return Err(self.reject(Problem::new(
@@ -444,7 +449,11 @@ impl<S: RelayStorage> AppState<S> {
         }
     }
 
-    async fn require_member(&self, channel: &[u8; 32], device: &DeviceKey) -> Result<(), Problem> {
+    pub(crate) async fn require_member(
+        &self,
+        channel: &[u8; 32],
+        device: &DeviceKey,
+    ) -> Result<(), Problem> {
         match self.storage.membership(channel).await? {
             Some(membership) if membership.members.contains(&device.0) => Ok(()),
             Some(_) => Err(self.reject(Problem::new(
@@ -460,7 +469,7 @@ impl<S: RelayStorage> AppState<S> {
         }
     }
 
-    async fn append(&self, log: Log, bytes: Bytes) -> Result<Appended, Problem> {
+    pub(crate) async fn append(&self, log: Log, bytes: Bytes) -> Result<Appended, Problem> {
         if bytes.is_empty() {
             return Err(self.reject(Problem::new(
                 StatusCode::BAD_REQUEST,
@@ -481,9 +490,29 @@ impl<S: RelayStorage> AppState<S> {
         Ok(appended)
     }
 
+    /// Records that `device` committed `channel` up to `seq`; deletes what every
+    /// current member acknowledged and returns how many.
+    pub(crate) async fn acknowledge(
+        &self,
+        channel: [u8; 32],
+        device: DeviceKey,
+        seq: u64,
+    ) -> Result<u64, Problem> {
+        let members = self
+            .storage
+            .membership(&channel)
+            .await?
+            .map(|m| m.members)
+            .unwrap_or_default();
+        Ok(self
+            .storage
+            .acknowledge(Log::Channel(channel), device.0, seq, members)
+            .await?)
+    }
+
     /// Counts an answered append in the metrics; returns whether it stored a new
     /// message (the caller then wakes the long polls).
-    fn count_appended(&self, appended: &Appended, len: u64) -> bool {
+    pub(crate) fn count_appended(&self, appended: &Appended, len: u64) -> bool {
         if appended.duplicate {
             self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -513,7 +542,7 @@ impl<S: RelayStorage> AppState<S> {
     }
 
     /// Reads after a cursor; waits up to `wait` for something new if nothing is there.
-    async fn read(
+    pub(crate) async fn read(
         &self,
         log: Log,
         after: u64,
@@ -728,16 +757,7 @@ async fn post_ack<S: RelayStorage>(
             e.to_string(),
         ))
     })?;
-    let members = state
-        .storage
-        .membership(&channel)
-        .await?
-        .map(|m| m.members)
-        .unwrap_or_default();
-    let deleted = state
-        .storage
-        .acknowledge(Log::Channel(channel), device.0, ack.seq, members)
-        .await?;
+    let deleted = state.acknowledge(channel, device, ack.seq).await?;
     Ok(Json(json!({"deleted": deleted})).into_response())
 }
 
@@ -1054,6 +1074,55 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
         .with_state(state)
 }
 
+/// The TLS exporter of a connection that chose the stream protocol by ALPN; `None`
+/// for one that speaks HTTP.
+fn stream_exporter<IO>(tls: &tokio_rustls::server::TlsStream<IO>) -> Option<[u8; 32]> {
+    let session = tls.get_ref().1;
+    if session.alpn_protocol() != Some(hotline_proto::stream::ALPN) {
+        return None;
+    }
+    let mut exporter = [0u8; 32];
+    session
+        .export_keying_material(&mut exporter, hotline_proto::stream::EXPORTER_LABEL, None)
+        .ok()?;
+    Some(exporter)
+}
+
+/// Serves the one-shot HTTP routes on a connection until it ends, the relay stops,
+/// its time is up, or (while unauthenticated) it is evicted to make room.
+async fn serve_http<IO>(
+    tls: IO,
+    app: Router,
+    limits: &Limits,
+    ticket: &crate::admission::Ticket,
+    stop: &mut watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(tls);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true);
+    let connection = builder.serve_connection(io, service);
+    tokio::pin!(connection);
+    let body_deadline = tokio::time::sleep(limits.body_timeout + limits.max_wait);
+    tokio::pin!(body_deadline);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = stop.changed() => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+        }
+        // Slow clients cannot hold a connection for ever.
+        _ = &mut body_deadline => {}
+        // A stranger's connection closed to make room.
+        () = ticket.evicted() => {}
+    }
+}
+
 /// A running relay: its address, and how to stop it.
 #[derive(Debug)]
 pub struct Running {
@@ -1218,30 +1287,20 @@ pub async fn serve<S: RelayStorage>(
                 let _permit = permit;
                 state.metrics.connections.fetch_add(1, Ordering::Relaxed);
                 // A client must finish its handshake within the header timeout.
-                if let Ok(Ok(tls)) =
-                    tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)).await
-                {
-                    let io = hyper_util::rt::TokioIo::new(tls);
-                    let service = hyper_util::service::TowerToHyperService::new(app);
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(hyper_util::rt::TokioTimer::new())
-                        .header_read_timeout(limits.header_timeout)
-                        .keep_alive(true);
-                    let connection = builder.serve_connection(io, service);
-                    tokio::pin!(connection);
-                    let body_deadline = tokio::time::sleep(limits.body_timeout + limits.max_wait);
-                    tokio::pin!(body_deadline);
-                    tokio::select! {
-                        _ = connection.as_mut() => {}
-                        _ = stop.changed() => {
-                            connection.as_mut().graceful_shutdown();
-                            let _ = tokio::time::timeout(Duration::from_secs(10), connection).await;
+                let handshake =
+                    tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                let accepted = tokio::select! {
+                    accepted = handshake => accepted.ok().and_then(Result::ok),
+                    () = ticket.evicted() => None,
+                };
+                if let Some(tls) = accepted {
+                    match stream_exporter(&tls) {
+                        Some(exporter) => {
+                            let ticket = Arc::clone(&ticket);
+                            crate::stream::serve(Arc::clone(&state), tls, exporter, ticket, stop)
+                                .await;
                         }
-                        // Slow clients cannot hold a connection for ever.
-                        _ = &mut body_deadline => {}
-                        // A stranger's connection closed to make room.
-                        () = ticket.evicted() => {}
+                        None => serve_http(tls, app, &limits, &ticket, &mut stop).await,
                     }
                 }
                 state.metrics.connections.fetch_sub(1, Ordering::Relaxed);

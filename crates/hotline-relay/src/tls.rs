@@ -85,16 +85,20 @@ pub fn renew_certificate(dir: &Path) -> Result<CertificateDer<'static>, TlsError
     Ok(certificate.der().clone())
 }
 
-/// Server configuration: TLS 1.3 with the relay's certificate.
-/// The relay's TLS configuration, as `server_config` builds it.
+/// The relay's TLS configuration, as `server_config` builds it: TLS 1.3 with the
+/// relay's certificate, ALPN `hotline-stream/1` or `http/1.1`.
 pub use rustls::ServerConfig;
 
 pub fn server_config(
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, TlsError> {
-    Ok(rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
-        .with_single_cert(vec![cert], key)?)
+        .with_single_cert(vec![cert], key)?;
+    // The stream protocol, or the one-shot HTTP routes (also for clients that offer
+    // no ALPN at all).
+    config.alpn_protocols = vec![hotline_proto::stream::ALPN.to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }

@@ -1,0 +1,684 @@
+//! The stream protocol (`hotline-stream/1`): one TLS connection, authenticated once,
+//! then messages both ways without a signature or an HTTP request each.
+//!
+//! A device selects it with ALPN `hotline-stream/1` on the relay's usual port (the
+//! one-shot HTTP routes answer on the same port, ALPN `http/1.1` or none). Then, in
+//! frames of `u32 length | u8 kind | body` (big-endian, the length counting kind and
+//! body, at most [`MAX_FRAME`]):
+//!
+//! ```text
+//!   relay  ─► Challenge  [32] nonce
+//!   device ─► Hello      [32] device key, [64] Ed25519 signature over
+//!                        "hotline-stream-v1" || nonce || TLS exporter (32 bytes,
+//!                        label "EXPORTER-hotline-stream-v1", no context)
+//!   relay  ─► Ready                        (or Refused with id 0, then closes)
+//!   device ─► Append     u64 id, [32] channel, bytes message
+//!   relay  ─► Appended   u64 id, u64 seq, u8 duplicate     (after the commit's fsync)
+//!   device ─► Subscribe  [32] channel, u64 after
+//!   relay  ─► Message    [32] channel, u64 seq, bytes      (pushed as they commit)
+//!   device ─► Ack        u64 id, [32] channel, u64 seq
+//!   relay  ─► Acked      u64 id, u64 deleted
+//!   relay  ─► Refused    u64 id, u16 status, string code, string detail
+//! ```
+//!
+//! The signature binds the proof of the device's key to this TLS session (the exporter
+//! differs on every connection), so it cannot be replayed on another; the relay's
+//! nonce makes it fresh. Appends may be pipelined: the relay commits those waiting
+//! together and answers each by its id, in any order. A subscription pushes the
+//! channel's messages after `after`, in order, as they are stored, until the
+//! connection ends; `Refused` with the subscription's channel as id 0 ends it. The
+//! relay applies the same membership checks, rate limits and quotas as on the HTTP
+//! routes, and answers a request it cannot take (a malformed frame, a limit) with
+//! `Refused`; a frame it cannot parse at all closes the connection.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hotline_core::codec::{DecodeError, Reader, Writer};
+use hotline_core::{DeviceIdentity, DeviceKey};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::ClientError;
+use crate::tls;
+
+/// The ALPN name of the stream protocol.
+pub const ALPN: &[u8] = b"hotline-stream/1";
+/// The TLS exporter label the authentication signs.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-hotline-stream-v1";
+/// Largest frame: a message of the relay's largest size, and room for its header.
+pub const MAX_FRAME: usize = crate::limits::MAX_MESSAGE + 1024;
+
+const SIGNATURE_CONTEXT: &[u8] = b"hotline-stream-v1";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Frames waiting to be written on one connection.
+const QUEUE: usize = 1024;
+
+/// What the device signs to authenticate a connection.
+pub fn hello_message(nonce: &[u8; 32], exporter: &[u8; 32]) -> Vec<u8> {
+    [SIGNATURE_CONTEXT, nonce, exporter].concat()
+}
+
+/// Whether `signature` by `device` authenticates the connection whose nonce and
+/// exporter are given (the relay's check of a Hello).
+pub fn check_hello(
+    device: &[u8; 32],
+    signature: &[u8; 64],
+    nonce: &[u8; 32],
+    exporter: &[u8; 32],
+) -> bool {
+    DeviceKey(*device)
+        .verify(&hello_message(nonce, exporter), signature)
+        .is_ok()
+}
+
+/// One frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Challenge {
+        nonce: [u8; 32],
+    },
+    Hello {
+        device: [u8; 32],
+        signature: [u8; 64],
+    },
+    Ready,
+    Append {
+        id: u64,
+        channel: [u8; 32],
+        message: Vec<u8>,
+    },
+    Appended {
+        id: u64,
+        seq: u64,
+        duplicate: bool,
+    },
+    Subscribe {
+        channel: [u8; 32],
+        after: u64,
+    },
+    Message {
+        channel: [u8; 32],
+        seq: u64,
+        message: Vec<u8>,
+    },
+    Ack {
+        id: u64,
+        channel: [u8; 32],
+        seq: u64,
+    },
+    Acked {
+        id: u64,
+        deleted: u64,
+    },
+    Refused {
+        id: u64,
+        status: u16,
+        code: String,
+        detail: String,
+    },
+}
+
+impl Frame {
+    /// The frame with its length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut writer = Writer::new();
+        writer.u32(0);
+        match self {
+            Frame::Challenge { nonce } => {
+                writer.u8(1);
+                writer.fixed(nonce);
+            }
+            Frame::Hello { device, signature } => {
+                writer.u8(2);
+                writer.fixed(device);
+                writer.fixed(signature);
+            }
+            Frame::Ready => writer.u8(3),
+            Frame::Append {
+                id,
+                channel,
+                message,
+            } => {
+                writer.u8(4);
+                writer.u64(*id);
+                writer.fixed(channel);
+                writer.bytes(message);
+            }
+            Frame::Appended { id, seq, duplicate } => {
+                writer.u8(5);
+                writer.u64(*id);
+                writer.u64(*seq);
+                writer.u8(u8::from(*duplicate));
+            }
+            Frame::Subscribe { channel, after } => {
+                writer.u8(7);
+                writer.fixed(channel);
+                writer.u64(*after);
+            }
+            Frame::Message {
+                channel,
+                seq,
+                message,
+            } => {
+                writer.u8(8);
+                writer.fixed(channel);
+                writer.u64(*seq);
+                writer.bytes(message);
+            }
+            Frame::Ack { id, channel, seq } => {
+                writer.u8(9);
+                writer.u64(*id);
+                writer.fixed(channel);
+                writer.u64(*seq);
+            }
+            Frame::Acked { id, deleted } => {
+                writer.u8(10);
+                writer.u64(*id);
+                writer.u64(*deleted);
+            }
+            Frame::Refused {
+                id,
+                status,
+                code,
+                detail,
+            } => {
+                writer.u8(6);
+                writer.u64(*id);
+                writer.u16(*status);
+                writer.string(code);
+                writer.string(detail);
+            }
+        }
+        let len = writer.as_bytes().len() - 4;
+        writer.patch_u32(0, len as u32);
+        writer.into_bytes()
+    }
+
+    /// A frame's kind and body (without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(body);
+        let frame = match reader.u8("frame kind")? {
+            1 => Frame::Challenge {
+                nonce: reader.array("nonce")?,
+            },
+            2 => Frame::Hello {
+                device: reader.array("device")?,
+                signature: reader.array("signature")?,
+            },
+            3 => Frame::Ready,
+            4 => Frame::Append {
+                id: reader.u64("id")?,
+                channel: reader.array("channel")?,
+                message: reader.bytes("message", MAX_FRAME)?.to_vec(),
+            },
+            5 => Frame::Appended {
+                id: reader.u64("id")?,
+                seq: reader.u64("seq")?,
+                duplicate: reader.flag("duplicate")?,
+            },
+            6 => Frame::Refused {
+                id: reader.u64("id")?,
+                status: reader.u16("status")?,
+                code: reader.string("code", 64)?,
+                detail: reader.string("detail", 1024)?,
+            },
+            7 => Frame::Subscribe {
+                channel: reader.array("channel")?,
+                after: reader.u64("after")?,
+            },
+            8 => Frame::Message {
+                channel: reader.array("channel")?,
+                seq: reader.u64("seq")?,
+                message: reader.bytes("message", MAX_FRAME)?.to_vec(),
+            },
+            9 => Frame::Ack {
+                id: reader.u64("id")?,
+                channel: reader.array("channel")?,
+                seq: reader.u64("seq")?,
+            },
+            10 => Frame::Acked {
+                id: reader.u64("id")?,
+                deleted: reader.u64("deleted")?,
+            },
+            _ => {
+                return Err(DecodeError::Invalid {
+                    field: "frame kind",
+                    reason: "unknown",
+                });
+            }
+        };
+        reader.finish()?;
+        Ok(frame)
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("frame of {0} bytes, over the limit")]
+    TooLarge(usize),
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] DecodeError),
+}
+
+/// Reads one frame; `Ok(None)` at a clean end of the connection. The length is checked
+/// before anything is allocated.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<Option<Frame>, FrameError> {
+    let mut prefix = [0u8; 4];
+    match reader.read_exact(&mut prefix).await {
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len == 0 || len > limit {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(Frame::decode(&body)?))
+}
+
+/// Writes frames from `frames` as they come, flushing whenever none is waiting (many
+/// answers in one TLS record under load, no delay when idle).
+pub async fn write_frames<W: AsyncWrite + Unpin>(
+    writer: W,
+    mut frames: mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<()> {
+    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
+    while let Some(frame) = frames.recv().await {
+        writer.write_all(&frame).await?;
+        while let Ok(frame) = frames.try_recv() {
+            writer.write_all(&frame).await?;
+        }
+        writer.flush().await?;
+    }
+    writer.shutdown().await
+}
+
+/// An append's answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub seq: u64,
+    pub duplicate: bool,
+}
+
+enum Pending {
+    Append(oneshot::Sender<Result<Appended, ClientError>>),
+    Ack(oneshot::Sender<Result<u64, ClientError>>),
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: HashMap<u64, Pending>,
+    subscriptions: HashMap<[u8; 32], mpsc::UnboundedSender<(u64, Vec<u8>)>>,
+    next: u64,
+    /// Why the connection ended, once it did.
+    closed: Option<String>,
+}
+
+/// A device's authenticated stream connection to one relay. Cheap to clone; requests
+/// from clones share the connection (and are pipelined).
+#[derive(Clone)]
+pub struct StreamClient {
+    relay: String,
+    frames: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Mutex<Shared>>,
+}
+
+impl std::fmt::Debug for StreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamClient")
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamClient {
+    /// Connects to the relay at `url` (`https://HOST:PORT/#sha256=PIN`) and
+    /// authenticates as `identity`.
+    pub async fn connect(url: &str, identity: &DeviceIdentity) -> Result<Self, ClientError> {
+        let (base, pin) = tls::parse_url(url)?;
+        let network = |detail: String| ClientError::Network {
+            relay: base.clone(),
+            detail,
+        };
+        let authority = base.trim_start_matches("https://").to_owned();
+        let mut config = tls::client_config(pin)?;
+        config.alpn_protocols = vec![ALPN.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        // The pin, not the name, authenticates the relay: any valid name will do.
+        let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid")
+            .map_err(|e| network(e.to_string()))?;
+        let connect = async {
+            let tcp = tokio::net::TcpStream::connect(&authority).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(name, tcp).await
+        };
+        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| network("connection timed out".into()))?
+            .map_err(|e| network(e.to_string()))?;
+        let (_, session) = tls.get_ref();
+        if session.alpn_protocol() != Some(ALPN) {
+            return Err(network(
+                "the relay does not speak the stream protocol (hotline-stream/1)".into(),
+            ));
+        }
+        let mut exporter = [0u8; 32];
+        session
+            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
+            .map_err(|e| network(e.to_string()))?;
+        let (read, mut write) = tokio::io::split(tls);
+        let mut read = BufReader::with_capacity(64 * 1024, read);
+        let malformed = |e: FrameError| network(format!("during authentication: {e}"));
+        let handshake = async {
+            let nonce = match read_frame(&mut read, MAX_FRAME).await.map_err(malformed)? {
+                Some(Frame::Challenge { nonce }) => nonce,
+                other => return Err(network(format!("expected a challenge, got {other:?}"))),
+            };
+            let hello = Frame::Hello {
+                device: identity.key().0,
+                signature: identity.sign(&hello_message(&nonce, &exporter)),
+            };
+            write
+                .write_all(&hello.encode())
+                .await
+                .map_err(|e| network(e.to_string()))?;
+            write.flush().await.map_err(|e| network(e.to_string()))?;
+            match read_frame(&mut read, MAX_FRAME).await.map_err(malformed)? {
+                Some(Frame::Ready) => Ok(()),
+                Some(Frame::Refused {
+                    status,
+                    code,
+                    detail,
+                    ..
+                }) => Err(ClientError::Refused {
+                    relay: base.clone(),
+                    status,
+                    code,
+                    detail,
+                }),
+                other => Err(network(format!("expected ready, got {other:?}"))),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| network("authentication timed out".into()))??;
+
+        let (frames, queue) = mpsc::channel(QUEUE);
+        let shared = Arc::new(Mutex::new(Shared {
+            next: 1,
+            ..Shared::default()
+        }));
+        tokio::spawn(write_frames(write, queue));
+        tokio::spawn(dispatch(read, Arc::clone(&shared), base.clone()));
+        Ok(Self {
+            relay: base,
+            frames,
+            shared,
+        })
+    }
+
+    pub fn relay(&self) -> &str {
+        &self.relay
+    }
+
+    fn gone(&self, why: &str) -> ClientError {
+        ClientError::Network {
+            relay: self.relay.clone(),
+            detail: why.to_owned(),
+        }
+    }
+
+    /// Registers a pending answer under a fresh id; `Err` if the connection ended.
+    fn register(&self, pending: impl FnOnce() -> Pending) -> Result<u64, ClientError> {
+        let mut shared = self.shared.lock().map_err(|_| self.gone("poisoned"))?;
+        if let Some(why) = &shared.closed {
+            return Err(self.gone(why));
+        }
+        let id = shared.next;
+        shared.next += 1;
+        shared.pending.insert(id, pending());
+        Ok(id)
+    }
+
+    async fn send(&self, frame: Frame) -> Result<(), ClientError> {
+        self.frames
+            .send(frame.encode())
+            .await
+            .map_err(|_| self.gone("connection closed"))
+    }
+
+    /// Appends a message to a channel; answered once the relay stored it durably.
+    pub async fn append(
+        &self,
+        channel: &[u8; 32],
+        message: Vec<u8>,
+    ) -> Result<Appended, ClientError> {
+        let (answer, wait) = oneshot::channel();
+        let id = self.register(|| Pending::Append(answer))?;
+        self.send(Frame::Append {
+            id,
+            channel: *channel,
+            message,
+        })
+        .await?;
+        wait.await.map_err(|_| self.gone("connection closed"))?
+    }
+
+    /// Tells the relay this device committed the channel up to `seq`; how many messages
+    /// it deleted.
+    pub async fn ack(&self, channel: &[u8; 32], seq: u64) -> Result<u64, ClientError> {
+        let (answer, wait) = oneshot::channel();
+        let id = self.register(|| Pending::Ack(answer))?;
+        self.send(Frame::Ack {
+            id,
+            channel: *channel,
+            seq,
+        })
+        .await?;
+        wait.await.map_err(|_| self.gone("connection closed"))?
+    }
+
+    /// The channel's messages after `after`, then each new one as the relay stores it,
+    /// until the connection ends (the receiver then closes). One subscription per
+    /// channel per connection: a second replaces the first.
+    pub async fn subscribe(
+        &self,
+        channel: &[u8; 32],
+        after: u64,
+    ) -> Result<mpsc::UnboundedReceiver<(u64, Vec<u8>)>, ClientError> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        {
+            let mut shared = self.shared.lock().map_err(|_| self.gone("poisoned"))?;
+            if let Some(why) = &shared.closed {
+                return Err(self.gone(why));
+            }
+            shared.subscriptions.insert(*channel, sender);
+        }
+        self.send(Frame::Subscribe {
+            channel: *channel,
+            after,
+        })
+        .await?;
+        Ok(receiver)
+    }
+}
+
+/// Reads the relay's frames and hands each to whoever waits for it; when the
+/// connection ends, every waiter learns why.
+async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>, relay: String) {
+    let why = loop {
+        let frame = match read_frame(&mut read, MAX_FRAME).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break "the relay closed the connection".to_owned(),
+            Err(error) => break error.to_string(),
+        };
+        let Ok(mut shared) = shared.lock() else {
+            return;
+        };
+        match frame {
+            Frame::Appended { id, seq, duplicate } => {
+                if let Some(Pending::Append(answer)) = shared.pending.remove(&id) {
+                    let _ = answer.send(Ok(Appended { seq, duplicate }));
+                }
+            }
+            Frame::Acked { id, deleted } => {
+                if let Some(Pending::Ack(answer)) = shared.pending.remove(&id) {
+                    let _ = answer.send(Ok(deleted));
+                }
+            }
+            Frame::Message {
+                channel,
+                seq,
+                message,
+            } => {
+                if let Some(subscription) = shared.subscriptions.get(&channel)
+                    && subscription.send((seq, message)).is_err()
+                {
+                    shared.subscriptions.remove(&channel);
+                }
+            }
+            Frame::Refused {
+                id,
+                status,
+                code,
+                detail,
+            } => {
+                let refused = ClientError::Refused {
+                    relay: relay.clone(),
+                    status,
+                    code,
+                    detail,
+                };
+                match shared.pending.remove(&id) {
+                    Some(Pending::Append(answer)) => {
+                        let _ = answer.send(Err(refused));
+                    }
+                    Some(Pending::Ack(answer)) => {
+                        let _ = answer.send(Err(refused));
+                    }
+                    // A refusal of the whole connection (id 0): it closes next.
+                    None => {}
+                }
+            }
+            // Nothing else comes from a relay after Ready.
+            _ => break "the relay sent an unexpected frame".to_owned(),
+        }
+    };
+    if let Ok(mut shared) = shared.lock() {
+        for (_, pending) in shared.pending.drain() {
+            let error = ClientError::Network {
+                relay: relay.clone(),
+                detail: why.clone(),
+            };
+            match pending {
+                Pending::Append(answer) => {
+                    let _ = answer.send(Err(error));
+                }
+                Pending::Ack(answer) => {
+                    let _ = answer.send(Err(error));
+                }
+            }
+        }
+        shared.subscriptions.clear();
+        shared.closed = Some(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames() -> Vec<Frame> {
+        vec![
+            Frame::Challenge { nonce: [1; 32] },
+            Frame::Hello {
+                device: [2; 32],
+                signature: [3; 64],
+            },
+            Frame::Ready,
+            Frame::Append {
+                id: 7,
+                channel: [4; 32],
+                message: b"hello".to_vec(),
+            },
+            Frame::Appended {
+                id: 7,
+                seq: 9,
+                duplicate: true,
+            },
+            Frame::Subscribe {
+                channel: [5; 32],
+                after: 3,
+            },
+            Frame::Message {
+                channel: [5; 32],
+                seq: 4,
+                message: vec![0; 100],
+            },
+            Frame::Ack {
+                id: 8,
+                channel: [5; 32],
+                seq: 4,
+            },
+            Frame::Acked { id: 8, deleted: 2 },
+            Frame::Refused {
+                id: 9,
+                status: 403,
+                code: "not-a-member".into(),
+                detail: "no".into(),
+            },
+        ]
+    }
+
+    #[tokio::test]
+    async fn every_frame_reads_back_as_written() {
+        let bytes: Vec<u8> = frames().iter().flat_map(Frame::encode).collect();
+        let mut reader = &bytes[..];
+        for frame in frames() {
+            assert_eq!(
+                read_frame(&mut reader, MAX_FRAME).await.unwrap(),
+                Some(frame)
+            );
+        }
+        assert_eq!(read_frame(&mut reader, MAX_FRAME).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_empty_and_malformed_frames_are_refused() {
+        let huge = (MAX_FRAME as u32 + 1).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &huge[..], MAX_FRAME).await,
+            Err(FrameError::TooLarge(_))
+        ));
+        let empty = 0u32.to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut &empty[..], MAX_FRAME).await,
+            Err(FrameError::TooLarge(0))
+        ));
+        for body in [&[99u8][..], &[4, 0, 0], &[3, 0]] {
+            let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+            bytes.extend_from_slice(body);
+            assert!(matches!(
+                read_frame(&mut &bytes[..], MAX_FRAME).await,
+                Err(FrameError::Malformed(_))
+            ));
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = Frame::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! The relay's side of the stream protocol (`hotline-stream/1`, see
+//! `hotline_proto::stream`): one authenticated connection per device, appends
+//! pipelined into the group commit, messages pushed to subscribers as they are stored.
+//!
+//! ```text
+//!   accept, TLS (ALPN hotline-stream/1) ─► Challenge ─► Hello checked within the
+//!   handshake deadline (else closed; still pending in the strangers' budget)
+//!        │
+//!        ▼ authenticated: a member's slot
+//!   read loop ── Append ──► membership (cached 1 s), rate, quota ─► task: append ─┐
+//!            ── Ack ──────► task: acknowledge ───────────────────────────────────┤
+//!            ── Subscribe ► task: read after, wait for appends, push Messages ───┤
+//!                                                                                 ▼
+//!                                           writer: frames out, one flush per burst
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hotline_core::DeviceKey;
+use hotline_proto::stream::{self, Frame, FrameError};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::admission::Ticket;
+use crate::server::{AppState, Problem};
+use crate::storage::{Log, RelayStorage};
+
+/// Frames waiting to be written on one connection.
+const QUEUE: usize = 1024;
+/// Appends and acknowledgements one connection may have in flight; the next frame is
+/// read only when one finishes.
+const IN_FLIGHT: usize = 256;
+/// Channels one connection may subscribe to.
+const SUBSCRIPTIONS: usize = 256;
+/// How long a membership check holds for a connection (a removed member may append
+/// for up to this long on a connection opened before).
+const MEMBERSHIP_TTL: Duration = Duration::from_secs(1);
+/// Largest Hello frame.
+const HELLO_LIMIT: usize = 128;
+
+/// Serves one connection that chose the stream protocol, until it ends, the relay
+/// stops, or (while unauthenticated) it is evicted to make room.
+pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + 'static>(
+    state: Arc<AppState<S>>,
+    io: IO,
+    exporter: [u8; 32],
+    ticket: Arc<Ticket>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (read, write) = tokio::io::split(io);
+    let mut read = BufReader::with_capacity(64 * 1024, read);
+    let (frames, queue) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let writer = tokio::spawn(stream::write_frames(write, queue));
+    let source = crate::admission::peer();
+
+    // The handshake: a Hello that checks, within the deadline.
+    let nonce: [u8; 32] = rand::random();
+    let _ = frames.send(Frame::Challenge { nonce }.encode()).await;
+    let deadline = state.limits.header_timeout;
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(deadline, stream::read_frame(&mut read, HELLO_LIMIT)) => {
+            hello.ok().and_then(Result::ok).flatten()
+        }
+        () = ticket.evicted() => None,
+    };
+    let device = match hello {
+        Some(Frame::Hello { device, signature })
+            if stream::check_hello(&device, &signature, &nonce, &exporter) =>
+        {
+            DeviceKey(device)
+        }
+        _ => {
+            let problem = state.reject(Problem::new(
+                axum::http::StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "the stream needs a Hello signed over the challenge and this TLS session",
+            ));
+            let _ = frames.send(refused(0, &problem).encode()).await;
+            drop(frames);
+            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+            return;
+        }
+    };
+    ticket.authenticated();
+    tracing::debug!(%device, source = ?source, "stream authenticated");
+    let _ = frames.send(Frame::Ready.encode()).await;
+
+    let mut session = Session {
+        state,
+        device,
+        frames,
+        memberships: HashMap::new(),
+        work: JoinSet::new(),
+        subscriptions: HashMap::new(),
+    };
+    let limit = session.state.limits.max_message + 1024;
+    loop {
+        // Backpressure: at most IN_FLIGHT appends and acknowledgements.
+        while session.work.len() >= IN_FLIGHT {
+            session.work.join_next().await;
+        }
+        let frame = tokio::select! {
+            frame = stream::read_frame(&mut read, limit) => frame,
+            Some(_) = session.work.join_next(), if !session.work.is_empty() => continue,
+            _ = stop.changed() => break,
+        };
+        match frame {
+            Ok(Some(frame)) => {
+                if !session.take(frame).await {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(error) => {
+                let status = match error {
+                    FrameError::TooLarge(_) => axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                    _ => axum::http::StatusCode::BAD_REQUEST,
+                };
+                if !matches!(error, FrameError::Io(_)) {
+                    let problem = session.state.reject(Problem::new(
+                        status,
+                        if status == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                            "too-large"
+                        } else {
+                            "malformed"
+                        },
+                        error.to_string(),
+                    ));
+                    let _ = session.frames.send(refused(0, &problem).encode()).await;
+                }
+                break;
+            }
+        }
+    }
+    // In-flight appends finish (their commits are answered); pushes stop.
+    for (_, subscription) in session.subscriptions.drain() {
+        subscription.abort();
+    }
+    while session.work.join_next().await.is_some() {}
+    drop(session);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+fn refused(id: u64, problem: &Problem) -> Frame {
+    Frame::Refused {
+        id,
+        status: problem.status.as_u16(),
+        code: problem.code.to_owned(),
+        detail: problem.detail.clone(),
+    }
+}
+
+struct Session<S> {
+    state: Arc<AppState<S>>,
+    device: DeviceKey,
+    frames: mpsc::Sender<Vec<u8>>,
+    /// Channel → (checked at, member?).
+    memberships: HashMap<[u8; 32], (Instant, bool)>,
+    work: JoinSet<()>,
+    subscriptions: HashMap<[u8; 32], tokio::task::AbortHandle>,
+}
+
+impl<S: RelayStorage> Session<S> {
+    /// Takes one request; `false` ends the connection.
+    async fn take(&mut self, frame: Frame) -> bool {
+        match frame {
+            Frame::Append {
+                id,
+                channel,
+                message,
+            } => {
+                if let Err(problem) = self.admit(&channel, message.len()).await {
+                    return self.refuse(id, &problem).await;
+                }
+                let (state, frames) = (Arc::clone(&self.state), self.frames.clone());
+                self.work.spawn(async move {
+                    let answer = match state.append(Log::Channel(channel), message.into()).await {
+                        Ok(appended) => Frame::Appended {
+                            id,
+                            seq: appended.seq,
+                            duplicate: appended.duplicate,
+                        },
+                        Err(problem) => refused(id, &problem),
+                    };
+                    let _ = frames.send(answer.encode()).await;
+                });
+                true
+            }
+            Frame::Ack { id, channel, seq } => {
+                if let Err(problem) = self.admit(&channel, 0).await {
+                    return self.refuse(id, &problem).await;
+                }
+                let (state, frames, device) =
+                    (Arc::clone(&self.state), self.frames.clone(), self.device);
+                self.work.spawn(async move {
+                    let answer = match state.acknowledge(channel, device, seq).await {
+                        Ok(deleted) => Frame::Acked { id, deleted },
+                        Err(problem) => refused(id, &problem),
+                    };
+                    let _ = frames.send(answer.encode()).await;
+                });
+                true
+            }
+            Frame::Subscribe { channel, after } => {
+                if let Err(problem) = self.admit(&channel, 0).await {
+                    return self.refuse(0, &problem).await;
+                }
+                if let Some(previous) = self.subscriptions.remove(&channel) {
+                    previous.abort();
+                }
+                if self.subscriptions.len() >= SUBSCRIPTIONS {
+                    let problem = self.state.reject(Problem::new(
+                        axum::http::StatusCode::TOO_MANY_REQUESTS,
+                        "slow-down",
+                        format!("at most {SUBSCRIPTIONS} subscriptions per connection"),
+                    ));
+                    return self.refuse(0, &problem).await;
+                }
+                let (state, frames) = (Arc::clone(&self.state), self.frames.clone());
+                let task = tokio::spawn(push(state, frames, self.device, channel, after));
+                self.subscriptions.insert(channel, task.abort_handle());
+                true
+            }
+            _ => {
+                let problem = self.state.reject(Problem::new(
+                    axum::http::StatusCode::BAD_REQUEST,
+                    "malformed",
+                    "a device sends Append, Ack or Subscribe frames on an open stream",
+                ));
+                self.refuse(0, &problem).await;
+                false
+            }
+        }
+    }
+
+    /// Charges the device and checks it is a member of `channel` (cached briefly).
+    async fn admit(&mut self, channel: &[u8; 32], bytes: usize) -> Result<(), Problem> {
+        self.state.charge(self.device, 1.0, bytes as f64)?;
+        let fresh = self
+            .memberships
+            .get(channel)
+            .is_some_and(|(at, member)| *member && at.elapsed() < MEMBERSHIP_TTL);
+        if !fresh {
+            let checked = self.state.require_member(channel, &self.device).await;
+            if self.memberships.len() > SUBSCRIPTIONS * 4 {
+                self.memberships.clear();
+            }
+            self.memberships
+                .insert(*channel, (Instant::now(), checked.is_ok()));
+            checked?;
+        }
+        Ok(())
+    }
+
+    async fn refuse(&self, id: u64, problem: &Problem) -> bool {
+        self.frames
+            .send(refused(id, problem).encode())
+            .await
+            .is_ok()
+    }
+}
+
+/// Pushes `channel`'s messages after `after` to the connection as they are stored,
+/// while `device` is a member (checked again at most once a second).
+async fn push<S: RelayStorage>(
+    state: Arc<AppState<S>>,
+    frames: mpsc::Sender<Vec<u8>>,
+    device: DeviceKey,
+    channel: [u8; 32],
+    mut after: u64,
+) {
+    let mut checked = Instant::now();
+    loop {
+        if checked.elapsed() >= MEMBERSHIP_TTL {
+            if let Err(problem) = state.require_member(&channel, &device).await {
+                let _ = frames.send(refused(0, &problem).encode()).await;
+                return;
+            }
+            checked = Instant::now();
+        }
+        let messages = match state
+            .read(Log::Channel(channel), after, state.limits.max_wait)
+            .await
+        {
+            Ok(messages) => messages,
+            Err(problem) => {
+                let _ = frames.send(refused(0, &problem).encode()).await;
+                return;
+            }
+        };
+        for (seq, message) in messages {
+            after = seq;
+            let frame = Frame::Message {
+                channel,
+                seq,
+                message,
+            };
+            if frames.send(frame.encode()).await.is_err() {
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The stream protocol against a relay on loopback with real TLS: a device
+//! authenticates once per connection and then appends (pipelined, answered after the
+//! commit) and receives pushed messages; a proof of another session, a silent
+//! connection, a non-member and garbage get nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hotline_core::DeviceIdentity;
+use hotline_proto::stream::{self, Frame, StreamClient};
+use hotline_relay::client::{ClientError, RelayClient};
+use hotline_relay::server::{self, Limits};
+use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::tls;
+use rand::SeedableRng;
+use tokio::io::AsyncWriteExt;
+
+fn identity(party: &str, seed: u64) -> DeviceIdentity {
+    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
+}
+
+async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
+    tls::install_provider();
+    let dir = std::env::temp_dir().join(format!("hotline-stream-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
+    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
+        .await
+        .unwrap()
+}
+
+async fn channel_of(
+    url: &str,
+    committer: &DeviceIdentity,
+    members: &[&DeviceIdentity],
+) -> [u8; 32] {
+    let channel = [9u8; 32];
+    RelayClient::new(url)
+        .unwrap()
+        .register(
+            committer,
+            &channel,
+            &Membership {
+                committer: committer.key().0,
+                version: 1,
+                members: members.iter().map(|m| m.key().0).collect(),
+            },
+        )
+        .await
+        .unwrap();
+    channel
+}
+
+/// A raw TLS connection that chose the stream protocol, and its exporter.
+async fn raw(
+    url: &str,
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    [u8; 32],
+) {
+    let (base, pin) = tls::parse_url(url).unwrap();
+    let mut config = tls::client_config(pin).unwrap();
+    config.alpn_protocols = vec![stream::ALPN.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(base.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut exporter = [0u8; 32];
+    tls.get_ref()
+        .1
+        .export_keying_material(&mut exporter, stream::EXPORTER_LABEL, None)
+        .unwrap();
+    (tls, exporter)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_order() {
+    let (running, url) = relay("push", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = channel_of(&url, &north, &[&north, &south]).await;
+
+    let receiver = StreamClient::connect(&url, &south).await.unwrap();
+    let mut pushed = receiver.subscribe(&channel, 0).await.unwrap();
+    let sender = StreamClient::connect(&url, &north).await.unwrap();
+
+    // 300 appends in flight at once on one connection: each answered once stored,
+    // numbered 1..=300 between them; the same bytes again are a duplicate.
+    let appends = (0..300u32).map(|n| {
+        let sender = sender.clone();
+        async move { sender.append(&channel, n.to_be_bytes().repeat(256)).await }
+    });
+    let mut seqs: Vec<u64> = futures_util::future::join_all(appends)
+        .await
+        .into_iter()
+        .map(|answer| {
+            let appended = answer.unwrap();
+            assert!(!appended.duplicate);
+            appended.seq
+        })
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=300).collect::<Vec<u64>>());
+    let again = sender
+        .append(&channel, 0u32.to_be_bytes().repeat(256))
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+
+    // Every message reaches the subscriber, in order, without a request of its own.
+    for expected in 1..=300u64 {
+        let (seq, bytes) = tokio::time::timeout(Duration::from_secs(10), pushed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(seq, expected);
+        assert_eq!(bytes.len(), 1024);
+    }
+    // One more, later: pushed as it is stored.
+    sender.append(&channel, b"later".to_vec()).await.unwrap();
+    let (seq, bytes) = tokio::time::timeout(Duration::from_secs(10), pushed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((seq, bytes.as_slice()), (301, &b"later"[..]));
+
+    // The one-shot routes see the same log; acknowledging over the stream deletes
+    // what both members acknowledged.
+    let http = RelayClient::new(&url).unwrap();
+    assert_eq!(
+        http.fetch(&north, &channel, 300, Duration::ZERO)
+            .await
+            .unwrap(),
+        vec![(301, b"later".to_vec())]
+    );
+    assert_eq!(sender.ack(&channel, 301).await.unwrap(), 0);
+    assert_eq!(receiver.ack(&channel, 301).await.unwrap(), 301);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_member_is_refused_and_a_stranger_cannot_replay_a_proof() {
+    let limits = Limits {
+        header_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let (running, url) = relay("refusals", limits).await;
+    let (north, stranger) = (identity("north", 1), identity("stranger", 3));
+    let channel = channel_of(&url, &north, &[&north]).await;
+
+    // Authenticated, but not a member: nothing stored, nothing pushed.
+    let outsider = StreamClient::connect(&url, &stranger).await.unwrap();
+    match outsider.append(&channel, b"intrusion".to_vec()).await {
+        Err(ClientError::Refused { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (403, "not-a-member"));
+        }
+        other => panic!("a non-member's append was not refused: {other:?}"),
+    }
+    let http = RelayClient::new(&url).unwrap();
+    assert!(
+        http.fetch(&north, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A Hello signed over another session's exporter (a replayed proof) is refused
+    // and the connection closed.
+    let (mut tls, exporter) = raw(&url).await;
+    let mut reader = tokio::io::BufReader::new(&mut tls);
+    let Some(Frame::Challenge { nonce }) = stream::read_frame(&mut reader, 1 << 16).await.unwrap()
+    else {
+        panic!("no challenge");
+    };
+    let mut other = exporter;
+    other[0] ^= 1;
+    let hello = Frame::Hello {
+        device: north.key().0,
+        signature: north.sign(&stream::hello_message(&nonce, &other)),
+    };
+    drop(reader);
+    tls.write_all(&hello.encode()).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut tls);
+    match stream::read_frame(&mut reader, 1 << 16).await.unwrap() {
+        Some(Frame::Refused {
+            id: 0,
+            status: 401,
+            code,
+            ..
+        }) => assert_eq!(code, "unauthenticated"),
+        other => panic!("a replayed proof was not refused: {other:?}"),
+    }
+    assert!(matches!(
+        stream::read_frame(&mut reader, 1 << 16).await,
+        Ok(None) | Err(_)
+    ));
+
+    // A connection that never says Hello is closed at the handshake deadline.
+    let (mut silent, _) = raw(&url).await;
+    let started = std::time::Instant::now();
+    let mut reader = tokio::io::BufReader::new(&mut silent);
+    assert!(matches!(
+        stream::read_frame(&mut reader, 1 << 16).await,
+        Ok(Some(Frame::Challenge { .. }))
+    ));
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream::read_frame(&mut reader, 1 << 16).await {
+                Ok(Some(Frame::Refused { status: 401, .. })) => continue,
+                Ok(Some(other)) => panic!("unexpected {other:?}"),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent connection was held");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    // Garbage after authentication: refused, the connection closed, nothing stored.
+    let (mut tls, exporter) = raw(&url).await;
+    let mut reader = tokio::io::BufReader::new(&mut tls);
+    let Some(Frame::Challenge { nonce }) = stream::read_frame(&mut reader, 1 << 16).await.unwrap()
+    else {
+        panic!("no challenge");
+    };
+    drop(reader);
+    let hello = Frame::Hello {
+        device: north.key().0,
+        signature: north.sign(&stream::hello_message(&nonce, &exporter)),
+    };
+    tls.write_all(&hello.encode()).await.unwrap();
+    tls.write_all(&[0, 0, 0, 3, 4, 1, 2]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut reader = tokio::io::BufReader::new(&mut tls);
+    assert_eq!(
+        stream::read_frame(&mut reader, 1 << 16).await.unwrap(),
+        Some(Frame::Ready)
+    );
+    match stream::read_frame(&mut reader, 1 << 16).await.unwrap() {
+        Some(Frame::Refused {
+            id: 0,
+            status: 400,
+            code,
+            ..
+        }) => assert_eq!(code, "malformed"),
+        other => panic!("garbage was not refused: {other:?}"),
+    }
+    assert!(
+        http.fetch(&north, &channel, 0, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    running.shutdown().await;
+}
