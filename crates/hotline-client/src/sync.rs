@@ -16,6 +16,7 @@ use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_proto::capability::Capability;
 use hotline_proto::client::{ClientError, RelayClient};
+use hotline_proto::stream::StreamClient;
 use hotline_proto::{Log, Membership};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -67,6 +68,50 @@ struct Relays {
     clients: HashMap<String, Result<RelayClient, String>>,
     /// While following: one task per relay posts its link-test frames.
     posters: Option<Posters>,
+    /// While following: one stream connection per relay, over which channels' messages
+    /// are pushed (see [`StreamSlot`]).
+    streams: HashMap<String, Arc<StreamSlot>>,
+}
+
+/// A relay's stream connection while following, opened on first use and again after
+/// it ended. A relay that cannot be reached over the stream protocol (down, or one
+/// that speaks only the one-shot routes) is read with long polls instead, and tried
+/// again after [`STREAM_RETRY`].
+struct StreamSlot {
+    url: String,
+    identity: Arc<DeviceIdentity>,
+    state: tokio::sync::Mutex<(Option<StreamClient>, Option<tokio::time::Instant>)>,
+}
+
+/// How long a relay whose stream could not be opened is read with long polls.
+const STREAM_RETRY: Duration = Duration::from_secs(10);
+
+impl StreamSlot {
+    /// The open stream, opening it if needed; `None` to fall back to a long poll.
+    async fn client(&self) -> Option<StreamClient> {
+        let mut state = self.state.lock().await;
+        if let Some(client) = &state.0
+            && !client.is_closed()
+        {
+            return Some(client.clone());
+        }
+        if state
+            .1
+            .is_some_and(|failed| failed.elapsed() < STREAM_RETRY)
+        {
+            return None;
+        }
+        match StreamClient::connect(&self.url, &self.identity).await {
+            Ok(client) => {
+                *state = (Some(client.clone()), None);
+                Some(client)
+            }
+            Err(_) => {
+                *state = (None, Some(tokio::time::Instant::now()));
+                None
+            }
+        }
+    }
 }
 
 struct Posters {
@@ -80,6 +125,23 @@ const FRAME_QUEUE: usize = 16;
 const FRAME_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Relays {
+    /// The stream slot of `watch`'s relay, for a channel's messages while following.
+    fn stream_for(&mut self, watch: &Watch) -> Option<Arc<StreamSlot>> {
+        let (Watch::Channel { url, .. }, Some(posters)) = (watch, &self.posters) else {
+            return None;
+        };
+        let identity = Arc::clone(&posters.identity);
+        Some(Arc::clone(self.streams.entry(url.clone()).or_insert_with(
+            || {
+                Arc::new(StreamSlot {
+                    url: url.clone(),
+                    identity,
+                    state: tokio::sync::Mutex::new((None, None)),
+                })
+            },
+        )))
+    }
+
     fn get(&mut self, url: &str) -> Result<RelayClient, String> {
         self.clients
             .entry(url.to_owned())
@@ -132,6 +194,7 @@ impl Session {
             relays: Relays {
                 clients: HashMap::new(),
                 posters: None,
+                streams: HashMap::new(),
             },
         })
     }
@@ -669,10 +732,12 @@ pub async fn follow(
                 };
                 let after = store.cursor(watch.url(), &watch.log())?;
                 active.insert(watch.clone());
+                let stream = relays.stream_for(&watch);
                 spawn_poll(
                     &mut polls,
                     watch,
                     client,
+                    stream,
                     &identity,
                     after,
                     config.wait,
@@ -731,6 +796,7 @@ pub async fn follow(
             &mut polls,
             watch.clone(),
             client.clone(),
+            relays.stream_for(&watch),
             &identity,
             after,
             config.wait,
@@ -769,10 +835,14 @@ fn probe_interval(store: &mut Store) -> Result<Duration, StoreError> {
     Ok(Duration::from_millis(store.link_test_interval()?.max(100)))
 }
 
+/// Reads `watch` after `after` in a task of `polls`, after `delay`: a channel's messages
+/// as its relay's stream pushes them when there is one (`stream`), else by a long poll.
+#[allow(clippy::too_many_arguments)]
 fn spawn_poll(
     polls: &mut JoinSet<Poll>,
     watch: Watch,
     client: RelayClient,
+    stream: Option<Arc<StreamSlot>>,
     identity: &Arc<DeviceIdentity>,
     after: u64,
     wait: Duration,
@@ -781,7 +851,17 @@ fn spawn_poll(
     let identity = Arc::clone(identity);
     polls.spawn(async move {
         tokio::time::sleep(delay).await;
-        let fetched = watch.fetch(&client, &identity, after, wait).await;
+        let pushed = match (&watch, stream) {
+            (Watch::Channel { channel, .. }, Some(slot)) => match slot.client().await {
+                Some(stream) => Some(stream.next_after(&channel.0, after, wait).await),
+                None => None,
+            },
+            _ => None,
+        };
+        let fetched = match pushed {
+            Some(fetched) => fetched,
+            None => watch.fetch(&client, &identity, after, wait).await,
+        };
         (watch, fetched)
     });
 }

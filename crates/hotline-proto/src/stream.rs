@@ -14,8 +14,9 @@
 //!   relay  ─► Ready                        (or Refused with id 0, then closes)
 //!   device ─► Append     u64 id, [32] channel, bytes message
 //!   relay  ─► Appended   u64 id, u64 seq, u8 duplicate     (after the commit's fsync)
-//!   device ─► Subscribe  [32] channel, u64 after
-//!   relay  ─► Message    [32] channel, u64 seq, bytes      (pushed as they commit)
+//!   device ─► Subscribe  u64 id, [32] channel, u64 after
+//!   relay  ─► Message    u64 id, [32] channel, u64 seq, bytes   (pushed as they commit;
+//!                        the id of the subscription that pushed it)
 //!   device ─► Ack        u64 id, [32] channel, u64 seq
 //!   relay  ─► Acked      u64 id, u64 deleted
 //!   relay  ─► Refused    u64 id, u16 status, string code, string detail
@@ -25,8 +26,11 @@
 //! differs on every connection), so it cannot be replayed on another; the relay's
 //! nonce makes it fresh. Appends may be pipelined: the relay commits those waiting
 //! together and answers each by its id, in any order. A subscription pushes the
-//! channel's messages after `after`, in order, as they are stored, until the
-//! connection ends; `Refused` with the subscription's channel as id 0 ends it. The
+//! channel's messages after `after`, in order, as they are stored: at most
+//! [`WINDOW`] messages (or [`WINDOW_BYTES`]), then it waits for the device to
+//! subscribe again after the last one it took (flow control: a device reading slowly
+//! holds at most a window); a `Refused` with id 0 ends it (the device is no longer a
+//! member). The
 //! relay applies the same membership checks, rate limits and quotas as on the HTTP
 //! routes, and answers a request it cannot take (a malformed frame, a limit) with
 //! `Refused`; a frame it cannot parse at all closes the connection.
@@ -49,6 +53,12 @@ pub const ALPN: &[u8] = b"hotline-stream/1";
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-hotline-stream-v1";
 /// Largest frame: a message of the relay's largest size, and room for its header.
 pub const MAX_FRAME: usize = crate::limits::MAX_MESSAGE + 1024;
+
+/// Most messages a subscription pushes before the device subscribes again.
+pub const WINDOW: usize = 64;
+/// Most bytes of messages a subscription pushes before the device subscribes again
+/// (at least one message is pushed, whatever its size).
+pub const WINDOW_BYTES: usize = 4 << 20;
 
 const SIGNATURE_CONTEXT: &[u8] = b"hotline-stream-v1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -95,10 +105,12 @@ pub enum Frame {
         duplicate: bool,
     },
     Subscribe {
+        id: u64,
         channel: [u8; 32],
         after: u64,
     },
     Message {
+        id: u64,
         channel: [u8; 32],
         seq: u64,
         message: Vec<u8>,
@@ -152,17 +164,20 @@ impl Frame {
                 writer.u64(*seq);
                 writer.u8(u8::from(*duplicate));
             }
-            Frame::Subscribe { channel, after } => {
+            Frame::Subscribe { id, channel, after } => {
                 writer.u8(7);
+                writer.u64(*id);
                 writer.fixed(channel);
                 writer.u64(*after);
             }
             Frame::Message {
+                id,
                 channel,
                 seq,
                 message,
             } => {
                 writer.u8(8);
+                writer.u64(*id);
                 writer.fixed(channel);
                 writer.u64(*seq);
                 writer.bytes(message);
@@ -225,10 +240,12 @@ impl Frame {
                 detail: reader.string("detail", 1024)?,
             },
             7 => Frame::Subscribe {
+                id: reader.u64("id")?,
                 channel: reader.array("channel")?,
                 after: reader.u64("after")?,
             },
             8 => Frame::Message {
+                id: reader.u64("id")?,
                 channel: reader.array("channel")?,
                 seq: reader.u64("seq")?,
                 message: reader.bytes("message", MAX_FRAME)?.to_vec(),
@@ -266,7 +283,8 @@ pub enum FrameError {
 }
 
 /// Reads one frame; `Ok(None)` at a clean end of the connection. The length is checked
-/// before anything is allocated.
+/// before anything is allocated. Not cancel-safe: a read dropped midway leaves the
+/// connection in the middle of a frame (end the connection then).
 pub async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut R,
     limit: usize,
@@ -315,10 +333,24 @@ enum Pending {
     Ack(oneshot::Sender<Result<u64, ClientError>>),
 }
 
+/// Where a subscription's messages (sequence number, bytes) go.
+type Pushed = mpsc::UnboundedSender<(u64, Vec<u8>)>;
+
+/// A channel's pushed messages as a device reads them, and where it is.
+struct Feed {
+    receiver: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    /// The last sequence number handed out.
+    position: u64,
+    /// Messages taken since the last subscription (its window).
+    taken: usize,
+}
+
 #[derive(Default)]
 struct Shared {
     pending: HashMap<u64, Pending>,
-    subscriptions: HashMap<[u8; 32], mpsc::UnboundedSender<(u64, Vec<u8>)>>,
+    /// Per channel, the current subscription's id and where its messages go (frames of
+    /// an earlier subscription, still on their way, are dropped).
+    subscriptions: HashMap<[u8; 32], (u64, Pushed)>,
     next: u64,
     /// Why the connection ended, once it did.
     closed: Option<String>,
@@ -331,7 +363,12 @@ pub struct StreamClient {
     relay: String,
     frames: mpsc::Sender<Vec<u8>>,
     shared: Arc<Mutex<Shared>>,
+    /// Per channel, its feed (each locked on its own: a wait on one channel never
+    /// holds up another).
+    feeds: Arc<Mutex<HashMap<[u8; 32], FeedSlot>>>,
 }
+
+type FeedSlot = Arc<tokio::sync::Mutex<Option<Feed>>>;
 
 impl std::fmt::Debug for StreamClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -424,6 +461,7 @@ impl StreamClient {
             relay: base,
             frames,
             shared,
+            feeds: Arc::default(),
         })
     }
 
@@ -488,23 +526,99 @@ impl StreamClient {
         wait.await.map_err(|_| self.gone("connection closed"))?
     }
 
+    /// Whether the connection ended (a new one is needed).
+    pub fn is_closed(&self) -> bool {
+        self.shared.lock().map_or(true, |s| s.closed.is_some())
+    }
+
+    /// The channel's messages after `after`, as the relay pushes them: what arrived,
+    /// else the first to arrive within `wait` (none if none did), at most [`WINDOW`].
+    /// Used as a long poll is, without a request each time: the subscription stays
+    /// open between calls, and is renewed when a window was taken or the caller asks
+    /// from another position.
+    pub async fn next_after(
+        &self,
+        channel: &[u8; 32],
+        after: u64,
+        wait: Duration,
+    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+        let slot: FeedSlot = {
+            let mut feeds = self.feeds.lock().map_err(|_| self.gone("poisoned"))?;
+            Arc::clone(feeds.entry(*channel).or_default())
+        };
+        let mut slot = slot.lock().await;
+        let renew = slot
+            .as_ref()
+            .is_none_or(|feed| feed.position != after || feed.taken >= WINDOW / 2);
+        if renew {
+            let receiver = self.subscribe(channel, after).await?;
+            *slot = Some(Feed {
+                receiver,
+                position: after,
+                taken: 0,
+            });
+        }
+        let Some(feed) = slot.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let ended = || self.gone("the relay ended the subscription");
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + wait;
+        while out.is_empty() {
+            let mut next = match feed.receiver.try_recv() {
+                Ok(next) => Some(next),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, feed.receiver.recv()).await {
+                        Ok(Some(next)) => Some(next),
+                        Ok(None) => {
+                            *slot = None;
+                            return Err(ended());
+                        }
+                        Err(_) => return Ok(out),
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    *slot = None;
+                    return Err(ended());
+                }
+            };
+            // Only the current subscription's messages reach the feed, in order.
+            while let Some((seq, message)) = next.take() {
+                if seq > feed.position {
+                    feed.position = seq;
+                    feed.taken += 1;
+                    out.push((seq, message));
+                }
+                if out.len() >= WINDOW {
+                    break;
+                }
+                next = feed.receiver.try_recv().ok();
+            }
+        }
+        Ok(out)
+    }
+
     /// The channel's messages after `after`, then each new one as the relay stores it,
-    /// until the connection ends (the receiver then closes). One subscription per
-    /// channel per connection: a second replaces the first.
+    /// a window at a time, until the connection ends (the receiver then closes). One
+    /// subscription per channel per connection: a second replaces the first.
     pub async fn subscribe(
         &self,
         channel: &[u8; 32],
         after: u64,
     ) -> Result<mpsc::UnboundedReceiver<(u64, Vec<u8>)>, ClientError> {
         let (sender, receiver) = mpsc::unbounded_channel();
-        {
+        let id = {
             let mut shared = self.shared.lock().map_err(|_| self.gone("poisoned"))?;
             if let Some(why) = &shared.closed {
                 return Err(self.gone(why));
             }
-            shared.subscriptions.insert(*channel, sender);
-        }
+            let id = shared.next;
+            shared.next += 1;
+            shared.subscriptions.insert(*channel, (id, sender));
+            id
+        };
         self.send(Frame::Subscribe {
+            id,
             channel: *channel,
             after,
         })
@@ -537,11 +651,13 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
                 }
             }
             Frame::Message {
+                id,
                 channel,
                 seq,
                 message,
             } => {
-                if let Some(subscription) = shared.subscriptions.get(&channel)
+                if let Some((current, subscription)) = shared.subscriptions.get(&channel)
+                    && *current == id
                     && subscription.send((seq, message)).is_err()
                 {
                     shared.subscriptions.remove(&channel);
@@ -617,10 +733,12 @@ mod tests {
                 duplicate: true,
             },
             Frame::Subscribe {
+                id: 6,
                 channel: [5; 32],
                 after: 3,
             },
             Frame::Message {
+                id: 6,
                 channel: [5; 32],
                 seq: 4,
                 message: vec![0; 100],

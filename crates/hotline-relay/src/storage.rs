@@ -341,6 +341,8 @@ fn commit_batch(
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
+    // Logs appended to in this batch, whose head rows are written before the commit.
+    let mut appended_to: std::collections::BTreeSet<Vec<u8>> = Default::default();
     for job in batch {
         let (log, bytes) = match job {
             Job::Append { log, bytes, .. } => (log, bytes),
@@ -377,11 +379,8 @@ fn commit_batch(
         let key = log.storage_key();
         let hash: [u8; 32] = Sha256::digest(bytes).into();
         let existing: Option<i64> = transaction
-            .query_row(
-                "SELECT seq FROM messages WHERE log = ?1 AND hash = ?2",
-                params![key, &hash[..]],
-                |row| row.get(0),
-            )
+            .prepare_cached("SELECT seq FROM messages WHERE log = ?1 AND hash = ?2")?
+            .query_row(params![key, &hash[..]], |row| row.get(0))
             .optional()?;
         if let Some(seq) = existing {
             results.push(Answer::Appended(Ok(Appended {
@@ -397,15 +396,23 @@ fn commit_batch(
             continue;
         }
         let seq = last + 1;
-        set_head(&transaction, heads, &key, seq, used + bytes.len() as i64)?;
-        transaction.execute(
-            "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key, seq, &hash[..], bytes, now_ms() as i64],
-        )?;
+        // The head's row is written once per log, at the end of the batch.
+        heads.insert(key.clone(), (seq, used + bytes.len() as i64));
+        transaction
+            .prepare_cached(
+                "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![key, seq, &hash[..], bytes, now_ms() as i64])?;
+        appended_to.insert(key);
         results.push(Answer::Appended(Ok(Appended {
             seq: seq as u64,
             duplicate: false,
         })));
+    }
+    for key in appended_to {
+        if let Some(&(last, used)) = heads.get(&key) {
+            set_head(&transaction, heads, &key, last, used)?;
+        }
     }
     transaction.commit()?;
     Ok(results)
@@ -453,11 +460,12 @@ fn set_head(
     last_seq: i64,
     used: i64,
 ) -> Result<(), rusqlite::Error> {
-    transaction.execute(
-        "INSERT INTO heads (log, last_seq, used) VALUES (?1, ?2, ?3)
-         ON CONFLICT (log) DO UPDATE SET last_seq = ?2, used = ?3",
-        params![key, last_seq, used],
-    )?;
+    transaction
+        .prepare_cached(
+            "INSERT INTO heads (log, last_seq, used) VALUES (?1, ?2, ?3)
+             ON CONFLICT (log) DO UPDATE SET last_seq = ?2, used = ?3",
+        )?
+        .execute(params![key, last_seq, used])?;
     heads.insert(key.to_vec(), (last_seq, used));
     Ok(())
 }

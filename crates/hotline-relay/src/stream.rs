@@ -99,12 +99,13 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
     let limit = session.state.limits.max_message + 1024;
     loop {
         // Backpressure: at most IN_FLIGHT appends and acknowledgements.
+        while session.work.try_join_next().is_some() {}
         while session.work.len() >= IN_FLIGHT {
             session.work.join_next().await;
         }
+        // Only stopping may interrupt a read (reading a frame is not cancel-safe).
         let frame = tokio::select! {
             frame = stream::read_frame(&mut read, limit) => frame,
-            Some(_) = session.work.join_next(), if !session.work.is_empty() => continue,
             _ = stop.changed() => break,
         };
         match frame {
@@ -204,7 +205,7 @@ impl<S: RelayStorage> Session<S> {
                 });
                 true
             }
-            Frame::Subscribe { channel, after } => {
+            Frame::Subscribe { id, channel, after } => {
                 if let Err(problem) = self.admit(&channel, 0).await {
                     return self.refuse(0, &problem).await;
                 }
@@ -220,7 +221,7 @@ impl<S: RelayStorage> Session<S> {
                     return self.refuse(0, &problem).await;
                 }
                 let (state, frames) = (Arc::clone(&self.state), self.frames.clone());
-                let task = tokio::spawn(push(state, frames, self.device, channel, after));
+                let task = tokio::spawn(push(state, frames, self.device, id, channel, after));
                 self.subscriptions.insert(channel, task.abort_handle());
                 true
             }
@@ -263,16 +264,18 @@ impl<S: RelayStorage> Session<S> {
     }
 }
 
-/// Pushes `channel`'s messages after `after` to the connection as they are stored,
-/// while `device` is a member (checked again at most once a second).
+/// Pushes `channel`'s messages after `after` to the connection as they are stored, a
+/// window at most, while `device` is a member (checked again at most once a second).
 async fn push<S: RelayStorage>(
     state: Arc<AppState<S>>,
     frames: mpsc::Sender<Vec<u8>>,
     device: DeviceKey,
+    id: u64,
     channel: [u8; 32],
     mut after: u64,
 ) {
     let mut checked = Instant::now();
+    let (mut pushed, mut bytes) = (0usize, 0usize);
     loop {
         if checked.elapsed() >= MEMBERSHIP_TTL {
             if let Err(problem) = state.require_member(&channel, &device).await {
@@ -293,12 +296,19 @@ async fn push<S: RelayStorage>(
         };
         for (seq, message) in messages {
             after = seq;
+            pushed += 1;
+            bytes += message.len();
             let frame = Frame::Message {
+                id,
                 channel,
                 seq,
                 message,
             };
             if frames.send(frame.encode()).await.is_err() {
+                return;
+            }
+            // The window is full: the device subscribes again when it took it.
+            if pushed >= stream::WINDOW || bytes >= stream::WINDOW_BYTES {
                 return;
             }
         }

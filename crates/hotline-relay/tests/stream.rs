@@ -85,7 +85,14 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
     let channel = channel_of(&url, &north, &[&north, &south]).await;
 
     let receiver = StreamClient::connect(&url, &south).await.unwrap();
-    let mut pushed = receiver.subscribe(&channel, 0).await.unwrap();
+    // Nothing there yet: a read waits, and comes back empty.
+    assert!(
+        receiver
+            .next_after(&channel, 0, Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let sender = StreamClient::connect(&url, &north).await.unwrap();
 
     // 300 appends in flight at once on one connection: each answered once stored,
@@ -111,22 +118,34 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
         .unwrap();
     assert!(again.duplicate);
 
-    // Every message reaches the subscriber, in order, without a request of its own.
-    for expected in 1..=300u64 {
-        let (seq, bytes) = tokio::time::timeout(Duration::from_secs(10), pushed.recv())
+    // Every message reaches the reader, in order, a window at a time, without a
+    // request per read.
+    let mut position = 0;
+    while position < 300 {
+        let pushed = receiver
+            .next_after(&channel, position, Duration::from_secs(10))
             .await
-            .unwrap()
             .unwrap();
-        assert_eq!(seq, expected);
-        assert_eq!(bytes.len(), 1024);
+        assert!(!pushed.is_empty() && pushed.len() <= stream::WINDOW);
+        for (seq, bytes) in pushed {
+            assert_eq!(seq, position + 1);
+            assert_eq!(bytes.len(), 1024);
+            position = seq;
+        }
     }
-    // One more, later: pushed as it is stored.
+    // One more, later: pushed as it is stored, to a reader already waiting.
+    let waiting = {
+        let receiver = receiver.clone();
+        tokio::spawn(async move {
+            receiver
+                .next_after(&channel, 300, Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
     sender.append(&channel, b"later".to_vec()).await.unwrap();
-    let (seq, bytes) = tokio::time::timeout(Duration::from_secs(10), pushed.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((seq, bytes.as_slice()), (301, &b"later"[..]));
+    let pushed = waiting.await.unwrap().unwrap();
+    assert_eq!(pushed, vec![(301, b"later".to_vec())]);
 
     // The one-shot routes see the same log; acknowledging over the stream deletes
     // what both members acknowledged.
@@ -139,6 +158,40 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
     );
     assert_eq!(sender.ack(&channel, 301).await.unwrap(), 0);
     assert_eq!(receiver.ack(&channel, 301).await.unwrap(), 301);
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_does_not_read_is_pushed_one_window_at_most() {
+    let (running, url) = relay("window", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = channel_of(&url, &north, &[&north, &south]).await;
+    let sender = StreamClient::connect(&url, &north).await.unwrap();
+    for n in 0..200u32 {
+        sender
+            .append(&channel, n.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    let receiver = StreamClient::connect(&url, &south).await.unwrap();
+    let mut pushed = receiver.subscribe(&channel, 0).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(Some((seq, _))) =
+        tokio::time::timeout(Duration::from_millis(500), pushed.recv()).await
+    {
+        got.push(seq);
+    }
+    assert_eq!(got, (1..=stream::WINDOW as u64).collect::<Vec<_>>());
+    // Subscribing again after the last one taken: the next window.
+    let mut pushed = receiver
+        .subscribe(&channel, stream::WINDOW as u64)
+        .await
+        .unwrap();
+    let (seq, _) = tokio::time::timeout(Duration::from_secs(5), pushed.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seq, stream::WINDOW as u64 + 1);
     running.shutdown().await;
 }
 

@@ -234,9 +234,11 @@ async fn a_relay_out_of_file_descriptors_pauses_instead_of_spinning() {
     let started = Instant::now();
     let (address, _) = address_of(&relay.url);
     let mut held = Vec::new();
-    for _ in 0..400 {
+    for n in 0..400usize {
         // Once the kernel's queue for the relay is full, connecting waits: enough.
-        let connect = connect_from([127, 0, 0, 3].into(), address);
+        // From several addresses: one address's share of the pending budget (64) is
+        // below the relay's 128 descriptors, and its oldest are closed at once.
+        let connect = connect_from([127, 0, 0, 3 + (n % 6) as u8].into(), address);
         match tokio::time::timeout(Duration::from_millis(500), connect).await {
             Ok(Ok(stream)) => held.push(stream),
             _ => break,
