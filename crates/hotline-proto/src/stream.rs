@@ -20,6 +20,8 @@
 //!   device ─► Ack        u64 id, [32] channel, u64 seq
 //!   relay  ─► Acked      u64 id, u64 deleted
 //!   relay  ─► Refused    u64 id, u16 status, string code, string detail
+//!   device ─► Ping                         (every 30 s)
+//!   relay  ─► Pong
 //! ```
 //!
 //! The signature binds the proof of the device's key to this TLS session (the exporter
@@ -29,8 +31,11 @@
 //! channel's messages after `after`, in order, as they are stored: at most
 //! [`WINDOW`] messages (or [`WINDOW_BYTES`]), then it waits for the device to
 //! subscribe again after the last one it took (flow control: a device reading slowly
-//! holds at most a window); a `Refused` with id 0 ends it (the device is no longer a
-//! member). The
+//! holds at most a window; a relay that pushes more is dropped). A `Refused` with the
+//! subscription's id ends it (not a member, a limit, a storage error). A device pings
+//! every [`PING_INTERVAL`] and the relay answers; either side closes a connection it
+//! has heard nothing on for [`IDLE_TIMEOUT`] (a silently dead connection is noticed,
+//! and an idle one does not hold a relay's slot). The
 //! relay applies the same membership checks, rate limits and quotas as on the HTTP
 //! routes, and answers a request it cannot take (a malformed frame, a limit) with
 //! `Refused`; a frame it cannot parse at all closes the connection.
@@ -59,6 +64,11 @@ pub const WINDOW: usize = 64;
 /// Most bytes of messages a subscription pushes before the device subscribes again
 /// (at least one message is pushed, whatever its size).
 pub const WINDOW_BYTES: usize = 4 << 20;
+
+/// How often a device pings the relay.
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+/// Silence after which either side closes the connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 const SIGNATURE_CONTEXT: &[u8] = b"hotline-stream-v1";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -130,6 +140,8 @@ pub enum Frame {
         code: String,
         detail: String,
     },
+    Ping,
+    Pong,
 }
 
 impl Frame {
@@ -205,6 +217,8 @@ impl Frame {
                 writer.string(code);
                 writer.string(detail);
             }
+            Frame::Ping => writer.u8(11),
+            Frame::Pong => writer.u8(12),
         }
         let len = writer.as_bytes().len() - 4;
         writer.patch_u32(0, len as u32);
@@ -259,6 +273,8 @@ impl Frame {
                 id: reader.u64("id")?,
                 deleted: reader.u64("deleted")?,
             },
+            11 => Frame::Ping,
+            12 => Frame::Pong,
             _ => {
                 return Err(DecodeError::Invalid {
                     field: "frame kind",
@@ -333,16 +349,24 @@ enum Pending {
     Ack(oneshot::Sender<Result<u64, ClientError>>),
 }
 
-/// Where a subscription's messages (sequence number, bytes) go.
-type Pushed = mpsc::UnboundedSender<(u64, Vec<u8>)>;
+/// Where a subscription's messages (sequence number, bytes) go, and how much of its
+/// window the relay used (a relay that pushes beyond it is dropped: the buffer is
+/// bounded by the window, whatever the relay does).
+struct Subscription {
+    id: u64,
+    pushed: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    count: usize,
+    bytes: usize,
+}
 
 /// A channel's pushed messages as a device reads them, and where it is.
 struct Feed {
     receiver: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
     /// The last sequence number handed out.
     position: u64,
-    /// Messages taken since the last subscription (its window).
+    /// Messages and bytes taken since the last subscription (its window).
     taken: usize,
+    taken_bytes: usize,
 }
 
 #[derive(Default)]
@@ -350,7 +374,7 @@ struct Shared {
     pending: HashMap<u64, Pending>,
     /// Per channel, the current subscription's id and where its messages go (frames of
     /// an earlier subscription, still on their way, are dropped).
-    subscriptions: HashMap<[u8; 32], (u64, Pushed)>,
+    subscriptions: HashMap<[u8; 32], Subscription>,
     next: u64,
     /// Why the connection ended, once it did.
     closed: Option<String>,
@@ -457,6 +481,23 @@ impl StreamClient {
         }));
         tokio::spawn(write_frames(write, queue));
         tokio::spawn(dispatch(read, Arc::clone(&shared), base.clone()));
+        // Pings while the connection lives (the relay's answers keep this side's
+        // reader from timing out, and its silence ends the connection).
+        // Only while a client holds the connection: the last one dropped closes it.
+        let pings = frames.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(frames) = pings.upgrade() else {
+                    break;
+                };
+                if frames.send(Frame::Ping.encode()).await.is_err() {
+                    break;
+                }
+            }
+        });
         Ok(Self {
             relay: base,
             frames,
@@ -547,15 +588,18 @@ impl StreamClient {
             Arc::clone(feeds.entry(*channel).or_default())
         };
         let mut slot = slot.lock().await;
-        let renew = slot
-            .as_ref()
-            .is_none_or(|feed| feed.position != after || feed.taken >= WINDOW / 2);
+        let renew = slot.as_ref().is_none_or(|feed| {
+            feed.position != after
+                || feed.taken >= WINDOW / 2
+                || feed.taken_bytes >= WINDOW_BYTES / 2
+        });
         if renew {
             let receiver = self.subscribe(channel, after).await?;
             *slot = Some(Feed {
                 receiver,
                 position: after,
                 taken: 0,
+                taken_bytes: 0,
             });
         }
         let Some(feed) = slot.as_mut() else {
@@ -587,6 +631,7 @@ impl StreamClient {
                 if seq > feed.position {
                     feed.position = seq;
                     feed.taken += 1;
+                    feed.taken_bytes += message.len();
                     out.push((seq, message));
                 }
                 if out.len() >= WINDOW {
@@ -614,7 +659,15 @@ impl StreamClient {
             }
             let id = shared.next;
             shared.next += 1;
-            shared.subscriptions.insert(*channel, (id, sender));
+            shared.subscriptions.insert(
+                *channel,
+                Subscription {
+                    id,
+                    pushed: sender,
+                    count: 0,
+                    bytes: 0,
+                },
+            );
             id
         };
         self.send(Frame::Subscribe {
@@ -631,7 +684,13 @@ impl StreamClient {
 /// connection ends, every waiter learns why.
 async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>, relay: String) {
     let why = loop {
-        let frame = match read_frame(&mut read, MAX_FRAME).await {
+        // A timed-out read is not resumed: the connection ends.
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut read, MAX_FRAME)).await
+        {
+            Err(_) => break "no word from the relay in 90 s".to_owned(),
+            Ok(frame) => frame,
+        };
+        let frame = match frame {
             Ok(Some(frame)) => frame,
             Ok(None) => break "the relay closed the connection".to_owned(),
             Err(error) => break error.to_string(),
@@ -656,13 +715,23 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
                 seq,
                 message,
             } => {
-                if let Some((current, subscription)) = shared.subscriptions.get(&channel)
-                    && *current == id
-                    && subscription.send((seq, message)).is_err()
-                {
+                let Some(subscription) = shared.subscriptions.get_mut(&channel) else {
+                    continue;
+                };
+                if subscription.id != id {
+                    continue;
+                }
+                subscription.count += 1;
+                subscription.bytes += message.len();
+                // One message may exceed the byte window alone; never two windows.
+                if subscription.count > WINDOW || subscription.bytes > WINDOW_BYTES + MAX_FRAME {
+                    break "the relay pushed beyond the subscription's window".to_owned();
+                }
+                if subscription.pushed.send((seq, message)).is_err() {
                     shared.subscriptions.remove(&channel);
                 }
             }
+            Frame::Pong => {}
             Frame::Refused {
                 id,
                 status,
@@ -682,8 +751,9 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
                     Some(Pending::Ack(answer)) => {
                         let _ = answer.send(Err(refused));
                     }
-                    // A refusal of the whole connection (id 0): it closes next.
-                    None => {}
+                    // A subscription ended (its feed sees it closed), or the whole
+                    // connection refused (id 0: it closes next).
+                    None => shared.subscriptions.retain(|_, s| s.id != id),
                 }
             }
             // Nothing else comes from a relay after Ready.
@@ -755,6 +825,8 @@ mod tests {
                 code: "not-a-member".into(),
                 detail: "no".into(),
             },
+            Frame::Ping,
+            Frame::Pong,
         ]
     }
 

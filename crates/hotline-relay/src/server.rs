@@ -120,6 +120,27 @@ impl Limits {
     }
 }
 
+/// Stream connections one device may hold on a relay at once.
+pub(crate) const STREAMS_PER_DEVICE: usize = 8;
+
+/// A counted stream connection (see [`AppState::hold_stream`]).
+pub(crate) struct StreamHeld<S: RelayStorage> {
+    state: Arc<AppState<S>>,
+    device: DeviceKey,
+}
+
+impl<S: RelayStorage> Drop for StreamHeld<S> {
+    fn drop(&mut self) {
+        let mut streams = self.state.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = streams.get_mut(&self.device) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                streams.remove(&self.device);
+            }
+        }
+    }
+}
+
 /// A device's allowance: requests and bytes (token buckets), as of `last`.
 struct Allowance {
     requests: f64,
@@ -132,6 +153,8 @@ pub(crate) struct AppState<S> {
     pub(crate) limits: Limits,
     appended: watch::Sender<u64>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
+    /// Stream connections per device.
+    streams: std::sync::Mutex<HashMap<DeviceKey, usize>>,
     /// Bytes held in all logs: read from the storage now and then (other processes,
     /// deletions), counted up by this process's appends in between.
     used: AtomicU64,
@@ -407,6 +430,21 @@ impl<S: RelayStorage> AppState<S> {
         Ok(())
     }
 
+    /// Counts a stream connection of `device` while the guard lives; `None` when the
+    /// device already holds [`STREAMS_PER_DEVICE`].
+    pub(crate) fn hold_stream(self: &Arc<Self>, device: DeviceKey) -> Option<StreamHeld<S>> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let held = streams.entry(device).or_default();
+        if *held >= STREAMS_PER_DEVICE {
+            return None;
+        }
+        *held += 1;
+        Some(StreamHeld {
+            state: Arc::clone(self),
+            device,
+        })
+    }
+
     /// Refuses (507 `storage-full`) an append of `bytes` that would take the relay
     /// past its storage bound.
     pub(crate) fn room_for(&self, bytes: u64) -> Result<(), Problem> {
@@ -548,12 +586,23 @@ impl<S: RelayStorage> AppState<S> {
         after: u64,
         wait: Duration,
     ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
+        self.read_some(log, after, wait, 256).await
+    }
+
+    /// `read`, at most `limit` messages.
+    pub(crate) async fn read_some(
+        &self,
+        log: Log,
+        after: u64,
+        wait: Duration,
+        limit: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
         let mut changes = self.appended.subscribe();
         // Appends by other relay processes sharing the storage, if any.
         let mut elsewhere = self.storage.changes();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
         loop {
-            let messages = self.storage.read_after(&log, after, 256).await?;
+            let messages = self.storage.read_after(&log, after, limit.max(1)).await?;
             if !messages.is_empty() || Instant::now() >= deadline {
                 return Ok(messages);
             }
@@ -1187,6 +1236,7 @@ pub async fn serve<S: RelayStorage>(
         limits: limits.clone(),
         appended: watch::channel(0).0,
         buckets: std::sync::Mutex::new(HashMap::new()),
+        streams: std::sync::Mutex::new(HashMap::new()),
         used: AtomicU64::new(0),
         keys: auth::KeyCache::default(),
         metrics: Metrics::default(),

@@ -84,6 +84,23 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
             return;
         }
     };
+    // One device holds a few stream connections at most (a stranger's fresh key is
+    // free, but each key's connections are bounded; strangers' budget still held it
+    // until now).
+    let Some(_held) = state.hold_stream(device) else {
+        let problem = state.reject(Problem::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "slow-down",
+            format!(
+                "at most {} stream connections per device",
+                crate::server::STREAMS_PER_DEVICE
+            ),
+        ));
+        let _ = frames.send(refused(0, &problem).encode()).await;
+        drop(frames);
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+        return;
+    };
     ticket.authenticated();
     tracing::debug!(%device, source = ?source, "stream authenticated");
     let _ = frames.send(Frame::Ready.encode()).await;
@@ -103,9 +120,13 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
         while session.work.len() >= IN_FLIGHT {
             session.work.join_next().await;
         }
-        // Only stopping may interrupt a read (reading a frame is not cancel-safe).
+        // Only stopping or silence may interrupt a read (reading a frame is not
+        // cancel-safe: the connection ends then). A device pings every 30 s.
         let frame = tokio::select! {
-            frame = stream::read_frame(&mut read, limit) => frame,
+            frame = tokio::time::timeout(stream::IDLE_TIMEOUT, stream::read_frame(&mut read, limit)) => match frame {
+                Ok(frame) => frame,
+                Err(_) => break,
+            },
             _ = stop.changed() => break,
         };
         match frame {
@@ -173,6 +194,15 @@ impl<S: RelayStorage> Session<S> {
                 channel,
                 message,
             } => {
+                let limit = self.state.limits.max_message;
+                if message.len() > limit {
+                    let problem = self.state.reject(Problem::new(
+                        axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+                        "too-large",
+                        format!("a message is at most {limit} bytes"),
+                    ));
+                    return self.refuse(id, &problem).await;
+                }
                 if let Err(problem) = self.admit(&channel, message.len()).await {
                     return self.refuse(id, &problem).await;
                 }
@@ -207,29 +237,32 @@ impl<S: RelayStorage> Session<S> {
             }
             Frame::Subscribe { id, channel, after } => {
                 if let Err(problem) = self.admit(&channel, 0).await {
-                    return self.refuse(0, &problem).await;
+                    return self.refuse(id, &problem).await;
                 }
                 if let Some(previous) = self.subscriptions.remove(&channel) {
                     previous.abort();
                 }
+                // Windows pushed to the end no longer count.
+                self.subscriptions.retain(|_, task| !task.is_finished());
                 if self.subscriptions.len() >= SUBSCRIPTIONS {
                     let problem = self.state.reject(Problem::new(
                         axum::http::StatusCode::TOO_MANY_REQUESTS,
                         "slow-down",
                         format!("at most {SUBSCRIPTIONS} subscriptions per connection"),
                     ));
-                    return self.refuse(0, &problem).await;
+                    return self.refuse(id, &problem).await;
                 }
                 let (state, frames) = (Arc::clone(&self.state), self.frames.clone());
                 let task = tokio::spawn(push(state, frames, self.device, id, channel, after));
                 self.subscriptions.insert(channel, task.abort_handle());
                 true
             }
+            Frame::Ping => self.frames.send(Frame::Pong.encode()).await.is_ok(),
             _ => {
                 let problem = self.state.reject(Problem::new(
                     axum::http::StatusCode::BAD_REQUEST,
                     "malformed",
-                    "a device sends Append, Ack or Subscribe frames on an open stream",
+                    "a device sends Append, Ack, Subscribe or Ping frames on an open stream",
                 ));
                 self.refuse(0, &problem).await;
                 false
@@ -277,23 +310,30 @@ async fn push<S: RelayStorage>(
     let mut checked = Instant::now();
     let (mut pushed, mut bytes) = (0usize, 0usize);
     loop {
-        if checked.elapsed() >= MEMBERSHIP_TTL {
-            if let Err(problem) = state.require_member(&channel, &device).await {
-                let _ = frames.send(refused(0, &problem).encode()).await;
-                return;
-            }
-            checked = Instant::now();
-        }
         let messages = match state
-            .read(Log::Channel(channel), after, state.limits.max_wait)
+            .read_some(
+                Log::Channel(channel),
+                after,
+                state.limits.max_wait,
+                stream::WINDOW - pushed,
+            )
             .await
         {
             Ok(messages) => messages,
             Err(problem) => {
-                let _ = frames.send(refused(0, &problem).encode()).await;
+                let _ = frames.send(refused(id, &problem).encode()).await;
                 return;
             }
         };
+        // Still a member (checked at most once a second, and before anything that a
+        // long wait brought is pushed).
+        if checked.elapsed() >= MEMBERSHIP_TTL || !messages.is_empty() {
+            if let Err(problem) = state.require_member(&channel, &device).await {
+                let _ = frames.send(refused(id, &problem).encode()).await;
+                return;
+            }
+            checked = Instant::now();
+        }
         for (seq, message) in messages {
             after = seq;
             pushed += 1;

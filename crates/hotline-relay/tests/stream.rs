@@ -311,3 +311,64 @@ async fn a_non_member_is_refused_and_a_stranger_cannot_replay_a_proof() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_flow_window_after_window_and_limits_hold() {
+    let (running, url) = relay("large", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = channel_of(&url, &north, &[&north, &south]).await;
+    let sender = StreamClient::connect(&url, &north).await.unwrap();
+    // Ten messages of 900 KiB: a window holds four or five (4 MiB), and the reader
+    // renews it as it takes them, to the last.
+    for n in 0..10u8 {
+        sender.append(&channel, vec![n; 900 << 10]).await.unwrap();
+    }
+    let receiver = StreamClient::connect(&url, &south).await.unwrap();
+    let mut position = 0;
+    while position < 10 {
+        let pushed = receiver
+            .next_after(&channel, position, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!pushed.is_empty(), "the reader stalled at {position}");
+        for (seq, bytes) in pushed {
+            assert_eq!(seq, position + 1);
+            assert_eq!(bytes, vec![(seq - 1) as u8; 900 << 10]);
+            position = seq;
+        }
+    }
+    // Over the message limit: refused, nothing stored.
+    match sender.append(&channel, vec![0; (1 << 20) + 1]).await {
+        Err(ClientError::Refused { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (413, "too-large"));
+        }
+        other => panic!("an oversized message was not refused: {other:?}"),
+    }
+    // A device holds at most eight stream connections at once.
+    let mut held = Vec::new();
+    for _ in 0..7 {
+        held.push(StreamClient::connect(&url, &north).await.unwrap());
+    }
+    match StreamClient::connect(&url, &north).await {
+        Err(ClientError::Refused { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (429, "slow-down"));
+        }
+        other => panic!("a ninth connection was not refused: {other:?}"),
+    }
+    // Closed ones make room again.
+    drop(held);
+    drop(sender);
+    let mut connected = None;
+    for _ in 0..50 {
+        if let Ok(client) = StreamClient::connect(&url, &north).await {
+            connected = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        connected.is_some(),
+        "closed connections were never counted out"
+    );
+    running.shutdown().await;
+}
