@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use hotline_core::codec::{DecodeError, Reader, Writer};
 use hotline_core::{DeviceIdentity, DeviceKey};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::ClientError;
@@ -64,6 +64,10 @@ pub const WINDOW: usize = 64;
 /// Most bytes of messages a subscription pushes before the device subscribes again
 /// (at least one message is pushed, whatever its size).
 pub const WINDOW_BYTES: usize = 4 << 20;
+
+/// A device's read buffer (the relay reads from TLS's own buffer: an idle connection
+/// holds none of its own).
+pub const BUFFER: usize = 8 * 1024;
 
 /// How often a device pings the relay.
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
@@ -320,18 +324,21 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(Frame::decode(&body)?))
 }
 
-/// Writes frames from `frames` as they come, flushing whenever none is waiting (many
-/// answers in one TLS record under load, no delay when idle).
+/// Writes frames from `frames` as they come, those waiting together in one write (many
+/// answers in one TLS record under load, no delay when idle). Nothing is buffered
+/// between bursts: an idle connection holds no write buffer.
 pub async fn write_frames<W: AsyncWrite + Unpin>(
-    writer: W,
+    mut writer: W,
     mut frames: mpsc::Receiver<Vec<u8>>,
 ) -> std::io::Result<()> {
-    let mut writer = BufWriter::with_capacity(64 * 1024, writer);
-    while let Some(frame) = frames.recv().await {
-        writer.write_all(&frame).await?;
-        while let Ok(frame) = frames.try_recv() {
-            writer.write_all(&frame).await?;
+    while let Some(first) = frames.recv().await {
+        let mut burst = first;
+        while burst.len() < BUFFER * 16
+            && let Ok(frame) = frames.try_recv()
+        {
+            burst.extend_from_slice(&frame);
         }
+        writer.write_all(&burst).await?;
         writer.flush().await?;
     }
     writer.shutdown().await
@@ -438,7 +445,7 @@ impl StreamClient {
             .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
             .map_err(|e| network(e.to_string()))?;
         let (read, mut write) = tokio::io::split(tls);
-        let mut read = BufReader::with_capacity(64 * 1024, read);
+        let mut read = BufReader::with_capacity(BUFFER, read);
         let malformed = |e: FrameError| network(format!("during authentication: {e}"));
         let handshake = async {
             let nonce = match read_frame(&mut read, MAX_FRAME).await.map_err(malformed)? {

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -332,6 +333,20 @@ impl<S: RelayStorage> AppState<S> {
         problem
     }
 
+    /// A read's query string, or a `malformed` refusal saying what is wrong with it.
+    fn query(&self, query: Result<Query<ReadQuery>, QueryRejection>) -> Result<ReadQuery, Problem> {
+        query.map(|Query(query)| query).map_err(|rejection| {
+            self.reject(Problem::new(
+                StatusCode::BAD_REQUEST,
+                "malformed",
+                format!(
+                    "{}; after and wait are non-negative integers",
+                    rejection.body_text()
+                ),
+            ))
+        })
+    }
+
     /// The messages of a batch body, or a `malformed` refusal naming `what`.
     fn batch(&self, body: &[u8], what: &str) -> Result<Vec<Vec<u8>>, Problem> {
         decode_batch(body).map_err(|detail| {
@@ -634,9 +649,27 @@ struct ReadQuery {
     wait: u64,
 }
 
+/// A non-negative whole number, written as JSON allows it (`3` or `3.0`: JSON Schema's
+/// `integer` admits both), up to 2^53.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(value) = number.as_u64() {
+        return Ok(value);
+    }
+    match number.as_f64() {
+        Some(value) if value >= 0.0 && value.fract() == 0.0 && value <= 9_007_199_254_740_991.0 => {
+            Ok(value as u64)
+        }
+        _ => Err(serde::de::Error::custom(format!(
+            "{number} is not a non-negative whole number"
+        ))),
+    }
+}
+
 #[derive(Debug, Deserialize)]
 struct MembersBody {
     committer: String,
+    #[serde(deserialize_with = "whole_number")]
     version: u64,
     members: Vec<String>,
     signature: String,
@@ -750,9 +783,10 @@ async fn post_batch<S: RelayStorage>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
+    // Authenticated before the body is decoded; then charged one request per message.
+    let device = state.authenticate(&method, &uri, &headers, &body)?;
     let messages = state.batch(&body, "batch")?;
-    let cost = messages.len() as f64;
-    let device = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
+    state.charge(device, messages.len() as f64 - 1.0, 0.0)?;
     let channel = parse_key(&channel)?;
     state.require_member(&channel, &device).await?;
     let lengths: Vec<u64> = messages.iter().map(|m| m.len() as u64).collect();
@@ -785,6 +819,7 @@ async fn post_batch<S: RelayStorage>(
 
 #[derive(Debug, Deserialize)]
 struct AckBody {
+    #[serde(deserialize_with = "whole_number")]
     seq: u64,
 }
 
@@ -844,12 +879,13 @@ async fn post_inbox_ack<S: RelayStorage>(
 async fn get_messages<S: RelayStorage>(
     State(state): State<Arc<AppState<S>>>,
     Path(channel): Path<String>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let device = state.authenticate(&method, &uri, &headers, b"")?;
+    let query = state.query(query)?;
     let channel = parse_key(&channel)?;
     state.require_member(&channel, &device).await?;
     state.read_answer(Log::Channel(channel), &query).await
@@ -872,12 +908,13 @@ async fn post_inbox<S: RelayStorage>(
 async fn get_inbox<S: RelayStorage>(
     State(state): State<Arc<AppState<S>>>,
     Path(device): Path<String>,
-    Query(query): Query<ReadQuery>,
+    query: Result<Query<ReadQuery>, QueryRejection>,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     let reader = state.authenticate(&method, &uri, &headers, b"")?;
+    let query = state.query(query)?;
     let device = parse_key(&device)?;
     if reader.0 != device {
         return Err(state.reject(Problem::new(
@@ -928,9 +965,9 @@ async fn post_key_packages<S: RelayStorage>(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
+    let requester = state.authenticate(&method, &uri, &headers, &body)?;
     let packages = state.batch(&body, "batch of key packages")?;
-    let cost = packages.len() as f64;
-    let requester = state.authenticate_costing(&method, &uri, &headers, &body, cost)?;
+    state.charge(requester, packages.len() as f64 - 1.0, 0.0)?;
     let device = parse_key(&device)?;
     require_owner(
         &state,
@@ -1093,6 +1130,43 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
     ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
+/// Every refusal is a problem document: those that axum itself answers (a method the
+/// route does not have, a body over the limit, a path that does not parse) too, with
+/// their text as the detail.
+async fn as_problem(response: Response) -> Response {
+    let status = response.status();
+    let is_problem = response
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return response;
+    }
+    let allow = response.headers().get("allow").cloned();
+    let code = match status {
+        StatusCode::METHOD_NOT_ALLOWED => "method-not-allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too-large",
+        StatusCode::NOT_FOUND => "not-found",
+        status if status.is_server_error() => "internal",
+        _ => "malformed",
+    };
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let detail = match String::from_utf8_lossy(&text).trim() {
+        "" => status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase(),
+        text => text.to_owned(),
+    };
+    let mut problem = Problem::new(status, code, detail).into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert("allow", allow);
+    }
+    problem
+}
+
 fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
     let limit = state.limits.max_message;
     Router::new()
@@ -1120,6 +1194,7 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
         )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::map_response(as_problem))
         .with_state(state)
 }
 

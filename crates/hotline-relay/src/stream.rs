@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use hotline_core::DeviceKey;
 use hotline_proto::stream::{self, Frame, FrameError};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -51,7 +51,8 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
     mut stop: watch::Receiver<bool>,
 ) {
     let (read, write) = tokio::io::split(io);
-    let mut read = BufReader::with_capacity(64 * 1024, read);
+    // Frames are read straight from TLS's buffer of decrypted bytes.
+    let mut read = read;
     let (frames, queue) = mpsc::channel::<Vec<u8>>(QUEUE);
     let writer = tokio::spawn(stream::write_frames(write, queue));
     let source = crate::admission::peer();

@@ -543,3 +543,66 @@ async fn strangers_cannot_write_to_inboxes_and_storage_is_bounded_per_inbox_send
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_is_a_problem_document_even_those_axum_makes() {
+    let (running, url) = relay("problems", Limits::default()).await;
+    let (base, pin) = tls::parse_url(&url).unwrap();
+    let raw = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::client_config(pin).unwrap())
+        .build()
+        .unwrap();
+    let channel = "00".repeat(32);
+    let requests = [
+        (
+            raw.delete(format!("{base}/healthz")),
+            405,
+            "method-not-allowed",
+        ),
+        (
+            raw.post(format!("{base}/v1/channels/{channel}/messages"))
+                .body(vec![0u8; (1 << 20) + 1]),
+            413,
+            "too-large",
+        ),
+        (raw.get(format!("{base}/nowhere")), 404, "not-found"),
+        (
+            raw.get(format!("{base}/v1/channels/{channel}/messages?wait=-1")),
+            401,
+            "unauthenticated",
+        ),
+    ];
+    for (request, status, code) in requests {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let allow = response.headers().get("allow").cloned();
+        assert_eq!(
+            response.headers()["content-type"],
+            "application/problem+json"
+        );
+        let problem: serde_json::Value =
+            serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(problem["code"], code);
+        assert_eq!(problem["status"], status);
+        if status == 405 {
+            assert_eq!(allow.unwrap(), "GET,HEAD");
+        }
+    }
+    // A signed read with a query that does not parse: 400, a problem.
+    let north = identity("north", 1);
+    let path = format!("/v1/channels/{channel}/messages?wait=-1");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut request = raw.get(format!("{base}{path}"));
+    for (name, value) in hotline_relay::auth::sign_request(&north, "GET", &path, now, b"") {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let problem: serde_json::Value =
+        serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+    assert_eq!(problem["code"], "malformed");
+    running.shutdown().await;
+}

@@ -478,6 +478,11 @@ enum RelayCommand {
         /// given. Never message bytes or keys.
         #[arg(long)]
         log_level: Option<String>,
+        /// Connections served at once (members' and strangers' together; beyond, new
+        /// ones wait in the kernel's queue). Each needs a file descriptor: the relay
+        /// raises its open-file limit to the hard limit (ulimit -Hn) at start.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
+        max_connections: u32,
     },
     /// Print the address of the relay whose data is in DIR.
     Url {
@@ -707,6 +712,7 @@ fn main() -> ExitCode {
             postgres,
             postgres_schema,
             log_level,
+            max_connections,
         }) => {
             let backend = match postgres.as_deref() {
                 Some(url) => relay::Backend::Postgres {
@@ -715,7 +721,13 @@ fn main() -> ExitCode {
                 },
                 None => relay::Backend::Sqlite,
             };
-            relay::serve(&data, &listen, backend, log_level.as_deref())
+            relay::serve(
+                &data,
+                &listen,
+                backend,
+                log_level.as_deref(),
+                max_connections as usize,
+            )
         }
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),

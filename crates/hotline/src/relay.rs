@@ -58,6 +58,7 @@ pub fn serve(
     listen: &str,
     backend: Backend<'_>,
     log_level: Option<&str>,
+    max_connections: usize,
 ) -> Result<(), Failure> {
     start_logging(log_level)?;
     let listen: SocketAddr = listen.parse().map_err(|_| {
@@ -75,7 +76,10 @@ pub fn serve(
     let (cert, key) = tls::load_or_create(data).map_err(|e| failure(e.to_string()))?;
     let pin = tls::pin_of(&cert);
     let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
-    let limits = Limits::default();
+    let limits = Limits {
+        max_connections,
+        ..Limits::default()
+    };
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| failure(format!("cannot start: {e}")))?;
     runtime.block_on(async {
