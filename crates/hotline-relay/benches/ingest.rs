@@ -5,7 +5,8 @@
 //! count, default 2000). With `HOTLINE_BENCH_POSTGRES=<connection string>`, the same
 //! load also runs against the PostgreSQL backend (a schema of its own per run).
 
-use std::io::Write;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,25 +15,10 @@ use hotline_relay::client::RelayClient;
 use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::{Membership, RelayStorage, SqliteStorage};
-use hotline_relay::tls;
 use rand::SeedableRng;
 
 /// Messages per request in the batched runs.
 const BATCH: usize = 32;
-
-/// 1 KiB records appended `batch` at a time, one fdatasync per batch.
-fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f64 {
-    let mut file = std::fs::File::create(dir.join(format!("group-{batch}.log"))).unwrap();
-    let record = vec![b'x'; 1024];
-    let start = Instant::now();
-    for _ in 0..records / batch {
-        for _ in 0..batch {
-            file.write_all(&record).unwrap();
-        }
-        file.sync_data().unwrap();
-    }
-    (records / batch * batch) as f64 / start.elapsed().as_secs_f64()
-}
 
 /// Runs a relay on `storage` and has `senders` devices post `total` messages of 1 KiB
 /// between them, `batch` per request (1: one `post` each; more: `post_batch`); returns
@@ -127,23 +113,11 @@ async fn measure<S: RelayStorage>(
 }
 
 fn main() {
-    tls::install_provider();
-    let total: usize = std::env::var("HOTLINE_BENCH_MESSAGES")
-        .ok()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(2000);
-    let dir = std::env::temp_dir().join(format!("hotline-bench-ingest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (total, dir, runtime) = common::setup("ingest", 2000);
 
     let postgres = std::env::var("HOTLINE_BENCH_POSTGRES").ok();
     for senders in [1usize, 8, 64] {
-        let limit = group_commit_limit(&dir, senders, total.max(senders));
+        let limit = common::group_commit_limit(&dir, senders, total.max(senders));
         let limits = Limits {
             rate_per_second: 1e9,
             rate_burst: 1e9,
@@ -175,7 +149,7 @@ fn main() {
             batched_total,
             BATCH,
         ));
-        let batch_limit = group_commit_limit(
+        let batch_limit = common::group_commit_limit(
             &dir,
             (senders * BATCH).min(4096),
             batched_total.max(senders * BATCH),

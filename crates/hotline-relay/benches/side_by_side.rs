@@ -11,7 +11,8 @@
 //! messages per run, default 4000). Redis is skipped, saying so, when `redis-server`
 //! or `redis-benchmark` is not on the PATH.
 
-use std::io::Write;
+mod common;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,22 +22,7 @@ use hotline_proto::stream::StreamClient;
 use hotline_relay::client::RelayClient;
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::{Membership, SqliteStorage};
-use hotline_relay::tls;
 use rand::SeedableRng;
-
-/// 1 KiB records appended `batch` at a time, one fdatasync per batch.
-fn group_commit_limit(dir: &std::path::Path, batch: usize, records: usize) -> f64 {
-    let mut file = std::fs::File::create(dir.join(format!("group-{batch}.log"))).unwrap();
-    let record = vec![b'x'; 1024];
-    let start = Instant::now();
-    for _ in 0..records / batch {
-        for _ in 0..batch {
-            file.write_all(&record).unwrap();
-        }
-        file.sync_data().unwrap();
-    }
-    (records / batch * batch) as f64 / start.elapsed().as_secs_f64()
-}
 
 /// A redis-server of this bench's own: append-only file fsynced on every write, on a
 /// plain port and a TLS port. Stopped when dropped.
@@ -248,19 +234,7 @@ async fn hotline(
 }
 
 fn main() {
-    tls::install_provider();
-    let total: usize = std::env::var("HOTLINE_BENCH_MESSAGES")
-        .ok()
-        .and_then(|m| m.parse().ok())
-        .unwrap_or(4000);
-    let dir = std::env::temp_dir().join(format!("hotline-bench-sbs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (total, dir, runtime) = common::setup("sbs", 4000);
     let redis = start_redis(&dir);
 
     println!(
@@ -273,7 +247,7 @@ fn main() {
     println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for senders in [1usize, 16, 64] {
         let total = total.max(senders * 20);
-        let limit = group_commit_limit(&dir, senders, total);
+        let limit = common::group_commit_limit(&dir, senders, total);
         let cell = |figure: Option<(f64, f64, f64)>| match figure {
             Some((rate, p50, p99)) => format!("{rate:.0} ({p50:.2} / {p99:.2})"),
             None => "-".to_owned(),

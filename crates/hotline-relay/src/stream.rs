@@ -79,10 +79,7 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
                 "unauthenticated",
                 "the stream needs a Hello signed over the challenge and this TLS session",
             ));
-            let _ = frames.send(refused(0, &problem).encode()).await;
-            drop(frames);
-            let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-            return;
+            return close_with(frames, writer, &problem).await;
         }
     };
     // One device holds a few stream connections at most (a stranger's fresh key is
@@ -97,10 +94,7 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
                 crate::server::STREAMS_PER_DEVICE
             ),
         ));
-        let _ = frames.send(refused(0, &problem).encode()).await;
-        drop(frames);
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        return;
+        return close_with(frames, writer, &problem).await;
     };
     ticket.authenticated();
     tracing::debug!(%device, source = ?source, "stream authenticated");
@@ -165,6 +159,17 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
     while session.work.join_next().await.is_some() {}
     drop(session);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
+
+/// Refuses the whole connection (id 0) and closes it once the refusal is written.
+async fn close_with(
+    frames: mpsc::Sender<Vec<u8>>,
+    writer: tokio::task::JoinHandle<std::io::Result<()>>,
+    problem: &Problem,
+) {
+    let _ = frames.send(refused(0, problem).encode()).await;
+    drop(frames);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
 }
 
 fn refused(id: u64, problem: &Problem) -> Frame {

@@ -2,31 +2,17 @@
 //! others are served, a flooding device is slowed down while another device's messages
 //! go through, garbage changes nothing.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use hotline_core::DeviceIdentity;
+use common::{card_capability, identity, relay};
 use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
-use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::server::Limits;
+use hotline_relay::storage::Membership;
 use hotline_relay::tls;
-use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
-
-fn identity(party: &str, seed: u64) -> DeviceIdentity {
-    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
-}
-
-async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
-    tls::install_provider();
-    let dir = std::env::temp_dir().join(format!("hotline-abuse-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
-    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_sending_one_byte_a_second_is_cut_off_while_others_are_served() {
@@ -381,10 +367,6 @@ fn refused(answer: Result<u64, ClientError>) -> (u16, String) {
         Err(ClientError::Refused { status, code, .. }) => (status, code),
         other => panic!("expected a refusal, got {other:?}"),
     }
-}
-
-fn card_capability(owner: &DeviceIdentity) -> Capability {
-    Capability::new(hotline_core::card::inbox_capability(owner))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,30 +4,13 @@
 //! time, oldest first, until none is left; a stock over the limit or a package too
 //! large is refused whole, storing nothing.
 
+mod common;
+
+use common::{card_capability, identity, relay};
 use hotline_core::DeviceIdentity;
-use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::server::{self, Limits, MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
-use hotline_relay::storage::SqliteStorage;
 use hotline_relay::tls;
-use rand::SeedableRng;
-
-fn identity(party: &str, seed: u64) -> DeviceIdentity {
-    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
-}
-
-async fn relay(name: &str) -> (server::Running, String) {
-    tls::install_provider();
-    let dir =
-        std::env::temp_dir().join(format!("hotline-keypackages-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let limits = Limits::default();
-    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
-    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
-        .await
-        .unwrap()
-}
 
 fn refused_with<T: std::fmt::Debug>(answer: Result<T, ClientError>, status: u16, code: &str) {
     match answer {
@@ -40,18 +23,13 @@ fn refused_with<T: std::fmt::Debug>(answer: Result<T, ClientError>, status: u16,
     }
 }
 
-/// The capability a holder of `owner`'s card presents.
-fn card_capability(owner: &DeviceIdentity) -> Capability {
-    Capability::new(hotline_core::card::inbox_capability(owner))
-}
-
 fn package(tag: &str, n: usize) -> Vec<u8> {
     format!("key-package-{tag}-{n}").into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_stocks_key_packages_and_others_claim_each_once_in_order() {
-    let (running, url) = relay("claims").await;
+    let (running, url) = relay("claims", Limits::default()).await;
     let (owner, stranger, inviter) = (
         identity("owner", 1),
         identity("stranger", 2),
@@ -156,7 +134,7 @@ async fn a_device_stocks_key_packages_and_others_claim_each_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_over_the_limit_or_a_package_too_large_is_refused_whole() {
-    let (running, url) = relay("limits").await;
+    let (running, url) = relay("limits", Limits::default()).await;
     let owner = identity("owner", 1);
     let client = RelayClient::new(&url).unwrap();
 

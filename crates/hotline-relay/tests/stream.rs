@@ -3,32 +3,19 @@
 //! commit) and receives pushed messages; a proof of another session, a silent
 //! connection, a non-member and garbage get nothing.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{identity, relay};
 use hotline_core::DeviceIdentity;
 use hotline_proto::stream::{self, Frame, StreamClient};
 use hotline_relay::client::{ClientError, RelayClient};
-use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{Membership, SqliteStorage};
+use hotline_relay::server::Limits;
+use hotline_relay::storage::Membership;
 use hotline_relay::tls;
-use rand::SeedableRng;
 use tokio::io::AsyncWriteExt;
-
-fn identity(party: &str, seed: u64) -> DeviceIdentity {
-    DeviceIdentity::generate(party, "desk", &mut rand::rngs::StdRng::seed_from_u64(seed)).unwrap()
-}
-
-async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
-    tls::install_provider();
-    let dir = std::env::temp_dir().join(format!("hotline-stream-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let storage = SqliteStorage::open(&dir.join("relay.db"), limits.quotas()).unwrap();
-    server::serve_from(&dir, "127.0.0.1:0".parse().unwrap(), storage, limits)
-        .await
-        .unwrap()
-}
 
 async fn channel_of(
     url: &str,
