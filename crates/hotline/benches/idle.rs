@@ -7,7 +7,8 @@
 //! 10000; the bench raises its own open-file limit, and the relay its own, to the hard
 //! limit).
 
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
 use hotline_core::DeviceIdentity;
@@ -16,16 +17,6 @@ use hotline_relay::client::RelayClient;
 use hotline_relay::storage::Membership;
 use hotline_relay::tls;
 use rand::SeedableRng;
-
-/// Resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn main() {
     tls::install_provider();
@@ -37,31 +28,10 @@ fn main() {
     let data = std::env::temp_dir().join(format!("hotline-bench-idle-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data).unwrap();
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_hotline"))
-        .args([
-            "relay",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--data")
-        .arg(&data)
-        .args(["--max-connections", &(count + 64).to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let url = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(relay.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        line.trim().to_owned()
-    };
-    let pid = relay.id();
+    let connections = (count + 64).to_string();
+    let relay = common::spawn_relay(&data, &["--max-connections", &connections]);
+    let url = relay.url.clone();
+    let pid = relay.child.id();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -91,7 +61,7 @@ fn main() {
         let sender = StreamClient::connect(&url, &member).await.unwrap();
         sender.append(&channel, vec![0; 1024]).await.unwrap();
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let before = rss_kib(pid);
+        let before = common::rss_kib(pid);
 
         let started = Instant::now();
         let mut held = Vec::with_capacity(count);
@@ -110,7 +80,7 @@ fn main() {
         }
         let opening = started.elapsed();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = rss_kib(pid);
+        let after = common::rss_kib(pid);
 
         // A member's appends while they are held.
         let mut latencies = Vec::new();
@@ -134,7 +104,6 @@ fn main() {
         );
         drop(held);
     });
-    let _ = relay.kill();
-    let _ = relay.wait();
+    drop(relay);
     let _ = std::fs::remove_dir_all(&data);
 }
