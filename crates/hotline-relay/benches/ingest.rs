@@ -7,15 +7,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hotline_core::DeviceIdentity;
 use hotline_relay::client::RelayClient;
 use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{Membership, RelayStorage, SqliteStorage};
-use rand::SeedableRng;
+use hotline_relay::storage::{RelayStorage, SqliteStorage};
 
 /// Messages per request in the batched runs.
 const BATCH: usize = 32;
@@ -34,29 +31,7 @@ async fn measure<S: RelayStorage>(
     let (running, url) = server::serve_from(data, "127.0.0.1:0".parse().unwrap(), storage, limits)
         .await
         .unwrap();
-    let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
-        .map(|n| {
-            Arc::new(
-                DeviceIdentity::generate(
-                    "party",
-                    "desk",
-                    &mut rand::rngs::StdRng::seed_from_u64(n as u64),
-                )
-                .unwrap(),
-            )
-        })
-        .collect();
-    let channel: [u8; 32] = rand::random();
-    let membership = Membership {
-        committer: identities[0].key().0,
-        version: 1,
-        members: identities.iter().map(|i| i.key().0).collect(),
-    };
-    RelayClient::new(&url)
-        .unwrap()
-        .register(&identities[0], &channel, &membership)
-        .await
-        .unwrap();
+    let (identities, channel) = common::senders_on_channel(&url, senders).await;
     let per_sender = total / senders;
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -64,13 +39,7 @@ async fn measure<S: RelayStorage>(
         let client = RelayClient::new(&url).unwrap();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
-            let payload = |m: usize| {
-                let mut payload = vec![0u8; 1024];
-                payload[..16].copy_from_slice(
-                    &[(n as u64).to_be_bytes(), (m as u64).to_be_bytes()].concat(),
-                );
-                payload
-            };
+            let payload = |m: usize| common::payload(n, m);
             let mut sent_count = 0;
             for first in (0..per_sender).step_by(batch) {
                 let messages: Vec<Vec<u8>> = (first..(first + batch).min(per_sender))

@@ -21,8 +21,7 @@ use hotline_core::DeviceIdentity;
 use hotline_proto::stream::StreamClient;
 use hotline_relay::client::RelayClient;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{Membership, SqliteStorage};
-use rand::SeedableRng;
+use hotline_relay::storage::SqliteStorage;
 
 /// A redis-server of this bench's own: append-only file fsynced on every write, on a
 /// plain port and a TLS port. Stopped when dropped.
@@ -150,31 +149,8 @@ async fn relay_with_channel(
     let (running, url) = server::serve_from(data, "127.0.0.1:0".parse().unwrap(), storage, limits)
         .await
         .unwrap();
-    let identities: Vec<Arc<DeviceIdentity>> = (0..senders)
-        .map(|n| {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
-            Arc::new(DeviceIdentity::generate("party", "desk", &mut rng).unwrap())
-        })
-        .collect();
-    let channel: [u8; 32] = rand::random();
-    let membership = Membership {
-        committer: identities[0].key().0,
-        version: 1,
-        members: identities.iter().map(|i| i.key().0).collect(),
-    };
-    RelayClient::new(&url)
-        .unwrap()
-        .register(&identities[0], &channel, &membership)
-        .await
-        .unwrap();
+    let (identities, channel) = common::senders_on_channel(&url, senders).await;
     (running, url, identities, channel)
-}
-
-fn payload(sender: usize, n: usize) -> Vec<u8> {
-    let mut payload = vec![0u8; 1024];
-    payload[..16]
-        .copy_from_slice(&[(sender as u64).to_be_bytes(), (n as u64).to_be_bytes()].concat());
-    payload
 }
 
 /// Messages/s, p50 and p99 in ms, of `senders` devices sending `total` messages
@@ -207,10 +183,15 @@ async fn hotline(
                 let sent = Instant::now();
                 match &stream {
                     Some(stream) => {
-                        stream.append(&channel, payload(n, m)).await.unwrap();
+                        stream
+                            .append(&channel, common::payload(n, m))
+                            .await
+                            .unwrap();
                     }
                     None => {
-                        http.post(&identity, &channel, payload(n, m)).await.unwrap();
+                        http.post(&identity, &channel, common::payload(n, m))
+                            .await
+                            .unwrap();
                     }
                 }
                 latencies.push(sent.elapsed());

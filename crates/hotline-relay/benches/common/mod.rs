@@ -35,3 +35,40 @@ pub fn setup(name: &str, default: usize) -> (usize, std::path::PathBuf, tokio::r
         .unwrap();
     (total, dir, runtime)
 }
+
+/// `senders` devices (the same for the same count), members of a fresh channel
+/// registered on the relay at `url` by the first of them.
+pub async fn senders_on_channel(
+    url: &str,
+    senders: usize,
+) -> (Vec<std::sync::Arc<hotline_core::DeviceIdentity>>, [u8; 32]) {
+    use rand::SeedableRng;
+    let identities: Vec<std::sync::Arc<hotline_core::DeviceIdentity>> = (0..senders)
+        .map(|n| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
+            std::sync::Arc::new(
+                hotline_core::DeviceIdentity::generate("party", "desk", &mut rng).unwrap(),
+            )
+        })
+        .collect();
+    let channel: [u8; 32] = rand::random();
+    let membership = hotline_relay::storage::Membership {
+        committer: identities[0].key().0,
+        version: 1,
+        members: identities.iter().map(|i| i.key().0).collect(),
+    };
+    hotline_relay::client::RelayClient::new(url)
+        .unwrap()
+        .register(&identities[0], &channel, &membership)
+        .await
+        .unwrap();
+    (identities, channel)
+}
+
+/// Message `n` of sender `sender`: 1 KiB, distinct from every other.
+pub fn payload(sender: usize, n: usize) -> Vec<u8> {
+    let mut payload = vec![0u8; 1024];
+    payload[..16]
+        .copy_from_slice(&[(sender as u64).to_be_bytes(), (n as u64).to_be_bytes()].concat());
+    payload
+}
