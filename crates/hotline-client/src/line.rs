@@ -11,7 +11,9 @@ pub use crate::link::DEFAULT_INTERVAL_MS;
 use crate::link::{Settings, setting};
 pub use crate::payload::{LinkTest, relay_tag};
 use crate::provider::Provider;
-use crate::store::{Store, StoreError, channel_relays, checkout, now_ms, save_channel};
+use crate::store::{
+    Store, StoreError, channel_relays, checkout, cited_receipts, now_ms, save_channel,
+};
 
 /// Default age after which a message not yet delivered to every party raises an alarm.
 pub const DEFAULT_UNDELIVERED_MS: u64 = 5 * 60_000;
@@ -148,6 +150,9 @@ pub struct Alarm {
     pub message: Option<String>,
     pub since_ms: u64,
     pub detail: String,
+    /// The relay's custody receipts the alarm cites as evidence (encoded; each checkable
+    /// by anyone with the relay's address, [`hotline_proto::custody::Receipt`]).
+    pub receipts: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -520,6 +525,7 @@ impl Store {
                                 summary.name,
                                 now_ms.saturating_sub(invited.invited_ms) / 1000
                             ),
+                            receipts: Vec::new(),
                         });
                     }
                 }
@@ -636,6 +642,7 @@ id: None,
                             Some(error) => format!("no link-test answer through it; {error}"),
                             None => "no link-test answer through it for three intervals".into(),
                         },
+                        receipts: Vec::new(),
                     });
                 }
                 // A party that answers through other relays but not through this one,
@@ -661,6 +668,7 @@ id: None,
                                 "{party} answers link tests through other relays but not through this one, \
                                  which answers requests: it withholds what passes between you"
                             ),
+                            receipts: Vec::new(),
                         });
                     }
                 }
@@ -730,6 +738,7 @@ id: None,
                                     message: Some(id.to_hex()),
                                     since_ms: envelope.claimed_time_ms + undelivered_after,
                                     detail: format!("not delivered to {party} yet"),
+                                    receipts: Vec::new(),
                                 });
                             }
                         }
@@ -798,6 +807,7 @@ id: None,
                                 } else {
                                     format!("{level} message from {party}, unread past its deadline")
                                 },
+                                receipts: Vec::new(),
                             });
                         }
                         _ if now_ms >= deadline => {
@@ -829,6 +839,7 @@ id: None,
                                     detail: format!(
                                         "{party} has not read this {level} message by its deadline{escalated}"
                                     ),
+                                    receipts: Vec::new(),
                                 });
                             }
                         }
@@ -840,7 +851,7 @@ id: None,
 
             // What relays did wrong, recorded as it was found.
             let mut statement = connection.prepare(
-                "SELECT kind, relay, party, message, detail, since_ms, id FROM alarms
+                "SELECT kind, relay, party, message, detail, since_ms, id, evidence FROM alarms
                  WHERE cleared_ms IS NULL ORDER BY id",
             )?;
             let stored = statement.query_map([], |row| {
@@ -852,6 +863,10 @@ id: None,
                     message: row.get(3)?,
                     detail: row.get(4)?,
                     since_ms: row.get::<_, i64>(5)? as u64,
+                    receipts: cited_receipts(
+                        &row.get::<_, String>(0)?,
+                        &row.get::<_, Option<Vec<u8>>>(7)?.unwrap_or_default(),
+                    ),
                 })
             })?;
             for alarm in stored {

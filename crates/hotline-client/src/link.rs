@@ -264,6 +264,7 @@ fn forget(connection: &Connection, before: u64) -> Result<(), StoreError> {
     connection.execute("DELETE FROM probes WHERE sent_ms < ?1", [before])?;
     connection.execute("DELETE FROM answers WHERE at_ms < ?1", [before])?;
     connection.execute("DELETE FROM frames WHERE at_ms < ?1", [before])?;
+    connection.execute("DELETE FROM custody WHERE kept_ms < ?1", [before])?;
     Ok(())
 }
 

@@ -10,8 +10,8 @@ use crate::bundle::Entry;
 use crate::provider::Provider;
 use crate::store::{
     Cursor, Store, StoreError, advance, channel_relays, checkout, copy_hash, failpoint,
-    follow_relay_changes, is_known_frame, now_ms, place_copies, relay_of, remember_frame,
-    save_channel, stage_commit,
+    follow_relay_changes, is_known_frame, keep_receipt, now_ms, place_copies, relay_of,
+    remember_frame, save_channel, stage_commit,
 };
 
 impl Store {
@@ -34,6 +34,14 @@ impl Store {
             }
             // A link-test frame this device sent or opened: a relay's echo, or a replay.
             let hash = copy_hash(bytes);
+            if let Some(Cursor {
+                relay,
+                receipt: Some(receipt),
+                ..
+            }) = cursor
+            {
+                keep_receipt(connection, relay, &hash, receipt)?;
+            }
             if is_known_frame(connection, &hash)? {
                 return Ok(vec![Event::Duplicate]);
             }

@@ -16,8 +16,9 @@ use hotline_core::channel::{channel_of_message, epoch_of_message};
 use hotline_core::{ChannelError, ChannelId, DeviceIdentity, Event};
 use hotline_proto::capability::Capability;
 use hotline_proto::client::{ClientError, RelayClient};
+use hotline_proto::custody;
 use hotline_proto::stream::StreamClient;
-use hotline_proto::{Log, Membership};
+use hotline_proto::{Log, Membership, Stored};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -441,7 +442,7 @@ impl Watch {
         identity: &DeviceIdentity,
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<Stored>, ClientError> {
         match self {
             Watch::Inbox { .. } => client.fetch_inbox(identity, after, wait).await,
             Watch::Channel { channel, .. } => client.fetch(identity, &channel.0, after, wait).await,
@@ -478,13 +479,19 @@ fn channel_watches(store: &mut Store) -> Result<Vec<Watch>, StoreError> {
 fn apply(
     store: &mut Store,
     watch: &Watch,
-    messages: Vec<(u64, Vec<u8>)>,
+    messages: Vec<Stored>,
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
     let url = watch.url();
     let log = watch.log();
     let behind = store.cursor(url, &log)?;
-    for (seq, bytes) in messages {
+    let pin = hotline_proto::tls::parse_url(url).map(|(_, pin)| pin).ok();
+    for Stored {
+        seq,
+        bytes,
+        receipt,
+    } in messages
+    {
         if seq <= behind {
             continue;
         }
@@ -492,6 +499,7 @@ fn apply(
             relay: url,
             log: &log,
             seq,
+            receipt: None,
         };
         match watch {
             Watch::Inbox { .. } => {
@@ -557,6 +565,30 @@ fn apply(
                     store.skip_to(cursor)?;
                     continue;
                 }
+                // The relay's receipt, when it gives one, must prove that it stored
+                // these bytes in this log at this number. One that does not is kept as
+                // evidence against the relay (bytes other than it signed are also
+                // `altered`: MLS says so below); the copy is processed all the same.
+                let mut kept = None;
+                if let (Some(receipt), Some(pin)) = (&receipt, &pin) {
+                    let log = Log::Channel(channel.0);
+                    let hash = custody::message_hash(&bytes);
+                    match custody::check(pin, &log, seq, &hash, receipt) {
+                        Ok(()) => kept = Some(receipt.as_slice()),
+                        Err(custody::ReceiptError::OtherBytes) => {}
+                        Err(error) => {
+                            let detail = format!("message {seq}: its receipt is false: {error}");
+                            store.raise_alarm("receipt", url, None, &detail, receipt)?;
+                            report
+                                .alarms
+                                .push(("receipt".into(), url.into(), detail.clone()));
+                        }
+                    }
+                }
+                let cursor = Cursor {
+                    receipt: kept,
+                    ..cursor
+                };
                 match store.receive_at(&bytes, Some(cursor)) {
                     // The cursor moved with the (empty) transaction.
                     Ok(events) if events == [Event::Duplicate] => {}
@@ -689,7 +721,7 @@ pub fn backoff(failures: u32, max: Duration) -> Duration {
     full.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..=1.0))
 }
 
-type Poll = (Watch, Result<Vec<(u64, Vec<u8>)>, ClientError>);
+type Poll = (Watch, Result<Vec<Stored>, ClientError>);
 
 /// Follows every log on every relay: one long-poll per log, each batch processed the
 /// moment it arrives, the outbox pushed and everything pulled every `round`. Calls
@@ -1068,11 +1100,10 @@ async fn push_pass(
             };
             posts.push(async move {
                 let posted = match (log, capability) {
-                    (Log::Inbox(device), Some(capability)) => {
-                        client
-                            .post_inbox(identity, &device, &capability, body)
-                            .await
-                    }
+                    (Log::Inbox(device), Some(capability)) => client
+                        .post_inbox(identity, &device, &capability, body)
+                        .await
+                        .map(|_| None),
                     (Log::Inbox(_), None) => Err(ClientError::Refused {
                         relay: client.base().to_owned(),
                         status: 0,
@@ -1081,7 +1112,10 @@ async fn push_pass(
                                  ask for its card again (hotline card export) and import it"
                             .into(),
                     }),
-                    (Log::Channel(channel), _) => client.post(identity, &channel, body).await,
+                    (Log::Channel(channel), _) => client
+                        .post(identity, &channel, body)
+                        .await
+                        .map(|appended| appended.receipt),
                     // The outbox holds channel messages and invitations only.
                     (Log::KeyPackages(_), _) => Err(ClientError::Refused {
                         relay: client.base().to_owned(),
@@ -1093,13 +1127,20 @@ async fn push_pass(
                 (mark, url, posted)
             });
         }
+        let hash = custody::message_hash(&item.bytes);
         for (mark, url, posted) in futures_util::future::join_all(posts).await {
-            if !note(report, &url, posted.map(|_| ())) {
-                failed.insert(url);
-                continue;
-            }
+            let receipt = match posted {
+                Ok(receipt) => receipt,
+                Err(error) => {
+                    note(report, &url, Err(error));
+                    failed.insert(url);
+                    continue;
+                }
+            };
+            note(report, &url, Ok(()));
             missing -= 1;
-            store.mark_posted(item.seq, &mark, missing == 0)?;
+            let custody = receipt.as_deref().map(|receipt| (&hash, receipt));
+            store.mark_posted(item.seq, &mark, missing == 0, custody)?;
             report.pushed += 1;
             if item.commit
                 && let Some(channel) = item.channel
@@ -1200,13 +1241,20 @@ async fn push_run(
             }
         };
         for (index, answer) in wanted.into_iter().zip(answers) {
-            if !note(report, &url, answer.map(|_| ())) {
-                // The rest would reach this relay out of order: next pass.
-                failed.insert(url);
-                break;
-            }
+            let appended = match answer {
+                Ok(appended) => appended,
+                Err(error) => {
+                    note(report, &url, Err(error));
+                    // The rest would reach this relay out of order: next pass.
+                    failed.insert(url);
+                    break;
+                }
+            };
+            note(report, &url, Ok(()));
             missing[index] -= 1;
-            store.mark_posted(run[index].seq, &url, missing[index] == 0)?;
+            let hash = custody::message_hash(&run[index].bytes);
+            let custody = appended.receipt.as_deref().map(|receipt| (&hash, receipt));
+            store.mark_posted(run[index].seq, &url, missing[index] == 0, custody)?;
             report.pushed += 1;
         }
     }

@@ -39,6 +39,7 @@ fn carry(from: &mut Store, to: &mut Store, down: Option<&str>, seq: &mut u64) ->
             relay: &frame.relay,
             log: "crisis",
             seq: *seq,
+            receipt: None,
         };
         to.receive_at(&frame.bytes, Some(cursor)).unwrap();
         carried += 1;

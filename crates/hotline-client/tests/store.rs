@@ -155,6 +155,7 @@ fn messages_held_for_their_commit_are_placed_in_their_senders_chain() {
                     relay,
                     log: "channel",
                     seq,
+                    receipt: None,
                 }),
             )
             .unwrap()
@@ -220,6 +221,7 @@ fn a_relay_reordering_a_senders_messages_is_named() {
                     relay,
                     log: "channel",
                     seq: seq as u64 + 1,
+                    receipt: None,
                 }),
             )
             .unwrap();
@@ -263,7 +265,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              ALTER TABLE outbox DROP COLUMN precedence; DROP TABLE escalations;
              DROP TABLE agreements; DROP TABLE agreement_steps;
              DROP TABLE cosigns; DROP TABLE cosigned; DROP TABLE cosign_cursors;
-             DROP TABLE cosign_horizons; DROP TABLE handling_times;
+             DROP TABLE cosign_horizons; DROP TABLE handling_times; DROP TABLE custody;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);

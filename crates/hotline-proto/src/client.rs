@@ -2,15 +2,16 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hotline_core::codec::{DecodeError, Reader};
+use hotline_core::codec::DecodeError;
 use hotline_core::{DeviceIdentity, DeviceKey};
 use serde_json::json;
 use thiserror::Error;
 
-use crate::Membership;
 use crate::auth;
 use crate::capability::Capability;
+use crate::stream::Appended;
 use crate::tls::{self, TlsError};
+use crate::{Log, Membership, Stored, decode_messages};
 
 #[derive(Debug, Error)]
 pub enum ClientError {
@@ -27,12 +28,15 @@ pub enum ClientError {
     },
     #[error("relay {relay} answered something malformed: {0}", relay = .1)]
     Malformed(DecodeError, String),
+    #[error("relay {relay} gave no proof of custody: {detail}")]
+    BadReceipt { relay: String, detail: String },
 }
 
 /// A connection to one relay.
 #[derive(Debug, Clone)]
 pub struct RelayClient {
     base: String,
+    pin: [u8; 32],
     http: reqwest::Client,
 }
 
@@ -55,25 +59,35 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
-/// Decodes `u32 n, n × (u64 seq, bytes)`.
-pub fn decode_messages(bytes: &[u8]) -> Result<Vec<(u64, Vec<u8>)>, DecodeError> {
-    let mut reader = Reader::new(bytes);
-    let count = reader.count("messages", 4096, 12)?;
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        let seq = reader.u64("seq")?;
-        out.push((seq, reader.bytes("message", 2 << 20)?.to_vec()));
-    }
-    reader.finish()?;
-    Ok(out)
+/// An append's `{"seq": n, "duplicate": b, "receipt": hex}` answer; `None` without a
+/// sequence number or with a receipt that is not hex.
+fn appended_of(answer: &serde_json::Value) -> Option<Appended> {
+    let receipt = match answer["receipt"].as_str() {
+        Some(receipt) => Some(hex::decode(receipt).ok()?),
+        None => None,
+    };
+    Some(Appended {
+        seq: answer["seq"].as_u64()?,
+        duplicate: answer["duplicate"].as_bool().unwrap_or(false),
+        receipt,
+    })
 }
 
-/// The `seq` of an append's `{"seq": n, ...}` answer (0 if it has none).
-fn seq_of(answer: &[u8]) -> u64 {
+/// [`appended_of`] of an answer's bytes, or why it is malformed.
+fn parse_appended(answer: &[u8], relay: &str) -> Result<Appended, ClientError> {
     serde_json::from_slice::<serde_json::Value>(answer)
         .ok()
-        .and_then(|v| v["seq"].as_u64())
-        .unwrap_or(0)
+        .as_ref()
+        .and_then(appended_of)
+        .ok_or_else(|| {
+            ClientError::Malformed(
+                DecodeError::Invalid {
+                    field: "append answer",
+                    reason: "no sequence number, or a receipt that is not hex",
+                },
+                relay.to_owned(),
+            )
+        })
 }
 
 /// How long a connection to a relay may take to open. A relay that does not answer a
@@ -95,11 +109,27 @@ impl RelayClient {
                 relay: base.clone(),
                 detail: e.to_string(),
             })?;
-        Ok(Self { base, http })
+        Ok(Self { base, pin, http })
     }
 
     pub fn base(&self) -> &str {
         &self.base
+    }
+
+    /// An append's answer, once its receipt is checked: it must prove the message with
+    /// `hash` stored in the channel's log at the answered number, by this relay.
+    fn custody(
+        &self,
+        channel: &[u8; 32],
+        hash: &[u8; 32],
+        appended: Appended,
+    ) -> Result<Appended, ClientError> {
+        crate::custody::check_appended(&self.pin, &Log::Channel(*channel), hash, &appended)
+            .map_err(|error| ClientError::BadReceipt {
+                relay: self.base.clone(),
+                detail: format!("message {}: {error}", appended.seq),
+            })?;
+        Ok(appended)
     }
 
     async fn send(
@@ -200,19 +230,23 @@ impl RelayClient {
         .map(|_| ())
     }
 
-    /// Posts a message; returns its sequence number once the relay stored it durably.
+    /// Posts a message; returns its sequence number (and the relay's receipt) once the
+    /// relay stored it durably.
     pub async fn post(
         &self,
         identity: &DeviceIdentity,
         channel: &[u8; 32],
         bytes: Vec<u8>,
-    ) -> Result<u64, ClientError> {
-        self.append(
-            identity,
-            format!("/v1/channels/{}/messages", hex::encode(channel)),
-            bytes,
-        )
-        .await
+    ) -> Result<Appended, ClientError> {
+        let hash = crate::custody::message_hash(&bytes);
+        let appended = self
+            .append(
+                identity,
+                format!("/v1/channels/{}/messages", hex::encode(channel)),
+                bytes,
+            )
+            .await?;
+        self.custody(channel, &hash, appended)
     }
 
     /// Posts several messages to a channel in one signed request (at most
@@ -224,7 +258,7 @@ impl RelayClient {
         identity: &DeviceIdentity,
         channel: &[u8; 32],
         messages: &[Vec<u8>],
-    ) -> Result<Vec<Result<u64, ClientError>>, ClientError> {
+    ) -> Result<Vec<Result<Appended, ClientError>>, ClientError> {
         let answer = self
             .send(
                 identity,
@@ -254,8 +288,11 @@ impl RelayClient {
         }
         Ok(results
             .iter()
-            .map(|result| match result["seq"].as_u64() {
-                Some(seq) => Ok(seq),
+            .zip(messages)
+            .map(|(result, message)| match appended_of(result) {
+                Some(appended) => {
+                    self.custody(channel, &crate::custody::message_hash(message), appended)
+                }
                 None => Err(ClientError::Refused {
                     relay: self.base.clone(),
                     status: 200,
@@ -273,7 +310,7 @@ impl RelayClient {
         channel: &[u8; 32],
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<Stored>, ClientError> {
         self.read(
             identity,
             format!("/v1/channels/{}/messages", hex::encode(channel)),
@@ -301,7 +338,7 @@ impl RelayClient {
                 capability,
             )
             .await?;
-        Ok(seq_of(&answer))
+        Ok(parse_appended(&answer, &self.base)?.seq)
     }
 
     /// This device's invitations after `after`.
@@ -310,7 +347,7 @@ impl RelayClient {
         identity: &DeviceIdentity,
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<Stored>, ClientError> {
         self.read(
             identity,
             format!("/v1/inbox/{}", identity.key()),
@@ -429,17 +466,17 @@ impl RelayClient {
             })
     }
 
-    /// POSTs to a log; the answer's sequence number.
+    /// POSTs to a log; the answer.
     async fn append(
         &self,
         identity: &DeviceIdentity,
         path: String,
         bytes: Vec<u8>,
-    ) -> Result<u64, ClientError> {
+    ) -> Result<Appended, ClientError> {
         let answer = self
             .send(identity, reqwest::Method::POST, path, bytes)
             .await?;
-        Ok(seq_of(&answer))
+        parse_appended(&answer, &self.base)
     }
 
     /// GETs a log after a cursor.
@@ -449,7 +486,7 @@ impl RelayClient {
         path: String,
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<Stored>, ClientError> {
         let path = format!("{path}?after={after}&wait={}", wait.as_millis());
         let bytes = self
             .send_within(

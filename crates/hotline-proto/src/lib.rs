@@ -16,6 +16,7 @@ pub mod auth;
 pub mod batch;
 pub mod capability;
 pub mod client;
+pub mod custody;
 pub mod limits;
 pub mod stream;
 pub mod tls;
@@ -38,6 +39,48 @@ impl Log {
             Log::KeyPackages(id) => [&[3u8][..], id].concat(),
         }
     }
+}
+
+/// A stored message as a relay hands it over: its sequence number in the log, its
+/// bytes, and the relay's encoded custody receipt ([`custody::Receipt`]; none for a
+/// message stored before relays signed receipts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub seq: u64,
+    pub bytes: Vec<u8>,
+    pub receipt: Option<Vec<u8>>,
+}
+
+/// Messages as a read answers them: `u32 n, n × (u64 seq, bytes message, bytes
+/// receipt)`, an empty receipt for none.
+pub fn encode_messages(messages: &[Stored]) -> Vec<u8> {
+    let mut writer = hotline_core::codec::Writer::new();
+    writer.u32(messages.len() as u32);
+    for message in messages {
+        writer.u64(message.seq);
+        writer.bytes(&message.bytes);
+        writer.bytes(message.receipt.as_deref().unwrap_or_default());
+    }
+    writer.into_bytes()
+}
+
+/// Decodes [`encode_messages`], bounded in count and size.
+pub fn decode_messages(bytes: &[u8]) -> Result<Vec<Stored>, hotline_core::codec::DecodeError> {
+    let mut reader = hotline_core::codec::Reader::new(bytes);
+    let count = reader.count("messages", 4096, 16)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let seq = reader.u64("seq")?;
+        let bytes = reader.bytes("message", limits::MAX_MESSAGE)?.to_vec();
+        let receipt = reader.bytes("receipt", custody::MAX_RECEIPT)?;
+        out.push(Stored {
+            seq,
+            bytes,
+            receipt: (!receipt.is_empty()).then(|| receipt.to_vec()),
+        });
+    }
+    reader.finish()?;
+    Ok(out)
 }
 
 /// The membership of a channel as its committer signed it.

@@ -13,10 +13,12 @@
 //!                        label "EXPORTER-hotline-stream-v1", no context)
 //!   relay  ─► Ready                        (or Refused with id 0, then closes)
 //!   device ─► Append     u64 id, [32] channel, bytes message
-//!   relay  ─► Appended   u64 id, u64 seq, u8 duplicate     (after the commit's fsync)
+//!   relay  ─► Appended   u64 id, u64 seq, u8 duplicate, bytes receipt
+//!                        (after the commit's fsync; the receipt is empty for none)
 //!   device ─► Subscribe  u64 id, [32] channel, u64 after
-//!   relay  ─► Message    u64 id, [32] channel, u64 seq, bytes   (pushed as they commit;
-//!                        the id of the subscription that pushed it)
+//!   relay  ─► Message    u64 id, [32] channel, u64 seq, bytes message, bytes receipt
+//!                        (pushed as they commit; the id of the subscription that
+//!                        pushed it)
 //!   device ─► Ack        u64 id, [32] channel, u64 seq
 //!   relay  ─► Acked      u64 id, u64 deleted
 //!   relay  ─► Refused    u64 id, u16 status, string code, string detail
@@ -49,6 +51,7 @@ use hotline_core::{DeviceIdentity, DeviceKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::Stored;
 use crate::client::ClientError;
 use crate::tls;
 
@@ -56,8 +59,9 @@ use crate::tls;
 pub const ALPN: &[u8] = b"hotline-stream/1";
 /// The TLS exporter label the authentication signs.
 pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-hotline-stream-v1";
-/// Largest frame: a message of the relay's largest size, and room for its header.
-pub const MAX_FRAME: usize = crate::limits::MAX_MESSAGE + 1024;
+/// Largest frame: a message of the relay's largest size, its receipt, and room for its
+/// header.
+pub const MAX_FRAME: usize = crate::limits::MAX_MESSAGE + crate::custody::MAX_RECEIPT + 1024;
 
 /// Most messages a subscription pushes before the device subscribes again.
 pub const WINDOW: usize = 64;
@@ -117,6 +121,7 @@ pub enum Frame {
         id: u64,
         seq: u64,
         duplicate: bool,
+        receipt: Option<Vec<u8>>,
     },
     Subscribe {
         id: u64,
@@ -128,6 +133,7 @@ pub enum Frame {
         channel: [u8; 32],
         seq: u64,
         message: Vec<u8>,
+        receipt: Option<Vec<u8>>,
     },
     Ack {
         id: u64,
@@ -174,11 +180,17 @@ impl Frame {
                 writer.fixed(channel);
                 writer.bytes(message);
             }
-            Frame::Appended { id, seq, duplicate } => {
+            Frame::Appended {
+                id,
+                seq,
+                duplicate,
+                receipt,
+            } => {
                 writer.u8(5);
                 writer.u64(*id);
                 writer.u64(*seq);
                 writer.u8(u8::from(*duplicate));
+                writer.bytes(receipt.as_deref().unwrap_or_default());
             }
             Frame::Subscribe { id, channel, after } => {
                 writer.u8(7);
@@ -191,12 +203,14 @@ impl Frame {
                 channel,
                 seq,
                 message,
+                receipt,
             } => {
                 writer.u8(8);
                 writer.u64(*id);
                 writer.fixed(channel);
                 writer.u64(*seq);
                 writer.bytes(message);
+                writer.bytes(receipt.as_deref().unwrap_or_default());
             }
             Frame::Ack { id, channel, seq } => {
                 writer.u8(9);
@@ -250,6 +264,7 @@ impl Frame {
                 id: reader.u64("id")?,
                 seq: reader.u64("seq")?,
                 duplicate: reader.flag("duplicate")?,
+                receipt: receipt(&mut reader)?,
             },
             6 => Frame::Refused {
                 id: reader.u64("id")?,
@@ -267,6 +282,7 @@ impl Frame {
                 channel: reader.array("channel")?,
                 seq: reader.u64("seq")?,
                 message: reader.bytes("message", MAX_FRAME)?.to_vec(),
+                receipt: receipt(&mut reader)?,
             },
             9 => Frame::Ack {
                 id: reader.u64("id")?,
@@ -289,6 +305,12 @@ impl Frame {
         reader.finish()?;
         Ok(frame)
     }
+}
+
+/// A receipt field: empty for none.
+fn receipt(reader: &mut Reader<'_>) -> Result<Option<Vec<u8>>, DecodeError> {
+    let receipt = reader.bytes("receipt", crate::custody::MAX_RECEIPT)?;
+    Ok((!receipt.is_empty()).then(|| receipt.to_vec()))
 }
 
 /// Why a frame could not be read.
@@ -345,10 +367,12 @@ pub async fn write_frames<W: AsyncWrite + Unpin>(
 }
 
 /// An append's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub seq: u64,
     pub duplicate: bool,
+    /// The relay's encoded custody receipt (see [`crate::custody`]).
+    pub receipt: Option<Vec<u8>>,
 }
 
 enum Pending {
@@ -361,14 +385,14 @@ enum Pending {
 /// bounded by the window, whatever the relay does).
 struct Subscription {
     id: u64,
-    pushed: mpsc::UnboundedSender<(u64, Vec<u8>)>,
+    pushed: mpsc::UnboundedSender<Stored>,
     count: usize,
     bytes: usize,
 }
 
 /// A channel's pushed messages as a device reads them, and where it is.
 struct Feed {
-    receiver: mpsc::UnboundedReceiver<(u64, Vec<u8>)>,
+    receiver: mpsc::UnboundedReceiver<Stored>,
     /// The last sequence number handed out.
     position: u64,
     /// Messages and bytes taken since the last subscription (its window).
@@ -589,7 +613,7 @@ impl StreamClient {
         channel: &[u8; 32],
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<Vec<Stored>, ClientError> {
         let slot: FeedSlot = {
             let mut feeds = self.feeds.lock().map_err(|_| self.gone("poisoned"))?;
             Arc::clone(feeds.entry(*channel).or_default())
@@ -634,12 +658,12 @@ impl StreamClient {
                 }
             };
             // Only the current subscription's messages reach the feed, in order.
-            while let Some((seq, message)) = next.take() {
-                if seq > feed.position {
-                    feed.position = seq;
+            while let Some(stored) = next.take() {
+                if stored.seq > feed.position {
+                    feed.position = stored.seq;
                     feed.taken += 1;
-                    feed.taken_bytes += message.len();
-                    out.push((seq, message));
+                    feed.taken_bytes += stored.bytes.len();
+                    out.push(stored);
                 }
                 if out.len() >= WINDOW {
                     break;
@@ -657,7 +681,7 @@ impl StreamClient {
         &self,
         channel: &[u8; 32],
         after: u64,
-    ) -> Result<mpsc::UnboundedReceiver<(u64, Vec<u8>)>, ClientError> {
+    ) -> Result<mpsc::UnboundedReceiver<Stored>, ClientError> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let id = {
             let mut shared = self.shared.lock().map_err(|_| self.gone("poisoned"))?;
@@ -706,9 +730,18 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
             return;
         };
         match frame {
-            Frame::Appended { id, seq, duplicate } => {
+            Frame::Appended {
+                id,
+                seq,
+                duplicate,
+                receipt,
+            } => {
                 if let Some(Pending::Append(answer)) = shared.pending.remove(&id) {
-                    let _ = answer.send(Ok(Appended { seq, duplicate }));
+                    let _ = answer.send(Ok(Appended {
+                        seq,
+                        duplicate,
+                        receipt,
+                    }));
                 }
             }
             Frame::Acked { id, deleted } => {
@@ -721,6 +754,7 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
                 channel,
                 seq,
                 message,
+                receipt,
             } => {
                 let Some(subscription) = shared.subscriptions.get_mut(&channel) else {
                     continue;
@@ -734,7 +768,12 @@ async fn dispatch<R: AsyncRead + Unpin>(mut read: R, shared: Arc<Mutex<Shared>>,
                 if subscription.count > WINDOW || subscription.bytes > WINDOW_BYTES + MAX_FRAME {
                     break "the relay pushed beyond the subscription's window".to_owned();
                 }
-                if subscription.pushed.send((seq, message)).is_err() {
+                let stored = Stored {
+                    seq,
+                    bytes: message,
+                    receipt,
+                };
+                if subscription.pushed.send(stored).is_err() {
                     shared.subscriptions.remove(&channel);
                 }
             }
@@ -808,6 +847,7 @@ mod tests {
                 id: 7,
                 seq: 9,
                 duplicate: true,
+                receipt: Some(vec![1; 300]),
             },
             Frame::Subscribe {
                 id: 6,
@@ -819,6 +859,7 @@ mod tests {
                 channel: [5; 32],
                 seq: 4,
                 message: vec![0; 100],
+                receipt: None,
             },
             Frame::Ack {
                 id: 8,

@@ -9,7 +9,10 @@
 
 use std::future::Future;
 
-use crate::storage::{Log, Membership, RelayStorage, StorageError};
+use std::sync::Arc;
+
+use crate::storage::{Log, Membership, Notary, Receipt, RelayStorage, StorageError};
+use hotline_proto::custody::message_hash;
 
 /// The per-log quota `open` must give the storage.
 pub const QUOTA: u64 = 64 * 1024;
@@ -22,6 +25,8 @@ where
     Fut: Future<Output = S>,
 {
     let storage = open().await;
+    let notary = Arc::new(notary());
+    storage.set_notary(Arc::clone(&notary));
     appends_in_order_per_log(&storage).await;
     idempotent_by_bytes(&storage).await;
     reads_after_a_cursor_with_a_limit(&storage).await;
@@ -35,6 +40,7 @@ where
     claims_leave_other_logs_alone(&storage).await;
     concurrent_claims_never_share_a_message(&storage).await;
     let (log, expected) = written_before_reopen(&storage).await;
+    receipts_prove_what_was_stored(&storage, &notary).await;
     drop(storage);
     let storage = open().await;
     survives_reopen(&storage, &log, &expected).await;
@@ -62,6 +68,59 @@ async fn read_all(storage: &impl RelayStorage, log: &Log) -> Vec<(u64, Vec<u8>)>
         .read_after(log, 0, 10_000)
         .await
         .expect("read failed")
+        .into_iter()
+        .map(|stored| (stored.seq, stored.bytes))
+        .collect()
+}
+
+/// A notary with a fresh key, as a relay's (ECDSA P-256, made by rcgen).
+fn notary() -> Notary {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    Notary::new(&der).expect("a notary")
+}
+
+/// Every append is answered with a receipt that the relay's pin alone verifies, for
+/// that log, sequence number and bytes; a duplicate gets its first append's receipt,
+/// and reads hand the same receipts out.
+async fn receipts_prove_what_was_stored(storage: &impl RelayStorage, notary: &Notary) {
+    let log = Log::Channel(fresh_channel());
+    let messages: Vec<Vec<u8>> = (0..5).map(|n| message("c", n)).collect();
+    let answers = storage.append_all(log.clone(), messages.clone()).await;
+    let mut receipts = Vec::new();
+    for (answer, bytes) in answers.into_iter().zip(&messages) {
+        let appended = answer.expect("append failed");
+        let receipt = appended
+            .receipt
+            .expect("receipts_prove_what_was_stored: no receipt");
+        Receipt::decode(&receipt)
+            .expect("receipts_prove_what_was_stored: malformed")
+            .verify_for(&notary.pin(), &log, appended.seq, &message_hash(bytes))
+            .expect("receipts_prove_what_was_stored: does not verify");
+        receipts.push(receipt);
+    }
+    let again = storage
+        .append(log.clone(), messages[2].clone())
+        .await
+        .expect("append failed");
+    assert!(again.duplicate, "receipts_prove_what_was_stored: duplicate");
+    assert_eq!(
+        again.receipt.as_ref(),
+        Some(&receipts[2]),
+        "receipts_prove_what_was_stored: a duplicate's receipt"
+    );
+    let read: Vec<Option<Vec<u8>>> = storage
+        .read_after(&log, 0, 100)
+        .await
+        .expect("read failed")
+        .into_iter()
+        .map(|stored| stored.receipt)
+        .collect();
+    assert_eq!(
+        read,
+        receipts.into_iter().map(Some).collect::<Vec<_>>(),
+        "receipts_prove_what_was_stored: reads"
+    );
 }
 
 /// `append_all`: in order, consecutive numbers, a duplicate answered with its first
@@ -171,7 +230,7 @@ async fn reads_after_a_cursor_with_a_limit(storage: &impl RelayStorage) {
     }
     let page = storage.read_after(&log, 3, 4).await.unwrap();
     assert_eq!(
-        page.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+        page.iter().map(|stored| stored.seq).collect::<Vec<_>>(),
         [4, 5, 6, 7],
         "reads_after_a_cursor_with_a_limit"
     );

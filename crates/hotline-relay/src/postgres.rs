@@ -21,7 +21,8 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Transaction};
 
 use crate::storage::{
-    Appended, Log, Membership, Quotas, RelayStorage, StorageError, answers_in_order,
+    Appended, Leaf, Log, Membership, Notary, NotarySlot, Quotas, RelayStorage, StorageError,
+    Stored, answers_in_order, seal_batch,
 };
 
 const CHANNEL: &str = "hotline_appended";
@@ -34,6 +35,7 @@ pub struct PostgresStorage {
     next: AtomicUsize,
     changes: watch::Receiver<u64>,
     commit_durations: Arc<Mutex<Vec<f64>>>,
+    notary: NotarySlot,
 }
 
 impl std::fmt::Debug for PostgresStorage {
@@ -58,9 +60,11 @@ fn schema_sql(schema: &str) -> String {
              hash BYTEA NOT NULL,
              bytes BYTEA NOT NULL,
              stored_ms BIGINT NOT NULL,
+             receipt BYTEA,
              PRIMARY KEY (log, seq),
              UNIQUE (log, hash)
          );
+         ALTER TABLE messages ADD COLUMN IF NOT EXISTS receipt BYTEA;
          CREATE TABLE IF NOT EXISTS heads (
              log BYTEA PRIMARY KEY,
              last_seq BIGINT NOT NULL,
@@ -161,11 +165,13 @@ impl PostgresStorage {
         let commit_durations = Arc::new(Mutex::new(Vec::new()));
         let (appends, jobs) = tokio::sync::mpsc::unbounded_channel();
         let writer = open(url, schema).await?;
+        let notary = NotarySlot::default();
         tokio::spawn(write_loop(
             writer,
             jobs,
             quotas,
             Arc::clone(&commit_durations),
+            Arc::clone(&notary),
         ));
 
         Ok(Self {
@@ -174,6 +180,7 @@ impl PostgresStorage {
             next: AtomicUsize::new(0),
             changes,
             commit_durations,
+            notary,
         })
     }
 
@@ -256,6 +263,7 @@ async fn write_loop(
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<AppendJob>,
     quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
+    notary: NotarySlot,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
@@ -270,7 +278,7 @@ async fn write_loop(
             .iter()
             .map(|job| (job.key.clone(), job.bytes.clone()))
             .collect();
-        let results = commit_appends(&mut client, &requests, quotas).await;
+        let results = commit_appends(&mut client, &requests, quotas, &notary).await;
         if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
         {
@@ -284,30 +292,58 @@ async fn write_loop(
             }
             Err(error) => {
                 for job in batch {
-                    let _ = job
-                        .answer
-                        .send(Err(StorageError::Postgres(error.to_string())));
+                    let _ = job.answer.send(Err(match &error {
+                        CommitError::Database(error) => StorageError::Postgres(error.to_string()),
+                        CommitError::Seal(error) => StorageError::Seal(error.clone()),
+                    }));
                 }
             }
         }
     }
 }
 
+/// Why a batch of appends failed (every append in it fails with this).
+enum CommitError {
+    Database(tokio_postgres::Error),
+    Seal(String),
+}
+
+impl From<tokio_postgres::Error> for CommitError {
+    fn from(error: tokio_postgres::Error) -> Self {
+        CommitError::Database(error)
+    }
+}
+
+/// New messages of one log in a batch, inserted together.
+#[derive(Default)]
+struct LogInserts {
+    last: i64,
+    used: i64,
+    seqs: Vec<i64>,
+    hashes: Vec<Vec<u8>>,
+    bodies: Vec<Vec<u8>>,
+    times: Vec<i64>,
+    receipts: Vec<Option<Vec<u8>>>,
+}
+
 /// One transaction for a batch of appends: each log's head locked once (in key order,
-/// so that relay processes never deadlock), duplicates looked up at once, every new
-/// message inserted by one statement per log, one notification.
+/// so that relay processes never deadlock), duplicates looked up at once, the batch
+/// sealed with one signature, every new message inserted by one statement per log,
+/// one notification.
 async fn commit_appends(
     client: &mut Client,
     requests: &[(Vec<u8>, Vec<u8>)],
     quotas: Quotas,
-) -> Result<Vec<Result<Appended, StorageError>>, tokio_postgres::Error> {
+    notary: &NotarySlot,
+) -> Result<Vec<Result<Appended, StorageError>>, CommitError> {
     let mut logs: Vec<&Vec<u8>> = requests.iter().map(|(key, _)| key).collect();
     logs.sort();
     logs.dedup();
     let transaction = client.transaction().await?;
     let mut results: Vec<Option<Result<Appended, StorageError>>> =
         (0..requests.len()).map(|_| None).collect();
-    let mut inserted = false;
+    let mut inserts: Vec<(&Vec<u8>, LogInserts)> = Vec::new();
+    let mut leaves = Vec::new();
     for key in logs {
         transaction
             .execute(
@@ -321,7 +357,11 @@ async fn commit_appends(
                 &[key],
             )
             .await?;
-        let (mut last, mut used): (i64, i64) = (head.get(0), head.get(1));
+        let mut log = LogInserts {
+            last: head.get(0),
+            used: head.get(1),
+            ..LogInserts::default()
+        };
         let mine: Vec<usize> = (0..requests.len())
             .filter(|i| &requests[*i].0 == key)
             .collect();
@@ -329,62 +369,91 @@ async fn commit_appends(
             .iter()
             .map(|i| Sha256::digest(&requests[*i].1).to_vec())
             .collect();
-        let mut known: std::collections::HashMap<Vec<u8>, i64> = transaction
+        let mut known: std::collections::HashMap<Vec<u8>, (i64, Option<Vec<u8>>)> = transaction
             .query(
-                "SELECT hash, seq FROM messages WHERE log = $1 AND hash = ANY($2)",
+                "SELECT hash, seq, receipt FROM messages WHERE log = $1 AND hash = ANY($2)",
                 &[key, &hashes],
             )
             .await?
             .iter()
-            .map(|row| (row.get(0), row.get(1)))
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
             .collect();
-        let (mut seqs, mut new_hashes, mut bodies, mut times) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for (index, hash) in mine.into_iter().zip(hashes) {
             let bytes = &requests[index].1;
-            if let Some(seq) = known.get(&hash) {
+            if let Some((seq, receipt)) = known.get(&hash) {
+                // One stored earlier in this batch gets its receipt with the seal.
                 results[index] = Some(Ok(Appended {
                     seq: *seq as u64,
                     duplicate: true,
+                    receipt: receipt.clone(),
                 }));
                 continue;
             }
             let quota = quotas.of_key(key);
-            if used as u64 + bytes.len() as u64 > quota {
+            if log.used as u64 + bytes.len() as u64 > quota {
                 results[index] = Some(Err(StorageError::QuotaExceeded(quota)));
                 continue;
             }
-            last += 1;
-            used += bytes.len() as i64;
-            known.insert(hash.clone(), last);
-            seqs.push(last);
-            new_hashes.push(hash);
-            bodies.push(bytes.clone());
-            times.push(now_ms());
+            log.last += 1;
+            log.used += bytes.len() as i64;
+            known.insert(hash.clone(), (log.last, None));
+            leaves.push(Leaf {
+                log: key.clone(),
+                seq: log.last as u64,
+                hash: hash.as_slice().try_into().unwrap_or([0; 32]),
+            });
+            log.seqs.push(log.last);
+            log.hashes.push(hash);
+            log.bodies.push(bytes.clone());
+            log.times.push(now_ms());
             results[index] = Some(Ok(Appended {
-                seq: last as u64,
+                seq: log.last as u64,
                 duplicate: false,
+                receipt: None,
             }));
         }
-        if seqs.is_empty() {
-            continue;
+        if !log.seqs.is_empty() {
+            inserts.push((key, log));
         }
+    }
+    // One signature for the batch; each message keeps its receipt.
+    let mut sealed = seal_batch(notary, leaves)
+        .map_err(CommitError::Seal)?
+        .into_iter();
+    let mut receipts = std::collections::HashMap::new();
+    for (key, log) in &mut inserts {
+        for seq in &log.seqs {
+            let receipt = sealed.next().flatten();
+            if let Some(receipt) = &receipt {
+                receipts.insert(((*key).clone(), *seq as u64), receipt.clone());
+            }
+            log.receipts.push(receipt);
+        }
+    }
+    for (key, log) in &inserts {
         transaction
             .execute(
-                "INSERT INTO messages (log, seq, hash, bytes, stored_ms)
-                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[])",
-                &[key, &seqs, &new_hashes, &bodies, &times],
+                "INSERT INTO messages (log, seq, hash, bytes, stored_ms, receipt)
+                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[],
+                                          $6::BYTEA[])",
+                &[
+                    key,
+                    &log.seqs,
+                    &log.hashes,
+                    &log.bodies,
+                    &log.times,
+                    &log.receipts,
+                ],
             )
             .await?;
         transaction
             .execute(
                 "UPDATE heads SET last_seq = $2, used = $3 WHERE log = $1",
-                &[key, &last, &used],
+                &[key, &log.last, &log.used],
             )
             .await?;
-        inserted = true;
     }
-    if inserted {
+    if !inserts.is_empty() {
         transaction
             .execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
             .await?;
@@ -392,7 +461,17 @@ async fn commit_appends(
     transaction.commit().await?;
     Ok(results
         .into_iter()
-        .map(|result| result.unwrap_or_else(|| Err(StorageError::WriterGone)))
+        .zip(requests)
+        .map(|(result, (key, _))| match result {
+            Some(Ok(mut appended)) => {
+                if appended.receipt.is_none() {
+                    appended.receipt = receipts.get(&(key.clone(), appended.seq)).cloned();
+                }
+                Ok(appended)
+            }
+            Some(Err(error)) => Err(error),
+            None => Err(StorageError::WriterGone),
+        })
         .collect())
 }
 
@@ -434,19 +513,28 @@ impl RelayStorage for PostgresStorage {
         log: &Log,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<Stored>, StorageError> {
         let client = self.client().await;
         let rows = client
             .query(
-                "SELECT seq, bytes FROM messages WHERE log = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+                "SELECT seq, bytes, receipt FROM messages WHERE log = $1 AND seq > $2
+                 ORDER BY seq LIMIT $3",
                 &[&key(log), &(after as i64), &(limit as i64)],
             )
             .await
             .map_err(database)?;
         Ok(rows
             .iter()
-            .map(|row| (row.get::<_, i64>(0) as u64, row.get(1)))
+            .map(|row| Stored {
+                seq: row.get::<_, i64>(0) as u64,
+                bytes: row.get(1),
+                receipt: row.get(2),
+            })
             .collect())
+    }
+
+    fn set_notary(&self, notary: Arc<Notary>) {
+        let _ = self.notary.set(notary);
     }
 
     async fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {

@@ -28,7 +28,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use hotline_core::DeviceKey;
-use hotline_core::codec::Writer;
 use hotline_proto::capability;
 use serde::Deserialize;
 use serde_json::json;
@@ -37,8 +36,9 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{Admission, CONNECTION};
 use crate::auth::{self, AuthError};
-use crate::storage::{Appended, Log, Membership, Quotas, RelayStorage, StorageError};
+use crate::storage::{Appended, Log, Membership, Quotas, RelayStorage, StorageError, Stored};
 pub use hotline_proto::batch::{MAX_BATCH, decode_batch, encode_batch};
+pub use hotline_proto::encode_messages;
 pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
 
 /// How often the relay measures the bytes its logs hold (the storage bound counts this
@@ -576,10 +576,10 @@ impl<S: RelayStorage> AppState<S> {
         true
     }
 
-    /// Appends and answers with the sequence number, as JSON.
+    /// Appends and answers with the sequence number and receipt, as JSON.
     async fn append_answer(&self, log: Log, bytes: Bytes) -> Result<Response, Problem> {
         let appended = self.append(log, bytes).await?;
-        Ok(Json(json!({"seq": appended.seq, "duplicate": appended.duplicate})).into_response())
+        Ok(Json(appended_json(&appended)).into_response())
     }
 
     /// Reads and answers with the encoded messages.
@@ -600,7 +600,7 @@ impl<S: RelayStorage> AppState<S> {
         log: Log,
         after: u64,
         wait: Duration,
-    ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
+    ) -> Result<Vec<Stored>, Problem> {
         self.read_some(log, after, wait, 256).await
     }
 
@@ -611,7 +611,7 @@ impl<S: RelayStorage> AppState<S> {
         after: u64,
         wait: Duration,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, Problem> {
+    ) -> Result<Vec<Stored>, Problem> {
         let mut changes = self.appended.subscribe();
         // Appends by other relay processes sharing the storage, if any.
         let mut elsewhere = self.storage.changes();
@@ -675,15 +675,17 @@ struct MembersBody {
     signature: String,
 }
 
-/// Messages as `u32 n, n × (u64 seq, bytes)`.
-pub fn encode_messages(messages: &[(u64, Vec<u8>)]) -> Vec<u8> {
-    let mut writer = Writer::new();
-    writer.u32(messages.len() as u32);
-    for (seq, bytes) in messages {
-        writer.u64(*seq);
-        writer.bytes(bytes);
+/// An append's answer: `{"seq", "duplicate", "receipt"}` (the receipt in hex, when the
+/// message has one).
+fn appended_json(appended: &Appended) -> serde_json::Value {
+    match &appended.receipt {
+        Some(receipt) => json!({
+            "seq": appended.seq,
+            "duplicate": appended.duplicate,
+            "receipt": hex::encode(receipt),
+        }),
+        None => json!({"seq": appended.seq, "duplicate": appended.duplicate}),
     }
-    writer.into_bytes()
 }
 
 async fn put_members<S: RelayStorage>(
@@ -803,7 +805,7 @@ async fn post_batch<S: RelayStorage>(
                 if state.count_appended(&appended, len) {
                     stored += 1;
                 }
-                results.push(json!({"seq": appended.seq, "duplicate": appended.duplicate}));
+                results.push(appended_json(&appended));
             }
             Err(error) => {
                 let problem = state.reject(error.into());
@@ -950,7 +952,7 @@ async fn stock_of<S: RelayStorage>(
         .read_after(log, 0, MAX_KEY_PACKAGE_STOCK + 1)
         .await?
         .into_iter()
-        .map(|(_, bytes)| bytes)
+        .map(|stored| stored.bytes)
         .collect())
 }
 
@@ -1281,19 +1283,23 @@ pub async fn serve_from<S: RelayStorage>(
     let tls_error = |e: crate::tls::TlsError| std::io::Error::other(e.to_string());
     let (cert, key) = crate::tls::load_or_create(dir).map_err(tls_error)?;
     let pin = crate::tls::pin_of(&cert);
+    let notary = crate::storage::Notary::new(&key).map_err(tls_error)?;
     let config = crate::tls::server_config(cert, key).map_err(tls_error)?;
-    let running = serve(listen, config, storage, limits).await?;
+    let running = serve(listen, config, notary, storage, limits).await?;
     let url = crate::tls::relay_url(&running.address.to_string(), &pin);
     Ok((running, url))
 }
 
-/// Binds and serves. Connections beyond the limit wait in the kernel's backlog.
+/// Binds and serves. Connections beyond the limit wait in the kernel's backlog. Every
+/// commit batch is signed by `notary` (the relay's TLS key: custody receipts).
 pub async fn serve<S: RelayStorage>(
     listen: SocketAddr,
     tls: rustls::ServerConfig,
+    notary: crate::storage::Notary,
     storage: S,
     limits: Limits,
 ) -> std::io::Result<Running> {
+    storage.set_notary(Arc::new(notary));
     // A deep accept queue: connections that strangers open in bursts must not push a
     // member's connection out of it (a dropped SYN costs the member a second).
     let socket = if listen.is_ipv4() {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -17,13 +17,38 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-pub use hotline_proto::{Log, Membership};
+pub use hotline_proto::custody::{Leaf, Notary, Receipt};
+pub use hotline_proto::{Log, Membership, Stored};
 
 /// The answer to an append, given only once the message is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     pub seq: u64,
     pub duplicate: bool,
+    /// The relay's encoded custody receipt ([`Receipt`]), signed with its commit batch
+    /// (a duplicate gets the receipt of its first append). `None` from a storage that
+    /// has no notary, or for a message stored before relays signed receipts.
+    pub receipt: Option<Vec<u8>>,
+}
+
+/// The notary a storage seals its commit batches with, set once when the relay starts.
+pub type NotarySlot = Arc<OnceLock<Arc<Notary>>>;
+
+/// Seals the messages a commit batch stored (`leaves`, in order): one signature, one
+/// encoded receipt per leaf. Without a notary, none.
+pub(crate) fn seal_batch(
+    notary: &NotarySlot,
+    leaves: Vec<Leaf>,
+) -> Result<Vec<Option<Vec<u8>>>, String> {
+    match notary.get() {
+        None => Ok(vec![None; leaves.len()]),
+        Some(notary) => Ok(notary
+            .seal(leaves, now_ms())
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|receipt| Some(receipt.encode()))
+            .collect()),
+    }
 }
 
 #[derive(Debug, Error)]
@@ -36,6 +61,8 @@ pub enum StorageError {
     WriterGone,
     #[error("postgres: {0}")]
     Postgres(String),
+    #[error("sealing a commit batch: {0}")]
+    Seal(String),
 }
 
 /// Bytes one log may hold: a channel's log or a key-package stock, and a device's
@@ -98,7 +125,10 @@ pub trait RelayStorage: Send + Sync + 'static {
         log: &Log,
         after: u64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<(u64, Vec<u8>)>, StorageError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Stored>, StorageError>> + Send;
+    /// Signs every commit batch from now on with `notary` (custody receipts). Set once,
+    /// when the relay starts; later calls change nothing.
+    fn set_notary(&self, notary: Arc<Notary>);
     fn membership(
         &self,
         channel: &[u8; 32],
@@ -212,6 +242,7 @@ pub struct SqliteStorage {
     jobs: mpsc::Sender<Job>,
     reader: Mutex<Connection>,
     commit_durations: Arc<Mutex<Vec<f64>>>,
+    notary: NotarySlot,
 }
 
 impl std::fmt::Debug for SqliteStorage {
@@ -227,6 +258,7 @@ CREATE TABLE IF NOT EXISTS messages (
     hash BLOB NOT NULL,
     bytes BLOB NOT NULL,
     stored_ms INTEGER NOT NULL DEFAULT 0,
+    receipt BLOB,
     PRIMARY KEY (log, seq),
     UNIQUE (log, hash)
 ) WITHOUT ROWID;
@@ -262,18 +294,30 @@ impl SqliteStorage {
         let quotas = quotas.into();
         let writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
+        // Databases made before relays signed receipts gain the column.
+        let has_receipts: bool = writer.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'receipt'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_receipts {
+            writer.execute_batch("ALTER TABLE messages ADD COLUMN receipt BLOB")?;
+        }
         let reader = open(path)?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         let commit_durations = Arc::new(Mutex::new(Vec::new()));
         let durations = Arc::clone(&commit_durations);
+        let notary = NotarySlot::default();
+        let sealer = Arc::clone(&notary);
         std::thread::Builder::new()
             .name("relay-storage-writer".into())
-            .spawn(move || write_loop(writer, receiver, quotas, durations))
+            .spawn(move || write_loop(writer, receiver, quotas, durations, sealer))
             .map_err(|_| StorageError::WriterGone)?;
         Ok(Self {
             jobs,
             reader: Mutex::new(reader),
             commit_durations,
+            notary,
         })
     }
 }
@@ -299,6 +343,7 @@ fn write_loop(
     jobs: mpsc::Receiver<Job>,
     quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
+    notary: NotarySlot,
 ) {
     // Last sequence number and bytes used per log, known to this thread alone (the only
     // writer); read from the database the first time a log is seen.
@@ -314,7 +359,7 @@ fn write_loop(
         let start = Instant::now();
         let mut staged = heads.clone();
         let results: Vec<Result<Answer, String>> =
-            match commit_batch(&mut connection, &batch, quotas, &mut staged) {
+            match commit_batch(&mut connection, &batch, quotas, &mut staged, &notary) {
                 Ok(results) => {
                     heads = staged;
                     results.into_iter().map(Ok).collect()
@@ -332,17 +377,29 @@ fn write_loop(
     }
 }
 
+/// Why a commit batch failed (every job in it fails with this).
+#[derive(Debug, Error)]
+enum CommitError {
+    #[error("database: {0}")]
+    Database(#[from] rusqlite::Error),
+    #[error("sealing the batch: {0}")]
+    Seal(String),
+}
+
 fn commit_batch(
     connection: &mut Connection,
     batch: &[Job],
     quotas: Quotas,
     heads: &mut HashMap<Vec<u8>, (i64, i64)>,
-) -> Result<Vec<Answer>, rusqlite::Error> {
+    notary: &NotarySlot,
+) -> Result<Vec<Answer>, CommitError> {
     let transaction =
         connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     // Logs appended to in this batch, whose head rows are written before the commit.
     let mut appended_to: std::collections::BTreeSet<Vec<u8>> = Default::default();
+    // What this batch stored, sealed together before the commit.
+    let mut leaves: Vec<Leaf> = Vec::new();
     for job in batch {
         let (log, bytes) = match job {
             Job::Append { log, bytes, .. } => (log, bytes),
@@ -378,14 +435,18 @@ fn commit_batch(
         };
         let key = log.storage_key();
         let hash: [u8; 32] = Sha256::digest(bytes).into();
-        let existing: Option<i64> = transaction
-            .prepare_cached("SELECT seq FROM messages WHERE log = ?1 AND hash = ?2")?
-            .query_row(params![key, &hash[..]], |row| row.get(0))
+        let existing: Option<(i64, Option<Vec<u8>>)> = transaction
+            .prepare_cached("SELECT seq, receipt FROM messages WHERE log = ?1 AND hash = ?2")?
+            .query_row(params![key, &hash[..]], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
             .optional()?;
-        if let Some(seq) = existing {
+        if let Some((seq, receipt)) = existing {
+            // One stored earlier in this batch gets its receipt with the seal.
             results.push(Answer::Appended(Ok(Appended {
                 seq: seq as u64,
                 duplicate: true,
+                receipt,
             })));
             continue;
         }
@@ -403,11 +464,41 @@ fn commit_batch(
                 "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![key, seq, &hash[..], bytes, now_ms() as i64])?;
+        leaves.push(Leaf {
+            log: key.clone(),
+            seq: seq as u64,
+            hash,
+        });
         appended_to.insert(key);
         results.push(Answer::Appended(Ok(Appended {
             seq: seq as u64,
             duplicate: false,
+            receipt: None,
         })));
+    }
+    // One signature for the batch; each message keeps its receipt (duplicates and
+    // reads hand it out again).
+    let mut receipts: HashMap<(Vec<u8>, u64), Vec<u8>> = HashMap::new();
+    let sealed = seal_batch(notary, leaves.clone()).map_err(CommitError::Seal)?;
+    for (leaf, receipt) in leaves.into_iter().zip(sealed) {
+        let Some(receipt) = receipt else { continue };
+        transaction
+            .prepare_cached("UPDATE messages SET receipt = ?3 WHERE log = ?1 AND seq = ?2")?
+            .execute(params![leaf.log, leaf.seq as i64, receipt])?;
+        receipts.insert((leaf.log, leaf.seq), receipt);
+    }
+    if !receipts.is_empty() {
+        let logs = batch.iter().map(|job| match job {
+            Job::Append { log, .. } => Some(log.storage_key()),
+            _ => None,
+        });
+        for (result, key) in results.iter_mut().zip(logs) {
+            if let (Answer::Appended(Ok(appended)), Some(key)) = (result, key)
+                && appended.receipt.is_none()
+            {
+                appended.receipt = receipts.get(&(key, appended.seq)).cloned();
+            }
+        }
     }
     for key in appended_to {
         if let Some(&(last, used)) = heads.get(&key) {
@@ -634,16 +725,27 @@ impl RelayStorage for SqliteStorage {
         log: &Log,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<Stored>, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
         let mut statement = reader.prepare_cached(
-            "SELECT seq, bytes FROM messages WHERE log = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+            "SELECT seq, bytes, receipt FROM messages WHERE log = ?1 AND seq > ?2
+             ORDER BY seq LIMIT ?3",
         )?;
         let rows = statement.query_map(
             params![log.storage_key(), after as i64, limit as i64],
-            |row| Ok((row.get::<_, i64>(0)? as u64, row.get(1)?)),
+            |row| {
+                Ok(Stored {
+                    seq: row.get::<_, i64>(0)? as u64,
+                    bytes: row.get(1)?,
+                    receipt: row.get(2)?,
+                })
+            },
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_notary(&self, notary: Arc<Notary>) {
+        let _ = self.notary.set(notary);
     }
 
     async fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {

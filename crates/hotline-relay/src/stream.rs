@@ -219,6 +219,7 @@ impl<S: RelayStorage> Session<S> {
                             id,
                             seq: appended.seq,
                             duplicate: appended.duplicate,
+                            receipt: appended.receipt,
                         },
                         Err(problem) => refused(id, &problem),
                     };
@@ -340,15 +341,16 @@ async fn push<S: RelayStorage>(
             }
             checked = Instant::now();
         }
-        for (seq, message) in messages {
-            after = seq;
+        for stored in messages {
+            after = stored.seq;
             pushed += 1;
-            bytes += message.len();
+            bytes += stored.bytes.len();
             let frame = Frame::Message {
                 id,
                 channel,
-                seq,
-                message,
+                seq: stored.seq,
+                message: stored.bytes,
+                receipt: stored.receipt,
             };
             if frames.send(frame.encode()).await.is_err() {
                 return;

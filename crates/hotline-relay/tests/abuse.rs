@@ -6,11 +6,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{card_capability, identity, relay};
+use common::{card_capability, checked, identity, relay};
 use hotline_relay::capability::Capability;
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::server::Limits;
-use hotline_relay::storage::Membership;
+use hotline_relay::storage::{Log, Membership};
 use hotline_relay::tls;
 use tokio::io::AsyncWriteExt;
 
@@ -243,13 +243,12 @@ async fn garbage_is_refused_with_its_code_and_changes_nothing() {
         401
     );
     // State unchanged: one message, membership version 1 still in force.
-    assert_eq!(
-        client
-            .fetch(&north, &channel, 0, Duration::ZERO)
-            .await
-            .unwrap(),
-        vec![(1, b"one".to_vec())]
-    );
+    let log = Log::Channel(channel);
+    let fetched = client
+        .fetch(&north, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(checked(&url, &log, fetched), vec![(1, b"one".to_vec())]);
     // A well-formed batch: appended in order, its duplicate answered with its number.
     let answers = client
         .post_batch(
@@ -259,13 +258,18 @@ async fn garbage_is_refused_with_its_code_and_changes_nothing() {
         )
         .await
         .unwrap();
-    let seqs: Vec<u64> = answers.into_iter().map(Result::unwrap).collect();
+    let answers: Vec<_> = answers.into_iter().map(Result::unwrap).collect();
+    let seqs: Vec<u64> = answers.iter().map(|appended| appended.seq).collect();
     assert_eq!(seqs, [2, 1, 3]);
+    // Each answer carries its receipt; the duplicate its first append's.
+    let fetched = client
+        .fetch(&north, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(answers[1].receipt, fetched[0].receipt);
+    assert_eq!(answers[2].receipt, fetched[2].receipt);
     assert_eq!(
-        client
-            .fetch(&north, &channel, 1, Duration::ZERO)
-            .await
-            .unwrap(),
+        checked(&url, &log, fetched[1..].to_vec()),
         vec![(2, b"two".to_vec()), (3, b"three".to_vec())]
     );
     running.shutdown().await;
@@ -304,15 +308,19 @@ async fn what_every_member_acknowledged_is_deleted_and_old_messages_expire() {
     );
     // Once both did, everything up to the lower acknowledgement goes.
     client.ack(&north, &channel, 3).await.unwrap();
+    let fetched = client
+        .fetch(&south, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(
-        client
-            .fetch(&south, &channel, 0, Duration::ZERO)
-            .await
-            .unwrap(),
+        checked(&url, &Log::Channel(channel), fetched),
         vec![(3, vec![3; 8])]
     );
     // Sequence numbers never go back.
-    assert_eq!(client.post(&north, &channel, vec![4; 8]).await.unwrap(), 4);
+    assert_eq!(
+        client.post(&north, &channel, vec![4; 8]).await.unwrap().seq,
+        4
+    );
     running.shutdown().await;
 
     // Retention: with a retention of zero, the sweep removes everything stored before it.
@@ -356,7 +364,8 @@ async fn what_every_member_acknowledged_is_deleted_and_old_messages_expire() {
         client
             .post(&north, &channel, b"new".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         2
     );
     running.shutdown().await;
@@ -495,7 +504,10 @@ async fn strangers_cannot_write_to_inboxes_and_storage_is_bounded_per_inbox_send
                     )
                     .await
                     .unwrap();
-                client.post(&sender, &channel, vec![2; 48 << 10]).await
+                client
+                    .post(&sender, &channel, vec![2; 48 << 10])
+                    .await
+                    .map(|appended| appended.seq)
             }
             other => other,
         };
@@ -512,7 +524,12 @@ async fn strangers_cannot_write_to_inboxes_and_storage_is_bounded_per_inbox_send
     // 400 KiB: the inbox's 64 KiB, the flooder's 192 KiB, and three more of 48 KiB.
     assert_eq!(filled, 3);
     assert_eq!(
-        refused(client.post(&other, &channel, vec![3; 100]).await),
+        refused(
+            client
+                .post(&other, &channel, vec![3; 100])
+                .await
+                .map(|appended| appended.seq)
+        ),
         (507, "storage-full".to_owned())
     );
     assert_eq!(

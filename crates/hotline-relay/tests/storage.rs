@@ -128,3 +128,52 @@ async fn postgres_claims_from_two_processes_never_share_a_package() {
         .await
         .unwrap();
 }
+
+/// A relay database made before relays signed receipts opens: its messages are read
+/// without one (and a duplicate of one is answered without one), new ones get theirs.
+#[tokio::test]
+async fn a_database_from_before_receipts_opens_and_keeps_its_messages() {
+    use hotline_relay::storage::{Log, Notary, Receipt, RelayStorage};
+    let dir = std::env::temp_dir().join(format!("hotline-before-receipts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.db");
+    let log = Log::Channel([9; 32]);
+    {
+        let old = rusqlite::Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE messages (
+                log BLOB NOT NULL, seq INTEGER NOT NULL, hash BLOB NOT NULL,
+                bytes BLOB NOT NULL, stored_ms INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (log, seq), UNIQUE (log, hash)
+            ) WITHOUT ROWID;",
+        )
+        .unwrap();
+        let hash = hotline_proto::custody::message_hash(b"old");
+        old.execute(
+            "INSERT INTO messages (log, seq, hash, bytes) VALUES (?1, 1, ?2, ?3)",
+            rusqlite::params![log.storage_key(), &hash[..], b"old".to_vec()],
+        )
+        .unwrap();
+    }
+    let storage = SqliteStorage::open(&path, QUOTA).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let notary = Notary::new(&rustls::pki_types::PrivateKeyDer::Pkcs8(
+        key.serialize_der().into(),
+    ))
+    .unwrap();
+    let pin = notary.pin();
+    storage.set_notary(std::sync::Arc::new(notary));
+    let again = storage.append(log.clone(), b"old".to_vec()).await.unwrap();
+    assert_eq!((again.seq, again.duplicate, again.receipt), (1, true, None));
+    let new = storage.append(log.clone(), b"new".to_vec()).await.unwrap();
+    assert_eq!(new.seq, 2);
+    let read = storage.read_after(&log, 0, 10).await.unwrap();
+    assert_eq!(read[0].receipt, None);
+    let receipt = Receipt::decode(read[1].receipt.as_ref().unwrap()).unwrap();
+    receipt
+        .verify_for(&pin, &log, 2, &hotline_proto::custody::message_hash(b"new"))
+        .unwrap();
+    drop(storage);
+    let _ = std::fs::remove_dir_all(&dir);
+}

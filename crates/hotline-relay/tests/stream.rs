@@ -8,12 +8,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{identity, relay};
+use common::{checked, identity, relay};
 use hotline_core::DeviceIdentity;
 use hotline_proto::stream::{self, Frame, StreamClient};
 use hotline_relay::client::{ClientError, RelayClient};
 use hotline_relay::server::Limits;
-use hotline_relay::storage::Membership;
+use hotline_relay::storage::{Log, Membership, Receipt};
 use hotline_relay::tls;
 use tokio::io::AsyncWriteExt;
 
@@ -81,6 +81,7 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
             .is_empty()
     );
     let sender = StreamClient::connect(&url, &north).await.unwrap();
+    let (_, pin) = tls::parse_url(&url).unwrap();
 
     // 300 appends in flight at once on one connection: each answered once stored,
     // numbered 1..=300 between them; the same bytes again are a duplicate.
@@ -94,6 +95,10 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
         .map(|answer| {
             let appended = answer.unwrap();
             assert!(!appended.duplicate);
+            // Each answer carries the relay's receipt for what it stored.
+            let receipt = Receipt::decode(&appended.receipt.unwrap()).unwrap();
+            receipt.verify(&pin).unwrap();
+            assert_eq!(receipt.leaf.seq, appended.seq);
             appended.seq
         })
         .collect();
@@ -114,7 +119,7 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
             .await
             .unwrap();
         assert!(!pushed.is_empty() && pushed.len() <= stream::WINDOW);
-        for (seq, bytes) in pushed {
+        for (seq, bytes) in checked(&url, &Log::Channel(channel), pushed) {
             assert_eq!(seq, position + 1);
             assert_eq!(bytes.len(), 1024);
             position = seq;
@@ -132,15 +137,20 @@ async fn a_member_appends_pipelined_and_another_receives_each_message_pushed_in_
     tokio::time::sleep(Duration::from_millis(100)).await;
     sender.append(&channel, b"later".to_vec()).await.unwrap();
     let pushed = waiting.await.unwrap().unwrap();
-    assert_eq!(pushed, vec![(301, b"later".to_vec())]);
+    assert_eq!(
+        checked(&url, &Log::Channel(channel), pushed),
+        vec![(301, b"later".to_vec())]
+    );
 
     // The one-shot routes see the same log; acknowledging over the stream deletes
     // what both members acknowledged.
     let http = RelayClient::new(&url).unwrap();
+    let fetched = http
+        .fetch(&north, &channel, 300, Duration::ZERO)
+        .await
+        .unwrap();
     assert_eq!(
-        http.fetch(&north, &channel, 300, Duration::ZERO)
-            .await
-            .unwrap(),
+        checked(&url, &Log::Channel(channel), fetched),
         vec![(301, b"later".to_vec())]
     );
     assert_eq!(sender.ack(&channel, 301).await.unwrap(), 0);
@@ -163,10 +173,10 @@ async fn a_reader_that_does_not_read_is_pushed_one_window_at_most() {
     let receiver = StreamClient::connect(&url, &south).await.unwrap();
     let mut pushed = receiver.subscribe(&channel, 0).await.unwrap();
     let mut got = Vec::new();
-    while let Ok(Some((seq, _))) =
+    while let Ok(Some(stored)) =
         tokio::time::timeout(Duration::from_millis(500), pushed.recv()).await
     {
-        got.push(seq);
+        got.push(stored.seq);
     }
     assert_eq!(got, (1..=stream::WINDOW as u64).collect::<Vec<_>>());
     // Subscribing again after the last one taken: the next window.
@@ -174,11 +184,11 @@ async fn a_reader_that_does_not_read_is_pushed_one_window_at_most() {
         .subscribe(&channel, stream::WINDOW as u64)
         .await
         .unwrap();
-    let (seq, _) = tokio::time::timeout(Duration::from_secs(5), pushed.recv())
+    let stored = tokio::time::timeout(Duration::from_secs(5), pushed.recv())
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(seq, stream::WINDOW as u64 + 1);
+    assert_eq!(stored.seq, stream::WINDOW as u64 + 1);
     running.shutdown().await;
 }
 
@@ -318,7 +328,7 @@ async fn large_messages_flow_window_after_window_and_limits_hold() {
             .await
             .unwrap();
         assert!(!pushed.is_empty(), "the reader stalled at {position}");
-        for (seq, bytes) in pushed {
+        for (seq, bytes) in checked(&url, &Log::Channel(channel), pushed) {
             assert_eq!(seq, position + 1);
             assert_eq!(bytes, vec![(seq - 1) as u8; 900 << 10]);
             position = seq;

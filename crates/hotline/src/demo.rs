@@ -62,9 +62,11 @@ impl DemoRelay {
         let (cert, key) = tls::load_or_create(data)?;
         let limits = Limits::default();
         let storage = SqliteStorage::open(&data.join("relay.db"), limits.quotas())?;
+        let notary = hotline_relay::storage::Notary::new(&key)?;
         Ok(runtime.block_on(server::serve(
             address,
             tls::server_config(cert, key)?,
+            notary,
             storage,
             limits,
         ))?)

@@ -832,7 +832,8 @@ pub fn status(
             .iter()
             .map(|a| {
                 json!({"id": a.id, "kind": a.kind, "relay": a.relay, "party": a.party,
-                       "message": a.message, "since": a.since_ms, "detail": a.detail})
+                       "message": a.message, "since": a.since_ms, "detail": a.detail,
+                       "receipts": a.receipts.iter().map(hex::encode).collect::<Vec<_>>()})
             })
             .collect();
         out_json!(
@@ -905,8 +906,15 @@ pub fn status(
             .into_iter()
             .flatten()
             .collect();
+            let cited = match alarm.receipts.len() {
+                0 => String::new(),
+                n => format!(
+                    " [evidence: {n} receipt(s) signed by the relay; status --json shows them, \
+                     hotline relay check-receipt checks one]"
+                ),
+            };
             out!(
-                "ALARM {}{} ({}) since {}: {}",
+                "ALARM {}{} ({}) since {}: {}{cited}",
                 alarm.id.map(|id| format!("#{id} ")).unwrap_or_default(),
                 alarm.kind,
                 about.join(", "),

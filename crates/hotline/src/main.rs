@@ -496,6 +496,21 @@ enum RelayCommand {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Check a relay's custody receipt (hex, as `status --json` shows an alarm's
+    /// evidence): the relay that RELAY names signed that it stored the message with
+    /// the receipt's hash in its log at the receipt's number. Needs nothing but the
+    /// address; exits 5 if the receipt does not hold.
+    #[command(
+        after_help = "Example:\n  hotline relay check-receipt 'https://relay.example:7443/#sha256=…' 01000000…"
+    )]
+    CheckReceipt {
+        /// The relay's address, with the pin of its key.
+        relay: String,
+        /// The receipt, in hex.
+        receipt: String,
+        #[command(flatten)]
+        json: Json,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -731,6 +746,11 @@ fn main() -> ExitCode {
         }
         Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
+        Command::Relay(RelayCommand::CheckReceipt {
+            relay,
+            receipt,
+            json,
+        }) => relay::check_receipt(&relay, &receipt, json.json),
         Command::Bundle(BundleCommand::Export { out, json }) => {
             device::bundle_export(&home, &out, json.json)
         }

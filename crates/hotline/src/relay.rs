@@ -1,11 +1,12 @@
-//! `hotline relay serve|url`: run a relay, and print its pinned address.
+//! `hotline relay serve|url|renew-cert|check-receipt`: run a relay, print its pinned
+//! address, renew its certificate, check one of its custody receipts.
 
 use std::net::SocketAddr;
 use std::path::Path;
 
 use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::{RelayStorage, SqliteStorage};
+use hotline_relay::storage::{Notary, Receipt, RelayStorage, SqliteStorage};
 use hotline_relay::tls;
 
 use crate::device::Failure;
@@ -75,7 +76,9 @@ pub fn serve(
         .map_err(|e| failure(format!("cannot create {}: {e}", data.display())))?;
     let (cert, key) = tls::load_or_create(data).map_err(|e| failure(e.to_string()))?;
     let pin = tls::pin_of(&cert);
+    let notary = Notary::new(&key).map_err(|e| failure(e.to_string()))?;
     let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
+    let config = (config, notary);
     let limits = Limits {
         max_connections,
         ..Limits::default()
@@ -106,12 +109,12 @@ pub fn serve(
 async fn run<S: RelayStorage>(
     data: &Path,
     listen: SocketAddr,
-    config: hotline_relay::tls::ServerConfig,
+    (config, notary): (hotline_relay::tls::ServerConfig, Notary),
     storage: S,
     limits: Limits,
     pin: &[u8; 32],
 ) -> Result<(), Failure> {
-    let running = server::serve(listen, config, storage, limits)
+    let running = server::serve(listen, config, notary, storage, limits)
         .await
         .map_err(|e| failure(format!("cannot listen on {listen}: {e}")))?;
     let url = tls::relay_url(&running.address.to_string(), pin);
@@ -150,6 +153,60 @@ pub fn url(data: &Path) -> Result<(), Failure> {
         .map_err(|_| failure(format!("{} is not a relay address", path.display())))?;
     out!("{}", url.trim());
     Ok(())
+}
+
+/// `relay check-receipt`: whether the relay that `url` names signed `receipt` (hex).
+pub fn check_receipt(url: &str, receipt: &str, json_output: bool) -> Result<(), Failure> {
+    let usage = |message: String| Failure {
+        message,
+        code: exit::USAGE,
+    };
+    let (_, pin) = tls::parse_url(url).map_err(|e| usage(e.to_string()))?;
+    let bytes = hex::decode(receipt.trim())
+        .map_err(|_| usage("the receipt is not hex (copy it from status --json)".into()))?;
+    let receipt = Receipt::decode(&bytes).map_err(|e| Failure {
+        message: format!("not a receipt: {e}"),
+        code: exit::INTEGRITY,
+    })?;
+    let verdict = receipt.verify(&pin);
+    let log = match receipt.leaf.log.split_first() {
+        Some((1, id)) => format!("channel {}", hex::encode(id)),
+        Some((2, id)) => format!("inbox {}", hex::encode(id)),
+        Some((3, id)) => format!("key packages {}", hex::encode(id)),
+        _ => format!("log {}", hex::encode(&receipt.leaf.log)),
+    };
+    if json_output {
+        out_json!(serde_json::json!({
+            "valid": verdict.is_ok(),
+            "error": verdict.as_ref().err().map(ToString::to_string),
+            "relay_pin": hex::encode(receipt.pin()),
+            "log": log,
+            "seq": receipt.leaf.seq,
+            "hash": hex::encode(receipt.leaf.hash),
+            "stored_ms": receipt.time_ms,
+            "batch": {"size": receipt.size, "index": receipt.index, "root": hex::encode(receipt.root)},
+        }));
+    } else {
+        out!(
+            "{log}, message {} (SHA-256 {}), committed at {} ms in a batch of {}",
+            receipt.leaf.seq,
+            hex::encode(receipt.leaf.hash),
+            receipt.time_ms,
+            receipt.size
+        );
+    }
+    match verdict {
+        Ok(()) => {
+            if !json_output {
+                out!("valid: signed by the relay this address pins");
+            }
+            Ok(())
+        }
+        Err(error) => Err(Failure {
+            message: format!("the receipt does not hold: {error}"),
+            code: exit::INTEGRITY,
+        }),
+    }
 }
 
 pub fn renew_certificate(data: &Path) -> Result<(), Failure> {

@@ -74,21 +74,24 @@ async fn store_forward_membership_and_refusals() {
         client
             .post(&north, &channel, b"ciphertext one".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         1
     );
     assert_eq!(
         client
             .post(&north, &channel, b"ciphertext one".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         1
     );
     assert_eq!(
         client
             .post(&south, &channel, b"ciphertext two".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         2
     );
     let read = client
@@ -96,7 +99,7 @@ async fn store_forward_membership_and_refusals() {
         .await
         .unwrap();
     assert_eq!(
-        read,
+        pairs(read),
         vec![
             (1, b"ciphertext one".to_vec()),
             (2, b"ciphertext two".to_vec())
@@ -152,7 +155,7 @@ async fn store_forward_membership_and_refusals() {
         .unwrap()
         .unwrap()
         .unwrap();
-    assert_eq!(woke, vec![(3, b"three".to_vec())]);
+    assert_eq!(pairs(woke), vec![(3, b"three".to_vec())]);
 
     // Inboxes: only a holder of the owner's card (its capability) may leave an
     // invitation; a stranger's post, without it or with another device's, stores
@@ -180,7 +183,7 @@ async fn store_forward_membership_and_refusals() {
         .await
         .unwrap();
     assert_eq!(
-        client.fetch_inbox(&south, 0, Duration::ZERO).await.unwrap(),
+        pairs(client.fetch_inbox(&south, 0, Duration::ZERO).await.unwrap()),
         vec![(1, b"welcome".to_vec())]
     );
 
@@ -1136,6 +1139,39 @@ fn a_hostile_relay_is_caught_and_named_while_the_honest_one_carries_the_truth() 
         alarms.iter().all(|a| a["relay"] != honest.url.as_str()),
         "an alarm names the honest relay: {status}"
     );
+    // The dropped alarm keeps the relay's own receipt for the message it served after
+    // the gap: anyone with the relay's address checks it, and a changed one fails.
+    let dropped = alarms.iter().find(|a| a["kind"] == "dropped").unwrap();
+    let receipts = dropped["receipts"].as_array().unwrap();
+    assert!(!receipts.is_empty(), "no receipt as evidence: {dropped}");
+    let receipt = receipts[0].as_str().unwrap();
+    let (code, checked) = cli(
+        &south,
+        &["relay", "check-receipt", &hostile_url, receipt, "--json"],
+    );
+    let checked: serde_json::Value = serde_json::from_str(checked.trim()).unwrap();
+    assert_eq!(
+        (code, &checked["valid"]),
+        (0, &serde_json::json!(true)),
+        "{checked}"
+    );
+    assert_eq!(checked["log"], format!("channel {}", hex::encode(&crisis)));
+    let mut forged = hex::decode(receipt).unwrap();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert_eq!(
+        cli(
+            &south,
+            &["relay", "check-receipt", &hostile_url, &hex::encode(forged)]
+        )
+        .0,
+        5
+    );
+    // Checked against another relay's address: not its receipt.
+    assert_eq!(
+        cli(&south, &["relay", "check-receipt", &honest.url, receipt]).0,
+        5
+    );
     // The operator clears one after reading it: the others stay open.
     let first = alarms[0]["id"].as_u64().expect("stored alarms have ids");
     assert_eq!(
@@ -1301,14 +1337,15 @@ async fn two_relay_processes_share_one_postgres() {
         through_first
             .post(&north, &channel, b"first".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         1
     );
     let read = through_second
         .fetch(&south, &channel, 0, Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(read, [(1, b"first".to_vec())]);
+    assert_eq!(pairs(read), [(1, b"first".to_vec())]);
 
     // A long poll on the second door wakes for a post through the first.
     let waiting = {
@@ -1324,12 +1361,13 @@ async fn two_relay_processes_share_one_postgres() {
         through_first
             .post(&north, &channel, b"second".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         2
     );
     let woken = waiting.await.unwrap().unwrap();
     assert_eq!(
-        woken,
+        pairs(woken),
         [(2, b"second".to_vec())],
         "the long poll woke with it"
     );
@@ -1338,7 +1376,8 @@ async fn two_relay_processes_share_one_postgres() {
         through_second
             .post(&south, &channel, b"third".to_vec())
             .await
-            .unwrap(),
+            .unwrap()
+            .seq,
         3
     );
     first.stop();
@@ -1394,7 +1433,7 @@ async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
                 for n in start.. {
                     let payload = format!("message {n}").into_bytes();
                     match client.post(&north, &channel, payload.clone()).await {
-                        Ok(seq) => acked.push((seq, payload)),
+                        Ok(appended) => acked.push((appended.seq, payload)),
                         Err(_) => break,
                     }
                 }
@@ -1420,7 +1459,7 @@ async fn relay_killed_at_random_moments_keeps_every_acknowledged_message() {
         if batch.is_empty() {
             break;
         }
-        stored.extend(batch);
+        stored.extend(pairs(batch));
     }
     assert!(
         acknowledged.len() > kills,
@@ -1974,4 +2013,12 @@ fn five_channels_between_two_parties_all_join_and_a_refused_invitation_alarms_bo
         "{status}"
     );
     relay.stop();
+}
+
+/// Fetched messages as (sequence number, bytes).
+fn pairs(stored: Vec<hotline_relay::storage::Stored>) -> Vec<(u64, Vec<u8>)> {
+    stored
+        .into_iter()
+        .map(|stored| (stored.seq, stored.bytes))
+        .collect()
 }

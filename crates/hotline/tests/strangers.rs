@@ -198,8 +198,8 @@ async fn strangers_holding_thousands_of_connections_do_not_slow_a_member() {
             .fetch(&north, &channel, after, Duration::ZERO)
             .await
             .unwrap();
-        let Some((last, _)) = page.last() else { break };
-        after = *last;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
         stored += page.len();
     }
     assert_eq!(stored, 300);

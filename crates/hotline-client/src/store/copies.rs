@@ -108,6 +108,14 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
         )
         .optional()?;
     let sender_hex = hex::encode(&sender[..8]);
+    // The relay's receipts for these bytes: its signed word on where it stored them.
+    let evidence = || -> Result<Vec<u8>, StoreError> {
+        let receipts: Vec<Vec<u8>> = connection
+            .prepare_cached("SELECT receipt FROM custody WHERE relay = ?1 AND hash = ?2")?
+            .query_map(params![relay, &hash[..]], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(evidence_of(hash, &receipts))
+    };
     let found = match last {
         Some(last) if seq > last + 1 => Some((
             "dropped",
@@ -132,7 +140,7 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
                 relay,
                 hex::encode(hash),
                 detail,
-                &hash[..],
+                evidence()?,
                 now_ms() as i64
             ],
         )?;
@@ -146,6 +154,57 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
 }
 
 /// The SHA-256 of bytes received, as the link-test bookkeeping keys copies.
+/// Keeps a relay's custody receipt for the copy with `hash` (posted or received
+/// through it), for the link-test retention window.
+pub(crate) fn keep_receipt(
+    connection: &Connection,
+    relay: &str,
+    hash: &[u8; 32],
+    receipt: &[u8],
+) -> Result<(), StoreError> {
+    connection
+        .prepare_cached(
+            "INSERT OR IGNORE INTO custody (relay, hash, receipt, kept_ms) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![relay, &hash[..], receipt, now_ms() as i64])?;
+    Ok(())
+}
+
+/// A hostile-relay alarm's evidence: the message's hash, then the relay's receipts for
+/// it (`u32` length and bytes each), as [`cited_receipts`] reads it.
+pub(crate) fn evidence_of(hash: &[u8; 32], receipts: &[Vec<u8>]) -> Vec<u8> {
+    let mut evidence = hash.to_vec();
+    for receipt in receipts {
+        evidence.extend_from_slice(&(receipt.len() as u32).to_be_bytes());
+        evidence.extend_from_slice(receipt);
+    }
+    evidence
+}
+
+/// The custody receipts an alarm's evidence holds: a `receipt` alarm's evidence is the
+/// false receipt itself; a `dropped` or `replayed` one's is the message's hash, then
+/// the relay's receipts for it (`u32` length and bytes each). Evidence of another form
+/// (alarms raised before relays signed receipts) cites none.
+pub(crate) fn cited_receipts(kind: &str, evidence: &[u8]) -> Vec<Vec<u8>> {
+    match kind {
+        "receipt" => vec![evidence.to_vec()],
+        "dropped" | "replayed" => {
+            let mut receipts = Vec::new();
+            let mut rest = evidence.get(32..).unwrap_or_default();
+            while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+                let len = u32::from_be_bytes(*len) as usize;
+                let Some(receipt) = tail.get(..len) else {
+                    return Vec::new();
+                };
+                receipts.push(receipt.to_vec());
+                rest = &tail[len..];
+            }
+            receipts
+        }
+        _ => Vec::new(),
+    }
+}
+
 pub(crate) fn copy_hash(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }

@@ -422,6 +422,8 @@ pub struct Cursor<'a> {
     pub relay: &'a str,
     pub log: &'a str,
     pub seq: u64,
+    /// The relay's custody receipt for the message at `seq` (checked by the caller).
+    pub receipt: Option<&'a [u8]>,
 }
 
 #[cfg(test)]

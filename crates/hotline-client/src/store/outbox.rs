@@ -119,12 +119,24 @@ impl Store {
 
     /// Records that a relay durably holds an outbox row; `settled` when every target
     /// now holds it.
-    pub fn mark_posted(&mut self, seq: u64, relay: &str, settled: bool) -> Result<(), StoreError> {
+    ///
+    /// `custody`: the relay's receipt for the message (its hash, the encoded receipt,
+    /// already checked), kept with the mark.
+    pub fn mark_posted(
+        &mut self,
+        seq: u64,
+        relay: &str,
+        settled: bool,
+        custody: Option<(&[u8; 32], &[u8])>,
+    ) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
             connection.execute(
                 "INSERT OR IGNORE INTO outbox_posted (seq, relay) VALUES (?1, ?2)",
                 params![seq as i64, relay],
             )?;
+            if let Some((hash, receipt)) = custody {
+                keep_receipt(connection, relay, hash, receipt)?;
+            }
             if settled {
                 connection.execute("UPDATE outbox SET settled = 1 WHERE seq = ?1", [seq as i64])?;
             }

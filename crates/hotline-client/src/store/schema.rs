@@ -153,6 +153,17 @@ const MIGRATIONS: &[&str] = &[
     // keep it (the other parties' too, until this party reads them), and each
     // escalation (a message a party had not read by its deadline) is made once.
     crate::transcript_store::PRECEDENCE,
+    // Version 17: relays' custody receipts for the copies this device posted and
+    // received, by relay and message hash (see `copies`): kept for the link-test
+    // retention window, and for good in the alarms that cite them.
+    "CREATE TABLE custody (
+        relay TEXT NOT NULL,
+        hash BLOB NOT NULL,
+        receipt BLOB NOT NULL,
+        kept_ms INTEGER NOT NULL,
+        PRIMARY KEY (relay, hash, receipt)
+    ) WITHOUT ROWID;
+    CREATE INDEX custody_by_time ON custody (kept_ms);",
 ];
 
 /// Version 4.

@@ -3,9 +3,10 @@
 #![allow(dead_code)]
 
 use hotline_core::DeviceIdentity;
+use hotline_proto::custody::message_hash;
 use hotline_relay::capability::Capability;
 use hotline_relay::server::{self, Limits};
-use hotline_relay::storage::SqliteStorage;
+use hotline_relay::storage::{Log, Receipt, SqliteStorage, Stored};
 use hotline_relay::tls;
 use rand::SeedableRng;
 
@@ -31,4 +32,21 @@ pub async fn relay(name: &str, limits: Limits) -> (server::Running, String) {
 /// The capability a holder of `owner`'s card presents to its inbox.
 pub fn card_capability(owner: &DeviceIdentity) -> Capability {
     Capability::new(hotline_core::card::inbox_capability(owner))
+}
+
+/// Messages as (sequence number, bytes), each checked first: its receipt verifies with
+/// the relay's pin alone, for this log, number and bytes.
+pub fn checked(url: &str, log: &Log, stored: Vec<Stored>) -> Vec<(u64, Vec<u8>)> {
+    let (_, pin) = tls::parse_url(url).unwrap();
+    stored
+        .into_iter()
+        .map(|stored| {
+            let receipt = stored.receipt.expect("every message has a receipt");
+            Receipt::decode(&receipt)
+                .unwrap()
+                .verify_for(&pin, log, stored.seq, &message_hash(&stored.bytes))
+                .unwrap();
+            (stored.seq, stored.bytes)
+        })
+        .collect()
 }

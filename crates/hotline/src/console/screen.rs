@@ -599,6 +599,7 @@ mod tests {
                 alarms: vec![Alarm {
                     id: Some(4),
                     kind: "dropped".into(),
+                    receipts: Vec::new(),
                     relay: Some(relay("neutral", PathState::Up, None).url),
                     party: None,
                     message: None,
