@@ -1067,6 +1067,11 @@ async fn claim_key_package<S: RelayStorage>(
     }
 }
 
+/// A metric family's `# HELP` and `# TYPE` lines (Prometheus text format 0.0.4).
+fn family(text: &mut String, name: &str, kind: &str, help: &str) {
+    *text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
+}
+
 async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
     let m = &state.metrics;
     let durations = state.storage.take_commit_durations();
@@ -1081,34 +1086,69 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
         }
     }
     let mut text = String::new();
-    text += &format!(
-        "# TYPE hotline_relay_messages_stored_total counter\nhotline_relay_messages_stored_total {}\n",
-        m.stored.load(Ordering::Relaxed)
+    family(
+        &mut text,
+        "hotline_relay_build_info",
+        "gauge",
+        "The relay's version (always 1).",
     );
     text += &format!(
-        "# TYPE hotline_relay_bytes_stored_total counter\nhotline_relay_bytes_stored_total {}\n",
-        m.stored_bytes.load(Ordering::Relaxed)
+        "hotline_relay_build_info{{version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
     );
-    text += &format!(
-        "# TYPE hotline_relay_duplicates_total counter\nhotline_relay_duplicates_total {}\n",
-        m.duplicates.load(Ordering::Relaxed)
+    for (name, kind, help, value) in [
+        (
+            "hotline_relay_messages_stored_total",
+            "counter",
+            "Messages stored (durable) since the relay started.",
+            m.stored.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_bytes_stored_total",
+            "counter",
+            "Bytes of messages stored since the relay started.",
+            m.stored_bytes.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_duplicates_total",
+            "counter",
+            "Appends of bytes already stored (answered, nothing added).",
+            m.duplicates.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_connections",
+            "gauge",
+            "Connections open now.",
+            m.connections.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_pending_connections",
+            "gauge",
+            "Connections no request authenticated on yet.",
+            state.admission.pending() as u64,
+        ),
+        (
+            "hotline_relay_evicted_connections_total",
+            "counter",
+            "Pending connections closed to make room.",
+            state.admission.evicted(),
+        ),
+        (
+            "hotline_relay_accept_paused_total",
+            "counter",
+            "Accepts paused for want of file descriptors or memory.",
+            m.accept_paused.load(Ordering::Relaxed),
+        ),
+    ] {
+        family(&mut text, name, kind, help);
+        text += &format!("{name} {value}\n");
+    }
+    family(
+        &mut text,
+        "hotline_relay_rejected_total",
+        "counter",
+        "Requests refused, by reason (the problem code).",
     );
-    text += &format!(
-        "# TYPE hotline_relay_connections gauge\nhotline_relay_connections {}\n",
-        m.connections.load(Ordering::Relaxed)
-    );
-    text += &format!(
-        "# HELP hotline_relay_pending_connections Connections no request authenticated on yet.\n\
-         # TYPE hotline_relay_pending_connections gauge\nhotline_relay_pending_connections {}\n\
-         # HELP hotline_relay_evicted_connections_total Pending connections closed to make room.\n\
-         # TYPE hotline_relay_evicted_connections_total counter\nhotline_relay_evicted_connections_total {}\n\
-         # HELP hotline_relay_accept_paused_total Accepts paused for want of file descriptors or memory.\n\
-         # TYPE hotline_relay_accept_paused_total counter\nhotline_relay_accept_paused_total {}\n",
-        state.admission.pending(),
-        state.admission.evicted(),
-        m.accept_paused.load(Ordering::Relaxed)
-    );
-    text += "# TYPE hotline_relay_rejected_total counter\n";
     if let Ok(rejected) = m.rejected.lock() {
         let mut reasons: Vec<_> = rejected.iter().collect();
         reasons.sort();
@@ -1116,7 +1156,12 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
             text += &format!("hotline_relay_rejected_total{{reason=\"{reason}\"}} {count}\n");
         }
     }
-    text += "# TYPE hotline_relay_commit_seconds histogram\n";
+    family(
+        &mut text,
+        "hotline_relay_commit_seconds",
+        "histogram",
+        "Duration of the storage's group commits (each signed and durable).",
+    );
     if let (Ok(buckets), Ok(sum)) = (m.commit_buckets.lock(), m.commit_sum.lock()) {
         let mut cumulative = 0;
         for (index, bound) in COMMIT_BOUNDS.iter().enumerate() {
@@ -1250,14 +1295,33 @@ async fn serve_http<IO>(
 }
 
 /// A running relay: its address, and how to stop it.
-#[derive(Debug)]
 pub struct Running {
     pub address: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// The TLS configuration new connections get (swapped by [`Running::reload_tls`]).
+    acceptor: Arc<std::sync::Mutex<TlsAcceptor>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("address", &self.address)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Running {
+    /// Serves `tls` to connections accepted from now on (a renewed certificate, say);
+    /// those already open keep theirs.
+    pub fn reload_tls(&self, tls: rustls::ServerConfig) {
+        let mut acceptor = self
+            .acceptor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *acceptor = TlsAcceptor::from(Arc::new(tls));
+    }
+
     /// Stops accepting, lets in-flight requests (and their commits) finish, then returns.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -1311,7 +1375,8 @@ pub async fn serve<S: RelayStorage>(
     socket.bind(listen)?;
     let listener = socket.listen(LISTEN_BACKLOG)?;
     let address = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let current = Arc::new(std::sync::Mutex::new(TlsAcceptor::from(Arc::new(tls))));
+    let acceptor = Arc::clone(&current);
     let state = Arc::new(AppState {
         storage,
         limits: limits.clone(),
@@ -1407,12 +1472,11 @@ pub async fn serve<S: RelayStorage>(
             let ticket = Arc::new(state.admission.admit(peer.ip()));
             // Answers are small and latency matters: no Nagle delay.
             let _ = stream.set_nodelay(true);
-            let (acceptor, app, state, limits) = (
-                acceptor.clone(),
-                app.clone(),
-                Arc::clone(&state),
-                limits.clone(),
-            );
+            let acceptor = acceptor
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let (app, state, limits) = (app.clone(), Arc::clone(&state), limits.clone());
             let mut stop = stop.clone();
             tasks.spawn(CONNECTION.scope(Arc::clone(&ticket), async move {
                 let _permit = permit;
@@ -1449,5 +1513,6 @@ pub async fn serve<S: RelayStorage>(
         address,
         shutdown,
         task,
+        acceptor: current,
     })
 }

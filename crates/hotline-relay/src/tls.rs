@@ -54,7 +54,7 @@ pub fn load_or_create(
 
 /// Issues the relay a new certificate for the key it has (the address and its pin stay
 /// the same): written beside the old one, synced, then renamed over it. The running
-/// relay uses it from its next start.
+/// relay serves it after SIGHUP or its next start.
 pub fn renew_certificate(dir: &Path) -> Result<CertificateDer<'static>, TlsError> {
     let io = |path: &Path| {
         let path = path.display().to_string();

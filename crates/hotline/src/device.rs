@@ -68,16 +68,57 @@ pub fn default_home() -> PathBuf {
     home.join(".local/share/hotline")
 }
 
-fn write_file(path: &Path, bytes: &[u8], what: &str) -> Outcome {
-    // Write beside the target, fsync, then rename: a crash never leaves half a file.
-    let temporary = path.with_extension("partial");
+/// Writes `bytes` to `path` (mode 0600) through a private temporary file beside it,
+/// synced, then renamed: a crash never leaves half a file.
+fn write_file(path: &Path, bytes: &[u8], what: &str, force: bool) -> Outcome {
+    let (file, temporary) = create_private(path, what, force)?;
     let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temporary)?;
+        let mut file = file;
         file.write_all(bytes)?;
         file.sync_all()?;
         std::fs::rename(&temporary, path)
     })();
-    result.map_err(|e| failure(format!("cannot write {what} {}: {e}", path.display())))
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&temporary);
+        failure(format!("cannot write {what} {}: {e}", path.display()))
+    })
+}
+
+/// Opens `PATH.partial` (mode 0600) to be renamed over `path` once written. An
+/// existing `path` is refused (exit 2) unless `force`; an existing `PATH.partial` (an
+/// earlier write interrupted) is never deleted silently.
+fn create_private(
+    path: &Path,
+    what: &str,
+    force: bool,
+) -> Result<(std::fs::File, PathBuf), Failure> {
+    if !force && std::fs::symlink_metadata(path).is_ok() {
+        return Err(Failure {
+            message: format!(
+                "{} exists: choose another file, or replace it with --force",
+                path.display()
+            ),
+            code: exit::USAGE,
+        });
+    }
+    let temporary = path.with_extension("partial");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .map_err(|e| {
+            failure(format!(
+                "cannot write {what} {}: {e}{}",
+                temporary.display(),
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    " (an earlier write was interrupted: remove it first)"
+                } else {
+                    ""
+                }
+            ))
+        })?;
+    Ok((file, temporary))
 }
 
 /// Refuses (exit 2) a relay address that is not `https://HOST:PORT/#sha256=PIN`: it
@@ -151,11 +192,19 @@ pub fn id(home: &Path, json_output: bool) -> Outcome {
     Ok(())
 }
 
-pub fn card_export(home: &Path, out: Option<&Path>) -> Outcome {
+pub fn card_export(home: &Path, out: Option<&Path>, force: bool, json_output: bool) -> Outcome {
     let store = Store::open(home)?;
     let card = store.card()?;
     match out {
-        Some(path) => write_file(path, &card, "card")?,
+        Some(path) => {
+            write_file(path, &card, "card", force)?;
+            if json_output {
+                out_json!(
+                    json!({"file": path.display().to_string(), "bytes": card.len(),
+                                 "fingerprint": store.identity().fingerprint().to_string()})
+                );
+            }
+        }
         None => std::io::stdout()
             .write_all(&card)
             .map_err(|e| failure(format!("cannot write the card: {e}")))?,
@@ -250,7 +299,7 @@ pub fn channel_create(
     Ok(())
 }
 
-pub fn channel_join(home: &Path, file: &Path) -> Outcome {
+pub fn channel_join(home: &Path, file: &Path, json_output: bool) -> Outcome {
     let entries = bundle::decode(&input::read_limited(
         file,
         input::MAX_INVITATION_FILE,
@@ -270,11 +319,19 @@ pub fn channel_join(home: &Path, file: &Path) -> Outcome {
         )));
     }
     for channel in channels {
-        out!(
-            "Member of {} ({} members)",
-            channel.name,
-            channel.members.len()
-        );
+        if json_output {
+            let parties: Vec<_> = channel.members.iter().map(|m| m.party.clone()).collect();
+            out_json!(
+                json!({"channel": channel.name, "members": channel.members.len(),
+                             "parties": parties})
+            );
+        } else {
+            out!(
+                "Member of {} ({} members)",
+                channel.name,
+                channel.members.len()
+            );
+        }
     }
     Ok(())
 }
@@ -677,28 +734,12 @@ pub fn ack(home: &Path, channel: &str, message: Option<&str>) -> Outcome {
     Ok(())
 }
 
-pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
+pub fn export(home: &Path, channel: &str, out: &Path, force: bool, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
     // Streamed into a private file beside the target (0600: it holds the plaintext of
     // every message), synced, then renamed: a crash never leaves half an export.
-    let temporary = out.with_extension("partial");
     let cannot = |e: std::io::Error| failure(format!("cannot write export {}: {e}", out.display()));
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(|e| {
-            failure(format!(
-                "cannot write export {}: {e}{}",
-                temporary.display(),
-                if e.kind() == std::io::ErrorKind::AlreadyExists {
-                    " (an earlier export was interrupted: remove it first)"
-                } else {
-                    ""
-                }
-            ))
-        })?;
+    let (file, temporary) = create_private(out, "export", force)?;
     let mut writer = std::io::BufWriter::with_capacity(1 << 16, file);
     let written = store.export_to(channel, &mut writer);
     let finished = written.map_err(Failure::from).and_then(|()| {
@@ -714,10 +755,14 @@ pub fn export(home: &Path, channel: &str, out: &Path) -> Outcome {
             return Err(error);
         }
     };
-    eprintln!(
-        "wrote {bytes} bytes; check it anywhere with: hotline verify {}",
-        out.display()
-    );
+    if json_output {
+        out_json!(json!({"channel": channel, "file": out.display().to_string(), "bytes": bytes}));
+    } else {
+        eprintln!(
+            "wrote {bytes} bytes; check it anywhere with: hotline verify {}",
+            out.display()
+        );
+    }
     Ok(())
 }
 
@@ -1100,10 +1145,10 @@ fn print_report(report: &SyncReport, json_output: bool, always: bool) {
     }
 }
 
-pub fn bundle_export(home: &Path, out: &Path, json_output: bool) -> Outcome {
+pub fn bundle_export(home: &Path, out: &Path, force: bool, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
     let entries = store.export_outbox()?;
-    write_file(out, &bundle::encode(&entries), "bundle")?;
+    write_file(out, &bundle::encode(&entries), "bundle", force)?;
     if json_output {
         out_json!(json!({"messages": entries.len(), "out": out}));
     } else {

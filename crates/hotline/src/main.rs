@@ -65,13 +65,10 @@ pub mod exit {
     pub const ALARM: u8 = 6;
 }
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "hotline",
-    version,
-    about = "A direct, end-to-end encrypted line between parties who trust neither each other nor the network",
-    after_help = "Examples:
-  hotline demo
+/// The examples of `hotline --help` and of the manual's EXAMPLES section.
+macro_rules! examples {
+    () => {
+        "  hotline demo
   hotline init --party north --device duty-desk
   hotline card export --out north.card
   hotline card import south.card --fingerprint '12345 67890 12345 67890 12345 67890'
@@ -80,9 +77,53 @@ pub mod exit {
   hotline send crisis 'Exercise ends at 18:00 UTC' --deadline 10m
   hotline send crisis --precedence flash 'Unidentified launch detected: call now'
   hotline log crisis
-  hotline export crisis --out crisis.hotline && hotline verify crisis.hotline
+  hotline export crisis --out crisis.hotline && hotline verify crisis.hotline"
+    };
+}
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 network, 4 trust refused, 5 integrity failure, 6 alarm (status: something needs the duty officer)."
+/// Exit codes and what each means, for the manual's EXIT STATUS section (the
+/// `--help` line says the same).
+const EXIT_CODES: &[(u8, &str)] = &[
+    (0, "ok"),
+    (
+        exit::ERROR,
+        "error: the command failed (its message says why)",
+    ),
+    (
+        exit::USAGE,
+        "usage: a mistake on the command line (an unknown option, a malformed value, \
+         a file that would be overwritten without --force)",
+    ),
+    (
+        exit::NETWORK,
+        "network: no relay could be reached; status: the line is down",
+    ),
+    (
+        exit::TRUST,
+        "trust refused: a fingerprint that does not match, a card or member not verified",
+    ),
+    (
+        exit::INTEGRITY,
+        "integrity failure: an export or receipt that does not verify, parties other \
+         than expected",
+    ),
+    (
+        exit::ALARM,
+        "alarm: status found something that needs the duty officer",
+    ),
+];
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hotline",
+    version,
+    about = "A direct, end-to-end encrypted line between parties who trust neither each other nor the network",
+    after_help = concat!(
+        "Examples:\n",
+        examples!(),
+        "\n\nExit codes: 0 ok, 1 error, 2 usage, 3 network, 4 trust refused, 5 integrity \
+         failure, 6 alarm (status: something needs the duty officer)."
+    )
 )]
 struct Cli {
     /// The device's home directory [default: $HOTLINE_HOME, else $XDG_DATA_HOME/hotline]
@@ -90,6 +131,55 @@ struct Cli {
     home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `hotline man`: the manual from the command line's own definitions.
+fn manual(out: Option<&std::path::Path>) -> Result<(), device::Failure> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let failed = |e: std::io::Error| device::failure(format!("cannot write the manual: {e}"));
+    let page = main_page(command.clone()).map_err(failed)?;
+    match out {
+        None => {
+            use std::io::Write;
+            std::io::stdout().write_all(&page).map_err(failed)
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| device::failure(format!("cannot create {}: {e}", dir.display())))?;
+            clap_mangen::generate_to(command, dir).map_err(failed)?;
+            std::fs::write(dir.join("hotline.1"), page).map_err(failed)?;
+            eprintln!("manual pages written to {}", dir.display());
+            Ok(())
+        }
+    }
+}
+
+/// hotline(1): clap's sections, then EXAMPLES (as typed) and EXIT STATUS (one entry
+/// per code) instead of clap's free-form EXTRA.
+fn main_page(command: clap::Command) -> std::io::Result<Vec<u8>> {
+    use clap_mangen::roff::{Roff, roman};
+    let man = clap_mangen::Man::new(command);
+    let mut page = Vec::new();
+    man.render_title(&mut page)?;
+    man.render_name_section(&mut page)?;
+    man.render_synopsis_section(&mut page)?;
+    man.render_description_section(&mut page)?;
+    man.render_options_section(&mut page)?;
+    man.render_subcommands_section(&mut page)?;
+    let mut roff = Roff::new();
+    roff.control("SH", ["EXAMPLES"]).control("nf", []);
+    for line in examples!().lines() {
+        roff.text([roman(line.trim_start())]);
+    }
+    roff.control("fi", []).control("SH", ["EXIT STATUS"]);
+    for (code, meaning) in EXIT_CODES {
+        roff.control("TP", [])
+            .text([roman(code.to_string())])
+            .text([roman(*meaning)]);
+    }
+    roff.to_writer(&mut page)?;
+    man.render_version_section(&mut page)?;
+    Ok(page)
 }
 
 fn parse_expectation(text: &str) -> Result<(String, hotline_core::Fingerprint), String> {
@@ -239,10 +329,19 @@ enum Command {
         json: Json,
     },
     /// Write the signed transcript of a channel to a file.
+    #[command(
+        after_help = "Example:\n  hotline export crisis --out crisis.hotline && hotline verify crisis.hotline"
+    )]
     Export {
         channel: String,
+        /// The file to write (mode 0600: it holds every message in clear).
         #[arg(long)]
         out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        json: Json,
     },
     /// Verify an exported transcript offline, with nothing but the file.
     #[command(
@@ -291,6 +390,26 @@ enum Command {
         #[arg(long)]
         channel: Option<String>,
     },
+    /// Print the shell completion script for SHELL (bash, zsh, fish, elvish,
+    /// powershell).
+    #[command(after_help = "Examples:
+  hotline completions bash > /etc/bash_completion.d/hotline
+  hotline completions zsh > ~/.zfunc/_hotline
+  hotline completions fish > ~/.config/fish/completions/hotline.fish")]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the manual: hotline(1) to standard output, or with --out DIR one page per
+    /// command (hotline.1, hotline-send.1, hotline-relay-serve.1, ...).
+    #[command(after_help = "Examples:
+  hotline man | man -l -
+  hotline man --out /usr/local/share/man/man1")]
+    Man {
+        /// Directory to write every page to (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Play the whole story in memory: three parties, fingerprints, a channel,
     /// messages, receipts, export and offline verification.
     Demo {
@@ -302,9 +421,16 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum CardCommand {
     /// Write this device's contact card (to stdout without --out).
+    #[command(after_help = "Example:\n  hotline card export --out north.card")]
     Export {
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace FILE if it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+        /// Print what was written as JSON (with --out: the card itself goes to the file).
+        #[arg(long, requires = "out")]
+        json: bool,
     },
     /// Import a contact card; refused unless FP is the card's fingerprint.
     Import {
@@ -405,7 +531,12 @@ enum ChannelCommand {
         json: Json,
     },
     /// Join from an invitation (a bundle holding a Welcome for this device).
-    Join { file: PathBuf },
+    #[command(after_help = "Example:\n  hotline channel join invitation.bundle")]
+    Join {
+        file: PathBuf,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Remove every device of a party from a channel (the channel's committer only).
     Remove {
         name: String,
@@ -488,10 +619,12 @@ enum RelayCommand {
     Url {
         #[arg(long)]
         data: PathBuf,
+        #[command(flatten)]
+        json: Json,
     },
     /// Issue the relay a new certificate for the key it has: its address (the pin is
-    /// the key's) stays the same, so no member needs a new one. Restart the relay to
-    /// serve it.
+    /// the key's) stays the same, so no member needs a new one. Send the running relay
+    /// SIGHUP (systemctl reload hotline-relay) or restart it to serve it.
     RenewCert {
         #[arg(long)]
         data: PathBuf,
@@ -519,6 +652,9 @@ enum BundleCommand {
     Export {
         #[arg(long)]
         out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         json: Json,
     },
@@ -556,6 +692,16 @@ fn main() -> ExitCode {
     let home = cli.home.unwrap_or_else(device::default_home);
     let result = match cli.command {
         Command::Demo { json } => return demo::run(json.json),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "hotline",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Man { out } => manual(out.as_deref()),
         Command::Console { channel } => console::run(&home, channel.as_deref()),
         Command::Verify {
             file,
@@ -570,7 +716,9 @@ fn main() -> ExitCode {
             json,
         } => device::init(&home, &party, &device, &relays, json.json),
         Command::Id { json } => device::id(&home, json.json),
-        Command::Card(CardCommand::Export { out }) => device::card_export(&home, out.as_deref()),
+        Command::Card(CardCommand::Export { out, force, json }) => {
+            device::card_export(&home, out.as_deref(), force, json)
+        }
         Command::Card(CardCommand::Import {
             file,
             fingerprint,
@@ -582,7 +730,9 @@ fn main() -> ExitCode {
             relays,
             json,
         }) => device::channel_create(&home, &name, &with, &relays, json.json),
-        Command::Channel(ChannelCommand::Join { file }) => device::channel_join(&home, &file),
+        Command::Channel(ChannelCommand::Join { file, json }) => {
+            device::channel_join(&home, &file, json.json)
+        }
         Command::Channel(ChannelCommand::Remove { name, party, json }) => {
             device::channel_remove(&home, &name, &party, json.json)
         }
@@ -720,7 +870,12 @@ fn main() -> ExitCode {
             &clear_ids,
             json.json,
         ),
-        Command::Export { channel, out } => device::export(&home, &channel, &out),
+        Command::Export {
+            channel,
+            out,
+            force,
+            json,
+        } => device::export(&home, &channel, &out, force, json.json),
         Command::Relay(RelayCommand::Serve {
             data,
             listen,
@@ -744,15 +899,15 @@ fn main() -> ExitCode {
                 max_connections as usize,
             )
         }
-        Command::Relay(RelayCommand::Url { data }) => relay::url(&data),
+        Command::Relay(RelayCommand::Url { data, json }) => relay::url(&data, json.json),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
         Command::Relay(RelayCommand::CheckReceipt {
             relay,
             receipt,
             json,
         }) => relay::check_receipt(&relay, &receipt, json.json),
-        Command::Bundle(BundleCommand::Export { out, json }) => {
-            device::bundle_export(&home, &out, json.json)
+        Command::Bundle(BundleCommand::Export { out, force, json }) => {
+            device::bundle_export(&home, &out, force, json.json)
         }
         Command::Bundle(BundleCommand::Import { file, json }) => {
             device::bundle_import(&home, &file, json.json)

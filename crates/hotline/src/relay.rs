@@ -122,13 +122,19 @@ async fn run<S: RelayStorage>(
     out!("{url}");
     tracing::info!(
         address = %running.address,
-        "relay listening; stop with SIGTERM or Ctrl-C"
+        "relay listening; stop with SIGTERM or Ctrl-C, reload its certificate with SIGHUP"
     );
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| failure(e.to_string()))?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    let signal = |kind| {
+        tokio::signal::unix::signal(kind).map_err(|e| failure(format!("cannot watch signals: {e}")))
+    };
+    let mut terminate = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut hangup = signal(tokio::signal::unix::SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            _ = hangup.recv() => reload_certificate(data, pin, &running),
+        }
     }
     tracing::info!("relay stopping: finishing in-flight requests");
     running.shutdown().await;
@@ -136,7 +142,26 @@ async fn run<S: RelayStorage>(
     Ok(())
 }
 
-pub fn url(data: &Path) -> Result<(), Failure> {
+/// SIGHUP: serves the certificate now in the data directory (after `relay renew-cert`)
+/// to new connections. One for another key would change the relay's address: refused,
+/// the running one kept.
+fn reload_certificate(data: &Path, pin: &[u8; 32], running: &server::Running) {
+    let loaded = tls::load_or_create(data).map_err(|e| e.to_string());
+    match loaded.and_then(|(cert, key)| {
+        if tls::pin_of(&cert) != *pin {
+            return Err("its key is not the one the relay's address pins".into());
+        }
+        tls::server_config(cert, key).map_err(|e| e.to_string())
+    }) {
+        Ok(config) => {
+            running.reload_tls(config);
+            tracing::info!("SIGHUP: certificate reloaded; new connections get it");
+        }
+        Err(error) => tracing::warn!(%error, "SIGHUP: certificate not reloaded"),
+    }
+}
+
+pub fn url(data: &Path, json_output: bool) -> Result<(), Failure> {
     let path = data.join(ADDRESS_FILE);
     let bytes = input::read_limited(&path, input::MAX_ADDRESS_FILE, "a relay address file")
         .map_err(|error| {
@@ -151,7 +176,11 @@ pub fn url(data: &Path) -> Result<(), Failure> {
         })?;
     let url = String::from_utf8(bytes)
         .map_err(|_| failure(format!("{} is not a relay address", path.display())))?;
-    out!("{}", url.trim());
+    if json_output {
+        out_json!(serde_json::json!({"url": url.trim()}));
+    } else {
+        out!("{}", url.trim());
+    }
     Ok(())
 }
 
@@ -214,7 +243,7 @@ pub fn renew_certificate(data: &Path) -> Result<(), Failure> {
     let certificate = tls::renew_certificate(data).map_err(|e| failure(e.to_string()))?;
     let pin = tls::pin_of(&certificate);
     eprintln!(
-        "new certificate in {} for the same key: restart the relay to serve it",
+        "new certificate in {} for the same key: send the relay SIGHUP (or restart it) to serve it",
         data.display()
     );
     // The address it printed when it last ran, if it did: the same, since the pin is the

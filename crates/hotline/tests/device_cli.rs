@@ -62,10 +62,17 @@ fn two_devices(dir: &Path) -> (PathBuf, PathBuf) {
         json(&ok(&north, &["id", "--json"]))["fingerprint"],
         north_id["fingerprint"]
     );
-    ok(
+    let card = json(&ok(
         &north,
-        &["card", "export", "--out", s(&dir.join("north.card"))],
-    );
+        &[
+            "card",
+            "export",
+            "--out",
+            s(&dir.join("north.card")),
+            "--json",
+        ],
+    ));
+    assert_eq!(card["fingerprint"], north_id["fingerprint"]);
     ok(
         &south,
         &["card", "export", "--out", s(&dir.join("south.card"))],
@@ -97,7 +104,19 @@ fn two_devices(dir: &Path) -> (PathBuf, PathBuf) {
         &north,
         &["bundle", "export", "--out", s(&dir.join("invitation"))],
     );
-    assert!(ok(&south, &["channel", "join", s(&dir.join("invitation"))]).contains("crisis"));
+    let joined = json(&ok(
+        &south,
+        &["channel", "join", s(&dir.join("invitation")), "--json"],
+    ));
+    assert_eq!(joined["channel"], "crisis");
+    let mut parties: Vec<&str> = joined["parties"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    parties.sort_unstable();
+    assert_eq!(parties, ["north", "south"]);
     (north, south)
 }
 
@@ -162,7 +181,26 @@ fn the_whole_story_between_two_homes() {
     assert_eq!(list["parties"], serde_json::json!(["north", "south"]));
 
     let export = dir.join("crisis.hotline");
-    ok(&north, &["export", "crisis", "--out", s(&export)]);
+    let written = json(&ok(
+        &north,
+        &["export", "crisis", "--out", s(&export), "--json"],
+    ));
+    assert_eq!(written["channel"], "crisis");
+    assert_eq!(
+        written["bytes"].as_u64(),
+        Some(std::fs::metadata(&export).unwrap().len())
+    );
+    // Private (every message in clear), and never replaced without --force.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&export).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = hotline(&north, &["export", "crisis", "--out", s(&export)]);
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    ok(
+        &north,
+        &["export", "crisis", "--out", s(&export), "--force"],
+    );
     let report = json(&ok(&north, &["verify", s(&export), "--json"]));
     assert_eq!(report["verified"], true);
     assert_eq!(report["messages"], 1);

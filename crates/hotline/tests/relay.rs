@@ -227,6 +227,28 @@ async fn store_forward_membership_and_refusals() {
         "{metrics}"
     );
     assert!(metrics.contains("reason=\"not-a-member\""));
+    // Checked by Prometheus's own client library: HELP and TYPE for every family,
+    // counters named _total, a build-info metric.
+    let exposition = data.join("metrics.txt");
+    std::fs::write(&exposition, &metrics).unwrap();
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check_metrics.py");
+    let checked = std::process::Command::new("python3")
+        .arg(script)
+        .arg(&exposition)
+        .output()
+        .unwrap();
+    match checked.status.code() {
+        Some(0) => {}
+        Some(77) if std::env::var_os("CI").is_none() => {
+            eprintln!("skipped the metrics check: pip install prometheus-client");
+        }
+        _ => panic!(
+            "/metrics does not pass the Prometheus parser: {}{}",
+            String::from_utf8_lossy(&checked.stdout),
+            String::from_utf8_lossy(&checked.stderr)
+        ),
+    }
 
     // A wrong pin: the client refuses the relay's certificate.
     let wrong = format!("{base}/#sha256={}", "00".repeat(32));

@@ -98,3 +98,58 @@ fn a_renewed_certificate_keeps_every_member_connected() {
     assert!(format!("{error}").contains("unreachable"), "{error}");
     relay.stop();
 }
+
+/// The certificate a relay serves now, as `openssl s_client` sees it (DER).
+fn served_certificate(address: &str) -> Vec<u8> {
+    let shown = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {address} -servername localhost </dev/null 2>/dev/null \
+             | openssl x509 -outform DER"
+        ))
+        .output()
+        .unwrap();
+    assert!(shown.status.success(), "{shown:?}");
+    shown.stdout
+}
+
+#[test]
+fn sighup_serves_a_renewed_certificate_without_a_restart() {
+    let dir = data_dir("sighup");
+    let data = dir.join("relay");
+    let relay = Relay::start(&data);
+    let address = relay.address();
+    let before = std::fs::read(data.join("relay-cert.der")).unwrap();
+    assert_eq!(served_certificate(&address), before);
+    let renewed = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(["relay", "renew-cert", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(renewed.status.success(), "{renewed:?}");
+    let after = std::fs::read(data.join("relay-cert.der")).unwrap();
+    assert_ne!(after, before);
+    // Until told, the running relay serves the certificate it started with.
+    assert_eq!(served_certificate(&address), before);
+    let hup = Command::new("kill")
+        .args(["-HUP", &relay.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while served_certificate(&address) != after {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay still serves the old certificate 10 s after SIGHUP"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Still the same relay process, at the same address: SIGHUP did not stop it.
+    let mut relay = relay;
+    assert!(relay.child.try_wait().unwrap().is_none());
+    assert_eq!(
+        relay_url(&data).split('#').nth(1),
+        relay.url.split('#').nth(1)
+    );
+    relay.stop();
+}

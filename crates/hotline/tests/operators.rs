@@ -1,0 +1,191 @@
+//! What operators install beside the binary: shell completions, the manual, and the
+//! systemd units in `dist/systemd`, each exercised by the tool that consumes it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::data_dir;
+
+fn hotline(args: &[&str]) -> std::process::Output {
+    Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// Whether `tool` runs here; under CI (`CI` set) a missing tool is a failure, since the
+/// machine has it.
+fn available(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is missing under CI"
+        );
+        eprintln!("skipped: {tool} is not installed");
+    }
+    found
+}
+
+#[test]
+fn completions_load_in_bash_and_are_generated_for_zsh_and_fish() {
+    let dir = data_dir("completions");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("hotline.bash");
+    std::fs::write(&script, stdout(&hotline(&["completions", "bash"]))).unwrap();
+    if available("bash") {
+        let loaded = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source '{}' && complete -p hotline && COMP_WORDS=(hotline cha) COMP_CWORD=1 \
+                 && _hotline hotline cha hotline && printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display()
+            ))
+            .output()
+            .unwrap();
+        let text = stdout(&loaded);
+        assert!(text.contains("-F _hotline hotline"), "{text}");
+        // Completing `hotline cha` offers `channel`.
+        assert!(text.lines().any(|line| line == "channel"), "{text}");
+    }
+    let zsh = stdout(&hotline(&["completions", "zsh"]));
+    assert!(zsh.starts_with("#compdef hotline"), "{zsh}");
+    let fish = stdout(&hotline(&["completions", "fish"]));
+    assert!(fish.contains("complete -c hotline"), "{fish}");
+    // A shell it does not know is a usage mistake.
+    assert_eq!(hotline(&["completions", "tcsh"]).status.code(), Some(2));
+}
+
+/// The manual's pages, written by `hotline man --out`.
+fn manual(dir: &Path) -> PathBuf {
+    let man1 = dir.join("man").join("man1");
+    let written = hotline(&["man", "--out", man1.to_str().unwrap()]);
+    assert!(written.status.success());
+    man1
+}
+
+/// Text as a terminal shows it: man's overstrikes (`c\x08c` bold, `_\x08c`
+/// underlined) reduced to their character.
+fn plain(text: &str) -> String {
+    let mut out: Vec<char> = Vec::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if chars.peek() == Some(&'\x08') {
+            chars.next();
+            continue;
+        }
+        out.push(c);
+    }
+    out.into_iter().collect()
+}
+
+#[test]
+fn the_manual_renders_with_every_command_and_the_exit_codes() {
+    let dir = data_dir("manual");
+    let man1 = manual(&dir);
+    for page in [
+        "hotline.1",
+        "hotline-send.1",
+        "hotline-relay-serve.1",
+        "hotline-status.1",
+    ] {
+        assert!(man1.join(page).exists(), "no {page}");
+    }
+    let page = stdout(&hotline(&["man"]));
+    assert!(page.contains(".TH hotline 1"), "{page}");
+    // Every exit code in its own entry.
+    for code in 0..=6 {
+        assert!(
+            page.contains(&format!(".TP\n{code}\n")),
+            "exit code {code}: {page}"
+        );
+    }
+    if !available("man") {
+        return;
+    }
+    let rendered = Command::new("man")
+        .arg("-l")
+        .arg(man1.join("hotline.1"))
+        .env("MANWIDTH", "100")
+        .env("MAN_KEEP_FORMATTING", "0")
+        .output()
+        .unwrap();
+    let text = plain(&stdout(&rendered));
+    for expected in [
+        "hotline",
+        "SUBCOMMANDS",
+        "EXAMPLES",
+        "EXIT STATUS",
+        "hotline-send(1)",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+    let send = Command::new("man")
+        .arg("-l")
+        .arg(man1.join("hotline-send.1"))
+        .env("MANWIDTH", "100")
+        .output()
+        .unwrap();
+    assert!(plain(&stdout(&send)).contains("--precedence"));
+}
+
+#[test]
+fn the_systemd_units_pass_systemd_analyze_verify() {
+    if !available("systemd-analyze") {
+        return;
+    }
+    let dir = data_dir("units");
+    let man1 = manual(&dir);
+    let units = dir.join("units");
+    std::fs::create_dir_all(&units).unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/systemd");
+    let binary = assert_cmd::cargo::cargo_bin("hotline");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        // The binary where the units expect it is this build's; a template is checked
+        // as one of its instances.
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("/usr/local/bin/hotline", binary.to_str().unwrap());
+        let name = name.replace("@.service", "@duty.service");
+        std::fs::write(units.join(&name), text).unwrap();
+        checked.push(units.join(name));
+    }
+    checked.sort();
+    assert_eq!(
+        checked
+            .iter()
+            .map(|path| path.file_name().unwrap().to_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["hotline-follow@duty.service", "hotline-relay.service"]
+    );
+    let verified = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&checked)
+        // `Documentation=man:hotline(1)` is checked against the generated manual.
+        .env("MANPATH", man1.parent().unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        verified.status.success() && verified.stderr.is_empty(),
+        "systemd-analyze verify: {}{}",
+        String::from_utf8_lossy(&verified.stdout),
+        String::from_utf8_lossy(&verified.stderr)
+    );
+}
