@@ -52,6 +52,8 @@ pub struct SyncReport {
     pub events: Vec<LineEvent>,
     /// Alarms raised in this round: (kind, relay, detail).
     pub alarms: Vec<(String, String, String)>,
+    /// Relays whose rotated key this device verified and follows from now on.
+    pub rotated: Vec<String>,
 }
 
 impl SyncReport {
@@ -149,6 +151,51 @@ impl Relays {
             .or_insert_with(|| RelayClient::new(url).map_err(|e| e.to_string()))
             .clone()
     }
+
+    /// Drops what is open to `url` (its relay's key changed): the next use opens anew.
+    fn forget(&mut self, url: &str) {
+        self.clients.remove(url);
+        self.streams.remove(url);
+        if let Some(posters) = self.posters.as_mut() {
+            posters.senders.remove(url);
+        }
+    }
+}
+
+/// A relay that presents a key its address does not pin may have rotated it: its
+/// statements (each signed by the key before it, from the pinned one) are read and
+/// followed, and the relay is used with its new key from then on. One that cannot show
+/// such statements keeps failing, with why (5 s at most each).
+async fn follow_rotations(
+    store: &mut Store,
+    relays: &mut Relays,
+    report: &mut SyncReport,
+) -> Result<(), StoreError> {
+    let stranded: Vec<String> = report
+        .relays
+        .iter()
+        .filter(|(_, error)| {
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains(hotline_proto::tls::PIN_MISMATCH))
+        })
+        .map(|(url, _)| url.clone())
+        .collect();
+    for url in stranded {
+        let probe = hotline_proto::client::follow_rotation(&url);
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(followed)) => {
+                store.follow_rotation(&followed)?;
+                relays.forget(&url);
+                report.rotated.push(url);
+            }
+            Ok(Err(error)) => {
+                report.relays.insert(url, Some(error.to_string()));
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(())
 }
 
 fn note(report: &mut SyncReport, url: &str, result: Result<(), ClientError>) -> bool {
@@ -246,6 +293,19 @@ async fn sync_with(
     store.send_due_probes()?;
     store.cosign_due(store.now())?;
     push_with(store, identity, relays, &mut report).await?;
+    follow_rotations(store, relays, &mut report).await?;
+    if !report.rotated.is_empty() {
+        // Relays followed to their new key: this round's work with them, again.
+        for url in &report.rotated {
+            report.relays.remove(url);
+        }
+        push_with(store, identity, relays, &mut report).await?;
+        for watch in watches(store)? {
+            if report.rotated.iter().any(|url| url == watch.url()) {
+                pull(store, identity, relays, &watch, &mut report).await?;
+            }
+        }
+    }
     note_health(store, &report)?;
     restock(store, identity, relays).await?;
     Ok(report)

@@ -30,6 +30,71 @@ pub enum ClientError {
     Malformed(DecodeError, String),
     #[error("relay {relay} gave no proof of custody: {detail}")]
     BadReceipt { relay: String, detail: String },
+    #[error(
+        "relay {relay} unreachable: it presents a key its address does not pin, and no valid rotation to it: {detail}"
+    )]
+    Rotation { relay: String, detail: String },
+}
+
+/// The relay's key rotations that lead from the pin of its address to the key it
+/// presents now: each step (from, to pins) to remember, and the encoded statements that
+/// prove them (see [`crate::rotation`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Followed {
+    pub steps: Vec<crate::rotation::Step>,
+    pub chain: Vec<u8>,
+}
+
+/// Reads the relay's key rotations (`GET /v1/rotation`) over a connection that accepts
+/// whatever key the relay presents, and follows them from the pin of `url` to that key.
+/// Nothing read is trusted but what statements signed by the pinned key prove; a relay
+/// that presents a key no such statement leads to is refused.
+pub async fn follow_rotation(url: &str) -> Result<Followed, ClientError> {
+    let (base, pin) = tls::parse_url(url)?;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let network = |e: reqwest::Error| ClientError::Network {
+        relay: base.clone(),
+        detail: error_chain(&e),
+    };
+    let http = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::probing_config(std::sync::Arc::clone(&seen))?)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .build()
+        .map_err(network)?;
+    let mut response = http
+        .get(format!("{base}/v1/rotation"))
+        .send()
+        .await
+        .map_err(network)?;
+    let rotation = |detail: String| ClientError::Rotation {
+        relay: base.clone(),
+        detail,
+    };
+    if !response.status().is_success() {
+        return Err(rotation(format!(
+            "it publishes no rotation ({})",
+            response.status()
+        )));
+    }
+    let mut chain = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(network)? {
+        if chain.len() + chunk.len() > crate::rotation::MAX_CHAIN_BYTES {
+            return Err(rotation(
+                "its rotation statements are over the size limit".into(),
+            ));
+        }
+        chain.extend_from_slice(&chunk);
+    }
+    let statements = crate::rotation::decode_chain(&chain)
+        .map_err(|e| ClientError::Malformed(e, base.clone()))?;
+    let presented = seen
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .ok_or_else(|| rotation("no key seen".into()))?;
+    let steps = crate::rotation::follow(&pin, &statements, &presented)
+        .map_err(|e| rotation(e.to_string()))?;
+    Ok(Followed { steps, chain })
 }
 
 /// A connection to one relay.

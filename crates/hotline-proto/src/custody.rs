@@ -20,12 +20,12 @@ use ct_merkle::mem_backed_tree::MemoryBackedTree;
 use ct_merkle::{InclusionProof, RootHash};
 use hotline_core::codec::{DecodeError, Reader, Writer};
 use rustls::SignatureScheme;
-use rustls::pki_types::{PrivateKeyDer, SubjectPublicKeyInfoDer};
+use rustls::pki_types::PrivateKeyDer;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::Log;
-use crate::tls::{TlsError, provider};
+use crate::tls::{TlsError, signer_of, verify_with};
 
 const CONTEXT: &[u8] = b"hotline-custody-v1";
 const VERSION: u8 = 1;
@@ -55,7 +55,7 @@ pub const MAX_RECEIPT: usize = 1
     + 32;
 
 /// Schemes a relay may sign with, in order of preference.
-const SCHEMES: &[SignatureScheme] = &[
+pub(crate) const SCHEMES: &[SignatureScheme] = &[
     SignatureScheme::ED25519,
     SignatureScheme::ECDSA_NISTP256_SHA256,
     SignatureScheme::ECDSA_NISTP384_SHA384,
@@ -144,22 +144,8 @@ impl Receipt {
         if &self.pin() != pin {
             return Err(ReceiptError::OtherRelay);
         }
-        let spki = SubjectPublicKeyInfoDer::from(self.relay_key.as_slice());
-        let key =
-            webpki::RawPublicKeyEntity::try_from(&spki).map_err(|_| ReceiptError::BadSignature)?;
-        let scheme = SignatureScheme::from(self.scheme);
-        let algorithms = provider()
-            .signature_verification_algorithms
-            .mapping
-            .iter()
-            .find(|(known, _)| *known == scheme)
-            .map(|(_, algorithms)| *algorithms)
-            .ok_or(ReceiptError::BadSignature)?;
         let message = sealed_message(self.time_ms, self.size, &self.root);
-        if !algorithms.iter().any(|algorithm| {
-            key.verify_signature(*algorithm, &message, &self.signature)
-                .is_ok()
-        }) {
+        if !verify_with(&self.relay_key, self.scheme, &message, &self.signature) {
             return Err(ReceiptError::BadSignature);
         }
         let root = RootHash::<Sha256>::new(self.root.into(), self.size);
@@ -272,7 +258,13 @@ pub fn check(
     hash: &[u8; 32],
     receipt: &[u8],
 ) -> Result<(), ReceiptError> {
-    Receipt::decode(receipt)?.verify_for(pin, log, seq, hash)
+    let receipt = Receipt::decode(receipt)?;
+    // Signed by the pinned key, or by one its relay rotated to since.
+    let signer = receipt.pin();
+    if &signer != pin && !crate::tls::accepted_pins(*pin).contains(&signer) {
+        return Err(ReceiptError::OtherRelay);
+    }
+    receipt.verify_for(&signer, log, seq, hash)
 }
 
 /// Checks an append's answer: its receipt must prove the message stored where the
@@ -295,6 +287,7 @@ pub fn check_appended(
 pub struct Notary {
     signer: Box<dyn rustls::sign::Signer>,
     relay_key: Vec<u8>,
+    rotations: Vec<u8>,
 }
 
 impl std::fmt::Debug for Notary {
@@ -308,19 +301,24 @@ impl std::fmt::Debug for Notary {
 impl Notary {
     /// A notary signing with the relay's TLS key.
     pub fn new(key: &PrivateKeyDer<'_>) -> Result<Self, TlsError> {
-        let key = provider()
-            .key_provider
-            .load_private_key(key.clone_key())
-            .map_err(|e| TlsError::Certificate(format!("the relay's key: {e}")))?;
-        let relay_key = key
-            .public_key()
-            .ok_or_else(|| TlsError::Certificate("the relay's key has no public key".into()))?
-            .as_ref()
-            .to_vec();
-        let signer = key.choose_scheme(SCHEMES).ok_or_else(|| {
-            TlsError::Certificate("the relay's key signs with no scheme receipts use".into())
-        })?;
-        Ok(Self { signer, relay_key })
+        let (signer, relay_key) = signer_of(key, SCHEMES)?;
+        Ok(Self {
+            signer,
+            relay_key,
+            rotations: Vec::new(),
+        })
+    }
+
+    /// The statements that lead from the relay's earlier keys to this one (encoded, see
+    /// [`crate::rotation`]), served to devices that still pin an earlier key.
+    pub fn with_rotations(mut self, rotations: Vec<u8>) -> Self {
+        self.rotations = rotations;
+        self
+    }
+
+    /// [`Notary::with_rotations`]'s statements (empty if the key never rotated).
+    pub fn rotations(&self) -> &[u8] {
+        &self.rotations
     }
 
     /// The pin of the key it signs with.

@@ -18,6 +18,7 @@ pub mod capability;
 pub mod client;
 pub mod custody;
 pub mod limits;
+pub mod rotation;
 pub mod stream;
 pub mod tls;
 

@@ -152,6 +152,8 @@ struct Allowance {
 pub(crate) struct AppState<S> {
     pub(crate) storage: S,
     pub(crate) limits: Limits,
+    /// The relay's signing key (receipts) and its key's rotations.
+    notary: Arc<crate::storage::Notary>,
     appended: watch::Sender<u64>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
     /// Stream connections per device.
@@ -1072,6 +1074,26 @@ fn family(text: &mut String, name: &str, kind: &str, help: &str) {
     *text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
+/// The relay's key rotations (public: each statement is signed by the key before it),
+/// for devices that still pin an earlier key.
+async fn get_rotation<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
+    let rotations = state.notary.rotations();
+    if rotations.is_empty() {
+        return state
+            .reject(Problem::new(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "this relay's key never rotated",
+            ))
+            .into_response();
+    }
+    (
+        [("content-type", "application/octet-stream")],
+        rotations.to_vec(),
+    )
+        .into_response()
+}
+
 async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
     let m = &state.metrics;
     let durations = state.storage.take_commit_durations();
@@ -1218,6 +1240,7 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
     let limit = state.limits.max_message;
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/rotation", get(get_rotation::<S>))
         .route("/metrics", get(metrics::<S>))
         .route("/v1/channels/{channel}/members", put(put_members::<S>))
         .route(
@@ -1347,7 +1370,9 @@ pub async fn serve_from<S: RelayStorage>(
     let tls_error = |e: crate::tls::TlsError| std::io::Error::other(e.to_string());
     let (cert, key) = crate::tls::load_or_create(dir).map_err(tls_error)?;
     let pin = crate::tls::pin_of(&cert);
-    let notary = crate::storage::Notary::new(&key).map_err(tls_error)?;
+    let notary = crate::storage::Notary::new(&key)
+        .map_err(tls_error)?
+        .with_rotations(crate::tls::load_rotations(dir).map_err(tls_error)?);
     let config = crate::tls::server_config(cert, key).map_err(tls_error)?;
     let running = serve(listen, config, notary, storage, limits).await?;
     let url = crate::tls::relay_url(&running.address.to_string(), &pin);
@@ -1363,7 +1388,8 @@ pub async fn serve<S: RelayStorage>(
     storage: S,
     limits: Limits,
 ) -> std::io::Result<Running> {
-    storage.set_notary(Arc::new(notary));
+    let notary = Arc::new(notary);
+    storage.set_notary(Arc::clone(&notary));
     // A deep accept queue: connections that strangers open in bursts must not push a
     // member's connection out of it (a dropped SYN costs the member a second).
     let socket = if listen.is_ipv4() {
@@ -1380,6 +1406,7 @@ pub async fn serve<S: RelayStorage>(
     let state = Arc::new(AppState {
         storage,
         limits: limits.clone(),
+        notary,
         appended: watch::channel(0).0,
         buckets: std::sync::Mutex::new(HashMap::new()),
         streams: std::sync::Mutex::new(HashMap::new()),

@@ -9,12 +9,100 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use rcgen::PublicKeyData;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use hotline_proto::tls::*;
 
 const CERTIFICATE: &str = "relay-cert.der";
 const KEY: &str = "relay-key.der";
+/// The relay's key rotations, oldest first (see `hotline_proto::rotation`).
+const ROTATIONS: &str = "relay-rotations.bin";
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
+    let path = path.display().to_string();
+    move |source| TlsError::Io { path, source }
+}
+
+/// Writes `bytes` to `path` (0600) through `path.new`, synced, then renamed over it.
+fn replace(path: &Path, bytes: &[u8]) -> Result<(), TlsError> {
+    let fresh = path.with_extension("new");
+    let _ = std::fs::remove_file(&fresh);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&fresh)
+        .map_err(io_error(&fresh))?;
+    file.write_all(bytes).map_err(io_error(&fresh))?;
+    file.sync_all().map_err(io_error(&fresh))?;
+    std::fs::rename(&fresh, path).map_err(io_error(path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(dir) = std::fs::File::open(dir)
+    {
+        let _ = dir.sync_all();
+    }
+    Ok(())
+}
+
+/// The relay's key rotations as it serves them (encoded; empty if its key never
+/// rotated).
+pub fn load_rotations(dir: &Path) -> Result<Vec<u8>, TlsError> {
+    let path = dir.join(ROTATIONS);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(bytes),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(error) => Err(io_error(&path)(error)),
+    }
+}
+
+/// Gives the relay a new key and a certificate for it, and a statement signed by the
+/// old key that names the new one, appended to the relay's rotations: devices that pin
+/// the old key follow it. The old key is set aside as `relay-key.retired-TIME.der`
+/// (0600; nothing needs it any more: receipts it signed carry their public key). The
+/// running relay serves the new key from its next start. Returns the new certificate.
+pub fn rotate_key(dir: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    let failed = |e: rcgen::Error| TlsError::Certificate(e.to_string());
+    let key_path = dir.join(KEY);
+    let old = std::fs::read(&key_path).map_err(io_error(&key_path))?;
+    let old_key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(old.clone()));
+    let fresh = rcgen::KeyPair::generate().map_err(failed)?;
+    let certificate =
+        rcgen::CertificateParams::new(vec!["localhost".into(), "hotline-relay".into()])
+            .and_then(|params| params.self_signed(&fresh))
+            .map_err(failed)?;
+    let time_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let statement = hotline_proto::rotation::Rotation::sign(
+        &old_key,
+        &fresh.subject_public_key_info(),
+        time_ms,
+    )?;
+    let existing = load_rotations(dir)?;
+    let mut chain = if existing.is_empty() {
+        Vec::new()
+    } else {
+        hotline_proto::rotation::decode_chain(&existing)
+            .map_err(|e| TlsError::Certificate(format!("{ROTATIONS}: {e}")))?
+    };
+    if chain.len() >= hotline_proto::rotation::MAX_CHAIN {
+        return Err(TlsError::Certificate(format!(
+            "the relay's key rotated {} times already, the most devices follow",
+            chain.len()
+        )));
+    }
+    chain.push(statement);
+    // The statement first: a key is never served without the statement leading to it.
+    replace(
+        &dir.join(ROTATIONS),
+        &hotline_proto::rotation::encode_chain(&chain),
+    )?;
+    replace(&dir.join(format!("relay-key.retired-{time_ms}.der")), &old)?;
+    replace(&key_path, &fresh.serialize_der())?;
+    replace(&dir.join(CERTIFICATE), certificate.der())?;
+    Ok(certificate.der().clone())
+}
 
 /// The relay's certificate and key, created on first use.
 pub fn load_or_create(

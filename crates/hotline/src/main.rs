@@ -629,6 +629,18 @@ enum RelayCommand {
         #[arg(long)]
         data: PathBuf,
     },
+    /// Give the relay a new key, signed over by the old one: members that pin the old
+    /// key check the statement and follow; new members get the new address (printed).
+    /// Restart the relay to serve the new key.
+    #[command(
+        after_help = "Example:\n  hotline relay rotate-key --data /var/lib/hotline-relay && systemctl restart hotline-relay"
+    )]
+    RotateKey {
+        #[arg(long)]
+        data: PathBuf,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Check a relay's custody receipt (hex, as `status --json` shows an alarm's
     /// evidence): the relay that RELAY names signed that it stored the message with
     /// the receipt's hash in its log at the receipt's number. Needs nothing but the
@@ -901,6 +913,9 @@ fn main() -> ExitCode {
         }
         Command::Relay(RelayCommand::Url { data, json }) => relay::url(&data, json.json),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
+        Command::Relay(RelayCommand::RotateKey { data, json }) => {
+            relay::rotate_key(&data, json.json)
+        }
         Command::Relay(RelayCommand::CheckReceipt {
             relay,
             receipt,

@@ -76,7 +76,9 @@ pub fn serve(
         .map_err(|e| failure(format!("cannot create {}: {e}", data.display())))?;
     let (cert, key) = tls::load_or_create(data).map_err(|e| failure(e.to_string()))?;
     let pin = tls::pin_of(&cert);
-    let notary = Notary::new(&key).map_err(|e| failure(e.to_string()))?;
+    let notary = Notary::new(&key)
+        .and_then(|notary| Ok(notary.with_rotations(tls::load_rotations(data)?)))
+        .map_err(|e| failure(e.to_string()))?;
     let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
     let config = (config, notary);
     let limits = Limits {
@@ -236,6 +238,32 @@ pub fn check_receipt(url: &str, receipt: &str, json_output: bool) -> Result<(), 
             code: exit::INTEGRITY,
         }),
     }
+}
+
+/// `relay rotate-key`: a new key for the relay, with the old key's signed statement
+/// that members follow; prints the relay's new address.
+pub fn rotate_key(data: &Path, json_output: bool) -> Result<(), Failure> {
+    tls::install_provider();
+    let certificate = tls::rotate_key(data).map_err(|e| failure(e.to_string()))?;
+    let pin = tls::pin_of(&certificate);
+    let address = std::fs::read_to_string(data.join(ADDRESS_FILE))
+        .ok()
+        .and_then(|url| tls::parse_url(url.trim()).ok())
+        .map(|(base, _)| tls::relay_url(base.trim_start_matches("https://"), &pin));
+    if json_output {
+        out_json!(serde_json::json!({"pin": hex::encode(pin), "url": address}));
+    } else {
+        match &address {
+            Some(url) => out!("{url}"),
+            None => out!("sha256={}", hex::encode(pin)),
+        }
+    }
+    eprintln!(
+        "new key in {}, with the old key's signed statement: restart the relay to serve it. \
+         Members follow it (their addresses keep the old pin); give new members the new address.",
+        data.display()
+    );
+    Ok(())
 }
 
 pub fn renew_certificate(data: &Path) -> Result<(), Failure> {

@@ -153,3 +153,80 @@ fn sighup_serves_a_renewed_certificate_without_a_restart() {
     );
     relay.stop();
 }
+
+#[test]
+fn a_rotated_key_is_followed_and_an_unsigned_one_refused() {
+    let dir = data_dir("rotate-key");
+    let data = dir.join("relay");
+    let relay = Relay::start(&data);
+    let url = relay.url.clone();
+    let homes = verified_homes(&dir, &["north", "south"], &url);
+    let (north, south) = (&homes[0], &homes[1]);
+    ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &url,
+        ],
+    );
+    ok(north, &["sync"]);
+    ok(south, &["sync"]);
+    ok(north, &["send", "crisis", "before the rotation"]);
+    ok(north, &["sync"]);
+    let address = relay.address();
+    relay.stop();
+
+    // The operator rotates the key: a new pin, signed over by the old key.
+    let rotated = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(["relay", "rotate-key", "--json", "--data"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(rotated.status.success(), "{rotated:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&rotated.stdout).unwrap();
+    let new_url = printed["url"].as_str().unwrap().to_owned();
+    assert_ne!(new_url, url, "the pin is the new key's");
+    let relay = Relay::start_on(&data, &address);
+    assert_eq!(relay.url, new_url);
+
+    // Members still hold the old address (in their channel and cards): they check the
+    // statement and carry on, in one sync each.
+    ok(north, &["send", "crisis", "after the rotation"]);
+    ok(north, &["sync"]);
+    ok(south, &["sync"]);
+    for home in [north, south] {
+        let log = ok(home, &["log", "crisis", "--json"]);
+        assert!(
+            log.contains("before the rotation") && log.contains("after the rotation"),
+            "{log}"
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(ok(home, &["status", "--json"]).trim()).unwrap();
+        let relays = status["relays"].as_array().unwrap();
+        assert!(
+            relays.iter().all(|r| r["state"] != "down"),
+            "a relay is down after the rotation: {status}"
+        );
+    }
+    // A new device gets the new address; one that followed still accepts receipts
+    // signed by the new key (the sync above checked every one).
+    let address_after = relay_url(&data);
+    assert_eq!(address_after, new_url);
+    relay.stop();
+
+    // A relay at the same address with a key nobody signed over (a fresh data
+    // directory: an impostor, or a lost key) is refused, and says why.
+    let impostor = Relay::start_on(&dir.join("impostor"), &address);
+    let (code, _) = common::cli(north, &["sync"]);
+    assert_ne!(code, 0);
+    let status: serde_json::Value =
+        serde_json::from_str(common::cli(north, &["status", "--json"]).1.trim()).unwrap();
+    let error = status["relays"][0]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        error.contains("no valid rotation"),
+        "the impostor's key was not refused as unsigned: {status}"
+    );
+    impostor.stop();
+}

@@ -271,6 +271,7 @@ impl Store {
         };
         store.rebuild_transcripts()?;
         store.reissue_card()?;
+        store.load_rotations()?;
         Ok(store)
     }
 

@@ -3,6 +3,49 @@
 use super::*;
 
 impl Store {
+    /// Every relay key rotation this device followed, made known to its TLS clients
+    /// (an address pinning an old key accepts the keys its rotations lead to).
+    pub(crate) fn load_rotations(&self) -> Result<(), StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT from_pin, to_pin FROM relay_rotations")?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
+        })?;
+        for row in rows {
+            let (from, to) = row?;
+            if let (Ok(from), Ok(to)) = (from.try_into(), to.try_into()) {
+                hotline_proto::tls::follow(from, to);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a relay key rotation this device verified (each step from the pin it held
+    /// to the key the relay presents, and the statements that prove them) and follows
+    /// it from now on.
+    pub fn follow_rotation(
+        &mut self,
+        followed: &hotline_proto::client::Followed,
+    ) -> Result<(), StoreError> {
+        let now = self.now();
+        self.transact(|connection, _, _| {
+            for (from, to) in &followed.steps {
+                connection.execute(
+                    "INSERT INTO relay_rotations (from_pin, to_pin, chain, learned_ms)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (from_pin) DO UPDATE SET to_pin = ?2, chain = ?3, learned_ms = ?4",
+                    params![&from[..], &to[..], &followed.chain, now as i64],
+                )?;
+            }
+            Ok(())
+        })?;
+        for (from, to) in &followed.steps {
+            hotline_proto::tls::follow(*from, *to);
+        }
+        Ok(())
+    }
+
     /// Where a relay's log was read up to.
     pub fn cursor(&self, relay: &str, log: &str) -> Result<u64, StoreError> {
         Ok(self

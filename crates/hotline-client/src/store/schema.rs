@@ -164,6 +164,15 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (relay, hash, receipt)
     ) WITHOUT ROWID;
     CREATE INDEX custody_by_time ON custody (kept_ms);",
+    // Version 18: relays' key rotations this device followed (see
+    // `hotline_proto::rotation`): the pin each started from, the pin it led to, and the
+    // signed statements that proved it.
+    "CREATE TABLE relay_rotations (
+        from_pin BLOB PRIMARY KEY,
+        to_pin BLOB NOT NULL,
+        chain BLOB NOT NULL,
+        learned_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;",
 ];
 
 /// Version 4.
