@@ -27,18 +27,20 @@ def _signed(session, request, **kwargs):
         if isinstance(body, str):
             body = body.encode()
         now = str(int(time.time() * 1000))
+        content = hashlib.sha256(body).hexdigest()
         message = "\n".join(
             [
                 "hotline-relay-request-v1",
                 request.method,
                 request.path_url,
                 now,
-                hashlib.sha256(body).hexdigest(),
+                content,
             ]
         ).encode()
         request.headers["hotline-device"] = device
         request.headers["hotline-time"] = now
         request.headers["hotline-signature"] = key.sign(message).hex()
+        request.headers["hotline-content-sha256"] = content
     return _send(session, request, **kwargs)
 
 

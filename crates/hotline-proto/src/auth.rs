@@ -2,8 +2,10 @@
 //!
 //! A device signs every request with its Ed25519 key over
 //! `"hotline-relay-request-v1\n" METHOD "\n" PATH?QUERY "\n" TIME-MS "\n" hex(SHA-256(body))`,
-//! sent in the headers `hotline-device` (hex key), `hotline-time` and
-//! `hotline-signature` (hex). The relay accepts a time within ±5 minutes of its clock.
+//! sent in the headers `hotline-device` (hex key), `hotline-time`, `hotline-signature`
+//! (hex) and `hotline-content-sha256` (the body's hash, hex), so that a relay checks the
+//! signature before it reads the body ([`verify_headers`]) and the body against the
+//! hash after. The relay accepts a time within ±5 minutes of its clock.
 //!
 //! A channel's membership is registered by its committer, signed over
 //! `"hotline-relay-members-v1" || channel || u64 version || committer || sorted keys`.
@@ -24,6 +26,7 @@ use crate::Membership;
 pub const DEVICE: &str = "hotline-device";
 pub const TIME: &str = "hotline-time";
 pub const SIGNATURE: &str = "hotline-signature";
+pub const CONTENT: &str = "hotline-content-sha256";
 /// How far a request's time may be from the relay's clock.
 pub const WINDOW_MS: u64 = 5 * 60 * 1000;
 
@@ -35,12 +38,18 @@ pub enum AuthError {
     Stale,
     #[error("request signature does not verify")]
     BadSignature,
+    #[error("the body does not match the hash its signature covers")]
+    BodyMismatch,
 }
 
 fn request_message(method: &str, path: &str, time_ms: u64, body: &[u8]) -> Vec<u8> {
+    message_with_hash(method, path, time_ms, &Sha256::digest(body).into())
+}
+
+fn message_with_hash(method: &str, path: &str, time_ms: u64, hash: &[u8; 32]) -> Vec<u8> {
     format!(
         "hotline-relay-request-v1\n{method}\n{path}\n{time_ms}\n{}",
-        hex::encode(Sha256::digest(body))
+        hex::encode(hash)
     )
     .into_bytes()
 }
@@ -52,12 +61,14 @@ pub fn sign_request(
     path: &str,
     time_ms: u64,
     body: &[u8],
-) -> [(&'static str, String); 3] {
-    let signature = identity.sign(&request_message(method, path, time_ms, body));
+) -> [(&'static str, String); 4] {
+    let hash: [u8; 32] = Sha256::digest(body).into();
+    let signature = identity.sign(&message_with_hash(method, path, time_ms, &hash));
     [
         (DEVICE, identity.key().to_string()),
         (TIME, time_ms.to_string()),
         (SIGNATURE, hex::encode(signature)),
+        (CONTENT, hex::encode(hash)),
     ]
 }
 
@@ -105,7 +116,52 @@ impl KeyCache {
     }
 }
 
-/// Checks a request's headers; returns the authenticated device.
+/// The headers of a request, as [`verify_headers`] takes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Headers<'a> {
+    pub device: Option<&'a str>,
+    pub time: Option<&'a str>,
+    pub signature: Option<&'a str>,
+    /// The declared SHA-256 of the body; `None` is an empty body's.
+    pub content: Option<&'a str>,
+}
+
+/// Checks a request's signature over the body hash its headers declare, before the
+/// body is read: the authenticated device, and the hash the body must have.
+pub fn verify_headers(
+    keys: &KeyCache,
+    headers: Headers<'_>,
+    method: &str,
+    path: &str,
+    now_ms: u64,
+) -> Result<(DeviceKey, [u8; 32]), AuthError> {
+    let (Some(device), Some(time), Some(signature)) =
+        (headers.device, headers.time, headers.signature)
+    else {
+        return Err(AuthError::Missing);
+    };
+    let hash: [u8; 32] = match headers.content {
+        Some(content) => {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(content, &mut hash).map_err(|_| AuthError::Missing)?;
+            hash
+        }
+        None => Sha256::digest(b"").into(),
+    };
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(device, &mut key).map_err(|_| AuthError::Missing)?;
+    let time_ms: u64 = time.parse().map_err(|_| AuthError::Missing)?;
+    let mut sig = [0u8; 64];
+    hex::decode_to_slice(signature, &mut sig).map_err(|_| AuthError::Missing)?;
+    if time_ms.abs_diff(now_ms) > WINDOW_MS {
+        return Err(AuthError::Stale);
+    }
+    let key = DeviceKey(key);
+    keys.verify(&key, &message_with_hash(method, path, time_ms, &hash), &sig)?;
+    Ok((key, hash))
+}
+
+/// Checks a request's headers against its body; returns the authenticated device.
 #[allow(clippy::too_many_arguments)]
 pub fn verify_request(
     keys: &KeyCache,

@@ -373,6 +373,8 @@ impl<S: RelayStorage> AppState<S> {
 
     /// Authenticates, then charges the device's rate bucket `cost` requests (a batch
     /// costs one per message); refuses, charging nothing, if the bucket lacks them.
+    /// The signature was checked before the body was read ([`authenticate_first`]):
+    /// here the body must have the hash it covers.
     fn authenticate_costing(
         &self,
         method: &Method,
@@ -381,19 +383,30 @@ impl<S: RelayStorage> AppState<S> {
         body: &[u8],
         cost: f64,
     ) -> Result<DeviceKey, Problem> {
-        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
-        let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-        let device = auth::verify_request(
-            &self.keys,
-            header(auth::DEVICE),
-            header(auth::TIME),
-            header(auth::SIGNATURE),
-            method.as_str(),
-            path,
-            body,
-            now_ms(),
-        )
-        .map_err(|e| self.reject(e.into()))?;
+        let device = match VERIFIED.try_with(|verified| *verified) {
+            Ok((device, hash)) => {
+                if hotline_proto::custody::message_hash(body) != hash {
+                    return Err(self.reject(AuthError::BodyMismatch.into()));
+                }
+                device
+            }
+            // Outside the router's middleware: the whole check here.
+            Err(_) => {
+                let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+                let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+                auth::verify_request(
+                    &self.keys,
+                    header(auth::DEVICE),
+                    header(auth::TIME),
+                    header(auth::SIGNATURE),
+                    method.as_str(),
+                    path,
+                    body,
+                    now_ms(),
+                )
+                .map_err(|e| self.reject(e.into()))?
+            }
+        };
         // The connection is a member's now: out of the strangers' budget.
         crate::admission::note_authenticated();
         self.charge(device, cost, body.len() as f64)?;
@@ -1074,6 +1087,48 @@ fn family(text: &mut String, name: &str, kind: &str, help: &str) {
     *text += &format!("# HELP {name} {help}\n# TYPE {name} {kind}\n");
 }
 
+tokio::task_local! {
+    /// The device a request's headers authenticated, and the hash its body must have
+    /// (set by [`authenticate_first`] for the handler it runs).
+    static VERIFIED: (DeviceKey, [u8; 32]);
+}
+
+/// Checks the signature of every `/v1/` request (the public `/v1/rotation` aside) from
+/// its headers, over the body hash they declare, before anything reads the body: a
+/// request that does not authenticate is answered 401 with its body unread. The
+/// handler then checks the body against the hash.
+async fn authenticate_first<S: RelayStorage>(
+    State(state): State<Arc<AppState<S>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if !path.starts_with("/v1/") || path == "/v1/rotation" {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let verified = auth::verify_headers(
+        &state.keys,
+        auth::Headers {
+            device: header(auth::DEVICE),
+            time: header(auth::TIME),
+            signature: header(auth::SIGNATURE),
+            content: header(auth::CONTENT),
+        },
+        request.method().as_str(),
+        request
+            .uri()
+            .path_and_query()
+            .map_or(request.uri().path(), |p| p.as_str()),
+        now_ms(),
+    );
+    match verified {
+        Ok(verified) => VERIFIED.scope(verified, next.run(request)).await,
+        Err(error) => state.reject(error.into()).into_response(),
+    }
+}
+
 /// The relay's key rotations (public: each statement is signed by the key before it),
 /// for devices that still pin an earlier key.
 async fn get_rotation<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Response {
@@ -1264,6 +1319,10 @@ fn router<S: RelayStorage>(state: Arc<AppState<S>>) -> Router {
         )
         .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authenticate_first::<S>,
+        ))
         .layer(axum::middleware::map_response(as_problem))
         .with_state(state)
 }

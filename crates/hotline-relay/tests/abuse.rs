@@ -558,9 +558,21 @@ async fn every_refusal_is_a_problem_document_even_those_axum_makes() {
             405,
             "method-not-allowed",
         ),
+        // Over the size limit: a stranger's is refused from its headers (its body never
+        // read), a member's once the body passes the limit.
         (
             raw.post(format!("{base}/v1/channels/{channel}/messages"))
                 .body(vec![0u8; (1 << 20) + 1]),
+            401,
+            "unauthenticated",
+        ),
+        (
+            signed_post(
+                &raw,
+                &base,
+                &format!("/v1/channels/{channel}/messages"),
+                vec![0u8; (1 << 20) + 1],
+            ),
             413,
             "too-large",
         ),
@@ -603,5 +615,74 @@ async fn every_refusal_is_a_problem_document_even_those_axum_makes() {
     let problem: serde_json::Value =
         serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
     assert_eq!(problem["code"], "malformed");
+    running.shutdown().await;
+}
+
+/// A POST of `body` to `path`, signed by a device of its own.
+fn signed_post(
+    raw: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut request = raw.post(format!("{base}{path}"));
+    let signer = identity("signer", 77);
+    for (name, value) in hotline_relay::auth::sign_request(&signer, "POST", path, now, &body) {
+        request = request.header(name, value);
+    }
+    request.body(body)
+}
+
+/// A request that announces a body is answered 401 from its headers alone when they do
+/// not authenticate: the relay never waits for (or reads) the body of a stranger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_read_only_after_the_headers_authenticate() {
+    use tokio::io::AsyncReadExt;
+    let (running, url) = relay("unread", Limits::default()).await;
+    let (_, pin) = tls::parse_url(&url).unwrap();
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls::client_config(pin).unwrap()));
+    let north = identity("north", 1);
+    let path = format!("/v1/channels/{}/messages", hex::encode([6u8; 32]));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let forged = format!(
+        "hotline-device: {}\r\nhotline-time: {now}\r\nhotline-signature: {}\r\n\
+         hotline-content-sha256: {}\r\n",
+        north.key(),
+        "00".repeat(64),
+        "11".repeat(32)
+    );
+    for headers in [String::new(), forged] {
+        let tcp = tokio::net::TcpStream::connect(running.address)
+            .await
+            .unwrap();
+        let server = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = connector.connect(server, tcp).await.unwrap();
+        // 1 MiB announced, not one byte of it sent.
+        stream
+            .write_all(
+                format!(
+                    "POST {path} HTTP/1.1\r\nhost: relay\r\ncontent-length: 1048576\r\n{headers}\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let read = tokio::time::timeout(Duration::from_secs(3), stream.read(&mut answer))
+            .await
+            .expect("no answer without the body: the relay waited for it")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+        assert!(answer.contains("unauthenticated"), "{answer}");
+    }
     running.shutdown().await;
 }
