@@ -90,6 +90,73 @@ pub enum CardError {
     KeyPackageCreation(String),
 }
 
+const ARMOR_BEGIN: &str = "-----BEGIN HOTLINE CARD-----";
+const ARMOR_END: &str = "-----END HOTLINE CARD-----";
+
+/// A card as text, to mail or paste: the lines `Party:`, `Device:` and `Fingerprint:`
+/// (what the card claims, for people; the fingerprint read out of band decides at
+/// import), a blank line, then the card in base64, 64 columns, between `-----BEGIN
+/// HOTLINE CARD-----` and `-----END HOTLINE CARD-----`.
+pub fn armor(card: &[u8]) -> Result<String, CardError> {
+    use base64::Engine;
+    let claimed = CardIn::decode(card)?;
+    let info = claimed.claimed();
+    // Names from a card are shown, never acted on: no control characters in the text.
+    let plain = |text: &str| -> String {
+        text.chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect()
+    };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(card);
+    let mut text = format!(
+        "{ARMOR_BEGIN}\nParty: {}\nDevice: {}\nFingerprint: {}\n\n",
+        plain(&info.party),
+        plain(&info.device),
+        info.fingerprint()
+    );
+    for line in encoded.as_bytes().chunks(64) {
+        text.push_str(&String::from_utf8_lossy(line));
+        text.push('\n');
+    }
+    text.push_str(ARMOR_END);
+    text.push('\n');
+    Ok(text)
+}
+
+/// The card in `bytes`: armoured text as [`armor`] writes it (surrounding text and
+/// whitespace allowed), or the binary card as it is.
+pub fn dearmor(bytes: &[u8]) -> Result<Vec<u8>, CardError> {
+    use base64::Engine;
+    let malformed = |reason| {
+        CardError::from(DecodeError::Invalid {
+            field: "armoured card",
+            reason,
+        })
+    };
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(bytes.to_vec());
+    };
+    let Some(start) = text.find(ARMOR_BEGIN) else {
+        return Ok(bytes.to_vec());
+    };
+    let body = &text[start + ARMOR_BEGIN.len()..];
+    let end = body
+        .find(ARMOR_END)
+        .ok_or_else(|| malformed("no END line"))?;
+    // The header lines end at the first blank line; the rest is base64.
+    let body = &body[..end];
+    let encoded: String = match body.find("\n\n").or_else(|| body.find("\r\n\r\n")) {
+        Some(blank) => &body[blank..],
+        None => body,
+    }
+    .chars()
+    .filter(|c| !c.is_whitespace())
+    .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .map_err(|_| malformed("not base64"))
+}
+
 /// A card as received: nothing in it is trusted yet.
 #[derive(Debug, Clone)]
 pub struct CardIn {
@@ -381,6 +448,31 @@ mod tests {
         let signature = identity.sign(&signed_message(writer.as_bytes()));
         writer.fixed(&signature);
         writer.into_bytes()
+    }
+
+    #[test]
+    fn an_armoured_card_reads_back_as_the_binary_card() {
+        let provider = OpenMlsRustCrypto::default();
+        let identity = DeviceIdentity::generate("north", "desk", &mut rand::rngs::OsRng).unwrap();
+        let card = create_card(&identity, &provider, 2, &[]).unwrap();
+        let text = armor(&card).unwrap();
+        let fingerprint = identity.info().fingerprint();
+        assert!(
+            text.contains(&format!(
+                "Party: north\nDevice: desk\nFingerprint: {fingerprint}\n\n"
+            )),
+            "{text}"
+        );
+        assert_eq!(dearmor(text.as_bytes()).unwrap(), card);
+        // Pasted into a mail: text around it, lines re-wrapped, CRLF.
+        let mailed = format!("Hello,\r\n\r\n{}\r\nRegards", text.replace('\n', "\r\n"));
+        assert_eq!(dearmor(mailed.as_bytes()).unwrap(), card);
+        // The binary card passes through; a cut armour or bad base64 is refused.
+        assert_eq!(dearmor(&card).unwrap(), card);
+        let cut = &text[..text.len() - 20];
+        assert!(dearmor(cut.as_bytes()).is_err());
+        let garbled = text.replace("\n\n", "\n\n!!!");
+        assert!(dearmor(garbled.as_bytes()).is_err());
     }
 
     #[test]

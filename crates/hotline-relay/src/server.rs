@@ -1125,9 +1125,34 @@ async fn authenticate_first<S: RelayStorage>(
     );
     match verified {
         Ok(verified) => VERIFIED.scope(verified, next.run(request)).await,
-        Err(error) => state.reject(error.into()).into_response(),
+        Err(error) => {
+            let mut refused = state.reject(error.into()).into_response();
+            // A small body already on its way is drained (briefly, never kept), so that
+            // the client reads the refusal rather than a reset connection; a larger
+            // one is not waited for: the connection closes after the answer.
+            let small = request
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                .is_some_and(|len| len <= DRAIN_LIMIT);
+            if small {
+                let drain = axum::body::to_bytes(request.into_body(), DRAIN_LIMIT);
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            } else {
+                refused.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
+            refused
+        }
     }
 }
+
+/// The most of an unauthenticated request's body drained (and dropped) so that its
+/// sender reads the refusal, and for how long at most.
+const DRAIN_LIMIT: usize = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// The relay's key rotations (public: each statement is signed by the key before it),
 /// for devices that still pin an earlier key.

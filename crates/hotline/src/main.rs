@@ -420,19 +420,39 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum CardCommand {
-    /// Write this device's contact card (to stdout without --out).
-    #[command(after_help = "Example:\n  hotline card export --out north.card")]
+    /// Write this device's contact card: to a terminal as armoured text (to paste into
+    /// a mail), to a file or a pipe as binary (unless --armor).
+    #[command(after_help = "Examples:
+  hotline card export --out north.card
+  hotline card export --armor --out north.card.txt
+  hotline card export            # armoured text, on a terminal")]
     Export {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace FILE if it exists.
         #[arg(long, requires = "out")]
         force: bool,
+        /// Armoured text (BEGIN HOTLINE CARD), wherever it goes.
+        #[arg(long, conflicts_with = "binary")]
+        armor: bool,
+        /// Binary, even to a terminal.
+        #[arg(long)]
+        binary: bool,
         /// Print what was written as JSON (with --out: the card itself goes to the file).
         #[arg(long, requires = "out")]
         json: bool,
     },
-    /// Import a contact card; refused unless FP is the card's fingerprint.
+    /// What a card (binary or armoured) claims, before importing it: party, device,
+    /// fingerprint, relays. Nothing in it is trusted until its fingerprint is read out
+    /// of band.
+    #[command(after_help = "Example:\n  hotline card show south.card")]
+    Show {
+        file: PathBuf,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Import a contact card (binary or armoured); refused unless FP is the card's
+    /// fingerprint.
     Import {
         file: PathBuf,
         /// The fingerprint the card's owner read to you out of band.
@@ -728,9 +748,19 @@ fn main() -> ExitCode {
             json,
         } => device::init(&home, &party, &device, &relays, json.json),
         Command::Id { json } => device::id(&home, json.json),
-        Command::Card(CardCommand::Export { out, force, json }) => {
-            device::card_export(&home, out.as_deref(), force, json)
+        Command::Card(CardCommand::Export {
+            out,
+            force,
+            armor,
+            binary,
+            json,
+        }) => {
+            // Armoured on a terminal (never binary there), binary elsewhere, unless asked.
+            use std::io::IsTerminal;
+            let armored = armor || (!binary && out.is_none() && std::io::stdout().is_terminal());
+            device::card_export(&home, out.as_deref(), force, armored, json)
         }
+        Command::Card(CardCommand::Show { file, json }) => device::card_show(&file, json.json),
         Command::Card(CardCommand::Import {
             file,
             fingerprint,

@@ -62,17 +62,36 @@ fn two_devices(dir: &Path) -> (PathBuf, PathBuf) {
         json(&ok(&north, &["id", "--json"]))["fingerprint"],
         north_id["fingerprint"]
     );
+    // North's card travels as armoured text (as in a mail), south's as binary.
     let card = json(&ok(
         &north,
         &[
             "card",
             "export",
+            "--armor",
             "--out",
             s(&dir.join("north.card")),
             "--json",
         ],
     ));
     assert_eq!(card["fingerprint"], north_id["fingerprint"]);
+    assert_eq!(card["armored"], true);
+    let text = std::fs::read_to_string(dir.join("north.card")).unwrap();
+    assert!(
+        text.starts_with("-----BEGIN HOTLINE CARD-----\nParty: north\n"),
+        "{text}"
+    );
+    assert!(text.trim_end().ends_with("-----END HOTLINE CARD-----"));
+    assert!(text.lines().all(|line| line.len() <= 64), "{text}");
+    // What it claims, before importing it.
+    let shown = json(&ok(
+        &south,
+        &["card", "show", s(&dir.join("north.card")), "--json"],
+    ));
+    assert_eq!(shown["party"], "north");
+    assert_eq!(shown["fingerprint"], north_id["fingerprint"]);
+    assert_eq!(shown["verified"], false);
+    assert_eq!(shown["inbox_capability"], true);
     ok(
         &south,
         &["card", "export", "--out", s(&dir.join("south.card"))],
