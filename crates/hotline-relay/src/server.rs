@@ -39,7 +39,7 @@ use crate::auth::{self, AuthError};
 use crate::storage::{Appended, Log, Membership, Quotas, RelayStorage, StorageError, Stored};
 pub use hotline_proto::batch::{MAX_BATCH, decode_batch, encode_batch};
 pub use hotline_proto::encode_messages;
-pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK};
+pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK, MAX_MESSAGE};
 
 /// How often the relay measures the bytes its logs hold (the storage bound counts this
 /// process's appends in between; other processes sharing the database are seen at the

@@ -34,6 +34,7 @@ mod device;
 mod inert;
 mod input;
 mod relay;
+mod settings;
 mod verify;
 
 /// Writes one line of text to stdout, inert; a closed pipe ends the process with
@@ -126,8 +127,9 @@ const EXIT_CODES: &[(u8, &str)] = &[
     )
 )]
 struct Cli {
-    /// The device's home directory [default: $HOTLINE_HOME, else $XDG_DATA_HOME/hotline]
-    #[arg(long, global = true, env = "HOTLINE_HOME")]
+    /// The device's home directory [default: $HOTLINE_HOME, else `home` in the settings
+    /// file, else $XDG_DATA_HOME/hotline]
+    #[arg(long, global = true)]
     home: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -292,8 +294,9 @@ enum Command {
         #[arg(long)]
         follow: bool,
         /// With --follow: seconds between full rounds (outbox pushed, all pulled).
-        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
-        round: u64,
+        /// [default: 10, or `round` in the settings]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        round: Option<u64>,
         /// Time between end-to-end link tests on every relay path, as 60 (seconds),
         /// 200ms, 5m; at least 100ms (kept; `status` judges paths by it).
         #[arg(long, value_name = "DURATION", value_parser = link_test_interval)]
@@ -390,6 +393,9 @@ enum Command {
         #[arg(long)]
         channel: Option<String>,
     },
+    /// This device's settings (`hotline config show`).
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the shell completion script for SHELL (bash, zsh, fish, elvish,
     /// powershell).
     #[command(after_help = "Examples:
@@ -413,6 +419,19 @@ enum Command {
     /// Play the whole story in memory: three parties, fingerprints, a channel,
     /// messages, receipts, export and offline verification.
     Demo {
+        #[command(flatten)]
+        json: Json,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// The device's effective settings and where each came from: --home, the
+    /// environment (HOTLINE_HOME, HOTLINE_ROUND, ...), the settings file
+    /// ($HOTLINE_CONFIG, else $XDG_CONFIG_HOME/hotline/config.toml), or the default. A
+    /// flag given to a command wins over all of them.
+    #[command(after_help = "Example:\n  hotline config show --json")]
+    Show {
         #[command(flatten)]
         json: Json,
     },
@@ -605,35 +624,126 @@ enum ChannelCommand {
     },
 }
 
+/// The relay's settings as flags (each also `HOTLINE_RELAY_<KEY>` and `key = ...` in the
+/// --config file; see `relay::SETTINGS` for the defaults).
+#[derive(Args, Debug)]
+struct RelaySettings {
+    /// A TOML file of settings, keys as the flags with `_` for `-` (data, listen,
+    /// max_message, ...); an unknown key is an error. [env: HOTLINE_RELAY_CONFIG]
+    #[arg(long, value_name = "FILE", env = "HOTLINE_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory of the relay's key, certificate and database (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data: Option<String>,
+    /// Address to listen on, as HOST:PORT (port 0 picks a free one).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Keep messages in PostgreSQL (a connection string, as in 'host=127.0.0.1
+    /// user=postgres dbname=hotline') instead of DIR/relay.db; several relay processes
+    /// may share one database.
+    #[arg(long, value_name = "CONNINFO")]
+    postgres: Option<String>,
+    /// The PostgreSQL schema of the relay's tables [default: hotline].
+    #[arg(long, value_name = "NAME")]
+    postgres_schema: Option<String>,
+    /// What the relay logs on stderr: error, warn, info (start, stop, a summary each
+    /// minute with activity, limits hit, storage failures) or debug (every refusal
+    /// with its reason and source); RUST_LOG, if a level, when not set. Never message
+    /// bytes or keys. [default: info]
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Connections served at once (members' and strangers' together; beyond, new ones
+    /// wait in the kernel's queue), 16 to 1,000,000. Each needs a file descriptor: the
+    /// relay raises its open-file limit to the hard limit at start. [default: 1024]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<String>,
+    /// Largest message, at most 1MiB (devices read no larger). [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    max_message: Option<String>,
+    /// Messages older than this are deleted even if not every member read them.
+    /// [default: 30d]
+    #[arg(long, value_name = "DURATION")]
+    retention: Option<String>,
+    /// Bytes one channel's log may hold (507 `quota` beyond). [default: 1GiB]
+    #[arg(long, value_name = "SIZE")]
+    quota_per_channel: Option<String>,
+    /// Bytes one device's inbox may hold. [default: 16MiB]
+    #[arg(long, value_name = "SIZE")]
+    quota_per_inbox: Option<String>,
+    /// Bytes the relay holds in all logs together (507 `storage-full` beyond).
+    /// [default: 32GiB]
+    #[arg(long, value_name = "SIZE")]
+    max_storage: Option<String>,
+    /// Requests a second one device may make, sustained (429 beyond). [default: 200]
+    #[arg(long, value_name = "N")]
+    requests_per_second: Option<String>,
+    /// Requests one device may make in a burst. [default: 400]
+    #[arg(long, value_name = "N")]
+    request_burst: Option<String>,
+    /// Bytes a second one device may have stored, sustained. [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    bytes_per_second: Option<String>,
+    /// Bytes one device may have stored in a burst. [default: 64MiB]
+    #[arg(long, value_name = "SIZE")]
+    byte_burst: Option<String>,
+    /// Time a connection has to finish its TLS handshake and request headers (or its
+    /// stream Hello). [default: 5s]
+    #[arg(long, value_name = "DURATION")]
+    handshake_timeout: Option<String>,
+}
+
+impl RelaySettings {
+    /// The effective settings: these flags, then the environment, the file, defaults.
+    fn resolve(&self) -> Result<settings::Settings, device::Failure> {
+        let given = [
+            ("data", &self.data),
+            ("listen", &self.listen),
+            ("postgres", &self.postgres),
+            ("postgres_schema", &self.postgres_schema),
+            ("log_level", &self.log_level),
+            ("max_connections", &self.max_connections),
+            ("max_message", &self.max_message),
+            ("retention", &self.retention),
+            ("quota_per_channel", &self.quota_per_channel),
+            ("quota_per_inbox", &self.quota_per_inbox),
+            ("max_storage", &self.max_storage),
+            ("requests_per_second", &self.requests_per_second),
+            ("request_burst", &self.request_burst),
+            ("bytes_per_second", &self.bytes_per_second),
+            ("byte_burst", &self.byte_burst),
+            ("handshake_timeout", &self.handshake_timeout),
+        ];
+        let flags = given
+            .into_iter()
+            .filter_map(|(key, value)| value.clone().map(|value| (key, value)))
+            .collect();
+        settings::Settings::resolve(relay::SETTINGS, &flags, self.config.as_deref())
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum RelayCommand {
     /// Serve a relay over HTTPS; prints its address (with the pin of its key).
+    /// Settings: flag > HOTLINE_RELAY_* > --config FILE > default (`relay config`
+    /// shows them).
+    #[command(after_help = "Examples:
+  hotline relay serve --data /var/lib/hotline-relay --listen 0.0.0.0:7443
+  hotline relay serve --config /etc/hotline/relay.toml
+  HOTLINE_RELAY_RETENTION=7d hotline relay serve --config /etc/hotline/relay.toml")]
     Serve {
-        /// Directory of the relay's certificate and database (created if missing).
-        #[arg(long)]
-        data: PathBuf,
-        /// Address to listen on, as HOST:PORT (port 0 picks a free one).
-        #[arg(long)]
-        listen: String,
-        /// Keep messages in PostgreSQL (a connection string, as in
-        /// 'host=127.0.0.1 user=postgres dbname=hotline') instead of DIR/relay.db;
-        /// several relay processes may share one database.
-        #[arg(long)]
-        postgres: Option<String>,
-        /// The PostgreSQL schema of the relay's tables.
-        #[arg(long, default_value = "hotline", requires = "postgres")]
-        postgres_schema: String,
-        /// What the relay logs on stderr: error, warn, info (default; start, stop, a
-        /// summary each minute with activity, limits hit, storage failures) or debug
-        /// (every refusal with its reason and source). RUST_LOG, if a level, when not
-        /// given. Never message bytes or keys.
-        #[arg(long)]
-        log_level: Option<String>,
-        /// Connections served at once (members' and strangers' together; beyond, new
-        /// ones wait in the kernel's queue). Each needs a file descriptor: the relay
-        /// raises its open-file limit to the hard limit (ulimit -Hn) at start.
-        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(16..=1_000_000))]
-        max_connections: u32,
+        #[command(flatten)]
+        settings: Box<RelaySettings>,
+    },
+    /// Print the relay's effective settings and where each came from (flag,
+    /// environment, file, default), without starting it.
+    #[command(
+        after_help = "Example:\n  hotline relay config --config /etc/hotline/relay.toml --json"
+    )]
+    Config {
+        #[command(flatten)]
+        settings: Box<RelaySettings>,
+        #[command(flatten)]
+        json: Json,
     },
     /// Print the address of the relay whose data is in DIR.
     Url {
@@ -712,6 +822,45 @@ fn link_test_interval(text: &str) -> Result<u64, String> {
     Ok(ms)
 }
 
+/// Seconds between full rounds of `sync --follow`: 1 to 3600.
+fn round_seconds(text: &str) -> Result<u64, String> {
+    text.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|seconds| (1..=3600).contains(seconds))
+        .ok_or_else(|| format!("{text:?} is not a number of seconds from 1 to 3600"))
+}
+
+/// `config show`: the device's settings, each with where it came from.
+fn show_device_settings(
+    settings: &settings::Settings,
+    json_output: bool,
+) -> Result<(), device::Failure> {
+    let file = settings::device_file();
+    if json_output {
+        for (spec, value, source) in settings.report() {
+            out_json!(serde_json::json!({"key": spec.key, "value": value,
+                "source": source.map(|s| s.describe()), "env": spec.env, "about": spec.help}));
+        }
+    } else {
+        match &file {
+            Some(path) => out!("settings file: {}", path.display()),
+            None => out!(
+                "settings file: none ($XDG_CONFIG_HOME/hotline/config.toml, or HOTLINE_CONFIG)"
+            ),
+        }
+        for (spec, value, source) in settings.report() {
+            out!(
+                "{:<20} {:<28} {}",
+                spec.key,
+                value.unwrap_or("-"),
+                source.map_or_else(|| format!("not set ({})", spec.env), |s| s.describe())
+            );
+        }
+    }
+    Ok(())
+}
+
 /// A record period or retention: a duration (10m, 1h, 7d), at least a second.
 fn record_period(text: &str) -> Result<u64, String> {
     device::parse_duration(text)
@@ -719,10 +868,30 @@ fn record_period(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{text:?} is not a duration of at least 1s, such as 1h or 7d"))
 }
 
+/// The device's settings: `--home`, then the environment, the settings file, defaults.
+fn device_settings(home: Option<&std::path::Path>) -> Result<settings::Settings, device::Failure> {
+    let flags = home
+        .map(|home| ("home", home.display().to_string()))
+        .into_iter()
+        .collect();
+    let mut settings =
+        settings::Settings::resolve(settings::DEVICE, &flags, settings::device_file().as_deref())?;
+    settings.default_to("home", device::default_home().display().to_string());
+    Ok(settings)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let home = cli.home.unwrap_or_else(device::default_home);
+    let settings = match device_settings(cli.home.as_deref()) {
+        Ok(settings) => settings,
+        Err(failure) => {
+            eprintln!("hotline: {}", failure.message);
+            return ExitCode::from(failure.code);
+        }
+    };
+    let home = PathBuf::from(settings.get("home").unwrap_or_default());
     let result = match cli.command {
+        Command::Config(ConfigCommand::Show { json }) => show_device_settings(&settings, json.json),
         Command::Demo { json } => return demo::run(json.json),
         Command::Completions { shell } => {
             clap_complete::generate(
@@ -886,20 +1055,33 @@ fn main() -> ExitCode {
         Command::Sync {
             follow,
             round,
-            link_test_interval,
+            link_test_interval: interval,
             record_every,
             link_test_retention,
             json,
-        } => device::sync(
-            &home,
-            follow.then_some(round),
-            device::LinkTestSettings {
-                interval_ms: link_test_interval,
-                record_period_ms: record_every,
-                retention_ms: link_test_retention,
-            },
-            json.json,
-        ),
+        } => (|| {
+            // A flag given wins; else the settings (environment, file).
+            let or_setting =
+                |given: Option<u64>, key, parse: fn(&str) -> Result<u64, String>| match given {
+                    Some(value) => Ok(Some(value)),
+                    None => settings.parse(key, |text| parse(text).ok(), "see hotline sync --help"),
+                };
+            let round = or_setting(round, "round", round_seconds)?.unwrap_or(10);
+            device::sync(
+                &home,
+                follow.then_some(round),
+                device::LinkTestSettings {
+                    interval_ms: or_setting(interval, "link_test_interval", link_test_interval)?,
+                    record_period_ms: or_setting(record_every, "record_every", record_period)?,
+                    retention_ms: or_setting(
+                        link_test_retention,
+                        "link_test_retention",
+                        record_period,
+                    )?,
+                },
+                json.json,
+            )
+        })(),
         Command::Status {
             undelivered_after,
             clear,
@@ -907,7 +1089,9 @@ fn main() -> ExitCode {
             json,
         } => device::status(
             &home,
-            undelivered_after.as_deref(),
+            undelivered_after
+                .as_deref()
+                .or(settings.get("undelivered_after")),
             clear,
             &clear_ids,
             json.json,
@@ -918,29 +1102,12 @@ fn main() -> ExitCode {
             force,
             json,
         } => device::export(&home, &channel, &out, force, json.json),
-        Command::Relay(RelayCommand::Serve {
-            data,
-            listen,
-            postgres,
-            postgres_schema,
-            log_level,
-            max_connections,
-        }) => {
-            let backend = match postgres.as_deref() {
-                Some(url) => relay::Backend::Postgres {
-                    url,
-                    schema: &postgres_schema,
-                },
-                None => relay::Backend::Sqlite,
-            };
-            relay::serve(
-                &data,
-                &listen,
-                backend,
-                log_level.as_deref(),
-                max_connections as usize,
-            )
-        }
+        Command::Relay(RelayCommand::Serve { settings }) => settings
+            .resolve()
+            .and_then(|settings| relay::serve(&settings)),
+        Command::Relay(RelayCommand::Config { settings, json }) => settings
+            .resolve()
+            .and_then(|settings| relay::show_settings(&settings, json.json)),
         Command::Relay(RelayCommand::Url { data, json }) => relay::url(&data, json.json),
         Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
         Command::Relay(RelayCommand::RotateKey { data, json }) => {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use hotline_relay::postgres::PostgresStorage;
 use hotline_relay::server::{self, Limits};
@@ -12,6 +13,7 @@ use hotline_relay::tls;
 use crate::device::Failure;
 use crate::exit;
 use crate::input;
+use crate::settings::{Settings, Source, Spec, parse_size};
 
 const ADDRESS_FILE: &str = "relay-address";
 
@@ -54,18 +56,230 @@ fn start_logging(level: Option<&str>) -> Result<(), Failure> {
     Ok(())
 }
 
-pub fn serve(
-    data: &Path,
-    listen: &str,
-    backend: Backend<'_>,
-    log_level: Option<&str>,
-    max_connections: usize,
-) -> Result<(), Failure> {
+/// The relay's settings: key (as in the --config file; the flag with `-` for `_`),
+/// environment variable, default.
+pub const SETTINGS: &[Spec] = &[
+    spec(
+        "data",
+        "HOTLINE_RELAY_DATA",
+        None,
+        "directory of the key, certificate and database",
+    ),
+    spec(
+        "listen",
+        "HOTLINE_RELAY_LISTEN",
+        None,
+        "HOST:PORT to listen on",
+    ),
+    spec(
+        "postgres",
+        "HOTLINE_RELAY_POSTGRES",
+        None,
+        "PostgreSQL connection string",
+    ),
+    spec(
+        "postgres_schema",
+        "HOTLINE_RELAY_POSTGRES_SCHEMA",
+        Some("hotline"),
+        "PostgreSQL schema",
+    ),
+    spec(
+        "log_level",
+        "HOTLINE_RELAY_LOG_LEVEL",
+        Some("info"),
+        "error, warn, info or debug",
+    ),
+    spec(
+        "max_connections",
+        "HOTLINE_RELAY_MAX_CONNECTIONS",
+        Some("1024"),
+        "connections at once",
+    ),
+    spec(
+        "max_message",
+        "HOTLINE_RELAY_MAX_MESSAGE",
+        Some("1MiB"),
+        "largest message",
+    ),
+    spec(
+        "retention",
+        "HOTLINE_RELAY_RETENTION",
+        Some("30d"),
+        "age at which messages go",
+    ),
+    spec(
+        "quota_per_channel",
+        "HOTLINE_RELAY_QUOTA_PER_CHANNEL",
+        Some("1GiB"),
+        "bytes per channel",
+    ),
+    spec(
+        "quota_per_inbox",
+        "HOTLINE_RELAY_QUOTA_PER_INBOX",
+        Some("16MiB"),
+        "bytes per inbox",
+    ),
+    spec(
+        "max_storage",
+        "HOTLINE_RELAY_MAX_STORAGE",
+        Some("32GiB"),
+        "bytes in all",
+    ),
+    spec(
+        "requests_per_second",
+        "HOTLINE_RELAY_REQUESTS_PER_SECOND",
+        Some("200"),
+        "per device",
+    ),
+    spec(
+        "request_burst",
+        "HOTLINE_RELAY_REQUEST_BURST",
+        Some("400"),
+        "per device",
+    ),
+    spec(
+        "bytes_per_second",
+        "HOTLINE_RELAY_BYTES_PER_SECOND",
+        Some("1MiB"),
+        "per device",
+    ),
+    spec(
+        "byte_burst",
+        "HOTLINE_RELAY_BYTE_BURST",
+        Some("64MiB"),
+        "per device",
+    ),
+    spec(
+        "handshake_timeout",
+        "HOTLINE_RELAY_HANDSHAKE_TIMEOUT",
+        Some("5s"),
+        "TLS and headers",
+    ),
+];
+
+const fn spec(
+    key: &'static str,
+    env: &'static str,
+    default: Option<&'static str>,
+    help: &'static str,
+) -> Spec {
+    Spec {
+        key,
+        env,
+        default,
+        help,
+    }
+}
+
+/// The relay's limits from its settings, each checked.
+fn limits_of(settings: &Settings) -> Result<Limits, Failure> {
+    let size = |key| settings.parse(key, parse_size, "a size such as 1MiB or 64KiB");
+    let duration = |key| {
+        settings.parse(
+            key,
+            |text| crate::device::parse_duration(text).map(Duration::from_millis),
+            "a duration such as 30s, 10m, 7d",
+        )
+    };
+    let number = |key| {
+        settings.parse(
+            key,
+            |text| {
+                text.trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| n.is_finite() && *n > 0.0)
+            },
+            "a positive number",
+        )
+    };
+    let usage = |message: String| Failure {
+        message,
+        code: exit::USAGE,
+    };
+    let defaults = Limits::default();
+    let max_connections = settings
+        .parse(
+            "max_connections",
+            |text| {
+                text.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (16..=1_000_000).contains(n))
+            },
+            "a number from 16 to 1000000",
+        )?
+        .unwrap_or(defaults.max_connections);
+    let max_message = size("max_message")?.unwrap_or(defaults.max_message as u64);
+    if max_message == 0 || max_message > hotline_relay::server::MAX_MESSAGE as u64 {
+        return Err(usage(format!(
+            "max_message {max_message} bytes: at most {} (devices read no larger)",
+            hotline_relay::server::MAX_MESSAGE
+        )));
+    }
+    Ok(Limits {
+        max_connections,
+        max_message: max_message as usize,
+        retention: duration("retention")?.unwrap_or(defaults.retention),
+        quota_per_log: size("quota_per_channel")?.unwrap_or(defaults.quota_per_log),
+        quota_per_inbox: size("quota_per_inbox")?.unwrap_or(defaults.quota_per_inbox),
+        max_storage: size("max_storage")?.unwrap_or(defaults.max_storage),
+        rate_per_second: number("requests_per_second")?.unwrap_or(defaults.rate_per_second),
+        rate_burst: number("request_burst")?.unwrap_or(defaults.rate_burst),
+        sender_bytes_per_second: size("bytes_per_second")?
+            .map_or(defaults.sender_bytes_per_second, |n| n as f64),
+        sender_burst_bytes: size("byte_burst")?.map_or(defaults.sender_burst_bytes, |n| n as f64),
+        header_timeout: duration("handshake_timeout")?.unwrap_or(defaults.header_timeout),
+        ..defaults
+    })
+}
+
+/// `relay config`: every setting, its value and where it came from (the limits
+/// checked as `serve` would).
+pub fn show_settings(settings: &Settings, json_output: bool) -> Result<(), Failure> {
+    limits_of(settings)?;
+    for (spec, value, source) in settings.report() {
+        let source = source.map(|s| s.describe());
+        if json_output {
+            out_json!(
+                serde_json::json!({"key": spec.key, "value": value, "source": source,
+                                         "env": spec.env, "about": spec.help})
+            );
+        } else {
+            out!(
+                "{:<20} {:<24} {}",
+                spec.key,
+                value.unwrap_or("-"),
+                source.unwrap_or_else(|| format!("not set ({})", spec.env))
+            );
+        }
+    }
+    Ok(())
+}
+
+pub fn serve(settings: &Settings) -> Result<(), Failure> {
+    let limits = limits_of(settings)?;
+    let data = std::path::PathBuf::from(settings.require("data")?);
+    let data = data.as_path();
+    let listen = settings.require("listen")?.to_owned();
+    let schema = settings.get("postgres_schema").unwrap_or("hotline");
+    let backend = match settings.get("postgres") {
+        Some(url) => Backend::Postgres { url, schema },
+        None => Backend::Sqlite,
+    };
+    // RUST_LOG still counts when the level is only the default.
+    let log_level = match settings
+        .report()
+        .iter()
+        .find(|(spec, ..)| spec.key == "log_level")
+    {
+        Some((_, Some(level), Some(source))) if **source != Source::Default => Some(*level),
+        _ => None,
+    };
     start_logging(log_level)?;
-    let listen: SocketAddr = listen.parse().map_err(|_| {
-        failure(format!(
-            "invalid --listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"
-        ))
+    let listen: SocketAddr = listen.parse().map_err(|_| Failure {
+        message: format!("invalid listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"),
+        code: exit::USAGE,
     })?;
     tls::install_provider();
     match server::raise_open_file_limit() {
@@ -81,10 +295,6 @@ pub fn serve(
         .map_err(|e| failure(e.to_string()))?;
     let config = tls::server_config(cert, key).map_err(|e| failure(e.to_string()))?;
     let config = (config, notary);
-    let limits = Limits {
-        max_connections,
-        ..Limits::default()
-    };
     let runtime =
         tokio::runtime::Runtime::new().map_err(|e| failure(format!("cannot start: {e}")))?;
     runtime.block_on(async {

@@ -189,3 +189,183 @@ fn the_systemd_units_pass_systemd_analyze_verify() {
         String::from_utf8_lossy(&verified.stderr)
     );
 }
+
+/// A `config --json` report (one object per setting) by key.
+fn by_key(report: &str) -> std::collections::BTreeMap<String, serde_json::Value> {
+    report
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).unwrap();
+            (value["key"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+/// `relay config` run with `args` and `env`: exit code, stdout, stderr.
+fn relay_config(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(["relay", "config"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env_remove("HOTLINE_RELAY_LISTEN")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn relay_settings_come_from_a_flag_the_environment_a_file_or_the_default() {
+    let dir = data_dir("relay-settings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    let data = dir.join("data");
+    std::fs::write(
+        &file,
+        format!(
+            "data = \"{}\"\nlisten = \"127.0.0.1:0\"\nretention = \"14d\"\nmax_message = 4096\nmax_storage = \"1GiB\"\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let (code, report, stderr) = relay_config(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--max-message",
+            "512KiB",
+            "--json",
+        ],
+        &[("HOTLINE_RELAY_RETENTION", "7d")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let settings = by_key(&report);
+    let seen = |key: &str| {
+        (
+            settings[key]["value"].as_str().unwrap_or("-").to_owned(),
+            settings[key]["source"].as_str().unwrap_or("-").to_owned(),
+        )
+    };
+    assert_eq!(seen("max_message"), ("512KiB".into(), "flag".into()));
+    assert_eq!(
+        seen("retention"),
+        ("7d".into(), "environment (HOTLINE_RELAY_RETENTION)".into())
+    );
+    assert_eq!(
+        seen("max_storage"),
+        ("1GiB".into(), format!("file ({})", file.display()))
+    );
+    assert_eq!(seen("quota_per_inbox"), ("16MiB".into(), "default".into()));
+    assert_eq!(seen("postgres"), ("-".into(), "-".into()));
+
+    // The relay runs from the file alone (its data and address there).
+    let relay = common::Relay::spawn({
+        let mut command = Command::new(assert_cmd::cargo::cargo_bin("hotline"));
+        command
+            .args(["relay", "serve", "--config"])
+            .arg(&file)
+            .env_remove("HOTLINE_RELAY_LISTEN")
+            .stderr(std::process::Stdio::null());
+        command
+    });
+    assert!(data.join("relay-key.der").exists());
+    relay.stop();
+
+    // Mistakes are usage errors (exit 2) that name what is wrong.
+    let unknown = dir.join("unknown.toml");
+    std::fs::write(&unknown, "listen = \"127.0.0.1:0\"\nmax_mesage = 1\n").unwrap();
+    let (code, _, stderr) = relay_config(&["--config", unknown.to_str().unwrap()], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("\"max_mesage\""), "{stderr}");
+    let (code, _, stderr) = relay_config(&["--retention", "forever"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        stderr.contains("retention \"forever\" from the flag"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = relay_config(&["--max-message", "2MiB"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    let serve = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .args(["relay", "serve", "--data"])
+        .arg(&data)
+        .env_remove("HOTLINE_RELAY_LISTEN")
+        .env_remove("HOTLINE_RELAY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&serve.stderr).contains("HOTLINE_RELAY_LISTEN"),
+        "{serve:?}"
+    );
+}
+
+#[test]
+fn device_settings_come_from_home_the_environment_a_file_or_the_default() {
+    let dir = data_dir("device-settings");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.toml");
+    let home = dir.join("from-file");
+    std::fs::write(
+        &file,
+        format!(
+            "home = \"{}\"\nround = 30\nundelivered_after = \"2m\"\n",
+            home.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+            .args(args)
+            .env("HOTLINE_CONFIG", &file)
+            .env_remove("HOTLINE_HOME")
+            .env_remove("HOTLINE_ROUND")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    // The home the file names is the one used.
+    let (code, _, stderr) = run(&["init", "--party", "north"], &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(home.join("hotline.db").exists() || home.read_dir().unwrap().next().is_some());
+    let (code, report, stderr) = run(&["config", "show", "--json"], &[("HOTLINE_ROUND", "20")]);
+    assert_eq!(code, 0, "{stderr}");
+    let settings = by_key(&report);
+    let file_source = format!("file ({})", file.display());
+    assert_eq!(settings["home"]["source"], file_source.as_str());
+    assert_eq!(settings["round"]["value"], "20");
+    assert_eq!(settings["round"]["source"], "environment (HOTLINE_ROUND)");
+    assert_eq!(settings["undelivered_after"]["value"], "2m");
+    assert_eq!(
+        settings["link_test_interval"]["value"],
+        serde_json::Value::Null
+    );
+    // --home beats all of them.
+    let other = dir.join("flag");
+    let (_, report, _) = run(
+        &[
+            "--home",
+            other.to_str().unwrap(),
+            "config",
+            "show",
+            "--json",
+        ],
+        &[("HOTLINE_HOME", "/nowhere")],
+    );
+    assert!(report.contains("\"source\":\"flag\""), "{report}");
+    // A value that does not parse, when used, and an unknown key, always: exit 2.
+    let (code, _, stderr) = run(&["sync"], &[("HOTLINE_ROUND", "often")]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("round \"often\""), "{stderr}");
+    std::fs::write(&file, "hoem = \"/tmp\"\n").unwrap();
+    let (code, _, stderr) = run(&["id"], &[]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("\"hoem\""), "{stderr}");
+}
