@@ -827,12 +827,24 @@ pub struct LinkTestSettings {
     pub retention_ms: Option<u64>,
 }
 
+/// What a following device logs on stderr (`sync --follow`): the level, and whether
+/// message text goes into the log (never by default).
+#[derive(Debug, Default)]
+pub struct Logging {
+    pub level: Option<String>,
+    pub show_text: bool,
+}
+
 pub fn sync(
     home: &Path,
     follow: Option<u64>,
     settings: LinkTestSettings,
+    logging: Logging,
     json_output: bool,
 ) -> Outcome {
+    if follow.is_some() {
+        crate::logging::start(logging.level.as_deref())?;
+    }
     hotline_relay::tls::install_provider();
     let mut store = Store::open(home)?;
     let _lock = store.home().lock_receiving()?;
@@ -868,11 +880,10 @@ pub fn sync(
         let mut first = true;
         // Whether each relay answered last time: its changes are events.
         let mut relays_up: std::collections::HashMap<String, bool> = Default::default();
+        tracing::info!(home = %home.display(), "following the line; stop with SIGTERM or Ctrl-C");
         let following = hotline_client::sync::follow(&mut store, &config, |report| {
-            if !json_output {
-                print_report(report, false, first);
-            }
-            print_events(report, json_output, &mut relays_up);
+            log_round(report, first);
+            print_events(report, json_output, logging.show_text, &mut relays_up);
             first = false;
             ControlFlow::Continue(())
         });
@@ -1051,9 +1062,37 @@ pub fn status(
 /// Prints what a followed report brings, one line (with `--json`, one object) per event:
 /// messages of other parties, deliveries and reads of this device's messages, alarms
 /// raised, invitations joined or refused, relays going down or coming back.
+/// A following device's round in the log: what moved (info), or nothing (debug).
+fn log_round(report: &SyncReport, first: bool) {
+    let moved = report.pushed + report.received + report.reoffered > 0
+        || !report.joined.is_empty()
+        || !report.refused.is_empty();
+    if moved || first {
+        tracing::info!(
+            pushed = report.pushed,
+            received = report.received,
+            reoffered = report.reoffered,
+            link_tests = report.link_tests,
+            "round"
+        );
+    } else {
+        tracing::debug!(link_tests = report.link_tests, "round");
+    }
+    for refused in &report.refused {
+        tracing::warn!("refused: {}", crate::inert::inert(refused));
+    }
+    for url in &report.rotated {
+        tracing::warn!(relay = %url, "the relay's key rotated: followed its signed statements");
+    }
+}
+
+/// The events of a following device's round: on stdout as JSON with `--json` (message
+/// text included: scripts asked for it), and always in the log on stderr, one line
+/// each (message text only with `--show-text`).
 fn print_events(
     report: &SyncReport,
     json_output: bool,
+    show_text: bool,
     relays_up: &mut std::collections::HashMap<String, bool>,
 ) {
     use hotline_client::line::LineEvent;
@@ -1072,12 +1111,21 @@ fn print_events(
                 json!({"event": "message", "channel": channel, "id": id.to_hex(), "from": from,
                        "text": text, "precedence": precedence.as_str(), "time_ms": time_ms,
                        "deadline_ms": deadline_ms}),
-                format!(
-                    "message {} in {channel} from {from}: {}{}",
-                    short(id),
-                    level_mark(*precedence),
-                    crate::inert::inert(text)
-                ),
+                if show_text {
+                    format!(
+                        "message {} in {channel} from {from}: {}{}",
+                        short(id),
+                        level_mark(*precedence),
+                        crate::inert::inert(text)
+                    )
+                } else {
+                    format!(
+                        "message {} in {channel} from {from}: {}{} characters",
+                        short(id),
+                        level_mark(*precedence),
+                        text.chars().count()
+                    )
+                },
             ),
             LineEvent::Escalated(escalation) => (
                 json!({"event": "escalated", "channel": escalation.channel,
@@ -1116,13 +1164,14 @@ fn print_events(
                 format!("read {} in {channel} by {by}", short(message)),
             ),
         };
-        emit_event(json_output, &object, &text);
+        emit_event(json_output, &object, &text, tracing::Level::INFO);
     }
     for (kind, relay, detail) in &report.alarms {
         emit_event(
             json_output,
             &json!({"event": "alarm", "kind": kind, "relay": relay, "detail": detail}),
             &format!("ALARM {kind} relay {relay}: {detail}"),
+            tracing::Level::WARN,
         );
     }
     for name in &report.joined {
@@ -1130,6 +1179,7 @@ fn print_events(
             json_output,
             &json!({"event": "joined", "channel": name}),
             &format!("joined channel {name}"),
+            tracing::Level::INFO,
         );
     }
     for (url, error) in &report.relays {
@@ -1145,15 +1195,25 @@ fn print_events(
             json_output,
             &json!({"event": "relay", "url": url, "state": if up { "up" } else { "down" }, "error": error}),
             &text,
+            if up {
+                tracing::Level::INFO
+            } else {
+                tracing::Level::WARN
+            },
         );
     }
 }
 
-fn emit_event(json_output: bool, object: &serde_json::Value, text: &str) {
+fn emit_event(json_output: bool, object: &serde_json::Value, text: &str, level: tracing::Level) {
     if json_output {
         out_json!(object);
+    }
+    // Inert: names and text from the other side never act on a terminal.
+    let line = crate::inert::inert(text);
+    if level == tracing::Level::WARN {
+        tracing::warn!("{line}");
     } else {
-        out!("{text}");
+        tracing::info!("{line}");
     }
 }
 

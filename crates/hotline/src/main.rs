@@ -33,6 +33,7 @@ mod demo;
 mod device;
 mod inert;
 mod input;
+mod logging;
 mod relay;
 mod settings;
 mod verify;
@@ -309,6 +310,15 @@ enum Command {
         /// (the default) (kept).
         #[arg(long, value_name = "DURATION", value_parser = record_period)]
         link_test_retention: Option<u64>,
+        /// With --follow: what goes to the log on stderr (timestamps, one line per
+        /// event: relay up or down, message received, alarm, round): error, warn, info
+        /// or debug (every round). [default: info, or HOTLINE_LOG_LEVEL, log_level in
+        /// the settings, RUST_LOG]
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+        /// With --follow: put message text in the log (it never goes there otherwise).
+        #[arg(long)]
+        show_text: bool,
         #[command(flatten)]
         json: Json,
     },
@@ -1058,6 +1068,8 @@ fn main() -> ExitCode {
             link_test_interval: interval,
             record_every,
             link_test_retention,
+            log_level,
+            show_text,
             json,
         } => (|| {
             // A flag given wins; else the settings (environment, file).
@@ -1078,6 +1090,10 @@ fn main() -> ExitCode {
                         "link_test_retention",
                         record_period,
                     )?,
+                },
+                device::Logging {
+                    level: log_level.or_else(|| settings.get("log_level").map(str::to_owned)),
+                    show_text,
                 },
                 json.json,
             )

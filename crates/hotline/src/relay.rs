@@ -33,29 +33,6 @@ pub enum Backend<'a> {
     Postgres { url: &'a str, schema: &'a str },
 }
 
-/// Logs to stderr, one line per event with its time: `level` (`--log-level`), else
-/// `RUST_LOG` if it names a level, else `info`.
-fn start_logging(level: Option<&str>) -> Result<(), Failure> {
-    let chosen = level
-        .map(str::to_owned)
-        .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".into());
-    let filter: tracing_subscriber::filter::LevelFilter =
-        chosen.trim().parse().map_err(|_| Failure {
-            message: format!(
-                "invalid log level {chosen:?}: use error, warn, info, debug, trace or off"
-            ),
-            code: exit::USAGE,
-        })?;
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .try_init();
-    Ok(())
-}
-
 /// The relay's settings: key (as in the --config file; the flag with `-` for `_`),
 /// environment variable, default.
 pub const SETTINGS: &[Spec] = &[
@@ -276,7 +253,7 @@ pub fn serve(settings: &Settings) -> Result<(), Failure> {
         Some((_, Some(level), Some(source))) if **source != Source::Default => Some(*level),
         _ => None,
     };
-    start_logging(log_level)?;
+    crate::logging::start(log_level)?;
     let listen: SocketAddr = listen.parse().map_err(|_| Failure {
         message: format!("invalid listen {listen:?}: use HOST:PORT, as in 127.0.0.1:8443"),
         code: exit::USAGE,

@@ -84,6 +84,12 @@ pub const DEVICE: &[Spec] = &[
         help: "sync: how long raw link tests are kept (kept)",
     },
     Spec {
+        key: "log_level",
+        env: "HOTLINE_LOG_LEVEL",
+        default: None,
+        help: "sync --follow: error, warn, info or debug (else RUST_LOG, else info)",
+    },
+    Spec {
         key: "undelivered_after",
         env: "HOTLINE_UNDELIVERED_AFTER",
         default: None,

@@ -369,3 +369,64 @@ fn device_settings_come_from_home_the_environment_a_file_or_the_default() {
     assert_eq!(code, 2);
     assert!(stderr.contains("\"hoem\""), "{stderr}");
 }
+
+#[test]
+fn a_following_device_logs_each_event_with_its_time_and_never_the_text() {
+    use std::io::BufRead;
+    let dir = data_dir("follow-log");
+    let relay = common::Relay::start(&dir.join("relay"));
+    let homes = common::verified_homes(&dir, &["north", "south"], &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    common::ok(
+        north,
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
+        ],
+    );
+    common::ok(north, &["sync"]);
+    common::ok(south, &["sync"]);
+    let mut follower = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
+        .env("HOTLINE_HOME", south)
+        .env_remove("RUST_LOG")
+        .args(["sync", "--follow", "--round", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(follower.stderr.take().unwrap());
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if send.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    common::ok(north, &["send", "crisis", "the words of the message"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut seen = Vec::new();
+    let received = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no message in the log: {seen:#?}"));
+        if line.contains("from north") {
+            break line;
+        }
+        seen.push(line);
+    };
+    let _ = follower.kill();
+    let _ = follower.wait();
+    // `2026-11-30T16:40:01.123456Z  INFO message 1a2b… in crisis from north: 24 characters`
+    assert!(received.starts_with("20"), "no timestamp: {received}");
+    assert!(received.contains(" INFO "), "{received}");
+    assert!(
+        !received.contains("the words"),
+        "message text in the log: {received}"
+    );
+    assert!(received.contains("24 characters"), "{received}");
+    assert!(
+        seen.iter().any(|line| line.contains("following the line")),
+        "{seen:#?}"
+    );
+}
