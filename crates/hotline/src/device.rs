@@ -761,21 +761,35 @@ pub fn cosign(home: &Path, channel: &str, json_output: bool) -> Outcome {
 }
 
 /// Marks `message` read, or with `None` the most urgent unread message.
-pub fn ack(home: &Path, channel: &str, message: Option<&str>) -> Outcome {
+pub fn ack(home: &Path, channel: &str, message: Option<&str>, json_output: bool) -> Outcome {
     let mut store = Store::open(home)?;
-    let receipt = match message {
-        Some(message) => store.ack(channel, message)?,
+    let (read, receipt) = match message {
+        Some(message) => (None, store.ack(channel, message)?),
         None => {
             let Some((read, receipt)) = store.ack_next(channel)? else {
-                eprintln!("nothing unread in {channel}");
+                if json_output {
+                    out_json!(json!({"channel": channel, "read": null, "receipt": null}));
+                } else {
+                    eprintln!("nothing unread in {channel}");
+                }
                 return Ok(());
             };
-            eprintln!("marked {} read", read.to_hex());
-            receipt
+            if !json_output {
+                eprintln!("marked {} read", read.to_hex());
+            }
+            (Some(read), receipt)
         }
     };
     // Durable now; handed to the relays at once, like a message.
     let (relayed, relays) = push_now(&mut store, channel)?;
+    if json_output {
+        out_json!(
+            json!({"channel": channel, "read": read.map(|id| id.to_hex()),
+                         "receipt": receipt.to_hex(), "relayed": relayed,
+                         "relays": relays.len()})
+        );
+        return Ok(());
+    }
     out!("{}", receipt.to_hex());
     if relays.is_empty() {
         eprintln!("stored; the channel has no relay: hand it over with hotline bundle export");

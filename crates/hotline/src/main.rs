@@ -210,6 +210,9 @@ struct Json {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create this device's identity and print its fingerprint.
+    #[command(
+        after_help = "Example:\n  hotline init --party north --device duty-desk --relay 'https://relay.example:7443/#sha256=…'"
+    )]
     Init {
         /// Your party (organisation, government, mediator).
         #[arg(long)]
@@ -224,6 +227,7 @@ enum Command {
         json: Json,
     },
     /// Show this device's party, device name and fingerprint.
+    #[command(after_help = "Example:\n  hotline id --json")]
     Id {
         #[command(flatten)]
         json: Json,
@@ -235,6 +239,9 @@ enum Command {
     #[command(subcommand)]
     Channel(ChannelCommand),
     /// Send a message; prints its id once it is stored durably.
+    #[command(
+        after_help = "Examples:\n  hotline send crisis 'Exercise ends at 18:00 UTC' --deadline 10m\n  hotline send crisis --precedence flash 'Call now'\n  hotline send crisis - < statement.txt"
+    )]
     Send {
         channel: String,
         /// The message; `-` reads it from standard input (up to 1 MiB, UTF-8).
@@ -263,6 +270,9 @@ enum Command {
         json: Json,
     },
     /// The transcript, with delivered and read state per party.
+    #[command(
+        after_help = "Examples:\n  hotline log crisis --last 20\n  hotline log crisis --unread"
+    )]
     Log {
         channel: String,
         /// Show the link tests too (hidden by default).
@@ -279,6 +289,9 @@ enum Command {
         json: Json,
     },
     /// Mark a message read (sends a read receipt).
+    #[command(
+        after_help = "Examples:\n  hotline ack crisis --next\n  hotline ack crisis 1a2b3c4d5e6f"
+    )]
     Ack {
         channel: String,
         /// The message id, or a unique prefix of at least 8 hex digits.
@@ -287,8 +300,13 @@ enum Command {
         /// Mark the most urgent unread message read (the first of log --unread).
         #[arg(long, conflicts_with = "message")]
         next: bool,
+        #[command(flatten)]
+        json: Json,
     },
     /// Push the outbox to the relays, pick up invitations, pull every channel.
+    #[command(
+        after_help = "Examples:\n  hotline sync\n  hotline sync --follow --link-test-interval 60s --log-level info"
+    )]
     Sync {
         /// Keep running: wait on every relay for new messages (long-poll), process each
         /// at once, push the outbox every --round; stops on Ctrl-C or SIGTERM.
@@ -325,6 +343,9 @@ enum Command {
     /// The line at a glance: each relay path (state, round trip, last success), each
     /// party (last heard), the backlog and the open alarms. Exits 3 while the line is
     /// down, 6 while an alarm is open.
+    #[command(
+        after_help = "Examples:\n  hotline status\n  hotline status --json --undelivered-after 5m"
+    )]
     Status {
         /// Age after which a message not delivered to every party raises an alarm
         /// (kept), as in 5m.
@@ -358,7 +379,8 @@ enum Command {
     },
     /// Verify an exported transcript offline, with nothing but the file.
     #[command(
-        after_help = "Exit codes: 0 verified, 1 unreadable file, 2 usage, 5 integrity failure \
+        after_help = "Example:\n  hotline verify crisis.hotline --expect 'north=12345 67890 12345 67890 12345 67890'\n\n\
+                      Exit codes: 0 verified, 1 unreadable file, 2 usage, 5 integrity failure \
                       (or parties other than --expect names)"
     )]
     Verify {
@@ -377,6 +399,7 @@ enum Command {
     },
     /// Cosign this device's settled transcript root now (also done every hour and
     /// before an export); the others cosign the same root when it is theirs too.
+    #[command(after_help = "Example:\n  hotline cosign crisis --json")]
     Cosign {
         channel: String,
         #[command(flatten)]
@@ -398,6 +421,7 @@ enum Command {
     /// The duty officer's screen: the line (relays, parties, alarms) and a channel's
     /// messages, live, receiving as `sync --follow` does; type to send. Needs a
     /// terminal.
+    #[command(after_help = "Example:\n  hotline console --channel crisis")]
     Console {
         /// The channel shown first (Tab moves to the next).
         #[arg(long)]
@@ -428,6 +452,7 @@ enum Command {
     },
     /// Play the whole story in memory: three parties, fingerprints, a channel,
     /// messages, receipts, export and offline verification.
+    #[command(after_help = "Examples:\n  hotline demo\n  hotline demo --json")]
     Demo {
         #[command(flatten)]
         json: Json,
@@ -482,6 +507,9 @@ enum CardCommand {
     },
     /// Import a contact card (binary or armoured); refused unless FP is the card's
     /// fingerprint.
+    #[command(
+        after_help = "Examples:\n  hotline card show south.card\n  hotline card import south.card --fingerprint '12345 67890 12345 67890 12345 67890'"
+    )]
     Import {
         file: PathBuf,
         /// The fingerprint the card's owner read to you out of band.
@@ -496,6 +524,7 @@ enum CardCommand {
 enum CodeCommand {
     /// Propose a code book (a JSON file, see docs/crisis-protocol.md) for the channel:
     /// adopted once every party signed it (hotline agree sign CHANNEL ID).
+    #[command(after_help = "Example:\n  hotline code adopt crisis --book codes.json")]
     Adopt {
         channel: String,
         #[arg(long, value_name = "FILE")]
@@ -508,6 +537,7 @@ enum CodeCommand {
     },
     /// The channel's adopted code book: each entry, its fields, its text in your
     /// language (HOTLINE_LANGUAGE, else the locale's).
+    #[command(after_help = "Example:\n  hotline code list crisis")]
     List {
         channel: String,
         #[command(flatten)]
@@ -519,6 +549,9 @@ enum CodeCommand {
 enum AgreeCommand {
     /// Propose a text for every party's signature (signed for yours at once); prints
     /// its id.
+    #[command(
+        after_help = "Example:\n  hotline agree propose crisis --text communique.en.txt --lang fr=communique.fr.txt --deadline 2h"
+    )]
     Propose {
         channel: String,
         /// The text (UTF-8, up to 1 MiB).
@@ -537,12 +570,14 @@ enum AgreeCommand {
         json: Json,
     },
     /// Sign an agreed text for your party: its exact bytes, every version.
+    #[command(after_help = "Example:\n  hotline agree sign crisis 1a2b3c4d5e6f")]
     Sign {
         channel: String,
         /// The proposal's id, or a unique prefix of at least 8 hex digits.
         id: String,
     },
     /// Reject an agreed text for your party.
+    #[command(after_help = "Example:\n  hotline agree reject crisis 1a2b3c4d5e6f")]
     Reject {
         channel: String,
         id: String,
@@ -550,12 +585,14 @@ enum AgreeCommand {
         reason: String,
     },
     /// The channel's agreed texts and where each stands.
+    #[command(after_help = "Example:\n  hotline agree list crisis --json")]
     List {
         channel: String,
         #[command(flatten)]
         json: Json,
     },
     /// One agreed text: every version, who signed and when, who it waits for.
+    #[command(after_help = "Example:\n  hotline agree show crisis 1a2b3c4d5e6f")]
     Show {
         channel: String,
         id: String,
@@ -567,6 +604,9 @@ enum AgreeCommand {
 #[derive(Subcommand, Debug)]
 enum ChannelCommand {
     /// Create a channel with every verified device of the named parties.
+    #[command(
+        after_help = "Example:\n  hotline channel create crisis --with south --with mediator --relay 'https://relay.example:7443/#sha256=…'"
+    )]
     Create {
         name: String,
         /// A party to invite (repeat for several).
@@ -587,6 +627,7 @@ enum ChannelCommand {
         json: Json,
     },
     /// Remove every device of a party from a channel (the channel's committer only).
+    #[command(after_help = "Example:\n  hotline channel remove crisis --party mediator")]
     Remove {
         name: String,
         #[arg(long)]
@@ -596,6 +637,9 @@ enum ChannelCommand {
     },
     /// Set a channel's relays (the channel's committer only); every member follows.
     /// Keep at least one relay across a change.
+    #[command(
+        after_help = "Example:\n  hotline channel relays crisis --relay 'https://relay.example:7443/#sha256=…' --relay backup='https://relay.example:7443/#sha256=…'"
+    )]
     Relays {
         name: String,
         /// A relay of the channel from now on (repeat for several), optionally named on
@@ -607,6 +651,9 @@ enum ChannelCommand {
     },
     /// The channel's handling times (read-by deadlines per precedence when a message
     /// gives none); the committer sets them for every member with the flags.
+    #[command(
+        after_help = "Examples:\n  hotline channel handling-times crisis --flash 5m --immediate 20m\n  hotline channel handling-times crisis"
+    )]
     HandlingTimes {
         name: String,
         #[arg(long, value_name = "DURATION")]
@@ -622,12 +669,14 @@ enum ChannelCommand {
     },
     /// Refresh this device's keys in a channel (forward secrecy, post-compromise
     /// security): a commit from the committer, a proposal from anyone else.
+    #[command(after_help = "Example:\n  hotline channel rekey crisis")]
     Rekey {
         name: String,
         #[command(flatten)]
         json: Json,
     },
     /// The channels of this device.
+    #[command(after_help = "Example:\n  hotline channel list --json")]
     List {
         #[command(flatten)]
         json: Json,
@@ -756,6 +805,7 @@ enum RelayCommand {
         json: Json,
     },
     /// Print the address of the relay whose data is in DIR.
+    #[command(after_help = "Example:\n  hotline relay url --data /var/lib/hotline-relay")]
     Url {
         #[arg(long)]
         data: PathBuf,
@@ -765,6 +815,9 @@ enum RelayCommand {
     /// Issue the relay a new certificate for the key it has: its address (the pin is
     /// the key's) stays the same, so no member needs a new one. Send the running relay
     /// SIGHUP (systemctl reload hotline-relay) or restart it to serve it.
+    #[command(
+        after_help = "Example:\n  hotline relay renew-cert --data /var/lib/hotline-relay && systemctl reload hotline-relay"
+    )]
     RenewCert {
         #[arg(long)]
         data: PathBuf,
@@ -801,6 +854,7 @@ enum RelayCommand {
 #[derive(Subcommand, Debug)]
 enum BundleCommand {
     /// Write every outgoing message not yet handed on into a file.
+    #[command(after_help = "Example:\n  hotline bundle export --out to-south.bundle")]
     Export {
         #[arg(long)]
         out: PathBuf,
@@ -811,6 +865,7 @@ enum BundleCommand {
         json: Json,
     },
     /// Receive the messages of a bundle file.
+    #[command(after_help = "Example:\n  hotline bundle import from-north.bundle")]
     Import {
         file: PathBuf,
         #[command(flatten)]
@@ -1060,8 +1115,11 @@ fn main() -> ExitCode {
             ..
         } => device::log(&home, &channel, link_tests, last, json.json),
         Command::Ack {
-            channel, message, ..
-        } => device::ack(&home, &channel, message.as_deref()),
+            channel,
+            message,
+            json,
+            ..
+        } => device::ack(&home, &channel, message.as_deref(), json.json),
         Command::Sync {
             follow,
             round,
@@ -1146,6 +1204,43 @@ fn main() -> ExitCode {
         Err(failure) => {
             eprintln!("hotline: {}", failure.message);
             ExitCode::from(failure.code)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every command a person runs (each leaf of the tree) shows an example in its
+    /// `--help`, and the top level lists the exit codes.
+    #[test]
+    fn every_command_has_an_example_and_the_exit_codes_are_listed() {
+        fn leaves(command: &clap::Command, path: String, out: &mut Vec<(String, bool)>) {
+            let mut any = false;
+            for sub in command.get_subcommands() {
+                any = true;
+                leaves(sub, format!("{path} {}", sub.get_name()), out);
+            }
+            if !any {
+                let example = command
+                    .get_after_help()
+                    .is_some_and(|help| help.to_string().contains("Example"));
+                out.push((path, example));
+            }
+        }
+        let command = <Cli as clap::CommandFactory>::command();
+        let mut found = Vec::new();
+        leaves(&command, "hotline".into(), &mut found);
+        let missing: Vec<&str> = found
+            .iter()
+            .filter(|(_, example)| !example)
+            .map(|(path, _)| path.as_str())
+            .collect();
+        assert!(missing.is_empty(), "no example in --help of: {missing:#?}");
+        let top = command.get_after_help().unwrap().to_string();
+        for code in 0..=6 {
+            assert!(top.contains(&format!("{code} ")), "exit code {code}: {top}");
         }
     }
 }

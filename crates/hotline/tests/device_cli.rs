@@ -179,7 +179,9 @@ fn the_whole_story_between_two_homes() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["from"], "north");
     assert_eq!(log[0]["text"], "The exercise ends at 18:00 UTC");
-    ok(&south, &["ack", "crisis", &id[..12]]);
+    let acked = json(&ok(&south, &["ack", "crisis", &id[..12], "--json"]));
+    assert_eq!(acked["channel"], "crisis");
+    assert_eq!(acked["receipt"].as_str().map(str::len), Some(64));
     ok(&south, &["bundle", "export", "--out", s(&dir.join("b2"))]);
     ok(&north, &["bundle", "import", s(&dir.join("b2"))]);
     let log: Vec<Value> = ok(&north, &["log", "crisis", "--json"])
