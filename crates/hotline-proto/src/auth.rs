@@ -42,10 +42,6 @@ pub enum AuthError {
     BodyMismatch,
 }
 
-fn request_message(method: &str, path: &str, time_ms: u64, body: &[u8]) -> Vec<u8> {
-    message_with_hash(method, path, time_ms, &Sha256::digest(body).into())
-}
-
 fn message_with_hash(method: &str, path: &str, time_ms: u64, hash: &[u8; 32]) -> Vec<u8> {
     format!(
         "hotline-relay-request-v1\n{method}\n{path}\n{time_ms}\n{}",
@@ -173,20 +169,14 @@ pub fn verify_request(
     body: &[u8],
     now_ms: u64,
 ) -> Result<DeviceKey, AuthError> {
-    let (Some(device), Some(time), Some(signature)) = (device, time, signature) else {
-        return Err(AuthError::Missing);
+    let content = hex::encode(Sha256::digest(body));
+    let headers = Headers {
+        device,
+        time,
+        signature,
+        content: Some(&content),
     };
-    let mut key = [0u8; 32];
-    hex::decode_to_slice(device, &mut key).map_err(|_| AuthError::Missing)?;
-    let time_ms: u64 = time.parse().map_err(|_| AuthError::Missing)?;
-    let mut sig = [0u8; 64];
-    hex::decode_to_slice(signature, &mut sig).map_err(|_| AuthError::Missing)?;
-    if time_ms.abs_diff(now_ms) > WINDOW_MS {
-        return Err(AuthError::Stale);
-    }
-    let key = DeviceKey(key);
-    keys.verify(&key, &request_message(method, path, time_ms, body), &sig)?;
-    Ok(key)
+    verify_headers(keys, headers, method, path, now_ms).map(|(key, _)| key)
 }
 
 /// The bytes a committer signs to register a channel's membership.

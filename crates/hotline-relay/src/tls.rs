@@ -144,32 +144,15 @@ pub fn load_or_create(
 /// the same): written beside the old one, synced, then renamed over it. The running
 /// relay serves it after SIGHUP or its next start.
 pub fn renew_certificate(dir: &Path) -> Result<CertificateDer<'static>, TlsError> {
-    let io = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| TlsError::Io { path, source }
-    };
     let key_path = dir.join(KEY);
-    let key = std::fs::read(&key_path).map_err(io(&key_path))?;
+    let key = std::fs::read(&key_path).map_err(io_error(&key_path))?;
     let failed = |e: rcgen::Error| TlsError::Certificate(e.to_string());
     let key_pair = rcgen::KeyPair::try_from(key.as_slice()).map_err(failed)?;
     let certificate =
         rcgen::CertificateParams::new(vec!["localhost".into(), "hotline-relay".into()])
             .and_then(|params| params.self_signed(&key_pair))
             .map_err(failed)?;
-    let (path, fresh) = (
-        dir.join(CERTIFICATE),
-        dir.join(format!("{CERTIFICATE}.new")),
-    );
-    let _ = std::fs::remove_file(&fresh);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&fresh)
-        .map_err(io(&fresh))?;
-    file.write_all(certificate.der()).map_err(io(&fresh))?;
-    file.sync_all().map_err(io(&fresh))?;
-    std::fs::rename(&fresh, &path).map_err(io(&path))?;
+    replace(&dir.join(CERTIFICATE), certificate.der())?;
     Ok(certificate.der().clone())
 }
 
