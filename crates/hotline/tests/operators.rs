@@ -375,16 +375,8 @@ fn a_following_device_logs_each_event_with_its_time_and_never_the_text() {
     use std::io::BufRead;
     let dir = data_dir("follow-log");
     let relay = common::Relay::start(&dir.join("relay"));
-    let homes = common::verified_homes(&dir, &["north", "south"], &relay.url);
+    let homes = common::two_parties_in_crisis(&dir, &relay.url);
     let (north, south) = (&homes[0], &homes[1]);
-    common::ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &relay.url,
-        ],
-    );
-    common::ok(north, &["sync"]);
-    common::ok(south, &["sync"]);
     let mut follower = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
         .env("HOTLINE_HOME", south)
         .env_remove("RUST_LOG")

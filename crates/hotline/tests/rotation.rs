@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{Relay, data_dir, ok, verified_homes};
+use common::{Relay, data_dir, ok, two_parties_in_crisis};
 
 fn relay_url(data: &std::path::Path) -> String {
     let output = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
@@ -23,16 +23,8 @@ fn a_renewed_certificate_keeps_every_member_connected() {
     let data = dir.join("relay");
     let relay = Relay::start(&data);
     let url = relay.url.clone();
-    let homes = verified_homes(&dir, &["north", "south"], &url);
+    let homes = two_parties_in_crisis(&dir, &url);
     let (north, south) = (&homes[0], &homes[1]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &url,
-        ],
-    );
-    ok(north, &["sync"]);
-    ok(south, &["sync"]);
     ok(north, &["send", "crisis", "before the renewal"]);
     ok(north, &["sync"]);
     let certificate = std::fs::read(data.join("relay-cert.der")).unwrap();
@@ -160,16 +152,8 @@ fn a_rotated_key_is_followed_and_an_unsigned_one_refused() {
     let data = dir.join("relay");
     let relay = Relay::start(&data);
     let url = relay.url.clone();
-    let homes = verified_homes(&dir, &["north", "south"], &url);
+    let homes = two_parties_in_crisis(&dir, &url);
     let (north, south) = (&homes[0], &homes[1]);
-    ok(
-        north,
-        &[
-            "channel", "create", "crisis", "--with", "south", "--relay", &url,
-        ],
-    );
-    ok(north, &["sync"]);
-    ok(south, &["sync"]);
     ok(north, &["send", "crisis", "before the rotation"]);
     ok(north, &["sync"]);
     let address = relay.address();

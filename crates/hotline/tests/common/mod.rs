@@ -153,6 +153,21 @@ pub fn three_parties_in_crisis(dir: &Path, relay: &str) -> Vec<std::path::PathBu
     homes
 }
 
+/// North and south, verified, in channel `crisis` on `relay`, both synced once.
+pub fn two_parties_in_crisis(dir: &Path, relay: &str) -> Vec<std::path::PathBuf> {
+    let homes = verified_homes(dir, &["north", "south"], relay);
+    ok(
+        &homes[0],
+        &[
+            "channel", "create", "crisis", "--with", "south", "--relay", relay,
+        ],
+    );
+    for home in &homes {
+        ok(home, &["sync"]);
+    }
+    homes
+}
+
 /// `hotline sync --follow --json` running in a home, its report lines read as they come.
 pub struct Follower {
     pub child: Child,
