@@ -88,8 +88,12 @@ impl Store {
                     }
                     Err(error) => return Err(error),
                 };
-                // A commit or proposal waits: nothing can be sealed in this channel now.
-                if channel.has_pending_commit() || channel.has_pending_proposals() {
+                // A commit or proposal waits, or a restored channel catches up: nothing
+                // can be sealed in this channel now.
+                if channel.has_pending_commit()
+                    || channel.has_pending_proposals()
+                    || channel.hold().is_some()
+                {
                     cache.channels.insert(channel_id, channel);
                     continue;
                 }

@@ -469,22 +469,35 @@ impl Store {
     /// the moment (relay down, deadline, undelivered) clear when their cause does.
     pub fn clear_alarms(&mut self) -> Result<usize, StoreError> {
         let now = self.now() as i64;
-        self.transact(|connection, _, _| {
-            Ok(connection.execute(
-                "UPDATE alarms SET cleared_ms = ?1 WHERE cleared_ms IS NULL",
-                [now],
-            )?)
+        self.transact(|connection, _, cache| {
+            let kinds: Vec<String> = connection
+                .prepare(
+                    "UPDATE alarms SET cleared_ms = ?1 WHERE cleared_ms IS NULL RETURNING kind",
+                )?
+                .query_map([now], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            if kinds.iter().any(|kind| kind == "cloned") {
+                crate::backup::release_sent_elsewhere(connection, cache)?;
+            }
+            Ok(kinds.len())
         })
     }
 
     /// Clears the open stored alarm `id` (its evidence stays); false if there is none.
     pub fn clear_alarm(&mut self, id: u64) -> Result<bool, StoreError> {
         let now = self.now() as i64;
-        self.transact(|connection, _, _| {
-            Ok(connection.execute(
-                "UPDATE alarms SET cleared_ms = ?1 WHERE id = ?2 AND cleared_ms IS NULL",
-                params![now, id as i64],
-            )? == 1)
+        self.transact(|connection, _, cache| {
+            let kind: Option<String> = connection
+                .prepare(
+                    "UPDATE alarms SET cleared_ms = ?1 WHERE id = ?2 AND cleared_ms IS NULL
+                     RETURNING kind",
+                )?
+                .query_row(params![now, id as i64], |row| row.get(0))
+                .optional()?;
+            if kind.as_deref() == Some("cloned") {
+                crate::backup::release_sent_elsewhere(connection, cache)?;
+            }
+            Ok(kind.is_some())
         })
     }
 

@@ -89,6 +89,7 @@ impl Store {
             )?;
             crate::line::note_arrivals(connection, &channel, &identity.key(), &events, now)?;
             if channel.is_committer()
+                && channel.hold().is_none()
                 && channel.has_pending_proposals()
                 && !channel.has_pending_commit()
                 && let Some(commit) = channel.commit_proposals(&provider, identity)?

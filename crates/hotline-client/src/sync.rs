@@ -453,23 +453,26 @@ async fn pull(
         return Ok(());
     };
     let start = store.cursor(watch.url(), &watch.log())?;
-    loop {
+    let reached_end = loop {
         let after = store.cursor(watch.url(), &watch.log())?;
         match watch.fetch(&client, identity, after, Duration::ZERO).await {
-            Ok(messages) if messages.is_empty() => break,
+            Ok(messages) if messages.is_empty() => break true,
             Ok(messages) => {
                 apply(store, watch, messages, report)?;
                 if store.cursor(watch.url(), &watch.log())? == after {
                     // Nothing passed the cursor (a relay serving what it served before):
                     // asking again would only get the same.
-                    break;
+                    break true;
                 }
             }
             Err(error) => {
                 note(report, watch.url(), Err(error));
-                break;
+                break false;
             }
         }
+    };
+    if let (true, Watch::Channel { url, channel }) = (reached_end, watch) {
+        store.caught_up(channel, url)?;
     }
     acknowledge(store, watch, &client, identity, start, report).await
 }
@@ -664,9 +667,18 @@ fn apply(
                                 Event::Forgery { .. } | Event::BadEnvelope { .. } => "altered",
                                 Event::Fork { .. } => "fork",
                                 Event::CheckpointMismatch { .. } => "checkpoint",
+                                Event::SentElsewhere { .. } => "cloned",
                                 _ => continue,
                             };
-                            let detail = format!("message {seq}: {event:?}");
+                            let detail = match event {
+                                Event::SentElsewhere { epoch } => format!(
+                                    "message {seq} (epoch {epoch}) is sealed as this device's, \
+                                     but this device did not send it: another copy of this \
+                                     device sends (a home restored from an older backup, or \
+                                     a copy of it), or a member forged the sender"
+                                ),
+                                _ => format!("message {seq}: {event:?}"),
+                            };
                             store.raise_alarm(found, url, None, &detail, &bytes)?;
                             report.alarms.push((found.into(), url.into(), detail));
                         }

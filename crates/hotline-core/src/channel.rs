@@ -157,6 +157,12 @@ pub enum Event {
         hash: [u8; 32],
         envelope: Option<(EnvelopeId, DeviceKey, u64)>,
     },
+    /// An application message sealed under this device's own MLS leaf that this device
+    /// did not send (it marks everything it sends): another copy of this device is
+    /// sending (a home restored from an older backup, or a copy of it), or a member
+    /// forged the sender (the sender field is encrypted to the whole group, not
+    /// signed). Nothing can be read from it: MLS never opens a device's own messages.
+    SentElsewhere { epoch: u64 },
 }
 
 /// Why a channel operation failed. On error, nothing changed.
@@ -181,6 +187,18 @@ pub enum ChannelError {
          run hotline sync until their messages arrive, then try again"
     )]
     AwaitingHistory,
+    #[error(
+        "this device was restored from a backup: it reads every relay of the channel to its end \
+         before it seals anything; run hotline sync with the relays reachable"
+    )]
+    CatchingUp,
+    #[error(
+        "this device sent messages after the backup it was restored from (they came back from \
+         the relays, sealed as its own): sealing from the backup's state would fork its chain in \
+         every member's record. Have a new device invited (docs/operations.md, \"Backup and \
+         restore\"), or clear the cloned alarm to seal anyway"
+    )]
+    SentElsewhere,
     #[error(
         "a membership change of this device waits for a relay to accept it; run hotline sync (with a relay reachable) first"
     )]
@@ -247,6 +265,20 @@ pub struct Channel {
     pending_commit: Option<PendingCommit>,
     /// Devices no longer in the group, with the epoch this device saw them gone at.
     departed: Vec<(DeviceKey, u64)>,
+    /// Why this device may not seal anything now, if it may not (see [`Hold`]).
+    hold: Option<Hold>,
+}
+
+/// Why a channel seals nothing for now: its state came from a backup, and sealing
+/// from a state older than this device's last message would spend MLS keys a second
+/// time and fork its chain in every member's record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Hold {
+    /// Restored from a backup: waits until every relay of the channel was read to its end.
+    CatchingUp,
+    /// While catching up, messages sealed as this device's arrived that it never sent
+    /// ([`Event::SentElsewhere`]): it sent after the backup was taken.
+    SentElsewhere,
 }
 
 /// Everything of a [`Channel`] but its MLS group (which lives in the provider's
@@ -272,6 +304,9 @@ pub struct ChannelSnapshot {
     /// transcripts are rebuilt from their envelopes once).
     #[serde(default)]
     transcript: Option<TranscriptState>,
+    /// Absent in snapshots of earlier versions: nothing held.
+    #[serde(default)]
+    hold: Option<Hold>,
 }
 
 impl ChannelSnapshot {
@@ -412,6 +447,7 @@ impl Channel {
             contacts: BTreeMap::new(),
             pending_commit: None,
             departed: Vec::new(),
+            hold: None,
         })
     }
 
@@ -488,6 +524,7 @@ impl Channel {
                 .collect(),
             pending_commit: None,
             departed: Vec::new(),
+            hold: None,
         })
     }
 
@@ -506,6 +543,7 @@ impl Channel {
             pending_commit: self.pending_commit.clone(),
             departed: self.departed.clone(),
             transcript: Some(self.transcript.state()),
+            hold: self.hold,
         }
     }
 
@@ -583,6 +621,7 @@ impl Channel {
             contacts: snapshot.contacts.into_iter().map(|i| (i.key, i)).collect(),
             pending_commit: snapshot.pending_commit,
             departed: snapshot.departed,
+            hold: snapshot.hold,
         }
         .with_departed_retired()
     }
@@ -627,6 +666,30 @@ impl Channel {
 
     pub fn is_committer(&self) -> bool {
         self.committer == self.me
+    }
+
+    /// Why this device seals nothing in this channel now, if it does not.
+    pub fn hold(&self) -> Option<Hold> {
+        self.hold
+    }
+
+    /// Stops sealing (messages, frames, resends, commits) until [`Channel::release`]:
+    /// for a state restored from a backup, until its relays were read.
+    pub fn hold_sealing(&mut self) {
+        self.hold = Some(Hold::CatchingUp);
+    }
+
+    /// Seals again.
+    pub fn release(&mut self) {
+        self.hold = None;
+    }
+
+    fn check_hold(&self) -> Result<(), ChannelError> {
+        match self.hold {
+            None => Ok(()),
+            Some(Hold::CatchingUp) => Err(ChannelError::CatchingUp),
+            Some(Hold::SentElsewhere) => Err(ChannelError::SentElsewhere),
+        }
     }
 
     pub fn is_active(&self) -> bool {
@@ -674,6 +737,7 @@ impl Channel {
         if !self.group.is_active() {
             return Err(ChannelError::NotAMember);
         }
+        self.check_hold()?;
         if self.has_pending_proposals() {
             return Err(ChannelError::AwaitingCommit);
         }
@@ -742,6 +806,7 @@ impl Channel {
         if !self.group.is_active() {
             return Err(ChannelError::NotAMember);
         }
+        self.check_hold()?;
         if self.has_pending_proposals() {
             return Err(ChannelError::AwaitingCommit);
         }
@@ -778,6 +843,7 @@ impl Channel {
         if !self.group.is_active() {
             return Err(ChannelError::NotAMember);
         }
+        self.check_hold()?;
         if self.has_pending_proposals() {
             return Err(ChannelError::AwaitingCommit);
         }
@@ -815,6 +881,7 @@ impl Channel {
         if !self.is_committer() {
             return Err(ChannelError::NotCommitter);
         }
+        self.check_hold()?;
         if self.pending_commit.is_some() {
             return Err(ChannelError::CommitPending);
         }
@@ -1150,6 +1217,17 @@ impl Channel {
                 events.extend(self.merge_commit(provider, leaf, *staged)?);
                 self.mark_processed(hash)?;
                 events.extend(self.drain_future(provider));
+            }
+            ProcessedMessageContent::OwnPrivateMessage => {
+                // Everything this device sends is marked processed (frames are
+                // remembered by the caller), so these bytes came from elsewhere.
+                self.mark_processed(hash)?;
+                if self.hold.is_some() {
+                    self.hold = Some(Hold::SentElsewhere);
+                }
+                events.push(Event::SentElsewhere {
+                    epoch: message_epoch,
+                });
             }
             ProcessedMessageContent::ExternalJoinProposalMessage(_) => {
                 return Err(ChannelError::Malformed(

@@ -39,7 +39,7 @@ pub const CIPHERSUITE: Ciphersuite = Ciphersuite::MLS_128_DHKEMX25519_AES128GCM_
 
 pub use agreement::{Agreement, Proposal};
 pub use card::{CardError, CardIn, VerifiedContact, create_card};
-pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Outgoing};
+pub use channel::{Channel, ChannelError, ChannelSnapshot, Event, Fresh, Hold, Outgoing};
 pub use cosign::Cosignature;
 pub use envelope::{
     Availability, Body, ChannelId, Coded, Envelope, EnvelopeId, Kind, MembershipNote, Message,

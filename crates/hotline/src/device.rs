@@ -10,7 +10,7 @@ use hotline_client::bundle;
 use hotline_client::store::{StoreError, relay_label};
 use hotline_client::sync::SyncReport;
 use hotline_client::{HomeError, Store};
-use hotline_core::{Body, Fingerprint, Message, Precedence};
+use hotline_core::{Body, ChannelError, Fingerprint, Message, Precedence};
 use serde_json::json;
 
 use crate::exit;
@@ -87,7 +87,7 @@ fn write_file(path: &Path, bytes: &[u8], what: &str, force: bool) -> Outcome {
 /// Opens `PATH.partial` (mode 0600) to be renamed over `path` once written. An
 /// existing `path` is refused (exit 2) unless `force`; an existing `PATH.partial` (an
 /// earlier write interrupted) is never deleted silently.
-fn create_private(
+pub(crate) fn create_private(
     path: &Path,
     what: &str,
     force: bool,
@@ -564,7 +564,15 @@ pub fn send(
     }
     let precedence = message.precedence;
     let mut store = Store::open(home)?;
-    let id = store.send(channel, Body::Message(message), deadline_ms)?;
+    let body = Body::Message(message);
+    let id = match store.send(channel, body.clone(), deadline_ms) {
+        // Restored from a backup: read the relays first, once.
+        Err(StoreError::Channel(ChannelError::CatchingUp)) => {
+            crate::backup::catch_up(&mut store, channel)?;
+            store.send(channel, body, deadline_ms)?
+        }
+        sent => sent?,
+    };
     // The message is durable now; try to hand it to the relays at once, briefly.
     let (relayed, relays) = push_now(&mut store, channel)?;
     if json_output {
@@ -645,7 +653,7 @@ pub fn level_mark(precedence: Precedence) -> String {
     }
 }
 
-fn format_time(ms: u64) -> String {
+pub(crate) fn format_time(ms: u64) -> String {
     let seconds = ms / 1000;
     let (days, rest) = (seconds / 86_400, seconds % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

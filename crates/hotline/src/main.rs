@@ -28,6 +28,7 @@ macro_rules! out_json {
 }
 
 mod agree;
+mod backup;
 mod console;
 mod demo;
 mod device;
@@ -374,6 +375,51 @@ enum Command {
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Write the whole device (identity, contacts, channels with their MLS state,
+    /// outbox, transcripts, settings) to one file encrypted with a passphrase (age).
+    #[command(after_help = "Examples:
+  hotline backup --out north-desk.backup
+  HOTLINE_PASSPHRASE=... hotline backup --out /srv/backups/north-desk.backup --force
+
+The passphrase comes from --passphrase-file, else HOTLINE_PASSPHRASE, else the
+terminal (asked twice); at least 12 characters. The copy is consistent while a
+follower runs. A device restored from it continues from this moment: see
+hotline restore --help.")]
+    Backup {
+        /// The file to write (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Read the passphrase from the first line of this file.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Bring a device back from a backup into a new home (--home).
+    #[command(after_help = "Example:
+  hotline --home /var/lib/hotline/north restore north-desk.backup
+
+The restored device is the one backed up: stop the old one for good first (two
+copies of one device fork its record). Messages others sent after the backup come
+again from the relays. Before it sends anything, each channel reads its relays to
+the end (hotline sync, or the first send does it). If it finds messages this
+device sent after the backup, it raises a `cloned` alarm and sends nothing in that
+channel: sending from the older state would fork its chain. Have a new device
+invited instead, or clear the alarm to send anyway.
+
+Exit codes: 0 restored, 1 wrong passphrase or unreadable file, 2 a device exists
+in the home, 5 the backup is damaged")]
+    Restore {
+        file: PathBuf,
+        /// Read the passphrase from the first line of this file.
+        #[arg(long, value_name = "FILE")]
+        passphrase_file: Option<PathBuf>,
         #[command(flatten)]
         json: Json,
     },
@@ -1176,6 +1222,17 @@ fn main() -> ExitCode {
             force,
             json,
         } => device::export(&home, &channel, &out, force, json.json),
+        Command::Backup {
+            out,
+            force,
+            passphrase_file,
+            json,
+        } => backup::backup(&home, &out, force, passphrase_file.as_deref(), json.json),
+        Command::Restore {
+            file,
+            passphrase_file,
+            json,
+        } => backup::restore(&home, &file, passphrase_file.as_deref(), json.json),
         Command::Relay(RelayCommand::Serve { settings }) => settings
             .resolve()
             .and_then(|settings| relay::serve(&settings)),

@@ -327,6 +327,11 @@ impl Store {
         &self.home
     }
 
+    /// The database connection, for reads outside a transaction.
+    pub(crate) fn connection(&self) -> &Connection {
+        &self.connection
+    }
+
     pub fn identity(&self) -> &DeviceIdentity {
         &self.identity
     }

@@ -266,7 +266,12 @@ pub(crate) fn reseal(
 ) -> Result<Option<OutboxItem>, StoreError> {
     let bytes = match channel.resend(provider, identity, id) {
         Ok(bytes) => bytes,
-        Err(ChannelError::AwaitingCommit | ChannelError::CommitPending) => return Ok(None),
+        Err(
+            ChannelError::AwaitingCommit
+            | ChannelError::CommitPending
+            | ChannelError::CatchingUp
+            | ChannelError::SentElsewhere,
+        ) => return Ok(None),
         Err(error) => return Err(error.into()),
     };
     connection.execute(

@@ -173,6 +173,13 @@ const MIGRATIONS: &[&str] = &[
         chain BLOB NOT NULL,
         learned_ms INTEGER NOT NULL
     ) WITHOUT ROWID;",
+    // Version 19: after a restore from a backup, the relays each channel still reads to
+    // its end before it seals again (see `crate::backup`).
+    "CREATE TABLE catch_up (
+        channel BLOB NOT NULL,
+        relay TEXT NOT NULL,
+        PRIMARY KEY (channel, relay)
+    ) WITHOUT ROWID;",
 ];
 
 /// Version 4.
