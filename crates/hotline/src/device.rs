@@ -266,7 +266,7 @@ pub fn card_show(file: &Path, json_output: bool) -> Outcome {
 pub fn card_import(home: &Path, file: &Path, fingerprint: &str, json_output: bool) -> Outcome {
     let fingerprint = Fingerprint::parse(fingerprint).map_err(|e| Failure {
         message: format!("{e}; type the 30 digits the card's owner read to you"),
-        code: exit::TRUST,
+        code: exit::USAGE,
     })?;
     let card = read_card(file)?;
     let mut store = Store::open(home)?;
@@ -930,10 +930,9 @@ pub fn status(
 ) -> Outcome {
     let mut store = Store::open(home)?;
     if let Some(after) = undelivered_after {
-        let ms = parse_duration(after).ok_or_else(|| {
-            failure(format!(
-                "invalid duration {after:?}: use a number and s, m, h or d, as in 5m"
-            ))
+        let ms = parse_duration(after).ok_or_else(|| Failure {
+            message: format!("invalid duration {after:?}: use a number and s, m, h or d, as in 5m"),
+            code: exit::USAGE,
         })?;
         store.set_undelivered_after(ms)?;
     }

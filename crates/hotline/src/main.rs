@@ -244,6 +244,7 @@ enum Command {
         after_help = "Examples:\n  hotline send crisis 'Exercise ends at 18:00 UTC' --deadline 10m\n  hotline send crisis --precedence flash 'Call now'\n  hotline send crisis - < statement.txt"
     )]
     Send {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// The message; `-` reads it from standard input (up to 1 MiB, UTF-8).
         #[arg(required_unless_present_any = ["file", "code"])]
@@ -275,6 +276,7 @@ enum Command {
         after_help = "Examples:\n  hotline log crisis --last 20\n  hotline log crisis --unread"
     )]
     Log {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// Show the link tests too (hidden by default).
         #[arg(long)]
@@ -294,6 +296,7 @@ enum Command {
         after_help = "Examples:\n  hotline ack crisis --next\n  hotline ack crisis 1a2b3c4d5e6f"
     )]
     Ack {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// The message id, or a unique prefix of at least 8 hex digits.
         #[arg(required_unless_present = "next")]
@@ -368,6 +371,7 @@ enum Command {
         after_help = "Example:\n  hotline export crisis --out crisis.hotline && hotline verify crisis.hotline"
     )]
     Export {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// The file to write (mode 0600: it holds every message in clear).
         #[arg(long)]
@@ -416,6 +420,7 @@ invited instead, or clear the alarm to send anyway.
 Exit codes: 0 restored, 1 wrong passphrase or unreadable file, 2 a device exists
 in the home, 5 the backup is damaged")]
     Restore {
+        /// The backup file (hotline backup --out).
         file: PathBuf,
         /// Read the passphrase from the first line of this file.
         #[arg(long, value_name = "FILE")]
@@ -430,6 +435,7 @@ in the home, 5 the backup is damaged")]
                       (or parties other than --expect names)"
     )]
     Verify {
+        /// An exported transcript (hotline export --out).
         file: PathBuf,
         /// List the record: every message with its sender, time, precedence, who holds
         /// and who read it, and whether its sender's own signature proves it; the
@@ -447,6 +453,7 @@ in the home, 5 the backup is damaged")]
     /// before an export); the others cosign the same root when it is theirs too.
     #[command(after_help = "Example:\n  hotline cosign crisis --json")]
     Cosign {
+        /// The channel's name (hotline channel list).
         channel: String,
         #[command(flatten)]
         json: Json,
@@ -483,6 +490,7 @@ in the home, 5 the backup is damaged")]
   hotline completions zsh > ~/.zfunc/_hotline
   hotline completions fish > ~/.config/fish/completions/hotline.fish")]
     Completions {
+        /// The shell to write completions for.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
@@ -527,6 +535,7 @@ enum CardCommand {
   hotline card export --armor --out north.card.txt
   hotline card export            # armoured text, on a terminal")]
     Export {
+        /// The file to write (mode 0600); standard output without it.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Replace FILE if it exists.
@@ -547,6 +556,7 @@ enum CardCommand {
     /// of band.
     #[command(after_help = "Example:\n  hotline card show south.card")]
     Show {
+        /// A card file, armoured text or binary.
         file: PathBuf,
         #[command(flatten)]
         json: Json,
@@ -557,6 +567,7 @@ enum CardCommand {
         after_help = "Examples:\n  hotline card show south.card\n  hotline card import south.card --fingerprint '12345 67890 12345 67890 12345 67890'"
     )]
     Import {
+        /// The card file, armoured text or binary.
         file: PathBuf,
         /// The fingerprint the card's owner read to you out of band.
         #[arg(long)]
@@ -572,7 +583,9 @@ enum CodeCommand {
     /// adopted once every party signed it (hotline agree sign CHANNEL ID).
     #[command(after_help = "Example:\n  hotline code adopt crisis --book codes.json")]
     Adopt {
+        /// The channel's name (hotline channel list).
         channel: String,
+        /// The code book, a JSON file (docs/crisis-protocol.md).
         #[arg(long, value_name = "FILE")]
         book: PathBuf,
         /// Expires unless every party signed within this time.
@@ -585,6 +598,7 @@ enum CodeCommand {
     /// language (HOTLINE_LANGUAGE, else the locale's).
     #[command(after_help = "Example:\n  hotline code list crisis")]
     List {
+        /// The channel's name (hotline channel list).
         channel: String,
         #[command(flatten)]
         json: Json,
@@ -599,6 +613,7 @@ enum AgreeCommand {
         after_help = "Example:\n  hotline agree propose crisis --text communique.en.txt --lang fr=communique.fr.txt --deadline 2h"
     )]
     Propose {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// The text (UTF-8, up to 1 MiB).
         #[arg(long, value_name = "FILE")]
@@ -618,6 +633,7 @@ enum AgreeCommand {
     /// Sign an agreed text for your party: its exact bytes, every version.
     #[command(after_help = "Example:\n  hotline agree sign crisis 1a2b3c4d5e6f")]
     Sign {
+        /// The channel's name (hotline channel list).
         channel: String,
         /// The proposal's id, or a unique prefix of at least 8 hex digits.
         id: String,
@@ -625,14 +641,18 @@ enum AgreeCommand {
     /// Reject an agreed text for your party.
     #[command(after_help = "Example:\n  hotline agree reject crisis 1a2b3c4d5e6f")]
     Reject {
+        /// The channel's name (hotline channel list).
         channel: String,
+        /// The text's id, or a prefix of it (hotline agree list).
         id: String,
+        /// Why, in words that go into the record.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// The channel's agreed texts and where each stands.
     #[command(after_help = "Example:\n  hotline agree list crisis --json")]
     List {
+        /// The channel's name (hotline channel list).
         channel: String,
         #[command(flatten)]
         json: Json,
@@ -640,7 +660,9 @@ enum AgreeCommand {
     /// One agreed text: every version, who signed and when, who it waits for.
     #[command(after_help = "Example:\n  hotline agree show crisis 1a2b3c4d5e6f")]
     Show {
+        /// The channel's name (hotline channel list).
         channel: String,
+        /// The text's id, or a prefix of it (hotline agree list).
         id: String,
         #[command(flatten)]
         json: Json,
@@ -654,6 +676,7 @@ enum ChannelCommand {
         after_help = "Example:\n  hotline channel create crisis --with south --with mediator --relay 'https://relay.example:7443/#sha256=…'"
     )]
     Create {
+        /// The new channel's name (on this device; each member keeps the name it was given).
         name: String,
         /// A party to invite (repeat for several).
         #[arg(long = "with", required = true)]
@@ -668,6 +691,7 @@ enum ChannelCommand {
     /// Join from an invitation (a bundle holding a Welcome for this device).
     #[command(after_help = "Example:\n  hotline channel join invitation.bundle")]
     Join {
+        /// An invitation file (hotline bundle export on the inviter's device).
         file: PathBuf,
         #[command(flatten)]
         json: Json,
@@ -675,7 +699,9 @@ enum ChannelCommand {
     /// Remove every device of a party from a channel (the channel's committer only).
     #[command(after_help = "Example:\n  hotline channel remove crisis --party mediator")]
     Remove {
+        /// The channel's name (hotline channel list).
         name: String,
+        /// The party whose devices leave the channel.
         #[arg(long)]
         party: String,
         #[command(flatten)]
@@ -687,6 +713,7 @@ enum ChannelCommand {
         after_help = "Example:\n  hotline channel relays crisis --relay 'https://relay.example:7443/#sha256=…' --relay backup='https://relay.example:7443/#sha256=…'"
     )]
     Relays {
+        /// The channel's name (hotline channel list).
         name: String,
         /// A relay of the channel from now on (repeat for several), optionally named on
         /// this device as NAME=URL.
@@ -701,13 +728,18 @@ enum ChannelCommand {
         after_help = "Examples:\n  hotline channel handling-times crisis --flash 5m --immediate 20m\n  hotline channel handling-times crisis"
     )]
     HandlingTimes {
+        /// The channel's name (hotline channel list).
         name: String,
+        /// How long a FLASH message may wait unread before it escalates (10s, 5m, 2h).
         #[arg(long, value_name = "DURATION")]
         flash: Option<String>,
+        /// How long an IMMEDIATE message may wait unread.
         #[arg(long, value_name = "DURATION")]
         immediate: Option<String>,
+        /// How long a PRIORITY message may wait unread.
         #[arg(long, value_name = "DURATION")]
         priority: Option<String>,
+        /// How long a ROUTINE message may wait unread.
         #[arg(long, value_name = "DURATION")]
         routine: Option<String>,
         #[command(flatten)]
@@ -717,6 +749,7 @@ enum ChannelCommand {
     /// security): a commit from the committer, a proposal from anyone else.
     #[command(after_help = "Example:\n  hotline channel rekey crisis")]
     Rekey {
+        /// The channel's name (hotline channel list).
         name: String,
         #[command(flatten)]
         json: Json,
@@ -853,6 +886,7 @@ enum RelayCommand {
     /// Print the address of the relay whose data is in DIR.
     #[command(after_help = "Example:\n  hotline relay url --data /var/lib/hotline-relay")]
     Url {
+        /// The relay's data directory (relay serve --data).
         #[arg(long)]
         data: PathBuf,
         #[command(flatten)]
@@ -865,6 +899,7 @@ enum RelayCommand {
         after_help = "Example:\n  hotline relay renew-cert --data /var/lib/hotline-relay && systemctl reload hotline-relay"
     )]
     RenewCert {
+        /// The relay's data directory (relay serve --data).
         #[arg(long)]
         data: PathBuf,
     },
@@ -875,6 +910,7 @@ enum RelayCommand {
         after_help = "Example:\n  hotline relay rotate-key --data /var/lib/hotline-relay && systemctl restart hotline-relay"
     )]
     RotateKey {
+        /// The relay's data directory (relay serve --data).
         #[arg(long)]
         data: PathBuf,
         #[command(flatten)]
@@ -902,6 +938,7 @@ enum BundleCommand {
     /// Write every outgoing message not yet handed on into a file.
     #[command(after_help = "Example:\n  hotline bundle export --out to-south.bundle")]
     Export {
+        /// The file to write (mode 0600).
         #[arg(long)]
         out: PathBuf,
         /// Replace FILE if it exists.
@@ -913,6 +950,7 @@ enum BundleCommand {
     /// Receive the messages of a bundle file.
     #[command(after_help = "Example:\n  hotline bundle import from-north.bundle")]
     Import {
+        /// A bundle written by another device (hotline bundle export).
         file: PathBuf,
         #[command(flatten)]
         json: Json,
@@ -1295,9 +1333,78 @@ mod tests {
             .map(|(path, _)| path.as_str())
             .collect();
         assert!(missing.is_empty(), "no example in --help of: {missing:#?}");
+        // Every argument and option says what it is.
+        fn undocumented(command: &clap::Command, path: &str, out: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    out.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                undocumented(sub, &format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut bare = Vec::new();
+        undocumented(&command, "hotline", &mut bare);
+        assert!(bare.is_empty(), "arguments without help: {bare:#?}");
         let top = command.get_after_help().unwrap().to_string();
         for code in 0..=6 {
             assert!(top.contains(&format!("{code} ")), "exit code {code}: {top}");
         }
+    }
+
+    /// The `--help` of every command, the top level and each group included, is the
+    /// one recorded in `tests/help/` (a change to any is a change people see, reviewed
+    /// as a diff). `HOTLINE_BLESS=1` writes them anew; stale files fail.
+    #[test]
+    fn every_help_matches_its_snapshot() {
+        fn walk(command: &mut clap::Command, path: &str, out: &mut Vec<(String, String)>) {
+            out.push((path.to_owned(), command.render_long_help().to_string()));
+            for sub in command.get_subcommands_mut() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                let name = format!("{path}-{}", sub.get_name());
+                walk(sub, &name, out);
+            }
+        }
+        let mut command = <Cli as clap::CommandFactory>::command().term_width(100);
+        command.build();
+        let mut helps = Vec::new();
+        walk(&mut command, "hotline", &mut helps);
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/help");
+        let bless = std::env::var_os("HOTLINE_BLESS").is_some();
+        if bless {
+            std::fs::create_dir_all(&dir).unwrap();
+        }
+        let mut differ = Vec::new();
+        for (path, help) in &helps {
+            let file = dir.join(format!("{path}.txt"));
+            if bless {
+                std::fs::write(&file, help).unwrap();
+            } else if std::fs::read_to_string(&file).ok().as_deref() != Some(help.as_str()) {
+                differ.push(path.clone());
+            }
+        }
+        let known: std::collections::BTreeSet<String> = helps
+            .iter()
+            .map(|(path, _)| format!("{path}.txt"))
+            .collect();
+        let stale: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| !known.contains(name))
+            .collect();
+        if bless {
+            for name in &stale {
+                std::fs::remove_file(dir.join(name)).unwrap();
+            }
+            return;
+        }
+        assert!(
+            differ.is_empty() && stale.is_empty(),
+            "--help differs from tests/help/ for {differ:?}, stale snapshots {stale:?}; \
+             review the change, then run: HOTLINE_BLESS=1 cargo test -p hotline --bin hotline help"
+        );
     }
 }

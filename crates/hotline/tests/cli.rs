@@ -309,3 +309,57 @@ fn the_console_runs_beside_the_follower_without_colour() {
     }
     drop(lock);
 }
+
+/// Every usage mistake exits 2 with a message on stderr and changes nothing, whether
+/// clap or the command itself finds it.
+#[test]
+fn usage_mistakes_exit_2() {
+    let dir = tempdir().join("usage");
+    let home = home_with_a_channel(&dir);
+    let existing = dir.join("existing");
+    std::fs::write(&existing, "keep me").unwrap();
+    let existing = existing.to_str().unwrap();
+    let mistakes: &[&[&str]] = &[
+        &["send"],
+        &["send", "crisis", "text", "--deadline", "10x"],
+        &["send", "crisis", "text", "--precedence", "urgent"],
+        &["log", "crisis", "--last", "abc"],
+        &["status", "--undelivered-after", "zz"],
+        &["sync", "--link-test-interval", "5q"],
+        &["card", "import", existing, "--fingerprint", "12345"],
+        &[
+            "channel",
+            "create",
+            "x",
+            "--with",
+            "south",
+            "--relay",
+            "not a url",
+        ],
+        &["channel", "handling-times", "crisis", "--flash", "soon"],
+        &["verify", existing, "--expect", "north"],
+        &["export", "crisis", "--out", existing],
+        &["backup", "--out", existing],
+        &["completions", "tcsh"],
+        &["no-such-command"],
+    ];
+    for args in mistakes {
+        let output = hotline()
+            .env("HOTLINE_HOME", &home)
+            .env_remove("HOTLINE_PASSPHRASE")
+            .args(*args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "hotline {args:?}: {output:?}"
+        );
+        assert!(!output.stderr.is_empty(), "hotline {args:?} says why");
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.join("existing")).unwrap(),
+        "keep me"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -274,7 +274,10 @@ fn a_wrong_fingerprint_is_refused_with_exit_4() {
             "12345",
         ],
     );
-    assert_eq!(run.code, 4);
+    assert_eq!(
+        run.code, 2,
+        "a fingerprint that is not 30 digits is a usage mistake"
+    );
     assert!(run.stderr.contains("30 digits"));
     // Nothing was imported: creating a channel with south fails.
     let run = hotline(&north, &["channel", "create", "crisis", "--with", "south"]);
