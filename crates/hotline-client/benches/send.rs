@@ -7,6 +7,8 @@
 //!
 //! `cargo bench -p hotline-client --bench send` (`HOTLINE_BENCH_SENDS` sets the count).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 

@@ -15,11 +15,6 @@
 //!                    device.db (WAL, synchronous=FULL) ◄─────────────┘   COMMIT
 //! ```
 
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
-
 pub mod backup;
 pub mod bundle;
 pub mod clock;

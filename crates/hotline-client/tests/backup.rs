@@ -1,6 +1,8 @@
 //! Backups: the whole device comes back under the right passphrase, and a wrong
 //! passphrase, another file, or a damaged or cut backup restores nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use age::secrecy::SecretString;
 use hotline_client::backup::{self, BackupError};
 use hotline_core::{Body, Event};

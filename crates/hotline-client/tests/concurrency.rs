@@ -3,6 +3,8 @@
 //!
 //! The workers are this test binary itself, re-executed with `HOTLINE_CONCURRENT_WORKER`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

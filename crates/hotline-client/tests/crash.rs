@@ -6,6 +6,8 @@
 //! The child is this test binary itself, re-executed with `HOTLINE_CRASH_WORKER` set.
 //! `HOTLINE_CRASH_ROUNDS` sets the number of kills (default 200).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

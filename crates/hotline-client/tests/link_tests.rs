@@ -2,6 +2,8 @@
 //! the test moves: probes per relay path, answers through the same path, one relay
 //! dropping everything for a known window, and the signed record that says so.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,5 +1,7 @@
 //! Two devices, each with its own home, exchanging bundles.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use hotline_client::Store;
 use hotline_client::store::StoreError;
 use hotline_core::Body;

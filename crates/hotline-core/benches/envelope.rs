@@ -4,6 +4,8 @@
 //!
 //! `cargo bench -p hotline-core --bench envelope`
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};

@@ -14,11 +14,6 @@
 //!                                        ciphertext bytes                  verify (offline)
 //! ```
 
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
-
 pub mod agreement;
 pub mod card;
 pub mod channel;

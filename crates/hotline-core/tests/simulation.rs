@@ -4,6 +4,8 @@
 //! delivery queue, which reorders within a window, delays, and duplicates. Everything
 //! random comes from the seed, which every failure prints.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::{BTreeSet, VecDeque};
 
 use hotline_core::{

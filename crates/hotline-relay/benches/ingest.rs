@@ -5,6 +5,8 @@
 //! count, default 2000). With `HOTLINE_BENCH_POSTGRES=<connection string>`, the same
 //! load also runs against the PostgreSQL backend (a schema of its own per run).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, Instant};

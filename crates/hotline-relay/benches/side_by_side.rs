@@ -11,6 +11,8 @@
 //! messages per run, default 4000). Redis is skipped, saying so, when `redis-server`
 //! or `redis-benchmark` is not on the PATH.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::process::{Child, Command, Stdio};

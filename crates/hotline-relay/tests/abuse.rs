@@ -2,6 +2,8 @@
 //! others are served, a flooding device is slowed down while another device's messages
 //! go through, garbage changes nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, Instant};

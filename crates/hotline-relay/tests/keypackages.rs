@@ -4,6 +4,8 @@
 //! time, oldest first, until none is left; a stock over the limit or a package too
 //! large is refused whole, storing nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::{card_capability, identity, relay};

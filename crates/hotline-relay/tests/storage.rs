@@ -1,5 +1,7 @@
 //! The storage conformance suite on the embedded SQLite backend.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use hotline_relay::conformance::{self, QUOTA};
 use hotline_relay::storage::SqliteStorage;
 

@@ -3,6 +3,8 @@
 //! commit) and receives pushed messages; a proof of another session, a silent
 //! connection, a non-member and garbage get nothing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

@@ -15,6 +15,8 @@
 //!
 //! Figures go to BENCHMARKS.md with the command that produced them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -7,6 +7,8 @@
 //! 10000; the bench raises its own open-file limit, and the relay its own, to the hard
 //! limit).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, Instant};

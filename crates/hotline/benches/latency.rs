@@ -17,6 +17,8 @@
 //! hourly record), so that one received message in a running follower is timed with a
 //! long history behind it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 

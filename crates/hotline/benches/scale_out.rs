@@ -8,6 +8,8 @@
 //! `host=127.0.0.1 user=postgres dbname=test`; `HOTLINE_BENCH_MESSAGES` per run,
 //! default 8000). Skipped, saying so, when PostgreSQL cannot be reached.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::sync::Arc;

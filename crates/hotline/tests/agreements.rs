@@ -2,6 +2,8 @@
 //! only once every party's device signed its exact bytes, an export proves it offline,
 //! and a rejection ends a proposal for good.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 mod common;

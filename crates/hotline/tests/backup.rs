@@ -2,6 +2,8 @@
 //! its channel; a device restored from a backup older than its last message is caught
 //! before it forks its own record.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::os::unix::fs::PermissionsExt;

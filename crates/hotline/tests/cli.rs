@@ -1,5 +1,7 @@
 //! The `hotline` binary, run as a user runs it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use assert_cmd::Command;
 use hotline_core::{Body, Channel, DeviceIdentity, Export};
 use openmls_rust_crypto::OpenMlsRustCrypto;

@@ -2,6 +2,8 @@
 //! cosigning the same settled root, an export proves it offline (as a C2SP signed
 //! note), and a device that cosigns another root is alarmed by the others.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 
 mod common;

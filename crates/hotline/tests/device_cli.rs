@@ -1,6 +1,8 @@
 //! Every device command through the real binary, with two homes exchanging files,
 //! and every error path with its exit code.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

@@ -3,6 +3,8 @@
 //! is escalated with a signed non-response statement that tells "delivered, not read"
 //! from "not delivered", and an export proves it offline.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::path::Path;
 use std::time::Duration;
 

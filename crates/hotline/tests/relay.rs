@@ -1,6 +1,8 @@
 //! A real relay process on loopback (port 0), real TLS with the pinned certificate,
 //! clients of the relay API, and the documented refusals.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;

@@ -2,6 +2,8 @@
 //! through it without a new address; an address that pinned the old certificate stops
 //! working, as it must.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::process::Command;

@@ -2,6 +2,8 @@
 //! request trickled a byte a second, or plain idle TCP) cannot take the members' slots
 //! or slow them down, and a relay out of file descriptors pauses instead of spinning.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
