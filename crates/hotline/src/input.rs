@@ -74,8 +74,11 @@ pub const MAX_MESSAGE_FILE: u64 = hotline_core::envelope::MAX_BODY_LEN as u64;
 
 /// The text of a message: `text` itself, standard input when it is `-`, or `file`; at
 /// most [`MAX_MESSAGE_FILE`] bytes of UTF-8.
-pub fn message(text: Option<&str>, file: Option<&Path>) -> Result<String, crate::device::Failure> {
-    let failure = |message: String| crate::device::Failure {
+pub fn message(
+    text: Option<&str>,
+    file: Option<&Path>,
+) -> Result<String, crate::commands::Failure> {
+    let failure = |message: String| crate::commands::Failure {
         message,
         code: crate::exit::ERROR,
     };
@@ -99,7 +102,7 @@ pub fn message(text: Option<&str>, file: Option<&Path>) -> Result<String, crate:
         (Some(text), _) => return Ok(text.to_owned()),
         (None, Some(path)) => read_limited(path, MAX_MESSAGE_FILE, "a message")?,
         (None, None) => {
-            return Err(crate::device::Failure {
+            return Err(crate::commands::Failure {
                 message: "give the message as TEXT, - for standard input, or --file FILE".into(),
                 code: crate::exit::USAGE,
             });

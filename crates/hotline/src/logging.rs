@@ -1,7 +1,7 @@
 //! Logs on stderr for the relay and a following device: one line per event, with its
 //! time and level, never message bytes, keys or (unless asked) message text.
 
-use crate::device::Failure;
+use crate::commands::Failure;
 use crate::exit;
 
 /// Logs to stderr, one line per event with its time: `level` (`--log-level`), else

@@ -27,17 +27,12 @@ macro_rules! out_json {
     };
 }
 
-mod agree;
-mod backup;
+mod commands;
 mod console;
-mod demo;
-mod device;
 mod inert;
 mod input;
 mod logging;
-mod relay;
 mod settings;
-mod verify;
 
 /// Writes one line of text to stdout, inert; a closed pipe ends the process with
 /// success.
@@ -138,9 +133,9 @@ struct Cli {
 }
 
 /// `hotline man`: the manual from the command line's own definitions.
-fn manual(out: Option<&std::path::Path>) -> Result<(), device::Failure> {
+fn manual(out: Option<&std::path::Path>) -> Result<(), commands::Failure> {
     let command = <Cli as clap::CommandFactory>::command();
-    let failed = |e: std::io::Error| device::failure(format!("cannot write the manual: {e}"));
+    let failed = |e: std::io::Error| commands::failure(format!("cannot write the manual: {e}"));
     let page = main_page(command.clone()).map_err(failed)?;
     match out {
         None => {
@@ -149,7 +144,7 @@ fn manual(out: Option<&std::path::Path>) -> Result<(), device::Failure> {
         }
         Some(dir) => {
             std::fs::create_dir_all(dir)
-                .map_err(|e| device::failure(format!("cannot create {}: {e}", dir.display())))?;
+                .map_err(|e| commands::failure(format!("cannot create {}: {e}", dir.display())))?;
             clap_mangen::generate_to(command, dir).map_err(failed)?;
             std::fs::write(dir.join("hotline.1"), page).map_err(failed)?;
             eprintln!("manual pages written to {}", dir.display());
@@ -763,7 +758,7 @@ enum ChannelCommand {
 }
 
 /// The relay's settings as flags (each also `HOTLINE_RELAY_<KEY>` and `key = ...` in the
-/// --config file; see `relay::SETTINGS` for the defaults).
+/// --config file; see `commands::relay::SETTINGS` for the defaults).
 #[derive(Args, Debug)]
 struct RelaySettings {
     /// A TOML file of settings, keys as the flags with `_` for `-` (data, listen,
@@ -832,7 +827,7 @@ struct RelaySettings {
 
 impl RelaySettings {
     /// The effective settings: these flags, then the environment, the file, defaults.
-    fn resolve(&self) -> Result<settings::Settings, device::Failure> {
+    fn resolve(&self) -> Result<settings::Settings, commands::Failure> {
         let given = [
             ("data", &self.data),
             ("listen", &self.listen),
@@ -855,7 +850,7 @@ impl RelaySettings {
             .into_iter()
             .filter_map(|(key, value)| value.clone().map(|value| (key, value)))
             .collect();
-        settings::Settings::resolve(relay::SETTINGS, &flags, self.config.as_deref())
+        settings::Settings::resolve(commands::relay::SETTINGS, &flags, self.config.as_deref())
     }
 }
 
@@ -962,7 +957,7 @@ enum BundleCommand {
 fn link_test_interval(text: &str) -> Result<u64, String> {
     let ms = match text.parse::<u64>() {
         Ok(seconds) => seconds.checked_mul(1000),
-        Err(_) => device::parse_duration(text),
+        Err(_) => commands::parse_duration(text),
     }
     .ok_or_else(|| format!("{text:?} is not a duration such as 200ms, 60s or 5m"))?;
     if !(100..=86_400_000).contains(&ms) {
@@ -984,7 +979,7 @@ fn round_seconds(text: &str) -> Result<u64, String> {
 fn show_device_settings(
     settings: &settings::Settings,
     json_output: bool,
-) -> Result<(), device::Failure> {
+) -> Result<(), commands::Failure> {
     let file = settings::device_file();
     if json_output {
         for (spec, value, source) in settings.report() {
@@ -1012,20 +1007,22 @@ fn show_device_settings(
 
 /// A record period or retention: a duration (10m, 1h, 7d), at least a second.
 fn record_period(text: &str) -> Result<u64, String> {
-    device::parse_duration(text)
+    commands::parse_duration(text)
         .filter(|ms| *ms >= 1000)
         .ok_or_else(|| format!("{text:?} is not a duration of at least 1s, such as 1h or 7d"))
 }
 
 /// The device's settings: `--home`, then the environment, the settings file, defaults.
-fn device_settings(home: Option<&std::path::Path>) -> Result<settings::Settings, device::Failure> {
+fn device_settings(
+    home: Option<&std::path::Path>,
+) -> Result<settings::Settings, commands::Failure> {
     let flags = home
         .map(|home| ("home", home.display().to_string()))
         .into_iter()
         .collect();
     let mut settings =
         settings::Settings::resolve(settings::DEVICE, &flags, settings::device_file().as_deref())?;
-    settings.default_to("home", device::default_home().display().to_string());
+    settings.default_to("home", commands::default_home().display().to_string());
     Ok(settings)
 }
 
@@ -1041,7 +1038,7 @@ fn main() -> ExitCode {
     let home = PathBuf::from(settings.get("home").unwrap_or_default());
     let result = match cli.command {
         Command::Config(ConfigCommand::Show { json }) => show_device_settings(&settings, json.json),
-        Command::Demo { json } => return demo::run(json.json),
+        Command::Demo { json } => return commands::demo::run(json.json),
         Command::Completions { shell } => {
             clap_complete::generate(
                 shell,
@@ -1058,14 +1055,14 @@ fn main() -> ExitCode {
             show,
             expect,
             json,
-        } => return verify::run(&file, show, &expect, json.json),
+        } => return commands::verify::run(&file, show, &expect, json.json),
         Command::Init {
             party,
             device,
             relays,
             json,
-        } => device::init(&home, &party, &device, &relays, json.json),
-        Command::Id { json } => device::id(&home, json.json),
+        } => commands::init(&home, &party, &device, &relays, json.json),
+        Command::Id { json } => commands::id(&home, json.json),
         Command::Card(CardCommand::Export {
             out,
             force,
@@ -1076,33 +1073,33 @@ fn main() -> ExitCode {
             // Armoured on a terminal (never binary there), binary elsewhere, unless asked.
             use std::io::IsTerminal;
             let armored = armor || (!binary && out.is_none() && std::io::stdout().is_terminal());
-            device::card_export(&home, out.as_deref(), force, armored, json)
+            commands::card_export(&home, out.as_deref(), force, armored, json)
         }
-        Command::Card(CardCommand::Show { file, json }) => device::card_show(&file, json.json),
+        Command::Card(CardCommand::Show { file, json }) => commands::card_show(&file, json.json),
         Command::Card(CardCommand::Import {
             file,
             fingerprint,
             json,
-        }) => device::card_import(&home, &file, &fingerprint, json.json),
+        }) => commands::card_import(&home, &file, &fingerprint, json.json),
         Command::Channel(ChannelCommand::Create {
             name,
             with,
             relays,
             json,
-        }) => device::channel_create(&home, &name, &with, &relays, json.json),
+        }) => commands::channel_create(&home, &name, &with, &relays, json.json),
         Command::Channel(ChannelCommand::Join { file, json }) => {
-            device::channel_join(&home, &file, json.json)
+            commands::channel_join(&home, &file, json.json)
         }
         Command::Channel(ChannelCommand::Remove { name, party, json }) => {
-            device::channel_remove(&home, &name, &party, json.json)
+            commands::channel_remove(&home, &name, &party, json.json)
         }
         Command::Channel(ChannelCommand::Relays { name, relays, json }) => {
-            device::channel_relays(&home, &name, &relays, json.json)
+            commands::channel_relays(&home, &name, &relays, json.json)
         }
         Command::Channel(ChannelCommand::Rekey { name, json }) => {
-            device::channel_rekey(&home, &name, json.json)
+            commands::channel_rekey(&home, &name, json.json)
         }
-        Command::Channel(ChannelCommand::List { json }) => device::channel_list(&home, json.json),
+        Command::Channel(ChannelCommand::List { json }) => commands::channel_list(&home, json.json),
         Command::Channel(ChannelCommand::HandlingTimes {
             name,
             flash,
@@ -1110,7 +1107,7 @@ fn main() -> ExitCode {
             priority,
             routine,
             json,
-        }) => device::handling_times(
+        }) => commands::handling_times(
             &home,
             &name,
             [flash, immediate, priority, routine],
@@ -1124,7 +1121,7 @@ fn main() -> ExitCode {
             deadline,
             json,
             ..
-        } => agree::send_code(
+        } => commands::agree::send_code(
             &home,
             &channel,
             (&code, &fields),
@@ -1146,17 +1143,19 @@ fn main() -> ExitCode {
                 text,
                 code: None,
             };
-            device::send(&home, &channel, message, deadline.as_deref(), json.json)
+            commands::send(&home, &channel, message, deadline.as_deref(), json.json)
         }),
-        Command::Cosign { channel, json } => device::cosign(&home, &channel, json.json),
+        Command::Cosign { channel, json } => commands::cosign(&home, &channel, json.json),
         Command::Code(CodeCommand::Adopt {
             channel,
             book,
             deadline,
             json,
-        }) => agree::adopt_code_book(&home, &channel, &book, deadline.as_deref(), json.json),
+        }) => {
+            commands::agree::adopt_code_book(&home, &channel, &book, deadline.as_deref(), json.json)
+        }
         Command::Code(CodeCommand::List { channel, json }) => {
-            agree::list_code_book(&home, &channel, json.json)
+            commands::agree::list_code_book(&home, &channel, json.json)
         }
         Command::Agree(AgreeCommand::Propose {
             channel,
@@ -1165,7 +1164,7 @@ fn main() -> ExitCode {
             versions,
             deadline,
             json,
-        }) => agree::propose(
+        }) => commands::agree::propose(
             &home,
             &channel,
             (&language, &text),
@@ -1173,37 +1172,39 @@ fn main() -> ExitCode {
             deadline.as_deref(),
             json.json,
         ),
-        Command::Agree(AgreeCommand::Sign { channel, id }) => agree::sign(&home, &channel, &id),
+        Command::Agree(AgreeCommand::Sign { channel, id }) => {
+            commands::agree::sign(&home, &channel, &id)
+        }
         Command::Agree(AgreeCommand::Reject {
             channel,
             id,
             reason,
-        }) => agree::reject(&home, &channel, &id, &reason),
+        }) => commands::agree::reject(&home, &channel, &id, &reason),
         Command::Agree(AgreeCommand::List { channel, json }) => {
-            agree::list(&home, &channel, json.json)
+            commands::agree::list(&home, &channel, json.json)
         }
         Command::Agree(AgreeCommand::Show { channel, id, json }) => {
-            agree::show(&home, &channel, &id, json.json)
+            commands::agree::show(&home, &channel, &id, json.json)
         }
         Command::Log {
             channel,
             unread: true,
             json,
             ..
-        } => device::unread(&home, &channel, json.json),
+        } => commands::unread(&home, &channel, json.json),
         Command::Log {
             channel,
             link_tests,
             last,
             json,
             ..
-        } => device::log(&home, &channel, link_tests, last, json.json),
+        } => commands::log(&home, &channel, link_tests, last, json.json),
         Command::Ack {
             channel,
             message,
             json,
             ..
-        } => device::ack(&home, &channel, message.as_deref(), json.json),
+        } => commands::ack(&home, &channel, message.as_deref(), json.json),
         Command::Sync {
             follow,
             round,
@@ -1221,10 +1222,10 @@ fn main() -> ExitCode {
                     None => settings.parse(key, |text| parse(text).ok(), "see hotline sync --help"),
                 };
             let round = or_setting(round, "round", round_seconds)?.unwrap_or(10);
-            device::sync(
+            commands::sync(
                 &home,
                 follow.then_some(round),
-                device::LinkTestSettings {
+                commands::LinkTestSettings {
                     interval_ms: or_setting(interval, "link_test_interval", link_test_interval)?,
                     record_period_ms: or_setting(record_every, "record_every", record_period)?,
                     retention_ms: or_setting(
@@ -1233,7 +1234,7 @@ fn main() -> ExitCode {
                         record_period,
                     )?,
                 },
-                device::Logging {
+                commands::Logging {
                     level: log_level.or_else(|| settings.get("log_level").map(str::to_owned)),
                     show_text,
                 },
@@ -1245,7 +1246,7 @@ fn main() -> ExitCode {
             clear,
             clear_ids,
             json,
-        } => device::status(
+        } => commands::status(
             &home,
             undelivered_after
                 .as_deref()
@@ -1259,39 +1260,41 @@ fn main() -> ExitCode {
             out,
             force,
             json,
-        } => device::export(&home, &channel, &out, force, json.json),
+        } => commands::export(&home, &channel, &out, force, json.json),
         Command::Backup {
             out,
             force,
             passphrase_file,
             json,
-        } => backup::backup(&home, &out, force, passphrase_file.as_deref(), json.json),
+        } => commands::backup::backup(&home, &out, force, passphrase_file.as_deref(), json.json),
         Command::Restore {
             file,
             passphrase_file,
             json,
-        } => backup::restore(&home, &file, passphrase_file.as_deref(), json.json),
+        } => commands::backup::restore(&home, &file, passphrase_file.as_deref(), json.json),
         Command::Relay(RelayCommand::Serve { settings }) => settings
             .resolve()
-            .and_then(|settings| relay::serve(&settings)),
+            .and_then(|settings| commands::relay::serve(&settings)),
         Command::Relay(RelayCommand::Config { settings, json }) => settings
             .resolve()
-            .and_then(|settings| relay::show_settings(&settings, json.json)),
-        Command::Relay(RelayCommand::Url { data, json }) => relay::url(&data, json.json),
-        Command::Relay(RelayCommand::RenewCert { data }) => relay::renew_certificate(&data),
+            .and_then(|settings| commands::relay::show_settings(&settings, json.json)),
+        Command::Relay(RelayCommand::Url { data, json }) => commands::relay::url(&data, json.json),
+        Command::Relay(RelayCommand::RenewCert { data }) => {
+            commands::relay::renew_certificate(&data)
+        }
         Command::Relay(RelayCommand::RotateKey { data, json }) => {
-            relay::rotate_key(&data, json.json)
+            commands::relay::rotate_key(&data, json.json)
         }
         Command::Relay(RelayCommand::CheckReceipt {
             relay,
             receipt,
             json,
-        }) => relay::check_receipt(&relay, &receipt, json.json),
+        }) => commands::relay::check_receipt(&relay, &receipt, json.json),
         Command::Bundle(BundleCommand::Export { out, force, json }) => {
-            device::bundle_export(&home, &out, force, json.json)
+            commands::bundle_export(&home, &out, force, json.json)
         }
         Command::Bundle(BundleCommand::Import { file, json }) => {
-            device::bundle_import(&home, &file, json.json)
+            commands::bundle_import(&home, &file, json.json)
         }
     };
     match result {

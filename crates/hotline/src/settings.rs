@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::device::Failure;
+use crate::commands::Failure;
 use crate::exit;
 
 /// One setting of a scope.

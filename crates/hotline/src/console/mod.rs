@@ -27,7 +27,7 @@ use ratatui::backend::CrosstermBackend;
 use ratatui::layout::Rect;
 use ratatui::{Terminal, TerminalOptions, Viewport};
 
-use crate::device::{Failure, Outcome, failure};
+use crate::commands::{Failure, Outcome, failure};
 use crate::exit;
 use screen::{Receiving, Ui, View};
 

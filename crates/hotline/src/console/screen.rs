@@ -379,7 +379,7 @@ fn messages(
             secs / 60 % 60,
             secs % 60,
             fixed(&inert(&entry.from), 10),
-            crate::device::level_mark(entry.precedence),
+            crate::commands::level_mark(entry.precedence),
             names(&entry.delivered_to),
             names(&entry.read_by),
             if unread { " · UNREAD" } else { "" },

@@ -8,7 +8,7 @@ use hotline_client::store::AgreementStatus;
 use hotline_core::export::utc;
 use serde_json::json;
 
-use crate::device::{Failure, Outcome, deadline_from_now, failure, push_now};
+use crate::commands::{Failure, Outcome, deadline_from_now, failure, push_now};
 use crate::exit;
 use crate::inert::{inert, inert_lines};
 use crate::input;

@@ -261,7 +261,7 @@ fn describe(envelope: &Envelope, report: &VerifyReport) -> Option<(String, Strin
                         .zip(read_within_ms)
                         .map(|(level, ms)| format!(
                             "{level} {}",
-                            crate::device::human_duration(*ms)
+                            crate::commands::human_duration(*ms)
                         ))
                         .collect::<Vec<_>>()
                         .join(", ")

@@ -12,7 +12,7 @@ use hotline_client::store::StoreError;
 use hotline_core::ChannelError;
 use serde_json::json;
 
-use crate::device::{Failure, Outcome, create_private, failure};
+use crate::commands::{Failure, Outcome, create_private, failure};
 use crate::exit;
 
 /// Shortest passphrase a backup is written with: the file travels, and anyone holding
@@ -121,7 +121,7 @@ pub fn restore(
         eprintln!(
             "restored {party}/{device} into {} from the backup of {} ({channels} channels).",
             home.display(),
-            crate::device::format_time(*created_ms)
+            crate::commands::format_time(*created_ms)
         );
         if waiting > 0 {
             eprintln!(

@@ -10,7 +10,7 @@ use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::{Notary, Receipt, RelayStorage, SqliteStorage};
 use hotline_relay::tls;
 
-use crate::device::Failure;
+use crate::commands::Failure;
 use crate::exit;
 use crate::input;
 use crate::settings::{Settings, Source, Spec, parse_size};
@@ -154,7 +154,7 @@ fn limits_of(settings: &Settings) -> Result<Limits, Failure> {
     let duration = |key| {
         settings.parse(
             key,
-            |text| crate::device::parse_duration(text).map(Duration::from_millis),
+            |text| crate::commands::parse_duration(text).map(Duration::from_millis),
             "a duration such as 30s, 10m, 7d",
         )
     };

@@ -486,7 +486,7 @@ fn story(dir: &Path, json_output: bool) -> Result<serde_json::Value> {
     for entry in &log {
         story.say(format!(
             "   {}message {} from {:<9} delivered to {:?}, read by {:?}",
-            crate::device::level_mark(entry.precedence),
+            crate::commands::level_mark(entry.precedence),
             &entry.id.to_hex()[..12],
             entry.from,
             entry.delivered_to,
