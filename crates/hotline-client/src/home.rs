@@ -14,14 +14,11 @@ pub const RECEIVE_LOCK: &str = "receive.lock";
 /// Why a home cannot be used.
 #[derive(Debug, Error)]
 pub enum HomeError {
-    #[error(
-        "{path} is readable by other users (mode {mode:o}); hotline keeps private keys there. \
-         Fix it with: chmod 700 {path}"
-    )]
+    #[error("{path} is readable by other users (mode {mode:o}); hotline keeps private keys there")]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("{path} is not a directory")]
     NotADirectory { path: PathBuf },
-    #[error("no hotline device in {path}; create one with: hotline init --party NAME")]
+    #[error("no hotline device in {path}")]
     Missing { path: PathBuf },
     #[error("a hotline device already exists in {path}")]
     Exists { path: PathBuf },

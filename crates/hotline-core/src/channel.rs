@@ -182,26 +182,20 @@ pub enum ChannelError {
     AwaitingCommit,
     #[error(transparent)]
     Storage(#[from] StorageError),
-    #[error(
-        "this device joined a running channel and holds nothing from the others yet; \
-         run hotline sync until their messages arrive, then try again"
-    )]
+    #[error("this device joined a running channel and holds nothing from the others yet")]
     AwaitingHistory,
     #[error(
         "this device was restored from a backup: it reads every relay of the channel to its end \
-         before it seals anything; run hotline sync with the relays reachable"
+         before it seals anything"
     )]
     CatchingUp,
     #[error(
         "this device sent messages after the backup it was restored from (they came back from \
          the relays, sealed as its own): sealing from the backup's state would fork its chain in \
-         every member's record. Have a new device invited (docs/operations.md, \"Backup and \
-         restore\"), or clear the cloned alarm to seal anyway"
+         every member's record"
     )]
     SentElsewhere,
-    #[error(
-        "a membership change of this device waits for a relay to accept it; run hotline sync (with a relay reachable) first"
-    )]
+    #[error("a membership change of this device waits for a relay to accept it")]
     CommitPending,
     #[error("this device is not a member of the channel (any more)")]
     NotAMember,

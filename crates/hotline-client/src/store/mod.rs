@@ -85,23 +85,21 @@ pub enum StoreError {
     Transcript(#[from] hotline_core::merkle::StorageError),
     #[error(transparent)]
     Export(#[from] ExportError),
-    #[error("no channel named {0:?}; see: hotline channel list")]
+    #[error("no channel named {0:?}")]
     UnknownChannel(String),
     #[error("a channel named {0:?} exists already")]
     ChannelExists(String),
-    #[error(
-        "no verified contact of party {0:?}; import their card first: hotline card import FILE --fingerprint DIGITS"
-    )]
+    #[error("no verified contact of party {0:?}")]
     UnknownParty(String),
     #[error("{0}")]
     BadRelays(String),
     #[error("this invitation was taken already (it came through another relay)")]
     DuplicateWelcome,
-    #[error("party {0:?} has no device in this channel; see: hotline channel list")]
+    #[error("party {0:?} has no device in this channel")]
     NotInChannel(String),
     #[error("no message {0} in this channel")]
     UnknownMessage(String),
-    #[error("no agreed text {0} in this channel; see: hotline agree list CHANNEL")]
+    #[error("no agreed text {0} in this channel")]
     UnknownAgreement(String),
     #[error("{0}")]
     Agreement(String),

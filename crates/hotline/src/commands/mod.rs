@@ -47,11 +47,45 @@ impl From<StoreError> for Failure {
         } else {
             exit::ERROR
         };
-        Failure {
-            message: error.to_string(),
-            code,
-        }
+        let message = match advice(&error) {
+            Some(advice) => format!("{error}; {advice}"),
+            None => error.to_string(),
+        };
+        Failure { message, code }
     }
+}
+
+/// What to do next, for the errors a person can act on: the libraries say what went
+/// wrong, the command line says which command helps.
+fn advice(error: &StoreError) -> Option<String> {
+    use hotline_core::ChannelError as C;
+    Some(match error {
+        StoreError::UnknownChannel(_) | StoreError::NotInChannel(_) => {
+            "see: hotline channel list".into()
+        }
+        StoreError::UnknownParty(_) => {
+            "import their card first: hotline card import FILE --fingerprint DIGITS".into()
+        }
+        StoreError::UnknownAgreement(_) => "see: hotline agree list CHANNEL".into(),
+        StoreError::Home(HomeError::Missing { .. }) => {
+            "create one with: hotline init --party NAME (or point --home at it)".into()
+        }
+        StoreError::Home(HomeError::TooOpen { path, .. }) => {
+            format!("fix it with: chmod 700 {}", path.display())
+        }
+        StoreError::Channel(C::AwaitingHistory) => {
+            "run hotline sync until their messages arrive, then try again".into()
+        }
+        StoreError::Channel(C::CatchingUp) => "run hotline sync with the relays reachable".into(),
+        StoreError::Channel(C::CommitPending) => {
+            "run hotline sync (with a relay reachable) first".into()
+        }
+        StoreError::Channel(C::SentElsewhere) => "have a new device invited \
+             (docs/operations.md, \"Backup and restore\"), or clear the cloned alarm \
+             (hotline status --clear) to send anyway"
+            .into(),
+        _ => return None,
+    })
 }
 
 impl From<InputError> for Failure {
