@@ -474,6 +474,13 @@ in the home, 5 the backup is damaged")]
         /// The channel shown first (Tab moves to the next).
         #[arg(long)]
         channel: Option<String>,
+        /// Log the console's background work (receiving, sending, relays up and down,
+        /// alarms) to this file (appended, mode 0600); no log without it.
+        #[arg(long, value_name = "FILE", env = "HOTLINE_LOG_FILE")]
+        log_file: Option<PathBuf>,
+        /// The log's level: error, warn, info, debug, trace [default: RUST_LOG, else info].
+        #[arg(long, value_name = "LEVEL", requires = "log_file")]
+        log_level: Option<String>,
     },
     /// This device's settings (`hotline config show`).
     #[command(subcommand)]
@@ -1049,7 +1056,16 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Man { out } => manual(out.as_deref()),
-        Command::Console { channel } => console::run(&home, channel.as_deref()),
+        Command::Console {
+            channel,
+            log_file,
+            log_level,
+        } => log_file
+            .as_deref()
+            .map_or(Ok(()), |file| {
+                logging::start_file(log_level.as_deref(), file)
+            })
+            .and_then(|()| console::run(&home, channel.as_deref())),
         Command::Verify {
             file,
             show,

@@ -266,10 +266,27 @@ fn log_json(home: &std::path::Path) -> Vec<serde_json::Value> {
 #[test]
 fn the_console_sends_what_is_typed() {
     let home = home_with_a_channel(&tempdir());
-    let screen = console_session(&home, &[], &[b"typed in the console\r", b"\x04"]);
+    let log_file = home.with_extension("console.log");
+    let _ = std::fs::remove_file(&log_file);
+    let screen = console_session(
+        &home,
+        &[("HOTLINE_LOG_FILE", log_file.to_str().unwrap())],
+        &[b"typed in the console\r", b"\x04"],
+    );
     let log = log_json(&home);
     assert_eq!(log.len(), 1, "{log:?}");
     assert_eq!(log[0]["text"], "typed in the console");
+    // Its background work went to the log file, with times, without the text.
+    let written = std::fs::read_to_string(&log_file).unwrap();
+    assert!(
+        written.contains("the console receives for this device"),
+        "{written}"
+    );
+    assert!(written.contains("sent from the console"), "{written}");
+    assert!(!written.contains("typed in the console"), "{written}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     // ratatui writes only the cells that change, so words arrive apart.
     let screen = String::from_utf8_lossy(&screen);
     assert!(

@@ -78,8 +78,13 @@ pub fn sync(
         let mut relays_up: std::collections::HashMap<String, bool> = Default::default();
         tracing::info!(home = %home.display(), "following the line; stop with SIGTERM or Ctrl-C");
         let following = hotline_client::sync::follow(&mut store, &config, |report| {
-            log_round(report, first);
-            print_events(report, json_output, logging.show_text, &mut relays_up);
+            log_report(
+                report,
+                first,
+                json_output,
+                logging.show_text,
+                &mut relays_up,
+            );
             first = false;
             ControlFlow::Continue(())
         });
@@ -258,6 +263,19 @@ pub fn status(
 /// messages of other parties, deliveries and reads of this device's messages, alarms
 /// raised, invitations joined or refused, relays going down or coming back.
 /// A following device's round in the log: what moved (info), or nothing (debug).
+/// One round of a receiving device in its log (and its events on stdout as JSON with
+/// `json_output`): the follower's, and the console's background work.
+pub(crate) fn log_report(
+    report: &SyncReport,
+    first: bool,
+    json_output: bool,
+    show_text: bool,
+    relays_up: &mut std::collections::HashMap<String, bool>,
+) {
+    log_round(report, first);
+    print_events(report, json_output, show_text, relays_up);
+}
+
 fn log_round(report: &SyncReport, first: bool) {
     let moved = report.pushed + report.received + report.reoffered > 0
         || !report.joined.is_empty()

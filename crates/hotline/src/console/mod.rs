@@ -129,8 +129,13 @@ fn follow(home: PathBuf, updates: mpsc::Sender<String>, stop: tokio::sync::onesh
             .build()
             .map_err(|e| e.to_string())?;
         let config = hotline_client::sync::FollowConfig::default();
+        tracing::info!(home = %home.display(), "the console receives for this device");
+        let mut first = true;
+        let mut relays_up = std::collections::HashMap::new();
         runtime.block_on(async {
             let following = hotline_client::sync::follow(&mut store, &config, |report| {
+                crate::commands::line::log_report(report, first, false, false, &mut relays_up);
+                first = false;
                 let note = if report.refused.is_empty() {
                     String::new()
                 } else {
@@ -146,6 +151,7 @@ fn follow(home: PathBuf, updates: mpsc::Sender<String>, stop: tokio::sync::onesh
         })
     };
     if let Err(error) = run() {
+        tracing::error!("receiving stopped: {}", crate::inert::inert(&error));
         let _ = updates.send(format!("receiving stopped: {error}"));
     }
 }
@@ -181,7 +187,9 @@ fn push(home: PathBuf, updates: mpsc::Sender<String>, what: String) {
                 Err(_) => format!("{what}: stored; no relay answered within 5 s (queued)"),
             })
         })();
-        let _ = updates.send(report.unwrap_or_else(|e| format!("{what}: {e}")));
+        let note = report.unwrap_or_else(|e| format!("{what}: {e}"));
+        tracing::info!("{}", crate::inert::inert(&note));
+        let _ = updates.send(note);
     });
 }
 
@@ -330,10 +338,14 @@ fn send(
     match store.send(name, Body::text(text), None) {
         Ok(id) => {
             let what = format!("message {}", &id.to_hex()[..12]);
+            tracing::info!(channel = %crate::inert::inert(name), "{what} sent from the console");
             push(home.to_path_buf(), updates.clone(), what.clone());
             format!("{what}: stored; relaying…")
         }
-        Err(error) => format!("not sent: {error}"),
+        Err(error) => {
+            tracing::warn!("not sent: {error}");
+            format!("not sent: {error}")
+        }
     }
 }
 
