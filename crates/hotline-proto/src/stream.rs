@@ -349,16 +349,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// Writes frames from `frames` as they come, those waiting together in one write (many
 /// answers in one TLS record under load, no delay when idle). Nothing is buffered
 /// between bursts: an idle connection holds no write buffer.
-pub async fn write_frames<W: AsyncWrite + Unpin>(
+pub async fn write_frames<W: AsyncWrite + Unpin, F: AsRef<[u8]>>(
     mut writer: W,
-    mut frames: mpsc::Receiver<Vec<u8>>,
+    mut frames: mpsc::Receiver<F>,
 ) -> std::io::Result<()> {
     while let Some(first) = frames.recv().await {
-        let mut burst = first;
+        let mut burst = first.as_ref().to_vec();
+        drop(first);
         while burst.len() < BUFFER * 16
             && let Ok(frame) = frames.try_recv()
         {
-            burst.extend_from_slice(&frame);
+            burst.extend_from_slice(frame.as_ref());
         }
         writer.write_all(&burst).await?;
         writer.flush().await?;

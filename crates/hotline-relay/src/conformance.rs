@@ -11,7 +11,7 @@ use std::future::Future;
 
 use std::sync::Arc;
 
-use crate::storage::{Log, Membership, Notary, Receipt, RelayStorage, StorageError};
+use crate::storage::{Log, Membership, Notary, Receipt, RelayStorage, StorageError, Stored};
 use hotline_proto::custody::message_hash;
 
 /// The per-log quota `open` must give the storage.
@@ -65,7 +65,7 @@ async fn append(storage: &impl RelayStorage, log: &Log, bytes: Vec<u8>) -> (u64,
 
 async fn read_all(storage: &impl RelayStorage, log: &Log) -> Vec<(u64, Vec<u8>)> {
     storage
-        .read_after(log, 0, 10_000)
+        .read_after(log, 0, 10_000, usize::MAX)
         .await
         .expect("read failed")
         .into_iter()
@@ -110,7 +110,7 @@ async fn receipts_prove_what_was_stored(storage: &impl RelayStorage, notary: &No
         "receipts_prove_what_was_stored: a duplicate's receipt"
     );
     let read: Vec<Option<Vec<u8>>> = storage
-        .read_after(&log, 0, 100)
+        .read_after(&log, 0, 100, usize::MAX)
         .await
         .expect("read failed")
         .into_iter()
@@ -228,15 +228,47 @@ async fn reads_after_a_cursor_with_a_limit(storage: &impl RelayStorage) {
     for n in 0..10 {
         append(storage, &log, message("r", n)).await;
     }
-    let page = storage.read_after(&log, 3, 4).await.unwrap();
+    let page = storage.read_after(&log, 3, 4, usize::MAX).await.unwrap();
     assert_eq!(
         page.iter().map(|stored| stored.seq).collect::<Vec<_>>(),
         [4, 5, 6, 7],
         "reads_after_a_cursor_with_a_limit"
     );
-    assert!(storage.read_after(&log, 10, 4).await.unwrap().is_empty());
+    assert!(
+        storage
+            .read_after(&log, 10, 4, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let unknown = Log::Channel(fresh_channel());
-    assert!(storage.read_after(&unknown, 0, 4).await.unwrap().is_empty());
+    assert!(
+        storage
+            .read_after(&unknown, 0, 4, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A byte budget: as many whole messages as fit, and always the first.
+    let sized = Log::Channel(fresh_channel());
+    for n in 0..6u8 {
+        append(storage, &sized, vec![n; 1000]).await;
+    }
+    let seqs = |page: Vec<Stored>| page.iter().map(|stored| stored.seq).collect::<Vec<_>>();
+    let read = |after, max_bytes| storage.read_after(&sized, after, 100, max_bytes);
+    assert_eq!(seqs(read(0, 2500).await.unwrap()), [1, 2], "byte budget");
+    assert_eq!(
+        seqs(read(0, 3000).await.unwrap()),
+        [1, 2, 3],
+        "budget met exactly"
+    );
+    assert_eq!(
+        seqs(read(2, 10).await.unwrap()),
+        [3],
+        "the first, whatever its size"
+    );
+    assert_eq!(seqs(read(4, usize::MAX).await.unwrap()), [5, 6]);
+    assert!(read(6, 10).await.unwrap().is_empty());
 }
 
 async fn membership_only_moves_forward(storage: &impl RelayStorage) {

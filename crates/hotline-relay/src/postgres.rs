@@ -513,13 +513,25 @@ impl RelayStorage for PostgresStorage {
         log: &Log,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Stored>, StorageError> {
         let client = self.client().await;
+        // The running total of sizes is summed on the server: only messages within the
+        // budget (the first always) travel and are held here.
         let rows = client
             .query(
                 "SELECT seq, bytes, receipt FROM messages WHERE log = $1 AND seq > $2
-                 ORDER BY seq LIMIT $3",
-                &[&key(log), &(after as i64), &(limit as i64)],
+                   AND seq <= (
+                     SELECT COALESCE(MAX(seq) FILTER (WHERE running <= $4), MIN(seq))
+                     FROM (SELECT seq, SUM(octet_length(bytes)) OVER (ORDER BY seq) AS running
+                           FROM messages WHERE log = $1 AND seq > $2 ORDER BY seq LIMIT $3) page)
+                 ORDER BY seq",
+                &[
+                    &key(log),
+                    &(after as i64),
+                    &(limit as i64),
+                    &(max_bytes.min(i64::MAX as usize) as i64),
+                ],
             )
             .await
             .map_err(database)?;

@@ -44,6 +44,10 @@ pub use hotline_proto::limits::{MAX_KEY_PACKAGE, MAX_KEY_PACKAGE_STOCK, MAX_MESS
 /// How often the relay measures the bytes its logs hold (the storage bound counts this
 /// process's appends in between; other processes sharing the database are seen at the
 /// next measure).
+/// Most message bytes one read answers with (at least one message, whatever its size):
+/// a read's memory is bounded by bytes, not by its count of messages alone.
+pub const READ_BYTES: usize = 8 << 20;
+
 const USAGE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The kernel's queue of connections waiting to be accepted (capped by
@@ -616,7 +620,7 @@ impl<S: RelayStorage> AppState<S> {
         after: u64,
         wait: Duration,
     ) -> Result<Vec<Stored>, Problem> {
-        self.read_some(log, after, wait, 256).await
+        self.read_some(log, after, wait, 256, READ_BYTES).await
     }
 
     /// `read`, at most `limit` messages.
@@ -626,13 +630,17 @@ impl<S: RelayStorage> AppState<S> {
         after: u64,
         wait: Duration,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Stored>, Problem> {
         let mut changes = self.appended.subscribe();
         // Appends by other relay processes sharing the storage, if any.
         let mut elsewhere = self.storage.changes();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
         loop {
-            let messages = self.storage.read_after(&log, after, limit.max(1)).await?;
+            let messages = self
+                .storage
+                .read_after(&log, after, limit.max(1), max_bytes)
+                .await?;
             if !messages.is_empty() || Instant::now() >= deadline {
                 return Ok(messages);
             }
@@ -964,7 +972,7 @@ async fn stock_of<S: RelayStorage>(
 ) -> Result<Vec<Vec<u8>>, Problem> {
     Ok(state
         .storage
-        .read_after(log, 0, MAX_KEY_PACKAGE_STOCK + 1)
+        .read_after(log, 0, MAX_KEY_PACKAGE_STOCK + 1, usize::MAX)
         .await?
         .into_iter()
         .map(|stored| stored.bytes)

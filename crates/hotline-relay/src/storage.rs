@@ -119,12 +119,15 @@ pub trait RelayStorage: Send + Sync + 'static {
             answers
         }
     }
-    /// Up to `limit` messages after `after`, in order.
+    /// Up to `limit` messages after `after`, in order, and no more than `max_bytes` of
+    /// message bytes together (the first message always, whatever its size): what one
+    /// read holds in memory is bounded by bytes, not by count alone.
     fn read_after(
         &self,
         log: &Log,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> impl Future<Output = Result<Vec<Stored>, StorageError>> + Send;
     /// Signs every commit batch from now on with `notary` (custody receipts). Set once,
     /// when the relay starts; later calls change nothing.
@@ -725,22 +728,39 @@ impl RelayStorage for SqliteStorage {
         log: &Log,
         after: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<Stored>, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
+        // The size first: a message that would go over the budget is never loaded.
         let mut statement = reader.prepare_cached(
-            "SELECT seq, bytes, receipt FROM messages WHERE log = ?1 AND seq > ?2
+            "SELECT seq, length(bytes) FROM messages WHERE log = ?1 AND seq > ?2
              ORDER BY seq LIMIT ?3",
         )?;
-        let rows = statement.query_map(
-            params![log.storage_key(), after as i64, limit as i64],
-            |row| {
-                Ok(Stored {
-                    seq: row.get::<_, i64>(0)? as u64,
-                    bytes: row.get(1)?,
-                    receipt: row.get(2)?,
-                })
-            },
+        let mut rows = statement.query(params![log.storage_key(), after as i64, limit as i64])?;
+        let (mut last, mut total) = (None, 0usize);
+        while let Some(row) = rows.next()? {
+            let size = row.get::<_, i64>(1)? as usize;
+            if last.is_some() && total + size > max_bytes {
+                break;
+            }
+            total += size;
+            last = Some(row.get::<_, i64>(0)?);
+        }
+        drop(rows);
+        let Some(last) = last else {
+            return Ok(Vec::new());
+        };
+        let mut statement = reader.prepare_cached(
+            "SELECT seq, bytes, receipt FROM messages WHERE log = ?1 AND seq > ?2 AND seq <= ?3
+             ORDER BY seq",
         )?;
+        let rows = statement.query_map(params![log.storage_key(), after as i64, last], |row| {
+            Ok(Stored {
+                seq: row.get::<_, i64>(0)? as u64,
+                bytes: row.get(1)?,
+                receipt: row.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

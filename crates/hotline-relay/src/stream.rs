@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use hotline_core::DeviceKey;
 use hotline_proto::stream::{self, Frame, FrameError};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::admission::Ticket;
@@ -30,6 +30,10 @@ use crate::storage::{Log, RelayStorage};
 
 /// Frames waiting to be written on one connection.
 const QUEUE: usize = 1024;
+/// Bytes of frames waiting to be written on one connection: whatever its pushes and
+/// answers, a connection whose device reads slowly holds this much at most (a larger
+/// frame waits until the queue is empty).
+const QUEUE_BYTES: usize = 16 << 20;
 /// Appends and acknowledgements one connection may have in flight; the next frame is
 /// read only when one finishes.
 const IN_FLIGHT: usize = 256;
@@ -53,7 +57,7 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
     let (read, write) = tokio::io::split(io);
     // Frames are read straight from TLS's buffer of decrypted bytes.
     let mut read = read;
-    let (frames, queue) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (frames, queue) = Outbound::new();
     let writer = tokio::spawn(stream::write_frames(write, queue));
     let source = crate::admission::peer();
 
@@ -163,7 +167,7 @@ pub(crate) async fn serve<S: RelayStorage, IO: AsyncRead + AsyncWrite + Send + '
 
 /// Refuses the whole connection (id 0) and closes it once the refusal is written.
 async fn close_with(
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: Outbound,
     writer: tokio::task::JoinHandle<std::io::Result<()>>,
     problem: &Problem,
 ) {
@@ -184,7 +188,7 @@ fn refused(id: u64, problem: &Problem) -> Frame {
 struct Session<S> {
     state: Arc<AppState<S>>,
     device: DeviceKey,
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: Outbound,
     /// Channel → (checked at, member?).
     memberships: HashMap<[u8; 32], (Instant, bool)>,
     work: JoinSet<()>,
@@ -308,7 +312,7 @@ impl<S: RelayStorage> Session<S> {
 /// window at most, while `device` is a member (checked again at most once a second).
 async fn push<S: RelayStorage>(
     state: Arc<AppState<S>>,
-    frames: mpsc::Sender<Vec<u8>>,
+    frames: Outbound,
     device: DeviceKey,
     id: u64,
     channel: [u8; 32],
@@ -323,6 +327,7 @@ async fn push<S: RelayStorage>(
                 after,
                 state.limits.max_wait,
                 stream::WINDOW - pushed,
+                stream::WINDOW_BYTES.saturating_sub(bytes),
             )
             .await
         {
@@ -360,5 +365,70 @@ async fn push<S: RelayStorage>(
                 return;
             }
         }
+    }
+}
+
+/// A frame queued for the writer, holding its share of the connection's byte budget
+/// until the writer took it.
+struct Queued(Vec<u8>, #[allow(dead_code)] OwnedSemaphorePermit);
+
+impl AsRef<[u8]> for Queued {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The frames one connection sends, bounded in count ([`QUEUE`]) and in bytes
+/// ([`QUEUE_BYTES`]).
+#[derive(Clone)]
+struct Outbound {
+    queue: mpsc::Sender<Queued>,
+    budget: Arc<Semaphore>,
+}
+
+impl Outbound {
+    fn new() -> (Self, mpsc::Receiver<Queued>) {
+        let (queue, receiver) = mpsc::channel(QUEUE);
+        let budget = Arc::new(Semaphore::new(QUEUE_BYTES));
+        (Self { queue, budget }, receiver)
+    }
+
+    /// Queues `frame` once the budget has room for it; `Err` when the writer is gone.
+    async fn send(&self, frame: Vec<u8>) -> Result<(), ()> {
+        let share = frame.len().clamp(1, QUEUE_BYTES) as u32;
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(share)
+            .await
+            .map_err(|_| ())?;
+        self.queue.send(Queued(frame, permit)).await.map_err(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection whose device does not read holds at most QUEUE_BYTES of frames:
+    /// the next frame waits until the writer took some, then goes.
+    #[tokio::test]
+    async fn the_queue_is_bounded_by_bytes() {
+        let (outbound, mut receiver) = Outbound::new();
+        let frame = vec![7u8; 1 << 20];
+        for _ in 0..QUEUE_BYTES >> 20 {
+            outbound.send(frame.clone()).await.unwrap();
+        }
+        let over = tokio::time::timeout(Duration::from_millis(200), outbound.send(frame.clone()));
+        assert!(over.await.is_err(), "a frame beyond the budget waits");
+        let taken = receiver.recv().await.unwrap();
+        drop(taken);
+        tokio::time::timeout(Duration::from_secs(5), outbound.send(frame))
+            .await
+            .expect("room again once the writer took one")
+            .unwrap();
+        drop(receiver);
+        assert!(
+            outbound.send(vec![0; 1]).await.is_err(),
+            "the writer is gone"
+        );
     }
 }

@@ -108,7 +108,13 @@ async fn postgres_claims_from_two_processes_never_share_a_package() {
     expected.sort();
     assert_eq!(claimed, expected, "each package claimed exactly once");
     assert_eq!(none, 12);
-    assert!(first.read_after(&log, 0, 100).await.unwrap().is_empty());
+    assert!(
+        first
+            .read_after(&log, 0, 100, usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
@@ -170,7 +176,7 @@ async fn a_database_from_before_receipts_opens_and_keeps_its_messages() {
     assert_eq!((again.seq, again.duplicate, again.receipt), (1, true, None));
     let new = storage.append(log.clone(), b"new".to_vec()).await.unwrap();
     assert_eq!(new.seq, 2);
-    let read = storage.read_after(&log, 0, 10).await.unwrap();
+    let read = storage.read_after(&log, 0, 10, usize::MAX).await.unwrap();
     assert_eq!(read[0].receipt, None);
     let receipt = Receipt::decode(read[1].receipt.as_ref().unwrap()).unwrap();
     receipt
