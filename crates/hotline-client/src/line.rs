@@ -464,6 +464,26 @@ impl Store {
         })
     }
 
+    /// Records, once per kind, relay and `about` (a channel, say), a relay's standing
+    /// refusal: no evidence beyond its answer.
+    pub fn raise_alarm_about(
+        &mut self,
+        kind: &str,
+        relay: &str,
+        about: &str,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let now = self.now() as i64;
+        self.transact(|connection, _, _| {
+            connection.execute(
+                "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
+                 VALUES (?1, ?2, '', ?3, ?4, NULL, ?5)",
+                params![kind, relay, about, detail, now],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Clears the stored alarms (relay misbehaviour) once the operator has seen them;
     /// their evidence stays in the database. Returns how many were cleared. Alarms of
     /// the moment (relay down, deadline, undelivered) clear when their cause does.

@@ -1093,6 +1093,26 @@ async fn push_pass(
                 Ok(()) | Err(ClientError::Refused { status: 409, .. }) => {
                     store.mark_registered(&plan.channel, url, version)?
                 }
+                // A relay that will not serve this channel (its operator names the
+                // committers it serves): nothing goes through it until that changes,
+                // which the duty officer must hear of, once.
+                Err(ClientError::Refused {
+                    status: 403,
+                    ref detail,
+                    ..
+                }) => {
+                    let detail = format!(
+                        "the relay refuses to register channel {}, so it carries nothing of \
+                         it: {detail}",
+                        plan.channel
+                    );
+                    let channel = format!("channel {}", plan.channel);
+                    store.raise_alarm_about("refused", url, &channel, &detail)?;
+                    report
+                        .alarms
+                        .push(("refused".into(), url.clone(), detail.clone()));
+                    report.relays.insert(url.clone(), Some(detail));
+                }
                 Err(error) => {
                     note(report, url, Err(error));
                 }

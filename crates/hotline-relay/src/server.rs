@@ -90,6 +90,11 @@ pub struct Limits {
     pub retention: Duration,
     /// How often retention runs.
     pub sweep_interval: Duration,
+    /// The devices that may register new channels here (their committers), if the
+    /// operator named them: a stranger's fresh key then cannot open a channel's log at
+    /// all. `None`: anyone may (each channel within its quota, all within the storage
+    /// bound).
+    pub committers: Option<Vec<[u8; 32]>>,
 }
 
 impl Default for Limits {
@@ -111,6 +116,7 @@ impl Default for Limits {
             max_wait: Duration::from_secs(30),
             retention: Duration::from_secs(30 * 24 * 3600),
             sweep_interval: Duration::from_secs(3600),
+            committers: None,
         }
     }
 }
@@ -753,6 +759,18 @@ async fn put_members<S: RelayStorage>(
         ))
     })?;
     let signer = match state.storage.membership(&channel).await? {
+        None if state
+            .limits
+            .committers
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(&membership.committer)) =>
+        {
+            return Err(state.reject(Problem::new(
+                StatusCode::FORBIDDEN,
+                "not-allowed",
+                "this relay registers channels of the committers its operator named only",
+            )));
+        }
         None => membership.committer,
         Some(current) if membership.version > current.version => current.committer,
         Some(_) => {

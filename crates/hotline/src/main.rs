@@ -830,6 +830,11 @@ struct RelaySettings {
     /// stream Hello). [default: 5s]
     #[arg(long, value_name = "DURATION")]
     handshake_timeout: Option<String>,
+    /// Only these devices may register new channels here (their committers): device
+    /// keys as `hotline id --json` prints them, comma-separated. Strangers' fresh keys
+    /// then cannot open a channel's log at all. [default: anyone]
+    #[arg(long, value_name = "KEY,KEY")]
+    committers: Option<String>,
 }
 
 impl RelaySettings {
@@ -852,6 +857,7 @@ impl RelaySettings {
             ("bytes_per_second", &self.bytes_per_second),
             ("byte_burst", &self.byte_burst),
             ("handshake_timeout", &self.handshake_timeout),
+            ("committers", &self.committers),
         ];
         let flags = given
             .into_iter()

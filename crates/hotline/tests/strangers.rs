@@ -345,3 +345,75 @@ async fn a_refusal_is_logged_with_its_reason_and_source_and_never_the_bytes() {
         "{said}"
     );
 }
+
+/// A relay whose operator named the committers it serves registers channels of those
+/// only: anyone else's channel is refused (403) before a byte of it is stored, and the
+/// named committer's channel works as on any relay.
+#[test]
+fn a_relay_registers_channels_of_the_named_committers_only() {
+    use common::{cli, field, ok, verified_homes};
+    let dir = data_dir("committers");
+    let open = Relay::start(&dir.join("open"));
+    let homes = verified_homes(&dir, &["north", "south"], &open.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    let north_key = field(&ok(north, &["id", "--json"]), "key");
+    let guarded = Relay::start_with(
+        &dir.join("guarded"),
+        "127.0.0.1:0",
+        &["--committers", north_key.as_str().unwrap()],
+    );
+    let (code, _) = cli(
+        south,
+        &[
+            "channel",
+            "create",
+            "theirs",
+            "--with",
+            "north",
+            "--relay",
+            &guarded.url,
+        ],
+    );
+    assert_eq!(
+        code, 0,
+        "the channel is made here; the relay is what refuses it"
+    );
+    ok(south, &["sync"]);
+    let (code, status) = cli(south, &["status", "--json"]);
+    assert_ne!(code, 0, "the line is down and an alarm open: {status}");
+    let alarms = field(&status, "alarms");
+    let refused: Vec<_> = alarms
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|alarm| alarm["kind"] == "refused")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        1,
+        "raised once, whatever the rounds: {alarms}"
+    );
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("committers")
+    );
+    ok(
+        north,
+        &[
+            "channel",
+            "create",
+            "crisis",
+            "--with",
+            "south",
+            "--relay",
+            &guarded.url,
+        ],
+    );
+    ok(south, &["sync"]);
+    ok(north, &["send", "crisis", "through the guarded relay"]);
+    ok(south, &["sync"]);
+    assert!(ok(south, &["log", "crisis"]).contains("through the guarded relay"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

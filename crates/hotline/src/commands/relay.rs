@@ -132,6 +132,12 @@ pub const SETTINGS: &[Spec] = &[
         Some("5s"),
         "TLS and headers",
     ),
+    spec(
+        "committers",
+        "HOTLINE_RELAY_COMMITTERS",
+        None,
+        "device keys that may register channels (comma-separated; anyone if unset)",
+    ),
 ];
 
 const fn spec(
@@ -207,6 +213,21 @@ fn limits_of(settings: &Settings) -> Result<Limits, Failure> {
             .map_or(defaults.sender_bytes_per_second, |n| n as f64),
         sender_burst_bytes: size("byte_burst")?.map_or(defaults.sender_burst_bytes, |n| n as f64),
         header_timeout: duration("handshake_timeout")?.unwrap_or(defaults.header_timeout),
+        committers: settings.parse(
+            "committers",
+            |text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|key| !key.is_empty())
+                    .map(|key| {
+                        let mut out = [0u8; 32];
+                        hex::decode_to_slice(key, &mut out).ok().map(|()| out)
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .filter(|keys| !keys.is_empty())
+            },
+            "device keys of 64 hexadecimal digits, comma-separated (hotline id --json: key)",
+        )?,
         ..defaults
     })
 }
