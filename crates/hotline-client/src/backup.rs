@@ -163,17 +163,9 @@ impl Store {
     /// end ([`Store::caught_up`]). Returns how many channels wait.
     pub(crate) fn begin_catch_up(&mut self) -> Result<usize, StoreError> {
         self.transact(|connection, _, cache| {
-            let ids: Vec<Vec<u8>> = connection
-                .prepare("SELECT id FROM channels")?
-                .query_map([], |row| row.get(0))?
-                .collect::<Result<_, _>>()?;
             let provider = Provider::new(connection);
             let mut held = 0;
-            for id in ids {
-                let id = ChannelId(
-                    id.try_into()
-                        .map_err(|_| StoreError::Corrupt("a channel id is not 32 bytes".into()))?,
-                );
+            for id in channel_ids(connection)? {
                 let relays = channel_relays(connection, &id)?;
                 if relays.is_empty() {
                     // Bundles only: nothing to read first.
@@ -261,15 +253,8 @@ pub(crate) fn release_sent_elsewhere(
     connection: &Rc<Connection>,
     cache: &mut Cache,
 ) -> Result<(), StoreError> {
-    let ids: Vec<Vec<u8>> = connection
-        .prepare("SELECT id FROM channels")?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
     let provider = Provider::new(connection);
-    for id in ids {
-        let Ok(id) = <[u8; 32]>::try_from(id.as_slice()).map(ChannelId) else {
-            continue;
-        };
+    for id in channel_ids(connection)? {
         let mut channel = checkout(cache, connection, &provider, &id)?;
         if channel.hold() == Some(Hold::SentElsewhere) {
             channel.release();
@@ -278,6 +263,21 @@ pub(crate) fn release_sent_elsewhere(
         cache.channels.insert(id, channel);
     }
     Ok(())
+}
+
+/// Every channel of this device.
+fn channel_ids(connection: &Connection) -> Result<Vec<ChannelId>, StoreError> {
+    let ids: Vec<Vec<u8>> = connection
+        .prepare("SELECT id FROM channels")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    ids.into_iter()
+        .map(|id| {
+            <[u8; 32]>::try_from(id.as_slice())
+                .map(ChannelId)
+                .map_err(|_| StoreError::Corrupt("a channel id is not 32 bytes".into()))
+        })
+        .collect()
 }
 
 fn encrypt(
