@@ -235,6 +235,12 @@ impl PathSummary {
 
 /// A time as `YYYY-MM-DD HH:MM:SS UTC` (the record's times are the senders' claims).
 pub fn utc(ms: u64) -> String {
+    let (year, month, day, hour, minute, second) = civil(ms);
+    format!("{year:04}-{month:02}-{day:02} {hour:02}:{minute:02}:{second:02} UTC")
+}
+
+/// Milliseconds since the Unix epoch as UTC year, month, day, hour, minute, second.
+pub fn civil(ms: u64) -> (i64, i64, i64, u64, u64, u64) {
     let seconds = ms / 1000;
     let (days, rest) = (seconds / 86_400, seconds % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -247,12 +253,7 @@ pub fn utc(ms: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+    (year, month, day, rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 impl VerifyReport {
