@@ -1031,6 +1031,9 @@ impl Channel {
         for info in &pending.added {
             self.transcript.admit(info);
         }
+        if !pending.added.is_empty() {
+            self.transcript.note_horizon(self.epoch());
+        }
         self.retire_departed()?;
         let mut out = Vec::new();
         if let Some((to, bytes)) = pending.welcome {
@@ -1335,6 +1338,9 @@ impl Channel {
             .map_err(mls)?;
         self.retire_departed()?;
         let mut events = Vec::new();
+        if !added.is_empty() {
+            self.transcript.note_horizon(self.epoch());
+        }
         for info in &added {
             self.transcript.admit(info);
             if info.key != self.me && self.contacts.get(&info.key) != Some(info) {

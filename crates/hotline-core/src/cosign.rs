@@ -147,6 +147,33 @@ impl HorizonCursor {
         Ok((self.frontier.len() == size).then(|| self.frontier.root()))
     }
 
+    /// Reads forward the settled envelopes not read yet, at most `budget` of them;
+    /// whether every settled envelope is read now (then `frontier` holds the root of
+    /// all those of epoch ≥ the horizon).
+    pub fn read_settled(
+        &mut self,
+        transcript: &crate::Transcript,
+        budget: u64,
+    ) -> Result<bool, crate::merkle::StorageError> {
+        let settled = transcript.settled_len();
+        let end = settled.min(self.read.saturating_add(budget));
+        while self.read < end {
+            let want = (end - self.read).min(256) as usize;
+            let page = transcript.page_after(self.after, want)?;
+            if page.is_empty() {
+                break;
+            }
+            for (id, envelope) in page {
+                self.read += 1;
+                self.after = Some((envelope.lamport, id));
+                if envelope.epoch >= self.horizon {
+                    self.frontier.push(&id.0);
+                }
+            }
+        }
+        Ok(self.read == settled)
+    }
+
     /// `u64 horizon | u64 read | u8 has after [u64 lamport, [32] id] | frontier`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();

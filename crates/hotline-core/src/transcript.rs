@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use thiserror::Error;
 
+use crate::cosign::HorizonCursor;
 use crate::envelope::{Body, ChannelId, Envelope, EnvelopeError, EnvelopeId, Reference};
 use crate::identity::{DeviceInfo, DeviceKey};
 use crate::merkle::{Hash, MemoryNodes, MerkleLog, ProofError, StorageError};
@@ -58,6 +59,11 @@ pub const MAX_CHECKPOINT_SCAN: usize = 65_536;
 /// Most unsettled envelopes whose order keys the transcript keeps in memory; beyond it
 /// (a member silent for long), the store answers instead.
 pub const MAX_TAIL_CACHE: usize = 4096;
+
+/// Most horizons besides this device's whose settled roots the transcript keeps, to
+/// check the checkpoints of devices that joined later (one per epoch at which a
+/// current member joined, in practice a handful); beyond it the lowest is dropped.
+pub const MAX_HORIZONS: usize = 16;
 
 /// Largest Lamport time accepted: far beyond any real channel (each envelope adds one),
 /// and small enough for every store to keep it as a signed 64-bit integer.
@@ -162,6 +168,10 @@ pub struct TranscriptState {
     /// What each device said it holds in its ephemeral frames (absent before them).
     #[serde(default)]
     pub held: Vec<(DeviceKey, Vec<(DeviceKey, u64)>)>,
+    /// The settled roots of later joiners' horizons, as far as read
+    /// ([`HorizonCursor::encode`], hex; absent before them).
+    #[serde(default)]
+    pub horizons: Vec<String>,
 }
 
 /// What the checks need to know of a parent.
@@ -213,6 +223,9 @@ pub struct Transcript {
     /// Per device, per sender: the last sequence number the device said it holds in an
     /// ephemeral frame (bounded by the roster, squared).
     held: BTreeMap<DeviceKey, BTreeMap<DeviceKey, u64>>,
+    /// Per later joiner's horizon: the root of the settled envelopes of epoch ≥ it, read
+    /// forward as checkpoints with that horizon need it (at most [`MAX_HORIZONS`]).
+    horizons: BTreeMap<u64, HorizonCursor>,
     /// Skip the roots of checkpoints (rebuilding from envelopes checked before).
     trusting: bool,
     findings: Vec<Finding>,
@@ -279,6 +292,13 @@ impl Transcript {
                 .into_iter()
                 .map(|(device, held)| (device, held.into_iter().collect()))
                 .collect(),
+            // A cursor that does not decode is dropped: it is read again from the start.
+            horizons: state
+                .horizons
+                .iter()
+                .filter_map(|hex| HorizonCursor::decode(&hex::decode(hex).ok()?))
+                .map(|cursor| (cursor.horizon, cursor))
+                .collect(),
             trusting: false,
             findings: Vec::new(),
             fresh: Vec::new(),
@@ -300,6 +320,11 @@ impl Transcript {
                 .held
                 .iter()
                 .map(|(device, held)| (*device, held.iter().map(|(s, q)| (*s, *q)).collect()))
+                .collect(),
+            horizons: self
+                .horizons
+                .values()
+                .map(|cursor| hex::encode(cursor.encode()))
                 .collect(),
         }
     }
@@ -959,17 +984,20 @@ impl Transcript {
 
     /// The root over the envelopes that a frontier covers, from epoch `horizon` on:
     /// what a checkpoint with these parents must claim. `None` when it cannot be
-    /// computed cheaply: another horizon than this device's, or ancestors that part
-    /// from the canonical order more than [`MAX_CHECKPOINT_SCAN`] envelopes back.
+    /// computed cheaply: a horizon before this device's, a later joiner's horizon whose
+    /// settled root is not read up to date yet (see [`Transcript::read_horizon`]) or
+    /// that the frontier does not cover wholly, or ancestors that part from the canonical
+    /// order more than [`MAX_CHECKPOINT_SCAN`] envelopes back.
     ///
     /// Everything before the first envelope the frontier does not cover is covered, so
     /// the root is the stored prefix up to there, then the covered envelopes after it.
     fn root_within(
-        &self,
+        &mut self,
         frontier: &BTreeMap<DeviceKey, u64>,
         horizon: u64,
     ) -> Result<Option<([u8; 32], u64)>, StorageError> {
-        if horizon != self.horizon {
+        let own = horizon == self.horizon;
+        if !own && (horizon < self.horizon || !self.read_horizon(horizon)?) {
             return Ok(None);
         }
         // Each sender's first envelope the frontier does not cover.
@@ -987,19 +1015,16 @@ impl Transcript {
                 first_uncovered = Some((key, entry.position));
             }
         }
-        let Some((key, position)) = first_uncovered else {
-            return self.root().map(Some);
-        };
-        // The prefix before `key`, from the log where settled; the rest, filtered.
-        let (prefix, start) = match position {
-            Some(position) => (position, Some(key)),
-            None => (self.log.len(), self.settled_key()),
-        };
-        let start = if position.is_some() {
+        // Where the covered envelopes stop being a prefix of what is stored, and the
+        // walk over the rest starts.
+        let (prefix, start) = match (own, first_uncovered) {
+            (true, None) => return self.root().map(Some),
             // Include `key` itself in the walk (it is not covered, so it is skipped).
-            self.before(key)?
-        } else {
-            start
+            (true, Some((key, Some(position)))) => (position, self.before(key)?),
+            (true, Some((_, None))) => (self.log.len(), self.settled_key()),
+            // A later joiner's root is kept over the whole settled prefix only.
+            (false, Some((_, Some(_)))) => return Ok(None),
+            (false, _) => (0, self.settled_key()),
         };
         let mut rest = Vec::new();
         let mut after = start;
@@ -1019,7 +1044,53 @@ impl Transcript {
                 return Ok(None);
             }
         }
-        self.log.root_with(prefix, &rest).map(Some)
+        if own {
+            return self.log.root_with(prefix, &rest).map(Some);
+        }
+        let Some(cursor) = self.horizons.get(&horizon) else {
+            return Ok(None);
+        };
+        let mut root = cursor.frontier.clone();
+        for leaf in &rest {
+            root.push(leaf);
+        }
+        Ok(Some((root.root(), root.len())))
+    }
+
+    /// Starts keeping the settled root of epoch `horizon` on, at which devices join now
+    /// (call it when the commit that adds them is merged: nothing settled is of that
+    /// epoch yet, so the root starts empty at the end of the settled prefix). Their
+    /// checkpoints are checked from then on.
+    pub fn note_horizon(&mut self, horizon: u64) {
+        if horizon <= self.horizon || self.horizons.contains_key(&horizon) {
+            return;
+        }
+        let mut cursor = HorizonCursor::new(horizon);
+        cursor.read = self.log.len();
+        cursor.after = self.last_settled;
+        self.keep_horizon(cursor);
+    }
+
+    /// Brings the settled root of a later joiner's `horizon` up to the end of the
+    /// settled prefix, reading at most [`MAX_CHECKPOINT_SCAN`] settled envelopes (a
+    /// horizon not noted when its devices joined, as in a channel older than this, is
+    /// read from the start, over as many checkpoints as that takes); whether it got
+    /// there.
+    fn read_horizon(&mut self, horizon: u64) -> Result<bool, StorageError> {
+        let mut cursor = self
+            .horizons
+            .remove(&horizon)
+            .unwrap_or_else(|| HorizonCursor::new(horizon));
+        let read = cursor.read_settled(self, MAX_CHECKPOINT_SCAN as u64);
+        self.keep_horizon(cursor);
+        read
+    }
+
+    fn keep_horizon(&mut self, cursor: HorizonCursor) {
+        self.horizons.insert(cursor.horizon, cursor);
+        while self.horizons.len() > MAX_HORIZONS {
+            self.horizons.pop_first();
+        }
     }
 
     /// The order key just before `key` (`None` at the start).

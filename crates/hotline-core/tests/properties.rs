@@ -768,3 +768,114 @@ fn a_long_unsettled_tail_is_read_from_the_store_and_settles_whole() {
         hotline_core::transcript::merkle_root(all(&at_north).iter())
     );
 }
+
+/// Seals `body` by `identity` in `epoch` over what `view` holds (signed when it is a
+/// checkpoint), without inserting it.
+fn seal(
+    view: &Transcript,
+    identity: &DeviceIdentity,
+    epoch: u64,
+    body: Body,
+) -> (Envelope, EnvelopeId) {
+    let me = identity.key();
+    let (seq, prev, prev_epoch) = view
+        .head_of(&me)
+        .map_or((1, EnvelopeId::NONE, 0), |(seq, id, _)| {
+            (seq + 1, id, view.head_epoch(&me).unwrap_or(0))
+        });
+    let (seen, lamport) = view.next_references(&me);
+    let mut envelope = Envelope {
+        channel: CHANNEL,
+        sender: me,
+        epoch,
+        seq,
+        prev,
+        prev_epoch,
+        seen,
+        lamport,
+        claimed_time_ms: lamport,
+        body,
+        deadline_ms: None,
+        signature: None,
+    };
+    if envelope.body.kind().is_signed() {
+        envelope.sign(identity);
+    }
+    let id = envelope.id();
+    (envelope, id)
+}
+
+#[test]
+fn the_creator_checks_the_checkpoints_of_devices_that_joined_later() {
+    let mut rng = ChaCha8Rng::seed_from_u64(14);
+    let [north, south] =
+        ["north", "south"].map(|party| DeviceIdentity::generate(party, "desk", &mut rng).unwrap());
+    // North created the channel (horizon 0) and wrote alone in epoch 0; south joined at
+    // epoch 1. `told` heard of the join when it happened; `upgraded` did not (a channel
+    // older than the horizon roots): it reads the settled prefix from the start.
+    let mut told = Transcript::new(CHANNEL);
+    told.admit(north.info());
+    let alone = seal(&told, &north, 0, Body::text("before south"));
+    told.insert(alone.0.clone(), alone.1).unwrap();
+    let mut upgraded = Transcript::new(CHANNEL);
+    upgraded.admit(north.info());
+    upgraded.insert(alone.0, alone.1).unwrap();
+    told.admit(south.info());
+    told.note_horizon(1);
+    upgraded.admit(south.info());
+    let mut at_south = Transcript::with_horizon(CHANNEL, 1);
+    at_south.admit(north.info());
+    at_south.admit(south.info());
+    let deliver = |envelope: &(Envelope, EnvelopeId), to: &mut [&mut Transcript]| {
+        for view in to.iter_mut() {
+            view.insert(envelope.0.clone(), envelope.1).unwrap();
+        }
+    };
+    for round in 0..3 {
+        let note = seal(&told, &north, 1, Body::text(format!("north {round}")));
+        deliver(&note, &mut [&mut told, &mut upgraded, &mut at_south]);
+        let reply = seal(&at_south, &south, 1, Body::text(format!("south {round}")));
+        deliver(&reply, &mut [&mut told, &mut upgraded, &mut at_south]);
+    }
+    assert!(told.settled_len() >= 4, "{}", told.settled_len());
+
+    let (root, size) = at_south.root_for_next_checkpoint().unwrap();
+    assert_eq!(size, 6, "south holds epoch 1 only");
+    let honest = seal(
+        &at_south,
+        &south,
+        1,
+        Body::Checkpoint {
+            root,
+            size,
+            horizon: 1,
+        },
+    );
+    deliver(&honest, &mut [&mut told, &mut upgraded, &mut at_south]);
+    let (root, size) = at_south.root_for_next_checkpoint().unwrap();
+    let mut wrong = root;
+    wrong[0] ^= 1;
+    let lying = seal(
+        &at_south,
+        &south,
+        1,
+        Body::Checkpoint {
+            root: wrong,
+            size,
+            horizon: 1,
+        },
+    );
+    deliver(&lying, &mut [&mut told, &mut upgraded]);
+    for view in [&told, &upgraded] {
+        assert!(
+            matches!(
+                view.findings(),
+                [hotline_core::Finding::CheckpointMismatch { checkpoint, sender, claimed, computed }]
+                    if *checkpoint == lying.1 && *sender == south.key() && claimed.0 == wrong
+                        && *computed == (root, size)
+            ),
+            "{:?}",
+            view.findings()
+        );
+    }
+}
