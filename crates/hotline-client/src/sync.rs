@@ -130,19 +130,26 @@ const FRAME_POST_TIMEOUT: Duration = Duration::from_secs(5);
 impl Relays {
     /// The stream slot of `watch`'s relay, for a channel's messages while following.
     fn stream_for(&mut self, watch: &Watch) -> Option<Arc<StreamSlot>> {
-        let (Watch::Channel { url, .. }, Some(posters)) = (watch, &self.posters) else {
-            return None;
-        };
+        match watch {
+            Watch::Channel { url, .. } => self.stream_to(url),
+            _ => None,
+        }
+    }
+
+    /// The stream slot of the relay at `url`, while following (channel messages are
+    /// then appended over it).
+    fn stream_to(&mut self, url: &str) -> Option<Arc<StreamSlot>> {
+        let posters = self.posters.as_ref()?;
         let identity = Arc::clone(&posters.identity);
-        Some(Arc::clone(self.streams.entry(url.clone()).or_insert_with(
-            || {
+        Some(Arc::clone(
+            self.streams.entry(url.to_owned()).or_insert_with(|| {
                 Arc::new(StreamSlot {
-                    url: url.clone(),
+                    url: url.to_owned(),
                     identity,
                     state: tokio::sync::Mutex::new((None, None)),
                 })
-            },
-        )))
+            }),
+        ))
     }
 
     fn get(&mut self, url: &str) -> Result<RelayClient, String> {
@@ -768,6 +775,25 @@ pub struct FollowConfig {
     pub round: Duration,
     /// The longest pause after a relay failed (backoff doubles up to it, with jitter).
     pub max_backoff: Duration,
+    /// Rung by whoever stored something to send (the console, a `send` beside the
+    /// follower): the outbox goes out at once, over the streams the follower holds.
+    pub wake: Wake,
+}
+
+/// A handle that makes a running [`follow`] push its outbox now. Cheap to clone; rings
+/// while nothing waits are kept (several become one push).
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Arc<tokio::sync::Notify>);
+
+impl Wake {
+    /// Asks the follower to push now (from any thread, async or not).
+    pub fn ring(&self) {
+        self.0.notify_one();
+    }
+
+    async fn rung(&self) {
+        self.0.notified().await;
+    }
 }
 
 impl Default for FollowConfig {
@@ -776,6 +802,7 @@ impl Default for FollowConfig {
             wait: Duration::from_secs(25),
             round: Duration::from_secs(10),
             max_backoff: Duration::from_secs(30),
+            wake: Wake::default(),
         }
     }
 }
@@ -852,6 +879,16 @@ pub async fn follow(
         let joined = tokio::select! {
             joined = polls.join_next(), if !polls.is_empty() => joined,
             () = tokio::time::sleep_until(next_round) => continue,
+            () = config.wake.rung() => {
+                let mut report = SyncReport::default();
+                push_with(store, &identity, &mut relays, &mut report).await?;
+                if (report.pushed > 0 || report.relays.values().any(Option::is_some))
+                    && on_report(&report).is_break()
+                {
+                    return Ok(());
+                }
+                continue;
+            }
             () = tokio::time::sleep_until(next_probe) => {
                 next_probe = tokio::time::Instant::now() + probe_interval(store)?;
                 let mut report = SyncReport::default();
@@ -1190,6 +1227,10 @@ async fn push_pass(
                 Log::Inbox(device) => capabilities.get(device).cloned(),
                 _ => None,
             };
+            let stream = match &log {
+                Log::Channel(_) => relays.stream_to(&url),
+                _ => None,
+            };
             posts.push(async move {
                 let posted = match (log, capability) {
                     (Log::Inbox(device), Some(capability)) => client
@@ -1204,10 +1245,20 @@ async fn push_pass(
                                  ask for its card again (hotline card export) and import it"
                             .into(),
                     }),
-                    (Log::Channel(channel), _) => client
-                        .post(identity, &channel, body)
-                        .await
-                        .map(|appended| appended.receipt),
+                    // While following, over the relay's stream (no request, no
+                    // signature per message); otherwise, or when it cannot be
+                    // opened, the one-shot route.
+                    (Log::Channel(channel), _) => {
+                        let open = match &stream {
+                            Some(slot) => slot.client().await,
+                            None => None,
+                        };
+                        match open {
+                            Some(stream) => stream.append(&channel, body).await,
+                            None => client.post(identity, &channel, body).await,
+                        }
+                        .map(|appended| appended.receipt)
+                    }
                     // The outbox holds channel messages and invitations only.
                     (Log::KeyPackages(_), _) => Err(ClientError::Refused {
                         relay: client.base().to_owned(),

@@ -51,9 +51,9 @@ use hotline_core::{DeviceIdentity, DeviceKey};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Stored;
 use crate::client::ClientError;
 use crate::tls;
+use crate::{Log, Stored};
 
 /// The ALPN name of the stream protocol.
 pub const ALPN: &[u8] = b"hotline-stream/1";
@@ -417,6 +417,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct StreamClient {
     relay: String,
+    /// The relay's pinned key, which signs its custody receipts.
+    pin: [u8; 32],
     frames: mpsc::Sender<Vec<u8>>,
     shared: Arc<Mutex<Shared>>,
     /// Per channel, its feed (each locked on its own: a wait on one channel never
@@ -532,6 +534,7 @@ impl StreamClient {
         });
         Ok(Self {
             relay: base,
+            pin,
             frames,
             shared,
             feeds: Arc::default(),
@@ -568,7 +571,8 @@ impl StreamClient {
             .map_err(|_| self.gone("connection closed"))
     }
 
-    /// Appends a message to a channel; answered once the relay stored it durably.
+    /// Appends a message to a channel; answered once the relay stored it durably, with
+    /// its custody receipt checked against the pinned key.
     pub async fn append(
         &self,
         channel: &[u8; 32],
@@ -576,13 +580,22 @@ impl StreamClient {
     ) -> Result<Appended, ClientError> {
         let (answer, wait) = oneshot::channel();
         let id = self.register(|| Pending::Append(answer))?;
+        let hash = crate::custody::message_hash(&message);
         self.send(Frame::Append {
             id,
             channel: *channel,
             message,
         })
         .await?;
-        wait.await.map_err(|_| self.gone("connection closed"))?
+        let appended = wait.await.map_err(|_| self.gone("connection closed"))??;
+        // The receipt must be the relay's word on this message at this place, as the
+        // one-shot route's answer is.
+        crate::custody::check_appended(&self.pin, &Log::Channel(*channel), &hash, &appended)
+            .map_err(|error| ClientError::BadReceipt {
+                relay: self.relay.clone(),
+                detail: format!("message {}: {error}", appended.seq),
+            })?;
+        Ok(appended)
     }
 
     /// Tells the relay this device committed the channel up to `seq`; how many messages

@@ -172,7 +172,7 @@ pub(crate) struct AppState<S> {
     /// deletions), counted up by this process's appends in between.
     used: AtomicU64,
     keys: auth::KeyCache,
-    metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// Held from counting a stock to appending to it, so that two stocking requests
     /// in this process cannot both fill the last places.
     stocking: tokio::sync::Mutex<()>,
@@ -180,8 +180,10 @@ pub(crate) struct AppState<S> {
 }
 
 #[derive(Default)]
-struct Metrics {
+pub(crate) struct Metrics {
     stored: AtomicU64,
+    /// Of `stored`, those appended over stream connections.
+    pub(crate) stored_over_streams: AtomicU64,
     stored_bytes: AtomicU64,
     duplicates: AtomicU64,
     connections: AtomicU64,
@@ -1230,6 +1232,12 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
             "counter",
             "Messages stored (durable) since the relay started.",
             m.stored.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_messages_stored_over_streams_total",
+            "counter",
+            "Of the messages stored, those appended over stream connections (the rest came by the one-shot routes).",
+            m.stored_over_streams.load(Ordering::Relaxed),
         ),
         (
             "hotline_relay_bytes_stored_total",

@@ -219,12 +219,20 @@ impl<S: RelayStorage> Session<S> {
                 let (state, frames) = (Arc::clone(&self.state), self.frames.clone());
                 self.work.spawn(async move {
                     let answer = match state.append(Log::Channel(channel), message.into()).await {
-                        Ok(appended) => Frame::Appended {
-                            id,
-                            seq: appended.seq,
-                            duplicate: appended.duplicate,
-                            receipt: appended.receipt,
-                        },
+                        Ok(appended) => {
+                            if !appended.duplicate {
+                                state
+                                    .metrics
+                                    .stored_over_streams
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Frame::Appended {
+                                id,
+                                seq: appended.seq,
+                                duplicate: appended.duplicate,
+                                receipt: appended.receipt,
+                            }
+                        }
                         Err(problem) => refused(id, &problem),
                     };
                     let _ = frames.send(answer.encode()).await;

@@ -1,11 +1,15 @@
 //! End-to-end latency on loopback: from `send` returning at one device to the message
-//! committed in the other device's store, through 1 and through 3 relays (HTTPS,
-//! pinned certificates, embedded SQLite, fsync on every commit on every side).
+//! committed in the other device's store, through 1 and through 3 relays (pinned TLS,
+//! embedded SQLite, fsync on every commit on every side).
 //!
-//! The recipient runs the sync engine's `follow` (one long-poll per log on every relay,
-//! as `hotline sync --follow` does) on its own thread; the sender pushes at once after
-//! `send`, as `hotline send` does. One message at a time: this measures the path, not a
-//! queue.
+//! Both devices run the sync engine's `follow` (as `hotline sync --follow` and the
+//! console do) on their own threads; the recipient receives over its stream
+//! connections. The sender's message reaches the relays two ways, timed one after the
+//! other in one run: handed to the sender's own follower, which appends it over the
+//! stream connections it holds (the console, where the follower and the sender are one
+//! process); and pushed by the sender itself over the one-shot HTTPS route on a kept
+//! connection (as `hotline send` does). One message at a time: this measures the path,
+//! not a queue.
 //!
 //! `cargo bench -p hotline --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
 //!
@@ -24,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use hotline_client::Store;
 use hotline_client::line::LineEvent;
-use hotline_client::sync::{FollowConfig, Session, follow, sync_once};
+use hotline_client::sync::{FollowConfig, Session, Wake, follow, sync_once};
 use hotline_core::{Body, EnvelopeId};
 use hotline_relay::server::{self, Limits};
 use hotline_relay::storage::SqliteStorage;
@@ -144,7 +148,7 @@ fn main() {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let (committed, arrivals) = std::sync::mpsc::channel::<(Instant, usize)>();
         let south_home = dir.join("south");
-        let follower = follow_on_thread(south_home, move |report| {
+        let follower = follow_on_thread(south_home, Wake::default(), move |report| {
             if report.received == 0 {
                 return ControlFlow::Continue(());
             }
@@ -154,14 +158,20 @@ fn main() {
             }
         });
         // The sender follows too (its own handle on its home), and reports each message
-        // of its own shown delivered (the recipient's receipt frame).
+        // of its own shown delivered (the recipient's receipt frame), and each push it
+        // made when woken.
         let (delivered, deliveries) = std::sync::mpsc::channel::<(Instant, EnvelopeId)>();
+        let (pushed, pushes_done) = std::sync::mpsc::channel::<Instant>();
         let north_home = dir.join("north");
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::clone(&done);
-        let sender_follower = follow_on_thread(north_home, move |report| {
+        let wake = Wake::default();
+        let sender_follower = follow_on_thread(north_home, wake.clone(), move |report| {
             // Its full rounds (every 10 s) report too: it stops at the next one.
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return ControlFlow::Break(());
+            }
+            if report.pushed > 0 && pushed.send(Instant::now()).is_err() {
                 return ControlFlow::Break(());
             }
             for event in &report.events {
@@ -178,64 +188,86 @@ fn main() {
 
         let mut session = Session::new(&north).unwrap();
         let text = "x".repeat(1024);
-        let mut latencies: Vec<Duration> = Vec::with_capacity(messages);
-        let mut pushes: Vec<Duration> = Vec::with_capacity(messages);
-        let mut seen_delivered: Vec<Duration> = Vec::with_capacity(messages);
-        for _ in 0..messages {
-            let id = north
-                .send("crisis", Body::text(text.clone()), None)
-                .unwrap();
-            let sent = Instant::now();
-            runtime.block_on(session.push(&mut north)).unwrap();
-            pushes.push(sent.elapsed());
-            // An arrival from before this message (the channel's setup, caught up late)
-            // is not this message's.
-            let at = loop {
-                let (at, received) = arrivals
-                    .recv_timeout(Duration::from_secs(30))
-                    .expect("the message did not arrive");
-                if let Some(latency) = at.checked_duration_since(sent) {
-                    assert_eq!(received, 1);
-                    break latency;
+        for how in [How::Follower, How::OneShot] {
+            let mut latencies: Vec<Duration> = Vec::with_capacity(messages);
+            let mut pushes: Vec<Duration> = Vec::with_capacity(messages);
+            let mut seen_delivered: Vec<Duration> = Vec::with_capacity(messages);
+            for _ in 0..messages {
+                let id = north
+                    .send("crisis", Body::text(text.clone()), None)
+                    .unwrap();
+                let sent = Instant::now();
+                match how {
+                    How::Follower => wake.ring(),
+                    How::OneShot => {
+                        runtime.block_on(session.push(&mut north)).unwrap();
+                        pushes.push(sent.elapsed());
+                    }
                 }
-            };
-            latencies.push(at);
-            loop {
-                let (at, message) = deliveries
-                    .recv_timeout(Duration::from_secs(30))
-                    .expect("the sender never showed the message delivered");
-                if message == id {
-                    seen_delivered.push(at - sent);
-                    break;
+                // An arrival from before this message (the channel's setup, caught up
+                // late) is not this message's.
+                let at = loop {
+                    let (at, received) = arrivals
+                        .recv_timeout(Duration::from_secs(30))
+                        .expect("the message did not arrive");
+                    if let Some(latency) = at.checked_duration_since(sent) {
+                        assert_eq!(received, 1);
+                        break latency;
+                    }
+                };
+                latencies.push(at);
+                loop {
+                    let (at, message) = deliveries
+                        .recv_timeout(Duration::from_secs(30))
+                        .expect("the sender never showed the message delivered");
+                    if message == id {
+                        seen_delivered.push(at - sent);
+                        break;
+                    }
                 }
+                if how == How::Follower {
+                    let at = pushes_done
+                        .recv_timeout(Duration::from_secs(30))
+                        .expect("the follower never pushed");
+                    pushes.push(at.saturating_duration_since(sent));
+                }
+                // Pushes of receipts and acknowledgements in between are not counted.
+                while pushes_done.try_recv().is_ok() {}
             }
+            latencies.sort();
+            pushes.sort();
+            seen_delivered.sort();
+            let label = how.label();
+            let percentiles = |times: &[Duration]| {
+                format!(
+                    "p50 {:.2} ms, p99 {:.2} ms",
+                    times[messages / 2].as_secs_f64() * 1e3,
+                    times[messages * 99 / 100].as_secs_f64() * 1e3
+                )
+            };
+            println!(
+                "{relay_count} relay(s), {label}: send returned → committed at the recipient, 1 KiB, {messages} messages: {}",
+                percentiles(&latencies)
+            );
+            println!(
+                "{relay_count} relay(s), {label}: send returned → the sender (following) shows it delivered: {}",
+                percentiles(&seen_delivered)
+            );
+            println!(
+                "{relay_count} relay(s), {label}: of which the push (every relay durably holds it): {}",
+                percentiles(&pushes)
+            );
         }
         // One more message wakes both followers, which then see their receivers gone.
         drop(arrivals);
         drop(deliveries);
+        drop(pushes_done);
         north.send("crisis", Body::text("end"), None).unwrap();
         runtime.block_on(session.push(&mut north)).unwrap();
         follower.join().unwrap();
         done.store(true, std::sync::atomic::Ordering::SeqCst);
+        wake.ring();
         sender_follower.join().unwrap();
-        latencies.sort();
-        pushes.sort();
-        seen_delivered.sort();
-        println!(
-            "{relay_count} relay(s): send returned → committed at the recipient, 1 KiB, {messages} messages: p50 {:.2} ms, p99 {:.2} ms",
-            latencies[messages / 2].as_secs_f64() * 1e3,
-            latencies[messages * 99 / 100].as_secs_f64() * 1e3
-        );
-        println!(
-            "{relay_count} relay(s): send returned → the sender (following) shows it delivered: p50 {:.2} ms, p99 {:.2} ms",
-            seen_delivered[messages / 2].as_secs_f64() * 1e3,
-            seen_delivered[messages * 99 / 100].as_secs_f64() * 1e3
-        );
-        println!(
-            "{relay_count} relay(s): of which the sender's push (every relay durably holds it): p50 {:.2} ms, p99 {:.2} ms",
-            pushes[messages / 2].as_secs_f64() * 1e3,
-            pushes[messages * 99 / 100].as_secs_f64() * 1e3
-        );
         // The whole process (sender, relays and follower together) at its peak while
         // messages were timed: an upper bound of what the follower alone holds.
         if let Some(peak) = std::fs::read_to_string("/proc/self/status")
@@ -262,6 +294,7 @@ fn main() {
 /// until `on_report` says `Break`.
 fn follow_on_thread(
     home: std::path::PathBuf,
+    wake: Wake,
     mut on_report: impl FnMut(&hotline_client::sync::SyncReport) -> ControlFlow<()> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
@@ -271,9 +304,34 @@ fn follow_on_thread(
             .build()
             .unwrap();
         runtime
-            .block_on(follow(&mut store, &FollowConfig::default(), |report| {
-                on_report(report)
-            }))
+            .block_on(follow(
+                &mut store,
+                &FollowConfig {
+                    wake,
+                    ..FollowConfig::default()
+                },
+                |report| on_report(report),
+            ))
             .unwrap();
     })
+}
+
+/// How the sender's message reaches the relays.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// Handed to the sender's own running follower, which appends it over the stream
+    /// connection it holds to each relay (the console; `send` beside a follower).
+    Follower,
+    /// Pushed by the sender itself over the one-shot HTTPS route, one signed request
+    /// per relay on a kept connection (`hotline send` without a follower).
+    OneShot,
+}
+
+impl How {
+    fn label(self) -> &'static str {
+        match self {
+            How::Follower => "over the follower's stream",
+            How::OneShot => "one-shot HTTPS",
+        }
+    }
 }

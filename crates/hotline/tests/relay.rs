@@ -2046,3 +2046,130 @@ fn pairs(stored: Vec<hotline_relay::storage::Stored>) -> Vec<(u64, Vec<u8>)> {
         .map(|stored| (stored.seq, stored.bytes))
         .collect()
 }
+
+/// The relay's metrics as text, read over its pinned TLS.
+fn relay_metrics(url: &str) -> String {
+    let (base, pin) = hotline_relay::tls::parse_url(url).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(hotline_relay::tls::client_config(pin).unwrap())
+            .build()
+            .unwrap()
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+}
+
+fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A running follower appends what its device sends over the stream connection it
+/// holds to the relay (no signed request per message), when woken as the console wakes
+/// it; the relay (a real process) counts it as such, and the message arrives.
+#[test]
+fn a_following_device_appends_over_its_stream_connection() {
+    use hotline_client::Store;
+    use hotline_client::sync::{FollowConfig, Wake, follow, sync_once};
+    hotline_relay::tls::install_provider();
+    let dir = data_dir("stream-appends");
+    let relay = Relay::start(&dir.join("relay"));
+    let urls = [relay.url.clone()];
+    let mut north = Store::init(&dir.join("north"), "north", "desk", &urls).unwrap();
+    let mut south = Store::init(&dir.join("south"), "south", "desk", &urls).unwrap();
+    north
+        .import_card(&south.card().unwrap(), &south.identity().fingerprint())
+        .unwrap();
+    south
+        .import_card(&north.card().unwrap(), &north.identity().fingerprint())
+        .unwrap();
+    north
+        .create_channel("crisis", &["south".into()], &urls)
+        .unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(sync_once(&mut north)).unwrap();
+    runtime.block_on(sync_once(&mut south)).unwrap();
+    let streamed =
+        |metrics: &str| metric(metrics, "hotline_relay_messages_stored_over_streams_total ");
+    let before = relay_metrics(&relay.url);
+    assert_eq!(streamed(&before), 0, "nobody followed yet: {before}");
+
+    // North follows on a thread of its own (its own handle on its home), as the
+    // console does, and is woken after each send.
+    let wake = Wake::default();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let follower = {
+        let (home, wake, stop) = (
+            dir.join("north"),
+            wake.clone(),
+            std::sync::Arc::clone(&stop),
+        );
+        std::thread::spawn(move || {
+            let mut store = Store::open(&home).unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            // Short rounds: it sees `stop` soon.
+            let config = FollowConfig {
+                wake,
+                round: Duration::from_millis(300),
+                ..FollowConfig::default()
+            };
+            runtime
+                .block_on(follow(&mut store, &config, |_| {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        std::ops::ControlFlow::Break(())
+                    } else {
+                        std::ops::ControlFlow::Continue(())
+                    }
+                }))
+                .unwrap();
+        })
+    };
+    north
+        .send("crisis", hotline_core::Body::text("over the stream"), None)
+        .unwrap();
+    wake.ring();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = relay_metrics(&relay.url);
+        if streamed(&metrics) > 0 {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower appended nothing over its stream: {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        metric(&metrics, "hotline_relay_messages_stored_total ")
+            > metric(&before, "hotline_relay_messages_stored_total "),
+        "{metrics}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    wake.ring();
+    follower.join().unwrap();
+    runtime.block_on(sync_once(&mut south)).unwrap();
+    let log = south.log("crisis").unwrap();
+    assert!(
+        log.iter().any(|entry| entry.text == "over the stream"),
+        "{log:?}"
+    );
+}

@@ -21,6 +21,7 @@ use crossterm::event::{
     KeyModifiers,
 };
 use crossterm::{execute, terminal};
+use hotline_client::sync::Wake;
 use hotline_client::{HomeError, Store};
 use hotline_core::Body;
 use ratatui::backend::CrosstermBackend;
@@ -121,14 +122,22 @@ impl Drop for Restore {
 
 /// Receives as `sync --follow` does until `stop` fires; tells `updates` after each
 /// report.
-fn follow(home: PathBuf, updates: mpsc::Sender<String>, stop: tokio::sync::oneshot::Receiver<()>) {
+fn follow(
+    home: PathBuf,
+    updates: mpsc::Sender<String>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+    wake: Wake,
+) {
     let run = || -> Result<(), String> {
         let mut store = Store::open(&home).map_err(|e| e.to_string())?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let config = hotline_client::sync::FollowConfig::default();
+        let config = hotline_client::sync::FollowConfig {
+            wake,
+            ..Default::default()
+        };
         tracing::info!(home = %home.display(), "the console receives for this device");
         let mut first = true;
         let mut relays_up = std::collections::HashMap::new();
@@ -136,10 +145,13 @@ fn follow(home: PathBuf, updates: mpsc::Sender<String>, stop: tokio::sync::onesh
             let following = hotline_client::sync::follow(&mut store, &config, |report| {
                 crate::commands::line::log_report(report, first, false, false, &mut relays_up);
                 first = false;
-                let note = if report.refused.is_empty() {
-                    String::new()
-                } else {
+                let note = if !report.refused.is_empty() {
                     format!("refused: {}", report.refused.join("; "))
+                } else if report.pushed > 0 {
+                    // What this console stored, handed over by the follower.
+                    format!("sent: {}", relayed_note(report))
+                } else {
+                    String::new()
                 };
                 let _ = updates.send(note);
                 std::ops::ControlFlow::Continue(())
@@ -156,8 +168,28 @@ fn follow(home: PathBuf, updates: mpsc::Sender<String>, stop: tokio::sync::onesh
     }
 }
 
-/// Hands the outbox to the relays at once, on a thread of its own; says how it went.
-fn push(home: PathBuf, updates: mpsc::Sender<String>, what: String) {
+/// Who hands what the console stores to the relays.
+#[derive(Clone)]
+enum Relaying {
+    /// The console's own follower, over the stream connections it holds.
+    Follower(Wake),
+    /// A thread of its own (another process receives for this device).
+    Itself,
+}
+
+/// "relayed to N of M relays", from a push's report.
+fn relayed_note(report: &hotline_client::sync::SyncReport) -> String {
+    let reached = report.relays.values().filter(|e| e.is_none()).count();
+    format!("relayed to {reached} of {} relays", report.relays.len())
+}
+
+/// Hands the outbox to the relays at once: rings the follower, or pushes on a thread
+/// of its own and says how it went.
+fn push(relaying: &Relaying, home: PathBuf, updates: mpsc::Sender<String>, what: String) {
+    if let Relaying::Follower(wake) = relaying {
+        wake.ring();
+        return;
+    }
     std::thread::spawn(move || {
         let report = (|| -> Result<String, String> {
             let mut store = Store::open(&home).map_err(|e| e.to_string())?;
@@ -176,13 +208,7 @@ fn push(home: PathBuf, updates: mpsc::Sender<String>, what: String) {
                 Ok(Ok(report)) if report.relays.is_empty() => format!(
                     "{what}: stored; the channel has no relay (hotline bundle export hands it over)"
                 ),
-                Ok(Ok(report)) => {
-                    let reached = report.relays.values().filter(|e| e.is_none()).count();
-                    format!(
-                        "{what}: stored; relayed to {reached} of {} relays",
-                        report.relays.len()
-                    )
-                }
+                Ok(Ok(report)) => format!("{what}: stored; {}", relayed_note(&report)),
                 Ok(Err(error)) => format!("{what}: stored; relaying failed: {error}"),
                 Err(_) => format!("{what}: stored; no relay answered within 5 s (queued)"),
             })
@@ -221,10 +247,19 @@ pub fn run(home: &Path, channel: Option<&str>) -> Outcome {
     }
     let (updates, incoming) = mpsc::channel::<String>();
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let follower = lock.is_some().then(|| {
-        let (home, updates) = (home.to_path_buf(), updates.clone());
-        std::thread::spawn(move || follow(home, updates, stopped))
-    });
+    let relaying = match lock {
+        Some(_) => Relaying::Follower(Wake::default()),
+        None => Relaying::Itself,
+    };
+    let follower = match &relaying {
+        Relaying::Follower(wake) => {
+            let (home, updates, wake) = (home.to_path_buf(), updates.clone(), wake.clone());
+            Some(std::thread::spawn(move || {
+                follow(home, updates, stopped, wake)
+            }))
+        }
+        Relaying::Itself => None,
+    };
     let mut ui = Ui {
         monochrome: std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty()),
         ..Ui::default()
@@ -285,11 +320,11 @@ pub fn run(home: &Path, channel: Option<&str>) -> Outcome {
                     }
                 }
                 Action::Send(text) => {
-                    ui.notice = send(&mut store, &view, home, &updates, text);
+                    ui.notice = send(&mut store, &view, &relaying, home, &updates, text);
                     reread = true;
                 }
                 Action::Read(all) => {
-                    ui.notice = read(&mut store, &view, &ui, all, home, &updates);
+                    ui.notice = read(&mut store, &view, &ui, all, &relaying, home, &updates);
                     reread = true;
                 }
             }
@@ -328,6 +363,7 @@ pub fn run(home: &Path, channel: Option<&str>) -> Outcome {
 fn send(
     store: &mut Store,
     view: &View,
+    relaying: &Relaying,
     home: &Path,
     updates: &mpsc::Sender<String>,
     text: String,
@@ -339,7 +375,7 @@ fn send(
         Ok(id) => {
             let what = format!("message {}", &id.to_hex()[..12]);
             tracing::info!(channel = %crate::inert::inert(name), "{what} sent from the console");
-            push(home.to_path_buf(), updates.clone(), what.clone());
+            push(relaying, home.to_path_buf(), updates.clone(), what.clone());
             format!("{what}: stored; relaying…")
         }
         Err(error) => {
@@ -357,6 +393,7 @@ fn read(
     view: &View,
     ui: &Ui,
     all: bool,
+    relaying: &Relaying,
     home: &Path,
     updates: &mpsc::Sender<String>,
 ) -> String {
@@ -384,7 +421,12 @@ fn read(
         }
         marked += 1;
     }
-    push(home.to_path_buf(), updates.clone(), "read receipts".into());
+    push(
+        relaying,
+        home.to_path_buf(),
+        updates.clone(),
+        "read receipts".into(),
+    );
     format!("{marked} marked read; receipts relaying…")
 }
 
