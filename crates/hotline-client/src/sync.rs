@@ -943,11 +943,7 @@ pub async fn follow(
             config.wait,
             delay,
         );
-        if report.received > 0 {
-            // Receipts for this batch, and commits of proposals, go out at once.
-            store.send_receipts()?;
-            push_with(store, &identity, &mut relays, &mut report).await?;
-        } else if report.link_tests > 0 {
+        if report.received == 0 && report.link_tests > 0 {
             // Answers to link tests go out at once, on their paths.
             post_frames(store, &identity, &mut relays, &mut report).await?;
         }
@@ -956,8 +952,22 @@ pub async fn follow(
             || !report.joined.is_empty()
             || !report.refused.is_empty()
             || report.relays.values().any(Option::is_some);
+        // What arrived is reported (shown, logged) the moment it is committed ...
         if changed && on_report(&report).is_break() {
             return Ok(());
+        }
+        if report.received > 0 {
+            // ... then its receipts, and commits of proposals, go out at once.
+            let mut sent = SyncReport::default();
+            store.send_receipts()?;
+            push_with(store, &identity, &mut relays, &mut sent).await?;
+            let changed = !sent.events.is_empty()
+                || !sent.alarms.is_empty()
+                || !sent.refused.is_empty()
+                || sent.relays.values().any(Option::is_some);
+            if changed && on_report(&sent).is_break() {
+                return Ok(());
+            }
         }
         if !report.joined.is_empty() {
             // A new channel to watch: pick it up now.
