@@ -782,6 +782,17 @@ id: None,
                 // Other parties' messages: until this party reads them, a FLASH is
                 // alarmed from its arrival, any other once past its deadline. A
                 // message read by everyone concerned leaves the table.
+                if others.is_empty() {
+                    // Nobody but this party: every message is read by everyone concerned.
+                    // One statement, not a row at a time (a channel of one party's
+                    // devices would otherwise cost every `status` a batch of deletes).
+                    connection.execute(
+                        "DELETE FROM deadlines WHERE channel = ?1",
+                        [&summary.id.0[..]],
+                    )?;
+                    cache.channels.insert(summary.id, channel);
+                    continue;
+                }
                 let due: Vec<(Vec<u8>, Vec<u8>, i64, i64)> = connection
                     .prepare_cached(
                         "SELECT id, sender, deadline_ms, precedence FROM deadlines

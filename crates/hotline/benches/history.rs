@@ -11,6 +11,7 @@
 //! cargo bench -p hotline --bench history                       # 1k, 10k, 100k
 //! HOTLINE_HISTORY_SIZES=1000,1000000 cargo bench -p hotline --bench history
 //! HOTLINE_HISTORY_RUNS=9 cargo bench -p hotline --bench history
+//! HOTLINE_HISTORY_KEEP=1 cargo bench -p hotline --bench history  # keeps the home, to profile
 //! ```
 //!
 //! Figures go to BENCHMARKS.md with the command that produced them.
@@ -112,7 +113,11 @@ fn main() {
         grown += CHECKPOINTS as u64 + 1;
         report(size, "checkpoint", times, None);
     }
-    let _ = std::fs::remove_dir_all(&scratch);
+    if std::env::var_os("HOTLINE_HISTORY_KEEP").is_some() {
+        eprintln!("kept the grown home: {}", home.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
 }
 
 /// Prints one row: p50 and p99 of `times`, and the peak RSS in KiB if measured.
