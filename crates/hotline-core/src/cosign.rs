@@ -127,23 +127,7 @@ impl HorizonCursor {
             return Ok(None);
         }
         let settled = transcript.settled_len();
-        while self.frontier.len() < size && self.read < settled {
-            let want = (settled - self.read).min(256) as usize;
-            let page = transcript.page_after(self.after, want)?;
-            if page.is_empty() {
-                break;
-            }
-            for (id, envelope) in page {
-                self.read += 1;
-                self.after = Some((envelope.lamport, id));
-                if envelope.epoch >= self.horizon {
-                    self.frontier.push(&id.0);
-                }
-                if self.frontier.len() == size || self.read == settled {
-                    break;
-                }
-            }
-        }
+        self.read_forward(transcript, settled, Some(size))?;
         Ok((self.frontier.len() == size).then(|| self.frontier.root()))
     }
 
@@ -156,8 +140,24 @@ impl HorizonCursor {
         budget: u64,
     ) -> Result<bool, crate::merkle::StorageError> {
         let settled = transcript.settled_len();
-        let end = settled.min(self.read.saturating_add(budget));
-        while self.read < end {
+        self.read_forward(
+            transcript,
+            settled.min(self.read.saturating_add(budget)),
+            None,
+        )?;
+        Ok(self.read == settled)
+    }
+
+    /// Reads settled envelopes in canonical order until `end` of them are read, or (with
+    /// `size`) until the root covers `size` envelopes of the horizon.
+    fn read_forward(
+        &mut self,
+        transcript: &crate::Transcript,
+        end: u64,
+        size: Option<u64>,
+    ) -> Result<(), crate::merkle::StorageError> {
+        let enough = |cursor: &Self| size.is_some_and(|size| cursor.frontier.len() >= size);
+        while self.read < end && !enough(self) {
             let want = (end - self.read).min(256) as usize;
             let page = transcript.page_after(self.after, want)?;
             if page.is_empty() {
@@ -169,9 +169,12 @@ impl HorizonCursor {
                 if envelope.epoch >= self.horizon {
                     self.frontier.push(&id.0);
                 }
+                if enough(self) {
+                    break;
+                }
             }
         }
-        Ok(self.read == settled)
+        Ok(())
     }
 
     /// `u64 horizon | u64 read | u8 has after [u64 lamport, [32] id] | frontier`.
