@@ -32,6 +32,7 @@ where
     reads_after_a_cursor_with_a_limit(&storage).await;
     membership_only_moves_forward(&storage).await;
     acknowledged_by_every_member_is_deleted(&storage).await;
+    deleted_bytes_append_as_new(&storage).await;
     quota_refuses_and_changes_nothing(&storage).await;
     expiry_deletes_old_and_keeps_the_sequence(&storage).await;
     concurrent_appends_get_distinct_contiguous_numbers(&storage).await;
@@ -337,10 +338,38 @@ async fn acknowledged_by_every_member_is_deleted(storage: &impl RelayStorage) {
     assert_eq!(ack(a, 6).await.unwrap(), 2);
     assert!(read_all(storage, &log).await.is_empty());
     // Numbering goes on after everything was deleted.
+    let again = message("a", 99);
     assert_eq!(
-        append(storage, &log, message("a", 99)).await,
+        append(storage, &log, again.clone()).await,
         (7, false),
         "sequence numbers never go back"
+    );
+    assert_eq!(
+        append(storage, &log, again).await,
+        (7, true),
+        "a message appended after deletions is found again"
+    );
+}
+
+/// Bytes whose message was deleted (acknowledged by every member) are a new message
+/// when appended again, not a duplicate of what is gone.
+async fn deleted_bytes_append_as_new(storage: &impl RelayStorage) {
+    let log = Log::Channel(fresh_channel());
+    let first = message("gone", 0);
+    assert_eq!(append(storage, &log, first.clone()).await, (1, false));
+    assert_eq!(append(storage, &log, message("gone", 1)).await, (2, false));
+    let member = [3u8; 32];
+    assert_eq!(
+        storage
+            .acknowledge(log.clone(), member, 1, vec![member])
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        append(storage, &log, first).await,
+        (3, false),
+        "deleted_bytes_append_as_new"
     );
 }
 
@@ -584,6 +613,11 @@ async fn survives_reopen(storage: &impl RelayStorage, log: &Log, expected: &[(u6
         storage.membership(id).await.unwrap().map(|m| m.version),
         Some(2),
         "survives_reopen: membership"
+    );
+    assert_eq!(
+        append(storage, log, expected[0].1.clone()).await,
+        (expected[0].0, true),
+        "survives_reopen: a message held before is a duplicate"
     );
     assert_eq!(
         append(storage, log, message("d", 5)).await,

@@ -254,17 +254,46 @@ impl std::fmt::Debug for SqliteStorage {
     }
 }
 
+/// The messages table (named), without an index on hashes: the writer keeps its own
+/// ([`Known::hashes`]).
+fn messages_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {name} (
+            log BLOB NOT NULL,
+            seq INTEGER NOT NULL,
+            hash BLOB NOT NULL,
+            bytes BLOB NOT NULL,
+            stored_ms INTEGER NOT NULL DEFAULT 0,
+            receipt BLOB,
+            PRIMARY KEY (log, seq)
+        ) WITHOUT ROWID;"
+    )
+}
+
+/// Databases made before the writer indexed hashes itself carry a unique index on
+/// (log, hash), which SQLite cannot drop: the table is copied once without it.
+fn drop_hash_index(connection: &mut Connection) -> Result<(), rusqlite::Error> {
+    let indexed: bool = connection.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_index_list('messages') WHERE origin = 'u'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !indexed {
+        return Ok(());
+    }
+    let transaction = connection.transaction()?;
+    transaction.execute_batch(&format!(
+        "{}
+         INSERT INTO messages_unindexed (log, seq, hash, bytes, stored_ms, receipt)
+             SELECT log, seq, hash, bytes, stored_ms, receipt FROM messages;
+         DROP TABLE messages;
+         ALTER TABLE messages_unindexed RENAME TO messages;",
+        messages_table("messages_unindexed")
+    ))?;
+    transaction.commit()
+}
+
 const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS messages (
-    log BLOB NOT NULL,
-    seq INTEGER NOT NULL,
-    hash BLOB NOT NULL,
-    bytes BLOB NOT NULL,
-    stored_ms INTEGER NOT NULL DEFAULT 0,
-    receipt BLOB,
-    PRIMARY KEY (log, seq),
-    UNIQUE (log, hash)
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS heads (
     log BLOB PRIMARY KEY,
     last_seq INTEGER NOT NULL,
@@ -286,6 +315,7 @@ CREATE TABLE IF NOT EXISTS memberships (
 fn open(path: &Path) -> Result<Connection, rusqlite::Error> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(std::time::Duration::from_secs(30))?;
+    connection.pragma_update(None, "page_size", 16384)?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     Ok(connection)
@@ -295,7 +325,8 @@ impl SqliteStorage {
     /// Opens (or creates) the database; `quotas` bound the bytes of one log.
     pub fn open(path: &Path, quotas: impl Into<Quotas>) -> Result<Self, StorageError> {
         let quotas = quotas.into();
-        let writer = open(path)?;
+        let mut writer = open(path)?;
+        writer.execute_batch(&messages_table("messages"))?;
         writer.execute_batch(SCHEMA)?;
         // Databases made before relays signed receipts gain the column.
         let has_receipts: bool = writer.query_row(
@@ -306,6 +337,7 @@ impl SqliteStorage {
         if !has_receipts {
             writer.execute_batch("ALTER TABLE messages ADD COLUMN receipt BLOB")?;
         }
+        drop_hash_index(&mut writer)?;
         let reader = open(path)?;
         let (jobs, receiver) = mpsc::channel::<Job>();
         let commit_durations = Arc::new(Mutex::new(Vec::new()));
@@ -340,6 +372,73 @@ pub(crate) async fn answers_in_order<E>(
     answers
 }
 
+/// What the writer (the only one) knows of the logs, read from the database the first
+/// time a log comes up and forgotten when a batch rolls back.
+#[derive(Default)]
+struct Known {
+    /// Per log, its last sequence number and the bytes it holds.
+    heads: HashMap<Vec<u8>, (i64, i64)>,
+    /// Per log, the first 128 bits of each held message's SHA-256 and its sequence
+    /// number: how a repeated append is found. An index on (log, hash) in the database
+    /// did the same at the price of a page written at random per append, which halved
+    /// the writer's rate; this costs about 30 bytes of memory per held message.
+    hashes: HashMap<Vec<u8>, HashMap<u128, i64>>,
+}
+
+/// A held message's sequence number and receipt (if it has one).
+type Held = (i64, Option<Vec<u8>>);
+
+/// A message's key in [`Known::hashes`].
+fn tag(hash: &[u8; 32]) -> u128 {
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&hash[..16]);
+    u128::from_be_bytes(first)
+}
+
+impl Known {
+    /// The index of `key`'s hashes, read from the database the first time.
+    fn hashes(
+        &mut self,
+        transaction: &rusqlite::Transaction<'_>,
+        key: &[u8],
+    ) -> Result<&mut HashMap<u128, i64>, rusqlite::Error> {
+        if !self.hashes.contains_key(key) {
+            let mut held = HashMap::new();
+            let mut statement =
+                transaction.prepare_cached("SELECT seq, hash FROM messages WHERE log = ?1")?;
+            let mut rows = statement.query([key])?;
+            while let Some(row) = rows.next()? {
+                let (seq, hash): (i64, Vec<u8>) = (row.get(0)?, row.get(1)?);
+                if let Ok(hash) = <[u8; 32]>::try_from(hash) {
+                    held.insert(tag(&hash), seq);
+                }
+            }
+            self.hashes.insert(key.to_vec(), held);
+        }
+        Ok(self.hashes.entry(key.to_vec()).or_default())
+    }
+
+    /// The sequence number and receipt of the message of `key` with SHA-256 `hash`, if
+    /// the log holds it (the index's answer checked against the stored hash).
+    fn stored(
+        &mut self,
+        transaction: &rusqlite::Transaction<'_>,
+        key: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<Option<Held>, rusqlite::Error> {
+        let Some(&seq) = self.hashes(transaction, key)?.get(&tag(hash)) else {
+            return Ok(None);
+        };
+        let stored: Option<(Vec<u8>, Option<Vec<u8>>)> = transaction
+            .prepare_cached("SELECT hash, receipt FROM messages WHERE log = ?1 AND seq = ?2")?
+            .query_row(params![key, seq], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        Ok(stored
+            .filter(|(stored, _)| stored[..] == hash[..])
+            .map(|(_, receipt)| (seq, receipt)))
+    }
+}
+
 /// Drains every waiting job into one transaction; answers after COMMIT.
 fn write_loop(
     mut connection: Connection,
@@ -348,9 +447,7 @@ fn write_loop(
     durations: Arc<Mutex<Vec<f64>>>,
     notary: NotarySlot,
 ) {
-    // Last sequence number and bytes used per log, known to this thread alone (the only
-    // writer); read from the database the first time a log is seen.
-    let mut heads: HashMap<Vec<u8>, (i64, i64)> = HashMap::new();
+    let mut known = Known::default();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(more) = jobs.try_recv() {
@@ -360,14 +457,15 @@ fn write_loop(
             }
         }
         let start = Instant::now();
-        let mut staged = heads.clone();
         let results: Vec<Result<Answer, String>> =
-            match commit_batch(&mut connection, &batch, quotas, &mut staged, &notary) {
-                Ok(results) => {
-                    heads = staged;
-                    results.into_iter().map(Ok).collect()
+            match commit_batch(&mut connection, &batch, quotas, &mut known, &notary) {
+                Ok(results) => results.into_iter().map(Ok).collect(),
+                Err(error) => {
+                    // The rolled-back batch may have changed what the writer knew: read
+                    // again from the database as logs come up.
+                    known = Known::default();
+                    batch.iter().map(|_| Err(error.to_string())).collect()
                 }
-                Err(error) => batch.iter().map(|_| Err(error.to_string())).collect(),
             };
         if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
@@ -393,7 +491,7 @@ fn commit_batch(
     connection: &mut Connection,
     batch: &[Job],
     quotas: Quotas,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     notary: &NotarySlot,
 ) -> Result<Vec<Answer>, CommitError> {
     let transaction =
@@ -415,7 +513,7 @@ fn commit_batch(
             } => {
                 results.push(Answer::Deleted(Ok(acknowledge(
                     &transaction,
-                    heads,
+                    known,
                     log,
                     device,
                     *seq,
@@ -426,25 +524,19 @@ fn commit_batch(
             Job::Expire { before_ms, .. } => {
                 results.push(Answer::Deleted(Ok(expire(
                     &transaction,
-                    heads,
+                    known,
                     *before_ms,
                 )?)));
                 continue;
             }
             Job::Claim { log, .. } => {
-                results.push(Answer::Claimed(claim_first(&transaction, heads, log)?));
+                results.push(Answer::Claimed(claim_first(&transaction, known, log)?));
                 continue;
             }
         };
         let key = log.storage_key();
         let hash: [u8; 32] = Sha256::digest(bytes).into();
-        let existing: Option<(i64, Option<Vec<u8>>)> = transaction
-            .prepare_cached("SELECT seq, receipt FROM messages WHERE log = ?1 AND hash = ?2")?
-            .query_row(params![key, &hash[..]], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })
-            .optional()?;
-        if let Some((seq, receipt)) = existing {
+        if let Some((seq, receipt)) = known.stored(&transaction, &key, &hash)? {
             // One stored earlier in this batch gets its receipt with the seal.
             results.push(Answer::Appended(Ok(Appended {
                 seq: seq as u64,
@@ -453,7 +545,7 @@ fn commit_batch(
             })));
             continue;
         }
-        let (last, used) = head(&transaction, heads, &key)?;
+        let (last, used) = head(&transaction, known, &key)?;
         let quota = quotas.of_key(&key);
         if used as u64 + bytes.len() as u64 > quota {
             results.push(Answer::Appended(Err(StorageError::QuotaExceeded(quota))));
@@ -461,7 +553,10 @@ fn commit_batch(
         }
         let seq = last + 1;
         // The head's row is written once per log, at the end of the batch.
-        heads.insert(key.clone(), (seq, used + bytes.len() as i64));
+        known
+            .heads
+            .insert(key.clone(), (seq, used + bytes.len() as i64));
+        known.hashes(&transaction, &key)?.insert(tag(&hash), seq);
         transaction
             .prepare_cached(
                 "INSERT INTO messages (log, seq, hash, bytes, stored_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -504,8 +599,8 @@ fn commit_batch(
         }
     }
     for key in appended_to {
-        if let Some(&(last, used)) = heads.get(&key) {
-            set_head(&transaction, heads, &key, last, used)?;
+        if let Some(&(last, used)) = known.heads.get(&key) {
+            set_head(&transaction, known, &key, last, used)?;
         }
     }
     transaction.commit()?;
@@ -522,10 +617,10 @@ fn now_ms() -> u64 {
 /// when every message was deleted: the head is stored, not derived from the messages.
 fn head(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     key: &[u8],
 ) -> Result<(i64, i64), rusqlite::Error> {
-    if let Some(head) = heads.get(key) {
+    if let Some(head) = known.heads.get(key) {
         return Ok(*head);
     }
     let stored: Option<(i64, i64)> = transaction
@@ -543,13 +638,13 @@ fn head(
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?,
     };
-    heads.insert(key.to_vec(), head);
+    known.heads.insert(key.to_vec(), head);
     Ok(head)
 }
 
 fn set_head(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     key: &[u8],
     last_seq: i64,
     used: i64,
@@ -560,37 +655,52 @@ fn set_head(
              ON CONFLICT (log) DO UPDATE SET last_seq = ?2, used = ?3",
         )?
         .execute(params![key, last_seq, used])?;
-    heads.insert(key.to_vec(), (last_seq, used));
+    known.heads.insert(key.to_vec(), (last_seq, used));
     Ok(())
 }
 
 /// Deletes messages of `key` up to `up_to`, keeping the head's byte count true.
 fn delete_up_to(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     key: &[u8],
     up_to: i64,
 ) -> Result<u64, rusqlite::Error> {
-    let (count, bytes): (i64, i64) = transaction.query_row(
-        "SELECT COUNT(*), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1 AND seq <= ?2",
-        params![key, up_to],
-        |row| Ok((row.get(0)?, row.get(1)?)),
+    // What goes, and its hashes out of the writer's index.
+    let (mut count, mut bytes) = (0i64, 0i64);
+    let mut hashes = known.hashes.get_mut(key);
+    let mut going = transaction.prepare_cached(
+        "SELECT seq, hash, LENGTH(bytes) FROM messages WHERE log = ?1 AND seq <= ?2",
     )?;
+    let mut rows = going.query(params![key, up_to])?;
+    while let Some(row) = rows.next()? {
+        let (seq, hash, length): (i64, Vec<u8>, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+        count += 1;
+        bytes += length;
+        if let (Some(hashes), Ok(hash)) = (hashes.as_deref_mut(), <[u8; 32]>::try_from(hash)) {
+            let tag = tag(&hash);
+            if hashes.get(&tag) == Some(&seq) {
+                hashes.remove(&tag);
+            }
+        }
+    }
+    drop(rows);
+    drop(going);
     if count == 0 {
         return Ok(0);
     }
-    let (last, used) = head(transaction, heads, key)?;
+    let (last, used) = head(transaction, known, key)?;
     transaction.execute(
         "DELETE FROM messages WHERE log = ?1 AND seq <= ?2",
         params![key, up_to],
     )?;
-    set_head(transaction, heads, key, last, (used - bytes).max(0))?;
+    set_head(transaction, known, key, last, (used - bytes).max(0))?;
     Ok(count as u64)
 }
 
 fn acknowledge(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     log: &Log,
     device: &[u8; 32],
     seq: u64,
@@ -617,12 +727,12 @@ fn acknowledge(
     if members.is_empty() || lowest == 0 {
         return Ok(0);
     }
-    delete_up_to(transaction, heads, &key, lowest)
+    delete_up_to(transaction, known, &key, lowest)
 }
 
 fn expire(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     before_ms: u64,
 ) -> Result<u64, rusqlite::Error> {
     let logs: Vec<(Vec<u8>, i64)> = transaction
@@ -631,7 +741,7 @@ fn expire(
         .collect::<Result<_, _>>()?;
     let mut deleted = 0;
     for (key, up_to) in logs {
-        deleted += delete_up_to(transaction, heads, &key, up_to)?;
+        deleted += delete_up_to(transaction, known, &key, up_to)?;
     }
     Ok(deleted)
 }
@@ -640,7 +750,7 @@ fn expire(
 /// runs jobs one after the other, so two claims never see the same message.
 fn claim_first(
     transaction: &rusqlite::Transaction<'_>,
-    heads: &mut HashMap<Vec<u8>, (i64, i64)>,
+    known: &mut Known,
     log: &Log,
 ) -> Result<Option<(u64, Vec<u8>)>, rusqlite::Error> {
     let key = log.storage_key();
@@ -654,7 +764,7 @@ fn claim_first(
     let Some((seq, bytes)) = oldest else {
         return Ok(None);
     };
-    delete_up_to(transaction, heads, &key, seq)?;
+    delete_up_to(transaction, known, &key, seq)?;
     Ok(Some((seq as u64, bytes)))
 }
 

@@ -137,8 +137,9 @@ async fn postgres_claims_from_two_processes_never_share_a_package() {
         .unwrap();
 }
 
-/// A relay database made before relays signed receipts opens: its messages are read
-/// without one (and a duplicate of one is answered without one), new ones get theirs.
+/// A relay database made before relays signed receipts (and with a unique index on
+/// hashes) opens: its messages are read without one (and a duplicate of one is answered
+/// without one), new ones get theirs.
 #[tokio::test]
 async fn a_database_from_before_receipts_opens_and_keeps_its_messages() {
     use hotline_relay::storage::{Log, Notary, Receipt, RelayStorage};
@@ -165,6 +166,16 @@ async fn a_database_from_before_receipts_opens_and_keeps_its_messages() {
         .unwrap();
     }
     let storage = SqliteStorage::open(&path, QUOTA).unwrap();
+    // Its unique index on (log, hash) is gone (the writer indexes hashes itself).
+    let unique: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_index_list('messages') WHERE origin = 'u'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(unique, 0);
     let key = rcgen::KeyPair::generate().unwrap();
     let notary = Notary::new(&rustls::pki_types::PrivateKeyDer::Pkcs8(
         key.serialize_der().into(),
