@@ -11,8 +11,14 @@
 //! two minutes; `sync_interval: always` does not exist before nats-server 2.10, and the
 //! bench says which version ran). Its column is there to compare speed, not durability.
 //!
+//! hotline's stream column is measured twice: from a load generator that, as
+//! redis-benchmark does, reads each answer and checks nothing in it (what the relay
+//! can carry: on separate machines the senders' work is not the relay's), and from
+//! devices that check each answer's custody receipt (a signature verification per
+//! message) in this process, on the relay's two cores.
+//!
 //! `cargo bench -p hotline-relay --bench side_by_side` (`HOTLINE_BENCH_MESSAGES`
-//! messages per run, default 4000). Redis is skipped, saying so, when `redis-server`
+//! messages per run, default 4000; `HOTLINE_BENCH_SENDERS`, default `1,16,64`). Redis is skipped, saying so, when `redis-server`
 //! or `redis-benchmark` is not on the PATH; NATS when `nats-server` is not.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -159,47 +165,69 @@ async fn relay_with_channel(
     (running, url, identities, channel)
 }
 
+/// How the senders reach the relay.
+#[derive(Clone, Copy)]
+enum How {
+    /// The stream protocol, from a load generator that, as redis-benchmark, reads each
+    /// answer and checks nothing in it: what the relay can carry.
+    Load,
+    /// The stream protocol, from devices (`StreamClient::append`), each checking its
+    /// custody receipt in this process, on the relay's cores.
+    Devices,
+    /// One signed HTTPS request per message (`RelayClient::post`), receipts checked.
+    OneShot,
+}
+
+/// One sender's way in.
+enum Sender {
+    Load(Box<load::Connection>),
+    Device(StreamClient),
+    OneShot(RelayClient, Arc<DeviceIdentity>),
+}
+
+impl Sender {
+    async fn append(&mut self, channel: &[u8; 32], message: Vec<u8>) {
+        match self {
+            Sender::Load(connection) => {
+                connection.append(channel, message).await;
+            }
+            Sender::Device(stream) => {
+                stream.append(channel, message).await.unwrap();
+            }
+            Sender::OneShot(http, identity) => {
+                http.post(identity, channel, message).await.unwrap();
+            }
+        }
+    }
+}
+
 /// Messages/s, p50 and p99 in ms, of `senders` devices sending `total` messages
-/// between them, one in flight each: over the stream protocol (`stream`) or one signed
-/// HTTPS request per message.
+/// between them, one in flight each, as `how` says.
 async fn hotline(
     data: &std::path::Path,
     senders: usize,
     total: usize,
-    stream: bool,
+    how: How,
 ) -> (f64, f64, f64) {
     let (running, url, identities, channel) = relay_with_channel(data, senders).await;
     let per_sender = total / senders;
     // Connections first (authenticated once each), then the clock.
-    let mut streams = Vec::new();
-    for identity in &identities {
-        streams.push(if stream {
-            Some(StreamClient::connect(&url, identity).await.unwrap())
-        } else {
-            None
+    let mut ways = Vec::new();
+    for identity in identities {
+        ways.push(match how {
+            How::Load => Sender::Load(Box::new(load::Connection::open(&url, &identity).await)),
+            How::Devices => Sender::Device(StreamClient::connect(&url, &identity).await.unwrap()),
+            How::OneShot => Sender::OneShot(RelayClient::new(&url).unwrap(), identity),
         });
     }
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for (n, (identity, stream)) in identities.into_iter().zip(streams).enumerate() {
-        let http = RelayClient::new(&url).unwrap();
+    for (n, mut way) in ways.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
             for m in 0..per_sender {
                 let sent = Instant::now();
-                match &stream {
-                    Some(stream) => {
-                        stream
-                            .append(&channel, common::payload(n, m))
-                            .await
-                            .unwrap();
-                    }
-                    None => {
-                        http.post(&identity, &channel, common::payload(n, m))
-                            .await
-                            .unwrap();
-                    }
-                }
+                way.append(&channel, common::payload(n, m)).await;
                 latencies.push(sent.elapsed());
             }
             latencies
@@ -230,10 +258,19 @@ fn main() {
     );
     println!();
     println!(
-        "| senders | disk group-commit limit | Redis XADD, fsync always | Redis XADD, fsync always, TLS | NATS JetStream file, not synced | NATS JetStream file, not synced, TLS | hotline stream (TLS) | hotline one-shot HTTPS | stream ÷ Redis TLS |"
+        "| senders | disk group-commit limit | Redis XADD, fsync always | Redis XADD, fsync always, TLS | NATS JetStream file, not synced | NATS JetStream file, not synced, TLS | hotline stream, load generator (TLS) | hotline stream, devices checking receipts (TLS) | hotline one-shot HTTPS | load generator ÷ Redis TLS | devices ÷ Redis TLS |"
     );
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for senders in [1usize, 16, 64] {
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let counts: Vec<usize> = std::env::var("HOTLINE_BENCH_SENDERS")
+        .ok()
+        .map(|counts| {
+            counts
+                .split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_else(|| vec![1, 16, 64]);
+    for senders in counts {
         let total = total.max(senders * 20);
         let limit = common::group_commit_limit(&dir, senders, total);
         let cell = |figure: Option<(f64, f64, f64)>| match figure {
@@ -253,29 +290,35 @@ fn main() {
             ),
             None => (None, None),
         };
-        let stream = runtime.block_on(hotline(
-            &dir.join(format!("stream-{senders}")),
-            senders,
-            total,
-            true,
-        ));
-        let oneshot = runtime.block_on(hotline(
-            &dir.join(format!("oneshot-{senders}")),
-            senders,
-            total,
-            false,
-        ));
-        let ratio = over_tls.map_or("-".to_owned(), |(redis, ..)| {
-            format!("{:.2}×", stream.0 / redis)
-        });
+        let run = |name: &str, how: How| {
+            runtime.block_on(hotline(
+                &dir.join(format!("{name}-{senders}")),
+                senders,
+                total,
+                how,
+            ))
+        };
+        let (load, devices, oneshot) = (
+            run("load", How::Load),
+            run("devices", How::Devices),
+            run("oneshot", How::OneShot),
+        );
+        let ratio = |hotline: (f64, f64, f64)| {
+            over_tls.map_or("-".to_owned(), |(redis, ..)| {
+                format!("{:.2}×", hotline.0 / redis)
+            })
+        };
         println!(
-            "| {senders} | {limit:.0} | {} | {} | {} | {} | {} | {} | {ratio} |",
+            "| {senders} | {limit:.0} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             cell(plain),
             cell(over_tls),
             cell(nats_plain),
             cell(nats_tls),
-            cell(Some(stream)),
+            cell(Some(load)),
+            cell(Some(devices)),
             cell(Some(oneshot)),
+            ratio(load),
+            ratio(devices),
         );
     }
     drop(redis);
@@ -577,5 +620,94 @@ mod nats {
             ms(latencies[latencies.len() / 2]),
             ms(latencies[latencies.len() * 99 / 100]),
         ))
+    }
+}
+
+/// A load generator for the stream protocol, as redis-benchmark is one for Redis: it
+/// authenticates once per connection (the relay's pin checked, the Hello signed), then
+/// writes one Append at a time and reads its answer, parsed but not checked.
+mod load {
+    use std::sync::Arc;
+
+    use hotline_core::DeviceIdentity;
+    use hotline_proto::stream::{self, Frame};
+    use tokio::io::{AsyncWriteExt, BufReader};
+    use tokio::net::TcpStream;
+    use tokio_rustls::client::TlsStream;
+
+    pub struct Connection {
+        tls: BufReader<TlsStream<TcpStream>>,
+        next: u64,
+    }
+
+    impl Connection {
+        pub async fn open(url: &str, identity: &DeviceIdentity) -> Self {
+            let (base, pin) = hotline_proto::tls::parse_url(url).unwrap();
+            let mut config = hotline_proto::tls::client_config(pin).unwrap();
+            config.alpn_protocols = vec![stream::ALPN.to_vec()];
+            let tcp = TcpStream::connect(base.trim_start_matches("https://"))
+                .await
+                .unwrap();
+            tcp.set_nodelay(true).unwrap();
+            let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid").unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            let mut exporter = [0u8; 32];
+            tls.get_ref()
+                .1
+                .export_keying_material(&mut exporter, stream::EXPORTER_LABEL, None)
+                .unwrap();
+            let mut connection = Self {
+                tls: BufReader::with_capacity(stream::BUFFER, tls),
+                next: 1,
+            };
+            let Some(Frame::Challenge { nonce }) = connection.frame().await else {
+                panic!("no challenge");
+            };
+            connection
+                .send(Frame::Hello {
+                    device: identity.key().0,
+                    signature: identity.sign(&stream::hello_message(&nonce, &exporter)),
+                })
+                .await;
+            assert!(matches!(connection.frame().await, Some(Frame::Ready)));
+            connection
+        }
+
+        async fn frame(&mut self) -> Option<Frame> {
+            stream::read_frame(&mut self.tls, stream::MAX_FRAME)
+                .await
+                .unwrap()
+        }
+
+        async fn send(&mut self, frame: Frame) {
+            self.tls.write_all(&frame.encode()).await.unwrap();
+            self.tls.flush().await.unwrap();
+        }
+
+        /// Appends and waits for the answer: the message's sequence number.
+        pub async fn append(&mut self, channel: &[u8; 32], message: Vec<u8>) -> u64 {
+            let id = self.next;
+            self.next += 1;
+            self.send(Frame::Append {
+                id,
+                channel: *channel,
+                message,
+            })
+            .await;
+            loop {
+                match self.frame().await {
+                    Some(Frame::Appended {
+                        id: answered, seq, ..
+                    }) if answered == id => {
+                        return seq;
+                    }
+                    Some(Frame::Pong) => {}
+                    other => panic!("unexpected answer {other:?}"),
+                }
+            }
+        }
     }
 }
