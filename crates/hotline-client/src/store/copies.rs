@@ -91,21 +91,19 @@ pub(crate) fn record_copy(
 /// names the relay and keeps the bytes.
 fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<(), StoreError> {
     let copy: Option<(Vec<u8>, Vec<u8>, i64)> = connection
-        .query_row(
-            "SELECT channel, sender, seq FROM copies WHERE hash = ?1",
-            [&hash[..]],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-        )
+        .prepare_cached("SELECT channel, sender, seq FROM copies WHERE hash = ?1")?
+        .query_row([&hash[..]], |row| {
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+        })
         .optional()?;
     let Some((channel, sender, seq)) = copy else {
         return Ok(());
     };
     let last: Option<i64> = connection
-        .query_row(
+        .prepare_cached(
             "SELECT seq FROM relay_heads WHERE relay = ?1 AND channel = ?2 AND sender = ?3",
-            params![relay, &channel, &sender],
-            |row| row.get(0),
-        )
+        )?
+        .query_row(params![relay, &channel, &sender], |row| row.get(0))
         .optional()?;
     let sender_hex = hex::encode(&sender[..8]);
     // The relay's receipts for these bytes: its signed word on where it stored them.

@@ -359,10 +359,15 @@ impl Store {
         &mut self,
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.connection.execute_batch("BEGIN IMMEDIATE")?;
+        // Cached statements: these run around every transaction.
+        let run = |connection: &Connection, sql: &str| -> Result<(), rusqlite::Error> {
+            connection.prepare_cached(sql)?.execute([]).map(|_| ())
+        };
+        run(&self.connection, "BEGIN IMMEDIATE")?;
         let version = self
             .connection
-            .pragma_query_value(None, "data_version", |row| row.get::<_, i64>(0));
+            .prepare_cached("PRAGMA data_version")
+            .and_then(|mut statement| statement.query_row([], |row| row.get::<_, i64>(0)));
         match version {
             Ok(version) if self.cache.data_version == Some(version) => {}
             Ok(version) => {
@@ -370,21 +375,20 @@ impl Store {
                 self.cache.data_version = Some(version);
             }
             Err(error) => {
-                let _ = self.connection.execute_batch("ROLLBACK");
+                let _ = run(&self.connection, "ROLLBACK");
                 return Err(error.into());
             }
         }
         let result = operation(&self.connection, &self.identity, &mut self.cache)
             .and_then(|value| failpoint("before-commit").map(|()| value))
             .and_then(|value| {
-                self.connection
-                    .execute_batch("COMMIT")
+                run(&self.connection, "COMMIT")
                     .map(|()| value)
                     .map_err(Into::into)
             });
         if result.is_err() {
             // Rolling back can only fail if no transaction is open any more.
-            let _ = self.connection.execute_batch("ROLLBACK");
+            let _ = run(&self.connection, "ROLLBACK");
             self.cache.channels.clear();
         }
         result

@@ -50,11 +50,8 @@ impl Store {
     pub fn cursor(&self, relay: &str, log: &str) -> Result<u64, StoreError> {
         Ok(self
             .connection
-            .query_row(
-                "SELECT seq FROM cursors WHERE relay = ?1 AND log = ?2",
-                params![relay, log],
-                |row| row.get::<_, i64>(0),
-            )
+            .prepare_cached("SELECT seq FROM cursors WHERE relay = ?1 AND log = ?2")?
+            .query_row(params![relay, log], |row| row.get::<_, i64>(0))
             .optional()?
             .unwrap_or(0) as u64)
     }
