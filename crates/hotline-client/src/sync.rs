@@ -755,16 +755,37 @@ async fn acknowledge(
     start: u64,
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
-    let reached = store.cursor(watch.url(), &watch.log())?;
-    if reached > start {
-        let acked = match watch {
-            Watch::Inbox { .. } => client.ack_inbox(identity, reached).await,
-            Watch::Channel { channel, .. } => client.ack(identity, &channel.0, reached).await,
-        };
-        note(report, watch.url(), acked);
+    if let Some(reached) = ack_due(store, watch, start)? {
+        note(
+            report,
+            watch.url(),
+            send_ack(watch, client, identity, reached).await,
+        );
     }
     Ok(())
 }
+
+/// How far `watch` was committed, if further than `start`: what to acknowledge.
+fn ack_due(store: &Store, watch: &Watch, start: u64) -> Result<Option<u64>, StoreError> {
+    let reached = store.cursor(watch.url(), &watch.log())?;
+    Ok((reached > start).then_some(reached))
+}
+
+/// Tells the relay `watch` was committed up to `reached`.
+async fn send_ack(
+    watch: &Watch,
+    client: &RelayClient,
+    identity: &DeviceIdentity,
+    reached: u64,
+) -> Result<(), ClientError> {
+    match watch {
+        Watch::Inbox { .. } => client.ack_inbox(identity, reached).await,
+        Watch::Channel { channel, .. } => client.ack(identity, &channel.0, reached).await,
+    }
+}
+
+/// Acknowledgements a follower has in flight at most; beyond, it waits for one.
+const ACKS_IN_FLIGHT: usize = 64;
 
 /// How `follow` paces itself.
 #[derive(Debug, Clone)]
@@ -841,6 +862,9 @@ pub async fn follow(
         senders: HashMap::new(),
     });
     let mut polls: JoinSet<Poll> = JoinSet::new();
+    // Acknowledgements go out beside the loop: a relay's answer (its commit) never
+    // holds up the next push or the next message.
+    let mut acks: JoinSet<(Watch, Result<(), ClientError>)> = JoinSet::new();
     let mut active: HashSet<Watch> = HashSet::new();
     let mut failures: HashMap<Watch, u32> = HashMap::new();
     let mut next_round = tokio::time::Instant::now();
@@ -878,6 +902,16 @@ pub async fn follow(
         }
         let joined = tokio::select! {
             joined = polls.join_next(), if !polls.is_empty() => joined,
+            Some(acked) = acks.join_next(), if !acks.is_empty() => {
+                if let Ok((watch, Err(error))) = acked {
+                    let mut report = SyncReport::default();
+                    note(&mut report, watch.url(), Err(error));
+                    if on_report(&report).is_break() {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
             () = tokio::time::sleep_until(next_round) => continue,
             () = config.wake.rung() => {
                 let mut report = SyncReport::default();
@@ -973,10 +1007,26 @@ pub async fn follow(
             // A new channel to watch: pick it up now.
             next_round = tokio::time::Instant::now();
         }
-        let mut acked = SyncReport::default();
-        acknowledge(store, &watch, &client, &identity, start, &mut acked).await?;
-        if acked.relays.values().any(Option::is_some) && on_report(&acked).is_break() {
-            return Ok(());
+        if let Some(reached) = ack_due(store, &watch, start)? {
+            while acks.len() >= ACKS_IN_FLIGHT {
+                acks.join_next().await;
+            }
+            let identity = Arc::clone(&identity);
+            let stream = relays.stream_for(&watch);
+            acks.spawn(async move {
+                // Over the relay's stream when it is open (no request, no signature).
+                let open = match &stream {
+                    Some(slot) => slot.client().await,
+                    None => None,
+                };
+                let acked = match (&watch, open) {
+                    (Watch::Channel { channel, .. }, Some(stream)) => {
+                        stream.ack(&channel.0, reached).await.map(|_| ())
+                    }
+                    _ => send_ack(&watch, &client, &identity, reached).await,
+                };
+                (watch, acked)
+            });
         }
     }
 }

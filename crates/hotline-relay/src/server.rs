@@ -184,6 +184,7 @@ pub(crate) struct Metrics {
     stored: AtomicU64,
     /// Of `stored`, those appended over stream connections.
     pub(crate) stored_over_streams: AtomicU64,
+    pub(crate) acknowledged_over_streams: AtomicU64,
     stored_bytes: AtomicU64,
     duplicates: AtomicU64,
     connections: AtomicU64,
@@ -1238,6 +1239,12 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
             "counter",
             "Of the messages stored, those appended over stream connections (the rest came by the one-shot routes).",
             m.stored_over_streams.load(Ordering::Relaxed),
+        ),
+        (
+            "hotline_relay_acknowledgements_over_streams_total",
+            "counter",
+            "Acknowledgements (a member committed a log up to a message) taken over stream connections.",
+            m.acknowledged_over_streams.load(Ordering::Relaxed),
         ),
         (
             "hotline_relay_bytes_stored_total",

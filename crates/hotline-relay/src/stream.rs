@@ -247,7 +247,13 @@ impl<S: RelayStorage> Session<S> {
                     (Arc::clone(&self.state), self.frames.clone(), self.device);
                 self.work.spawn(async move {
                     let answer = match state.acknowledge(channel, device, seq).await {
-                        Ok(deleted) => Frame::Acked { id, deleted },
+                        Ok(deleted) => {
+                            state
+                                .metrics
+                                .acknowledged_over_streams
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            Frame::Acked { id, deleted }
+                        }
                         Err(problem) => refused(id, &problem),
                     };
                     let _ = frames.send(answer.encode()).await;

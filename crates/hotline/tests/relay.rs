@@ -2163,6 +2163,23 @@ fn a_following_device_appends_over_its_stream_connection() {
             > metric(&before, "hotline_relay_messages_stored_total "),
         "{metrics}"
     );
+    // Its own message comes back to it over the stream; it acknowledges over the
+    // stream too (beside its loop, not in it).
+    loop {
+        let metrics = relay_metrics(&relay.url);
+        if metric(
+            &metrics,
+            "hotline_relay_acknowledgements_over_streams_total ",
+        ) > 0
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower acknowledged nothing over its stream: {metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     wake.ring();
     follower.join().unwrap();
