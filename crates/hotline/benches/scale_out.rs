@@ -1,7 +1,7 @@
 //! Relay processes on one PostgreSQL database: durable ingest of one relay process
 //! beside two sharing the same schema, in one run. 64 senders (each a device with its
-//! own stream connection, one 1 KiB message in flight), all members of one channel;
-//! with two processes, half the senders use each. Every append is committed in
+//! own stream connection, one 1 KiB message in flight), all members of one channel,
+//! then spread over 8 channels; with two processes, half the senders use each. Every append is committed in
 //! PostgreSQL before it is answered.
 //!
 //! `cargo bench -p hotline --bench scale_out` (`HOTLINE_BENCH_POSTGRES`, default
@@ -25,29 +25,34 @@ use rand::SeedableRng;
 const SENDERS: usize = 64;
 
 /// Messages/s and p50 / p99 in ms of `SENDERS` devices appending `total` messages
-/// between them, spread over `urls` in turn.
-async fn ingest(urls: &[String], total: usize) -> (f64, f64, f64) {
+/// between them, spread over `urls` in turn, sender `n` in channel `n % channels` (with
+/// two processes, each channel's senders then reach one of them).
+async fn ingest(urls: &[String], channels: usize, total: usize) -> (f64, f64, f64) {
     let identities: Vec<Arc<DeviceIdentity>> = (0..SENDERS)
         .map(|n| {
             let mut rng = rand::rngs::StdRng::seed_from_u64(n as u64);
             Arc::new(DeviceIdentity::generate("party", "desk", &mut rng).unwrap())
         })
         .collect();
-    let channel: [u8; 32] = rand::random();
+    let ids: Vec<[u8; 32]> = (0..channels).map(|_| rand::random()).collect();
     // The processes share the database: one registration serves all.
-    RelayClient::new(&urls[0])
-        .unwrap()
-        .register(
-            &identities[0],
-            &channel,
-            &Membership {
-                committer: identities[0].key().0,
-                version: 1,
-                members: identities.iter().map(|i| i.key().0).collect(),
-            },
-        )
-        .await
-        .unwrap();
+    for (c, channel) in ids.iter().enumerate() {
+        let members: Vec<&Arc<DeviceIdentity>> =
+            identities.iter().skip(c).step_by(channels).collect();
+        RelayClient::new(&urls[0])
+            .unwrap()
+            .register(
+                members[0],
+                channel,
+                &Membership {
+                    committer: members[0].key().0,
+                    version: 1,
+                    members: members.iter().map(|i| i.key().0).collect(),
+                },
+            )
+            .await
+            .unwrap();
+    }
     let mut streams = Vec::new();
     for (n, identity) in identities.iter().enumerate() {
         streams.push(
@@ -60,6 +65,7 @@ async fn ingest(urls: &[String], total: usize) -> (f64, f64, f64) {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (n, stream) in streams.into_iter().enumerate() {
+        let channel = ids[n % channels];
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(per_sender);
             for m in 0..per_sender {
@@ -114,31 +120,36 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let mut rows = Vec::new();
-    for processes in [1usize, 2] {
-        let schema = format!("hotline_scale_{}_{processes}", std::process::id());
-        let relays: Vec<common::RelayProcess> = (0..processes)
-            .map(|n| {
-                common::spawn_relay(
-                    &dir.join(format!("{processes}-{n}")),
-                    &["--postgres", &url, "--postgres-schema", &schema],
-                )
-            })
-            .collect();
-        let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
-        let figures = runtime.block_on(ingest(&urls, total));
-        drop(relays);
-        psql(&url, &format!("DROP SCHEMA {schema} CASCADE"));
-        rows.push((processes, figures));
+    println!("| channels | relay processes | msg/s | p50 | p99 |");
+    println!("| ---: | ---: | ---: | ---: | ---: |");
+    for channels in [1usize, 8] {
+        let mut rows = Vec::new();
+        for processes in [1usize, 2] {
+            let schema = format!(
+                "hotline_scale_{}_{channels}_{processes}",
+                std::process::id()
+            );
+            let relays: Vec<common::RelayProcess> = (0..processes)
+                .map(|n| {
+                    common::spawn_relay(
+                        &dir.join(format!("{channels}-{processes}-{n}")),
+                        &["--postgres", &url, "--postgres-schema", &schema],
+                    )
+                })
+                .collect();
+            let urls: Vec<String> = relays.iter().map(|r| r.url.clone()).collect();
+            let figures = runtime.block_on(ingest(&urls, channels, total));
+            drop(relays);
+            psql(&url, &format!("DROP SCHEMA {schema} CASCADE"));
+            rows.push((processes, figures));
+        }
+        for (processes, (rate, p50, p99)) in &rows {
+            println!("| {channels} | {processes} | {rate:.0} | {p50:.2} ms | {p99:.2} ms |");
+        }
+        println!(
+            "| {channels} | two ÷ one | {:.2}× | | |",
+            rows[1].1.0 / rows[0].1.0.max(f64::MIN_POSITIVE)
+        );
     }
-    println!("| relay processes | msg/s | p50 | p99 |");
-    println!("| ---: | ---: | ---: | ---: |");
-    for (processes, (rate, p50, p99)) in &rows {
-        println!("| {processes} | {rate:.0} | {p50:.2} ms | {p99:.2} ms |");
-    }
-    println!(
-        "two processes ÷ one: {:.2}×",
-        rows[1].1.0 / rows[0].1.0.max(f64::MIN_POSITIVE)
-    );
     let _ = std::fs::remove_dir_all(&dir);
 }
