@@ -412,6 +412,67 @@ struct Shared {
     closed: Option<String>,
 }
 
+/// A TLS connection to a relay for the stream protocol, before any frame: the relay's
+/// key checked against the address's pin, ALPN `hotline-stream/1` agreed, and the
+/// session's exporter, which a Hello signs.
+pub struct Opened {
+    /// The relay's address without its pin (`https://HOST:PORT`).
+    pub base: String,
+    pub pin: [u8; 32],
+    pub tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    pub exporter: [u8; 32],
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens a TLS connection to the relay at `url` (`https://HOST:PORT/#sha256=PIN`) for
+/// the stream protocol, within the connection deadline.
+pub async fn open(url: &str) -> Result<Opened, ClientError> {
+    let (base, pin) = tls::parse_url(url)?;
+    let network = |detail: String| ClientError::Network {
+        relay: base.clone(),
+        detail,
+    };
+    let authority = base.trim_start_matches("https://").to_owned();
+    let mut config = tls::client_config(pin)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    // The pin, not the name, authenticates the relay: any valid name will do.
+    let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid")
+        .map_err(|e| network(e.to_string()))?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect(&authority).await?;
+        tcp.set_nodelay(true)?;
+        connector.connect(name, tcp).await
+    };
+    let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| network("connection timed out".into()))?
+        .map_err(|e| network(e.to_string()))?;
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN) {
+        return Err(network(
+            "the relay does not speak the stream protocol (hotline-stream/1)".into(),
+        ));
+    }
+    let mut exporter = [0u8; 32];
+    session
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
+        .map_err(|e| network(e.to_string()))?;
+    Ok(Opened {
+        base,
+        pin,
+        tls,
+        exporter,
+    })
+}
+
 /// A device's authenticated stream connection to one relay. Cheap to clone; requests
 /// from clones share the connection (and are pipelined).
 #[derive(Clone)]
@@ -440,37 +501,16 @@ impl StreamClient {
     /// Connects to the relay at `url` (`https://HOST:PORT/#sha256=PIN`) and
     /// authenticates as `identity`.
     pub async fn connect(url: &str, identity: &DeviceIdentity) -> Result<Self, ClientError> {
-        let (base, pin) = tls::parse_url(url)?;
+        let Opened {
+            base,
+            pin,
+            tls,
+            exporter,
+        } = open(url).await?;
         let network = |detail: String| ClientError::Network {
             relay: base.clone(),
             detail,
         };
-        let authority = base.trim_start_matches("https://").to_owned();
-        let mut config = tls::client_config(pin)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        // The pin, not the name, authenticates the relay: any valid name will do.
-        let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid")
-            .map_err(|e| network(e.to_string()))?;
-        let connect = async {
-            let tcp = tokio::net::TcpStream::connect(&authority).await?;
-            tcp.set_nodelay(true)?;
-            connector.connect(name, tcp).await
-        };
-        let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
-            .await
-            .map_err(|_| network("connection timed out".into()))?
-            .map_err(|e| network(e.to_string()))?;
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(ALPN) {
-            return Err(network(
-                "the relay does not speak the stream protocol (hotline-stream/1)".into(),
-            ));
-        }
-        let mut exporter = [0u8; 32];
-        session
-            .export_keying_material(&mut exporter, EXPORTER_LABEL, None)
-            .map_err(|e| network(e.to_string()))?;
         let (read, mut write) = tokio::io::split(tls);
         let mut read = BufReader::with_capacity(BUFFER, read);
         let malformed = |e: FrameError| network(format!("during authentication: {e}"));

@@ -627,8 +627,6 @@ mod nats {
 /// authenticates once per connection (the relay's pin checked, the Hello signed), then
 /// writes one Append at a time and reads its answer, parsed but not checked.
 mod load {
-    use std::sync::Arc;
-
     use hotline_core::DeviceIdentity;
     use hotline_proto::stream::{self, Frame};
     use tokio::io::{AsyncWriteExt, BufReader};
@@ -642,23 +640,7 @@ mod load {
 
     impl Connection {
         pub async fn open(url: &str, identity: &DeviceIdentity) -> Self {
-            let (base, pin) = hotline_proto::tls::parse_url(url).unwrap();
-            let mut config = hotline_proto::tls::client_config(pin).unwrap();
-            config.alpn_protocols = vec![stream::ALPN.to_vec()];
-            let tcp = TcpStream::connect(base.trim_start_matches("https://"))
-                .await
-                .unwrap();
-            tcp.set_nodelay(true).unwrap();
-            let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-                .connect(name, tcp)
-                .await
-                .unwrap();
-            let mut exporter = [0u8; 32];
-            tls.get_ref()
-                .1
-                .export_keying_material(&mut exporter, stream::EXPORTER_LABEL, None)
-                .unwrap();
+            let stream::Opened { tls, exporter, .. } = stream::open(url).await.unwrap();
             let mut connection = Self {
                 tls: BufReader::with_capacity(stream::BUFFER, tls),
                 next: 1,

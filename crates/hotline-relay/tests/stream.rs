@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{checked, identity, relay};
@@ -48,23 +47,8 @@ async fn raw(
     tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
     [u8; 32],
 ) {
-    let (base, pin) = tls::parse_url(url).unwrap();
-    let mut config = tls::client_config(pin).unwrap();
-    config.alpn_protocols = vec![stream::ALPN.to_vec()];
-    let tcp = tokio::net::TcpStream::connect(base.trim_start_matches("https://"))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("relay.hotline.invalid").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let mut exporter = [0u8; 32];
-    tls.get_ref()
-        .1
-        .export_keying_material(&mut exporter, stream::EXPORTER_LABEL, None)
-        .unwrap();
-    (tls, exporter)
+    let opened = stream::open(url).await.unwrap();
+    (opened.tls, opened.exporter)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
