@@ -9,16 +9,19 @@
 //! Durability is PostgreSQL's: an append is answered after COMMIT with
 //! `synchronous_commit` on (the server default). Each process has one writer that
 //! commits every append waiting at that moment in one transaction (group commit: one
-//! head lock and one WAL flush per log and batch, one INSERT per log). Connections are plain TCP (`NoTls`): run the
+//! WAL flush per batch, two round trips to the database whatever the number of logs in
+//! it). Connections are plain TCP (`NoTls`): run the
 //! database on the relay's host or a trusted network.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use futures_util::future::{join3, join4};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Transaction};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Statement, Transaction};
 
 use crate::storage::{
     Appended, Leaf, Log, Membership, Notary, NotarySlot, Quotas, RelayStorage, StorageError,
@@ -93,8 +96,15 @@ async fn open(url: &str, schema: &str) -> Result<Client, StorageError> {
     tokio::spawn(async move {
         let _ = connection.await;
     });
+    // Every statement of the relay looks rows up by key. On a young table (no
+    // statistics yet) the planner prefers scanning it whole and hashing, and a prepared
+    // statement keeps that plan while the table grows: the duplicate lookup then read
+    // every message per batch (most of PostgreSQL's time in a profile).
     client
-        .batch_execute(&format!("SET search_path TO {schema}"))
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; SET enable_seqscan = off; SET enable_hashjoin = off; \
+             SET enable_mergejoin = off"
+        ))
         .await
         .map_err(database)?;
     Ok(client)
@@ -165,9 +175,11 @@ impl PostgresStorage {
         let commit_durations = Arc::new(Mutex::new(Vec::new()));
         let (appends, jobs) = tokio::sync::mpsc::unbounded_channel();
         let writer = open(url, schema).await?;
+        let statements = Statements::prepare(&writer).await.map_err(database)?;
         let notary = NotarySlot::default();
         tokio::spawn(write_loop(
             writer,
+            statements,
             jobs,
             quotas,
             Arc::clone(&commit_durations),
@@ -257,9 +269,63 @@ struct AppendJob {
     answer: tokio::sync::oneshot::Sender<Result<Appended, StorageError>>,
 }
 
+/// The writer's statements, prepared once on its connection: a statement given as text
+/// costs a round trip of its own to prepare every time it runs.
+struct Statements {
+    create_heads: Statement,
+    lock_heads: Statement,
+    known: Statement,
+    insert: Statement,
+    set_heads: Statement,
+}
+
+impl Statements {
+    async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            // In key order, as the locks below: two processes creating the same new
+            // heads wait for each other in one order, never in a cycle.
+            create_heads: client
+                .prepare(
+                    "INSERT INTO heads (log, last_seq, used)
+                     SELECT log, 0, 0 FROM UNNEST($1::BYTEA[]) AS log ON CONFLICT DO NOTHING",
+                )
+                .await?,
+            // ORDER BY under FOR UPDATE: rows are locked in the order they are sorted.
+            lock_heads: client
+                .prepare(
+                    "SELECT log, last_seq, used FROM heads WHERE log = ANY($1)
+                     ORDER BY log FOR UPDATE",
+                )
+                .await?,
+            known: client
+                .prepare(
+                    "SELECT m.log, m.hash, m.seq, m.receipt FROM messages m
+                     JOIN UNNEST($1::BYTEA[], $2::BYTEA[]) AS r(log, hash)
+                       ON m.log = r.log AND m.hash = r.hash",
+                )
+                .await?,
+            insert: client
+                .prepare(
+                    "INSERT INTO messages (log, seq, hash, bytes, stored_ms, receipt)
+                     SELECT * FROM UNNEST($1::BYTEA[], $2::BIGINT[], $3::BYTEA[], $4::BYTEA[],
+                                          $5::BIGINT[], $6::BYTEA[])",
+                )
+                .await?,
+            set_heads: client
+                .prepare(
+                    "UPDATE heads SET last_seq = u.last, used = u.used
+                     FROM UNNEST($1::BYTEA[], $2::BIGINT[], $3::BIGINT[]) AS u(log, last, used)
+                     WHERE heads.log = u.log",
+                )
+                .await?,
+        })
+    }
+}
+
 /// Takes every append waiting, commits them in one transaction, answers after COMMIT.
 async fn write_loop(
-    mut client: Client,
+    client: Client,
+    statements: Statements,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<AppendJob>,
     quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
@@ -274,11 +340,17 @@ async fn write_loop(
             }
         }
         let start = Instant::now();
-        let requests: Vec<(Vec<u8>, Vec<u8>)> = batch
+        let requests: Vec<(&[u8], &[u8])> = batch
             .iter()
-            .map(|job| (job.key.clone(), job.bytes.clone()))
+            .map(|job| (job.key.as_slice(), job.bytes.as_slice()))
             .collect();
-        let results = commit_appends(&mut client, &requests, quotas, &notary).await;
+        let results = commit_appends(&client, &statements, &requests, quotas, &notary).await;
+        if results.is_err() {
+            // Whatever failed, the transaction must not stay open for the next batch
+            // (a warning, no harm, if it already ended).
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        drop(requests);
         if let Ok(mut durations) = durations.lock()
             && durations.len() < 100_000
         {
@@ -314,165 +386,185 @@ impl From<tokio_postgres::Error> for CommitError {
     }
 }
 
-/// New messages of one log in a batch, inserted together.
+/// A message the log holds: its sequence number and receipt (none yet for one stored
+/// earlier in the same batch).
+type Held = (i64, Option<Vec<u8>>);
+
+/// A log's head as the batch moves it, and the rows it adds.
 #[derive(Default)]
-struct LogInserts {
+struct Head {
     last: i64,
     used: i64,
     seqs: Vec<i64>,
-    hashes: Vec<Vec<u8>>,
-    bodies: Vec<Vec<u8>>,
+}
+
+/// One transaction for a batch of appends, in two round trips whatever the number of
+/// logs in it (tokio-postgres pipelines statements sent before their answers are
+/// awaited): first BEGIN, every head created if new and locked (in key order, so that
+/// relay processes never deadlock) and every duplicate looked up; then, the batch sealed
+/// with one signature, every new message inserted by one statement, every head moved by
+/// another, one notification and COMMIT.
+async fn commit_appends(
+    client: &Client,
+    statements: &Statements,
+    requests: &[(&[u8], &[u8])],
+    quotas: Quotas,
+    notary: &NotarySlot,
+) -> Result<Vec<Result<Appended, StorageError>>, CommitError> {
+    let mut logs: Vec<&[u8]> = requests.iter().map(|(key, _)| *key).collect();
+    logs.sort_unstable();
+    logs.dedup();
+    let hashes: Vec<Vec<u8>> = requests
+        .iter()
+        .map(|(_, bytes)| Sha256::digest(bytes).to_vec())
+        .collect();
+    let request_logs: Vec<&[u8]> = requests.iter().map(|(key, _)| *key).collect();
+    let (begun, created, locked, known) = join4(
+        client.batch_execute("BEGIN"),
+        client.execute(&statements.create_heads, &[&logs]),
+        client.query(&statements.lock_heads, &[&logs]),
+        client.query(&statements.known, &[&request_logs, &hashes]),
+    )
+    .await;
+    begun?;
+    created?;
+    let mut heads: HashMap<Vec<u8>, Head> = locked?
+        .iter()
+        .map(|row| {
+            let head = Head {
+                last: row.get(1),
+                used: row.get(2),
+                seqs: Vec::new(),
+            };
+            (row.get(0), head)
+        })
+        .collect();
+    let mut known: HashMap<(Vec<u8>, Vec<u8>), Held> = known?
+        .iter()
+        .map(|row| ((row.get(0), row.get(1)), (row.get(2), row.get(3))))
+        .collect();
+
+    let mut results: Vec<Result<Appended, StorageError>> = Vec::with_capacity(requests.len());
+    let mut rows = Rows::default();
+    let mut leaves = Vec::new();
+    for ((key, bytes), hash) in requests.iter().zip(&hashes) {
+        let id = (key.to_vec(), hash.clone());
+        if let Some((seq, receipt)) = known.get(&id) {
+            // One stored earlier in this batch gets its receipt with the seal, below.
+            results.push(Ok(Appended {
+                seq: *seq as u64,
+                duplicate: true,
+                receipt: receipt.clone(),
+            }));
+            continue;
+        }
+        let Some(head) = heads.get_mut(*key) else {
+            // Created and locked above; a head missing here is a broken database.
+            results.push(Err(StorageError::Postgres(
+                "a log's head vanished inside its transaction".into(),
+            )));
+            continue;
+        };
+        let quota = quotas.of_key(key);
+        if head.used as u64 + bytes.len() as u64 > quota {
+            results.push(Err(StorageError::QuotaExceeded(quota)));
+            continue;
+        }
+        head.last += 1;
+        head.used += bytes.len() as i64;
+        head.seqs.push(head.last);
+        known.insert(id, (head.last, None));
+        leaves.push(Leaf {
+            log: key.to_vec(),
+            seq: head.last as u64,
+            hash: hash.as_slice().try_into().unwrap_or([0; 32]),
+        });
+        rows.push(key, head.last, hash, bytes);
+        results.push(Ok(Appended {
+            seq: head.last as u64,
+            duplicate: false,
+            receipt: None,
+        }));
+    }
+
+    // One signature for the batch; each message keeps its receipt.
+    rows.receipts = seal_batch(notary, leaves).map_err(CommitError::Seal)?;
+    if rows.logs.is_empty() {
+        client.batch_execute("COMMIT").await?;
+    } else {
+        let moved: Vec<(&Vec<u8>, &Head)> = heads
+            .iter()
+            .filter(|(_, head)| !head.seqs.is_empty())
+            .collect();
+        let moved_logs: Vec<&[u8]> = moved.iter().map(|(key, _)| key.as_slice()).collect();
+        let moved_last: Vec<i64> = moved.iter().map(|(_, head)| head.last).collect();
+        let moved_used: Vec<i64> = moved.iter().map(|(_, head)| head.used).collect();
+        let commit = format!("SELECT pg_notify('{CHANNEL}', ''); COMMIT");
+        let (inserted, set, committed) = join3(
+            client.execute(
+                &statements.insert,
+                &[
+                    &rows.logs,
+                    &rows.seqs,
+                    &rows.hashes,
+                    &rows.bodies,
+                    &rows.times,
+                    &rows.receipts,
+                ],
+            ),
+            client.execute(
+                &statements.set_heads,
+                &[&moved_logs, &moved_last, &moved_used],
+            ),
+            client.batch_execute(&commit),
+        )
+        .await;
+        inserted?;
+        set?;
+        committed?;
+    }
+    let receipts: HashMap<(&[u8], i64), &Option<Vec<u8>>> = rows
+        .logs
+        .iter()
+        .zip(&rows.seqs)
+        .zip(&rows.receipts)
+        .map(|((key, seq), receipt)| ((*key, *seq), receipt))
+        .collect();
+    Ok(results
+        .into_iter()
+        .zip(requests)
+        .map(|(result, (key, _))| {
+            result.map(|mut appended| {
+                if appended.receipt.is_none() {
+                    appended.receipt = receipts
+                        .get(&(*key, appended.seq as i64))
+                        .and_then(|receipt| (*receipt).clone());
+                }
+                appended
+            })
+        })
+        .collect())
+}
+
+/// The new messages of a batch, column by column, as one INSERT takes them.
+#[derive(Default)]
+struct Rows<'a> {
+    logs: Vec<&'a [u8]>,
+    seqs: Vec<i64>,
+    hashes: Vec<&'a [u8]>,
+    bodies: Vec<&'a [u8]>,
     times: Vec<i64>,
     receipts: Vec<Option<Vec<u8>>>,
 }
 
-/// One transaction for a batch of appends: each log's head locked once (in key order,
-/// so that relay processes never deadlock), duplicates looked up at once, the batch
-/// sealed with one signature, every new message inserted by one statement per log,
-/// one notification.
-async fn commit_appends(
-    client: &mut Client,
-    requests: &[(Vec<u8>, Vec<u8>)],
-    quotas: Quotas,
-    notary: &NotarySlot,
-) -> Result<Vec<Result<Appended, StorageError>>, CommitError> {
-    let mut logs: Vec<&Vec<u8>> = requests.iter().map(|(key, _)| key).collect();
-    logs.sort();
-    logs.dedup();
-    let transaction = client.transaction().await?;
-    let mut results: Vec<Option<Result<Appended, StorageError>>> =
-        (0..requests.len()).map(|_| None).collect();
-    let mut inserts: Vec<(&Vec<u8>, LogInserts)> = Vec::new();
-    let mut leaves = Vec::new();
-    for key in logs {
-        transaction
-            .execute(
-                "INSERT INTO heads (log, last_seq, used) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
-                &[key],
-            )
-            .await?;
-        let head = transaction
-            .query_one(
-                "SELECT last_seq, used FROM heads WHERE log = $1 FOR UPDATE",
-                &[key],
-            )
-            .await?;
-        let mut log = LogInserts {
-            last: head.get(0),
-            used: head.get(1),
-            ..LogInserts::default()
-        };
-        let mine: Vec<usize> = (0..requests.len())
-            .filter(|i| &requests[*i].0 == key)
-            .collect();
-        let hashes: Vec<Vec<u8>> = mine
-            .iter()
-            .map(|i| Sha256::digest(&requests[*i].1).to_vec())
-            .collect();
-        let mut known: std::collections::HashMap<Vec<u8>, (i64, Option<Vec<u8>>)> = transaction
-            .query(
-                "SELECT hash, seq, receipt FROM messages WHERE log = $1 AND hash = ANY($2)",
-                &[key, &hashes],
-            )
-            .await?
-            .iter()
-            .map(|row| (row.get(0), (row.get(1), row.get(2))))
-            .collect();
-        for (index, hash) in mine.into_iter().zip(hashes) {
-            let bytes = &requests[index].1;
-            if let Some((seq, receipt)) = known.get(&hash) {
-                // One stored earlier in this batch gets its receipt with the seal.
-                results[index] = Some(Ok(Appended {
-                    seq: *seq as u64,
-                    duplicate: true,
-                    receipt: receipt.clone(),
-                }));
-                continue;
-            }
-            let quota = quotas.of_key(key);
-            if log.used as u64 + bytes.len() as u64 > quota {
-                results[index] = Some(Err(StorageError::QuotaExceeded(quota)));
-                continue;
-            }
-            log.last += 1;
-            log.used += bytes.len() as i64;
-            known.insert(hash.clone(), (log.last, None));
-            leaves.push(Leaf {
-                log: key.clone(),
-                seq: log.last as u64,
-                hash: hash.as_slice().try_into().unwrap_or([0; 32]),
-            });
-            log.seqs.push(log.last);
-            log.hashes.push(hash);
-            log.bodies.push(bytes.clone());
-            log.times.push(now_ms());
-            results[index] = Some(Ok(Appended {
-                seq: log.last as u64,
-                duplicate: false,
-                receipt: None,
-            }));
-        }
-        if !log.seqs.is_empty() {
-            inserts.push((key, log));
-        }
+impl<'a> Rows<'a> {
+    fn push(&mut self, log: &'a [u8], seq: i64, hash: &'a [u8], body: &'a [u8]) {
+        self.logs.push(log);
+        self.seqs.push(seq);
+        self.hashes.push(hash);
+        self.bodies.push(body);
+        self.times.push(now_ms());
     }
-    // One signature for the batch; each message keeps its receipt.
-    let mut sealed = seal_batch(notary, leaves)
-        .map_err(CommitError::Seal)?
-        .into_iter();
-    let mut receipts = std::collections::HashMap::new();
-    for (key, log) in &mut inserts {
-        for seq in &log.seqs {
-            let receipt = sealed.next().flatten();
-            if let Some(receipt) = &receipt {
-                receipts.insert(((*key).clone(), *seq as u64), receipt.clone());
-            }
-            log.receipts.push(receipt);
-        }
-    }
-    for (key, log) in &inserts {
-        transaction
-            .execute(
-                "INSERT INTO messages (log, seq, hash, bytes, stored_ms, receipt)
-                 SELECT $1, * FROM UNNEST($2::BIGINT[], $3::BYTEA[], $4::BYTEA[], $5::BIGINT[],
-                                          $6::BYTEA[])",
-                &[
-                    key,
-                    &log.seqs,
-                    &log.hashes,
-                    &log.bodies,
-                    &log.times,
-                    &log.receipts,
-                ],
-            )
-            .await?;
-        transaction
-            .execute(
-                "UPDATE heads SET last_seq = $2, used = $3 WHERE log = $1",
-                &[key, &log.last, &log.used],
-            )
-            .await?;
-    }
-    if !inserts.is_empty() {
-        transaction
-            .execute(&format!("SELECT pg_notify('{CHANNEL}', '')"), &[])
-            .await?;
-    }
-    transaction.commit().await?;
-    Ok(results
-        .into_iter()
-        .zip(requests)
-        .map(|(result, (key, _))| match result {
-            Some(Ok(mut appended)) => {
-                if appended.receipt.is_none() {
-                    appended.receipt = receipts.get(&(key.clone(), appended.seq)).cloned();
-                }
-                Ok(appended)
-            }
-            Some(Err(error)) => Err(error),
-            None => Err(StorageError::WriterGone),
-        })
-        .collect())
 }
 
 impl RelayStorage for PostgresStorage {
