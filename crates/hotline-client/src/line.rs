@@ -205,7 +205,8 @@ impl Store {
 
     fn set_setting(&mut self, key: &str, value: u64) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT INTO settings (key, value) VALUES (?1, ?2)
                  ON CONFLICT (key) DO UPDATE SET value = ?2",
                 params![key, value as i64],
@@ -424,14 +425,16 @@ impl Store {
         let now = self.now() as i64;
         self.transact(|connection, _, _| {
             match error {
-                None => connection.execute(
+                None => crate::store::cached::execute(
+                    connection,
                     "INSERT INTO relay_health (url, last_ok_ms, error, error_since_ms)
                      VALUES (?1, ?2, NULL, NULL)
                      ON CONFLICT (url) DO UPDATE SET last_ok_ms = ?2, error = NULL,
                        error_since_ms = NULL",
                     params![url, now],
                 )?,
-                Some(error) => connection.execute(
+                Some(error) => crate::store::cached::execute(
+                    connection,
                     "INSERT INTO relay_health (url, last_ok_ms, error, error_since_ms)
                      VALUES (?1, NULL, ?2, ?3)
                      ON CONFLICT (url) DO UPDATE SET error = ?2,
@@ -455,7 +458,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = self.now() as i64;
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(connection,
                 "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
                  VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
                 params![kind, relay, message, detail, evidence, now],
@@ -475,7 +478,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         let now = self.now() as i64;
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(connection,
                 "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
                  VALUES (?1, ?2, '', ?3, ?4, NULL, ?5)",
                 params![kind, relay, about, detail, now],
@@ -491,7 +494,7 @@ impl Store {
         let now = self.now() as i64;
         self.transact(|connection, _, cache| {
             let kinds: Vec<String> = connection
-                .prepare(
+                .prepare_cached(
                     "UPDATE alarms SET cleared_ms = ?1 WHERE cleared_ms IS NULL RETURNING kind",
                 )?
                 .query_map([now], |row| row.get(0))?
@@ -508,7 +511,7 @@ impl Store {
         let now = self.now() as i64;
         self.transact(|connection, _, cache| {
             let kind: Option<String> = connection
-                .prepare(
+                .prepare_cached(
                     "UPDATE alarms SET cleared_ms = ?1 WHERE id = ?2 AND cleared_ms IS NULL
                      RETURNING kind",
                 )?
@@ -574,8 +577,7 @@ impl Store {
                     .map(|m| m.party.clone())
                     .collect();
                 for party in &others {
-                    let heard: Option<i64> = connection
-                        .query_row(
+                    let heard: Option<i64> = crate::store::cached::query_row(connection,
                             "SELECT last_ms FROM heard WHERE channel = ?1 AND party = ?2",
                             params![&summary.id.0[..], party],
                             |row| row.get(0),
@@ -634,8 +636,7 @@ impl Store {
                     last_ok = Some(ok);
                     rtt = Some(ms);
                 }
-                let (error, error_since): (Option<String>, Option<i64>) = connection
-                    .query_row(
+                let (error, error_since): (Option<String>, Option<i64>) = crate::store::cached::query_row(connection,
                         "SELECT error, error_since_ms FROM relay_health WHERE url = ?1",
                         [url],
                         |row| Ok((row.get(0)?, row.get(1)?)),
@@ -683,7 +684,7 @@ id: None,
                 // this device and that party (to them, or to everyone: a split view).
                 let long_enough = probing_since.is_some_and(|since| now_ms >= since + window);
                 for party in others.iter().filter(|p| !answered.contains(*p)) {
-                    let elsewhere: Option<i64> = connection.query_row(
+                    let elsewhere: Option<i64> = crate::store::cached::query_row(connection,
                         "SELECT MAX(last_ok_ms) FROM paths WHERE party = ?1 AND relay != ?2",
                         params![party, url],
                         |row| row.get(0),
@@ -786,7 +787,7 @@ id: None,
                     // Nobody but this party: every message is read by everyone concerned.
                     // One statement, not a row at a time (a channel of one party's
                     // devices would otherwise cost every `status` a batch of deletes).
-                    connection.execute(
+                    crate::store::cached::execute(connection,
                         "DELETE FROM deadlines WHERE channel = ?1",
                         [&summary.id.0[..]],
                     )?;
@@ -823,7 +824,7 @@ id: None,
                         _ => Vec::new(),
                     };
                     if unread.is_empty() {
-                        connection.execute(
+                        crate::store::cached::execute(connection,
                             "DELETE FROM deadlines WHERE channel = ?1 AND id = ?2",
                             params![&summary.id.0[..], &id.0[..]],
                         )?;
@@ -894,7 +895,7 @@ id: None,
             }
 
             // What relays did wrong, recorded as it was found.
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT kind, relay, party, message, detail, since_ms, id, evidence FROM alarms
                  WHERE cleared_ms IS NULL ORDER BY id",
             )?;
@@ -918,7 +919,7 @@ id: None,
             }
 
             let outbox: i64 =
-                connection.query_row("SELECT rows FROM outbox_waiting", [], |row| row.get(0))?;
+                crate::store::cached::query_row(connection, "SELECT rows FROM outbox_waiting", [], |row| row.get(0))?;
             Ok(Status {
                 relays,
                 parties: parties
@@ -944,7 +945,8 @@ pub(crate) fn last_ok_by_party(
     relay: &str,
     party: &str,
 ) -> Result<Option<u64>, StoreError> {
-    let last: Option<i64> = connection.query_row(
+    let last: Option<i64> = crate::store::cached::query_row(
+        connection,
         "SELECT MAX(last_ok_ms) FROM paths WHERE relay = ?1 AND party = ?2",
         params![relay, party],
         |row| row.get(0),

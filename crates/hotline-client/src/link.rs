@@ -192,7 +192,8 @@ pub(crate) fn send_due(
     }
     match state {
         None => {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT INTO link_state (channel, record_since_ms, last_probe_ms) VALUES (?1, ?2, ?2)",
                 params![&id.0[..], now as i64],
             )?;
@@ -201,7 +202,8 @@ pub(crate) fn send_due(
             seal_or_wait(connection, provider, identity, channel, checkpoint())?;
         }
         Some((since, _)) => {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "UPDATE link_state SET last_probe_ms = ?2 WHERE channel = ?1",
                 params![&id.0[..], now as i64],
             )?;
@@ -218,7 +220,8 @@ pub(crate) fn send_due(
                     Body::Availability(record),
                 )? {
                     seal_or_wait(connection, provider, identity, channel, checkpoint())?;
-                    connection.execute(
+                    crate::store::cached::execute(
+                        connection,
                         "UPDATE link_state SET record_since_ms = ?2 WHERE channel = ?1",
                         params![&id.0[..], to as i64],
                     )?;
@@ -261,10 +264,18 @@ fn seal_or_wait(
 /// Deletes raw link tests older than `before`.
 fn forget(connection: &Connection, before: u64) -> Result<(), StoreError> {
     let before = before as i64;
-    connection.execute("DELETE FROM probes WHERE sent_ms < ?1", [before])?;
-    connection.execute("DELETE FROM answers WHERE at_ms < ?1", [before])?;
-    connection.execute("DELETE FROM frames WHERE at_ms < ?1", [before])?;
-    connection.execute("DELETE FROM custody WHERE kept_ms < ?1", [before])?;
+    crate::store::cached::execute(
+        connection,
+        "DELETE FROM probes WHERE sent_ms < ?1",
+        [before],
+    )?;
+    crate::store::cached::execute(connection, "DELETE FROM answers WHERE at_ms < ?1", [before])?;
+    crate::store::cached::execute(connection, "DELETE FROM frames WHERE at_ms < ?1", [before])?;
+    crate::store::cached::execute(
+        connection,
+        "DELETE FROM custody WHERE kept_ms < ?1",
+        [before],
+    )?;
     Ok(())
 }
 
@@ -546,7 +557,8 @@ pub(crate) fn take_frames(
     now: u64,
     stale_ms: u64,
 ) -> Result<Vec<OutgoingFrame>, StoreError> {
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "DELETE FROM frames_out WHERE created_ms < ?1",
         [now.saturating_sub(stale_ms) as i64],
     )?;

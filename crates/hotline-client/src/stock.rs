@@ -46,13 +46,13 @@ impl Store {
             let now = now_ms();
             let mut due = Vec::new();
             for relay in relays {
-                let checked: Option<i64> = connection
-                    .query_row(
-                        "SELECT checked_ms FROM key_package_stock WHERE relay = ?1",
-                        [&relay],
-                        |row| row.get(0),
-                    )
-                    .ok();
+                let checked: Option<i64> = crate::store::cached::query_row(
+                    connection,
+                    "SELECT checked_ms FROM key_package_stock WHERE relay = ?1",
+                    [&relay],
+                    |row| row.get(0),
+                )
+                .ok();
                 if checked.is_none_or(|ms| now >= ms.max(0) as u64 + CHECK_EVERY_MS) {
                     due.push(relay);
                 }
@@ -64,7 +64,8 @@ impl Store {
     /// Records what a relay said its stock is.
     pub(crate) fn note_stock(&mut self, relay: &str, stock: u64) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT INTO key_package_stock (relay, checked_ms, stock) VALUES (?1, ?2, ?3)
                  ON CONFLICT (relay) DO UPDATE SET checked_ms = ?2, stock = ?3",
                 params![relay, now_ms() as i64, stock as i64],
@@ -83,7 +84,8 @@ impl Store {
             for _ in 0..count {
                 let (bytes, hash_ref) =
                     hotline_core::card::key_package(identity, &provider, false)?;
-                connection.execute(
+                crate::store::cached::execute(
+                    connection,
                     "INSERT OR IGNORE INTO stocked_key_packages (hash_ref, created_ms)
                      VALUES (?1, ?2)",
                     params![hash_ref, now],
@@ -100,7 +102,7 @@ impl Store {
         self.transact(|connection, _, _| {
             let before = now_ms().saturating_sub(FORGET_AFTER_MS) as i64;
             let old: Vec<Vec<u8>> = connection
-                .prepare("SELECT hash_ref FROM stocked_key_packages WHERE created_ms < ?1")?
+                .prepare_cached("SELECT hash_ref FROM stocked_key_packages WHERE created_ms < ?1")?
                 .query_map([before], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
             let provider = Provider::new(connection);
@@ -113,7 +115,8 @@ impl Store {
                     .delete_key_package(&hash_ref)
                     .map_err(|e| corrupt(e.to_string()))?;
             }
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "DELETE FROM stocked_key_packages WHERE created_ms < ?1",
                 [before],
             )?;

@@ -1162,10 +1162,18 @@ async fn push_pass(
 ) -> Result<bool, StoreError> {
     let mut merged = false;
     let mut failed: HashSet<String> = HashSet::new();
-    // 1. The committer registers each channel's membership where it is out of date.
-    for plan in store.relay_plan()? {
+    // 1. The committer registers each channel's membership where it is out of date
+    // (found without loading a channel when nothing is).
+    for url in store.channel_relay_urls()? {
+        report.relays.entry(url).or_insert(None);
+    }
+    let plans = if store.registrations_due()? {
+        store.relay_plan()?
+    } else {
+        Vec::new()
+    };
+    for plan in plans {
         for (url, registered) in &plan.relays {
-            report.relays.entry(url.clone()).or_insert(None);
             // Versions start at 1 for epoch 0: a relay has none until registered.
             let version = plan.epoch + 1;
             if !plan.committer || *registered >= version {

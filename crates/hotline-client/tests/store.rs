@@ -269,6 +269,7 @@ fn downgrade_to_schema_7(database: &std::path::Path) {
              DROP TABLE cosigns; DROP TABLE cosigned; DROP TABLE cosign_cursors;
              DROP TABLE cosign_horizons; DROP TABLE handling_times; DROP TABLE custody;
              DROP TABLE relay_rotations; DROP TABLE catch_up;
+             ALTER TABLE channels DROP COLUMN registers;
              CREATE TABLE probes (id BLOB PRIMARY KEY, channel BLOB NOT NULL,
                                   sent_ms INTEGER NOT NULL);
              CREATE INDEX probes_by_channel ON probes (channel, sent_ms);

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::time::Instant;
 
+use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -273,11 +274,11 @@ fn messages_table(name: &str) -> String {
 /// Databases made before the writer indexed hashes itself carry a unique index on
 /// (log, hash), which SQLite cannot drop: the table is copied once without it.
 fn drop_hash_index(connection: &mut Connection) -> Result<(), rusqlite::Error> {
-    let indexed: bool = connection.query_row(
-        "SELECT COUNT(*) > 0 FROM pragma_index_list('messages') WHERE origin = 'u'",
-        [],
-        |row| row.get(0),
-    )?;
+    let indexed: bool = connection
+        .prepare_cached(
+            "SELECT COUNT(*) > 0 FROM pragma_index_list('messages') WHERE origin = 'u'",
+        )?
+        .query_row([], |row| row.get(0))?;
     if !indexed {
         return Ok(());
     }
@@ -315,6 +316,10 @@ CREATE TABLE IF NOT EXISTS memberships (
 fn open(path: &Path) -> Result<Connection, rusqlite::Error> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Plans never depend on bound values: without this, SQLite marks a statement with
+    // `LIMIT ?` to be parsed and planned again each time its limit is bound, and the
+    // reads the relay pushes from all have one.
+    connection.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     // 16 KiB pages (for new databases): a 1 KiB message and its receipt fit in a page of
     // the table, where 4 KiB pages sent each to an overflow page of its own.
     connection.pragma_update(None, "page_size", 16384)?;
@@ -334,11 +339,11 @@ impl SqliteStorage {
         writer.execute_batch(&messages_table("messages"))?;
         writer.execute_batch(SCHEMA)?;
         // Databases made before relays signed receipts gain the column.
-        let has_receipts: bool = writer.query_row(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'receipt'",
-            [],
-            |row| row.get(0),
-        )?;
+        let has_receipts: bool = writer
+            .prepare_cached(
+                "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'receipt'",
+            )?
+            .query_row([], |row| row.get(0))?;
         if !has_receipts {
             writer.execute_batch("ALTER TABLE messages ADD COLUMN receipt BLOB")?;
         }
@@ -453,12 +458,37 @@ fn write_loop(
     notary: NotarySlot,
 ) {
     let mut known = Known::default();
+    let mut synced = true;
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while let Ok(more) = jobs.try_recv() {
             batch.push(more);
             if batch.len() >= 4096 {
                 break;
+            }
+        }
+        // Deletions alone (acknowledgements, expiry) are committed without waiting for
+        // the disk: lost in a power failure, they are only done again (a member
+        // acknowledges again, expiry runs again), and the next durable commit makes
+        // them durable with it. An append waiting behind one then waits for no fsync
+        // of it. Appends and claims (a key package must never be handed out twice)
+        // are durable before they are answered.
+        let durable = batch
+            .iter()
+            .any(|job| !matches!(job, Job::Acknowledge { .. } | Job::Expire { .. }));
+        if durable != synced {
+            let mode = if durable { "FULL" } else { "NORMAL" };
+            match connection.pragma_update(None, "synchronous", mode) {
+                Ok(()) => synced = durable,
+                // Never a durable batch on an unsynced connection.
+                Err(error) if durable => {
+                    for job in batch {
+                        job.answer(Err(error.to_string()));
+                    }
+                    continue;
+                }
+                // Deletions then wait for the disk, as appends do.
+                Err(_) => {}
             }
         }
         let start = Instant::now();
@@ -629,16 +659,13 @@ fn head(
         return Ok(*head);
     }
     let stored: Option<(i64, i64)> = transaction
-        .query_row(
-            "SELECT last_seq, used FROM heads WHERE log = ?1",
-            [key],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
+        .prepare_cached("SELECT last_seq, used FROM heads WHERE log = ?1")?
+        .query_row([key], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let head = match stored {
         Some(head) => head,
-        None => transaction.query_row(
-            "SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1",
+        None => transaction.prepare_cached("SELECT COALESCE(MAX(seq), 0), COALESCE(SUM(LENGTH(bytes)), 0) FROM messages WHERE log = ?1")?
+.query_row(
             [key],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )?,
@@ -695,10 +722,9 @@ fn delete_up_to(
         return Ok(0);
     }
     let (last, used) = head(transaction, known, key)?;
-    transaction.execute(
-        "DELETE FROM messages WHERE log = ?1 AND seq <= ?2",
-        params![key, up_to],
-    )?;
+    transaction
+        .prepare_cached("DELETE FROM messages WHERE log = ?1 AND seq <= ?2")?
+        .execute(params![key, up_to])?;
     set_head(transaction, known, key, last, (used - bytes).max(0))?;
     Ok(count as u64)
 }
@@ -712,20 +738,18 @@ fn acknowledge(
     members: &[[u8; 32]],
 ) -> Result<u64, rusqlite::Error> {
     let key = log.storage_key();
-    transaction.execute(
-        "INSERT INTO acks (log, device, seq) VALUES (?1, ?2, ?3)
+    transaction
+        .prepare_cached(
+            "INSERT INTO acks (log, device, seq) VALUES (?1, ?2, ?3)
          ON CONFLICT (log, device) DO UPDATE SET seq = MAX(seq, ?3)",
-        params![key, &device[..], seq as i64],
-    )?;
+        )?
+        .execute(params![key, &device[..], seq as i64])?;
     // What every current member device acknowledged can go.
     let mut lowest = i64::MAX;
     for member in members {
         let acked: Option<i64> = transaction
-            .query_row(
-                "SELECT seq FROM acks WHERE log = ?1 AND device = ?2",
-                params![key, &member[..]],
-                |row| row.get(0),
-            )
+            .prepare_cached("SELECT seq FROM acks WHERE log = ?1 AND device = ?2")?
+            .query_row(params![key, &member[..]], |row| row.get(0))
             .optional()?;
         lowest = lowest.min(acked.unwrap_or(0));
     }
@@ -760,11 +784,8 @@ fn claim_first(
 ) -> Result<Option<(u64, Vec<u8>)>, rusqlite::Error> {
     let key = log.storage_key();
     let oldest: Option<(i64, Vec<u8>)> = transaction
-        .query_row(
-            "SELECT seq, bytes FROM messages WHERE log = ?1 ORDER BY seq LIMIT 1",
-            [&key],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
+        .prepare_cached("SELECT seq, bytes FROM messages WHERE log = ?1 ORDER BY seq LIMIT 1")?
+        .query_row([&key], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let Some((seq, bytes)) = oldest else {
         return Ok(None);
@@ -886,11 +907,12 @@ impl RelayStorage for SqliteStorage {
     async fn membership(&self, channel: &[u8; 32]) -> Result<Option<Membership>, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
         let row: Option<(Vec<u8>, i64, Vec<u8>)> = reader
-            .query_row(
+            .prepare_cached(
                 "SELECT committer, version, members FROM memberships WHERE channel = ?1",
-                [&channel[..]],
-                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
-            )
+            )?
+            .query_row([&channel[..]], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })
             .optional()?;
         Ok(row.and_then(|(committer, version, members)| {
             Membership::from_stored(&committer, version, &members)
@@ -904,10 +926,10 @@ impl RelayStorage for SqliteStorage {
     ) -> Result<bool, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
         let members = membership.stored_members();
-        let changed = reader.execute(
-            "INSERT INTO memberships (channel, committer, version, members) VALUES (?1, ?2, ?3, ?4)
+        let changed = reader.prepare_cached("INSERT INTO memberships (channel, committer, version, members) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (channel) DO UPDATE SET committer = ?2, version = ?3, members = ?4
-             WHERE excluded.version > memberships.version",
+             WHERE excluded.version > memberships.version")?
+.execute(
             params![
                 &channel[..],
                 &membership.committer[..],
@@ -920,10 +942,9 @@ impl RelayStorage for SqliteStorage {
 
     async fn used_bytes(&self) -> Result<u64, StorageError> {
         let reader = self.reader.lock().map_err(|_| StorageError::WriterGone)?;
-        let used: i64 =
-            reader.query_row("SELECT COALESCE(SUM(used), 0) FROM heads", [], |row| {
-                row.get(0)
-            })?;
+        let used: i64 = reader
+            .prepare_cached("SELECT COALESCE(SUM(used), 0) FROM heads")?
+            .query_row([], |row| row.get(0))?;
         Ok(used.max(0) as u64)
     }
 

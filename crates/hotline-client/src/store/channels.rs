@@ -32,7 +32,7 @@ impl Store {
             let provider = Provider::new(connection);
             let mut contacts = Vec::new();
             for party in parties {
-                let mut statement = connection.prepare(
+                let mut statement = connection.prepare_cached(
                     "SELECT card, key, key_packages_used FROM contacts WHERE party = ?1",
                 )?;
                 let cards: Vec<(Vec<u8>, Vec<u8>, i64)> = statement
@@ -67,7 +67,8 @@ impl Store {
                             .len()
                             .saturating_sub(used.max(0) as usize);
                         contact.key_packages.truncate(left);
-                        connection.execute(
+                        crate::store::cached::execute(
+                            connection,
                             "UPDATE contacts SET key_packages_used = key_packages_used + 1
                              WHERE key = ?1 AND ?2 > 0",
                             params![&key, left as i64],
@@ -97,7 +98,8 @@ impl Store {
             let id = channel.id();
             let now = now_ms() as i64;
             for info in &invited {
-                connection.execute(
+                crate::store::cached::execute(
+                    connection,
                     "INSERT OR REPLACE INTO invited (channel, device, party, invited_ms)
                      VALUES (?1, ?2, ?3, ?4)",
                     params![&id.0[..], &info.key.0[..], &info.party, now],
@@ -129,7 +131,8 @@ impl Store {
             if let Some(cursor) = cursor {
                 advance(connection, cursor)?;
             }
-            let seen = connection.execute(
+            let seen = crate::store::cached::execute(
+                connection,
                 "INSERT OR IGNORE INTO processed (channel, hash) VALUES (?1, ?2)",
                 params![&WELCOMES[..], &hash[..]],
             )?;
@@ -153,7 +156,8 @@ impl Store {
 
     /// The name of a channel on this device.
     pub(crate) fn channel_name(&self, id: &ChannelId) -> Result<String, StoreError> {
-        Ok(self.connection.query_row(
+        Ok(crate::store::cached::query_row(
+            &self.connection,
             "SELECT name FROM channels WHERE id = ?1",
             [&id.0[..]],
             |row| row.get(0),
@@ -176,7 +180,7 @@ impl Store {
         // transcript) again while no other process wrote.
         self.transact(|connection, _, cache| {
             let ids: Vec<Vec<u8>> = connection
-                .prepare("SELECT id FROM channels ORDER BY name")?
+                .prepare_cached("SELECT id FROM channels ORDER BY name")?
                 .query_map([], |row| row.get(0))?
                 .collect::<Result<_, _>>()?;
             let provider = Provider::new(connection);

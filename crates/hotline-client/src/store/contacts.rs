@@ -26,7 +26,7 @@ impl Store {
             CardIn::decode(card)?.verify(fingerprint, Provider::new(&self.connection).crypto())?;
         let info = contact.info.clone();
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(connection,
                 "INSERT INTO contacts (key, party, device, card, imported_ms) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (key) DO UPDATE SET party = ?2, device = ?3, card = ?4, imported_ms = ?5,
                    key_packages_used = CASE WHEN card = ?4 THEN key_packages_used ELSE 0 END",
@@ -41,7 +41,7 @@ impl Store {
     pub fn contacts(&self) -> Result<Vec<DeviceInfo>, StoreError> {
         let mut statement = self
             .connection
-            .prepare("SELECT key, party, device FROM contacts ORDER BY party, device")?;
+            .prepare_cached("SELECT key, party, device FROM contacts ORDER BY party, device")?;
         let rows = statement.query_map([], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get(1)?, row.get(2)?))
         })?;

@@ -36,7 +36,8 @@ pub(crate) fn place_copies(
     {
         if channel.holds_buffered(hash) {
             // Not opened yet (its commit has not come): placed when it is.
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT OR IGNORE INTO unplaced (hash, relay) VALUES (?1, ?2)",
                 params![&hash[..], relay],
             )?;
@@ -77,7 +78,8 @@ pub(crate) fn record_copy(
     sender: &DeviceKey,
     seq: u64,
 ) -> Result<(), StoreError> {
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "INSERT OR IGNORE INTO copies (hash, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)",
         params![&hash[..], &channel.0[..], &sender.0[..], seq as i64],
     )?;
@@ -130,7 +132,8 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
         _ => None,
     };
     if let Some((kind, detail)) = found {
-        connection.execute(
+        crate::store::cached::execute(
+            connection,
             "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
              VALUES (?1, ?2, NULL, ?3, ?4, ?5, ?6)",
             params![
@@ -143,7 +146,8 @@ fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<
             ],
         )?;
     }
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "INSERT INTO relay_heads (relay, channel, sender, seq) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (relay, channel, sender) DO UPDATE SET seq = MAX(seq, ?4)",
         params![relay, &channel, &sender, seq],

@@ -159,7 +159,8 @@ fn check(
         .unwrap_or("?")
         .to_owned();
     let alarm = |detail: String| -> Result<Checked, StoreError> {
-        connection.execute(
+        crate::store::cached::execute(
+            connection,
             "INSERT OR IGNORE INTO alarms (kind, relay, party, message, detail, evidence, since_ms)
              VALUES ('cosigned-root', NULL, ?1, ?2, ?3, ?4, ?5)",
             params![party, id.to_hex(), detail, envelope.encode(), now_ms as i64],

@@ -67,7 +67,7 @@ impl Store {
             hex::decode(padded).unwrap_or_default()
         };
         let (low, high) = (bound('0'), bound('f'));
-        let mut statement = self.connection.prepare(
+        let mut statement = self.connection.prepare_cached(
             "SELECT id, bytes FROM entries WHERE channel = ?1 AND id BETWEEN ?2 AND ?3 LIMIT 2",
         )?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = statement

@@ -11,13 +11,17 @@ impl Store {
     /// Every outbox entry not exported yet, marking them exported.
     pub fn export_outbox(&mut self) -> Result<Vec<Entry>, StoreError> {
         self.transact(|connection, _, _| {
-            let mut statement = connection.prepare(
+            let mut statement = connection.prepare_cached(
                 "SELECT kind, recipients, bytes FROM outbox WHERE exported = 0 ORDER BY seq",
             )?;
             let rows: Vec<(i64, Option<Vec<u8>>, Vec<u8>)> = statement
                 .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
                 .collect::<Result<_, _>>()?;
-            connection.execute("UPDATE outbox SET exported = 1 WHERE exported = 0", [])?;
+            crate::store::cached::execute(
+                connection,
+                "UPDATE outbox SET exported = 1 WHERE exported = 0",
+                [],
+            )?;
             rows.into_iter()
                 .map(|(kind, recipients, bytes)| match kind {
                     2 => {
@@ -40,7 +44,8 @@ impl Store {
 
     /// Number of outbox entries not yet handed on.
     pub fn outbox_len(&self) -> Result<u64, StoreError> {
-        Ok(self.connection.query_row(
+        Ok(crate::store::cached::query_row(
+            &self.connection,
             "SELECT COUNT(*) FROM outbox WHERE exported = 0",
             [],
             |row| row.get::<_, i64>(0),
@@ -64,7 +69,7 @@ impl Store {
         );
         let rows: Vec<Row> = self
             .connection
-            .prepare(
+            .prepare_cached(
                 "SELECT seq, channel, kind, recipients, bytes, only_relays, precedence
                  FROM outbox WHERE settled = 0 ORDER BY seq",
             )?
@@ -130,7 +135,8 @@ impl Store {
         custody: Option<(&[u8; 32], &[u8])>,
     ) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT OR IGNORE INTO outbox_posted (seq, relay) VALUES (?1, ?2)",
                 params![seq as i64, relay],
             )?;
@@ -138,7 +144,11 @@ impl Store {
                 keep_receipt(connection, relay, hash, receipt)?;
             }
             if settled {
-                connection.execute("UPDATE outbox SET settled = 1 WHERE seq = ?1", [seq as i64])?;
+                crate::store::cached::execute(
+                    connection,
+                    "UPDATE outbox SET settled = 1 WHERE seq = ?1",
+                    [seq as i64],
+                )?;
             }
             Ok(())
         })
@@ -204,16 +214,16 @@ impl Store {
                     if due.len() >= MAX_REOFFER {
                         break;
                     }
-                    let row: Option<i64> = connection
-                        .query_row(
-                            "SELECT seq FROM outbox
+                    let row: Option<i64> = crate::store::cached::query_row(
+                        connection,
+                        "SELECT seq FROM outbox
                              WHERE envelope = ?1 AND kind = 1 AND settled = 1
                                AND COALESCE(offered_ms, created_ms)
                                    + MAX(?2, (?3 - created_ms) / 2) <= ?3",
-                            params![&id.0[..], after_ms as i64, now_ms as i64],
-                            |row| row.get(0),
-                        )
-                        .optional()?;
+                        params![&id.0[..], after_ms as i64, now_ms as i64],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
                     let Some(seq) = row else {
                         continue;
                     };
@@ -244,7 +254,8 @@ impl Store {
 
     /// How many outbox rows carry envelope `id` (exactly one for every sent message).
     pub fn outbox_rows_for(&self, id: &EnvelopeId) -> Result<u64, StoreError> {
-        Ok(self.connection.query_row(
+        Ok(crate::store::cached::query_row(
+            &self.connection,
             "SELECT COUNT(*) FROM outbox WHERE envelope = ?1",
             [&id.0[..]],
             |row| row.get::<_, i64>(0),
@@ -274,7 +285,8 @@ pub(crate) fn reseal(
         ) => return Ok(None),
         Err(error) => return Err(error.into()),
     };
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "UPDATE outbox SET bytes = ?2, offered_ms = ?3 WHERE seq = ?1",
         params![seq, &bytes, now_ms as i64],
     )?;

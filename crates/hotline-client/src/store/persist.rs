@@ -6,13 +6,13 @@ pub(crate) fn channel_row(
     connection: &Connection,
     name: &str,
 ) -> Result<Option<(Vec<u8>, String)>, StoreError> {
-    Ok(connection
-        .query_row(
-            "SELECT id, snapshot FROM channels WHERE name = ?1 OR lower(hex(id)) = lower(?1)",
-            [name],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?)
+    Ok(crate::store::cached::query_row(
+        connection,
+        "SELECT id, snapshot FROM channels WHERE name = ?1 OR lower(hex(id)) = lower(?1)",
+        [name],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .optional()?)
 }
 
 pub(crate) fn channel_id_by_name(
@@ -53,14 +53,14 @@ pub(crate) fn load_channel_by_id(
     provider: &Provider<'_>,
     id: &ChannelId,
 ) -> Result<Channel, StoreError> {
-    let snapshot: String = connection
-        .query_row(
-            "SELECT snapshot FROM channels WHERE id = ?1",
-            [&id.0[..]],
-            |row| row.get(0),
-        )
-        .optional()?
-        .ok_or_else(|| StoreError::UnknownChannel(id.to_string()))?;
+    let snapshot: String = crate::store::cached::query_row(
+        connection,
+        "SELECT snapshot FROM channels WHERE id = ?1",
+        [&id.0[..]],
+        |row| row.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::UnknownChannel(id.to_string()))?;
     restore(connection, provider, &id.0, &snapshot)
 }
 
@@ -74,7 +74,7 @@ pub(crate) fn restore(
     // The envelopes that wait for a parent (all of them, for a channel stored by an
     // earlier version: its transcript is rebuilt from them).
     let envelopes: Vec<Vec<u8>> = connection
-        .prepare("SELECT bytes FROM envelopes WHERE channel = ?1")?
+        .prepare_cached("SELECT bytes FROM envelopes WHERE channel = ?1")?
         .query_map([id], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
     let envelopes = envelopes
@@ -97,16 +97,22 @@ pub(crate) fn save_channel(
 ) -> Result<(), StoreError> {
     let snapshot = serde_json::to_string(&channel.snapshot()).map_err(corrupt)?;
     let id = channel.id();
+    // Versions start at 1 for epoch 0: a relay holds none until registered.
+    let registers = if channel.is_committer() {
+        channel.epoch() as i64 + 1
+    } else {
+        0
+    };
     if new {
-        connection.execute(
-            "INSERT INTO channels (id, name, snapshot) VALUES (?1, ?2, ?3)",
-            params![&id.0[..], channel.name(), snapshot],
+        crate::store::cached::execute(
+            connection,
+            "INSERT INTO channels (id, name, snapshot, registers) VALUES (?1, ?2, ?3, ?4)",
+            params![&id.0[..], channel.name(), snapshot, registers],
         )?;
     } else {
-        connection.execute(
-            "UPDATE channels SET snapshot = ?2 WHERE id = ?1",
-            params![&id.0[..], snapshot],
-        )?;
+        connection
+            .prepare_cached("UPDATE channels SET snapshot = ?2, registers = ?3 WHERE id = ?1")?
+            .execute(params![&id.0[..], snapshot, registers])?;
     }
     // Accepted envelopes are in the transcript's store already; the ones waiting for
     // a parent are kept here until it comes.
@@ -232,7 +238,8 @@ pub(crate) fn queue(
             bytes,
         ),
     };
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "INSERT INTO outbox (channel, kind, recipients, bytes, envelope, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             channel.map(|c| c.0.to_vec()),

@@ -8,7 +8,7 @@ impl Store {
     pub(crate) fn load_rotations(&self) -> Result<(), StoreError> {
         let mut statement = self
             .connection
-            .prepare("SELECT from_pin, to_pin FROM relay_rotations")?;
+            .prepare_cached("SELECT from_pin, to_pin FROM relay_rotations")?;
         let rows = statement.query_map([], |row| {
             Ok((row.get::<_, Vec<u8>>(0)?, row.get::<_, Vec<u8>>(1)?))
         })?;
@@ -31,7 +31,8 @@ impl Store {
         let now = self.now();
         self.transact(|connection, _, _| {
             for (from, to) in &followed.steps {
-                connection.execute(
+                crate::store::cached::execute(
+                    connection,
                     "INSERT INTO relay_rotations (from_pin, to_pin, chain, learned_ms)
                      VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (from_pin) DO UPDATE SET to_pin = ?2, chain = ?3, learned_ms = ?4",
@@ -62,12 +63,34 @@ impl Store {
     }
 
     /// What the sync engine needs to know of each channel.
+    /// Whether some relay of a channel may lack the membership this device must
+    /// register there: [`Store::relay_plan`] is then worth its cost (every channel
+    /// loaded), which a push would otherwise pay for nothing.
+    pub fn registrations_due(&mut self) -> Result<bool, StoreError> {
+        Ok(self
+            .connection
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM channel_relays r JOIN channels c ON c.id = r.channel
+                            WHERE c.registers IS NULL OR r.registered_version < c.registers)",
+            )?
+            .query_row([], |row| row.get(0))?)
+    }
+
+    /// Every relay of every channel.
+    pub fn channel_relay_urls(&mut self) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .connection
+            .prepare_cached("SELECT DISTINCT url FROM channel_relays ORDER BY url")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?)
+    }
+
     pub fn relay_plan(&mut self) -> Result<Vec<RelayPlan>, StoreError> {
         let mut plans = Vec::new();
         for channel in self.channels()? {
             let relays: Vec<(String, u64)> = self
                 .connection
-                .prepare("SELECT url, registered_version FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+                .prepare_cached("SELECT url, registered_version FROM channel_relays WHERE channel = ?1 ORDER BY url")?
                 .query_map([&channel.id.0[..]], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
                 .collect::<Result<_, _>>()?;
             plans.push(RelayPlan {
@@ -89,7 +112,8 @@ impl Store {
         version: u64,
     ) -> Result<(), StoreError> {
         self.transact(|connection, _, _| {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "UPDATE channel_relays SET registered_version = ?3 WHERE channel = ?1 AND url = ?2",
                 params![&channel.0[..], relay, version as i64],
             )?;
@@ -122,7 +146,8 @@ impl Store {
             seal(connection, &provider, identity, &mut loaded, note, None)?;
             let mut targets = old.clone();
             targets.extend(relays.iter().filter(|r| !old.contains(r)).cloned());
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "UPDATE outbox SET only_relays = ?1 WHERE seq = ?2",
                 params![
                     serde_json::to_string(&targets).map_err(corrupt)?,
@@ -185,19 +210,20 @@ impl Store {
             )));
         }
         self.transact(|connection, _, _| {
-            let taken: Option<String> = connection
-                .query_row(
-                    "SELECT url FROM relay_names WHERE name = ?1 AND url != ?2",
-                    params![name, url],
-                    |row| row.get(0),
-                )
-                .optional()?;
+            let taken: Option<String> = crate::store::cached::query_row(
+                connection,
+                "SELECT url FROM relay_names WHERE name = ?1 AND url != ?2",
+                params![name, url],
+                |row| row.get(0),
+            )
+            .optional()?;
             if let Some(other) = taken {
                 return Err(StoreError::BadRelays(format!(
                     "relay name {name:?} already names {other}"
                 )));
             }
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "INSERT INTO relay_names (url, name) VALUES (?1, ?2)
                  ON CONFLICT (url) DO UPDATE SET name = ?2",
                 params![url, name],
@@ -210,7 +236,7 @@ impl Store {
     pub fn relay_names(&self) -> Result<BTreeMap<String, String>, StoreError> {
         Ok(self
             .connection
-            .prepare("SELECT url, name FROM relay_names")?
+            .prepare_cached("SELECT url, name FROM relay_names")?
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?)
     }
@@ -222,7 +248,8 @@ impl Store {
 }
 
 pub(crate) fn advance(connection: &Connection, cursor: Cursor<'_>) -> Result<(), StoreError> {
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "INSERT INTO cursors (relay, log, seq) VALUES (?1, ?2, ?3)
          ON CONFLICT (relay, log) DO UPDATE SET seq = MAX(seq, ?3)",
         params![cursor.relay, cursor.log, cursor.seq as i64],
@@ -238,7 +265,8 @@ pub(crate) fn replace_relays(
 ) -> Result<(), StoreError> {
     for old in channel_relays(connection, channel)? {
         if !relays.contains(&old) {
-            connection.execute(
+            crate::store::cached::execute(
+                connection,
                 "DELETE FROM channel_relays WHERE channel = ?1 AND url = ?2",
                 params![&channel.0[..], old],
             )?;
@@ -292,7 +320,7 @@ pub(crate) fn channel_relays(
     channel: &ChannelId,
 ) -> Result<Vec<String>, StoreError> {
     Ok(connection
-        .prepare("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
+        .prepare_cached("SELECT url FROM channel_relays WHERE channel = ?1 ORDER BY url")?
         .query_map([&channel.0[..]], |row| row.get(0))?
         .collect::<Result<_, _>>()?)
 }
@@ -303,7 +331,8 @@ pub(crate) fn set_relays(
     relays: &[String],
 ) -> Result<(), StoreError> {
     for relay in relays {
-        connection.execute(
+        crate::store::cached::execute(
+            connection,
             "INSERT OR IGNORE INTO channel_relays (channel, url, added_ms) VALUES (?1, ?2, ?3)",
             params![&channel.0[..], relay, now_ms() as i64],
         )?;
@@ -329,7 +358,8 @@ fn set_handling_times(
     channel: &ChannelId,
     read_within_ms: &[u64; 4],
 ) -> Result<(), StoreError> {
-    connection.execute(
+    crate::store::cached::execute(
+        connection,
         "INSERT INTO handling_times (channel, times) VALUES (?1, ?2)
          ON CONFLICT (channel) DO UPDATE SET times = ?2",
         params![

@@ -180,6 +180,11 @@ const MIGRATIONS: &[&str] = &[
         relay TEXT NOT NULL,
         PRIMARY KEY (channel, relay)
     ) WITHOUT ROWID;",
+    // Version 20: the membership version each channel's relays must hold from this
+    // device (epoch + 1 where it is the committer, 0 where it is not), written with
+    // the channel, so that a push finds what to register without loading a channel.
+    // NULL (channels saved before this version): unknown until the channel is saved.
+    "ALTER TABLE channels ADD COLUMN registers INTEGER;",
 ];
 
 /// Version 4.
@@ -305,6 +310,12 @@ pub(crate) fn open_connection(home: &Home) -> Result<Connection, StoreError> {
     // a receive uses: they were parsed again and again).
     connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     connection.busy_timeout(Duration::from_secs(30))?;
+    // Plans never depend on bound values: otherwise a statement with `LIMIT ?` is
+    // parsed and planned again every time it runs, cached or not.
+    connection.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
     connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
