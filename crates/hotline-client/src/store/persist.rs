@@ -110,9 +110,11 @@ pub(crate) fn save_channel(
             params![&id.0[..], channel.name(), snapshot, registers],
         )?;
     } else {
-        connection
-            .prepare_cached("UPDATE channels SET snapshot = ?2, registers = ?3 WHERE id = ?1")?
-            .execute(params![&id.0[..], snapshot, registers])?;
+        crate::store::cached::execute(
+            connection,
+            "UPDATE channels SET snapshot = ?2, registers = ?3 WHERE id = ?1",
+            params![&id.0[..], snapshot, registers],
+        )?;
     }
     // Accepted envelopes are in the transcript's store already; the ones waiting for
     // a parent are kept here until it comes.

@@ -62,7 +62,6 @@ impl Store {
         self.transact(|connection, _, _| advance(connection, cursor))
     }
 
-    /// What the sync engine needs to know of each channel.
     /// Whether some relay of a channel may lack the membership this device must
     /// register there: [`Store::relay_plan`] is then worth its cost (every channel
     /// loaded), which a push would otherwise pay for nothing.
@@ -85,6 +84,7 @@ impl Store {
             .collect::<Result<_, _>>()?)
     }
 
+    /// What the sync engine needs to know of each channel.
     pub fn relay_plan(&mut self) -> Result<Vec<RelayPlan>, StoreError> {
         let mut plans = Vec::new();
         for channel in self.channels()? {
