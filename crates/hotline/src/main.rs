@@ -817,7 +817,8 @@ struct RelaySettings {
     /// Requests a second one device may make, sustained (429 beyond). [default: 200]
     #[arg(long, value_name = "N")]
     requests_per_second: Option<String>,
-    /// Requests one device may make in a burst. [default: 400]
+    /// Requests one device may make in a burst; at least 256 (a batch of messages costs
+    /// one each). [default: 400]
     #[arg(long, value_name = "N")]
     request_burst: Option<String>,
     /// Bytes a second one device may have stored, sustained. [default: 1MiB]

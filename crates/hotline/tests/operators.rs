@@ -290,6 +290,13 @@ fn relay_settings_come_from_a_flag_the_environment_a_file_or_the_default() {
     );
     let (code, _, stderr) = relay_config(&["--max-message", "2MiB"], &[]);
     assert_eq!(code, 2, "{stderr}");
+    // A burst below the largest batch would stall a device's backlog for good.
+    let (code, _, stderr) = relay_config(&["--request-burst", "100"], &[]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("request_burst 100: at least 256"),
+        "{stderr}"
+    );
     let serve = Command::new(assert_cmd::cargo::cargo_bin("hotline"))
         .args(["relay", "serve", "--data"])
         .arg(&data)

@@ -200,6 +200,17 @@ fn limits_of(settings: &Settings) -> Result<Limits, Failure> {
             hotline_relay::server::MAX_MESSAGE
         )));
     }
+    let rate_burst = number("request_burst")?.unwrap_or(defaults.rate_burst);
+    // A batch of messages costs one request each, and is admitted whole or not at all:
+    // below the largest batch, a device with that many messages queued never gets one
+    // through.
+    let largest = hotline_relay::server::MAX_BATCH as f64;
+    if rate_burst < largest {
+        return Err(usage(format!(
+            "request_burst {rate_burst}: at least {largest} (a device posts up to {largest} \
+             messages in one batch, which costs one request each)"
+        )));
+    }
     Ok(Limits {
         max_connections,
         max_message: max_message as usize,
@@ -208,7 +219,7 @@ fn limits_of(settings: &Settings) -> Result<Limits, Failure> {
         quota_per_inbox: size("quota_per_inbox")?.unwrap_or(defaults.quota_per_inbox),
         max_storage: size("max_storage")?.unwrap_or(defaults.max_storage),
         rate_per_second: number("requests_per_second")?.unwrap_or(defaults.rate_per_second),
-        rate_burst: number("request_burst")?.unwrap_or(defaults.rate_burst),
+        rate_burst,
         sender_bytes_per_second: size("bytes_per_second")?
             .map_or(defaults.sender_bytes_per_second, |n| n as f64),
         sender_burst_bytes: size("byte_burst")?.map_or(defaults.sender_burst_bytes, |n| n as f64),
