@@ -1174,8 +1174,7 @@ async fn push_pass(
     };
     for plan in plans {
         for (url, registered) in &plan.relays {
-            // Versions start at 1 for epoch 0: a relay has none until registered.
-            let version = plan.epoch + 1;
+            let version = Store::membership_version(plan.epoch);
             if !plan.committer || *registered >= version {
                 continue;
             }

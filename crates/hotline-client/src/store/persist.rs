@@ -97,9 +97,8 @@ pub(crate) fn save_channel(
 ) -> Result<(), StoreError> {
     let snapshot = serde_json::to_string(&channel.snapshot()).map_err(corrupt)?;
     let id = channel.id();
-    // Versions start at 1 for epoch 0: a relay holds none until registered.
     let registers = if channel.is_committer() {
-        channel.epoch() as i64 + 1
+        Store::membership_version(channel.epoch()) as i64
     } else {
         0
     };

@@ -62,6 +62,12 @@ impl Store {
         self.transact(|connection, _, _| advance(connection, cursor))
     }
 
+    /// The membership version a relay holds for a channel at `epoch`: versions start at
+    /// 1 for epoch 0, so a relay has none until registered.
+    pub fn membership_version(epoch: u64) -> u64 {
+        epoch + 1
+    }
+
     /// Whether some relay of a channel may lack the membership this device must
     /// register there: [`Store::relay_plan`] is then worth its cost (every channel
     /// loaded), which a push would otherwise pay for nothing.
