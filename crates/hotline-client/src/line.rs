@@ -301,16 +301,17 @@ impl Store {
         let own_party = self.identity().info().party.clone();
         // Code books, to render coded messages: only read when the channel has agreed
         // texts at all (the common case costs one indexed lookup per arrival).
-        let agreed: bool = self.transact(|connection, _, _| {
-            Ok(connection
-                .prepare_cached("SELECT EXISTS (SELECT 1 FROM agreements WHERE channel = ?1)")?
-                .query_row([&channel.0[..]], |row| row.get(0))?)
-        })?;
+        let agreed: bool = self
+            .connection()
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM agreements WHERE channel = ?1)")?
+            .query_row([&channel.0[..]], |row| row.get(0))?;
         let books = match self.channel_name(channel) {
             Ok(name) if agreed => self.code_books(&name)?,
             _ => Default::default(),
         };
-        self.transact(|connection, _, cache| {
+        // What was reported is only remembered: lost in a power failure, a delivery is
+        // reported again.
+        self.transact_deferred(|connection, _, cache| {
             let provider = Provider::new(connection);
             let loaded = checkout(cache, connection, &provider, channel)?;
             let name = loaded.name().to_owned();
@@ -403,7 +404,9 @@ impl Store {
 
     /// The link-test frames waiting for their relays, taken (each is posted once).
     pub fn take_frames(&mut self) -> Result<Vec<crate::link::OutgoingFrame>, StoreError> {
-        self.transact(|connection, _, _| {
+        // Taken frames lost in a power failure are only posted again (their copies are
+        // known by their hashes).
+        self.transact_deferred(|connection, _, _| {
             let now = now_ms();
             let interval = setting(connection, "link_test_interval_ms", DEFAULT_INTERVAL_MS)?;
             crate::link::take_frames(connection, now, interval.max(1_000))

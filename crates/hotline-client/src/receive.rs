@@ -4,14 +4,14 @@
 //! bundles imported.
 
 use hotline_core::channel::channel_of_message;
-use hotline_core::{ChannelError, Event};
+use hotline_core::{ChannelError, ChannelId, Event};
 
 use crate::bundle::Entry;
 use crate::provider::Provider;
 use crate::store::{
-    Cursor, Store, StoreError, advance, channel_relays, checkout, copy_hash, failpoint,
-    follow_relay_changes, is_known_frame, keep_receipt, now_ms, place_copies, relay_of,
-    remember_frame, save_channel, stage_commit,
+    Cursor, Store, StoreError, advance, channel_relays, check_order, checkout, copy_hash,
+    failpoint, follow_relay_changes, is_known_frame, is_processed, keep_receipt, now_ms,
+    place_copies, relay_of, remember_frame, save_channel, stage_commit,
 };
 
 impl Store {
@@ -28,6 +28,9 @@ impl Store {
         cursor: Option<Cursor<'_>>,
     ) -> Result<Vec<Event>, StoreError> {
         let channel_id = channel_of_message(bytes)?;
+        if let Some(events) = self.receive_processed(&channel_id, bytes, cursor)? {
+            return Ok(events);
+        }
         self.transact(|connection, identity, cache| {
             if let Some(cursor) = cursor {
                 advance(connection, cursor)?;
@@ -110,6 +113,38 @@ impl Store {
             failpoint("receive-saved")?;
             cache.channels.insert(channel_id, channel);
             Ok(events)
+        })
+    }
+
+    /// A copy of bytes the channel already processed (this device's own message coming
+    /// back from a relay, the same message through one more relay): the cursor moves
+    /// and the copy is placed in its sender's order at that relay, as
+    /// [`Store::receive_at`] would, without loading the channel, and without waiting for
+    /// the disk (lost in a power failure, the copy is only read again). `None` when the
+    /// bytes are new here.
+    fn receive_processed(
+        &mut self,
+        channel: &ChannelId,
+        bytes: &[u8],
+        cursor: Option<Cursor<'_>>,
+    ) -> Result<Option<Vec<Event>>, StoreError> {
+        let hash = copy_hash(bytes);
+        // Read first: a new message takes no transaction more.
+        if !is_processed(self.connection(), channel, &hash)? {
+            return Ok(None);
+        }
+        self.transact_deferred(|connection, _, _| {
+            if !is_processed(connection, channel, &hash)? {
+                return Ok(None);
+            }
+            if let Some(cursor) = cursor {
+                advance(connection, cursor)?;
+                if let Some(receipt) = cursor.receipt {
+                    keep_receipt(connection, cursor.relay, &hash, receipt)?;
+                }
+                check_order(connection, cursor.relay, &hash)?;
+            }
+            Ok(Some(vec![Event::Duplicate]))
         })
     }
 

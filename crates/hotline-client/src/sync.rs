@@ -748,13 +748,15 @@ fn plan_epochs(store: &mut Store, channel: &ChannelId) -> Result<(u64, u64), Sto
 /// Tells the relay what this device committed past `start`, so that it may delete what
 /// every member committed.
 async fn acknowledge(
-    store: &Store,
+    store: &mut Store,
     watch: &Watch,
     client: &RelayClient,
     identity: &DeviceIdentity,
     start: u64,
     report: &mut SyncReport,
 ) -> Result<(), StoreError> {
+    // Only what is on disk.
+    store.sync()?;
     if let Some(reached) = ack_due(store, watch, start)? {
         note(
             report,
@@ -867,6 +869,8 @@ pub async fn follow(
     let mut acks: JoinSet<(Watch, Result<(), ClientError>)> = JoinSet::new();
     let mut active: HashSet<Watch> = HashSet::new();
     let mut failures: HashMap<Watch, u32> = HashMap::new();
+    // Logs committed past what was acknowledged, not yet on disk: from where.
+    let mut unacked: HashMap<Watch, u64> = HashMap::new();
     let mut next_round = tokio::time::Instant::now();
     // Link tests go out on their own timer, at the configured interval, not only with
     // the full rounds: a path's state and round trip are then the path's own.
@@ -874,6 +878,12 @@ pub async fn follow(
     loop {
         if tokio::time::Instant::now() >= next_round {
             let report = sync_with(store, &identity, &mut relays).await?;
+            store.sync()?;
+            for (watch, from) in std::mem::take(&mut unacked) {
+                if let Some(reached) = ack_due(store, &watch, from)? {
+                    spawn_ack(&mut acks, &mut relays, &identity, watch, reached).await;
+                }
+            }
             next_round = tokio::time::Instant::now() + config.round;
             if on_report(&report).is_break() {
                 return Ok(());
@@ -1007,28 +1017,56 @@ pub async fn follow(
             // A new channel to watch: pick it up now.
             next_round = tokio::time::Instant::now();
         }
-        if let Some(reached) = ack_due(store, &watch, start)? {
-            while acks.len() >= ACKS_IN_FLIGHT {
-                acks.join_next().await;
+        // What was committed is acknowledged once it is on disk: after a commit that
+        // did not wait for it (a copy already processed), at the next one that did, or
+        // at the next round.
+        let from = unacked
+            .remove(&watch)
+            .map_or(start, |from: u64| from.min(start));
+        if store.is_synced() {
+            unacked.insert(watch, from);
+            for (watch, from) in unacked.drain() {
+                if let Some(reached) = ack_due(store, &watch, from)? {
+                    spawn_ack(&mut acks, &mut relays, &identity, watch, reached).await;
+                }
             }
-            let identity = Arc::clone(&identity);
-            let stream = relays.stream_for(&watch);
-            acks.spawn(async move {
-                // Over the relay's stream when it is open (no request, no signature).
-                let open = match &stream {
-                    Some(slot) => slot.client().await,
-                    None => None,
-                };
-                let acked = match (&watch, open) {
-                    (Watch::Channel { channel, .. }, Some(stream)) => {
-                        stream.ack(&channel.0, reached).await.map(|_| ())
-                    }
-                    _ => send_ack(&watch, &client, &identity, reached).await,
-                };
-                (watch, acked)
-            });
+        } else {
+            unacked.insert(watch, from);
         }
     }
+}
+
+/// Tells `watch`'s relay, in a task of `acks`, that it was committed up to `reached`
+/// (waiting first while [`ACKS_IN_FLIGHT`] are).
+async fn spawn_ack(
+    acks: &mut JoinSet<(Watch, Result<(), ClientError>)>,
+    relays: &mut Relays,
+    identity: &Arc<DeviceIdentity>,
+    watch: Watch,
+    reached: u64,
+) {
+    while acks.len() >= ACKS_IN_FLIGHT {
+        acks.join_next().await;
+    }
+    let Ok(client) = relays.get(watch.url()) else {
+        return;
+    };
+    let identity = Arc::clone(identity);
+    let stream = relays.stream_for(&watch);
+    acks.spawn(async move {
+        // Over the relay's stream when it is open (no request, no signature).
+        let open = match &stream {
+            Some(slot) => slot.client().await,
+            None => None,
+        };
+        let acked = match (&watch, open) {
+            (Watch::Channel { channel, .. }, Some(stream)) => {
+                stream.ack(&channel.0, reached).await.map(|_| ())
+            }
+            _ => send_ack(&watch, &client, &identity, reached).await,
+        };
+        (watch, acked)
+    });
 }
 
 /// The link-test interval, never below 100 ms.

@@ -165,6 +165,8 @@ pub(crate) struct AppState<S> {
     /// The relay's signing key (receipts) and its key's rotations.
     notary: Arc<crate::storage::Notary>,
     appended: watch::Sender<u64>,
+    /// What this process appended last, for subscribers waiting at the end of a log.
+    recent: std::sync::Mutex<Recent>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
     /// Stream connections per device.
     streams: std::sync::Mutex<HashMap<DeviceKey, usize>>,
@@ -177,6 +179,57 @@ pub(crate) struct AppState<S> {
     /// in this process cannot both fill the last places.
     stocking: tokio::sync::Mutex<()>,
     admission: Arc<Admission>,
+}
+
+/// The messages this process appended last (at most [`RECENT`], [`RECENT_BYTES`]),
+/// as stored: a subscriber woken by an append at the end of its log takes it from here
+/// instead of reading the storage again. A message once stored never changes, so a
+/// copy is as good as a read; anything not here (older, appended by another process
+/// or in a batch) is read from the storage.
+#[derive(Default)]
+pub(crate) struct Recent {
+    messages: std::collections::VecDeque<(Log, Stored)>,
+    bytes: usize,
+}
+
+const RECENT: usize = 64;
+const RECENT_BYTES: usize = 2 << 20;
+
+impl Recent {
+    fn push(&mut self, log: Log, stored: Stored) {
+        self.bytes += stored.bytes.len();
+        self.messages.push_back((log, stored));
+        while self.messages.len() > RECENT || self.bytes > RECENT_BYTES {
+            let Some((_, oldest)) = self.messages.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.bytes.len();
+        }
+    }
+
+    /// `log`'s messages from `after + 1` on, in order and without a gap, at most
+    /// `limit` and (but the first) `max_bytes`; `None` unless the first is here.
+    fn after(&self, log: &Log, after: u64, limit: usize, max_bytes: usize) -> Option<Vec<Stored>> {
+        let mut out: Vec<Stored> = Vec::new();
+        let mut bytes = 0;
+        // Appends of one group commit may be answered out of order.
+        while out.len() < limit {
+            let next = out.last().map_or(after, |last| last.seq) + 1;
+            let Some((_, stored)) = self
+                .messages
+                .iter()
+                .find(|(at, stored)| at == log && stored.seq == next)
+            else {
+                break;
+            };
+            if !out.is_empty() && bytes + stored.bytes.len() > max_bytes {
+                break;
+            }
+            bytes += stored.bytes.len();
+            out.push(stored.clone());
+        }
+        (!out.is_empty()).then_some(out)
+    }
 }
 
 #[derive(Default)]
@@ -562,10 +615,18 @@ impl<S: RelayStorage> AppState<S> {
         self.room_for(len)?;
         let appended = self
             .storage
-            .append(log, bytes.to_vec())
+            .append(log.clone(), bytes.to_vec())
             .await
             .map_err(|e| self.reject(e.into()))?;
         if self.count_appended(&appended, len) {
+            if let Ok(mut recent) = self.recent.lock() {
+                let stored = Stored {
+                    seq: appended.seq,
+                    bytes: bytes.to_vec(),
+                    receipt: appended.receipt.clone(),
+                };
+                recent.push(log, stored);
+            }
             self.appended.send_modify(|n| *n += 1);
         }
         Ok(appended)
@@ -645,11 +706,26 @@ impl<S: RelayStorage> AppState<S> {
         // Appends by other relay processes sharing the storage, if any.
         let mut elsewhere = self.storage.changes();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
+        let mut woken = false;
         loop {
-            let messages = self
-                .storage
-                .read_after(&log, after, limit.max(1), max_bytes)
-                .await?;
+            // Woken by this process's append at the end of the log: that message is
+            // taken as it was stored, without reading it back.
+            let fresh = match woken {
+                true => self
+                    .recent
+                    .lock()
+                    .ok()
+                    .and_then(|recent| recent.after(&log, after, limit.max(1), max_bytes)),
+                false => None,
+            };
+            let messages = match fresh {
+                Some(messages) => messages,
+                None => {
+                    self.storage
+                        .read_after(&log, after, limit.max(1), max_bytes)
+                        .await?
+                }
+            };
             if !messages.is_empty() || Instant::now() >= deadline {
                 return Ok(messages);
             }
@@ -660,6 +736,7 @@ impl<S: RelayStorage> AppState<S> {
                     None => std::future::pending().await,
                 }
             };
+            woken = true;
             let listening = tokio::select! {
                 _ = changes.changed() => true,
                 alive = external => alive,
@@ -1533,6 +1610,7 @@ pub async fn serve<S: RelayStorage>(
         limits: limits.clone(),
         notary,
         appended: watch::channel(0).0,
+        recent: std::sync::Mutex::default(),
         buckets: std::sync::Mutex::new(HashMap::new()),
         streams: std::sync::Mutex::new(HashMap::new()),
         used: AtomicU64::new(0),
@@ -1667,4 +1745,63 @@ pub async fn serve<S: RelayStorage>(
         task,
         acceptor: current,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(seq: u64, len: usize) -> Stored {
+        Stored {
+            seq,
+            bytes: vec![seq as u8; len],
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn recent_appends_are_taken_in_order_without_gaps_or_other_logs() {
+        let (a, b) = (Log::Channel([1; 32]), Log::Channel([2; 32]));
+        let mut recent = Recent::default();
+        // Appends of one group commit answered out of order, another log between.
+        for (log, seq) in [(&a, 6), (&b, 1), (&a, 5), (&a, 7), (&a, 9)] {
+            recent.push(log.clone(), stored(seq, 10));
+        }
+        let seqs = |found: Option<Vec<Stored>>| {
+            found.map(|messages| messages.iter().map(|m| m.seq).collect::<Vec<_>>())
+        };
+        assert_eq!(seqs(recent.after(&a, 4, 10, 1 << 20)), Some(vec![5, 6, 7]));
+        assert_eq!(seqs(recent.after(&a, 5, 10, 1 << 20)), Some(vec![6, 7]));
+        // 8 is not here: 9 is never handed out past the gap.
+        assert_eq!(seqs(recent.after(&a, 7, 10, 1 << 20)), None);
+        assert_eq!(seqs(recent.after(&a, 3, 10, 1 << 20)), None);
+        assert_eq!(seqs(recent.after(&b, 0, 10, 1 << 20)), Some(vec![1]));
+        // Limits: count, and bytes but for the first.
+        assert_eq!(seqs(recent.after(&a, 5, 1, 1 << 20)), Some(vec![6]));
+        assert_eq!(seqs(recent.after(&a, 5, 10, 5)), Some(vec![6]));
+    }
+
+    #[test]
+    fn recent_appends_are_bounded_in_count_and_bytes() {
+        let log = Log::Channel([1; 32]);
+        let mut recent = Recent::default();
+        for seq in 1..=(RECENT as u64 * 2) {
+            recent.push(log.clone(), stored(seq, 100));
+        }
+        assert_eq!(recent.messages.len(), RECENT);
+        assert_eq!(recent.after(&log, 0, 10, 1 << 20), None);
+        for seq in 1..=4 {
+            recent.push(log.clone(), stored(1000 + seq, RECENT_BYTES / 3));
+        }
+        assert!(recent.bytes <= RECENT_BYTES);
+        assert_eq!(recent.messages.len(), 3);
+        assert_eq!(
+            recent.bytes,
+            recent
+                .messages
+                .iter()
+                .map(|(_, m)| m.bytes.len())
+                .sum::<usize>()
+        );
+    }
 }

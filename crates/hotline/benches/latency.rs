@@ -13,6 +13,9 @@
 //!
 //! `cargo bench -p hotline --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
 //!
+//! First, in the same run, the physical floor: two synced writes one after the other
+//! (the relay's commit, then the recipient's), as the disk does them.
+//!
 //! `HOTLINE_BENCH_RELAYS=1` runs only the one-relay case (default `1,3`).
 //!
 //! `HOTLINE_BENCH_HISTORY=N` first gives the channel N messages of history (sent by
@@ -50,6 +53,13 @@ fn main() {
         .split(',')
         .filter_map(|count| count.trim().parse().ok())
         .collect();
+    // The floor under every figure below, measured in the same run: a message is on
+    // disk twice in turn before it counts (at the relay, then at the recipient).
+    let (floor_p50, floor_p99) = two_syncs_in_turn(&std::env::temp_dir(), messages.max(200));
+    println!(
+        "physical floor: two 16 KiB WAL writes, each synced (fdatasync), one after the other: \
+         p50 {floor_p50:.2} ms, p99 {floor_p99:.2} ms"
+    );
     for relay_count in relay_counts {
         let dir = std::env::temp_dir().join(format!(
             "hotline-bench-latency-{}-{relay_count}",
@@ -288,6 +298,39 @@ fn main() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// `rounds` times, a 16 KiB write synced in one file, then one in another (the relay's
+/// commit, then the recipient's), over preallocated space as SQLite's WAL reuses its
+/// file: p50 and p99 of a round, in ms.
+fn two_syncs_in_turn(dir: &std::path::Path, rounds: usize) -> (f64, f64) {
+    use std::os::unix::fs::FileExt;
+    let page = vec![b'x'; 16 * 1024];
+    let files: Vec<(std::path::PathBuf, std::fs::File)> = (0..2)
+        .map(|n| {
+            let path = dir.join(format!("hotline-bench-floor-{}-{n}", std::process::id()));
+            let file = std::fs::File::create(&path).unwrap();
+            file.set_len((page.len() * rounds) as u64).unwrap();
+            file.sync_all().unwrap();
+            (path, file)
+        })
+        .collect();
+    let mut times: Vec<f64> = (0..rounds)
+        .map(|round| {
+            let start = Instant::now();
+            for (_, file) in &files {
+                file.write_all_at(&page, (round * page.len()) as u64)
+                    .unwrap();
+                file.sync_data().unwrap();
+            }
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    for (path, _) in files {
+        let _ = std::fs::remove_file(path);
+    }
+    times.sort_by(f64::total_cmp);
+    (times[rounds / 2], times[rounds * 99 / 100])
 }
 
 /// Follows the device at `home` on a thread of its own (its own handle on the home),

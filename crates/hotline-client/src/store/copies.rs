@@ -91,7 +91,11 @@ pub(crate) fn record_copy(
 /// relay had them, or they arrive later) dropped them; one that hands an envelope over
 /// again, or an older one after a newer, replays or reorders. Both raise an alarm that
 /// names the relay and keeps the bytes.
-fn check_order(connection: &Connection, relay: &str, hash: &[u8; 32]) -> Result<(), StoreError> {
+pub(crate) fn check_order(
+    connection: &Connection,
+    relay: &str,
+    hash: &[u8; 32],
+) -> Result<(), StoreError> {
     let copy: Option<(Vec<u8>, Vec<u8>, i64)> = connection
         .prepare_cached("SELECT channel, sender, seq FROM copies WHERE hash = ?1")?
         .query_row([&hash[..]], |row| {
@@ -231,6 +235,17 @@ pub(crate) fn remember_frame(
 
 /// Whether `hash` names a frame this device sent or opened (within the retention
 /// window): a relay serving it (again) gets it treated as a duplicate.
+/// Whether `channel`'s transcript processed the bytes with `hash` (a copy already in).
+pub(crate) fn is_processed(
+    connection: &Connection,
+    channel: &ChannelId,
+    hash: &[u8; 32],
+) -> Result<bool, StoreError> {
+    Ok(connection
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM processed WHERE channel = ?1 AND hash = ?2)")?
+        .query_row(params![&channel.0[..], &hash[..]], |row| row.get(0))?)
+}
+
 pub(crate) fn is_known_frame(connection: &Connection, hash: &[u8; 32]) -> Result<bool, StoreError> {
     Ok(connection
         .prepare_cached("SELECT EXISTS (SELECT 1 FROM frames WHERE hash = ?1)")?

@@ -200,6 +200,24 @@ pub struct Store {
     cache: Cache,
     /// Read once per operation (see [`crate::clock`]).
     clock: Arc<dyn Clock>,
+    /// How the connection commits now (SQLite's `synchronous`).
+    durability: Durability,
+    /// Whether a commit since the last synced one did not wait for the disk.
+    unsynced: bool,
+}
+
+/// Whether a transaction's commit waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// On disk when the commit returns (`synchronous=FULL`: the WAL is synced).
+    Synced,
+    /// Committed atomically without waiting for the disk (`synchronous=NORMAL`), for
+    /// what a power failure may only undo, never break: a relay's answer recorded (the
+    /// message is pushed again, and the relay answers it is a duplicate), a copy
+    /// already processed coming back. The next synced commit of any handle on the
+    /// home syncs it too (one WAL, written in order). Nothing is acknowledged to a
+    /// relay before it is synced ([`Store::is_synced`]).
+    Deferred,
 }
 
 /// Loaded channels, by id, and the `data_version` they were loaded at.
@@ -234,6 +252,8 @@ impl Store {
             identity,
             cache: Cache::default(),
             clock: Arc::new(SystemClock),
+            durability: Durability::Synced,
+            unsynced: false,
         };
         store.transact(|connection, identity, _| {
             let provider = Provider::new(connection);
@@ -269,6 +289,8 @@ impl Store {
             identity,
             cache: Cache::default(),
             clock: Arc::new(SystemClock),
+            durability: Durability::Synced,
+            unsynced: false,
         };
         store.rebuild_transcripts()?;
         store.reissue_card()?;
@@ -355,7 +377,40 @@ impl Store {
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let now = self.clock.now_ms();
-        crate::clock::during(now, || self.transact_at(operation))
+        crate::clock::during(now, || self.transact_at(Durability::Synced, operation))
+    }
+
+    /// As [`Store::transact`], committed without waiting for the disk
+    /// ([`Durability::Deferred`]).
+    pub(crate) fn transact_deferred<T>(
+        &mut self,
+        operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let now = self.clock.now_ms();
+        crate::clock::during(now, || self.transact_at(Durability::Deferred, operation))
+    }
+
+    /// Whether everything this handle committed is on disk (no commit since the last
+    /// synced one was [`Durability::Deferred`]).
+    pub fn is_synced(&self) -> bool {
+        !self.unsynced
+    }
+
+    /// Makes everything this handle committed durable: one small synced commit, which
+    /// syncs the WAL and so every commit before it. Nothing to do when synced already.
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        self.transact(|connection, _, _| {
+            crate::store::cached::execute(
+                connection,
+                "INSERT INTO settings (key, value) VALUES ('synced_ms', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [now_ms() as i64],
+            )?;
+            Ok(())
+        })
     }
 
     /// Sets the clock this store reads (the system's by default).
@@ -370,13 +425,28 @@ impl Store {
 
     fn transact_at<T>(
         &mut self,
+        durability: Durability,
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         // Cached statements: these run around every transaction.
         let run = |connection: &Connection, sql: &str| -> Result<(), rusqlite::Error> {
             connection.prepare_cached(sql)?.execute([]).map(|_| ())
         };
+        if durability != self.durability {
+            let mode = match durability {
+                Durability::Synced => "PRAGMA synchronous = FULL",
+                Durability::Deferred => "PRAGMA synchronous = NORMAL",
+            };
+            match run(&self.connection, mode) {
+                Ok(()) => self.durability = durability,
+                // Never a commit meant to be synced on a connection that does not sync.
+                Err(error) if durability == Durability::Synced => return Err(error.into()),
+                // A deferred commit is then synced: slower, never less safe.
+                Err(_) => {}
+            }
+        }
         run(&self.connection, "BEGIN IMMEDIATE")?;
+        let changes_before = self.connection.total_changes();
         let version = self
             .connection
             .prepare_cached("PRAGMA data_version")
@@ -399,10 +469,17 @@ impl Store {
                     .map(|()| value)
                     .map_err(Into::into)
             });
-        if result.is_err() {
-            // Rolling back can only fail if no transaction is open any more.
-            let _ = run(&self.connection, "ROLLBACK");
-            self.cache.channels.clear();
+        match &result {
+            // A commit that changed nothing wrote nothing, and synced nothing.
+            Ok(_) if self.connection.total_changes() != changes_before => {
+                self.unsynced = self.durability == Durability::Deferred;
+            }
+            Ok(_) => {}
+            Err(_) => {
+                // Rolling back can only fail if no transaction is open any more.
+                let _ = run(&self.connection, "ROLLBACK");
+                self.cache.channels.clear();
+            }
         }
         result
     }
@@ -498,6 +575,67 @@ mod tests {
             );
             assert_eq!(south.log("crisis").unwrap().len(), before + 1);
         }
+        south.integrity_check().unwrap();
+    }
+
+    /// A copy of bytes already processed (the same message through another relay, a
+    /// device's own message coming back) is taken without loading the channel and
+    /// without waiting for the disk; its relay's cursor moves and the copy is placed
+    /// in order all the same, and nothing counts as on disk until a synced commit.
+    #[test]
+    fn a_copy_already_processed_is_placed_without_waiting_for_the_disk() {
+        let (mut north, mut south) =
+            verified_pair(&temp_home("copy-north"), &temp_home("copy-south"));
+        north.send("crisis", Body::text("once"), None).unwrap();
+        let bytes = match north.export_outbox().unwrap().pop() {
+            Some(Entry::Message(bytes)) => bytes,
+            other => panic!("expected a message, got {other:?}"),
+        };
+        let through = |relay: &'static str, seq: u64| Cursor {
+            relay,
+            log: "crisis-log",
+            seq,
+            receipt: None,
+        };
+        let events = south.receive_at(&bytes, Some(through("r1", 1))).unwrap();
+        assert!(
+            matches!(events.as_slice(), [Event::Accepted(_)]),
+            "{events:?}"
+        );
+        assert!(south.is_synced());
+
+        let events = south.receive_at(&bytes, Some(through("r2", 1))).unwrap();
+        assert_eq!(events, [Event::Duplicate]);
+        assert_eq!(south.cursor("r2", "crisis-log").unwrap(), 1);
+        assert!(!south.is_synced(), "a deferred commit counts as on disk");
+        let stored_alarms = |store: &mut Store| {
+            let now = store.now();
+            store
+                .status(now)
+                .unwrap()
+                .alarms
+                .into_iter()
+                .filter(|alarm| alarm.id.is_some())
+                .map(|alarm| alarm.kind)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(stored_alarms(&mut south), Vec::<String>::new());
+        south.sync().unwrap();
+        assert!(south.is_synced());
+
+        // The first relay serves it again: placed, it is a replay.
+        let events = south.receive_at(&bytes, Some(through("r1", 2))).unwrap();
+        assert_eq!(events, [Event::Duplicate]);
+        assert_eq!(south.cursor("r1", "crisis-log").unwrap(), 2);
+        assert_eq!(stored_alarms(&mut south), ["replayed"]);
+        // A synced commit that changes nothing leaves what is deferred deferred.
+        assert!(!south.is_synced());
+        south.link_test_interval().unwrap();
+        assert!(!south.is_synced());
+        // One that changes something syncs everything before it.
+        north.send("crisis", Body::text("twice"), None).unwrap();
+        south.import_bundle(north.export_outbox().unwrap()).unwrap();
+        assert!(south.is_synced());
         south.integrity_check().unwrap();
     }
 }

@@ -134,7 +134,9 @@ impl Store {
         settled: bool,
         custody: Option<(&[u8; 32], &[u8])>,
     ) -> Result<(), StoreError> {
-        self.transact(|connection, _, _| {
+        // Lost in a power failure, the message is only pushed again: the relay answers
+        // that it holds it, with its receipt.
+        self.transact_deferred(|connection, _, _| {
             crate::store::cached::execute(
                 connection,
                 "INSERT OR IGNORE INTO outbox_posted (seq, relay) VALUES (?1, ?2)",
