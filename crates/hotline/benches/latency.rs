@@ -158,7 +158,7 @@ fn main() {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let (committed, arrivals) = std::sync::mpsc::channel::<(Instant, usize)>();
         let south_home = dir.join("south");
-        let follower = follow_on_thread(south_home, Wake::default(), move |report| {
+        let follower = follow_on_thread("south", south_home, Wake::default(), move |report| {
             if report.received == 0 {
                 return ControlFlow::Continue(());
             }
@@ -176,7 +176,7 @@ fn main() {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::clone(&done);
         let wake = Wake::default();
-        let sender_follower = follow_on_thread(north_home, wake.clone(), move |report| {
+        let sender_follower = follow_on_thread("north", north_home, wake.clone(), move |report| {
             // Its full rounds (every 10 s) report too: it stops at the next one.
             if stop.load(std::sync::atomic::Ordering::SeqCst) {
                 return ControlFlow::Break(());
@@ -333,14 +333,17 @@ fn two_syncs_in_turn(dir: &std::path::Path, rounds: usize) -> (f64, f64) {
     (times[rounds / 2], times[rounds * 99 / 100])
 }
 
-/// Follows the device at `home` on a thread of its own (its own handle on the home),
-/// until `on_report` says `Break`.
+/// Follows the device at `home` on a thread of its own named `name` (its own handle on
+/// the home; the name tells the followers apart in a profile), until `on_report` says
+/// `Break`.
 fn follow_on_thread(
+    name: &str,
     home: std::path::PathBuf,
     wake: Wake,
     mut on_report: impl FnMut(&hotline_client::sync::SyncReport) -> ControlFlow<()> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
+    let thread = std::thread::Builder::new().name(name.to_owned());
+    let spawned = thread.spawn(move || {
         let mut store = Store::open(&home).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -356,7 +359,8 @@ fn follow_on_thread(
                 |report| on_report(report),
             ))
             .unwrap();
-    })
+    });
+    spawned.unwrap()
 }
 
 /// How the sender's message reaches the relays.
