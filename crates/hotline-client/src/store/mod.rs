@@ -376,8 +376,7 @@ impl Store {
         &mut self,
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let now = self.clock.now_ms();
-        crate::clock::during(now, || self.transact_at(Durability::Synced, operation))
+        self.transact_with(Durability::Synced, operation)
     }
 
     /// As [`Store::transact`], committed without waiting for the disk
@@ -386,8 +385,17 @@ impl Store {
         &mut self,
         operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
+        self.transact_with(Durability::Deferred, operation)
+    }
+
+    /// One transaction, its commit `durability`, at the store clock's time.
+    fn transact_with<T>(
+        &mut self,
+        durability: Durability,
+        operation: impl FnOnce(&Rc<Connection>, &DeviceIdentity, &mut Cache) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let now = self.clock.now_ms();
-        crate::clock::during(now, || self.transact_at(Durability::Deferred, operation))
+        crate::clock::during(now, || self.transact_at(durability, operation))
     }
 
     /// Whether everything this handle committed is on disk (no commit since the last
