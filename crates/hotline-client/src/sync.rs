@@ -74,6 +74,9 @@ struct Relays {
     /// While following: one stream connection per relay, over which channels' messages
     /// are pushed (see [`StreamSlot`]).
     streams: HashMap<String, Arc<StreamSlot>>,
+    /// Relays that asked to be left alone (429 with `Retry-After`), until when: nothing
+    /// is pushed to them before.
+    quiet: HashMap<String, tokio::time::Instant>,
 }
 
 /// A relay's stream connection while following, opened on first use and again after
@@ -150,6 +153,28 @@ impl Relays {
                 })
             }),
         ))
+    }
+
+    /// Remembers how long the relay at `url` asked to be left alone, if it did.
+    fn heed(&mut self, url: &str, error: &ClientError) {
+        if let ClientError::Refused {
+            retry_after: Some(after),
+            ..
+        } = error
+        {
+            self.quiet
+                .insert(url.to_owned(), tokio::time::Instant::now() + *after);
+        }
+    }
+
+    /// The relays still asking to be left alone, with how much longer.
+    fn quiet(&mut self) -> Vec<(String, Duration)> {
+        let now = tokio::time::Instant::now();
+        self.quiet.retain(|_, until| *until > now);
+        self.quiet
+            .iter()
+            .map(|(url, until)| (url.clone(), until.duration_since(now)))
+            .collect()
     }
 
     fn get(&mut self, url: &str) -> Result<RelayClient, String> {
@@ -250,6 +275,7 @@ impl Session {
                 clients: HashMap::new(),
                 posters: None,
                 streams: HashMap::new(),
+                quiet: HashMap::new(),
             },
         })
     }
@@ -958,12 +984,22 @@ pub async fn follow(
         let mut report = SyncReport::default();
         let client = relays.get(watch.url()).map_err(StoreError::Corrupt)?;
         let start = store.cursor(watch.url(), &watch.log())?;
+        // How long the relay asked to be left alone, if it did (429 with Retry-After).
+        let mut asked = Duration::ZERO;
         match fetched {
             Ok(messages) => {
                 failures.remove(&watch);
                 apply(store, &watch, messages, &mut report)?;
             }
             Err(error) => {
+                if let ClientError::Refused {
+                    retry_after: Some(after),
+                    ..
+                } = &error
+                {
+                    asked = *after;
+                }
+                relays.heed(watch.url(), &error);
                 note(&mut report, watch.url(), Err(error));
                 *failures.entry(watch.clone()).or_default() += 1;
             }
@@ -976,7 +1012,8 @@ pub async fn follow(
         let delay = backoff(
             failures.get(&watch).copied().unwrap_or(0),
             config.max_backoff.min(cap),
-        );
+        )
+        .max(asked);
         spawn_poll(
             &mut polls,
             watch.clone(),
@@ -1122,6 +1159,7 @@ async fn post_frames(
             let Ok(client) = relays.get(&frame.relay) else {
                 continue;
             };
+            let stream = relays.stream_to(&frame.relay);
             let Some(posters) = relays.posters.as_mut() else {
                 break;
             };
@@ -1129,7 +1167,7 @@ async fn post_frames(
             let sender = posters
                 .senders
                 .entry(frame.relay.clone())
-                .or_insert_with(|| spawn_poster(client, identity, stale));
+                .or_insert_with(|| spawn_poster(client, stream, identity, stale));
             // Full: the relay is slow or hung, and this link test fails.
             let _ = sender.try_send(frame);
         }
@@ -1151,10 +1189,14 @@ async fn post_frames(
     Ok(())
 }
 
-/// A task that posts one relay's frames in order, each within [`FRAME_POST_TIMEOUT`].
-/// It ends with the follow loop (when the sender is dropped).
+/// A task that posts one relay's frames in order, each within [`FRAME_POST_TIMEOUT`]:
+/// over the relay's stream when it is open (no request, no signature), else over the
+/// one-shot route. A frame's custody is nobody's evidence (a link test proves itself by
+/// its answer coming back), so the relay's receipt for it is not checked. The task
+/// ends with the follow loop (when the sender is dropped).
 fn spawn_poster(
     client: RelayClient,
+    stream: Option<Arc<StreamSlot>>,
     identity: Arc<DeviceIdentity>,
     stale: Duration,
 ) -> mpsc::Sender<OutgoingFrame> {
@@ -1168,7 +1210,20 @@ fn spawn_poster(
             if age > stale.as_millis() as u64 {
                 continue;
             }
-            let post = client.post(&identity, &frame.channel.0, frame.bytes);
+            let post = async {
+                let open = match &stream {
+                    Some(slot) => slot.client().await,
+                    None => None,
+                };
+                match open {
+                    Some(stream) => stream.append_unchecked(&frame.channel.0, frame.bytes).await,
+                    None => {
+                        client
+                            .post_unchecked(&identity, &frame.channel.0, frame.bytes)
+                            .await
+                    }
+                }
+            };
             let _ = tokio::time::timeout(FRAME_POST_TIMEOUT, post).await;
         }
     });
@@ -1200,6 +1255,14 @@ async fn push_pass(
 ) -> Result<bool, StoreError> {
     let mut merged = false;
     let mut failed: HashSet<String> = HashSet::new();
+    for (url, left) in relays.quiet() {
+        let detail = format!(
+            "relay {url} asked this device to slow down: nothing is pushed to it for {} s more",
+            left.as_secs().max(1)
+        );
+        report.relays.insert(url.clone(), Some(detail));
+        failed.insert(url);
+    }
     // 1. The committer registers each channel's membership where it is out of date
     // (found without loading a channel when nothing is).
     for url in store.channel_relay_urls()? {
@@ -1349,6 +1412,7 @@ async fn push_pass(
                         detail: "the invitee's card predates inbox capabilities; \
                                  ask for its card again (hotline card export) and import it"
                             .into(),
+                        retry_after: None,
                     }),
                     // While following, over the relay's stream (no request, no
                     // signature per message); otherwise, or when it cannot be
@@ -1370,6 +1434,7 @@ async fn push_pass(
                         status: 0,
                         code: "not-sent".into(),
                         detail: "key packages are stocked, not posted".into(),
+                        retry_after: None,
                     }),
                 };
                 (mark, url, posted)
@@ -1380,6 +1445,7 @@ async fn push_pass(
             let receipt = match posted {
                 Ok(receipt) => receipt,
                 Err(error) => {
+                    relays.heed(&url, &error);
                     note(report, &url, Err(error));
                     failed.insert(url);
                     continue;
@@ -1483,6 +1549,7 @@ async fn push_run(
         let answers = match answers {
             Ok(answers) => answers,
             Err(error) => {
+                relays.heed(&url, &error);
                 note(report, &url, Err(error));
                 failed.insert(url);
                 continue;
@@ -1492,6 +1559,7 @@ async fn push_run(
             let appended = match answer {
                 Ok(appended) => appended,
                 Err(error) => {
+                    relays.heed(&url, &error);
                     note(report, &url, Err(error));
                     // The rest would reach this relay out of order: next pass.
                     failed.insert(url);

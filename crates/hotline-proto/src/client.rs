@@ -19,12 +19,14 @@ pub enum ClientError {
     Address(#[from] TlsError),
     #[error("relay {relay} unreachable: {detail}")]
     Network { relay: String, detail: String },
-    #[error("relay {relay} refused ({status} {code}): {detail}")]
+    #[error("relay {relay} refused ({status} {code}): {detail}{}", retry_note(.retry_after))]
     Refused {
         relay: String,
         status: u16,
         code: String,
         detail: String,
+        /// How long the relay asked to be left alone (`Retry-After`), when it said.
+        retry_after: Option<Duration>,
     },
     #[error("relay {relay} answered something malformed: {0}", relay = .1)]
     Malformed(DecodeError, String),
@@ -34,6 +36,30 @@ pub enum ClientError {
         "relay {relay} unreachable: it presents a key its address does not pin, and no valid rotation to it: {detail}"
     )]
     Rotation { relay: String, detail: String },
+}
+
+fn retry_note(after: &Option<Duration>) -> String {
+    match after {
+        Some(after) => format!(" (retry after {} s)", after.as_secs()),
+        None => String::new(),
+    }
+}
+
+/// The longest `Retry-After` a device honours: a relay cannot silence a path for
+/// longer than this by asking.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// A `Retry-After` header's delay (delta-seconds; an HTTP date is not honoured), at most
+/// [`MAX_RETRY_AFTER`].
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// The relay's key rotations that lead from the pin of its address to the key it
@@ -258,6 +284,7 @@ impl RelayClient {
             .await
             .map_err(network)?;
         let status = response.status();
+        let retry_after = retry_after(response.headers());
         let bytes = response.bytes().await.map_err(network)?.to_vec();
         if status.is_success() {
             return Ok(bytes);
@@ -268,6 +295,7 @@ impl RelayClient {
             status: status.as_u16(),
             code: problem["code"].as_str().unwrap_or("unknown").to_owned(),
             detail: problem["detail"].as_str().unwrap_or("").to_owned(),
+            retry_after,
         })
     }
 
@@ -304,14 +332,24 @@ impl RelayClient {
         bytes: Vec<u8>,
     ) -> Result<Appended, ClientError> {
         let hash = crate::custody::message_hash(&bytes);
-        let appended = self
-            .append(
-                identity,
-                format!("/v1/channels/{}/messages", hex::encode(channel)),
-                bytes,
-            )
-            .await?;
+        let appended = self.post_unchecked(identity, channel, bytes).await?;
         self.custody(channel, &hash, appended)
+    }
+
+    /// [`post`](Self::post) for a message whose custody nobody keeps (a link test, a
+    /// delivery or read receipt): the relay's receipt is not checked.
+    pub async fn post_unchecked(
+        &self,
+        identity: &DeviceIdentity,
+        channel: &[u8; 32],
+        bytes: Vec<u8>,
+    ) -> Result<Appended, ClientError> {
+        self.append(
+            identity,
+            format!("/v1/channels/{}/messages", hex::encode(channel)),
+            bytes,
+        )
+        .await
     }
 
     /// Posts several messages to a channel in one signed request (at most
@@ -363,6 +401,7 @@ impl RelayClient {
                     status: 200,
                     code: result["error"].as_str().unwrap_or("unknown").to_owned(),
                     detail: result["detail"].as_str().unwrap_or("").to_owned(),
+                    retry_after: None,
                 }),
             })
             .collect())

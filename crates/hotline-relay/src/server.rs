@@ -301,6 +301,8 @@ pub(crate) struct Problem {
     pub(crate) status: StatusCode,
     pub(crate) code: &'static str,
     pub(crate) detail: String,
+    /// When asking again can succeed (sent as `Retry-After`, whole seconds).
+    pub(crate) retry_after: Option<Duration>,
 }
 
 impl Problem {
@@ -309,6 +311,14 @@ impl Problem {
             status,
             code,
             detail: detail.into(),
+            retry_after: None,
+        }
+    }
+
+    pub(crate) fn retry_after(self, after: Duration) -> Self {
+        Self {
+            retry_after: Some(after),
+            ..self
         }
     }
 }
@@ -325,6 +335,13 @@ impl IntoResponse for Problem {
         let mut response = (self.status, Json(body)).into_response();
         if let Ok(value) = "application/problem+json".parse() {
             response.headers_mut().insert("content-type", value);
+        }
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up: asking again sooner is refused again.
+            let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert("retry-after", seconds.max(1).into());
         }
         response
     }
@@ -504,22 +521,38 @@ impl<S: RelayStorage> AppState<S> {
         allowance.bytes = (allowance.bytes + elapsed * limits.sender_bytes_per_second)
             .min(limits.sender_burst_bytes);
         allowance.last = now;
+        // Refused, with how long until the allowance holds this request again (no
+        // `Retry-After` if it never can: a request larger than the burst).
+        let slow_down = |detail: String, lacking: f64, per_second: f64, burst: f64, wanted: f64| {
+            let problem = Problem::new(StatusCode::TOO_MANY_REQUESTS, "slow-down", detail);
+            let after = (wanted <= burst && per_second > 0.0)
+                .then(|| Duration::try_from_secs_f64(lacking / per_second).ok())
+                .flatten();
+            self.reject(match after {
+                Some(after) => problem.retry_after(after),
+                None => problem,
+            })
+        };
         if allowance.requests < requests {
-            return Err(self.reject(Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "slow-down",
-                "too many requests from this device; retry later",
-            )));
+            return Err(slow_down(
+                "too many requests from this device; retry later".into(),
+                requests - allowance.requests,
+                limits.rate_per_second,
+                limits.rate_burst,
+                requests,
+            ));
         }
         if allowance.bytes < bytes {
-            return Err(self.reject(Problem::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "slow-down",
+            return Err(slow_down(
                 format!(
                     "this device sent more than {} bytes a second (bursts of {}); retry later",
                     limits.sender_bytes_per_second, limits.sender_burst_bytes
                 ),
-            )));
+                bytes - allowance.bytes,
+                limits.sender_bytes_per_second,
+                limits.sender_burst_bytes,
+                bytes,
+            ));
         }
         allowance.requests -= requests;
         allowance.bytes -= bytes;
@@ -628,6 +661,11 @@ impl<S: RelayStorage> AppState<S> {
                 recent.push(log, stored);
             }
             self.appended.send_modify(|n| *n += 1);
+            // The members waiting on the log are served before the appender hears
+            // back: their pushes are the line's latency, the answer only the sender's.
+            if self.appended.receiver_count() > 0 {
+                tokio::task::yield_now().await;
+            }
         }
         Ok(appended)
     }

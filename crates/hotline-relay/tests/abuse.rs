@@ -105,9 +105,14 @@ async fn a_flooding_device_is_slowed_down_and_others_still_get_through() {
         {
             Ok(_) => {}
             Err(ClientError::Refused {
-                status: 429, code, ..
+                status: 429,
+                code,
+                retry_after,
+                ..
             }) => {
                 assert_eq!(code, "slow-down");
+                // One request lacking at 20 a second: 50 ms, said in whole seconds.
+                assert_eq!(retry_after, Some(Duration::from_secs(1)));
                 slowed += 1;
             }
             Err(other) => panic!("unexpected {other}"),
@@ -476,6 +481,16 @@ async fn strangers_cannot_write_to_inboxes_and_storage_is_bounded_per_inbox_send
     };
     assert!(
         matches!(&slowed, ClientError::Refused { status: 429, code, .. } if code == "slow-down"),
+        "{slowed:?}"
+    );
+    // The relay says when the bytes will be there again: at one byte a second, hours
+    // from now, which the device takes as the longest wait it honours.
+    let ClientError::Refused { retry_after, .. } = &slowed else {
+        unreachable!()
+    };
+    assert_eq!(
+        *retry_after,
+        Some(hotline_proto::client::MAX_RETRY_AFTER),
         "{slowed:?}"
     );
     assert_eq!(sent, 6, "200 KiB of burst holds six messages of 32 KiB");

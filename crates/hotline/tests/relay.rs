@@ -2079,14 +2079,11 @@ fn metric(metrics: &str, name: &str) -> u64 {
 /// A running follower appends what its device sends over the stream connection it
 /// holds to the relay (no signed request per message), when woken as the console wakes
 /// it; the relay (a real process) counts it as such, and the message arrives.
-#[test]
-fn a_following_device_appends_over_its_stream_connection() {
+/// North and south, each with the other's card, and north's channel `crisis` with south
+/// in it, on the relay at `url` (not yet synced).
+fn stores_in_crisis(dir: &Path, url: &str) -> (hotline_client::Store, hotline_client::Store) {
     use hotline_client::Store;
-    use hotline_client::sync::{FollowConfig, Wake, follow, sync_once};
-    hotline_relay::tls::install_provider();
-    let dir = data_dir("stream-appends");
-    let relay = Relay::start(&dir.join("relay"));
-    let urls = [relay.url.clone()];
+    let urls = [url.to_owned()];
     let mut north = Store::init(&dir.join("north"), "north", "desk", &urls).unwrap();
     let mut south = Store::init(&dir.join("south"), "south", "desk", &urls).unwrap();
     north
@@ -2098,6 +2095,17 @@ fn a_following_device_appends_over_its_stream_connection() {
     north
         .create_channel("crisis", &["south".into()], &urls)
         .unwrap();
+    (north, south)
+}
+
+#[test]
+fn a_following_device_appends_over_its_stream_connection() {
+    use hotline_client::Store;
+    use hotline_client::sync::{FollowConfig, Wake, follow, sync_once};
+    hotline_relay::tls::install_provider();
+    let dir = data_dir("stream-appends");
+    let relay = Relay::start(&dir.join("relay"));
+    let (mut north, mut south) = stores_in_crisis(&dir, &relay.url);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -2180,6 +2188,31 @@ fn a_following_device_appends_over_its_stream_connection() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Frames go over the stream as well: here the delivery receipt that north seals as
+    // it commits south's message (south posts over the one-shot route).
+    let streamed_before = streamed(&relay_metrics(&relay.url));
+    let answer = south
+        .send("crisis", hotline_core::Body::text("heard"), None)
+        .unwrap();
+    loop {
+        runtime.block_on(sync_once(&mut south)).unwrap();
+        let delivered = south.log("crisis").unwrap().iter().any(|entry| {
+            entry.id == answer && entry.delivered_to.iter().any(|party| party == "north")
+        });
+        if delivered {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "north's delivery receipt never reached south"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = relay_metrics(&relay.url);
+    assert!(
+        streamed(&metrics) > streamed_before,
+        "the delivery receipt was not posted over the stream: {metrics}"
+    );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     wake.ring();
     follower.join().unwrap();
@@ -2189,4 +2222,59 @@ fn a_following_device_appends_over_its_stream_connection() {
         log.iter().any(|entry| entry.text == "over the stream"),
         "{log:?}"
     );
+}
+
+/// A relay that refuses a device with 429 and `Retry-After` is left alone for as long
+/// as it asked (at most five minutes): the next push does not ask it again, and says
+/// why nothing went there.
+#[test]
+fn a_relay_that_asks_a_device_to_slow_down_is_left_alone_as_long_as_it_asked() {
+    use hotline_client::sync::{Session, sync_once};
+    hotline_relay::tls::install_provider();
+    let dir = data_dir("retry-after");
+    // One byte a second after a burst of 8 KiB: a few messages, then hours of waiting.
+    let relay = Relay::start_with(
+        &dir.join("relay"),
+        "127.0.0.1:0",
+        &["--bytes-per-second", "1", "--byte-burst", "8KiB"],
+    );
+    let (mut north, _south) = stores_in_crisis(&dir, &relay.url);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(sync_once(&mut north)).unwrap();
+    let mut session = Session::new(&north).unwrap();
+    let slowed = (0..20)
+        .find_map(|_| {
+            north
+                .send("crisis", hotline_core::Body::text("x".repeat(1024)), None)
+                .unwrap();
+            let report = runtime.block_on(session.push(&mut north)).unwrap();
+            report.relays[&relay.url]
+                .clone()
+                .filter(|error| error.contains("429"))
+        })
+        .expect("the relay never slowed north down");
+    assert!(
+        slowed.contains("slow-down") && slowed.contains("(retry after 300 s)"),
+        "{slowed}"
+    );
+    let refusals = |metrics: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with("hotline_relay_rejected_total{reason=\"slow-down\"}"))
+            .and_then(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = refusals(&relay_metrics(&relay.url));
+    assert!(before >= 1);
+    // Pushed again at once: nothing is asked of the relay, and the report says why.
+    let report = runtime.block_on(session.push(&mut north)).unwrap();
+    let error = report.relays[&relay.url].clone().unwrap_or_default();
+    assert!(
+        error.contains("asked this device to slow down") && error.contains("s more"),
+        "{error}"
+    );
+    assert_eq!(refusals(&relay_metrics(&relay.url)), before);
 }
