@@ -876,7 +876,22 @@ type Poll = (Watch, Result<Vec<Stored>, ClientError>);
 /// `on_report` after every full round and after every batch that changed something;
 /// returns when it says `Break`, or with a local storage error. Network failures are
 /// retried, per log, with backoff and jitter; each log resumes from its cursor.
+///
+/// While it follows, the database's checkpoints run beside it
+/// ([`Store::checkpoint_beside`]), not in the commits of what arrives.
 pub async fn follow(
+    store: &mut Store,
+    config: &FollowConfig,
+    on_report: impl FnMut(&SyncReport) -> ControlFlow<()>,
+) -> Result<(), StoreError> {
+    let checkpoints = store.checkpoint_beside()?;
+    let followed = follow_loop(store, config, on_report).await;
+    drop(checkpoints);
+    store.checkpoint_inline()?;
+    followed
+}
+
+async fn follow_loop(
     store: &mut Store,
     config: &FollowConfig,
     mut on_report: impl FnMut(&SyncReport) -> ControlFlow<()>,

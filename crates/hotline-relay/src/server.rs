@@ -167,6 +167,9 @@ pub(crate) struct AppState<S> {
     appended: watch::Sender<u64>,
     /// What this process appended last, for subscribers waiting at the end of a log.
     recent: std::sync::Mutex<Recent>,
+    /// The last sequence number this process appended to each log: a subscriber woken
+    /// by an append to another log goes back to waiting without reading anything.
+    heads: std::sync::Mutex<HashMap<Log, u64>>,
     buckets: std::sync::Mutex<HashMap<DeviceKey, Allowance>>,
     /// Stream connections per device.
     streams: std::sync::Mutex<HashMap<DeviceKey, usize>>,
@@ -238,6 +241,9 @@ pub(crate) struct Metrics {
     /// Of `stored`, those appended over stream connections.
     pub(crate) stored_over_streams: AtomicU64,
     pub(crate) acknowledged_over_streams: AtomicU64,
+    /// Reads of a log from the storage by readers waiting for messages (the rest are
+    /// served from memory, or skipped when an append was to another log).
+    storage_reads: AtomicU64,
     stored_bytes: AtomicU64,
     duplicates: AtomicU64,
     connections: AtomicU64,
@@ -658,8 +664,9 @@ impl<S: RelayStorage> AppState<S> {
                     bytes: bytes.to_vec(),
                     receipt: appended.receipt.clone(),
                 };
-                recent.push(log, stored);
+                recent.push(log.clone(), stored);
             }
+            self.note_head(log, appended.seq);
             self.appended.send_modify(|n| *n += 1);
             // The members waiting on the log are served before the appender hears
             // back: their pushes are the line's latency, the answer only the sender's.
@@ -692,6 +699,28 @@ impl<S: RelayStorage> AppState<S> {
 
     /// Counts an answered append in the metrics; returns whether it stored a new
     /// message (the caller then wakes the long polls).
+    /// Records that this process appended `seq` to `log` (before waking subscribers).
+    fn note_head(&self, log: Log, seq: u64) {
+        if let Ok(mut heads) = self.heads.lock() {
+            let head = heads.entry(log).or_default();
+            *head = (*head).max(seq);
+        }
+    }
+
+    /// Whether this process appended to `log` since it started, `after` the last.
+    fn appended_up_to(&self, log: &Log, after: u64) -> bool {
+        self.heads
+            .lock()
+            .is_ok_and(|heads| heads.get(log).is_some_and(|&head| head <= after))
+    }
+
+    /// Whether this process appended to `log` past `after`.
+    fn appended_past(&self, log: &Log, after: u64) -> bool {
+        self.heads.lock().map_or(true, |heads| {
+            heads.get(log).is_some_and(|&head| head > after)
+        })
+    }
+
     pub(crate) fn count_appended(&self, appended: &Appended, len: u64) -> bool {
         if appended.duplicate {
             self.metrics.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -744,28 +773,46 @@ impl<S: RelayStorage> AppState<S> {
         // Appends by other relay processes sharing the storage, if any.
         let mut elsewhere = self.storage.changes();
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
-        let mut woken = false;
+        // How the last wait ended: not yet (read first), by this process's append
+        // (`Some(true)`), or by another process's (`Some(false)`).
+        let mut woken: Option<bool> = None;
         loop {
-            // Woken by this process's append at the end of the log: that message is
-            // taken as it was stored, without reading it back.
-            let fresh = match woken {
-                true => self
-                    .recent
-                    .lock()
-                    .ok()
-                    .and_then(|recent| recent.after(&log, after, limit.max(1), max_bytes)),
-                false => None,
+            let nothing_new = match woken {
+                // Woken by this process's append to another log: nothing to read here
+                // (every waiting reader is woken by every append).
+                Some(true) => !self.appended_past(&log, after),
+                // A reader that took everything this process appended to the log (a
+                // stream subscription going on after a push), where no other process
+                // appends: nothing newer exists.
+                None => elsewhere.is_none() && self.appended_up_to(&log, after),
+                Some(false) => false,
             };
-            let messages = match fresh {
-                Some(messages) => messages,
-                None => {
-                    self.storage
-                        .read_after(&log, after, limit.max(1), max_bytes)
-                        .await?
+            if !nothing_new {
+                // Woken by this process's append at the end of the log: that message is
+                // taken as it was stored, without reading it back.
+                let fresh = match woken {
+                    Some(true) => self
+                        .recent
+                        .lock()
+                        .ok()
+                        .and_then(|recent| recent.after(&log, after, limit.max(1), max_bytes)),
+                    _ => None,
+                };
+                let messages = match fresh {
+                    Some(messages) => messages,
+                    None => {
+                        self.metrics.storage_reads.fetch_add(1, Ordering::Relaxed);
+                        self.storage
+                            .read_after(&log, after, limit.max(1), max_bytes)
+                            .await?
+                    }
+                };
+                if !messages.is_empty() {
+                    return Ok(messages);
                 }
-            };
-            if !messages.is_empty() || Instant::now() >= deadline {
-                return Ok(messages);
+            }
+            if Instant::now() >= deadline {
+                return Ok(Vec::new());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let external = async {
@@ -774,12 +821,12 @@ impl<S: RelayStorage> AppState<S> {
                     None => std::future::pending().await,
                 }
             };
-            woken = true;
-            let listening = tokio::select! {
-                _ = changes.changed() => true,
-                alive = external => alive,
+            let (listening, here) = tokio::select! {
+                _ = changes.changed() => (true, true),
+                alive = external => (alive, false),
                 () = tokio::time::sleep(left) => return Ok(Vec::new()),
             };
+            woken = Some(here);
             if !listening {
                 // The listener is gone: this process's own appends still wake the poll.
                 elsewhere = None;
@@ -963,6 +1010,7 @@ async fn post_batch<S: RelayStorage>(
             Ok(appended) => {
                 if state.count_appended(&appended, len) {
                     stored += 1;
+                    state.note_head(Log::Channel(channel), appended.seq);
                 }
                 results.push(appended_json(&appended));
             }
@@ -1362,6 +1410,12 @@ async fn metrics<S: RelayStorage>(State(state): State<Arc<AppState<S>>>) -> Resp
             m.acknowledged_over_streams.load(Ordering::Relaxed),
         ),
         (
+            "hotline_relay_storage_reads_total",
+            "counter",
+            "Reads of a log from storage for readers (long polls, stream subscriptions); fresh messages are handed over from memory instead.",
+            m.storage_reads.load(Ordering::Relaxed),
+        ),
+        (
             "hotline_relay_bytes_stored_total",
             "counter",
             "Bytes of messages stored since the relay started.",
@@ -1649,6 +1703,7 @@ pub async fn serve<S: RelayStorage>(
         notary,
         appended: watch::channel(0).0,
         recent: std::sync::Mutex::default(),
+        heads: std::sync::Mutex::default(),
         buckets: std::sync::Mutex::new(HashMap::new()),
         streams: std::sync::Mutex::new(HashMap::new()),
         used: AtomicU64::new(0),

@@ -355,3 +355,101 @@ async fn large_messages_flow_window_after_window_and_limits_hold() {
     );
     running.shutdown().await;
 }
+
+/// The relay's metrics, read over its pinned TLS.
+async fn metrics(url: &str) -> String {
+    let (base, pin) = tls::parse_url(url).unwrap();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls::client_config(pin).unwrap())
+        .build()
+        .unwrap()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn storage_reads(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("hotline_relay_storage_reads_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("the relay counts its storage reads")
+}
+
+/// Every append wakes every waiting reader; one waiting at the end of another channel's
+/// log goes back to waiting without reading the storage, and one of this channel takes
+/// the fresh message from memory: ten readers of a quiet channel, one of
+/// the busy one (one window: 50 appends), and (nearly) no reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_of_a_quiet_channel_read_nothing_while_another_is_busy() {
+    let (running, url) = relay("quiet", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let busy = channel_of(&url, &north, &[&north, &south]).await;
+    let quiet = [7u8; 32];
+    RelayClient::new(&url)
+        .unwrap()
+        .register(
+            &north,
+            &quiet,
+            &Membership {
+                committer: north.key().0,
+                version: 1,
+                members: vec![north.key().0, south.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    let mut waiting = Vec::new();
+    for n in 0..10u64 {
+        let reader = identity("reader", 100 + n);
+        RelayClient::new(&url)
+            .unwrap()
+            .register(
+                &north,
+                &quiet,
+                &Membership {
+                    committer: north.key().0,
+                    version: 2 + n,
+                    members: vec![north.key().0, south.key().0, reader.key().0],
+                },
+            )
+            .await
+            .unwrap();
+        let client = StreamClient::connect(&url, &reader).await.unwrap();
+        let pushed = client.subscribe(&quiet, 0).await.unwrap();
+        waiting.push((client, pushed));
+    }
+    let receiver = StreamClient::connect(&url, &south).await.unwrap();
+    let mut pushed = receiver.subscribe(&busy, 0).await.unwrap();
+    // Every subscription has read its log once, found nothing, and waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = storage_reads(&metrics(&url).await);
+    let sender = StreamClient::connect(&url, &north).await.unwrap();
+    for n in 0..50u32 {
+        sender
+            .append(&busy, n.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+        let stored = tokio::time::timeout(Duration::from_secs(5), pushed.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.seq, u64::from(n) + 1);
+    }
+    let reads = storage_reads(&metrics(&url).await) - before;
+    // Before: each append made the eleven waiting readers read, and the busy one read
+    // once more after each push (550 reads).
+    assert!(reads <= 5, "{reads} storage reads for 50 appends");
+    for (_, pushed) in &mut waiting {
+        assert!(pushed.try_recv().is_err(), "a quiet channel got a message");
+    }
+    running.shutdown().await;
+}

@@ -187,6 +187,50 @@ pub struct ChannelSummary {
     pub not_joined: Vec<Invited>,
 }
 
+/// How often [`Store::checkpoint_beside`]'s thread checkpoints what was committed.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// SQLite's default: a commit that takes the WAL past this many pages checkpoints.
+const WAL_AUTOCHECKPOINT: i64 = 1000;
+
+/// The checkpoint thread of [`Store::checkpoint_beside`]; stopped and joined on drop.
+#[derive(Debug)]
+pub struct Checkpoints {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Every [`CHECKPOINT_EVERY`] until told to stop: a passive checkpoint (it never waits
+/// for, nor holds up, a writer or a reader) when something was committed since the last
+/// one. A checkpoint that fails is tried again at the next tick.
+fn checkpoint_loop(connection: &Connection, stopped: &std::sync::mpsc::Receiver<()>) {
+    let mut seen: Option<i64> = None;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stopped.recv_timeout(CHECKPOINT_EVERY)
+    {
+        let version = connection
+            .query_row("PRAGMA data_version", [], |row| row.get::<_, i64>(0))
+            .ok();
+        if version.is_some() && version == seen {
+            continue;
+        }
+        let done = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+            row.get::<_, i64>(0)
+        });
+        // Busy (0 means it ran): looked at again next time, whatever the version.
+        seen = if matches!(done, Ok(0)) { version } else { None };
+    }
+}
+
 /// An open device store.
 #[derive(Debug)]
 pub struct Store {
@@ -421,6 +465,37 @@ impl Store {
         })
     }
 
+    /// Moves the database's checkpoints (the WAL copied into the database file, which
+    /// is then synced: 1 to 2 ms every thousand pages or so) off this handle's commits,
+    /// onto a thread of their own that checkpoints what others committed every
+    /// [`CHECKPOINT_EVERY`], while the returned guard lives. For a long-running
+    /// follower, whose commits are the line's latency; [`Store::checkpoint_inline`]
+    /// puts them back. Other handles (other processes) keep checkpointing as they
+    /// commit.
+    pub fn checkpoint_beside(&mut self) -> Result<Checkpoints, StoreError> {
+        let connection = Connection::open(self.home.database())?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("checkpoints".into())
+            .spawn(move || checkpoint_loop(&connection, &stopped))
+            .map_err(|e| StoreError::Corrupt(format!("starting the checkpoint thread: {e}")))?;
+        let checkpoints = Checkpoints {
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        self.connection
+            .pragma_update(None, "wal_autocheckpoint", 0)?;
+        Ok(checkpoints)
+    }
+
+    /// Checkpoints as SQLite does by default again: in the commit that takes the WAL
+    /// past a thousand pages.
+    pub fn checkpoint_inline(&mut self) -> Result<(), StoreError> {
+        self.connection
+            .pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
+        Ok(())
+    }
+
     /// Sets the clock this store reads (the system's by default).
     pub fn set_clock(&mut self, clock: Arc<dyn Clock>) {
         self.clock = clock;
@@ -645,6 +720,52 @@ mod tests {
         south.import_bundle(north.export_outbox().unwrap()).unwrap();
         assert!(south.is_synced());
         south.integrity_check().unwrap();
+    }
+
+    /// While a follower's checkpoints run beside it, its own commits never checkpoint
+    /// (its autocheckpoint is off), what it commits still reaches the database file
+    /// within a few ticks, and the thread stops with its guard; then commits checkpoint
+    /// as SQLite does by default again.
+    #[test]
+    fn checkpoints_run_beside_a_follower_and_stop_with_it() {
+        let (mut north, _south) =
+            verified_pair(&temp_home("beside-north"), &temp_home("beside-south"));
+        let autocheckpoint = |store: &Store| -> i64 {
+            store
+                .connection()
+                .pragma_query_value(None, "wal_autocheckpoint", |row| row.get(0))
+                .unwrap()
+        };
+        let database = north.home().database().to_owned();
+        let size = || std::fs::metadata(&database).unwrap().len();
+        // Everything so far in the database file, and the WAL started again.
+        north
+            .connection()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let before = size();
+        let checkpoints = north.checkpoint_beside().unwrap();
+        assert_eq!(autocheckpoint(&north), 0);
+        for n in 0..100 {
+            north
+                .send(
+                    "crisis",
+                    Body::text(format!("{n} {}", "x".repeat(900))),
+                    None,
+                )
+                .unwrap();
+        }
+        let deadline = std::time::Instant::now() + 20 * CHECKPOINT_EVERY;
+        while size() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nothing reached the database file beside the follower"
+            );
+            std::thread::sleep(CHECKPOINT_EVERY / 5);
+        }
+        drop(checkpoints);
+        north.checkpoint_inline().unwrap();
+        assert_eq!(autocheckpoint(&north), WAL_AUTOCHECKPOINT);
     }
 }
 
