@@ -157,13 +157,9 @@ impl Relays {
 
     /// Remembers how long the relay at `url` asked to be left alone, if it did.
     fn heed(&mut self, url: &str, error: &ClientError) {
-        if let ClientError::Refused {
-            retry_after: Some(after),
-            ..
-        } = error
-        {
+        if let Some(after) = error.retry_after() {
             self.quiet
-                .insert(url.to_owned(), tokio::time::Instant::now() + *after);
+                .insert(url.to_owned(), tokio::time::Instant::now() + after);
         }
     }
 
@@ -1007,13 +1003,7 @@ async fn follow_loop(
                 apply(store, &watch, messages, &mut report)?;
             }
             Err(error) => {
-                if let ClientError::Refused {
-                    retry_after: Some(after),
-                    ..
-                } = &error
-                {
-                    asked = *after;
-                }
+                asked = error.retry_after().unwrap_or_default();
                 relays.heed(watch.url(), &error);
                 note(&mut report, watch.url(), Err(error));
                 *failures.entry(watch.clone()).or_default() += 1;

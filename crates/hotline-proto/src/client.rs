@@ -38,6 +38,16 @@ pub enum ClientError {
     Rotation { relay: String, detail: String },
 }
 
+impl ClientError {
+    /// How long the relay asked to be left alone, when it did (429 with `Retry-After`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 fn retry_note(after: &Option<Duration>) -> String {
     match after {
         Some(after) => format!(" (retry after {} s)", after.as_secs()),

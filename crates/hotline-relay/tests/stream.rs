@@ -23,7 +23,16 @@ async fn channel_of(
     committer: &DeviceIdentity,
     members: &[&DeviceIdentity],
 ) -> [u8; 32] {
-    let channel = [9u8; 32];
+    register(url, committer, [9u8; 32], members).await
+}
+
+/// Registers `channel` with `members` (version 1), committed by `committer`.
+async fn register(
+    url: &str,
+    committer: &DeviceIdentity,
+    channel: [u8; 32],
+    members: &[&DeviceIdentity],
+) -> [u8; 32] {
     RelayClient::new(url)
         .unwrap()
         .register(
@@ -393,37 +402,13 @@ async fn readers_of_a_quiet_channel_read_nothing_while_another_is_busy() {
     let (running, url) = relay("quiet", Limits::default()).await;
     let (north, south) = (identity("north", 1), identity("south", 2));
     let busy = channel_of(&url, &north, &[&north, &south]).await;
-    let quiet = [7u8; 32];
-    RelayClient::new(&url)
-        .unwrap()
-        .register(
-            &north,
-            &quiet,
-            &Membership {
-                committer: north.key().0,
-                version: 1,
-                members: vec![north.key().0, south.key().0],
-            },
-        )
-        .await
-        .unwrap();
+    let readers: Vec<DeviceIdentity> = (0..10u64).map(|n| identity("reader", 100 + n)).collect();
+    let mut members = vec![&north, &south];
+    members.extend(&readers);
+    let quiet = register(&url, &north, [7u8; 32], &members).await;
     let mut waiting = Vec::new();
-    for n in 0..10u64 {
-        let reader = identity("reader", 100 + n);
-        RelayClient::new(&url)
-            .unwrap()
-            .register(
-                &north,
-                &quiet,
-                &Membership {
-                    committer: north.key().0,
-                    version: 2 + n,
-                    members: vec![north.key().0, south.key().0, reader.key().0],
-                },
-            )
-            .await
-            .unwrap();
-        let client = StreamClient::connect(&url, &reader).await.unwrap();
+    for reader in &readers {
+        let client = StreamClient::connect(&url, reader).await.unwrap();
         let pushed = client.subscribe(&quiet, 0).await.unwrap();
         waiting.push((client, pushed));
     }
