@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hotline_core::DeviceKey;
@@ -332,7 +333,9 @@ async fn push<S: RelayStorage>(
     channel: [u8; 32],
     mut after: u64,
 ) {
-    let mut checked = Instant::now();
+    // When membership was last checked here, and how many memberships this process
+    // had registered then (the subscription was admitted on a cached answer).
+    let mut checked: Option<(Instant, u64)> = None;
     let (mut pushed, mut bytes) = (0usize, 0usize);
     loop {
         let messages = match state
@@ -351,14 +354,17 @@ async fn push<S: RelayStorage>(
                 return;
             }
         };
-        // Still a member (checked at most once a second, and before anything that a
-        // long wait brought is pushed).
-        if checked.elapsed() >= MEMBERSHIP_TTL || !messages.is_empty() {
+        // Still a member: checked at most once a second (so before anything that a
+        // long wait brought is pushed), and at once after this process registered a
+        // membership (a member removed here gets nothing more). A removal registered
+        // through another relay process sharing the storage is seen within a second.
+        let registered = state.memberships_set.load(Ordering::SeqCst);
+        if checked.is_none_or(|(at, then)| at.elapsed() >= MEMBERSHIP_TTL || then != registered) {
             if let Err(problem) = state.require_member(&channel, &device).await {
                 let _ = frames.send(refused(id, &problem).encode()).await;
                 return;
             }
-            checked = Instant::now();
+            checked = Some((Instant::now(), registered));
         }
         for stored in messages {
             after = stored.seq;
