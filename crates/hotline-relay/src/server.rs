@@ -169,8 +169,9 @@ pub(crate) struct AppState<S> {
     appended: Waiters,
     /// What this process appended last, for subscribers waiting at the end of a log.
     recent: std::sync::Mutex<Recent>,
-    /// The last sequence number this process appended to each log: a subscriber woken
-    /// by an append to another log goes back to waiting without reading anything.
+    /// The last sequence number this process appended to each log: a subscription that
+    /// took all of them skips its first read, and a reader woken without its log growing
+    /// goes back to waiting without reading anything.
     heads: std::sync::Mutex<HashMap<Log, u64>>,
     /// How many memberships this process registered: a push that checked membership
     /// under an older count checks again before it pushes more.
