@@ -3,7 +3,8 @@
 //! ```text
 //!   relay process A ──┐  append: one transaction, the log's head row locked
 //!   relay process B ──┼─► (FOR UPDATE), so processes never hand out one number twice;
-//!   relay process C ──┘  pg_notify on commit ──► every process's LISTEN wakes its long polls
+//!   relay process C ──┘  pg_notify on commit, naming the logs ──► every process's LISTEN
+//!                        wakes the readers waiting on them
 //! ```
 //!
 //! Durability is PostgreSQL's: an append is answered after COMMIT with
@@ -20,12 +21,11 @@ use std::time::Instant;
 
 use futures_util::future::{join3, join4};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, Client, NoTls, Statement, Transaction};
 
 use crate::storage::{
     Appended, Leaf, Log, Membership, Notary, NotarySlot, Quotas, RelayStorage, StorageError,
-    Stored, answers_in_order, seal_batch,
+    Stored, Waiters, Waiting, answers_in_order, seal_batch,
 };
 
 const CHANNEL: &str = "hotline_appended";
@@ -36,7 +36,8 @@ pub struct PostgresStorage {
     appends: tokio::sync::mpsc::UnboundedSender<AppendJob>,
     pool: Vec<tokio::sync::Mutex<Client>>,
     next: AtomicUsize,
-    changes: watch::Receiver<u64>,
+    /// Readers waiting on logs, woken by every process's commits (LISTEN).
+    changes: Arc<Waiters>,
     commit_durations: Arc<Mutex<Vec<f64>>>,
     notary: NotarySlot,
 }
@@ -145,15 +146,19 @@ impl PostgresStorage {
             pool.push(tokio::sync::Mutex::new(open(url, schema).await?));
         }
 
-        // One more connection LISTENs; every notification wakes this process's polls.
+        // One more connection LISTENs; a notification names the logs a commit appended
+        // to and wakes their readers in this process.
         let (listener, mut connection) = tokio_postgres::connect(url, NoTls)
             .await
             .map_err(database)?;
-        let (notify, changes) = watch::channel(0u64);
+        let changes = Arc::new(Waiters::default());
+        let notify = Arc::clone(&changes);
         tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                    Some(Ok(AsyncMessage::Notification(_))) => notify.send_modify(|n| *n += 1),
+                    Some(Ok(AsyncMessage::Notification(notification))) => {
+                        wake_named(&notify, notification.payload());
+                    }
                     Some(Ok(_)) => {}
                     // The connection ended: polls fall back to their own timeouts.
                     Some(Err(_)) | None => break,
@@ -499,7 +504,10 @@ async fn commit_appends(
         let moved_logs: Vec<&[u8]> = moved.iter().map(|(key, _)| key.as_slice()).collect();
         let moved_last: Vec<i64> = moved.iter().map(|(_, head)| head.last).collect();
         let moved_used: Vec<i64> = moved.iter().map(|(_, head)| head.used).collect();
-        let commit = format!("SELECT pg_notify('{CHANNEL}', ''); COMMIT");
+        let commit = format!(
+            "SELECT pg_notify('{CHANNEL}', '{}'); COMMIT",
+            notification(&moved_logs)
+        );
         let (inserted, set, committed) = join3(
             client.execute(
                 &statements.insert,
@@ -804,7 +812,79 @@ impl RelayStorage for PostgresStorage {
             .unwrap_or_default()
     }
 
-    fn changes(&self) -> Option<watch::Receiver<u64>> {
-        Some(self.changes.clone())
+    fn changes(&self, key: &[u8]) -> Option<Waiting<'_>> {
+        Some(self.changes.wait_on(key))
+    }
+}
+
+/// The payload of the notification of a commit that appended to `logs`: their storage
+/// keys in hex, separated by commas, or `*` (every log) when they would not fit in
+/// PostgreSQL's 8,000 bytes. Only hex digits, commas and `*`: safe inside quotes.
+fn notification(logs: &[&[u8]]) -> String {
+    let named = logs.iter().map(hex::encode).collect::<Vec<_>>().join(",");
+    if named.len() > NOTIFICATION_BYTES {
+        "*".into()
+    } else {
+        named
+    }
+}
+
+/// Room for the logs named in one notification, under PostgreSQL's 8,000-byte limit.
+const NOTIFICATION_BYTES: usize = 7_000;
+
+/// Wakes the readers of the logs a notification names: all of them for `*`, and for
+/// an empty payload (a relay process of a version that named none).
+fn wake_named(waiters: &Waiters, payload: &str) {
+    if payload.is_empty() || payload == "*" {
+        waiters.wake_all();
+        return;
+    }
+    for named in payload.split(',') {
+        match hex::decode(named) {
+            Ok(key) => {
+                waiters.wake(&key, 1);
+            }
+            Err(_) => return waiters.wake_all(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_notification_wakes_the_logs_it_names_or_all_when_they_do_not_fit() {
+        let (a, b, c) = (
+            Log::Channel([1; 32]).storage_key(),
+            Log::Channel([2; 32]).storage_key(),
+            Log::Inbox([3; 32]).storage_key(),
+        );
+        let waiters = Waiters::default();
+        let (mut on_a, mut on_b, mut on_c) = (
+            waiters.wait_on(&a),
+            waiters.wait_on(&b),
+            waiters.wait_on(&c),
+        );
+        let soon = std::time::Duration::from_millis(50);
+        let payload = notification(&[&a, &c]);
+        assert!(payload.len() < NOTIFICATION_BYTES);
+        wake_named(&waiters, &payload);
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
+        assert!(tokio::time::timeout(soon, on_c.changed()).await.is_ok());
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_err());
+        // Too many logs to name (a batch of many channels): every reader wakes.
+        let many: Vec<Vec<u8>> = (0..200u8)
+            .map(|n| Log::Channel([n; 32]).storage_key())
+            .collect();
+        let many: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
+        assert_eq!(notification(&many), "*");
+        wake_named(&waiters, "*");
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
+        // A process that names nothing (an older version), or a garbled name: all.
+        wake_named(&waiters, "");
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
+        wake_named(&waiters, "zz");
+        assert!(tokio::time::timeout(soon, on_c.changed()).await.is_ok());
     }
 }

@@ -166,7 +166,7 @@ pub(crate) struct AppState<S> {
     notary: Arc<crate::storage::Notary>,
     /// Per log, the readers waiting for its next append here (the entry made by the
     /// first, dropped when none waits): an append wakes its own log's readers only.
-    appended: Waiters,
+    appended: crate::storage::Waiters,
     /// What this process appended last, for subscribers waiting at the end of a log.
     recent: std::sync::Mutex<Recent>,
     /// The last sequence number this process appended to each log: a subscription that
@@ -675,7 +675,7 @@ impl<S: RelayStorage> AppState<S> {
             self.note_head(log.clone(), appended.seq);
             // The members waiting on the log are served before the appender hears
             // back: their pushes are the line's latency, the answer only the sender's.
-            if self.appended.wake(&log, 1) {
+            if self.appended.wake(&log.storage_key(), 1) {
                 tokio::task::yield_now().await;
             }
         }
@@ -774,9 +774,10 @@ impl<S: RelayStorage> AppState<S> {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<Stored>, Problem> {
-        let mut changes = self.appended.wait_on(&log);
-        // Appends by other relay processes sharing the storage, if any.
-        let mut elsewhere = self.storage.changes();
+        let key = log.storage_key();
+        let mut changes = self.appended.wait_on(&key);
+        // Appends to the log by other relay processes sharing the storage, if any.
+        let mut elsewhere = self.storage.changes(&key);
         let deadline = Instant::now() + wait.min(self.limits.max_wait);
         // How the last wait ended: not yet (read first), by this process's append
         // (`Some(true)`), or by another process's (`Some(false)`).
@@ -822,100 +823,15 @@ impl<S: RelayStorage> AppState<S> {
             let left = deadline.saturating_duration_since(Instant::now());
             let external = async {
                 match elsewhere.as_mut() {
-                    Some(receiver) => receiver.changed().await.is_ok(),
+                    Some(waiting) => waiting.changed().await,
                     None => std::future::pending().await,
                 }
             };
-            let (listening, here) = tokio::select! {
-                _ = changes.changed() => (true, true),
-                alive = external => (alive, false),
+            woken = Some(tokio::select! {
+                () = changes.changed() => true,
+                () = external => false,
                 () = tokio::time::sleep(left) => return Ok(Vec::new()),
-            };
-            woken = Some(here);
-            if !listening {
-                // The listener is gone: this process's own appends still wake the poll.
-                elsewhere = None;
-            }
-        }
-    }
-}
-
-/// Per log, the readers waiting for its next append in this process (the entry made
-/// by the first, dropped when none waits): an append wakes its own log's readers only,
-/// whatever other logs' readers wait.
-#[derive(Default)]
-struct Waiters(std::sync::Mutex<HashMap<Log, watch::Sender<u64>>>);
-
-impl Waiters {
-    /// Starts waiting for `log`'s next append: what is appended after this call wakes
-    /// the returned [`Waiting`], even before it is awaited.
-    fn wait_on<'a>(&'a self, log: &'a Log) -> Waiting<'a> {
-        let receiver = self.0.lock().ok().map(|mut logs| {
-            logs.entry(log.clone())
-                .or_insert_with(|| watch::channel(0).0)
-                .subscribe()
-        });
-        Waiting {
-            waiters: self,
-            log,
-            receiver,
-        }
-    }
-
-    /// Wakes the readers waiting on `log` (`count` messages more); whether any waits.
-    fn wake(&self, log: &Log, count: u64) -> bool {
-        let Ok(mut logs) = self.0.lock() else {
-            return false;
-        };
-        match logs.get(log) {
-            Some(readers) if readers.receiver_count() > 0 => {
-                readers.send_modify(|n| *n += count);
-                true
-            }
-            Some(_) => {
-                logs.remove(log);
-                false
-            }
-            None => false,
-        }
-    }
-
-    /// Logs with readers waiting.
-    #[cfg(test)]
-    fn logs(&self) -> usize {
-        self.0.lock().map_or(0, |logs| logs.len())
-    }
-}
-
-/// One reader waiting on one log; the log's entry goes with its last reader (returned,
-/// or cancelled with its task).
-struct Waiting<'a> {
-    waiters: &'a Waiters,
-    log: &'a Log,
-    receiver: Option<watch::Receiver<u64>>,
-}
-
-impl Waiting<'_> {
-    /// Resolves at the log's next append here (never, if the table was poisoned).
-    async fn changed(&mut self) {
-        if let Some(receiver) = self.receiver.as_mut()
-            && receiver.changed().await.is_ok()
-        {
-            return;
-        }
-        std::future::pending().await
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        drop(self.receiver.take());
-        if let Ok(mut logs) = self.waiters.0.lock()
-            && logs
-                .get(self.log)
-                .is_some_and(|readers| readers.receiver_count() == 0)
-        {
-            logs.remove(self.log);
+            });
         }
     }
 }
@@ -1107,7 +1023,9 @@ async fn post_batch<S: RelayStorage>(
         }
     }
     if stored > 0 {
-        state.appended.wake(&Log::Channel(channel), stored);
+        state
+            .appended
+            .wake(&Log::Channel(channel).storage_key(), stored);
     }
     Ok(Json(json!({ "results": results })).into_response())
 }
@@ -1787,7 +1705,7 @@ pub async fn serve<S: RelayStorage>(
         storage,
         limits: limits.clone(),
         notary,
-        appended: Waiters::default(),
+        appended: crate::storage::Waiters::default(),
         recent: std::sync::Mutex::default(),
         heads: std::sync::Mutex::default(),
         memberships_set: AtomicU64::new(0),
@@ -1937,41 +1855,6 @@ mod tests {
             bytes: vec![seq as u8; len],
             receipt: None,
         }
-    }
-
-    #[tokio::test]
-    async fn an_append_wakes_its_own_logs_readers_only() {
-        let (a, b) = (Log::Channel([1; 32]), Log::Channel([2; 32]));
-        let waiters = Waiters::default();
-        // Nobody waits: nothing to wake, nothing kept.
-        assert!(!waiters.wake(&a, 1));
-        assert_eq!(waiters.logs(), 0);
-        let mut on_a = waiters.wait_on(&a);
-        let mut on_b = waiters.wait_on(&b);
-        let mut also_on_b = waiters.wait_on(&b);
-        assert_eq!(waiters.logs(), 2);
-        // An append to b before b's readers await still wakes them; a's stays asleep.
-        assert!(waiters.wake(&b, 1));
-        let soon = Duration::from_millis(50);
-        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
-        assert!(
-            tokio::time::timeout(soon, also_on_b.changed())
-                .await
-                .is_ok()
-        );
-        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_err());
-        // Woken once per append: b's readers sleep again until the next.
-        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_err());
-        assert!(waiters.wake(&a, 1));
-        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
-        // A log's entry goes with its last reader.
-        drop(on_b);
-        assert_eq!(waiters.logs(), 2);
-        drop(also_on_b);
-        assert_eq!(waiters.logs(), 1);
-        drop(on_a);
-        assert_eq!(waiters.logs(), 0);
-        assert!(!waiters.wake(&b, 1));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rusqlite::config::DbConfig;
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 pub use hotline_proto::custody::{Leaf, Notary, Receipt};
 pub use hotline_proto::{Log, Membership, Stored};
@@ -64,6 +64,97 @@ pub enum StorageError {
     Postgres(String),
     #[error("sealing a commit batch: {0}")]
     Seal(String),
+}
+
+/// Per log (by its storage key), the readers waiting for its next append (the entry
+/// made by the first, dropped when none waits): an append wakes its own log's readers
+/// only, whatever other logs' readers wait.
+#[derive(Debug, Default)]
+pub struct Waiters(Mutex<HashMap<Vec<u8>, watch::Sender<u64>>>);
+
+impl Waiters {
+    /// Starts waiting for the next append to the log of `key`: what is appended after
+    /// this call wakes the returned [`Waiting`], even before it is awaited.
+    pub fn wait_on(&self, key: &[u8]) -> Waiting<'_> {
+        let receiver = self.0.lock().ok().map(|mut logs| {
+            logs.entry(key.to_vec())
+                .or_insert_with(|| watch::channel(0).0)
+                .subscribe()
+        });
+        Waiting {
+            waiters: self,
+            key: key.to_vec(),
+            receiver,
+        }
+    }
+
+    /// Wakes the readers waiting on the log of `key` (`count` messages more); whether
+    /// any waits.
+    pub fn wake(&self, key: &[u8], count: u64) -> bool {
+        let Ok(mut logs) = self.0.lock() else {
+            return false;
+        };
+        match logs.get(key) {
+            Some(readers) if readers.receiver_count() > 0 => {
+                readers.send_modify(|n| *n += count);
+                true
+            }
+            Some(_) => {
+                logs.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Wakes every waiting reader (appends to logs that were not named).
+    pub fn wake_all(&self) {
+        if let Ok(logs) = self.0.lock() {
+            for readers in logs.values() {
+                readers.send_modify(|n| *n += 1);
+            }
+        }
+    }
+
+    /// Logs with readers waiting.
+    #[cfg(test)]
+    fn logs(&self) -> usize {
+        self.0.lock().map_or(0, |logs| logs.len())
+    }
+}
+
+/// One reader waiting on one log; the log's entry goes with its last reader (returned,
+/// or cancelled with its task).
+#[derive(Debug)]
+pub struct Waiting<'a> {
+    waiters: &'a Waiters,
+    key: Vec<u8>,
+    receiver: Option<watch::Receiver<u64>>,
+}
+
+impl Waiting<'_> {
+    /// Resolves at the log's next append (never, if the table was poisoned).
+    pub async fn changed(&mut self) {
+        if let Some(receiver) = self.receiver.as_mut()
+            && receiver.changed().await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        drop(self.receiver.take());
+        if let Ok(mut logs) = self.waiters.0.lock()
+            && logs
+                .get(&self.key)
+                .is_some_and(|readers| readers.receiver_count() == 0)
+        {
+            logs.remove(&self.key);
+        }
+    }
 }
 
 /// Bytes one log may hold: a channel's log or a key-package stock, and a device's
@@ -167,9 +258,11 @@ pub trait RelayStorage: Send + Sync + 'static {
     fn used_bytes(&self) -> impl Future<Output = Result<u64, StorageError>> + Send;
     /// Durations of recent group commits, in seconds, for metrics.
     fn take_commit_durations(&self) -> Vec<f64>;
-    /// Appends made by other processes sharing this storage, as a counter that moves;
-    /// `None` when this process is the only writer (its own appends wake its polls).
-    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+    /// Waits for appends to the log stored under `key` (see [`Log::storage_key`]) by
+    /// other processes sharing this storage; `None` when this process is the only
+    /// writer (its own appends wake its readers).
+    fn changes(&self, key: &[u8]) -> Option<Waiting<'_>> {
+        let _ = key;
         None
     }
 }
@@ -953,5 +1046,59 @@ impl RelayStorage for SqliteStorage {
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_append_wakes_its_own_logs_readers_only() {
+        let (a, b) = (
+            Log::Channel([1; 32]).storage_key(),
+            Log::Channel([2; 32]).storage_key(),
+        );
+        let waiters = Waiters::default();
+        // Nobody waits: nothing to wake, nothing kept.
+        assert!(!waiters.wake(&a, 1));
+        assert_eq!(waiters.logs(), 0);
+        let mut on_a = waiters.wait_on(&a);
+        let mut on_b = waiters.wait_on(&b);
+        let mut also_on_b = waiters.wait_on(&b);
+        assert_eq!(waiters.logs(), 2);
+        // An append to b before b's readers await still wakes them; a's stays asleep.
+        assert!(waiters.wake(&b, 1));
+        let soon = Duration::from_millis(50);
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
+        assert!(
+            tokio::time::timeout(soon, also_on_b.changed())
+                .await
+                .is_ok()
+        );
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_err());
+        // Woken once per append: b's readers sleep again until the next.
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_err());
+        assert!(waiters.wake(&a, 1));
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
+        // Appends not named (another process's, too many to name) wake everyone.
+        waiters.wake_all();
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
+        assert!(
+            tokio::time::timeout(soon, also_on_b.changed())
+                .await
+                .is_ok()
+        );
+        // A log's entry goes with its last reader.
+        drop(on_b);
+        assert_eq!(waiters.logs(), 2);
+        drop(also_on_b);
+        assert_eq!(waiters.logs(), 1);
+        drop(on_a);
+        assert_eq!(waiters.logs(), 0);
+        assert!(!waiters.wake(&b, 1));
     }
 }

@@ -1404,6 +1404,47 @@ async fn two_relay_processes_share_one_postgres() {
             .seq,
         3
     );
+    // A notification names the logs its commit appended to: a long poll on another
+    // channel at the second door sleeps through the first door's posts (each woke it,
+    // and it read its log, before).
+    let quiet = [10u8; 32];
+    through_first
+        .register(&north, &quiet, &membership)
+        .await
+        .unwrap();
+    let idle = {
+        let (client, south) = (through_second.clone(), identity("south", 12));
+        tokio::spawn(async move {
+            client
+                .fetch(&south, &quiet, 0, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reads = || {
+        let url = second.url.clone();
+        async move {
+            let metrics = tokio::task::spawn_blocking(move || relay_metrics(&url))
+                .await
+                .unwrap();
+            metric(&metrics, "hotline_relay_storage_reads_total")
+        }
+    };
+    let before = reads().await;
+    for n in 0..20u32 {
+        through_first
+            .post(&north, &channel, n.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let read = reads().await - before;
+    assert!(
+        read <= 2,
+        "{read} storage reads at the second door for 20 posts elsewhere"
+    );
+    assert!(!idle.is_finished(), "the quiet channel's long poll woke");
+    idle.abort();
     first.stop();
     second.stop();
     let drop_schema = std::process::Command::new("psql")
