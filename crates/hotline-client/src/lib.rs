@@ -19,6 +19,7 @@ pub mod backup;
 pub mod bundle;
 pub mod clock;
 pub mod escalate;
+pub mod handoff;
 pub mod home;
 pub mod line;
 pub mod link;

@@ -825,19 +825,50 @@ pub struct FollowConfig {
     pub wake: Wake,
 }
 
+/// What one push did at each relay of the device's channels: `None` where the relay
+/// took everything (or had nothing to take), else why not.
+pub type Pushed = BTreeMap<String, Option<String>>;
+
 /// A handle that makes a running [`follow`] push its outbox now. Cheap to clone; rings
 /// while nothing waits are kept (several become one push).
 #[derive(Debug, Clone, Default)]
-pub struct Wake(Arc<tokio::sync::Notify>);
+pub struct Wake {
+    rung: Arc<tokio::sync::Notify>,
+    /// Who asked, with [`Wake::ring_for_answer`], to hear how the push went.
+    asking: Arc<std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Pushed>>>>,
+}
 
 impl Wake {
     /// Asks the follower to push now (from any thread, async or not).
     pub fn ring(&self) {
-        self.0.notify_one();
+        self.rung.notify_one();
+    }
+
+    /// Asks the follower to push now, and to say how it went: the answer comes after
+    /// a push that began after this call (so it carried whatever was stored before).
+    /// The receiver fails if the follower stops first.
+    pub fn ring_for_answer(&self) -> tokio::sync::oneshot::Receiver<Pushed> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.asking
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(answer);
+        self.ring();
+        answered
     }
 
     async fn rung(&self) {
-        self.0.notified().await;
+        self.rung.notified().await;
+    }
+
+    /// Those who asked so far: answered after the push that begins now.
+    pub(crate) fn take_asking(&self) -> Vec<tokio::sync::oneshot::Sender<Pushed>> {
+        std::mem::take(
+            &mut *self
+                .asking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
@@ -961,8 +992,13 @@ async fn follow_loop(
             }
             () = tokio::time::sleep_until(next_round) => continue,
             () = config.wake.rung() => {
+                let asking = config.wake.take_asking();
                 let mut report = SyncReport::default();
                 push_with(store, &identity, &mut relays, &mut report).await?;
+                for answer in asking {
+                    // One who stopped waiting is no matter.
+                    let _ = answer.send(report.relays.clone());
+                }
                 if (report.pushed > 0 || report.relays.values().any(Option::is_some))
                     && on_report(&report).is_break()
                 {

@@ -151,13 +151,17 @@ impl PostgresStorage {
         let (listener, mut connection) = tokio_postgres::connect(url, NoTls)
             .await
             .map_err(database)?;
+        // This process's notifications name it: their readers were woken on commit,
+        // in this process, with the fresh messages in hand.
+        let origin = format!("{:016x}", rand::random::<u64>());
         let changes = Arc::new(Waiters::default());
         let notify = Arc::clone(&changes);
+        let own = origin.clone();
         tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(notification))) => {
-                        wake_named(&notify, notification.payload());
+                        wake_named(&notify, notification.payload(), &own);
                     }
                     Some(Ok(_)) => {}
                     // The connection ended: polls fall back to their own timeouts.
@@ -189,6 +193,7 @@ impl PostgresStorage {
             quotas,
             Arc::clone(&commit_durations),
             Arc::clone(&notary),
+            origin,
         ));
 
         Ok(Self {
@@ -335,6 +340,7 @@ async fn write_loop(
     quotas: Quotas,
     durations: Arc<Mutex<Vec<f64>>>,
     notary: NotarySlot,
+    origin: String,
 ) {
     while let Some(first) = jobs.recv().await {
         let mut batch = vec![first];
@@ -349,7 +355,8 @@ async fn write_loop(
             .iter()
             .map(|job| (job.key.as_slice(), job.bytes.as_slice()))
             .collect();
-        let results = commit_appends(&client, &statements, &requests, quotas, &notary).await;
+        let results =
+            commit_appends(&client, &statements, &requests, quotas, &notary, &origin).await;
         if results.is_err() {
             // Whatever failed, the transaction must not stay open for the next batch
             // (a warning, no harm, if it already ended).
@@ -408,13 +415,14 @@ struct Head {
 /// awaited): first BEGIN, every head created if new and locked (in key order, so that
 /// relay processes never deadlock) and every duplicate looked up; then, the batch sealed
 /// with one signature, every new message inserted by one statement, every head moved by
-/// another, one notification and COMMIT.
+/// another, one notification (from `origin`, this process) and COMMIT.
 async fn commit_appends(
     client: &Client,
     statements: &Statements,
     requests: &[(&[u8], &[u8])],
     quotas: Quotas,
     notary: &NotarySlot,
+    origin: &str,
 ) -> Result<Vec<Result<Appended, StorageError>>, CommitError> {
     let mut logs: Vec<&[u8]> = requests.iter().map(|(key, _)| *key).collect();
     logs.sort_unstable();
@@ -506,7 +514,7 @@ async fn commit_appends(
         let moved_used: Vec<i64> = moved.iter().map(|(_, head)| head.used).collect();
         let commit = format!(
             "SELECT pg_notify('{CHANNEL}', '{}'); COMMIT",
-            notification(&moved_logs)
+            notification(origin, &moved_logs)
         );
         let (inserted, set, committed) = join3(
             client.execute(
@@ -817,24 +825,32 @@ impl RelayStorage for PostgresStorage {
     }
 }
 
-/// The payload of the notification of a commit that appended to `logs`: their storage
-/// keys in hex, separated by commas, or `*` (every log) when they would not fit in
-/// PostgreSQL's 8,000 bytes. Only hex digits, commas and `*`: safe inside quotes.
-fn notification(logs: &[&[u8]]) -> String {
+/// The payload of the notification of a commit by the process `origin` (hex) that
+/// appended to `logs`: the origin, `;`, and the logs' storage keys in hex separated by
+/// commas, or `*` (every log) when they would not fit in PostgreSQL's 8,000 bytes.
+/// Only hex digits, `;`, commas and `*`: safe inside quotes.
+fn notification(origin: &str, logs: &[&[u8]]) -> String {
     let named = logs.iter().map(hex::encode).collect::<Vec<_>>().join(",");
     if named.len() > NOTIFICATION_BYTES {
-        "*".into()
+        format!("{origin};*")
     } else {
-        named
+        format!("{origin};{named}")
     }
 }
 
 /// Room for the logs named in one notification, under PostgreSQL's 8,000-byte limit.
 const NOTIFICATION_BYTES: usize = 7_000;
 
-/// Wakes the readers of the logs a notification names: all of them for `*`, and for
-/// an empty payload (a relay process of a version that named none).
-fn wake_named(waiters: &Waiters, payload: &str) {
+/// Wakes the readers of the logs a notification names: none for one of this process
+/// (`own`: its readers were woken as it committed), all of them for `*`, and for an
+/// empty payload (a relay process of a version that named none). A payload without an
+/// origin is of a version that named none.
+fn wake_named(waiters: &Waiters, payload: &str, own: &str) {
+    let payload = match payload.split_once(';') {
+        Some((origin, _)) if origin == own => return,
+        Some((_, logs)) => logs,
+        None => payload,
+    };
     if payload.is_empty() || payload == "*" {
         waiters.wake_all();
         return;
@@ -867,9 +883,14 @@ mod tests {
             waiters.wait_on(&c),
         );
         let soon = std::time::Duration::from_millis(50);
-        let payload = notification(&[&a, &c]);
-        assert!(payload.len() < NOTIFICATION_BYTES);
-        wake_named(&waiters, &payload);
+        let (own, other) = ("00000000000000aa", "00000000000000bb");
+        // This process's own commit: its readers were woken as it committed.
+        wake_named(&waiters, &notification(own, &[&a, &b, &c]), own);
+        assert!(tokio::time::timeout(soon, on_a.changed()).await.is_err());
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_err());
+        let payload = notification(other, &[&a, &c]);
+        assert!(payload.len() < NOTIFICATION_BYTES + 17);
+        wake_named(&waiters, &payload, own);
         assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
         assert!(tokio::time::timeout(soon, on_c.changed()).await.is_ok());
         assert!(tokio::time::timeout(soon, on_b.changed()).await.is_err());
@@ -878,13 +899,16 @@ mod tests {
             .map(|n| Log::Channel([n; 32]).storage_key())
             .collect();
         let many: Vec<&[u8]> = many.iter().map(Vec::as_slice).collect();
-        assert_eq!(notification(&many), "*");
-        wake_named(&waiters, "*");
+        assert_eq!(notification(other, &many), format!("{other};*"));
+        wake_named(&waiters, &notification(other, &many), own);
         assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
         // A process that names nothing (an older version), or a garbled name: all.
-        wake_named(&waiters, "");
+        wake_named(&waiters, "", own);
         assert!(tokio::time::timeout(soon, on_a.changed()).await.is_ok());
-        wake_named(&waiters, "zz");
+        // An older version's names, without an origin.
+        wake_named(&waiters, &hex::encode(&b), own);
+        assert!(tokio::time::timeout(soon, on_b.changed()).await.is_ok());
+        wake_named(&waiters, "zz", own);
         assert!(tokio::time::timeout(soon, on_c.changed()).await.is_ok());
     }
 }

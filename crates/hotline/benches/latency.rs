@@ -4,12 +4,13 @@
 //!
 //! Both devices run the sync engine's `follow` (as `hotline sync --follow` and the
 //! console do) on their own threads; the recipient receives over its stream
-//! connections. The sender's message reaches the relays two ways, timed one after the
-//! other in one run: handed to the sender's own follower, which appends it over the
+//! connections. The sender's message reaches the relays three ways, timed one after
+//! the other in one run: handed to the sender's own follower, which appends it over the
 //! stream connections it holds (the console, where the follower and the sender are one
-//! process); and pushed by the sender itself over the one-shot HTTPS route on a kept
-//! connection (as `hotline send` does). One message at a time: this measures the path,
-//! not a queue.
+//! process); handed to that follower over the home's socket, the sender waiting for its
+//! answer (`hotline send` beside `hotline sync --follow`); and pushed by the sender
+//! itself over the one-shot HTTPS route on a kept connection (as `hotline send` does
+//! when no follower runs). One message at a time: this measures the path, not a queue.
 //!
 //! `cargo bench -p hotline --bench latency` (`HOTLINE_BENCH_MESSAGES`, default 200).
 //!
@@ -30,6 +31,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use hotline_client::Store;
+use hotline_client::handoff;
 use hotline_client::line::LineEvent;
 use hotline_client::sync::{FollowConfig, Session, Wake, follow, sync_once};
 use hotline_core::{Body, EnvelopeId};
@@ -158,15 +160,16 @@ fn main() {
         let _ = std::fs::write("/proc/self/clear_refs", "5");
         let (committed, arrivals) = std::sync::mpsc::channel::<(Instant, usize)>();
         let south_home = dir.join("south");
-        let follower = follow_on_thread("south", south_home, Wake::default(), move |report| {
-            if report.received == 0 {
-                return ControlFlow::Continue(());
-            }
-            match committed.send((Instant::now(), report.received)) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        });
+        let follower =
+            follow_on_thread("south", south_home, Wake::default(), false, move |report| {
+                if report.received == 0 {
+                    return ControlFlow::Continue(());
+                }
+                match committed.send((Instant::now(), report.received)) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
+                }
+            });
         // The sender follows too (its own handle on its home), and reports each message
         // of its own shown delivered (the recipient's receipt frame), and each push it
         // made when woken.
@@ -176,29 +179,35 @@ fn main() {
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop = std::sync::Arc::clone(&done);
         let wake = Wake::default();
-        let sender_follower = follow_on_thread("north", north_home, wake.clone(), move |report| {
-            // Its full rounds (every 10 s) report too: it stops at the next one.
-            if stop.load(std::sync::atomic::Ordering::SeqCst) {
-                return ControlFlow::Break(());
-            }
-            if report.pushed > 0 && pushed.send(Instant::now()).is_err() {
-                return ControlFlow::Break(());
-            }
-            for event in &report.events {
-                if let LineEvent::Delivered { message, .. } = event
-                    && delivered.send((Instant::now(), *message)).is_err()
-                {
+        let sender_follower = follow_on_thread(
+            "north",
+            north_home.clone(),
+            wake.clone(),
+            true,
+            move |report| {
+                // Its full rounds (every 10 s) report too: it stops at the next one.
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
                     return ControlFlow::Break(());
                 }
-            }
-            ControlFlow::Continue(())
-        });
+                if report.pushed > 0 && pushed.send(Instant::now()).is_err() {
+                    return ControlFlow::Break(());
+                }
+                for event in &report.events {
+                    if let LineEvent::Delivered { message, .. } = event
+                        && delivered.send((Instant::now(), *message)).is_err()
+                    {
+                        return ControlFlow::Break(());
+                    }
+                }
+                ControlFlow::Continue(())
+            },
+        );
         // Let the followers start their long-polls.
         std::thread::sleep(Duration::from_millis(500));
 
         let mut session = Session::new(&north).unwrap();
         let text = "x".repeat(1024);
-        for how in [How::Follower, How::OneShot] {
+        for how in [How::Follower, How::HandedOff, How::OneShot] {
             let mut latencies: Vec<Duration> = Vec::with_capacity(messages);
             let mut pushes: Vec<Duration> = Vec::with_capacity(messages);
             let mut seen_delivered: Vec<Duration> = Vec::with_capacity(messages);
@@ -209,6 +218,12 @@ fn main() {
                 let sent = Instant::now();
                 match how {
                     How::Follower => wake.ring(),
+                    How::HandedOff => {
+                        let pushed = handoff::hand_off(&north_home, Duration::from_secs(30))
+                            .expect("the follower did not answer");
+                        assert!(pushed.values().all(Option::is_none), "{pushed:?}");
+                        pushes.push(sent.elapsed());
+                    }
                     How::OneShot => {
                         runtime.block_on(session.push(&mut north)).unwrap();
                         pushes.push(sent.elapsed());
@@ -335,11 +350,13 @@ fn two_syncs_in_turn(dir: &std::path::Path, rounds: usize) -> (f64, f64) {
 
 /// Follows the device at `home` on a thread of its own named `name` (its own handle on
 /// the home; the name tells the followers apart in a profile), until `on_report` says
-/// `Break`.
+/// `Break`; with `listening`, it takes hand-offs on the home's socket as `hotline sync
+/// --follow` does.
 fn follow_on_thread(
     name: &str,
     home: std::path::PathBuf,
     wake: Wake,
+    listening: bool,
     mut on_report: impl FnMut(&hotline_client::sync::SyncReport) -> ControlFlow<()> + Send + 'static,
 ) -> std::thread::JoinHandle<()> {
     let thread = std::thread::Builder::new().name(name.to_owned());
@@ -350,14 +367,18 @@ fn follow_on_thread(
             .build()
             .unwrap();
         runtime
-            .block_on(follow(
-                &mut store,
-                &FollowConfig {
-                    wake,
-                    ..FollowConfig::default()
-                },
-                |report| on_report(report),
-            ))
+            .block_on(async {
+                let _listening = listening.then(|| handoff::listen(&home, wake.clone()).unwrap());
+                follow(
+                    &mut store,
+                    &FollowConfig {
+                        wake,
+                        ..FollowConfig::default()
+                    },
+                    |report| on_report(report),
+                )
+                .await
+            })
             .unwrap();
     });
     spawned.unwrap()
@@ -367,8 +388,12 @@ fn follow_on_thread(
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum How {
     /// Handed to the sender's own running follower, which appends it over the stream
-    /// connection it holds to each relay (the console; `send` beside a follower).
+    /// connection it holds to each relay (the console).
     Follower,
+    /// Handed to the running follower over the home's socket, then waited for until
+    /// the follower answers that the relays hold it (`hotline send` beside `hotline
+    /// sync --follow`).
+    HandedOff,
     /// Pushed by the sender itself over the one-shot HTTPS route, one signed request
     /// per relay on a kept connection (`hotline send` without a follower).
     OneShot,
@@ -378,6 +403,7 @@ impl How {
     fn label(self) -> &'static str {
         match self {
             How::Follower => "over the follower's stream",
+            How::HandedOff => "handed to the follower over the home's socket",
             How::OneShot => "one-shot HTTPS",
         }
     }

@@ -1421,8 +1421,20 @@ async fn two_relay_processes_share_one_postgres() {
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let reads = || {
-        let url = second.url.clone();
+    // And the first door's own notifications wake nothing there: its readers were
+    // woken as it committed. Here a long poll on the channel, past its end (so that no
+    // post answers it), where each post's notification made a storage read before.
+    let beyond = {
+        let (client, south) = (through_first.clone(), identity("south", 12));
+        tokio::spawn(async move {
+            client
+                .fetch(&south, &channel, 1_000_000, Duration::from_secs(20))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reads = |relay: &Relay| {
+        let url = relay.url.clone();
         async move {
             let metrics = tokio::task::spawn_blocking(move || relay_metrics(&url))
                 .await
@@ -1430,7 +1442,7 @@ async fn two_relay_processes_share_one_postgres() {
             metric(&metrics, "hotline_relay_storage_reads_total")
         }
     };
-    let before = reads().await;
+    let (before, before_first) = (reads(&second).await, reads(&first).await);
     for n in 0..20u32 {
         through_first
             .post(&north, &channel, n.to_be_bytes().to_vec())
@@ -1438,13 +1450,20 @@ async fn two_relay_processes_share_one_postgres() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let read = reads().await - before;
+    let read = reads(&second).await - before;
     assert!(
         read <= 2,
         "{read} storage reads at the second door for 20 posts elsewhere"
     );
+    let read = reads(&first).await - before_first;
+    assert!(
+        read <= 2,
+        "{read} storage reads at the first door for its own 20 posts"
+    );
     assert!(!idle.is_finished(), "the quiet channel's long poll woke");
+    assert!(!beyond.is_finished(), "the long poll past the end woke");
     idle.abort();
+    beyond.abort();
     first.stop();
     second.stop();
     let drop_schema = std::process::Command::new("psql")
@@ -2115,6 +2134,47 @@ fn metric(metrics: &str, name: &str) -> u64 {
         .lines()
         .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// `hotline send` beside a running `hotline sync --follow` of the same home (real
+/// processes) hands its push to the follower, which appends over the stream connection
+/// it holds; with the follower stopped, `send` posts itself over the one-shot route.
+#[test]
+fn send_beside_a_follower_hands_it_the_push() {
+    let dir = data_dir("hand-off");
+    let relay = Relay::start(&dir.join("relay"));
+    let homes = common::two_parties_in_crisis(&dir, &relay.url);
+    let (north, south) = (&homes[0], &homes[1]);
+    let streamed =
+        |metrics: &str| metric(metrics, "hotline_relay_messages_stored_over_streams_total ");
+    let follower = Follower::start(north);
+    let socket = north.join(hotline_client::handoff::SOCKET);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !socket.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower never listened"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = streamed(&relay_metrics(&relay.url));
+    let sent = ok(north, &["send", "crisis", "handed over", "--json"]);
+    assert_eq!(field(&sent, "by_follower"), true, "{sent}");
+    assert_eq!(field(&sent, "relayed"), 1, "{sent}");
+    // The relay stored it before the follower answered, over the stream.
+    assert!(streamed(&relay_metrics(&relay.url)) > before);
+
+    assert_eq!(follower.stop(), Some(0));
+    assert!(!socket.exists(), "a stopped follower leaves no socket");
+    let sent = ok(north, &["send", "crisis", "posted by send", "--json"]);
+    assert_eq!(field(&sent, "by_follower"), false, "{sent}");
+    assert_eq!(field(&sent, "relayed"), 1, "{sent}");
+
+    ok(south, &["sync"]);
+    let log = ok(south, &["log", "crisis", "--json"]);
+    for text in ["handed over", "posted by send"] {
+        assert!(log.contains(text), "{log}");
+    }
 }
 
 /// A running follower appends what its device sends over the stream connection it

@@ -156,9 +156,29 @@ pub fn channel_list(home: &Path, json_output: bool) -> Outcome {
 /// Hands what is queued to the channel's relays at once (up to 5 s). Returns how many
 /// of the channel's relays answered, and the relays.
 pub(crate) fn push_now(store: &mut Store, channel: &str) -> Result<(usize, Vec<String>), Failure> {
+    let (relayed, relays, _) = push_now_by(store, channel)?;
+    Ok((relayed, relays))
+}
+
+/// As [`push_now`], and says whether the follower running on this home pushed (over
+/// the stream connections it holds) rather than this process (over the one-shot route).
+pub(crate) fn push_now_by(
+    store: &mut Store,
+    channel: &str,
+) -> Result<(usize, Vec<String>, bool), Failure> {
     let relays = store.channel_relays(&store.channel_id(channel)?)?;
     if relays.is_empty() {
-        return Ok((0, relays));
+        return Ok((0, relays, false));
+    }
+    if let Some(pushed) =
+        hotline_client::handoff::hand_off(store.home().path(), Duration::from_secs(5))
+    {
+        let relayed = relays
+            .iter()
+            .filter(|url| pushed.get(*url).is_some_and(Option::is_none))
+            .count();
+        // A follower that could not reach a relay: this process will not do better.
+        return Ok((relayed, relays, true));
     }
     hotline_relay::tls::install_provider();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -182,7 +202,7 @@ pub(crate) fn push_now(store: &mut Store, channel: &str) -> Result<(usize, Vec<S
         }
         Err(_) => 0,
     };
-    Ok((relayed, relays))
+    Ok((relayed, relays, false))
 }
 
 /// Says where a membership change stands after `push_now`.

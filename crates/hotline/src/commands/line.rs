@@ -77,6 +77,8 @@ pub fn sync(
         // Whether each relay answered last time: its changes are events.
         let mut relays_up: std::collections::HashMap<String, bool> = Default::default();
         tracing::info!(home = %home.display(), "following the line; stop with SIGTERM or Ctrl-C");
+        // `hotline send` beside it hands its push over (lock held: nobody else follows).
+        let _listening = listen_for_hand_offs(store.home().path(), &config.wake);
         let following = hotline_client::sync::follow(&mut store, &config, |report| {
             log_report(
                 report,
@@ -97,6 +99,26 @@ pub fn sync(
             _ = terminate.recv() => Ok(()),
         }
     })
+}
+
+/// Serves `hotline send` and the other commands run beside a follower of `home`
+/// (`wake` is the follower's): they hand it their push ([`hotline_client::handoff`]).
+/// Without the socket they post themselves, so a failure is only logged. Call inside
+/// the follower's runtime.
+pub(crate) fn listen_for_hand_offs(
+    home: &Path,
+    wake: &hotline_client::sync::Wake,
+) -> Option<hotline_client::handoff::Listening> {
+    match hotline_client::handoff::listen(home, wake.clone()) {
+        Ok(listening) => Some(listening),
+        Err(error) => {
+            tracing::warn!(
+                "commands beside this follower post for themselves: {}",
+                crate::inert::inert(&error.to_string())
+            );
+            None
+        }
+    }
 }
 
 /// `hotline status`: one line per relay path and per party, the backlog, the alarms.

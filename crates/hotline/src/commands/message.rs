@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::inert::{inert, inert_lines};
 
-use super::channel::push_now;
+use super::channel::{push_now, push_now_by};
 use super::{Outcome, deadline_from_now, failure, format_time, level_mark};
 
 pub fn send(
@@ -35,18 +35,30 @@ pub fn send(
         sent => sent?,
     };
     // The message is durable now; try to hand it to the relays at once, briefly.
-    let (relayed, relays) = push_now(&mut store, channel)?;
+    let (relayed, relays, by_follower) = push_now_by(&mut store, channel)?;
     if json_output {
         out_json!(
             json!({"id": id.to_hex(), "channel": channel, "precedence": precedence.as_str(),
-                   "relayed": relayed, "relays": relays.len()})
+                   "relayed": relayed, "relays": relays.len(), "by_follower": by_follower})
         );
     } else {
         out!("{}", id.to_hex());
         if relayed > 0 {
-            eprintln!("stored; relayed by {relayed} of {} relays", relays.len());
+            let by = if by_follower {
+                " (handed to the follower running on this home)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "stored; relayed by {relayed} of {} relays{by}",
+                relays.len()
+            );
         } else if relays.is_empty() {
             eprintln!("stored; the channel has no relay: hand it over with hotline bundle export");
+        } else if by_follower {
+            eprintln!(
+                "stored and queued: no relay reachable now; the follower running on this home retries"
+            );
         } else {
             eprintln!("stored and queued: no relay reachable now; hotline sync retries");
         }

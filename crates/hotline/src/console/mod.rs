@@ -142,6 +142,8 @@ fn follow(
         let mut first = true;
         let mut relays_up = std::collections::HashMap::new();
         runtime.block_on(async {
+            let _listening =
+                crate::commands::line::listen_for_hand_offs(store.home().path(), &config.wake);
             let following = hotline_client::sync::follow(&mut store, &config, |report| {
                 crate::commands::line::log_report(report, first, false, false, &mut relays_up);
                 first = false;
@@ -179,12 +181,18 @@ enum Relaying {
 
 /// "relayed to N of M relays", from a push's report.
 fn relayed_note(report: &hotline_client::sync::SyncReport) -> String {
-    let reached = report.relays.values().filter(|e| e.is_none()).count();
-    format!("relayed to {reached} of {} relays", report.relays.len())
+    pushed_note(&report.relays)
 }
 
-/// Hands the outbox to the relays at once: rings the follower, or pushes on a thread
-/// of its own and says how it went.
+/// "relayed to N of M relays", from what a push did at each relay.
+fn pushed_note(relays: &hotline_client::sync::Pushed) -> String {
+    let reached = relays.values().filter(|e| e.is_none()).count();
+    format!("relayed to {reached} of {} relays", relays.len())
+}
+
+/// Hands the outbox to the relays at once: rings the follower, or hands the push to
+/// the follower that another process runs for this home, or pushes on a thread of its
+/// own; and says how it went.
 fn push(relaying: &Relaying, home: PathBuf, updates: mpsc::Sender<String>, what: String) {
     if let Relaying::Follower(wake) = relaying {
         wake.ring();
@@ -192,6 +200,12 @@ fn push(relaying: &Relaying, home: PathBuf, updates: mpsc::Sender<String>, what:
     }
     std::thread::spawn(move || {
         let report = (|| -> Result<String, String> {
+            if let Some(pushed) = hotline_client::handoff::hand_off(&home, Duration::from_secs(5)) {
+                return Ok(format!(
+                    "{what}: stored; handed to the follower, {}",
+                    pushed_note(&pushed)
+                ));
+            }
             let mut store = Store::open(&home).map_err(|e| e.to_string())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
