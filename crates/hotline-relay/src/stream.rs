@@ -190,8 +190,8 @@ struct Session<S> {
     state: Arc<AppState<S>>,
     device: DeviceKey,
     frames: Outbound,
-    /// Channel → (checked at, member?).
-    memberships: HashMap<[u8; 32], (Instant, bool)>,
+    /// Channel → (checked at, memberships this process had registered then, member?).
+    memberships: HashMap<[u8; 32], (Instant, u64, bool)>,
     work: JoinSet<()>,
     subscriptions: HashMap<[u8; 32], tokio::task::AbortHandle>,
 }
@@ -296,20 +296,24 @@ impl<S: RelayStorage> Session<S> {
         }
     }
 
-    /// Charges the device and checks it is a member of `channel` (cached briefly).
+    /// Charges the device and checks it is a member of `channel`: cached for at most a
+    /// second, and only while this process registered no membership since.
     async fn admit(&mut self, channel: &[u8; 32], bytes: usize) -> Result<(), Problem> {
         self.state.charge(self.device, 1.0, bytes as f64)?;
+        let registered = self.state.memberships_set.load(Ordering::SeqCst);
         let fresh = self
             .memberships
             .get(channel)
-            .is_some_and(|(at, member)| *member && at.elapsed() < MEMBERSHIP_TTL);
+            .is_some_and(|(at, then, member)| {
+                *member && *then == registered && at.elapsed() < MEMBERSHIP_TTL
+            });
         if !fresh {
             let checked = self.state.require_member(channel, &self.device).await;
             if self.memberships.len() > SUBSCRIPTIONS * 4 {
                 self.memberships.clear();
             }
             self.memberships
-                .insert(*channel, (Instant::now(), checked.is_ok()));
+                .insert(*channel, (Instant::now(), registered, checked.is_ok()));
             checked?;
         }
         Ok(())

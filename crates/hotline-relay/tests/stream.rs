@@ -304,6 +304,50 @@ async fn a_non_member_is_refused_and_a_stranger_cannot_replay_a_proof() {
     running.shutdown().await;
 }
 
+/// A member removed through this relay appends nothing more on the connection it
+/// holds, not even within the second its membership stays cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_here_appends_nothing_more_on_its_open_connection() {
+    let (running, url) = relay("removed", Limits::default()).await;
+    let (north, south) = (identity("north", 1), identity("south", 2));
+    let channel = channel_of(&url, &north, &[&north, &south]).await;
+    let connection = StreamClient::connect(&url, &south).await.unwrap();
+    connection
+        .append(&channel, b"while a member".to_vec())
+        .await
+        .unwrap();
+    // North removes south (membership version 2, without it), through this relay.
+    RelayClient::new(&url)
+        .unwrap()
+        .register(
+            &north,
+            &channel,
+            &Membership {
+                committer: north.key().0,
+                version: 2,
+                members: vec![north.key().0],
+            },
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    match connection.append(&channel, b"after removal".to_vec()).await {
+        Err(ClientError::Refused { status, code, .. }) => {
+            assert_eq!((status, code.as_str()), (403, "not-a-member"));
+        }
+        other => panic!("a removed member's append was not refused: {other:?}"),
+    }
+    // Refused on the membership just registered, not on the cache's second running out.
+    assert!(started.elapsed() < Duration::from_secs(1));
+    let stored = RelayClient::new(&url)
+        .unwrap()
+        .fetch(&north, &channel, 0, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    running.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_messages_flow_window_after_window_and_limits_hold() {
     let (running, url) = relay("large", Limits::default()).await;
