@@ -129,20 +129,49 @@ struct Answer {
     relays: Pushed,
 }
 
+/// How a hand-off went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handed {
+    /// The follower pushed: what its push did at each relay.
+    Pushed(Pushed),
+    /// The follower took the question but did not answer in time (its push is slow, a
+    /// relay hangs): it goes on pushing, and retries as it follows.
+    Late,
+    /// No follower took it (none runs, or it stopped before answering): the caller
+    /// posts itself.
+    NoFollower,
+}
+
 /// Asks the follower running on `home`, if one does, to push now, and waits up to
-/// `within` for how it went. `None` when no follower answers (none runs, it did not
-/// answer in time, or its answer was not one): the caller then posts itself.
-pub fn hand_off(home: &Path, within: Duration) -> Option<Pushed> {
-    let mut connection = UnixStream::connect(home.join(SOCKET)).ok()?;
-    connection.set_write_timeout(Some(within)).ok()?;
-    connection.set_read_timeout(Some(within)).ok()?;
-    connection.write_all(REQUEST).ok()?;
+/// `within` for how it went.
+pub fn hand_off(home: &Path, within: Duration) -> Handed {
+    let Ok(mut connection) = UnixStream::connect(home.join(SOCKET)) else {
+        return Handed::NoFollower;
+    };
+    let asked = connection
+        .set_write_timeout(Some(within))
+        .and_then(|()| connection.set_read_timeout(Some(within)))
+        .and_then(|()| connection.write_all(REQUEST));
+    if asked.is_err() {
+        return Handed::NoFollower;
+    }
     let mut line = Vec::new();
-    io::BufReader::new(connection.take(MOST_ANSWER))
-        .read_until(b'\n', &mut line)
-        .ok()?;
-    let answer: Answer = serde_json::from_slice(&line).ok()?;
-    Some(answer.relays)
+    let read = io::BufReader::new(connection.take(MOST_ANSWER)).read_until(b'\n', &mut line);
+    match read {
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Handed::Late
+        }
+        Err(_) => Handed::NoFollower,
+        Ok(_) => match serde_json::from_slice::<Answer>(&line) {
+            Ok(answer) => Handed::Pushed(answer.relays),
+            Err(_) => Handed::NoFollower,
+        },
+    }
 }
 
 #[cfg(test)]
@@ -157,6 +186,15 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    /// The follower's runtime: one worker, so that answers come while a test blocks.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     /// A follower stand-in: pushes (answers one relay taken, one not) whenever rung.
@@ -188,11 +226,7 @@ mod tests {
     #[test]
     fn a_push_is_handed_to_the_follower_and_answered() {
         let home = home();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let wake = Wake::default();
         let listening = runtime
             .block_on(async { listen(&home, wake.clone()) })
@@ -203,7 +237,9 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         let pushes = runtime.spawn(async move { follower(wake).await.unwrap() });
-        let pushed = hand_off(&home, Duration::from_secs(5)).expect("the follower answers");
+        let Handed::Pushed(pushed) = hand_off(&home, Duration::from_secs(5)) else {
+            panic!("the follower did not answer");
+        };
         assert_eq!(pushed.get("https://a"), Some(&None));
         assert_eq!(pushed.get("https://b"), Some(&Some("refused".to_owned())));
         assert_eq!(runtime.block_on(pushes).unwrap(), 1);
@@ -213,7 +249,22 @@ mod tests {
         // Stopped: the socket is gone, and nobody answers.
         drop(listening);
         assert!(!home.join(SOCKET).exists());
-        assert_eq!(hand_off(&home, Duration::from_secs(1)), None);
+        assert_eq!(hand_off(&home, Duration::from_secs(1)), Handed::NoFollower);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn a_follower_that_does_not_answer_in_time_keeps_the_push() {
+        let home = home();
+        let runtime = runtime();
+        // Listening, but nobody pushes (a follower busy with a relay that hangs).
+        let wake = Wake::default();
+        let _listening = runtime
+            .block_on(async { listen(&home, wake.clone()) })
+            .unwrap();
+        assert_eq!(hand_off(&home, Duration::from_millis(300)), Handed::Late);
+        // It was asked, and answers the asker when its push ends.
+        assert_eq!(wake.take_asking().len(), 1);
         std::fs::remove_dir_all(&home).unwrap();
     }
 
@@ -223,12 +274,8 @@ mod tests {
         // What a killed follower leaves: a socket file nobody listens on.
         drop(std::os::unix::net::UnixListener::bind(home.join(SOCKET)).unwrap());
         assert!(home.join(SOCKET).exists());
-        assert_eq!(hand_off(&home, Duration::from_secs(1)), None);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
+        assert_eq!(hand_off(&home, Duration::from_secs(1)), Handed::NoFollower);
+        let runtime = runtime();
         let wake = Wake::default();
         let _listening = runtime
             .block_on(async { listen(&home, wake.clone()) })

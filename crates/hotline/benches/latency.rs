@@ -219,8 +219,11 @@ fn main() {
                 match how {
                     How::Follower => wake.ring(),
                     How::HandedOff => {
-                        let pushed = handoff::hand_off(&north_home, Duration::from_secs(30))
-                            .expect("the follower did not answer");
+                        let handoff::Handed::Pushed(pushed) =
+                            handoff::hand_off(&north_home, Duration::from_secs(30))
+                        else {
+                            panic!("the follower did not answer");
+                        };
                         assert!(pushed.values().all(Option::is_none), "{pushed:?}");
                         pushes.push(sent.elapsed());
                     }

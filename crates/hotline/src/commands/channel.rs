@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use hotline_client::Store;
 use hotline_client::bundle;
+use hotline_client::handoff::Handed;
 use hotline_core::Precedence;
 use serde_json::json;
 
@@ -170,15 +171,18 @@ pub(crate) fn push_now_by(
     if relays.is_empty() {
         return Ok((0, relays, false));
     }
-    if let Some(pushed) =
-        hotline_client::handoff::hand_off(store.home().path(), Duration::from_secs(5))
-    {
-        let relayed = relays
-            .iter()
-            .filter(|url| pushed.get(*url).is_some_and(Option::is_none))
-            .count();
-        // A follower that could not reach a relay: this process will not do better.
-        return Ok((relayed, relays, true));
+    // A follower that could not reach a relay, or is still at it: this process would
+    // not do better.
+    match hotline_client::handoff::hand_off(store.home().path(), Duration::from_secs(5)) {
+        Handed::Pushed(pushed) => {
+            let relayed = relays
+                .iter()
+                .filter(|url| pushed.get(*url).is_some_and(Option::is_none))
+                .count();
+            return Ok((relayed, relays, true));
+        }
+        Handed::Late => return Ok((0, relays, true)),
+        Handed::NoFollower => {}
     }
     hotline_relay::tls::install_provider();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -21,6 +21,7 @@ use crossterm::event::{
     KeyModifiers,
 };
 use crossterm::{execute, terminal};
+use hotline_client::handoff::Handed;
 use hotline_client::sync::Wake;
 use hotline_client::{HomeError, Store};
 use hotline_core::Body;
@@ -200,11 +201,19 @@ fn push(relaying: &Relaying, home: PathBuf, updates: mpsc::Sender<String>, what:
     }
     std::thread::spawn(move || {
         let report = (|| -> Result<String, String> {
-            if let Some(pushed) = hotline_client::handoff::hand_off(&home, Duration::from_secs(5)) {
-                return Ok(format!(
-                    "{what}: stored; handed to the follower, {}",
-                    pushed_note(&pushed)
-                ));
+            match hotline_client::handoff::hand_off(&home, Duration::from_secs(5)) {
+                Handed::Pushed(pushed) => {
+                    return Ok(format!(
+                        "{what}: stored; handed to the follower, {}",
+                        pushed_note(&pushed)
+                    ));
+                }
+                Handed::Late => {
+                    return Ok(format!(
+                        "{what}: stored; handed to the follower, no relay answered within 5 s (queued)"
+                    ));
+                }
+                Handed::NoFollower => {}
             }
             let mut store = Store::open(&home).map_err(|e| e.to_string())?;
             let runtime = tokio::runtime::Builder::new_current_thread()
