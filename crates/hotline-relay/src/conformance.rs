@@ -75,7 +75,7 @@ async fn read_all(storage: &impl RelayStorage, log: &Log) -> Vec<(u64, Vec<u8>)>
 }
 
 /// A notary with a fresh key, as a relay's (ECDSA P-256, made by rcgen).
-fn notary() -> Notary {
+pub fn notary() -> Notary {
     let key = rcgen::KeyPair::generate().expect("a key");
     let der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
     Notary::new(&der).expect("a notary")

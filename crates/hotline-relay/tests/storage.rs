@@ -196,3 +196,36 @@ async fn a_database_from_before_receipts_opens_and_keeps_its_messages() {
     drop(storage);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The writer's commits never checkpoint (below 64 MiB of WAL): a thread beside it
+/// moves what was committed into the database file within a few of its rounds.
+#[tokio::test]
+async fn checkpoints_run_beside_the_writer() {
+    use hotline_relay::storage::{Log, RelayStorage};
+    let dir = std::env::temp_dir().join(format!("hotline-checkpoints-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("relay.db");
+    let storage = SqliteStorage::open(&path, 1u64 << 30).unwrap();
+    storage.set_notary(std::sync::Arc::new(conformance::notary()));
+    let size = || std::fs::metadata(&path).unwrap().len();
+    let before = size();
+    let log = Log::Channel([7; 32]);
+    for n in 0..200u32 {
+        let mut message = vec![b'x'; 1024];
+        message[..4].copy_from_slice(&n.to_be_bytes());
+        storage.append(log.clone(), message).await.unwrap();
+    }
+    // 200 KiB of messages at least, the WAL far below the writer's own threshold.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while size() < before + 200 * 1024 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing reached the database file beside the writer ({} bytes, {before} before)",
+            size()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(storage);
+    let _ = std::fs::remove_dir_all(&dir);
+}
